@@ -1,0 +1,59 @@
+"""The test matrix: one session per package x Python x key dependency range.
+
+    nox                 # every default session (what CI runs)
+    nox -s plugin_system-3.12
+    nox -s core         # the torch stack on Python 3.11
+
+Sessions install with uv. torch comes from a local wheel folder when one exists
+(TWINKLE_TORCH_FIND_LINKS, default /opt/wheels): the CPU build, not PyPI's CUDA build.
+"""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.options.default_venv_backend = "uv"
+nox.options.reuse_venv = "yes"
+nox.options.error_on_missing_interpreters = True
+os.environ.setdefault("UV_PYTHON_DOWNLOADS", "never")
+
+TORCH_PYTHON = "3.11"
+TORCH = os.environ.get("TWINKLE_TORCH_SPEC", "torch==2.13.0+cpu")
+TORCH_WHEELS = os.environ.get("TWINKLE_TORCH_FIND_LINKS", "/opt/wheels")
+TORCH_STACK = (TORCH, "transformers>=5.19,<5.20", "peft>=0.21", "tokenizers>=0.23", "datasets>=3", "accelerate")
+TEST_DEPS = ("pytest>=8", "pytest-timeout")
+ENV = {"UV_FIND_LINKS": TORCH_WHEELS} if os.path.isdir(TORCH_WHEELS) else {}
+PYTEST = ("pytest", "-q", "-ra", "--timeout=900", "-p", "no:cacheprovider")
+
+
+def install(session: nox.Session, *specs: str) -> None:
+    session.install(*specs, env=ENV)
+
+
+@nox.session(python=False)
+def lint(session: nox.Session) -> None:
+    """ruff over the whole repository."""
+    session.run("uvx", "ruff@0.17.6", "check", ".", external=True)
+
+
+@nox.session(python=["3.10", "3.11", "3.12", "3.13"])
+def plugin_system(session: nox.Session) -> None:
+    """The torch-free core: registry, plugins, runtime, mesh, CLI, on every Python."""
+    install(session, "-e", "./twinkle_core", *TEST_DEPS)
+    session.run(*PYTEST, "tests/plugin_system", *session.posargs)
+
+
+@nox.session(python=TORCH_PYTHON)
+def core(session: nox.Session) -> None:
+    """Data pipeline, TransformersModel, training loop, RL core, on CPU torch."""
+    install(session, *TORCH_STACK, "-e", "./twinkle_core[torch,hub]", "-e", "./plugins/twinkle-rewards", *TEST_DEPS)
+    session.run(*PYTEST, "tests/core", *session.posargs)
+
+
+@nox.session(python=TORCH_PYTHON)
+def rewards(session: nox.Session) -> None:
+    """twinkle-rewards, installed alone with core."""
+    install(session, "-e", "./twinkle_core", "-e", "./plugins/twinkle-rewards", *TEST_DEPS)
+    session.run(*PYTEST, "tests/rewards", *session.posargs)

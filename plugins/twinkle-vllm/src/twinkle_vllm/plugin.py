@@ -1,0 +1,11 @@
+"""Entry point of twinkle-vllm: registers its components with Twinkle (lazy targets, nothing heavy imported)."""
+
+from __future__ import annotations
+
+import twinkle
+
+
+@twinkle.hookimpl
+def twinkle_register_components(register) -> None:  # noqa: ANN001
+    register("sampler", "VLLMSampler", "twinkle_vllm.sampler:VLLMSampler", doc="batched sampling on vLLM")
+    register("checkpoint_engine", "VLLMCheckpointEngine", "twinkle_vllm.checkpoint_engine:VLLMCheckpointEngine")

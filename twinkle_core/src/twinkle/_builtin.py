@@ -1,0 +1,52 @@
+"""Core's own components, registered through the same hook as any third-party plugin.
+
+Each public kind package (``twinkle/loss/__init__.py`` ...) lists its built-ins in a
+``_BUILTIN = {kind: {name: "module:attr"}}`` table; importing those packages is cheap
+(they only define tables and a lazy ``__getattr__``).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from twinkle.hookspecs import hookimpl
+
+#: Packages whose ``_BUILTIN`` tables core registers.
+BUILTIN_PACKAGES = (
+    "twinkle.model",
+    "twinkle.sampler",
+    "twinkle.loss",
+    "twinkle.metric",
+    "twinkle.reward",
+    "twinkle.advantage",
+    "twinkle.template",
+    "twinkle.preprocessor",
+    "twinkle.processor",
+    "twinkle.checkpoint_engine",
+    "twinkle.patch",
+    "twinkle.optim",
+    "twinkle.launcher",
+    "twinkle.dataset",
+    "twinkle.dataloader",
+)
+
+
+def builtin_tables() -> dict[str, dict[str, dict[str, str]]]:
+    """package -> kind -> name -> target."""
+    return {package: getattr(importlib.import_module(package), "_BUILTIN", {}) for package in BUILTIN_PACKAGES}
+
+
+@hookimpl
+def twinkle_register_components(register) -> None:  # noqa: ANN001 - the hookspec types it
+    for table in builtin_tables().values():
+        for kind, entries in table.items():
+            if kind == "launcher":
+                continue
+            for name, target in entries.items():
+                register(kind, name, target)
+
+
+@hookimpl
+def twinkle_register_launchers(register) -> None:  # noqa: ANN001
+    for mode, target in builtin_tables()["twinkle.launcher"]["launcher"].items():
+        register(mode, target)

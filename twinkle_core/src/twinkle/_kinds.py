@@ -1,0 +1,52 @@
+"""PEP 562 module ``__getattr__`` for the public per-kind packages (``twinkle.model`` ...).
+
+``from twinkle.model import TransformersModel`` asks the registry for the model named
+``TransformersModel``; so does ``from twinkle.model import MegatronModel`` once
+twinkle-megatron is installed. Fixed exports (base classes, data types) are listed per
+package and imported lazily too.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+
+def kind_module(module_name: str, kinds: tuple[str, ...], exports: dict[str, str] | None = None
+                ) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
+    exports = dict(exports or {})
+
+    def __getattr__(name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(f"module {module_name!r} has no attribute {name!r}")
+        if name in exports:
+            from twinkle._utils import import_target
+
+            return import_target(exports[name])
+        from twinkle.registry import ComponentNotFoundError
+        from twinkle.runtime import get_registry
+
+        registry = get_registry()
+        for kind in kinds:
+            if (kind, name) in registry:
+                return registry.resolve(kind, name)
+        try:
+            importlib.import_module(f"{module_name}.{name}")
+        except ModuleNotFoundError:
+            pass
+        else:  # a submodule, e.g. `twinkle.model.base`
+            import sys
+
+            return sys.modules[f"{module_name}.{name}"]
+        raise ComponentNotFoundError(registry._not_found_message(kinds[0], name), name=name)
+
+    def __dir__() -> list[str]:
+        from twinkle.runtime import get_registry
+
+        registry = get_registry()
+        names = set(exports)
+        for kind in kinds:
+            names.update(registry.names(kind))
+        return sorted(names)
+
+    return __getattr__, __dir__

@@ -1,0 +1,73 @@
+"""The ``twinkle`` command line.
+
+``twinkle plugins [--json]``   plugins, versions, hooks, components and load errors.
+Plugins may add subcommands later (e.g. ``twinkle serve`` from the http extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+
+def _plugins(args: argparse.Namespace) -> int:
+    from twinkle.plugins import PluginSystem
+
+    report = PluginSystem().load().report()
+    if args.json:
+        json.dump(report, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    for plugin in report["plugins"]:
+        where = plugin["distribution"] or plugin["module"]
+        version = plugin["version"] or "-"
+        state = "blocked" if plugin["blocked"] else ("FAILED" if plugin["error"] else "ok")
+        print(f"{plugin['name']}  ({where} {version}, {plugin['source']})  [{state}]")
+        if plugin["hooks"]:
+            print(f"  hooks: {', '.join(plugin['hooks'])}")
+        by_kind: dict[str, list[str]] = {}
+        for component in plugin["components"]:
+            by_kind.setdefault(component["kind"], []).append(component["name"])
+        for kind, names in by_kind.items():
+            print(f"  {kind}: {', '.join(sorted(names))}")
+        if plugin["error"]:
+            print("  error:")
+            for line in plugin["error"].rstrip().splitlines():
+                print(f"    {line}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from twinkle import __version__
+
+    parser = argparse.ArgumentParser(prog="twinkle", description="Twinkle: train large language models your way.")
+    parser.add_argument("--version", action="version", version=f"twinkle {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    p = sub.add_parser("plugins", help="list plugins, their hooks, components and load errors")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_plugins)
+    _add_serve(sub)
+    return parser
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    try:
+        from twinkle.server.cli import add_serve_parser
+    except ImportError:
+        return
+    add_serve_parser(sub)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

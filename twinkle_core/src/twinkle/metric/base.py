@@ -1,0 +1,7 @@
+"""The Metric protocol."""
+
+from __future__ import annotations
+
+
+class Metric:
+    """Base of metrics accumulated during training or evaluation."""

@@ -1,0 +1,288 @@
+"""The component registry: kind -> name -> lazy target, with the plugin that registered it.
+
+Every name a user passes as a string (``set_loss('GRPOLoss')``, ``set_optimizer('AdamW')``,
+``dataset.set_template('Template')``, ``initialize(mode='ray')``) and every public
+``from twinkle.<kind> import Name`` resolves here. Targets are ``"module:attr"`` strings
+imported on first use, so discovery stays cheap.
+
+Duplicate rule: registering a (kind, name) that another plugin already registered raises
+:class:`DuplicateComponentError`, unless the later registration passes ``override=True``;
+then it wins and ``Registration.overrides`` names the plugin it replaced. Registering the
+same target again from the same plugin is a no-op (loading is idempotent).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from twinkle._utils import close_matches, describe_target, import_target
+
+KINDS: tuple[str, ...] = (
+    "model",
+    "sampler",
+    "loss",
+    "metric",
+    "reward",
+    "advantage",
+    "template",
+    "preprocessor",
+    "filter",
+    "processor",
+    "checkpoint_engine",
+    "patch",
+    "optimizer",
+    "lr_scheduler",
+    "launcher",
+    "dataset",
+    "dataloader",
+)
+
+#: The public module each kind's names can be imported from.
+KIND_MODULES: dict[str, str] = {
+    "model": "twinkle.model",
+    "sampler": "twinkle.sampler",
+    "loss": "twinkle.loss",
+    "metric": "twinkle.metric",
+    "reward": "twinkle.reward",
+    "advantage": "twinkle.advantage",
+    "template": "twinkle.template",
+    "preprocessor": "twinkle.preprocessor",
+    "filter": "twinkle.preprocessor",
+    "processor": "twinkle.processor",
+    "checkpoint_engine": "twinkle.checkpoint_engine",
+    "patch": "twinkle.patch",
+    "optimizer": "twinkle.optim",
+    "lr_scheduler": "twinkle.optim",
+    "launcher": "twinkle.launcher",
+    "dataset": "twinkle.dataset",
+    "dataloader": "twinkle.dataloader",
+}
+
+#: Base class each kind's classes must subclass (checked when a name is first resolved).
+#: Kinds missing here accept any class or callable (optimizers and schedulers are torch's).
+KIND_BASES: dict[str, str] = {
+    "model": "twinkle.model.base:TwinkleModel",
+    "sampler": "twinkle.sampler.base:Sampler",
+    "loss": "twinkle.loss.base:Loss",
+    "metric": "twinkle.metric.base:Metric",
+    "reward": "twinkle.reward.base:Reward",
+    "advantage": "twinkle.advantage.base:Advantage",
+    "template": "twinkle.template.base:Template",
+    "preprocessor": "twinkle.preprocessor.base:Preprocessor",
+    "filter": "twinkle.preprocessor.base:Filter",
+    "processor": "twinkle.processor.base:InputProcessor",
+    "checkpoint_engine": "twinkle.checkpoint_engine.base:CheckpointEngine",
+    "patch": "twinkle.patch.base:Patch",
+    "launcher": "twinkle.launcher.base:Launcher",
+}
+
+#: Kinds whose components may also be plain functions (not only classes).
+FUNCTION_KINDS = frozenset({"reward", "advantage", "optimizer", "lr_scheduler", "filter", "metric"})
+
+#: Names that official plugins provide: (kind, name) -> distribution to pip install.
+OFFICIAL_PROVIDERS: dict[tuple[str, str], str] = {
+    ("model", "MegatronModel"): "twinkle-megatron",
+    ("sampler", "VLLMSampler"): "twinkle-vllm",
+    ("checkpoint_engine", "VLLMCheckpointEngine"): "twinkle-vllm",
+    ("checkpoint_engine", "NCCLCheckpointEngine"): "twinkle-vllm",
+    ("launcher", "ray"): "twinkle-ray",
+    ("reward", "GSM8KAccuracyReward"): "twinkle-rewards",
+    ("reward", "MathAccuracyReward"): "twinkle-rewards",
+    ("reward", "FormatReward"): "twinkle-rewards",
+    ("reward", "LengthPenaltyReward"): "twinkle-rewards",
+    ("reward", "CountdownReward"): "twinkle-rewards",
+    ("reward", "CodeExecutionReward"): "twinkle-rewards",
+}
+
+
+class RegistryError(Exception):
+    """Base class of registry errors."""
+
+
+class UnknownKindError(RegistryError, ValueError):
+    """A kind that is not one of :data:`KINDS`."""
+
+
+class DuplicateComponentError(RegistryError):
+    """Two plugins registered the same (kind, name) without ``override=True``."""
+
+
+class ComponentNotFoundError(RegistryError, ImportError, LookupError):
+    """No component of this kind has this name.
+
+    Subclasses ImportError so that ``from twinkle.model import Nope`` shows this message.
+    """
+
+
+class ComponentLoadError(RegistryError, ImportError):
+    """A registered target could not be imported, or is not a valid component."""
+
+
+class InvalidComponentError(ComponentLoadError, TypeError):
+    """A resolved component does not follow its kind's protocol."""
+
+
+@dataclass
+class Registration:
+    """One registered component."""
+
+    kind: str
+    name: str
+    target: Any
+    plugin: str
+    doc: str = ""
+    overrides: str | None = None
+    _loaded: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def target_path(self) -> str:
+        return describe_target(self.target)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "target": self.target_path,
+            "plugin": self.plugin,
+            "doc": self.doc,
+            "overrides": self.overrides,
+        }
+
+
+def check_kind(kind: str) -> str:
+    if kind not in KINDS:
+        hint = close_matches(kind, list(KINDS))
+        extra = f" Did you mean {hint[0]!r}?" if hint else ""
+        raise UnknownKindError(f"Unknown component kind {kind!r}.{extra} Kinds: {', '.join(KINDS)}.")
+    return kind
+
+
+class Registry:
+    """kind -> name -> :class:`Registration`.
+
+    Example::
+
+        registry = Registry()
+        registry.register("loss", "MyLoss", "my_pkg.loss:MyLoss", plugin="my-plugin")
+        MyLoss = registry.resolve("loss", "MyLoss")
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[str, dict[str, Registration]] = {kind: {} for kind in KINDS}
+        #: plugin name -> one-line load error, to explain missing names.
+        self.failed_plugins: dict[str, str] = {}
+
+    # -- writing -----------------------------------------------------------------
+    def register(self, kind: str, name: str, target: Any, *, plugin: str, override: bool = False, doc: str = "") -> Registration:
+        """Register ``name`` under ``kind``. See the module docstring for the duplicate rule."""
+        check_kind(kind)
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"plugin {plugin!r}: a {kind} name must be a non-empty string, got {name!r}")
+        if isinstance(target, str) and ":" not in target:
+            raise ValueError(f"plugin {plugin!r}: target {target!r} for {kind} {name!r} must look like 'package.module:attr'")
+        existing = self._entries[kind].get(name)
+        overrides = None
+        if existing is not None:
+            same = existing.plugin == plugin and existing.target_path == describe_target(target)
+            if same:
+                return existing
+            if not override:
+                raise DuplicateComponentError(
+                    f"{kind} {name!r} is registered twice: by plugin {existing.plugin!r} ({existing.target_path}) "
+                    f"and by plugin {plugin!r} ({describe_target(target)}). Pass override=True in the later "
+                    f"registration to replace it, or block one plugin with TWINKLE_DISABLE_PLUGINS={plugin}."
+                )
+            overrides = existing.plugin
+        registration = Registration(kind, name, target, plugin, doc, overrides)
+        self._entries[kind][name] = registration
+        return registration
+
+    def unregister_plugin(self, plugin: str) -> None:
+        """Remove every registration made by ``plugin``."""
+        for entries in self._entries.values():
+            for name in [n for n, r in entries.items() if r.plugin == plugin]:
+                del entries[name]
+
+    # -- reading -----------------------------------------------------------------
+    def names(self, kind: str) -> list[str]:
+        return sorted(self._entries[check_kind(kind)])
+
+    def __contains__(self, key: tuple[str, str]) -> bool:
+        kind, name = key
+        return name in self._entries.get(kind, {})
+
+    def __iter__(self) -> Iterator[Registration]:
+        for kind in KINDS:
+            yield from self._entries[kind].values()
+
+    def get(self, kind: str, name: str) -> Registration:
+        """The registration of ``name``, or a :class:`ComponentNotFoundError` that helps."""
+        entries = self._entries[check_kind(kind)]
+        try:
+            return entries[name]
+        except KeyError:
+            raise ComponentNotFoundError(self._not_found_message(kind, name), name=name) from None
+
+    def resolve(self, kind: str, name: Any) -> Any:
+        """The class or function registered as ``name``; non-string ``name`` passes through.
+
+        Raises:
+            ComponentNotFoundError: no such name (the message lists the registered names,
+                close matches, and the ``pip install`` that provides an official name).
+            ComponentLoadError: the target failed to import.
+            InvalidComponentError: the target is not a valid component of ``kind``.
+        """
+        if not isinstance(name, str):
+            return name
+        registration = self.get(kind, name)
+        if registration._loaded is None:
+            try:
+                obj = import_target(registration.target)
+            except Exception as exc:  # noqa: BLE001 - re-raised with context
+                raise ComponentLoadError(
+                    f"{kind} {name!r} from plugin {registration.plugin!r} failed to import "
+                    f"{registration.target_path}: {type(exc).__name__}: {exc}"
+                ) from exc
+            _validate(kind, name, registration, obj)
+            registration._loaded = obj
+        return registration._loaded
+
+    def _not_found_message(self, kind: str, name: str) -> str:
+        known = self.names(kind)
+        lines = [f"No {kind} named {name!r}."]
+        provider = OFFICIAL_PROVIDERS.get((kind, name))
+        if provider is not None:
+            lines.append(f"It is provided by the official plugin {provider!r}: pip install {provider}")
+        hints = close_matches(name, known)
+        if hints:
+            lines.append(f"Did you mean: {', '.join(repr(h) for h in hints)}?")
+        lines.append(f"Registered {kind} names: {', '.join(known) if known else '(none)'}.")
+        if self.failed_plugins:
+            failed = "; ".join(f"{p}: {e}" for p, e in self.failed_plugins.items())
+            lines.append(f"These plugins failed to load (run `twinkle plugins` for details): {failed}")
+        return " ".join(lines)
+
+
+def _validate(kind: str, name: str, registration: Registration, obj: Any) -> None:
+    base_path = KIND_BASES.get(kind)
+    if inspect.isclass(obj):
+        if base_path is None:
+            return
+        try:
+            base = import_target(base_path)
+        except ImportError:  # the base needs an optional dependency; nothing to check against
+            return
+        if not issubclass(obj, base):
+            raise InvalidComponentError(
+                f"{kind} {name!r} from plugin {registration.plugin!r} resolves to {registration.target_path}, "
+                f"which does not subclass {base_path.replace(':', '.')}. Subclass it so Twinkle can call it."
+            )
+        return
+    if callable(obj) and (kind in FUNCTION_KINDS or base_path is None):
+        return
+    raise InvalidComponentError(
+        f"{kind} {name!r} from plugin {registration.plugin!r} resolves to {registration.target_path} "
+        f"({type(obj).__name__}), which is not a class{' or function' if kind in FUNCTION_KINDS else ''}."
+    )
