@@ -12,8 +12,9 @@ import importlib
 from typing import Any, Callable
 
 
-def kind_module(module_name: str, kinds: tuple[str, ...], exports: dict[str, str] | None = None
-                ) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
+def kind_module(
+    module_name: str, kinds: tuple[str, ...], exports: dict[str, str] | None = None
+) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
     exports = dict(exports or {})
 
     def __getattr__(name: str) -> Any:

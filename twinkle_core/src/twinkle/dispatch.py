@@ -94,7 +94,7 @@ def slice_for_data_rank(batch: Any, data_rank: int, data_world_size: int) -> Any
             f"use a global batch size divisible by {data_world_size}"
         )
     per = n // data_world_size
-    return batch[data_rank * per:(data_rank + 1) * per]
+    return batch[data_rank * per : (data_rank + 1) * per]
 
 
 def collect_results(mode: str, results: Sequence[Any], leaders: Sequence[int], last_pp: Sequence[int]) -> Any:
@@ -121,8 +121,9 @@ def collect_results(mode: str, results: Sequence[Any], leaders: Sequence[int], l
 def _mean(values: Sequence[Any]) -> Any:
     first = values[0]
     if isinstance(first, dict):
-        return {k: _mean([v[k] for v in values]) if isinstance(first[k], (int, float, dict)) else first[k]
-                for k in first}
+        return {
+            k: _mean([v[k] for v in values]) if isinstance(first[k], (int, float, dict)) else first[k] for k in first
+        }
     if isinstance(first, (int, float)) and not isinstance(first, bool):
         return sum(values) / len(values)
     return first

@@ -60,7 +60,9 @@ class DeviceGroup:
         if not isinstance(self.name, str) or not self.name:
             raise MeshError(f"DeviceGroup name must be a non-empty string, got {self.name!r}")
         if isinstance(self.ranks, bool) or not isinstance(self.ranks, (int, list, tuple, range)):
-            raise MeshError(f"DeviceGroup {self.name!r}: ranks must be a count or a list of indices, got {self.ranks!r}")
+            raise MeshError(
+                f"DeviceGroup {self.name!r}: ranks must be a count or a list of indices, got {self.ranks!r}"
+            )
         if isinstance(self.ranks, int):
             if self.ranks < 1:
                 raise MeshError(f"DeviceGroup {self.name!r}: ranks={self.ranks}; it needs at least one rank")
@@ -144,8 +146,14 @@ class DeviceMesh:
             DeviceMesh.from_sizes(pp_size=2, tp_size=2, dp_size=2).world_size  # 8
         """
         others = fsdp_size * tp_size * pp_size * cp_size * sp_size
-        for label, value in (("fsdp_size", fsdp_size), ("tp_size", tp_size), ("pp_size", pp_size),
-                             ("cp_size", cp_size), ("sp_size", sp_size), ("ep_size", ep_size)):
+        for label, value in (
+            ("fsdp_size", fsdp_size),
+            ("tp_size", tp_size),
+            ("pp_size", pp_size),
+            ("cp_size", cp_size),
+            ("sp_size", sp_size),
+            ("ep_size", ep_size),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise MeshError(f"DeviceMesh.from_sizes: {label} must be a positive integer, got {value!r}")
         if dp_size is None:

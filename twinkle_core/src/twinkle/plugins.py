@@ -89,8 +89,9 @@ class PluginSystem:
         system.registry.resolve("loss", "CrossEntropyLoss")
     """
 
-    def __init__(self, *, only: Iterable[str] | None = None, disabled: Iterable[str] | None = None,
-                 trace: bool | None = None) -> None:
+    def __init__(
+        self, *, only: Iterable[str] | None = None, disabled: Iterable[str] | None = None, trace: bool | None = None
+    ) -> None:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
         self.pm.add_hookspecs(hookspecs)
         self.registry = Registry()
@@ -119,14 +120,21 @@ class PluginSystem:
             # through the same hook, just without an entry point.
             from twinkle import _builtin
 
-            self._add(CORE_PLUGIN, _builtin, PluginInfo(CORE_PLUGIN, _builtin.__name__, "twinkle-core",
-                                                         _core_version(), source="builtin"))
+            self._add(
+                CORE_PLUGIN,
+                _builtin,
+                PluginInfo(CORE_PLUGIN, _builtin.__name__, "twinkle-core", _core_version(), source="builtin"),
+            )
         for ep in sorted(entry_points, key=lambda e: (e.name != CORE_PLUGIN, e.name)):
             if ep.name in self.plugins:
                 continue
             dist = getattr(ep, "dist", None)
-            info = PluginInfo(ep.name, ep.value, dist.metadata["Name"] if dist else None, dist.version if dist else None)
-            if ep.name != CORE_PLUGIN and (ep.name in self._disabled or (self._only is not None and ep.name not in self._only)):
+            info = PluginInfo(
+                ep.name, ep.value, dist.metadata["Name"] if dist else None, dist.version if dist else None
+            )
+            if ep.name != CORE_PLUGIN and (
+                ep.name in self._disabled or (self._only is not None and ep.name not in self._only)
+            ):
                 info.blocked = True
                 self.plugins[ep.name] = info
                 continue
@@ -180,11 +188,14 @@ class PluginSystem:
 
     def _call_registration(self, hook_name: str, plugin_name: str, function: Callable[..., Any]) -> None:
         if hook_name == "twinkle_register_components":
+
             def register(kind: str, name: str, target: Any, *, override: bool = False, doc: str = "") -> None:
                 self.registry.register(kind, name, target, plugin=plugin_name, override=override, doc=doc)
         else:
+
             def register(mode: str, target: Any, *, override: bool = False, doc: str = "") -> None:  # type: ignore[misc]
                 self.registry.register("launcher", mode, target, plugin=plugin_name, override=override, doc=doc)
+
         if self._trace:
             sys.stderr.write(f"[twinkle trace] {hook_name} [plugin {plugin_name}]\n")
         function(register=register)
@@ -221,8 +232,10 @@ class PluginSystem:
         for registration in self.registry:
             components.setdefault(registration.plugin, []).append(registration.as_dict())
         return {
-            "plugins": [dict(info.as_dict(), components=components.get(name, []))
-                        for name, info in sorted(self.plugins.items(), key=lambda kv: (kv[0] != CORE_PLUGIN, kv[0]))],
+            "plugins": [
+                dict(info.as_dict(), components=components.get(name, []))
+                for name, info in sorted(self.plugins.items(), key=lambda kv: (kv[0] != CORE_PLUGIN, kv[0]))
+            ],
         }
 
 

@@ -175,13 +175,17 @@ class Registry:
         self.failed_plugins: dict[str, str] = {}
 
     # -- writing -----------------------------------------------------------------
-    def register(self, kind: str, name: str, target: Any, *, plugin: str, override: bool = False, doc: str = "") -> Registration:
+    def register(
+        self, kind: str, name: str, target: Any, *, plugin: str, override: bool = False, doc: str = ""
+    ) -> Registration:
         """Register ``name`` under ``kind``. See the module docstring for the duplicate rule."""
         check_kind(kind)
         if not isinstance(name, str) or not name:
             raise ValueError(f"plugin {plugin!r}: a {kind} name must be a non-empty string, got {name!r}")
         if isinstance(target, str) and ":" not in target:
-            raise ValueError(f"plugin {plugin!r}: target {target!r} for {kind} {name!r} must look like 'package.module:attr'")
+            raise ValueError(
+                f"plugin {plugin!r}: target {target!r} for {kind} {name!r} must look like 'package.module:attr'"
+            )
         existing = self._entries[kind].get(name)
         overrides = None
         if existing is not None:

@@ -97,7 +97,9 @@ class Runtime:
             self.hook.twinkle_runtime_stopped(runtime=self)
             with _current.lock:
                 if _current.runtime is self:
-                    _current.runtime = self._previous if self._previous is not None and not self._previous.closed else None
+                    _current.runtime = (
+                        self._previous if self._previous is not None and not self._previous.closed else None
+                    )
 
     def __enter__(self) -> Runtime:
         return self
@@ -163,8 +165,15 @@ def initialize(
     if global_device_mesh is not None and not isinstance(global_device_mesh, DeviceMesh):
         raise MeshError(f"global_device_mesh must be a twinkle DeviceMesh, got {type(global_device_mesh).__name__}")
     launcher_cls = system.registry.resolve("launcher", mode)
-    runtime = Runtime(mode=mode, groups=_normalize_groups(groups), global_device_mesh=global_device_mesh,
-                      plugins=system, nproc_per_node=nproc_per_node, seed=seed, options=dict(mode_options))
+    runtime = Runtime(
+        mode=mode,
+        groups=_normalize_groups(groups),
+        global_device_mesh=global_device_mesh,
+        plugins=system,
+        nproc_per_node=nproc_per_node,
+        seed=seed,
+        options=dict(mode_options),
+    )
     if seed is not None:
         random.seed(seed)
     runtime.launcher = launcher_cls(runtime, **mode_options)

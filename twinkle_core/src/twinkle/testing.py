@@ -29,8 +29,9 @@ from twinkle.runtime import Runtime, initialize
 
 
 @contextlib.contextmanager
-def registered_plugin(plugin: Any, name: str | None = None, *, mode: str = "local", **initialize_kwargs: Any
-                      ) -> Iterator[Runtime]:
+def registered_plugin(
+    plugin: Any, name: str | None = None, *, mode: str = "local", **initialize_kwargs: Any
+) -> Iterator[Runtime]:
     """Initialize a fresh runtime with ``plugin`` added, yield it, then tear both down."""
     system = PluginSystem().load()
     info = system.add_plugin(plugin, name=name)

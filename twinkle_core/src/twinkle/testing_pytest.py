@@ -21,6 +21,7 @@ def twinkle_plugin() -> Iterator[Callable[..., Any]]:
     from twinkle.testing import registered_plugin
 
     with contextlib.ExitStack() as stack:
+
         def add(plugin: Any, name: str | None = None, **kwargs: Any) -> Any:
             return stack.enter_context(registered_plugin(plugin, name, **kwargs))
 

@@ -7,6 +7,12 @@ import twinkle
 
 @twinkle.hookimpl
 def twinkle_register_components(register) -> None:  # noqa: ANN001
-    for name in ("GSM8KAccuracyReward", "MathAccuracyReward", "FormatReward", "LengthPenaltyReward",
-                 "CountdownReward", "CodeExecutionReward"):
+    for name in (
+        "GSM8KAccuracyReward",
+        "MathAccuracyReward",
+        "FormatReward",
+        "LengthPenaltyReward",
+        "CountdownReward",
+        "CodeExecutionReward",
+    ):
         register("reward", name, f"twinkle_rewards.rewards:{name}")

@@ -13,7 +13,11 @@ _BUILTIN = {
     },
 }
 
-__getattr__, __dir__ = kind_module(__name__, ("launcher",), {
-    "Launcher": "twinkle.launcher.base:Launcher",
-    "LocalLauncher": "twinkle.launcher.local:LocalLauncher",
-})
+__getattr__, __dir__ = kind_module(
+    __name__,
+    ("launcher",),
+    {
+        "Launcher": "twinkle.launcher.base:Launcher",
+        "LocalLauncher": "twinkle.launcher.local:LocalLauncher",
+    },
+)

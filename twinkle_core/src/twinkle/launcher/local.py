@@ -26,8 +26,11 @@ class LocalLauncher(Launcher):
         _, _, world = torchrun_world()
         mesh = self.runtime.global_device_mesh
         if mesh is not None and mesh.world_size != world:
-            hint = (f"launch with `torchrun --nproc_per_node {mesh.world_size} train.py`" if world == 1
-                    else f"use a mesh of {world} ranks")
+            hint = (
+                f"launch with `torchrun --nproc_per_node {mesh.world_size} train.py`"
+                if world == 1
+                else f"use a mesh of {world} ranks"
+            )
             raise MeshError(
                 f"global_device_mesh {mesh.describe()} needs {mesh.world_size} processes but this local run has "
                 f"{world}; {hint}, or use mode='ray'."

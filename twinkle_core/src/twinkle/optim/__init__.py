@@ -6,11 +6,39 @@ Twinkle's warmup schedulers.
 
 from twinkle._kinds import kind_module
 
-_TORCH_OPTIMIZERS = ("SGD", "Adam", "AdamW", "Adagrad", "Adadelta", "Adamax", "ASGD", "NAdam", "RAdam",
-                     "RMSprop", "Rprop", "LBFGS", "Adafactor", "SparseAdam")
-_TORCH_SCHEDULERS = ("LambdaLR", "MultiplicativeLR", "StepLR", "MultiStepLR", "ConstantLR", "LinearLR",
-                     "ExponentialLR", "SequentialLR", "CosineAnnealingLR", "ChainedScheduler", "ReduceLROnPlateau",
-                     "CyclicLR", "CosineAnnealingWarmRestarts", "OneCycleLR", "PolynomialLR")
+_TORCH_OPTIMIZERS = (
+    "SGD",
+    "Adam",
+    "AdamW",
+    "Adagrad",
+    "Adadelta",
+    "Adamax",
+    "ASGD",
+    "NAdam",
+    "RAdam",
+    "RMSprop",
+    "Rprop",
+    "LBFGS",
+    "Adafactor",
+    "SparseAdam",
+)
+_TORCH_SCHEDULERS = (
+    "LambdaLR",
+    "MultiplicativeLR",
+    "StepLR",
+    "MultiStepLR",
+    "ConstantLR",
+    "LinearLR",
+    "ExponentialLR",
+    "SequentialLR",
+    "CosineAnnealingLR",
+    "ChainedScheduler",
+    "ReduceLROnPlateau",
+    "CyclicLR",
+    "CosineAnnealingWarmRestarts",
+    "OneCycleLR",
+    "PolynomialLR",
+)
 
 _BUILTIN: dict[str, dict[str, str]] = {
     "optimizer": {name: f"torch.optim:{name}" for name in _TORCH_OPTIMIZERS},

@@ -4,4 +4,6 @@ from twinkle._kinds import kind_module
 
 _BUILTIN: dict[str, dict[str, str]] = {"processor": {}}
 
-__getattr__, __dir__ = kind_module(__name__, ("processor",), {"InputProcessor": "twinkle.processor.base:InputProcessor"})
+__getattr__, __dir__ = kind_module(
+    __name__, ("processor",), {"InputProcessor": "twinkle.processor.base:InputProcessor"}
+)
