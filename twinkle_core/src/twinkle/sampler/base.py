@@ -1,9 +1,121 @@
-"""The Sampler protocol."""
+"""The Sampler protocol: generate completions (with log-probabilities) from the policy.
+
+Every sampler (core's :class:`~twinkle.sampler.torch_sampler.TorchSampler`, twinkle-vllm's
+``VLLMSampler``) implements the same methods with the same semantics:
+
+* :meth:`Sampler.sample` ``(prompts, sampling_params=None, adapter_name=None) -> list[SampleResponse]``:
+  one :class:`~twinkle.data_format.sampling.SampleResponse` per prompt, in prompt order,
+  each with ``num_samples`` sequences. A prompt is a Trajectory (``{"messages": [...],
+  "user_data": {...}}``; rendered with the sampler's template, generation prompt added)
+  or an InputFeature (``{"input_ids": [...]}``; used as is).
+* :meth:`Sampler.set_template`: the Template that renders Trajectory prompts and decodes.
+* :meth:`Sampler.add_adapter` / :meth:`Sampler.remove_adapter` / :meth:`Sampler.adapter_names`:
+  named LoRA adapters sampled with ``adapter_name=``.
+* :meth:`Sampler.update_weights`: receive weights from a trained model (what a
+  :class:`~twinkle.checkpoint_engine.base.CheckpointEngine` calls). Without ``adapter_name``
+  the tensors are base-model weights in Hugging Face names (``model.layers.0.mlp.up_proj.weight``);
+  with it, they are LoRA tensors in PEFT's saved format
+  (``base_model.model.model.layers.0.mlp.up_proj.lora_A.weight``) and ``peft_config``
+  creates the adapter when the sampler does not have it yet.
+
+Example::
+
+    from twinkle.data_format import SamplingParams
+    from twinkle.sampler import TorchSampler
+
+    sampler = TorchSampler(model_id="path/to/model")
+    responses = sampler.sample([{"messages": [{"role": "user", "content": "1+1="}]}],
+                               SamplingParams(max_tokens=8, num_samples=4, seed=0))
+"""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
+
 from twinkle.component import Component
+from twinkle.dispatch import remote
+
+if TYPE_CHECKING:
+    from twinkle.data_format.sampling import SampleResponse, SamplingParams
 
 
 class Sampler(Component):
-    """Base of samplers (TorchSampler in core, VLLMSampler in twinkle-vllm)."""
+    """Base of samplers (TorchSampler in core, VLLMSampler in twinkle-vllm).
+
+    Subclasses override every method below; the base implementations raise ``TypeError``
+    naming the missing method, so a half-written sampler fails loudly and clearly.
+    """
+
+    @remote(dispatch="slice_dp", collect="flatten")
+    def sample(
+        self,
+        prompts: list[dict[str, Any]],
+        sampling_params: SamplingParams | Mapping[str, Any] | None = None,
+        adapter_name: str | None = None,
+    ) -> list[SampleResponse]:
+        """Sample completions for ``prompts``.
+
+        Args:
+            prompts: Trajectories (``messages`` [+ ``user_data``]) or InputFeatures (``input_ids``).
+            sampling_params: a :class:`SamplingParams`, a dict of its fields, or ``None`` (defaults).
+            adapter_name: the LoRA adapter to sample with; ``None`` samples the base weights.
+
+        Returns:
+            One SampleResponse per prompt, in prompt order; the ``num_samples`` sequences of
+            a prompt are contiguous.
+
+        Raises:
+            ValueError: a prompt has neither ``messages`` nor ``input_ids``, or a Trajectory is
+                given but no template is set; KeyError: unknown ``adapter_name``.
+        """
+        raise TypeError(f"{type(self).__name__} must implement Sampler.sample")
+
+    @remote(dispatch="all", collect="first")
+    def set_template(self, template: Any, **kwargs: Any) -> None:
+        """Use ``template`` (a Template, or a registered template name built with ``kwargs``)."""
+        raise TypeError(f"{type(self).__name__} must implement Sampler.set_template")
+
+    @remote(dispatch="all", collect="first")
+    def add_adapter(self, adapter_name: str, config: Any) -> None:
+        """Add an (untrained, or later filled by :meth:`update_weights`) LoRA adapter named ``adapter_name``.
+
+        Args:
+            adapter_name: the name passed later as ``adapter_name=``.
+            config: a ``peft.LoraConfig`` or a dict of its fields, or a directory holding a saved
+                PEFT adapter (``adapter_config.json`` + weights) to load.
+        """
+        raise TypeError(f"{type(self).__name__} must implement Sampler.add_adapter")
+
+    @remote(dispatch="all", collect="first")
+    def remove_adapter(self, adapter_name: str) -> None:
+        """Forget the adapter ``adapter_name``. Raises KeyError when it does not exist."""
+        raise TypeError(f"{type(self).__name__} must implement Sampler.remove_adapter")
+
+    @remote(dispatch="all", collect="first")
+    def adapter_names(self) -> list[str]:
+        """Names of the adapters this sampler holds."""
+        raise TypeError(f"{type(self).__name__} must implement Sampler.adapter_names")
+
+    @remote(dispatch="all", collect="first")
+    def update_weights(
+        self,
+        weights: Mapping[str, Any] | Iterable[tuple[str, Any]],
+        adapter_name: str | None = None,
+        peft_config: Any = None,
+    ) -> int:
+        """Load ``weights`` (name -> tensor) into the base model, or into adapter ``adapter_name``.
+
+        Args:
+            weights: a mapping or an iterable of ``(name, tensor)`` (streamed; need not fit twice in memory).
+            adapter_name: ``None``: base weights in Hugging Face names. A name: LoRA tensors in
+                PEFT's saved format, loaded into that adapter.
+            peft_config: the adapter's ``LoraConfig`` (or dict), needed when the adapter is new.
+
+        Returns:
+            The number of tensors loaded.
+
+        Raises:
+            KeyError: a name matches no parameter (the message lists close names).
+            ValueError: a tensor's shape differs from the parameter's.
+        """
+        raise TypeError(f"{type(self).__name__} must implement Sampler.update_weights")
