@@ -117,7 +117,9 @@ class SampledSequence:
         stop_reason: ``"stop"`` or ``"length"``.
         text: decoded completion (special tokens skipped; cut before a matched stop string).
         input_feature: ready-to-train row: ``input_ids`` = prompt + completion, ``labels`` = -100
-            on the prompt and the completion tokens after it, ``attention_mask``, ``user_data``.
+            on the prompt and the completion tokens after it, ``attention_mask``, ``old_logps``
+            (aligned with ``labels``, when logprobs were requested), ``user_data``. Add per-row
+            fields such as ``advantages`` before ``model.forward_backward``.
         user_data: the prompt Trajectory's ``user_data`` (ground truth etc.), shared by the group.
         trajectory: the prompt Trajectory with the completion appended as the last assistant
             message (what :class:`~twinkle.reward.base.Reward` takes); ``None`` for token prompts.
@@ -183,13 +185,15 @@ def build_input_feature(
 ) -> dict[str, Any]:
     """The training row of one sample: prompt + completion, labels on the completion only.
 
-    When ``logprobs`` is given it is stored as ``old_logps`` (one value per completion
-    token), which RL losses read as the behaviour policy's log-probabilities.
+    When ``logprobs`` is given it is stored as ``old_logps``, aligned with ``labels`` (as long
+    as ``input_ids``, 0.0 on the prompt): the behaviour policy's log-probabilities that RL
+    losses read (see :mod:`twinkle.loss.base`).
 
     Example::
 
         row = build_input_feature([1, 2, 3], [7, 8], logprobs=[-0.1, -0.2])
         # row["input_ids"] == [1, 2, 3, 7, 8]; row["labels"] == [-100, -100, -100, 7, 8]
+        # row["old_logps"] == [0.0, 0.0, 0.0, -0.1, -0.2]
     """
     n_prompt = len(prompt_tokens)
     input_ids = list(prompt_tokens) + list(completion_tokens)
@@ -199,7 +203,9 @@ def build_input_feature(
         "attention_mask": [1] * len(input_ids),
     }
     if logprobs is not None:
-        row["old_logps"] = list(logprobs)
+        if len(logprobs) != len(completion_tokens):
+            raise ValueError(f"{len(logprobs)} logprobs for {len(completion_tokens)} completion tokens")
+        row["old_logps"] = [0.0] * n_prompt + [float(x) for x in logprobs]
     if user_data:
         row["user_data"] = dict(user_data)
     return row

@@ -1,4 +1,4 @@
-"""Rewards for RL (most come from twinkle-rewards)."""
+"""Rewards for RL (most come from twinkle-rewards): ``reward(trajectories, **kwargs) -> list[float]``."""
 
 from twinkle._kinds import kind_module
 
