@@ -19,6 +19,19 @@ nox.options.reuse_venv = "yes"
 nox.options.error_on_missing_interpreters = True
 os.environ.setdefault("UV_PYTHON_DOWNLOADS", "never")
 
+
+def _add_pyenv_interpreters() -> None:
+    """Let uv find every pyenv-installed Python (python3.10 ... python3.13), not only the active one."""
+    root = os.environ.get("PYENV_ROOT", os.path.expanduser("~/.pyenv"))
+    versions = os.path.join(root, "versions")
+    if not os.path.isdir(versions):
+        return
+    bins = [os.path.join(versions, v, "bin") for v in sorted(os.listdir(versions), reverse=True)]
+    os.environ["PATH"] = os.pathsep.join([*filter(os.path.isdir, bins), os.environ.get("PATH", "")])
+
+
+_add_pyenv_interpreters()
+
 TORCH_PYTHON = "3.11"
 TORCH = os.environ.get("TWINKLE_TORCH_SPEC", "torch==2.13.0+cpu")
 TORCH_WHEELS = os.environ.get("TWINKLE_TORCH_FIND_LINKS", "/opt/wheels")
@@ -32,10 +45,11 @@ def install(session: nox.Session, *specs: str) -> None:
     session.install(*specs, env=ENV)
 
 
-@nox.session(python=False)
+@nox.session(python=TORCH_PYTHON)
 def lint(session: nox.Session) -> None:
     """ruff over the whole repository."""
-    session.run("uvx", "ruff@0.17.6", "check", ".", external=True)
+    session.install("ruff>=0.17,<0.18")
+    session.run("ruff", "check", ".")
 
 
 @nox.session(python=["3.10", "3.11", "3.12", "3.13"])

@@ -129,8 +129,11 @@ def test_loading_is_lazy_and_idempotent():
 
 def test_registry_use_without_initialize_loads_plugins_lazily():
     import twinkle
-    from twinkle.optim import AdamW  # noqa: F401 - resolves torch.optim.AdamW when torch exists
+    from twinkle.launcher import LocalLauncher
+    from twinkle.preprocessor import Filter, Preprocessor  # noqa: F401 - fixed exports resolve lazily
 
+    assert twinkle.get_registry().resolve("launcher", "local") is LocalLauncher
+    assert twinkle.current_runtime() is None
     assert "AdamW" in twinkle.get_registry().names("optimizer")
 
 
