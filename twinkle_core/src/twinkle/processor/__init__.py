@@ -2,7 +2,12 @@
 
 from twinkle._kinds import kind_module
 
-_BUILTIN: dict[str, dict[str, str]] = {"processor": {}}
+_BUILTIN: dict[str, dict[str, str]] = {
+    "processor": {
+        "InputProcessor": "twinkle.processor.base:InputProcessor",
+        "PaddingFreeProcessor": "twinkle.processor.base:PaddingFreeProcessor",
+    }
+}
 
 __getattr__, __dir__ = kind_module(
     __name__, ("processor",), {"InputProcessor": "twinkle.processor.base:InputProcessor"}

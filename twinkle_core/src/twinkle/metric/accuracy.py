@@ -1,0 +1,40 @@
+"""Token accuracy: the share of trained label tokens the model's argmax predicts."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from twinkle.metric.base import Metric
+
+
+class TokenAccuracy(Metric):
+    """``token_acc``: correct argmax predictions / trained label tokens, since the last reset.
+
+    Example::
+
+        model.add_metric("TokenAccuracy")
+    """
+
+    def __init__(self) -> None:
+        self.correct = 0
+        self.total = 0
+
+    def update(self, inputs: Mapping[str, Any], outputs: Mapping[str, Any]) -> None:
+        """Count correct predictions of ``shift_labels`` in this micro-batch."""
+        logits = outputs.get("logits")
+        if logits is None:
+            return
+        labels = inputs["shift_labels"]
+        mask = labels != -100
+        pred = logits.detach().argmax(dim=-1)
+        self.correct += int(((pred == labels) & mask).sum())
+        self.total += int(mask.sum())
+
+    def compute(self) -> dict[str, float]:
+        """``{"token_acc": ...}`` (empty before any labelled token)."""
+        return {"token_acc": self.correct / self.total} if self.total else {}
+
+    def reset(self) -> None:
+        """Start counting again."""
+        self.correct = 0
+        self.total = 0
