@@ -1,0 +1,157 @@
+"""Build a megatron-core ``GPTModel`` from a :class:`~twinkle_megatron.convert.MegatronSpec` and move
+whole (unsharded) weights in and out of it across tensor- and expert-parallel ranks.
+
+A whole state dict (``{name: full tensor}``, the form :mod:`twinkle_megatron.convert`
+speaks) is sliced into this rank's shard by the parameter's megatron attributes
+(``tensor_model_parallel``, ``partition_dim``); SwiGLU ``linear_fc1`` weights are sliced as
+``[gate shard; up shard]``, and expert indices are offset by the expert-parallel rank.
+:func:`gather_full_state` is the inverse (an all-gather over the same groups).
+
+Example::
+
+    model = build_gpt_model(spec)
+    load_full_state(model, hf_to_megatron(hf_state, hf_config))
+    full = gather_full_state(model)
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+from twinkle_megatron.convert import MegatronSpec
+
+_EXPERT = re.compile(r"(\.experts\.local_experts\.)(\d+)(\.)")
+
+
+def build_gpt_model(spec: MegatronSpec, device: Any = "cpu") -> Any:
+    """A ``GPTModel`` (local layer spec, full-vocabulary logits) for ``spec`` on ``device``.
+
+    Needs megatron's parallel state (:func:`twinkle_megatron.parallel.init_megatron_parallel`)
+    and, on CPU, the shims of :mod:`twinkle_megatron.compat`.
+    """
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer import TransformerConfig
+
+    kwargs = dict(spec.config_kwargs)
+    if spec.num_experts and str(device).startswith("cpu"):
+        # the all-to-all dispatcher allocates torch.cuda streams; all-gather is the CPU path
+        kwargs["moe_token_dispatcher_type"] = "allgather"
+    config = TransformerConfig(**kwargs)
+    layer_spec = get_gpt_layer_local_spec(
+        num_experts=spec.num_experts, qk_layernorm=spec.qk_layernorm, normalization="RMSNorm"
+    )
+    model = GPTModel(config, layer_spec, parallel_output=False, **spec.model_kwargs)
+    return model.to(device)
+
+
+def _ranks() -> tuple[int, int, int, int]:
+    from megatron.core import parallel_state as ps
+
+    return (
+        ps.get_tensor_model_parallel_rank(),
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_expert_model_parallel_rank(),
+        ps.get_expert_model_parallel_world_size(),
+    )
+
+
+def _global_name(local_name: str, ep_rank: int, local_experts: int) -> str:
+    return _EXPERT.sub(lambda m: f"{m.group(1)}{ep_rank * local_experts + int(m.group(2))}{m.group(3)}", local_name)
+
+
+def _local_experts(model: Any) -> int:
+    indices = {int(m.group(2)) for name, _ in model.named_parameters() for m in [_EXPERT.search(name)] if m}
+    return len(indices)
+
+
+def _is_glu_fc1(name: str) -> bool:
+    return name.endswith("linear_fc1.weight")
+
+
+def _shard(name: str, full: Any, param: Any, tp_rank: int, tp_size: int) -> Any:
+    import torch
+
+    if tp_size == 1 or not getattr(param, "tensor_model_parallel", False):
+        return full
+    dim = param.partition_dim
+    if _is_glu_fc1(name):
+        gate, up = full.chunk(2, dim=0)
+        return torch.cat([gate.chunk(tp_size, 0)[tp_rank], up.chunk(tp_size, 0)[tp_rank]], dim=0)
+    return full.chunk(tp_size, dim=dim)[tp_rank]
+
+
+def load_full_state(model: Any, full_state: Mapping[str, Any]) -> None:
+    """Copy whole tensors into this rank's shards of ``model``'s parameters.
+
+    Raises:
+        ValueError: a parameter has no entry in ``full_state`` or an entry has no
+            parameter, or shapes disagree (naming the weight).
+    """
+    import torch
+
+    tp_rank, tp_size, ep_rank, _ = _ranks()
+    local_experts = _local_experts(model)
+    used: set[str] = set()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            key = _global_name(name, ep_rank, local_experts)
+            if key not in full_state:
+                raise ValueError(f"megatron weight {key!r} is missing from the converted checkpoint")
+            shard = _shard(key, full_state[key], param, tp_rank, tp_size)
+            if tuple(shard.shape) != tuple(param.shape):
+                raise ValueError(
+                    f"megatron weight {key!r}: checkpoint shard {tuple(shard.shape)} != parameter {tuple(param.shape)}"
+                )
+            param.copy_(shard.to(dtype=param.dtype, device=param.device))
+            used.add(key)
+    ep_size = _ranks()[3]
+    if ep_size == 1:
+        extra = sorted(set(full_state) - used)
+        if extra:
+            raise ValueError(f"checkpoint weights without a megatron parameter: {extra[:5]}")
+
+
+def _all_gather(tensor: Any, group: Any, size: int, dim: int) -> Any:
+    import torch
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(tensor) for _ in range(size)]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def gather_full_state(model: Any, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The whole (unsharded) state of ``model``'s parameters on every rank, detached.
+
+    Args:
+        model: a megatron ``GPTModel``.
+        params: ``{local name: tensor}`` to gather instead of the parameters themselves
+            (e.g. merged LoRA weights); must carry the same shapes.
+    """
+    import torch
+    from megatron.core import parallel_state as ps
+
+    tp_rank, tp_size, ep_rank, ep_size = _ranks()
+    local_experts = _local_experts(model)
+    out: dict[str, Any] = {}
+    for name, param in model.named_parameters():
+        value = (params or {}).get(name, param).detach()
+        if tp_size > 1 and getattr(param, "tensor_model_parallel", False):
+            group = ps.get_tensor_model_parallel_group()
+            if _is_glu_fc1(name):
+                gate, up = value.chunk(2, dim=0)
+                value = torch.cat([_all_gather(gate, group, tp_size, 0), _all_gather(up, group, tp_size, 0)], dim=0)
+            else:
+                value = _all_gather(value, group, tp_size, param.partition_dim)
+        out[_global_name(name, ep_rank, local_experts)] = value
+    if ep_size > 1:
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * ep_size
+        experts = {k: v.cpu() for k, v in out.items() if _EXPERT.search(k)}
+        dist.all_gather_object(gathered, experts, group=ps.get_expert_model_parallel_group())
+        for part in gathered:
+            out.update({k: v.to(next(iter(out.values())).device) for k, v in part.items()})
+    return out
