@@ -1,0 +1,48 @@
+"""Shared fixtures for TransformersModel tests: tiny random-weight models built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from model_test_utils import make_rows
+
+ASSETS = Path(__file__).resolve().parents[3] / "twinkle_core" / "src" / "twinkle" / "assets"
+TINY_QWEN2 = ASSETS / "tiny-qwen2"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped on CPU)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A model directory with the bundled tokenizer and a smaller Qwen2 config.json (no weights)."""
+    root = tmp_path_factory.mktemp("tiny-model")
+    for file in TINY_QWEN2.iterdir():
+        if file.name != "config.json":
+            shutil.copy2(file, root / file.name)
+    config = json.loads((TINY_QWEN2 / "config.json").read_text())
+    config.update(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    )
+    (root / "config.json").write_text(json.dumps(config))
+    return str(root)
+
+
+@pytest.fixture
+def rows() -> list[dict]:
+    return make_rows(8)
