@@ -2,6 +2,17 @@
 
 from twinkle._kinds import kind_module
 
-_BUILTIN: dict[str, dict[str, str]] = {"patch": {}}
+_BUILTIN: dict[str, dict[str, str]] = {
+    "patch": {
+        # The GPU fast path (twinkle.patch.fastpath lists what each does).
+        "FusedLinearCrossEntropy": "twinkle.patch.fused_linear_ce:FusedLinearCrossEntropy",
+        "Bf16Adapters": "twinkle.patch.lora_fast:Bf16Adapters",
+        "FusedLoraLinear": "twinkle.patch.lora_fast:FusedLoraLinear",
+        "FusedOptimizer": "twinkle.patch.optimizer:FusedOptimizer",
+        "ActivationCheckpointing": "twinkle.patch.checkpointing:ActivationCheckpointing",
+        "CompileDecoderLayers": "twinkle.patch.compile:CompileDecoderLayers",
+        "LigerKernels": "twinkle.patch.liger:LigerKernels",
+    }
+}
 
 __getattr__, __dir__ = kind_module(__name__, ("patch",), {"Patch": "twinkle.patch.base:Patch"})

@@ -1,0 +1,128 @@
+"""ActivationCheckpointing: turn gradient checkpointing on only when activations would not fit.
+
+Checkpointing re-runs every layer's forward in backward (about a third more compute), so it
+is a memory tool, not a default. Before the first forward of each larger batch, this patch
+estimates the activation memory of a training step from the model's shape and the batch's
+token count and compares it with the free device memory; it enables transformers' gradient
+checkpointing (non-reentrant) only when the estimate exceeds :attr:`budget_fraction` of it.
+Once on, it stays on. ``TransformersModel(gradient_checkpointing=True)`` forces it on.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from twinkle.patch.base import Patch
+
+logger = logging.getLogger("twinkle.patch")
+_HOOK_ATTR = "_twinkle_ckpt_hook"
+
+
+def activation_bytes(config: Any, num_tokens: int, dtype_bytes: int = 2, fused_head: bool = True) -> int:
+    """Rough bytes of activations a training step keeps for backward (no checkpointing).
+
+    Per token and layer: about 16 hidden-size and 5 intermediate-size tensors in the
+    compute dtype (norm inputs and outputs, q/k/v, attention output, MLP gate/up/product),
+    plus the float32 upcasts of the norms. The LM head adds ``[tokens, vocab]`` logits in
+    bf16 and float32 (twice, with their gradient) unless the fused cross-entropy is on.
+
+    Args:
+        config: a transformers config (``hidden_size``, ``intermediate_size``,
+            ``num_hidden_layers``, ``vocab_size``).
+        num_tokens: tokens in the micro-batch.
+        dtype_bytes: bytes per activation element (2 for bf16).
+        fused_head: whether the LM head runs through the chunked cross-entropy.
+
+    Returns:
+        The estimate in bytes.
+    """
+    hidden = int(getattr(config, "hidden_size", 0) or 0)
+    inter = int(getattr(config, "intermediate_size", 0) or getattr(config, "moe_intermediate_size", 0) or 4 * hidden)
+    layers = int(getattr(config, "num_hidden_layers", 0) or 0)
+    vocab = int(getattr(config, "vocab_size", 0) or 0)
+    per_token_layer = dtype_bytes * (16 * hidden + 5 * inter) + 4 * 2 * hidden
+    total = num_tokens * layers * per_token_layer
+    total += num_tokens * vocab * (dtype_bytes + 8) if not fused_head else (1 << 30)
+    return total
+
+
+class ActivationCheckpointing(Patch):
+    """Enable gradient checkpointing when a batch's activations would not fit (see the module docstring).
+
+    Args:
+        budget_fraction: share of the free device memory activations may take.
+
+    Example::
+
+        TransformersModel(..., disabled_patches=["ActivationCheckpointing"])  # never automatically
+    """
+
+    name = "ActivationCheckpointing"
+    enabled_by_default = True
+    order = 80
+
+    def __init__(self, budget_fraction: float = 0.85) -> None:
+        if not 0.0 < budget_fraction <= 1.0:
+            raise ValueError(f"ActivationCheckpointing: budget_fraction must be in (0, 1], got {budget_fraction}")
+        self.budget_fraction = budget_fraction
+
+    def applies_to(self, model: Any) -> bool:
+        """CUDA models that support transformers' gradient checkpointing."""
+        from twinkle.patch.fastpath import decoder_of, model_device, unwrap
+
+        base = unwrap(model)
+        return (
+            model_device(model).type == "cuda"
+            and getattr(base, "supports_gradient_checkpointing", False)
+            and decoder_of(base) is not None
+        )
+
+    def apply(self, model: Any) -> None:
+        """Install a forward pre-hook on the decoder that decides per new largest batch."""
+        from twinkle.patch.fastpath import decoder_of, get_flag, unwrap
+
+        base = unwrap(model)
+        decoder = decoder_of(base)
+        if getattr(decoder, _HOOK_ATTR, None) is not None:
+            return
+        state = {"max_tokens": 0}
+        fraction = self.budget_fraction
+
+        def decide(module: Any, args: tuple, kwargs: dict) -> None:
+            if not module.training or getattr(base, "is_gradient_checkpointing", False):
+                return
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if ids is None:
+                ids = kwargs.get("inputs_embeds")
+            if ids is None or ids.numel() <= state["max_tokens"]:
+                return
+            import torch
+
+            tokens = int(ids.shape[0] * ids.shape[1])
+            state["max_tokens"] = tokens
+            free, _ = torch.cuda.mem_get_info(ids.device)
+            need = activation_bytes(base.config, tokens, fused_head=bool(get_flag(base, "fused_linear_ce", False)))
+            if need > fraction * free:
+                logger.warning(
+                    "ActivationCheckpointing: ~%.1f GiB of activations for %d tokens > %.0f%% of %.1f GiB free; "
+                    "enabling gradient checkpointing",
+                    need / 2**30,
+                    tokens,
+                    100 * fraction,
+                    free / 2**30,
+                )
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+        handle = decoder.register_forward_pre_hook(decide, with_kwargs=True)
+        setattr(decoder, _HOOK_ATTR, handle)
+
+    def revert(self, model: Any) -> None:
+        """Remove the hook (checkpointing already enabled stays on)."""
+        from twinkle.patch.fastpath import decoder_of, unwrap
+
+        decoder = decoder_of(unwrap(model))
+        handle = getattr(decoder, _HOOK_ATTR, None)
+        if handle is not None:
+            handle.remove()
+            setattr(decoder, _HOOK_ATTR, None)

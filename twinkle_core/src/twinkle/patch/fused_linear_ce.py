@@ -1,0 +1,341 @@
+"""Chunked linear cross-entropy: the LM head and the token loss in one pass, without full logits.
+
+A causal LM's last step, ``logits = hidden @ W.T`` followed by a float32 cross-entropy, holds
+``[tokens, vocab]`` logits in bf16 *and* float32 (plus their gradient) at once: for 16k tokens
+and Qwen's 152k vocabulary that is 5 GB + 10 GB + 10 GB. :func:`linear_cross_entropy` walks
+the tokens in chunks; for each chunk it computes the logits (same bf16 matmul as the plain
+path), the float32 log-sum-exp and the loss, and the gradients of the hidden states and of the
+weight right away, so that backward only scales them. Peak extra memory is one chunk of
+logits. The numbers are the plain path's: each token's row of logits is computed whole, in
+the same dtype, so the result is exact up to the order of float32 sums.
+
+:func:`linear_token_logps` is the same idea for per-token log-probabilities (RL losses): it
+keeps only the log-sum-exp and recomputes the chunk's logits in backward.
+
+:class:`FusedLinearCrossEntropy` is the patch that switches a model's cross-entropy onto this
+path (see :mod:`twinkle.patch.fastpath`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+from twinkle.patch.base import Patch
+
+#: Bytes of float32 logits one chunk may hold (the chunk's rows follow from the vocab size).
+CHUNK_BYTES = int(os.environ.get("TWINKLE_LCE_CHUNK_BYTES", str(1 << 30)))
+IGNORE_INDEX = -100
+
+
+def _chunk_rows(num_rows: int, vocab: int, chunk_rows: int | None) -> int:
+    if chunk_rows is not None:
+        if chunk_rows < 1:
+            raise ValueError(f"linear_cross_entropy: chunk_rows must be >= 1, got {chunk_rows}")
+        return chunk_rows
+    rows = max(1, CHUNK_BYTES // (4 * vocab))
+    # Equal chunks (a power of two where possible) keep compiled kernels to one shape.
+    rows = 1 << int(math.log2(rows))
+    return min(rows, max(1, num_rows))
+
+
+def _ce_chunk(logits: Any, labels: Any, label_smoothing: float) -> tuple[Any, Any, Any]:
+    """Loss sum, d(loss)/d(logits) and argmax ids of one chunk; ``logits`` [n, V] in the model's dtype."""
+    import torch
+
+    logits32 = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    vocab = logits32.shape[-1]
+    valid = labels != IGNORE_INDEX
+    safe = torch.where(valid, labels, torch.zeros_like(labels))
+    lse = torch.logsumexp(logits32, dim=-1)
+    target = torch.gather(logits32, 1, safe.unsqueeze(1)).squeeze(1)
+    nll = lse - target
+    probs = torch.exp(logits32 - lse.unsqueeze(1))
+    onehot = torch.arange(vocab, device=logits.device).unsqueeze(0) == safe.unsqueeze(1)
+    if label_smoothing > 0.0:
+        smooth = lse - logits32.mean(dim=-1)
+        loss = (1.0 - label_smoothing) * nll + label_smoothing * smooth
+        grad = probs - label_smoothing / vocab - (1.0 - label_smoothing) * onehot.to(probs.dtype)
+    else:
+        loss = nll
+        grad = probs - onehot.to(probs.dtype)
+    loss = torch.where(valid, loss, torch.zeros_like(loss)).sum()
+    grad = torch.where(valid.unsqueeze(1), grad, torch.zeros_like(grad))
+    return loss, grad.to(logits.dtype), torch.argmax(logits32, dim=-1)
+
+
+_COMPILED: dict[str, Any] = {}
+
+
+def _chunk_fn(device_type: str) -> Any:
+    """The chunk function, compiled with torch.compile on CUDA (one fused kernel pair), eager elsewhere."""
+    if device_type != "cuda" or os.environ.get("TWINKLE_LCE_COMPILE", "1") == "0":
+        return _ce_chunk
+    fn = _COMPILED.get("ce")
+    if fn is None:
+        import torch
+
+        fn = torch.compile(_ce_chunk, dynamic=False)
+        _COMPILED["ce"] = fn
+    return fn
+
+
+def _linear(hidden: Any, weight: Any, bias: Any) -> Any:
+    import torch
+
+    out = hidden @ weight.t()
+    return out if bias is None else torch.add(out, bias)
+
+
+class _LinearCrossEntropyFunction:
+    """``torch.autograd.Function`` built lazily (torch is imported only when used)."""
+
+    _fn: Any = None
+
+    @classmethod
+    def get(cls) -> Any:
+        if cls._fn is None:
+            import torch
+
+            class LinearCrossEntropy(torch.autograd.Function):
+                @staticmethod
+                def forward(ctx, hidden, weight, bias, labels, label_smoothing, chunk_rows):  # type: ignore[override]
+                    n, _ = hidden.shape
+                    rows = _chunk_rows(n, weight.shape[0], chunk_rows)
+                    want_h = ctx.needs_input_grad[0]
+                    want_w = ctx.needs_input_grad[1]
+                    want_b = bias is not None and ctx.needs_input_grad[2]
+                    grad_h = torch.empty_like(hidden) if want_h else None
+                    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+                    grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_b else None
+                    chunk = _chunk_fn(hidden.device.type)
+                    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+                    preds = torch.empty(n, dtype=torch.long, device=hidden.device)
+                    for start in range(0, n, rows):
+                        h = hidden[start : start + rows]
+                        y = labels[start : start + rows]
+                        fn = chunk if h.shape[0] == rows else _ce_chunk
+                        loss, grad_logits, pred = fn(_linear(h, weight, bias), y, label_smoothing)
+                        total += loss
+                        preds[start : start + rows] = pred
+                        if want_h:
+                            grad_h[start : start + rows] = grad_logits @ weight.to(grad_logits.dtype)
+                        if want_w:
+                            grad_w.add_(grad_logits.t() @ h.to(grad_logits.dtype))  # float32 accumulation
+                        if want_b:
+                            grad_b += grad_logits.float().sum(0)
+                    ctx.save_for_backward(grad_h, grad_w, grad_b)
+                    ctx.param_dtypes = (weight.dtype, None if bias is None else bias.dtype)
+                    ctx.mark_non_differentiable(preds)
+                    return total, preds
+
+                @staticmethod
+                def backward(ctx, grad_out, _grad_preds):  # type: ignore[override]
+                    grad_h, grad_w, grad_b = ctx.saved_tensors
+                    w_dtype, b_dtype = ctx.param_dtypes
+                    scale = grad_out.float()
+                    dh = (grad_h * scale.to(grad_h.dtype)) if grad_h is not None else None
+                    dw = (grad_w * scale).to(w_dtype) if grad_w is not None else None
+                    db = (grad_b * scale).to(b_dtype) if grad_b is not None else None
+                    return dh, dw, db, None, None, None
+
+            cls._fn = LinearCrossEntropy
+        return cls._fn
+
+
+def linear_cross_entropy(
+    hidden: Any,
+    weight: Any,
+    labels: Any,
+    *,
+    bias: Any = None,
+    label_smoothing: float = 0.0,
+    chunk_rows: int | None = None,
+    return_predictions: bool = False,
+) -> Any:
+    """Sum over tokens of ``cross_entropy(hidden @ weight.T + bias, labels)`` without full logits.
+
+    Args:
+        hidden: ``[..., H]`` hidden states (any leading shape; flattened).
+        weight: ``[V, H]`` LM-head weight (the embedding when tied).
+        labels: ``[...]`` target ids, ``-100`` = ignored; same leading shape as ``hidden``.
+        bias: optional ``[V]`` LM-head bias.
+        label_smoothing: as in :func:`torch.nn.functional.cross_entropy`.
+        chunk_rows: tokens per chunk (default: as many as fit in ``TWINKLE_LCE_CHUNK_BYTES``
+            of float32 logits, 1 GiB).
+        return_predictions: also return the argmax id of every token (``-1`` where the
+            label is ignored), computed in the same pass, for accuracy metrics.
+
+    Returns:
+        A float32 scalar tensor: the summed loss, differentiable w.r.t. ``hidden``, ``weight``
+        and ``bias``; with ``return_predictions``, ``(loss, predictions)``.
+
+    Raises:
+        ValueError: shapes that do not fit together.
+
+    Example::
+
+        loss = linear_cross_entropy(h, model.lm_head.weight, shift_labels)
+        (loss / (shift_labels != -100).sum()).backward()
+    """
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"linear_cross_entropy: hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree on the "
+            "token dimensions; pass labels shaped like hidden without its last dimension"
+        )
+    if hidden.shape[-1] != weight.shape[-1]:
+        raise ValueError(
+            f"linear_cross_entropy: hidden size {hidden.shape[-1]} != weight's {weight.shape[-1]} (weight is [V, H])"
+        )
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"linear_cross_entropy: label_smoothing must be in [0, 1), got {label_smoothing}")
+    import torch
+
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = labels.reshape(-1)
+    keep = y != IGNORE_INDEX
+    num_kept = int(keep.sum())
+    filtered = num_kept < y.shape[0] * 7 // 8  # many ignored tokens (prompts, padding): skip their logits
+    if filtered:
+        h, y = h[keep], y[keep]
+    loss, preds = _LinearCrossEntropyFunction.get().apply(h, weight, bias, y, float(label_smoothing), chunk_rows)
+    if not return_predictions:
+        return loss
+    if filtered:
+        full = torch.full(labels.reshape(-1).shape, -1, dtype=torch.long, device=preds.device)
+        full[keep] = preds
+        preds = full
+    else:
+        preds = preds.masked_fill(~keep, -1)
+    return loss, preds.reshape(labels.shape)
+
+
+class _LinearLogpsFunction:
+    _fn: Any = None
+
+    @classmethod
+    def get(cls) -> Any:
+        if cls._fn is None:
+            import torch
+
+            class LinearTokenLogps(torch.autograd.Function):
+                @staticmethod
+                def forward(ctx, hidden, weight, bias, labels, chunk_rows):  # type: ignore[override]
+                    n = hidden.shape[0]
+                    rows = _chunk_rows(n, weight.shape[0], chunk_rows)
+                    out = torch.empty(n, dtype=torch.float32, device=hidden.device)
+                    lse_all = torch.empty(n, dtype=torch.float32, device=hidden.device)
+                    valid = labels != IGNORE_INDEX
+                    safe = torch.where(valid, labels, torch.zeros_like(labels))
+                    for start in range(0, n, rows):
+                        logits32 = _linear(hidden[start : start + rows], weight, bias).float()
+                        lse = torch.logsumexp(logits32, dim=-1)
+                        target = torch.gather(logits32, 1, safe[start : start + rows].unsqueeze(1)).squeeze(1)
+                        out[start : start + rows] = target - lse
+                        lse_all[start : start + rows] = lse
+                    out = out * valid
+                    ctx.save_for_backward(hidden, weight, bias, safe, valid, lse_all)
+                    ctx.rows = rows
+                    return out
+
+                @staticmethod
+                def backward(ctx, grad_out):  # type: ignore[override]
+                    hidden, weight, bias, safe, valid, lse_all = ctx.saved_tensors
+                    rows = ctx.rows
+                    n = hidden.shape[0]
+                    want_h, want_w, want_b = ctx.needs_input_grad[:3]
+                    dh = torch.empty_like(hidden) if want_h else None
+                    dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+                    db = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_b else None
+                    g_all = grad_out.float() * valid
+                    vocab = weight.shape[0]
+                    for start in range(0, n, rows):
+                        sl = slice(start, start + rows)
+                        h = hidden[sl]
+                        logits32 = _linear(h, weight, bias).float()
+                        probs = torch.exp(logits32 - lse_all[sl].unsqueeze(1))
+                        onehot = torch.arange(vocab, device=h.device).unsqueeze(0) == safe[sl].unsqueeze(1)
+                        # d logp_target / d logits = onehot - probs
+                        grad_logits = ((onehot.to(probs.dtype) - probs) * g_all[sl].unsqueeze(1)).to(h.dtype)
+                        if want_h:
+                            dh[sl] = grad_logits @ weight
+                        if want_w:
+                            dw += (grad_logits.t() @ h).float()
+                        if want_b:
+                            db += grad_logits.float().sum(0)
+                    return (
+                        dh,
+                        None if dw is None else dw.to(weight.dtype),
+                        None if db is None else db.to(bias.dtype),
+                        None,
+                        None,
+                    )
+
+            cls._fn = LinearTokenLogps
+        return cls._fn
+
+
+def linear_token_logps(
+    hidden: Any, weight: Any, labels: Any, *, bias: Any = None, chunk_rows: int | None = None
+) -> Any:
+    """Per-token ``log_softmax(hidden @ weight.T + bias)[labels]`` without full logits (0 where ignored).
+
+    Args:
+        hidden: ``[..., H]`` hidden states.
+        weight: ``[V, H]`` LM-head weight.
+        labels: ``[...]`` target ids (``-100`` = ignored).
+        bias: optional ``[V]`` bias.
+        chunk_rows: tokens per chunk (default: from ``TWINKLE_LCE_CHUNK_BYTES``).
+
+    Returns:
+        float32 ``[...]`` log-probabilities, differentiable (backward recomputes each chunk's logits).
+
+    Example::
+
+        logps = linear_token_logps(h, lm_head.weight, shift_labels)  # [B, T]
+    """
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"linear_token_logps: hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree on the "
+            "token dimensions"
+        )
+    shape = labels.shape
+    h = hidden.reshape(-1, hidden.shape[-1])
+    out = _LinearLogpsFunction.get().apply(h, weight, bias, labels.reshape(-1), chunk_rows)
+    return out.reshape(shape)
+
+
+class FusedLinearCrossEntropy(Patch):
+    """Compute the LM head and the cross-entropy together, in chunks (:func:`linear_cross_entropy`).
+
+    Applying it marks the model so that TransformersModel asks the decoder for the last
+    hidden states instead of logits, and the loss (through :func:`twinkle.patch.fastpath.cross_entropy_sum`
+    / ``outputs['hidden_states']``) never materializes ``[tokens, vocab]`` float32 logits.
+    Exact: same matmul dtype, float32 softmax, per-token rows computed whole.
+
+    Example::
+
+        TransformersModel(..., disabled_patches=["FusedLinearCrossEntropy"])  # plain logits
+    """
+
+    name = "FusedLinearCrossEntropy"
+    enabled_by_default = True
+
+    def applies_to(self, model: Any) -> bool:
+        """Causal LMs with a linear ``lm_head`` (what :func:`lm_head_of` finds)."""
+        from twinkle.patch.fastpath import lm_head_of
+
+        return lm_head_of(model) is not None
+
+    def apply(self, model: Any) -> None:
+        """Mark ``model`` so the forward returns hidden states for the fused loss."""
+        from twinkle.patch.fastpath import set_flag
+
+        set_flag(model, "fused_linear_ce", True)
+
+    def revert(self, model: Any) -> None:
+        """Back to plain logits."""
+        from twinkle.patch.fastpath import set_flag
+
+        set_flag(model, "fused_linear_ce", False)
