@@ -41,7 +41,10 @@ def split_hub_id(model_id: str) -> tuple[str | None, str]:
     text = os.fspath(model_id)
     for hub, prefix in (("ms", MS_PREFIX), ("hf", HF_PREFIX)):
         if text.startswith(prefix):
-            repo = text[len(prefix) :].strip("/")
+            rest = text[len(prefix) :]
+            if _local(rest) is not None:  # e.g. 'ms://Qwen/Qwen2.5-7B' already downloaded to ./Qwen/Qwen2.5-7B
+                return hub, rest
+            repo = rest.strip("/")
             if not _looks_like_repo(repo):
                 raise HubError(
                     f"{text!r}: a {hub} id is '{prefix}org/name' (e.g. '{prefix}Qwen/Qwen2.5-0.5B-Instruct')"

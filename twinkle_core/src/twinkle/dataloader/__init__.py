@@ -8,4 +8,11 @@ _BUILTIN: dict[str, dict[str, str]] = {
     },
 }
 
-__getattr__, __dir__ = kind_module(__name__, ("dataloader",), {})
+__getattr__, __dir__ = kind_module(
+    __name__,
+    ("dataloader",),
+    {
+        "RetrySampler": "twinkle.dataloader.sampler:RetrySampler",
+        "RowLoadError": "twinkle.dataloader.sampler:RowLoadError",
+    },
+)
