@@ -82,6 +82,13 @@ def token_logps(inputs: Mapping[str, Any], outputs: Any) -> Any:
         return cached
     import torch
 
+    from twinkle.patch.fastpath import token_logps_from_hidden
+
+    fused = token_logps_from_hidden(inputs, outputs)  # from hidden states in chunks (fast path)
+    if fused is not None:
+        if isinstance(outputs, dict):
+            outputs["token_logps"] = fused
+        return fused
     logits = outputs["logits"]
     labels = inputs["shift_labels"]
     mask = labels != -100

@@ -31,8 +31,13 @@ class CrossEntropyLoss(Loss):
         """Sum of token losses of ``shift_labels`` given ``outputs['logits']``; normalizer: label-token count."""
         import torch.nn.functional as F
 
-        logits = outputs["logits"]
+        from twinkle.patch.fastpath import cross_entropy_sum
+
         labels = inputs["shift_labels"]
+        fused = cross_entropy_sum(inputs, outputs, self.label_smoothing)  # LM head + CE in chunks (fast path)
+        if fused is not None:
+            return LossOutput(loss=fused, num_tokens=int((labels != -100).sum()))
+        logits = outputs["logits"]
         loss = F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(),
             labels.reshape(-1),

@@ -21,12 +21,14 @@ class TokenAccuracy(Metric):
 
     def update(self, inputs: Mapping[str, Any], outputs: Mapping[str, Any]) -> None:
         """Count correct predictions of ``shift_labels`` in this micro-batch."""
-        logits = outputs.get("logits")
-        if logits is None:
-            return
         labels = inputs["shift_labels"]
         mask = labels != -100
-        pred = logits.detach().argmax(dim=-1)
+        pred = outputs.get("predictions")  # argmax ids from the fused cross-entropy (fast path)
+        if pred is None:
+            logits = outputs.get("logits")
+            if logits is None:
+                return
+            pred = logits.detach().argmax(dim=-1)
         self.correct += int(((pred == labels) & mask).sum())
         self.total += int(mask.sum())
 

@@ -166,6 +166,10 @@ class TransformersModel(TwinkleModel):
         device: ``'cpu'``/``'cuda'``/``'cuda:1'``; default: CUDA (this rank's GPU) if available.
         gradient_checkpointing: trade compute for activation memory.
         trust_remote_code: passed to transformers.
+        patches: the ``patch`` components to apply (names, classes or instances); default:
+            every registered patch that is enabled by default (the GPU fast path, see
+            :mod:`twinkle.patch.fastpath`).
+        disabled_patches: patch names to switch off (also ``TWINKLE_DISABLED_PATCHES``).
         **model_kwargs: passed to ``from_pretrained`` / ``from_config``.
 
     Raises:
@@ -195,6 +199,8 @@ class TransformersModel(TwinkleModel):
         device: Any = None,
         gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
+        patches: Sequence[Any] | None = None,
+        disabled_patches: Sequence[str] = (),
         **model_kwargs: Any,
     ) -> None:
         import torch
@@ -219,6 +225,11 @@ class TransformersModel(TwinkleModel):
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model.train()
+        # The fast path: registered `patch` components (twinkle.patch.fastpath), re-applied per adapter.
+        from twinkle.patch.fastpath import apply_patches, resolve_patches
+
+        self._patches = resolve_patches(patches, disabled_patches)
+        self.fast_path_patches = apply_patches(self.model, self._patches)
         self._base_param_names = [n for n, _ in self.model.named_parameters()]
         self._peft = None
         self._active: str | None = None
@@ -433,6 +444,9 @@ class TransformersModel(TwinkleModel):
             raise ValueError(f"adapter {adapter_name!r} added no parameters; check target_modules in its config")
         for p in params:
             p.requires_grad_(True)
+        from twinkle.patch.fastpath import apply_patches
+
+        self.fast_path_patches = apply_patches(self.model, self._patches)
         previous = self._states.get(self._default)
         state = self._new_state(adapter_name, params, gradient_accumulation_steps)
         if previous is not None and previous.template is not None:
@@ -502,6 +516,9 @@ class TransformersModel(TwinkleModel):
             params = self._current_params(state)
         if "lr" in kwargs:
             kwargs["lr"] = float(kwargs["lr"])
+        from twinkle.patch.fastpath import optimizer_kwargs
+
+        kwargs = optimizer_kwargs(self.model, factory, params, kwargs)
         state.optimizer = factory(params, **kwargs)
         state.lr_scheduler = None
 
@@ -604,12 +621,12 @@ class TransformersModel(TwinkleModel):
         if "cu_seq_lens_q" in batch and "flash" in str(getattr(self._hf_model().config, "_attn_implementation", "")):
             for key in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"):
                 model_inputs[key] = batch[key]
+        from twinkle.patch.fastpath import run_model  # logits, or hidden states for the fused loss
+
         if self._autocast is not None:
             with torch.autocast(self.device.type, dtype=self._autocast):
-                logits = self.model(**model_inputs).logits
-        else:
-            logits = self.model(**model_inputs).logits
-        return ModelOutput(logits=logits)
+                return run_model(self.model, model_inputs)
+        return run_model(self.model, model_inputs)
 
     @remote(dispatch="slice_dp", collect="mean")
     def forward(self, inputs: Any, *, adapter_name: str | None = None, **kwargs: Any) -> ModelOutput:
