@@ -11,6 +11,8 @@ Sessions install with uv. torch comes from a local wheel folder when one exists
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 
 import nox
 
@@ -99,3 +101,17 @@ def http(session: nox.Session) -> None:
     """`twinkle serve` over real HTTP on loopback, with the tinker SDK."""
     install(session, *TORCH_STACK, "-e", "./twinkle_core[torch,http]", *TEST_DEPS)
     session.run(*PYTEST, "tests/http", *session.posargs)
+
+
+@nox.session(python=TORCH_PYTHON)
+def integration(session: nox.Session) -> None:
+    """Core with every official plugin installed: discovery, the CLI, third-party install/uninstall.
+
+    The plugins go in with --no-deps: their heavy runtimes (ray, vllm, megatron-core) are
+    exercised in their own sessions; here we test that the ecosystem fits together.
+    """
+    install(session, *TORCH_STACK, "-e", "./twinkle_core[torch,hub]", *TEST_DEPS)
+    plugins = [f"./plugins/{name}" for name in ("twinkle-ray", "twinkle-vllm", "twinkle-megatron", "twinkle-rewards")]
+    install(session, "--no-deps", *plugins)
+    uv = shutil.which("uv") or os.path.join(os.path.dirname(sys.executable), "uv")
+    session.run(*PYTEST, "tests/integration", *session.posargs, env={"TWINKLE_TEST_UV": uv})

@@ -153,7 +153,7 @@ class PluginSystem:
         """
         self.load()
         name = name or getattr(plugin, "__name__", None) or type(plugin).__name__
-        if name in self.plugins:
+        if name in self.plugins and not self.plugins[name].blocked:
             raise ValueError(f"a plugin named {name!r} is already loaded; pick another name or remove it first")
         module_name = getattr(plugin, "__name__", type(plugin).__module__)
         return self._add(name, plugin, PluginInfo(name, module_name, source="inline"))

@@ -22,6 +22,7 @@ when twinkle-core is installed).
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any, Iterator
 
 from twinkle.plugins import PluginSystem
@@ -32,8 +33,14 @@ from twinkle.runtime import Runtime, initialize
 def registered_plugin(
     plugin: Any, name: str | None = None, *, mode: str = "local", **initialize_kwargs: Any
 ) -> Iterator[Runtime]:
-    """Initialize a fresh runtime with ``plugin`` added, yield it, then tear both down."""
-    system = PluginSystem().load()
+    """Initialize a fresh runtime with ``plugin`` added, yield it, then tear both down.
+
+    An installed entry point of the same name is blocked for the duration, so a plugin's
+    own tests work whether or not the plugin is also pip-installed.
+    """
+    name = name or getattr(plugin, "__name__", None) or type(plugin).__name__
+    disabled = {n.strip() for n in os.environ.get("TWINKLE_DISABLE_PLUGINS", "").split(",") if n.strip()}
+    system = PluginSystem(disabled=disabled | {name}).load()
     info = system.add_plugin(plugin, name=name)
     if info.error:
         raise RuntimeError(f"the in-test plugin {info.name!r} failed to register:\n{info.error}")
