@@ -58,12 +58,18 @@ def _ranks() -> tuple[int, int, int, int]:
 
 
 def _global_name(local_name: str, ep_rank: int, local_experts: int) -> str:
+    local_name = local_name.replace(".base.", ".")  # a LoRA-wrapped linear keeps its weight under .base
     return _EXPERT.sub(lambda m: f"{m.group(1)}{ep_rank * local_experts + int(m.group(2))}{m.group(3)}", local_name)
 
 
 def _local_experts(model: Any) -> int:
     indices = {int(m.group(2)) for name, _ in model.named_parameters() for m in [_EXPERT.search(name)] if m}
     return len(indices)
+
+
+def _base_parameters(model: Any) -> list[tuple[str, Any]]:
+    """The model's own parameters (LoRA weights left out)."""
+    return [(n, p) for n, p in model.named_parameters() if ".lora_" not in n]
 
 
 def _is_glu_fc1(name: str) -> bool:
@@ -95,7 +101,7 @@ def load_full_state(model: Any, full_state: Mapping[str, Any]) -> None:
     local_experts = _local_experts(model)
     used: set[str] = set()
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for name, param in _base_parameters(model):
             key = _global_name(name, ep_rank, local_experts)
             if key not in full_state:
                 raise ValueError(f"megatron weight {key!r} is missing from the converted checkpoint")
@@ -136,7 +142,7 @@ def gather_full_state(model: Any, params: Mapping[str, Any] | None = None) -> di
     tp_rank, tp_size, ep_rank, ep_size = _ranks()
     local_experts = _local_experts(model)
     out: dict[str, Any] = {}
-    for name, param in model.named_parameters():
+    for name, param in _base_parameters(model):
         value = (params or {}).get(name, param).detach()
         if tp_size > 1 and getattr(param, "tensor_model_parallel", False):
             group = ps.get_tensor_model_parallel_group()
