@@ -245,13 +245,15 @@ class MegatronModel(TransformersModel):
             config = LoraConfig(**{**config, **kwargs})
         elif kwargs:
             config = type(config)(**{**config.to_dict(), **kwargs})
-        if self._lora is None:
-            self._lora = MegatronLora(self.model, self.hf_config)
-            for p in self.model.parameters():
-                p.requires_grad_(False)
+        lora = self._lora if self._lora is not None else MegatronLora(self.model, self.hf_config)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed + sum(map(ord, adapter_name)))
-            params = self._lora.add(adapter_name, config)
+            params = lora.add(adapter_name, config)
+        if self._lora is None:
+            for name, p in self.model.named_parameters():
+                if ".lora_" not in name:
+                    p.requires_grad_(False)
+            self._lora = lora
         self._peft = self._lora
         for p in params:
             p.requires_grad_(True)
