@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from data_test_utils import trained_text
 from twinkle.template.base import SequenceTooLongError, Template, TemplateError
@@ -143,3 +145,21 @@ def test_bad_trajectories_name_the_position_and_field(template):
 def test_decode_skips_ignore_index(template):
     feature = template.encode(CHAT)
     assert template.decode(feature["labels"]) == "我是twinkle大模型<think>\n2 plus 3\n</think>\n\n5"
+
+
+def test_fast_path_equals_the_public_apply_chat_template(template):
+    """Template renders with transformers' renderer and the Rust tokenizer; labels match the public call."""
+    tok = template.tokenizer
+    trajectories = [CHAT, TOOLS_CHAT, {"messages": CHAT["messages"][1:3]}]
+    for trajectory, feature in zip(trajectories, template.batch_encode(trajectories)):
+        messages = [{k: v for k, v in m.items() if v is not None} for m in trajectory["messages"]]
+        tools = trajectory.get("tools")
+        public = tok.apply_chat_template(
+            messages,
+            tools=json.loads(tools) if tools else None,
+            tokenize=True,
+            return_dict=True,
+            return_assistant_tokens_mask=True,
+        )
+        assert feature["input_ids"] == list(public["input_ids"])
+        assert feature["labels"] == [t if m else -100 for t, m in zip(public["input_ids"], public["assistant_masks"])]

@@ -326,6 +326,8 @@ class Template:
         self, tokenizer: Any, convs: list, tools: Any, add_generation_prompt: bool, positions: list[int]
     ) -> list[InputFeature]:
         try:
+            if _renderer() is not None and getattr(tokenizer, "backend_tokenizer", None) is not None:
+                return self._encode_rendered(tokenizer, convs, tools, add_generation_prompt, positions)
             encoded = self._apply(
                 tokenizer,
                 positions,
@@ -348,6 +350,45 @@ class Template:
         for ids, mask in zip(encoded["input_ids"], encoded["assistant_masks"]):
             ids = list(ids)
             labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
+            features.append({"input_ids": ids, "labels": labels, "length": len(ids)})
+        return features
+
+    def _encode_rendered(
+        self, tokenizer: Any, convs: list, tools: Any, add_generation_prompt: bool, positions: list[int]
+    ) -> list[InputFeature]:
+        """The fast path of ``apply_chat_template(..., return_assistant_tokens_mask=True)``, same result.
+
+        Renders with transformers' own ``render_jinja_template`` (text + the character spans
+        of ``{% generation %}`` blocks) and tokenizes with the Rust backend directly, which
+        skips building the per-token Python dicts the public call makes.
+        """
+        try:
+            texts, spans = _renderer()(
+                conversations=convs,
+                tools=tools,
+                chat_template=tokenizer.get_chat_template(None, tools),
+                return_assistant_tokens_mask=True,
+                add_generation_prompt=add_generation_prompt,
+                **tokenizer.special_tokens_map,
+            )
+        except Exception as exc:  # jinja errors, missing fields...
+            raise TemplateError(
+                f"the chat template of {self.model_id!r} failed to render it: {exc}. Check the message "
+                f"roles/fields (validate with twinkle.data_format.validate_trajectory).",
+                positions[0] if len(positions) == 1 else None,
+            ) from exc
+        encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+        features: list[InputFeature] = []
+        for encoding, generation_spans in zip(encodings, spans):
+            ids = encoding.ids
+            labels = [IGNORE_INDEX] * len(ids)
+            for start_char, end_char in generation_spans:
+                start = encoding.char_to_token(start_char)
+                if start is None:
+                    break
+                end = encoding.char_to_token(end_char - 1)
+                stop = end + 1 if end is not None else len(ids)
+                labels[start:stop] = ids[start:stop]
             features.append({"input_ids": ids, "labels": labels, "length": len(ids)})
         return features
 
@@ -434,6 +475,21 @@ class Template:
             f"{type(self).__name__}(model_id={self.model_id!r}, max_length={self.max_length}, "
             f"truncation_strategy={self.truncation_strategy!r})"
         )
+
+
+def _renderer() -> Any:
+    """transformers' ``render_jinja_template`` (what ``apply_chat_template`` renders with), or ``None``."""
+    global _RENDERER
+    if _RENDERER is False:
+        try:
+            from transformers.utils.chat_template_utils import render_jinja_template
+        except ImportError:  # other transformers versions: use the public apply_chat_template
+            render_jinja_template = None
+        _RENDERER = render_jinja_template
+    return _RENDERER
+
+
+_RENDERER: Any = False
 
 
 def _tool_call(call: Any) -> Any:
