@@ -1,0 +1,106 @@
+"""Shared fixtures: one real `twinkle serve` app on 127.0.0.1 (ephemeral port) per test session.
+
+The server runs uvicorn in a background thread of the test process, so tests talk to it over
+real HTTP on loopback. Tenants are created in its SQLite store directly (as
+`twinkle serve --add-tenant` does).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+os.environ.setdefault("TINKER_TELEMETRY", "0")
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU")
+
+
+@dataclass
+class RunningServer:
+    """A server on loopback: its URL, app state and a helper to add tenants."""
+
+    url: str
+    app: Any
+    server: Any
+    thread: threading.Thread
+
+    @property
+    def state(self) -> Any:
+        return self.app.state.twinkle
+
+    def add_tenant(self, name: str, **quotas: Any) -> str:
+        """Create a tenant; returns its API key."""
+        _, key = self.state.store.create_tenant(name, **quotas)
+        return key
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def start_server(config: Any, engine: Any = None) -> RunningServer:
+    """Start `create_app(config)` with uvicorn on 127.0.0.1, port chosen by the OS."""
+    import uvicorn
+    from twinkle.server.app import create_app
+
+    app = create_app(config, engine=engine)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    return RunningServer(f"http://127.0.0.1:{port}", app, server, thread)
+
+
+@pytest.fixture(scope="session")
+def engine() -> Any:
+    """One tiny base model with a pool of LoRA slots, shared by the session's servers."""
+    from twinkle.server.config import tiny_model_dir
+    from twinkle.server.engine import LoRAEngine
+
+    return LoRAEngine(tiny_model_dir(), max_adapters=64, max_rank=32)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory, engine: Any) -> Iterator[RunningServer]:
+    """The shared server (state in a temporary directory)."""
+    from twinkle.server.config import ServerConfig
+
+    config = ServerConfig(
+        state_dir=tmp_path_factory.mktemp("serve"),
+        max_adapters=64,
+        max_rank=32,
+        max_body_bytes=2 * 1024 * 1024,
+        max_adapters_per_tenant=4,
+        long_poll_s=2.0,
+    )
+    running = start_server(config, engine)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer() -> Any:
+    from transformers import AutoTokenizer
+    from twinkle.server.config import tiny_model_dir
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir())
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[2]

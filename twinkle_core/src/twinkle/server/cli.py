@@ -1,0 +1,102 @@
+"""``twinkle serve``: run the multi-tenant LoRA training server, or add a tenant.
+
+twinkle serve --state-dir ./twinkle-state                       # tiny model, 127.0.0.1:8000
+twinkle serve --state-dir ./twinkle-state --add-tenant alice     # prints alice's API key
+twinkle serve --model /models/Qwen2.5-0.5B --model-name Qwen/Qwen2.5-0.5B --max-adapters 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+
+def add_serve_parser(sub: Any) -> None:
+    """Register ``twinkle serve`` on the ``twinkle`` command's subparsers."""
+    p = sub.add_parser("serve", help="run the multi-tenant LoRA training server (Tinker API + twinkle http mode)")
+    p.add_argument(
+        "--state-dir", default="./twinkle-state", help="SQLite state and checkpoints (default ./twinkle-state)"
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (0 picks a free one; default 8000)")
+    p.add_argument("--port-file", help="write the bound port here once listening")
+    p.add_argument("--model", help="local Hugging Face model directory (default: the bundled tiny model)")
+    p.add_argument("--model-name", help="base-model name clients use (default twinkle/tiny-qwen2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of random base weights when the model has none")
+    p.add_argument("--max-adapters", type=int, default=8, help="LoRA slots in the pool")
+    p.add_argument("--max-rank", type=int, default=64, help="largest LoRA rank")
+    p.add_argument("--max-body-mb", type=float, default=32, help="largest request body in MiB")
+    p.add_argument("--max-tokens-per-request", type=int, default=1_000_000, help="default per-tenant limit")
+    p.add_argument("--max-adapters-per-tenant", type=int, default=4, help="default per-tenant loaded runs")
+    p.add_argument("--requests-per-minute", type=int, default=6000, help="default per-tenant request rate")
+    p.add_argument("--add-tenant", metavar="NAME", help="create a tenant, print its API key and exit")
+    p.add_argument("--tenant-max-adapters", type=int, help="with --add-tenant: this tenant's loaded-run limit")
+    p.add_argument("--tenant-max-tokens", type=int, help="with --add-tenant: this tenant's tokens-per-request limit")
+    p.add_argument("--tenant-rpm", type=int, help="with --add-tenant: this tenant's requests per minute")
+    p.set_defaults(func=serve_main)
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from twinkle.server.config import ServerConfig
+
+    kwargs: dict[str, Any] = {}
+    if args.model:
+        kwargs["model_dir"] = Path(args.model).resolve()
+    if args.model_name:
+        kwargs["model_name"] = args.model_name
+    return ServerConfig(
+        state_dir=Path(args.state_dir).resolve(),
+        seed=args.seed,
+        max_adapters=args.max_adapters,
+        max_rank=args.max_rank,
+        max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+        max_tokens_per_request=args.max_tokens_per_request,
+        max_adapters_per_tenant=args.max_adapters_per_tenant,
+        requests_per_minute=args.requests_per_minute,
+        **kwargs,
+    )
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    """Entry point of ``twinkle serve``."""
+    config = _config(args)
+    if args.add_tenant:
+        from twinkle.server.store import Store
+
+        store = Store(config.database)
+        try:
+            _, key = store.create_tenant(
+                args.add_tenant,
+                max_adapters=args.tenant_max_adapters,
+                max_tokens_per_request=args.tenant_max_tokens,
+                requests_per_minute=args.tenant_rpm,
+            )
+        except ValueError as exc:
+            print(f"error: {exc}")
+            return 1
+        finally:
+            store.close()
+        print(key)
+        return 0
+    import uvicorn
+
+    from twinkle.server.app import create_app
+
+    app = create_app(config)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"))
+    if args.port_file:
+
+        def write_port() -> None:
+            while not server.started:
+                time.sleep(0.05)
+            port = server.servers[0].sockets[0].getsockname()[1]
+            tmp = Path(args.port_file).with_suffix(".tmp")
+            tmp.write_text(str(port))
+            tmp.replace(args.port_file)
+
+        threading.Thread(target=write_port, daemon=True).start()
+    server.run()
+    return 0

@@ -1,0 +1,62 @@
+"""Settings of one ``twinkle serve`` process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def tiny_model_dir() -> Path:
+    """The bundled tiny Qwen2 model directory (config and tokenizer; weights are seeded)."""
+    return Path(__file__).resolve().parent.parent / "assets" / "tiny-qwen2"
+
+
+@dataclass
+class ServerConfig:
+    """What the server hosts and how much each tenant may use.
+
+    Args:
+        state_dir: SQLite database and checkpoints live here (survives restarts).
+        model_dir: local Hugging Face model directory of the base model (default: bundled tiny model).
+        model_name: the base-model name clients use (``base_model=`` in the tinker SDK).
+        max_adapters: LoRA slots in the pool (training runs plus loaded sampler adapters).
+        max_rank: largest LoRA rank accepted.
+        seed: seed of the base weights when ``model_dir`` has no weight files.
+        max_body_bytes: largest request body accepted (413 above).
+        max_tokens_per_request: default per-tenant limit of tokens in one request (413 above).
+        max_adapters_per_tenant: default per-tenant limit of loaded training runs (403 above).
+        requests_per_minute: default per-tenant rate of compute requests (429 above).
+        long_poll_s: how long ``retrieve_future`` waits before answering "try again".
+        max_batch_rows: datums per batched multi-LoRA pass.
+
+    Example::
+
+        ServerConfig(state_dir="/var/lib/twinkle", max_adapters=16, max_rank=32)
+    """
+
+    state_dir: Path
+    model_dir: Path = field(default_factory=tiny_model_dir)
+    model_name: str = "twinkle/tiny-qwen2"
+    max_adapters: int = 8
+    max_rank: int = 64
+    seed: int = 0
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_tokens_per_request: int = 1_000_000
+    max_adapters_per_tenant: int = 4
+    requests_per_minute: int = 6000
+    long_poll_s: float = 10.0
+    max_batch_rows: int = 256
+
+    def __post_init__(self) -> None:
+        self.state_dir = Path(self.state_dir)
+        self.model_dir = Path(self.model_dir)
+
+    @property
+    def database(self) -> Path:
+        """The SQLite file."""
+        return self.state_dir / "state.sqlite"
+
+    @property
+    def checkpoint_root(self) -> Path:
+        """Where checkpoints are written."""
+        return self.state_dir / "checkpoints"

@@ -1,0 +1,612 @@
+"""One base model, many LoRA adapters: batched multi-LoRA training and sampling.
+
+The engine loads the base model once (frozen) and wraps its linear layers in
+:class:`MultiLoRALinear`. Each tenant's adapter lives in a *slot*: its own low-rank
+``A``/``B`` tensors and its own AdamW optimizer. A batch may hold rows of several slots:
+the base matmul runs once for every row, and each slot's low-rank update is added to its
+own rows only, so one forward/backward pass trains several tenants' adapters at once and
+each gradient reaches only its own tenant's tensors.
+
+Not thread-safe: the server drives an engine from one worker thread.
+
+Example::
+
+    engine = LoRAEngine(tiny_model_dir(), max_adapters=4, max_rank=16)
+    slot = engine.create_slot(rank=8)
+    [result] = engine.forward_backward([BatchJob(slot, [Datum([1, 2, 3], {"target_tokens": [2, 3, 4]})])])
+    engine.optim_step(slot, learning_rate=1e-3)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from twinkle.server.losses import LOSS_INPUTS, LOSSES, OPTIONAL_INPUTS, check_loss
+
+#: Short module names per Tinker LoRA switch.
+TARGET_GROUPS: dict[str, tuple[str, ...]] = {
+    "attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "mlp": ("gate_proj", "up_proj", "down_proj"),
+    "unembed": ("lm_head",),
+}
+ALL_TARGETS = tuple(name for group in TARGET_GROUPS.values() for name in group)
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+OPTIMIZER_STATE = "optimizer.pt"
+
+
+class EngineError(ValueError):
+    """A request the engine cannot serve, with the reason and the fix (shown to the user)."""
+
+
+@dataclass
+class Datum:
+    """One training sequence: input tokens and per-token loss inputs (numpy arrays or lists)."""
+
+    tokens: Sequence[int]
+    inputs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BatchJob:
+    """One request's part of a batched pass: the slot, its datums and its loss."""
+
+    slot: int
+    datums: list[Datum]
+    loss_fn: str = "cross_entropy"
+    loss_config: dict[str, Any] | None = None
+    forward_only: bool = False
+
+
+@dataclass
+class JobResult:
+    """Per-datum outputs (name -> float32 numpy array) and metrics of one job, or its error."""
+
+    outputs: list[dict[str, Any]] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: Exception | None = None
+
+
+@dataclass
+class Slot:
+    """One adapter: rank, scaling, targeted modules, tensors and optimizer."""
+
+    id: int
+    rank: int
+    alpha: float
+    targets: tuple[str, ...]
+    params: dict[str, tuple[Any, Any]]
+    optimizer: Any = None
+    steps: int = 0
+
+    def parameters(self) -> list[Any]:
+        """The trainable tensors in a fixed order (module name, then A before B)."""
+        return [t for name in sorted(self.params) for t in self.params[name]]
+
+
+class _Router:
+    """Which rows of the current batch belong to which slot (read by every MultiLoRALinear)."""
+
+    def __init__(self) -> None:
+        self.groups: list[tuple[int, Any]] = []
+
+
+def _multi_lora_linear_class() -> type:
+    import torch
+
+    class MultiLoRALinear(torch.nn.Module):
+        """A frozen ``nn.Linear`` plus per-slot low-rank updates applied to each slot's rows."""
+
+        def __init__(self, base: torch.nn.Linear, router: _Router) -> None:
+            super().__init__()
+            self.base = base
+            self.router = router
+            self.adapters: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
+
+        @property
+        def weight(self) -> torch.Tensor:
+            return self.base.weight
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.base(x)
+            for slot, rows in self.router.groups:
+                adapter = self.adapters.get(slot)
+                if adapter is None:
+                    continue
+                a, b, scale = adapter
+                if rows is None:
+                    out = out + (x @ a.t()) @ b.t() * scale
+                else:
+                    delta = (x.index_select(0, rows) @ a.t()) @ b.t() * scale
+                    out = out.index_add(0, rows, delta)
+            return out
+
+    return MultiLoRALinear
+
+
+def _has_weights(model_dir: Path) -> bool:
+    return any(model_dir.glob("*.safetensors")) or any(model_dir.glob("*.bin"))
+
+
+class LoRAEngine:
+    """The base model with a pool of LoRA slots.
+
+    Args:
+        model_dir: a local Hugging Face model directory. Without weight files the model is
+            built from its ``config.json`` with weights seeded by ``seed`` (deterministic, so
+            adapters saved before a restart fit the same base after it).
+        max_adapters: slots in the pool (training adapters and loaded sampler adapters).
+        max_rank: the largest LoRA rank accepted.
+        seed: seed of the random base weights (only used without weight files).
+
+    Raises:
+        EngineError: ``model_dir`` is not a model directory.
+    """
+
+    def __init__(self, model_dir: str | Path, *, max_adapters: int = 8, max_rank: int = 64, seed: int = 0) -> None:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        self.model_dir = Path(model_dir)
+        if not (self.model_dir / "config.json").is_file():
+            raise EngineError(f"{self.model_dir} has no config.json; pass a local Hugging Face model directory")
+        self.max_adapters = max_adapters
+        self.max_rank = max_rank
+        config = AutoConfig.from_pretrained(self.model_dir)
+        if _has_weights(self.model_dir):
+            model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.model = model
+        self.config = config
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.vocab_size = int(config.vocab_size)
+        self.max_length = int(getattr(config, "max_position_embeddings", 4096))
+        eos = config.eos_token_id if config.eos_token_id is not None else self.tokenizer.eos_token_id
+        self.eos_token_ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+        self.pad_token_id = int(config.pad_token_id or 0)
+        self._router = _Router()
+        self.modules: dict[str, Any] = {}
+        wrapper_cls = _multi_lora_linear_class()
+        for name, module in list(model.named_modules()):
+            short = name.rsplit(".", 1)[-1]
+            if short in ALL_TARGETS and isinstance(module, torch.nn.Linear):
+                parent_name, _, child = name.rpartition(".")
+                parent = model.get_submodule(parent_name) if parent_name else model
+                wrapper = wrapper_cls(module, self._router)
+                setattr(parent, child, wrapper)
+                self.modules[name] = wrapper
+        self.slots: dict[int, Slot] = {}
+
+    def warmup(self) -> None:
+        """Run one throw-away training step and a short generation (first calls are slow in torch)."""
+        if self.free_slots <= 0:
+            return
+        slot = self.create_slot(1)
+        try:
+            self.forward_backward([BatchJob(slot, [Datum([1, 2, 3, 4], {"target_tokens": [2, 3, 4, 5]})])])
+            self.sample(slot, [1, 2, 3], max_tokens=2, temperature=0)
+        finally:
+            self.free_slot(slot)
+
+    # -- slots ---------------------------------------------------------------------
+    @property
+    def free_slots(self) -> int:
+        """How many more adapters fit in the pool."""
+        return self.max_adapters - len(self.slots)
+
+    def create_slot(
+        self, rank: int, *, alpha: float | None = None, targets: Sequence[str] = ALL_TARGETS, seed: int | None = None
+    ) -> int:
+        """Allocate a fresh adapter (``A`` random, ``B`` zero, so it starts as the base model).
+
+        Args:
+            rank: LoRA rank (1..max_rank).
+            alpha: scaling numerator (update = B A x * alpha / rank); default 32.
+            targets: short module names to adapt (``q_proj``, ..., ``lm_head``).
+            seed: seeds ``A``'s initialisation.
+
+        Returns:
+            The slot id.
+
+        Raises:
+            EngineError: the pool is full, the rank is out of range or a target is unknown.
+        """
+        import torch
+
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= self.max_rank:
+            raise EngineError(f"LoRA rank {rank!r} is out of range; this server accepts ranks 1..{self.max_rank}")
+        unknown = sorted(set(targets) - set(ALL_TARGETS))
+        if unknown or not targets:
+            raise EngineError(
+                f"unknown LoRA target modules {unknown or list(targets)}; choose from {list(ALL_TARGETS)}"
+            )
+        if self.free_slots <= 0:
+            raise EngineError(
+                f"all {self.max_adapters} LoRA slots of this server are in use; "
+                "unload a training run or try again later"
+            )
+        slot_id = next(i for i in range(self.max_adapters + len(self.slots) + 1) if i not in self.slots)
+        gen = torch.Generator().manual_seed(seed if seed is not None else slot_id * 7919 + 17)
+        params: dict[str, tuple[Any, Any]] = {}
+        for name, module in self.modules.items():
+            if name.rsplit(".", 1)[-1] not in targets:
+                continue
+            base = module.base
+            bound = 1.0 / math.sqrt(base.in_features)
+            a = (torch.rand(rank, base.in_features, generator=gen) * 2 - 1) * bound
+            b = torch.zeros(base.out_features, rank)
+            params[name] = (a.requires_grad_(True), b.requires_grad_(True))
+        slot = Slot(slot_id, rank, float(alpha if alpha is not None else 32.0), tuple(sorted(set(targets))), params)
+        self._attach(slot)
+        return slot_id
+
+    def _attach(self, slot: Slot) -> None:
+        self.slots[slot.id] = slot
+        scale = slot.alpha / slot.rank
+        for name, (a, b) in slot.params.items():
+            self.modules[name].adapters[slot.id] = (a, b, scale)
+
+    def free_slot(self, slot_id: int) -> None:
+        """Release a slot and its tensors (no error when already free)."""
+        slot = self.slots.pop(slot_id, None)
+        if slot is None:
+            return
+        for name in slot.params:
+            self.modules[name].adapters.pop(slot_id, None)
+
+    def slot(self, slot_id: int) -> Slot:
+        """The slot with this id."""
+        try:
+            return self.slots[slot_id]
+        except KeyError:
+            raise EngineError(f"adapter slot {slot_id} is not loaded") from None
+
+    # -- training --------------------------------------------------------------------
+    def _prepare(self, job: BatchJob) -> tuple[list[tuple[Any, dict[str, Any]]], dict[str, float]]:
+        import numpy as np
+        import torch
+
+        self.slot(job.slot)
+        config = check_loss(job.loss_fn, job.loss_config)
+        if not job.datums:
+            raise EngineError("a forward_backward request needs at least one datum")
+        required = LOSS_INPUTS[job.loss_fn]
+        allowed = set(required) | set(OPTIONAL_INPUTS.get(job.loss_fn, ()))
+        rows = []
+        for i, datum in enumerate(job.datums):
+            tokens = np.asarray(datum.tokens, dtype=np.int64).reshape(-1)
+            n = tokens.shape[0]
+            if n == 0:
+                raise EngineError(f"datum {i} has an empty model_input")
+            if n > self.max_length:
+                raise EngineError(f"datum {i} has {n} tokens; the base model takes at most {self.max_length}")
+            if tokens.min() < 0 or tokens.max() >= self.vocab_size:
+                raise EngineError(f"datum {i} has token ids outside the vocabulary [0, {self.vocab_size})")
+            missing = [k for k in required if k not in datum.inputs]
+            if missing:
+                raise EngineError(f"datum {i}: loss {job.loss_fn!r} needs loss_fn_inputs {missing}")
+            extra = sorted(set(datum.inputs) - allowed)
+            if extra:
+                raise EngineError(
+                    f"datum {i}: loss_fn_inputs {extra} are not used by {job.loss_fn!r} (it takes {sorted(allowed)})"
+                )
+            inputs: dict[str, Any] = {}
+            for key, value in datum.inputs.items():
+                arr = np.asarray(value).reshape(-1)
+                if arr.shape[0] != n:
+                    raise EngineError(
+                        f"datum {i}: loss_fn_inputs[{key!r}] has {arr.shape[0]} entries but model_input has {n} tokens"
+                    )
+                if key == "target_tokens":
+                    arr = arr.astype(np.int64)
+                    if arr.min() < 0 or arr.max() >= self.vocab_size:
+                        raise EngineError(f"datum {i}: target_tokens outside the vocabulary [0, {self.vocab_size})")
+                    inputs[key] = torch.from_numpy(arr.copy())
+                else:
+                    floats = arr.astype(np.float32)
+                    if not np.isfinite(floats).all():
+                        raise EngineError(f"datum {i}: loss_fn_inputs[{key!r}] holds NaN or infinity")
+                    inputs[key] = torch.from_numpy(floats.copy())
+            rows.append((torch.from_numpy(tokens.copy()), inputs))
+        return rows, config
+
+    def forward_backward(self, jobs: Sequence[BatchJob]) -> list[JobResult]:
+        """Run several requests (of different slots) as one padded batch.
+
+        Jobs must all be ``forward_only`` or all not. A job with invalid input gets its
+        error in its :class:`JobResult` and does not disturb the others. Gradients
+        accumulate in each slot until :meth:`optim_step`.
+
+        Returns:
+            One :class:`JobResult` per job, in order.
+        """
+        import torch
+
+        results = [JobResult() for _ in jobs]
+        prepared: list[tuple[int, list[tuple[Any, dict[str, Any]]], dict[str, float]]] = []
+        for j, job in enumerate(jobs):
+            try:
+                rows, config = self._prepare(job)
+            except (EngineError, ValueError) as exc:
+                results[j].error = exc
+                continue
+            prepared.append((j, rows, config))
+        if not prepared:
+            return results
+        forward_only = all(jobs[j].forward_only for j, _, _ in prepared)
+        all_rows = [row for _, rows, _ in prepared for row in rows]
+        longest = max(tokens.shape[0] for tokens, _ in all_rows)
+        ids = torch.full((len(all_rows), longest), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(all_rows), longest), dtype=torch.long)
+        targets = torch.zeros((len(all_rows), longest), dtype=torch.long)
+        for r, (tokens, inputs) in enumerate(all_rows):
+            n = tokens.shape[0]
+            ids[r, :n] = tokens
+            mask[r, :n] = 1
+            targets[r, :n] = inputs["target_tokens"]
+        groups = []
+        start = 0
+        for j, rows, _ in prepared:
+            groups.append((jobs[j].slot, torch.arange(start, start + len(rows))))
+            start += len(rows)
+        self._router.groups = groups if len(groups) > 1 else [(groups[0][0], None)]
+        try:
+            with torch.set_grad_enabled(not forward_only):
+                logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                logp_all = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+                total = None
+                r = 0
+                for j, rows, config in prepared:
+                    job_loss = None
+                    outputs = []
+                    for tokens, inputs in rows:
+                        n = tokens.shape[0]
+                        loss, out = LOSSES[jobs[j].loss_fn](logp_all[r, :n], inputs, config)
+                        job_loss = loss if job_loss is None else job_loss + loss
+                        outputs.append({k: v.detach().float().numpy().copy() for k, v in out.items()})
+                        r += 1
+                    results[j].outputs = outputs
+                    results[j].metrics = {"loss:sum": float(job_loss.detach())}
+                    total = job_loss if total is None else total + job_loss
+                if not forward_only and total is not None and total.requires_grad:
+                    total.backward()
+        finally:
+            self._router.groups = []
+        return results
+
+    def optim_step(
+        self,
+        slot_id: int,
+        *,
+        learning_rate: float = 1e-4,
+        beta1: float = 0.9,
+        beta2: float = 0.95,
+        eps: float = 1e-12,
+        weight_decay: float = 0.0,
+        grad_clip_norm: float = 0.0,
+    ) -> dict[str, float]:
+        """One AdamW step of a slot with these hyperparameters, then clear its gradients.
+
+        Returns:
+            Metrics: ``grad_norm`` (before clipping) and ``step``.
+
+        Raises:
+            EngineError: a hyperparameter is out of range.
+        """
+        import torch
+
+        slot = self.slot(slot_id)
+        checks = {
+            "learning_rate": learning_rate >= 0,
+            "beta1": 0 <= beta1 < 1,
+            "beta2": 0 <= beta2 < 1,
+            "eps": eps >= 0,
+            "weight_decay": weight_decay >= 0,
+            "grad_clip_norm": grad_clip_norm >= 0,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise EngineError(f"AdamParams out of range: {', '.join(bad)}")
+        params = slot.parameters()
+        if slot.optimizer is None:
+            slot.optimizer = torch.optim.AdamW(params, lr=learning_rate)
+        for group in slot.optimizer.param_groups:
+            group.update(lr=learning_rate, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
+        grads = [p.grad for p in params if p.grad is not None]
+        norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) if grads else 0.0
+        if grad_clip_norm > 0 and grads:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip_norm)
+        slot.optimizer.step()
+        slot.optimizer.zero_grad(set_to_none=True)
+        slot.steps += 1
+        return {"grad_norm": norm, "step": float(slot.steps)}
+
+    # -- checkpoints -------------------------------------------------------------------
+    def save_slot(self, slot_id: int, directory: str | Path, *, optimizer: bool, base_model: str) -> int:
+        """Write an adapter (peft layout) and optionally its optimizer into ``directory``.
+
+        The directory must exist and be private to this write (the caller renames it into
+        place afterwards). Returns the bytes written.
+        """
+        import torch
+        from safetensors.torch import save_file
+
+        slot = self.slot(slot_id)
+        directory = Path(directory)
+        tensors = {}
+        for name, (a, b) in slot.params.items():
+            tensors[f"base_model.model.{name}.lora_A.weight"] = a.detach().contiguous()
+            tensors[f"base_model.model.{name}.lora_B.weight"] = b.detach().contiguous()
+        save_file(tensors, str(directory / ADAPTER_WEIGHTS))
+        config = {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "r": slot.rank,
+            "lora_alpha": slot.alpha,
+            "lora_dropout": 0.0,
+            "bias": "none",
+            "target_modules": list(slot.targets),
+            "base_model_name_or_path": base_model,
+            "twinkle_steps": slot.steps,
+        }
+        (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+        if optimizer and slot.optimizer is not None:
+            torch.save(slot.optimizer.state_dict(), directory / OPTIMIZER_STATE)
+        for path in directory.iterdir():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+        return sum(p.stat().st_size for p in directory.iterdir())
+
+    def load_slot(self, directory: str | Path, *, optimizer: bool) -> int:
+        """Load an adapter (and optionally its optimizer state) into a new slot; returns its id.
+
+        Raises:
+            EngineError: the files are missing or do not fit this base model.
+        """
+        import torch
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        try:
+            config = json.loads((directory / ADAPTER_CONFIG).read_text())
+            tensors = load_file(str(directory / ADAPTER_WEIGHTS))
+        except (OSError, ValueError) as exc:
+            raise EngineError(f"the checkpoint's adapter files are unreadable: {exc}") from None
+        slot_id = self.create_slot(
+            int(config["r"]), alpha=float(config["lora_alpha"]), targets=config["target_modules"]
+        )
+        slot = self.slots[slot_id]
+        try:
+            for name, (a, b) in slot.params.items():
+                new_a = tensors[f"base_model.model.{name}.lora_A.weight"]
+                new_b = tensors[f"base_model.model.{name}.lora_B.weight"]
+                if new_a.shape != a.shape or new_b.shape != b.shape:
+                    raise EngineError(f"checkpoint tensor shapes for {name} do not fit this base model")
+                with torch.no_grad():
+                    a.copy_(new_a)
+                    b.copy_(new_b)
+            slot.steps = int(config.get("twinkle_steps", 0))
+            if optimizer:
+                opt_path = directory / OPTIMIZER_STATE
+                if not opt_path.is_file():
+                    raise EngineError("this checkpoint has no optimizer state; load it without the optimizer")
+                slot.optimizer = torch.optim.AdamW(slot.parameters(), lr=1e-4)
+                slot.optimizer.load_state_dict(torch.load(opt_path, weights_only=True))
+        except KeyError as exc:
+            self.free_slot(slot_id)
+            raise EngineError(f"checkpoint is missing tensor {exc}") from None
+        except Exception:
+            self.free_slot(slot_id)
+            raise
+        return slot_id
+
+    # -- sampling ------------------------------------------------------------------------
+    def sample(
+        self,
+        slot_id: int | None,
+        prompt: Sequence[int],
+        *,
+        num_samples: int = 1,
+        max_tokens: int = 16,
+        temperature: float = 1.0,
+        top_k: int = -1,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+        stop_strings: Sequence[str] = (),
+        prompt_logprobs: bool = False,
+    ) -> tuple[list[tuple[list[int], list[float], str]], list[float] | None]:
+        """Sample ``num_samples`` completions of ``prompt`` with a slot's adapter (or the base).
+
+        Logprobs are the model's own (temperature 1) log-probabilities of the sampled tokens,
+        so they match what training computes. ``stop_token_ids=None`` stops at EOS.
+
+        Returns:
+            ``([(tokens, logprobs, stop_reason), ...], prompt_logprobs or None)``; the first
+            prompt logprob is NaN (nothing precedes it).
+
+        Raises:
+            EngineError: bad prompt or parameters.
+        """
+        import torch
+
+        if slot_id is not None:
+            self.slot(slot_id)
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise EngineError("the prompt is empty")
+        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
+            raise EngineError(f"prompt token ids must be in [0, {self.vocab_size})")
+        if not 1 <= num_samples <= 64:
+            raise EngineError("num_samples must be between 1 and 64")
+        if max_tokens < 1 or len(prompt) + max_tokens > self.max_length:
+            raise EngineError(
+                f"max_tokens={max_tokens} with a {len(prompt)}-token prompt exceeds the model's "
+                f"{self.max_length} positions (or is below 1)"
+            )
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise EngineError("temperature must be >= 0 and top_p in (0, 1]")
+        stops = set(self.eos_token_ids) if stop_token_ids is None else {int(t) for t in stop_token_ids}
+        gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
+        ids = torch.tensor([prompt] * num_samples, dtype=torch.long)
+        self._router.groups = [(slot_id, None)] if slot_id is not None else []
+        try:
+            with torch.no_grad():
+                out = self.model(input_ids=ids, use_cache=True)
+                prompt_lps = None
+                if prompt_logprobs:
+                    lp = torch.log_softmax(out.logits[0, :-1].float(), dim=-1)
+                    picked = lp.gather(-1, ids[0, 1:].unsqueeze(-1)).squeeze(-1)
+                    prompt_lps = [float("nan")] + picked.tolist()
+                past = out.past_key_values
+                logits = out.logits[:, -1].float()
+                tokens: list[list[int]] = [[] for _ in range(num_samples)]
+                logprobs: list[list[float]] = [[] for _ in range(num_samples)]
+                reasons: list[str | None] = [None] * num_samples
+                for _ in range(max_tokens):
+                    lp = torch.log_softmax(logits, dim=-1)
+                    if temperature == 0:
+                        nxt = logits.argmax(dim=-1)
+                    else:
+                        scores = logits / temperature
+                        if top_k is not None and top_k > 0:
+                            kth = torch.topk(scores, min(top_k, scores.shape[-1]), dim=-1).values[:, -1:]
+                            scores = scores.masked_fill(scores < kth, float("-inf"))
+                        if top_p < 1.0:
+                            sorted_scores, order = torch.sort(scores, descending=True, dim=-1)
+                            cum = torch.softmax(sorted_scores, dim=-1).cumsum(dim=-1)
+                            remove = cum - torch.softmax(sorted_scores, dim=-1) > top_p
+                            sorted_scores = sorted_scores.masked_fill(remove, float("-inf"))
+                            scores = torch.full_like(scores, float("-inf")).scatter(-1, order, sorted_scores)
+                        nxt = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=gen).squeeze(-1)
+                    for i in range(num_samples):
+                        if reasons[i] is not None:
+                            continue
+                        tok = int(nxt[i])
+                        tokens[i].append(tok)
+                        logprobs[i].append(float(lp[i, tok]))
+                        if tok in stops:
+                            reasons[i] = "stop"
+                        elif stop_strings:
+                            text = self.tokenizer.decode(tokens[i], skip_special_tokens=True)
+                            if any(s in text for s in stop_strings):
+                                reasons[i] = "stop"
+                    if all(r is not None for r in reasons):
+                        break
+                    out = self.model(input_ids=nxt.unsqueeze(-1), past_key_values=past, use_cache=True)
+                    past = out.past_key_values
+                    logits = out.logits[:, -1].float()
+        finally:
+            self._router.groups = []
+        return [(tokens[i], logprobs[i], reasons[i] or "length") for i in range(num_samples)], prompt_lps

@@ -1,0 +1,263 @@
+"""The worker: runs requests in per-model ``seq_id`` order and batches tenants together.
+
+Requests become :class:`Job` objects. A job of a training run carries the run's
+``seq_id``; it runs only after the run's previous ``seq_id`` finished (the order the
+tinker SDK numbers them in), whatever order they arrived in. Jobs without a ``seq_id``
+(model creation, sampling, twinkle-client calls) run in arrival order.
+
+Each round the worker takes at most one ready job per run, visiting runs in a rotating
+order, so a tenant with a long queue cannot starve the others. All ready training
+``forward_backward`` jobs of a round (up to ``max_batch_rows`` datums) run as one batched
+multi-LoRA pass; each run keeps its own gradients and optimizer.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from twinkle.server.engine import BatchJob, EngineError, JobResult, LoRAEngine
+
+logger = logging.getLogger("twinkle.server")
+
+#: (content type, payload bytes) of a finished job.
+Payload = tuple[str, bytes]
+
+
+class UserError(ValueError):
+    """An error caused by the request (reported to the user as category ``user``)."""
+
+
+@dataclass
+class Job:
+    """One unit of work.
+
+    Attributes:
+        future_id: the request id the client polls.
+        model_id: the training run it belongs to (orders it), or None.
+        seq_id: its position in the run's request order, or None for arrival order.
+        kind: ``forward_backward``, ``forward`` (batched) or anything else (run alone).
+        run: for unbatched jobs: does the work and returns the payload.
+        prepare: for batched jobs: builds the :class:`BatchJob` (at execution time).
+        finish: for batched jobs: turns the :class:`JobResult` into the payload.
+    """
+
+    future_id: str
+    model_id: str | None
+    seq_id: int | None
+    kind: str
+    run: Callable[[], Payload] | None = None
+    prepare: Callable[[], BatchJob] | None = None
+    finish: Callable[[JobResult], Payload] | None = None
+    rows: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Scheduler:
+    """Owns the worker thread that drives the engine.
+
+    Args:
+        engine: the :class:`LoRAEngine`.
+        on_done: ``on_done(future_id, payload, error, category)`` after every job.
+        max_batch_rows: datums per batched pass.
+    """
+
+    def __init__(
+        self,
+        engine: LoRAEngine,
+        on_done: Callable[[str, Payload | None, str | None, str | None], None],
+        *,
+        max_batch_rows: int = 256,
+    ) -> None:
+        self.engine = engine
+        self.on_done = on_done
+        self.max_batch_rows = max_batch_rows
+        self._cond = threading.Condition()
+        self._ordered: dict[str, dict[int, Job]] = {}
+        self._next_seq: dict[str, int] = {}
+        self._free: deque[Job] = deque()
+        self._rotation = 0
+        self._running = False
+        self._paused = False
+        self._thread: threading.Thread | None = None
+        #: statistics: batched passes and the jobs they held (for tests and benchmarks).
+        self.batches: list[int] = []
+
+    def start(self) -> None:
+        """Start the worker thread."""
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name="twinkle-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the worker after the job in progress."""
+        with self._cond:
+            self._running = False
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def pause(self) -> None:
+        """Hold new rounds (queued jobs wait) until :meth:`resume`; the job in progress finishes."""
+        with self._cond:
+            self._paused = True
+
+    def resume(self) -> None:
+        """Let the worker pick up queued jobs again."""
+        with self._cond:
+            self._paused = False
+            self._cond.notify_all()
+
+    def register_model(self, model_id: str, next_seq: int = 1) -> None:
+        """Start ordering a run's requests at ``next_seq``."""
+        with self._cond:
+            self._next_seq.setdefault(model_id, next_seq)
+            self._ordered.setdefault(model_id, {})
+
+    def forget_model(self, model_id: str) -> list[Job]:
+        """Stop ordering a run; returns its queued jobs (the caller fails them)."""
+        with self._cond:
+            self._next_seq.pop(model_id, None)
+            return list(self._ordered.pop(model_id, {}).values())
+
+    def submit(self, job: Job) -> None:
+        """Queue a job.
+
+        Raises:
+            UserError: the ``seq_id`` was already used or queued for this run.
+        """
+        with self._cond:
+            if job.model_id is not None and job.seq_id is not None and job.model_id in self._next_seq:
+                queue = self._ordered[job.model_id]
+                if job.seq_id < self._next_seq[job.model_id] or job.seq_id in queue:
+                    raise UserError(
+                        f"seq_id {job.seq_id} of {job.model_id} was already used; each request of a training "
+                        "client needs the next seq_id"
+                    )
+                queue[job.seq_id] = job
+            else:
+                self._free.append(job)
+            self._cond.notify_all()
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the worker thread (for changes to the engine from request handlers)."""
+
+        def run() -> Payload:
+            fn()
+            return ("", b"")
+
+        self.submit(Job("", None, None, "internal", run=run))
+
+    def queued(self) -> int:
+        """How many jobs wait (all runs)."""
+        with self._cond:
+            return len(self._free) + sum(len(q) for q in self._ordered.values())
+
+    # -- the loop -------------------------------------------------------------------
+    def _ready(self) -> list[Job]:
+        ready: list[Job] = []
+        models = list(self._ordered)
+        if models:
+            start = self._rotation % len(models)
+            self._rotation += 1
+            for model_id in models[start:] + models[:start]:
+                job = self._ordered[model_id].get(self._next_seq[model_id])
+                if job is not None:
+                    ready.append(job)
+        ready.extend(list(self._free)[:8])
+        return ready
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                ready = [] if self._paused else self._ready()
+                while not ready and self._running:
+                    self._cond.wait(timeout=0.5)
+                    ready = [] if self._paused else self._ready()
+                if not self._running:
+                    return
+            self._run_round(ready)
+
+    def _run_round(self, ready: list[Job]) -> None:
+        for kind in ("forward_backward", "forward"):
+            batch, rows = [], 0
+            for job in ready:
+                if job.kind != kind:
+                    continue
+                if batch and rows + job.rows > self.max_batch_rows:
+                    break
+                batch.append(job)
+                rows += job.rows
+            if batch:
+                self._run_batch(batch)
+        for job in ready:
+            if job.kind not in ("forward_backward", "forward"):
+                self._run_single(job)
+
+    def _complete(self, job: Job, payload: Payload | None, error: str | None, category: str | None) -> None:
+        with self._cond:
+            if job.model_id is not None and job.seq_id is not None and job.model_id in self._ordered:
+                self._ordered[job.model_id].pop(job.seq_id, None)
+                self._next_seq[job.model_id] = job.seq_id + 1
+            else:
+                try:
+                    self._free.remove(job)
+                except ValueError:
+                    pass
+        if not job.future_id:
+            if error is not None:
+                logger.error("internal job failed: %s", error)
+            return
+        try:
+            self.on_done(job.future_id, payload, error, category)
+        except Exception:  # noqa: BLE001 - the worker must survive a storage failure
+            logger.exception("could not record the result of %s", job.future_id)
+
+    def _fail(self, job: Job, exc: BaseException) -> None:
+        if isinstance(exc, (UserError, EngineError, ValueError)):
+            self._complete(job, None, str(exc), "user")
+        else:
+            logger.error("job %s (%s) failed:\n%s", job.future_id, job.kind, traceback.format_exc())
+            self._complete(job, None, f"internal server error while running {job.kind}; see the server log", "server")
+
+    def _run_single(self, job: Job) -> None:
+        try:
+            assert job.run is not None
+            payload = job.run()
+        except Exception as exc:  # noqa: BLE001 - reported to the client
+            self._fail(job, exc)
+            return
+        self._complete(job, payload, None, None)
+
+    def _run_batch(self, jobs: list[Job]) -> None:
+        prepared: list[tuple[Job, BatchJob]] = []
+        for job in jobs:
+            try:
+                assert job.prepare is not None
+                prepared.append((job, job.prepare()))
+            except Exception as exc:  # noqa: BLE001
+                self._fail(job, exc)
+        if not prepared:
+            return
+        try:
+            results = self.engine.forward_backward([b for _, b in prepared])
+        except Exception as exc:  # noqa: BLE001
+            for job, _ in prepared:
+                self._fail(job, exc)
+            return
+        self.batches.append(len(prepared))
+        for (job, _), result in zip(prepared, results):
+            if result.error is not None:
+                self._fail(job, result.error)
+                continue
+            try:
+                assert job.finish is not None
+                payload = job.finish(result)
+            except Exception as exc:  # noqa: BLE001
+                self._fail(job, exc)
+                continue
+            self._complete(job, payload, None, None)

@@ -1,0 +1,407 @@
+"""The server's state and the operations both APIs (Tinker and twinkle) share.
+
+:class:`ServerState` ties together the SQLite :class:`~twinkle.server.store.Store`, the
+:class:`~twinkle.server.engine.LoRAEngine` and the :class:`~twinkle.server.scheduler.Scheduler`.
+Everything a tenant names (a run, a checkpoint, a sampler) is looked up with the tenant's
+id, so another tenant's objects are simply "not found".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from twinkle.server import checkpoints as ckpt
+from twinkle.server.config import ServerConfig
+from twinkle.server.engine import ALL_TARGETS, TARGET_GROUPS, LoRAEngine
+from twinkle.server.scheduler import Job, Payload, Scheduler, UserError
+from twinkle.server.store import CheckpointRow, Store, Tenant
+
+RESTART_MESSAGE = (
+    "the server restarted before this request finished, and training runs lose their in-memory "
+    "state on restart; resume from your last checkpoint (create_training_client_from_state_with_optimizer)"
+)
+JSON = "application/json"
+
+
+class NotFound(LookupError):
+    """The tenant has no such object (or it belongs to another tenant)."""
+
+
+class QuotaExceeded(PermissionError):
+    """A per-tenant or server limit was reached; ``status`` is the HTTP code to answer with."""
+
+    def __init__(self, message: str, status: int = 403) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Limits:
+    """A tenant's effective quotas."""
+
+    max_adapters: int
+    max_tokens_per_request: int
+    requests_per_minute: int
+
+
+class RateLimiter:
+    """A token bucket per tenant (capacity = one minute of requests)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def take(self, tenant_id: str, per_minute: int) -> bool:
+        """Spend one request; False when the tenant is over its rate."""
+        now = time.monotonic()
+        with self._lock:
+            tokens, last = self._buckets.get(tenant_id, (float(per_minute), now))
+            tokens = min(float(per_minute), tokens + (now - last) * per_minute / 60.0)
+            if tokens < 1.0:
+                self._buckets[tenant_id] = (tokens, now)
+                return False
+            self._buckets[tenant_id] = (tokens - 1.0, now)
+            return True
+
+
+class FutureWaiters:
+    """Wakes long-polling ``retrieve_future`` handlers when the worker finishes a job."""
+
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._events: dict[str, asyncio.Event] = {}
+
+    def event(self, future_id: str) -> asyncio.Event:
+        """The event for ``future_id`` (call on the event loop)."""
+        return self._events.setdefault(future_id, asyncio.Event())
+
+    def notify(self, future_id: str) -> None:
+        """Wake waiters of ``future_id`` (call from any thread)."""
+        loop = self.loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._set, future_id)
+
+    def _set(self, future_id: str) -> None:
+        event = self._events.pop(future_id, None)
+        if event is not None:
+            event.set()
+
+
+def lora_targets(train_attn: bool, train_mlp: bool, train_unembed: bool) -> tuple[str, ...]:
+    """Module names for Tinker's LoRA switches."""
+    chosen = [
+        name
+        for flag, group in ((train_attn, "attn"), (train_mlp, "mlp"), (train_unembed, "unembed"))
+        if flag
+        for name in TARGET_GROUPS[group]
+    ]
+    if not chosen:
+        raise UserError("at least one of train_attn, train_mlp and train_unembed must be true")
+    return tuple(chosen)
+
+
+class ServerState:
+    """Store + engine + scheduler, and the shared operations.
+
+    Args:
+        config: the :class:`ServerConfig`.
+        engine: a prepared engine (tests share one); default: built from ``config``.
+    """
+
+    def __init__(self, config: ServerConfig, engine: LoRAEngine | None = None) -> None:
+        self.config = config
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.recover(config.checkpoint_root)
+        self.store = Store(config.database)
+        self.store.fail_pending_futures(RESTART_MESSAGE)
+        self.store.unload_all_runs()
+        self.engine = engine or LoRAEngine(
+            config.model_dir, max_adapters=config.max_adapters, max_rank=config.max_rank, seed=config.seed
+        )
+        self.waiters = FutureWaiters()
+        self.rate = RateLimiter()
+        self.scheduler = Scheduler(self.engine, self._on_done, max_batch_rows=config.max_batch_rows)
+        #: run id -> engine slot of each loaded training run.
+        self.run_slots: dict[str, int] = {}
+        #: run id -> tenant id (loaded runs).
+        self.run_tenants: dict[str, str] = {}
+        #: loaded sampler checkpoints, least recently used first: key -> slot.
+        self.sampler_slots: OrderedDict[str, int] = OrderedDict()
+        #: sampling session id -> snapshot slot (save_weights_and_get_sampling_client).
+        self.snapshot_slots: dict[str, int] = {}
+        self._snapshots_by_run: dict[str, list[str]] = {}
+        self._lock = threading.RLock()
+
+    # -- lifecycle -----------------------------------------------------------------
+    def start(self) -> None:
+        """Warm the engine up and start the worker."""
+        self.engine.warmup()
+        self.scheduler.start()
+
+    def stop(self) -> None:
+        """Stop the worker and close the database."""
+        self.scheduler.stop()
+        self.store.close()
+
+    def _on_done(self, future_id: str, payload: Payload | None, error: str | None, category: str | None) -> None:
+        if error is not None:
+            self.store.fail_future(future_id, error, category or "user")
+        else:
+            assert payload is not None
+            self.store.finish_future(future_id, payload[0], payload[1])
+        self.waiters.notify(future_id)
+
+    # -- tenants and limits ------------------------------------------------------------
+    def limits(self, tenant: Tenant) -> Limits:
+        """The tenant's quotas (its own, else the server defaults)."""
+        c = self.config
+        return Limits(
+            tenant.max_adapters if tenant.max_adapters is not None else c.max_adapters_per_tenant,
+            tenant.max_tokens_per_request if tenant.max_tokens_per_request is not None else c.max_tokens_per_request,
+            tenant.requests_per_minute if tenant.requests_per_minute is not None else c.requests_per_minute,
+        )
+
+    def charge(self, tenant: Tenant, tokens: int = 0) -> None:
+        """Count one compute request of ``tokens`` tokens against the tenant's quotas.
+
+        Raises:
+            QuotaExceeded: 429 over the rate, 413 over the tokens-per-request limit.
+        """
+        limits = self.limits(tenant)
+        if tokens > limits.max_tokens_per_request:
+            raise QuotaExceeded(
+                f"this request has {tokens} tokens but tenant {tenant.name!r} may send at most "
+                f"{limits.max_tokens_per_request} per request; split it into smaller batches",
+                413,
+            )
+        if not self.rate.take(tenant.id, limits.requests_per_minute):
+            raise QuotaExceeded(
+                f"tenant {tenant.name!r} is over its rate of {limits.requests_per_minute} requests per minute; "
+                "slow down and retry",
+                429,
+            )
+
+    # -- futures -------------------------------------------------------------------
+    def submit(
+        self,
+        tenant: Tenant,
+        kind: str,
+        *,
+        model_id: str | None = None,
+        seq_id: int | None = None,
+        run: Callable[[], Payload] | None = None,
+        prepare: Callable[[], Any] | None = None,
+        finish: Callable[[Any], Payload] | None = None,
+        rows: int = 0,
+    ) -> str:
+        """Record a pending future and queue its job; returns the request id."""
+        future_id = self.store.create_future(tenant.id, model_id, kind)
+        job = Job(future_id, model_id, seq_id, kind, run=run, prepare=prepare, finish=finish, rows=rows)
+        try:
+            self.scheduler.submit(job)
+        except UserError as exc:
+            self.store.fail_future(future_id, str(exc), "user")
+            raise
+        return future_id
+
+    # -- runs ------------------------------------------------------------------------
+    def run_for(self, tenant: Tenant, run_id: str) -> Any:
+        """The tenant's run, or :class:`NotFound`."""
+        run = self.store.run(tenant.id, run_id)
+        if run is None:
+            raise NotFound(f"training run {run_id!r} not found")
+        return run
+
+    def loaded_slot(self, tenant: Tenant, run_id: str) -> int:
+        """The engine slot of a loaded run of this tenant.
+
+        Raises:
+            NotFound: no such run for this tenant.
+            UserError: the run exists but is not in memory (server restart or unloaded).
+        """
+        run = self.run_for(tenant, run_id)
+        slot = self.run_slots.get(run_id)
+        if slot is None or self.run_tenants.get(run_id) != tenant.id:
+            if run.state == "unloaded":
+                raise UserError(
+                    f"training run {run_id} is no longer in memory (the server restarted or it was unloaded); "
+                    "resume it from a checkpoint with create_training_client_from_state_with_optimizer"
+                )
+            raise UserError(f"training run {run_id} is still being created; wait for create_model to finish")
+        return slot
+
+    def check_adapter_quota(self, tenant: Tenant) -> None:
+        """Raise :class:`QuotaExceeded` when the tenant already has its maximum of loaded runs."""
+        limit = self.limits(tenant).max_adapters
+        loaded = self.store.count_runs(tenant.id, "active")
+        if loaded >= limit:
+            raise QuotaExceeded(
+                f"tenant {tenant.name!r} already has {loaded} training runs loaded, its limit is {limit}; "
+                "unload one (unload_model) or save it and delete it"
+            )
+
+    def _make_room(self) -> None:
+        while self.engine.free_slots <= 0 and (self.sampler_slots or self.snapshot_slots):
+            if self.sampler_slots:
+                _, slot = self.sampler_slots.popitem(last=False)
+            else:
+                sampler_id = next(iter(self.snapshot_slots))
+                slot = self.snapshot_slots.pop(sampler_id)
+            self.engine.free_slot(slot)
+
+    def create_run_slot(self, tenant: Tenant, run_id: str, lora: dict[str, Any]) -> Payload:
+        """(Worker) allocate the run's adapter."""
+        with self._lock:
+            self._make_room()
+            targets = lora_targets(
+                lora.get("train_attn", True), lora.get("train_mlp", True), lora.get("train_unembed", True)
+            )
+            slot = self.engine.create_slot(
+                int(lora["rank"]), alpha=lora.get("alpha"), targets=targets, seed=lora.get("seed")
+            )
+            self.run_slots[run_id] = slot
+            self.run_tenants[run_id] = tenant.id
+        return JSON, json.dumps({"model_id": run_id, "type": "create_model"}).encode()
+
+    def unload_run(self, tenant: Tenant, run_id: str, *, delete: bool = False) -> None:
+        """Free a run's adapter (and, with ``delete``, its checkpoints)."""
+        self.run_for(tenant, run_id)
+        self.scheduler.call_soon(lambda: self._free_run(run_id))
+        for job in self.scheduler.forget_model(run_id):
+            self._on_done(job.future_id, None, f"training run {run_id} was unloaded", "user")
+        if delete:
+            for row in self.store.checkpoints(tenant.id, run_id):
+                self.delete_checkpoint(tenant, run_id, row.kind, row.name)
+            self.store.set_run_state(run_id, "deleted")
+        else:
+            self.store.set_run_state(run_id, "unloaded")
+
+    def _free_run(self, run_id: str) -> None:
+        """(Worker) free a run's adapter and its sampling snapshots."""
+        with self._lock:
+            slot = self.run_slots.pop(run_id, None)
+            self.run_tenants.pop(run_id, None)
+            if slot is not None:
+                self.engine.free_slot(slot)
+            for sampler_id in self._snapshots_by_run.pop(run_id, []):
+                snap = self.snapshot_slots.pop(sampler_id, None)
+                if snap is not None:
+                    self.engine.free_slot(snap)
+
+    def _free_sampler(self, key: str) -> None:
+        """(Worker) drop a cached sampler adapter."""
+        with self._lock:
+            slot = self.sampler_slots.pop(key, None)
+            if slot is not None:
+                self.engine.free_slot(slot)
+
+    # -- checkpoints -------------------------------------------------------------------
+    def save_checkpoint(
+        self, tenant: Tenant, run_id: str, kind: str, name: str, *, metadata: dict[str, Any] | None
+    ) -> ckpt.TinkerPath:
+        """(Worker) write the run's adapter (+ optimizer for ``training``) atomically and record it."""
+        slot = self.loaded_slot(tenant, run_id)
+        dest = ckpt.checkpoint_dir(self.config.checkpoint_root, tenant.id, run_id, kind, name)
+        with ckpt.atomic_directory(dest) as tmp:
+            size = self.engine.save_slot(slot, tmp, optimizer=kind == "training", base_model=self.config.model_name)
+        self.store.put_checkpoint(
+            CheckpointRow(tenant.id, run_id, kind, name, time.time(), size, metadata, kind == "training")
+        )
+        with self._lock:
+            stale = self.sampler_slots.pop(self._sampler_key(tenant.id, run_id, kind, name), None)
+            if stale is not None:
+                self.engine.free_slot(stale)
+        return ckpt.TinkerPath(run_id, kind, name)
+
+    def resolve_checkpoint(self, tenant: Tenant, path: str) -> tuple[ckpt.TinkerPath, CheckpointRow]:
+        """Parse a ``tinker://`` path and find the tenant's checkpoint.
+
+        Raises:
+            CheckpointPathError: malformed or unsafe path.
+            NotFound: no such checkpoint of this tenant.
+        """
+        parsed = ckpt.parse_tinker_path(path)
+        row = self.store.checkpoint(tenant.id, parsed.run_id, parsed.kind, parsed.name)
+        if row is None:
+            raise NotFound(f"checkpoint {path} not found")
+        return parsed, row
+
+    def checkpoint_files(self, tenant: Tenant, parsed: ckpt.TinkerPath) -> Any:
+        """The directory of a resolved checkpoint."""
+        return ckpt.checkpoint_dir(self.config.checkpoint_root, tenant.id, parsed.run_id, parsed.kind, parsed.name)
+
+    def delete_checkpoint(self, tenant: Tenant, run_id: str, kind: str, name: str) -> None:
+        """Delete a checkpoint of this tenant (files and metadata).
+
+        Raises:
+            NotFound: no such checkpoint of this tenant.
+        """
+        if self.store.checkpoint(tenant.id, run_id, kind, name) is None:
+            raise NotFound(f"checkpoint {ckpt.KIND_SEGMENT[kind]}/{name} of {run_id} not found")
+        ckpt.remove_directory(ckpt.checkpoint_dir(self.config.checkpoint_root, tenant.id, run_id, kind, name))
+        self.store.delete_checkpoint(tenant.id, run_id, kind, name)
+        key = self._sampler_key(tenant.id, run_id, kind, name)
+        self.scheduler.call_soon(lambda: self._free_sampler(key))
+
+    def load_into_run(self, tenant: Tenant, run_id: str, path: str, *, optimizer: bool) -> Payload:
+        """(Worker) replace a loaded run's adapter with a checkpoint's (and its optimizer)."""
+        parsed, row = self.resolve_checkpoint(tenant, path)
+        if optimizer and not row.has_optimizer:
+            raise UserError(f"{path} has no optimizer state (sampler checkpoints never do); load it without optimizer")
+        with self._lock:
+            self._make_room()
+            slot = self.engine.load_slot(self.checkpoint_files(tenant, parsed), optimizer=optimizer)
+            old = self.run_slots.get(run_id)
+            self.run_slots[run_id] = slot
+            self.run_tenants[run_id] = tenant.id
+            if old is not None:
+                self.engine.free_slot(old)
+        return JSON, json.dumps({"path": path, "model_id": run_id, "type": "load_weights"}).encode()
+
+    @staticmethod
+    def _sampler_key(tenant_id: str, run_id: str, kind: str, name: str) -> str:
+        return f"{tenant_id}/{run_id}/{kind}/{name}"
+
+    def sampler_slot(self, tenant: Tenant, model_path: str) -> int:
+        """(Worker) the slot holding a checkpoint for sampling, loading it if needed (LRU cache)."""
+        parsed, _ = self.resolve_checkpoint(tenant, model_path)
+        key = self._sampler_key(tenant.id, parsed.run_id, parsed.kind, parsed.name)
+        with self._lock:
+            if key in self.sampler_slots:
+                self.sampler_slots.move_to_end(key)
+                return self.sampler_slots[key]
+            self._make_room()
+            slot = self.engine.load_slot(self.checkpoint_files(tenant, parsed), optimizer=False)
+            self.sampler_slots[key] = slot
+            return slot
+
+    def snapshot(self, tenant: Tenant, run_id: str, sampler_id: str, keep: int = 2) -> None:
+        """(Worker) copy a run's current adapter into a sampling-only slot for ``sampler_id``."""
+        import torch
+
+        slot = self.engine.slot(self.loaded_slot(tenant, run_id))
+        with self._lock:
+            self._make_room()
+            new_id = self.engine.create_slot(slot.rank, alpha=slot.alpha, targets=slot.targets)
+            new = self.engine.slot(new_id)
+            with torch.no_grad():
+                for name, (a, b) in slot.params.items():
+                    new.params[name][0].copy_(a)
+                    new.params[name][1].copy_(b)
+            self.snapshot_slots[sampler_id] = new_id
+            history = self._snapshots_by_run.setdefault(run_id, [])
+            history.append(sampler_id)
+            while len(history) > keep:
+                old = self.snapshot_slots.pop(history.pop(0), None)
+                if old is not None:
+                    self.engine.free_slot(old)
+
+    def all_targets(self) -> tuple[str, ...]:
+        """Every module name a LoRA can target."""
+        return ALL_TARGETS

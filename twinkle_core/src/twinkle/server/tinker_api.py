@@ -1,0 +1,875 @@
+"""The Tinker REST API (``/api/v1``), as the official ``tinker`` SDK 0.38 speaks it.
+
+Training and sampling requests return a future (``{"request_id": ...}``) at once; the
+SDK long-polls ``/api/v1/retrieve_future`` for the result, which is protobuf for
+``forward_backward``/``forward``/``sample`` and JSON otherwise. Requests of one training
+client carry ``seq_id`` and run in that order. Options this server does not implement
+(top-k logprobs, TTLs, inflight sampling, custom losses, non-Adam optimizers) are
+rejected with a 400 that names them, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from datetime import datetime, timezone
+from typing import Any, Literal, Optional, Union
+
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from twinkle.server import checkpoints as ckpt
+from twinkle.server.auth import current_state, current_tenant
+from twinkle.server.engine import BatchJob, JobResult
+from twinkle.server.losses import check_loss
+from twinkle.server.scheduler import UserError
+from twinkle.server.state import JSON, ServerState
+from twinkle.server.store import CheckpointRow, Run, Tenant
+from twinkle.server.wire import (
+    PROTO_CONTENT_TYPE,
+    decode_forward_backward,
+    encode_forward_backward_output,
+    encode_sample_response,
+)
+
+router = APIRouter(prefix="/api/v1", tags=["tinker"])
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+
+class CreateSessionBody(_Body):
+    tags: list[str] = Field(default_factory=list, max_length=64)
+    user_metadata: Optional[dict[str, Any]] = None
+    sdk_version: str = ""
+    project_id: Optional[str] = None
+    display_name: Optional[str] = Field(None, max_length=256)
+
+
+class SessionIdBody(_Body):
+    session_id: str = Field(max_length=200)
+
+
+class LoraConfigBody(_Body):
+    rank: int = Field(ge=1)
+    seed: Optional[int] = None
+    train_unembed: bool = True
+    train_mlp: bool = True
+    train_attn: bool = True
+
+
+class CreateModelBody(_Body):
+    session_id: str = Field(max_length=200)
+    model_seq_id: int = Field(ge=0, le=1_000_000_000)
+    base_model: str = Field(max_length=500)
+    user_metadata: Optional[dict[str, Any]] = None
+    lora_config: Optional[LoraConfigBody] = None
+    optimizer_config: Optional[dict[str, Any]] = None
+
+
+class ModelIdBody(_Body):
+    model_id: str = Field(max_length=300)
+
+
+class AdamParamsBody(_Body):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    learning_rate: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-12
+    weight_decay: float = 0.0
+    grad_clip_norm: float = 0.0
+    type: Optional[Literal["adamw", "adam"]] = None
+
+
+class OptimStepBody(_Body):
+    model_id: str = Field(max_length=300)
+    seq_id: Optional[int] = Field(None, ge=0)
+    adam_params: Optional[AdamParamsBody] = None
+    optimizer_params: Optional[dict[str, Any]] = None
+    optim_params: Optional[dict[str, Any]] = None
+
+
+class SaveWeightsBody(_Body):
+    model_id: str = Field(max_length=300)
+    path: Optional[str] = Field(None, max_length=300)
+    seq_id: Optional[int] = Field(None, ge=0)
+    ttl_seconds: Optional[int] = None
+    overwrite: bool = False
+    user_metadata: Optional[dict[str, str]] = None
+
+
+class SaveForSamplerBody(SaveWeightsBody):
+    sampling_session_seq_id: Optional[int] = None
+    kind: str = "snapshot"
+
+
+class LoadWeightsBody(_Body):
+    model_id: Optional[str] = Field(None, max_length=300)
+    seq_id: Optional[int] = Field(None, ge=0)
+    session_id: Optional[str] = Field(None, max_length=200)
+    model_seq_id: Optional[int] = Field(None, ge=0, le=1_000_000_000)
+    base_model: Optional[str] = None
+    user_metadata: Optional[dict[str, Any]] = None
+    path: str = Field(max_length=1000)
+    optimizer: bool = False
+    optimizer_config: Optional[dict[str, Any]] = None
+    weights_access_token: Optional[str] = None
+
+
+class CreateSamplingSessionBody(_Body):
+    session_id: str = Field(max_length=200)
+    sampling_session_seq_id: int = Field(ge=0)
+    base_model: Optional[str] = None
+    model_path: Optional[str] = Field(None, max_length=1000)
+
+
+class JoinSamplingSessionBody(_Body):
+    sampling_session_id: str = Field(max_length=200)
+
+
+class ChunkBody(_Body):
+    tokens: list[int] = Field(default_factory=list)
+    type: str = "encoded_text"
+
+
+class ModelInputBody(_Body):
+    chunks: list[ChunkBody]
+
+
+class SamplingParamsBody(_Body):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    max_tokens: Optional[int] = None
+    seed: Optional[int] = None
+    stop: Union[str, list[str], list[int], None] = None
+    temperature: float = 1.0
+    top_k: int = -1
+    top_p: float = 1.0
+
+
+class SampleBody(_Body):
+    num_samples: int = Field(1, ge=1, le=64)
+    prompt: ModelInputBody
+    sampling_params: SamplingParamsBody
+    base_model: Optional[str] = None
+    model_path: Optional[str] = Field(None, max_length=1000)
+    sampling_session_id: Optional[str] = Field(None, max_length=200)
+    seq_id: Optional[int] = None
+    prompt_logprobs: Optional[bool] = None
+    topk_prompt_logprobs: int = 0
+    topk_sample_logprobs: int = 0
+    target_prompt_logprobs: Optional[Any] = None
+    prompt_alt_tokens_k: int = 0
+    prompt_logprobs_last_n: Optional[int] = None
+    record_stability_info: Optional[bool] = None
+
+
+class RetrieveFutureBody(_Body):
+    request_id: str = Field(max_length=200)
+    allow_metadata_only: bool = False
+
+
+class TinkerPathBody(_Body):
+    tinker_path: str = Field(max_length=1000)
+
+
+class FinishSessionBody(_Body):
+    reason: Optional[dict[str, Any]] = None
+    detail: Optional[str] = None
+
+
+# -- helpers -------------------------------------------------------------------------
+def _future(request_id: str, model_id: str | None = None) -> dict[str, Any]:
+    return {"request_id": request_id, "model_id": model_id}
+
+
+def _json(obj: Any) -> tuple[str, bytes]:
+    return JSON, json.dumps(obj).encode()
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat()
+
+
+def _str_dict(meta: Any) -> dict[str, str] | None:
+    if not isinstance(meta, dict):
+        return None
+    return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+
+
+def _bad(message: str) -> HTTPException:
+    return HTTPException(400, message)
+
+
+def _checkpoint_json(row: CheckpointRow) -> dict[str, Any]:
+    path = ckpt.TinkerPath(row.run_id, row.kind, row.name)
+    return {
+        "checkpoint_id": path.checkpoint_id,
+        "checkpoint_type": row.kind,
+        "time": _iso(row.created),
+        "tinker_path": str(path),
+        "size_bytes": row.size_bytes,
+        "public": False,
+        "user_metadata": _str_dict(row.user_metadata),
+        "expires_at": None,
+    }
+
+
+def _run_json(state: ServerState, tenant: Tenant, run: Run) -> dict[str, Any]:
+    rows = state.store.checkpoints(tenant.id, run.id)
+    training = [r for r in rows if r.kind == "training"]
+    sampler = [r for r in rows if r.kind == "sampler"]
+    return {
+        "training_run_id": run.id,
+        "base_model": run.base_model,
+        "model_owner": tenant.name,
+        "is_lora": True,
+        "corrupted": False,
+        "lora_rank": run.lora["rank"],
+        "last_request_time": _iso(run.last_request),
+        "last_checkpoint": _checkpoint_json(training[-1]) if training else None,
+        "last_sampler_checkpoint": _checkpoint_json(sampler[-1]) if sampler else None,
+        "user_metadata": _str_dict(run.user_metadata),
+    }
+
+
+def _check_base_model(state: ServerState, base_model: str | None) -> None:
+    if base_model is not None and base_model != state.config.model_name:
+        raise _bad(f"base_model {base_model!r} is not served here; this server hosts {state.config.model_name!r}")
+
+
+def _run_or_404(state: ServerState, tenant: Tenant, run_id: str) -> Run:
+    run = state.store.run(tenant.id, run_id)
+    if run is None:
+        raise HTTPException(404, f"training run {run_id!r} not found")
+    return run
+
+
+def _session_or_404(state: ServerState, tenant: Tenant, session_id: str) -> dict[str, Any]:
+    session = state.store.session(tenant.id, session_id)
+    if session is None:
+        raise HTTPException(404, f"session {session_id!r} not found")
+    return session
+
+
+def _check_name(name: str | None) -> str:
+    if name is None:
+        raise _bad("a checkpoint name (path) is required")
+    return ckpt.check_name(name)
+
+
+def _checkpoint_lora(state: ServerState, tenant: Tenant, path: str) -> dict[str, Any]:
+    parsed, _ = state.resolve_checkpoint(tenant, path)
+    try:
+        config = json.loads((state.checkpoint_files(tenant, parsed) / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        raise HTTPException(404, f"checkpoint {path} has no readable adapter files") from None
+    targets = set(config.get("target_modules", []))
+    return {
+        "rank": int(config["r"]),
+        "alpha": float(config["lora_alpha"]),
+        "train_attn": bool(targets & {"q_proj", "k_proj", "v_proj", "o_proj"}),
+        "train_mlp": bool(targets & {"gate_proj", "up_proj", "down_proj"}),
+        "train_unembed": "lm_head" in targets,
+    }
+
+
+# -- service ---------------------------------------------------------------------------
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    """Liveness probe (no authentication)."""
+    return {"status": "ok"}
+
+
+@router.get("/get_server_capabilities")
+def get_server_capabilities(state: ServerState = Depends(current_state), _: Tenant = Depends(current_tenant)) -> Any:
+    """The hosted base model."""
+    return {
+        "supported_models": [
+            {
+                "model_name": state.config.model_name,
+                "max_context_length": state.engine.max_length,
+                "trainable": True,
+                "sampleable": True,
+            }
+        ]
+    }
+
+
+@router.post("/client/config")
+def client_config(_: Tenant = Depends(current_tenant)) -> Any:
+    """Feature flags for the SDK: API keys, uncompressed protobuf, httpx transport."""
+    return {
+        "pjwt_auth_enabled": False,
+        "proto_compress_fwdbwd": False,
+        "use_pyqwest_transport": False,
+        "parallel_fwdbwd_chunks": True,
+        "sample_use_retrieve_futures": False,
+        "custom_loss_server_side": False,
+        "sample_join_sampling_session": False,
+    }
+
+
+@router.post("/client/dynamic_config")
+def client_dynamic_config(_: Tenant = Depends(current_tenant)) -> Any:
+    """Periodically refreshed SDK flags."""
+    return {"refresh_interval_sec": 300, "sample_cancel_enabled": False}
+
+
+@router.post("/telemetry")
+def telemetry(_: Tenant = Depends(current_tenant)) -> Any:
+    """SDK telemetry is accepted and dropped (this server keeps no client telemetry)."""
+    return {"status": "accepted"}
+
+
+@router.post("/create_session")
+def create_session(
+    body: CreateSessionBody, state: ServerState = Depends(current_state), tenant: Tenant = Depends(current_tenant)
+) -> Any:
+    """Start a session (runs and samplers hang off it)."""
+    sid = state.store.create_session(tenant.id, body.user_metadata, body.display_name)
+    return {"type": "create_session", "session_id": sid}
+
+
+@router.post("/session_heartbeat")
+def session_heartbeat(
+    body: SessionIdBody, state: ServerState = Depends(current_state), tenant: Tenant = Depends(current_tenant)
+) -> Any:
+    """Keep a session alive; 410 once it was finished."""
+    session = _session_or_404(state, tenant, body.session_id)
+    if session["finished"]:
+        raise HTTPException(410, f"session {body.session_id} has finished")
+    state.store.heartbeat(tenant.id, body.session_id)
+    return {"type": "session_heartbeat"}
+
+
+@router.post("/sessions/{session_id}/finish")
+def finish_session(
+    session_id: str,
+    body: FinishSessionBody | None = None,
+    state: ServerState = Depends(current_state),
+    tenant: Tenant = Depends(current_tenant),
+) -> Any:
+    """Mark a session finished (its runs stay listed; their checkpoints stay)."""
+    _session_or_404(state, tenant, session_id)
+    state.store.finish_session(tenant.id, session_id)
+    return {}
+
+
+@router.get("/sessions")
+def list_sessions(
+    limit: int = 20,
+    offset: int = 0,
+    state: ServerState = Depends(current_state),
+    tenant: Tenant = Depends(current_tenant),
+) -> Any:
+    """The tenant's sessions, newest first."""
+    return {"sessions": state.store.list_sessions(tenant.id, max(0, min(limit, 1000)), max(0, offset))}
+
+
+@router.get("/sessions/{session_id}")
+def get_session(
+    session_id: str, state: ServerState = Depends(current_state), tenant: Tenant = Depends(current_tenant)
+) -> Any:
+    """A session's runs and samplers."""
+    session = _session_or_404(state, tenant, session_id)
+    return {
+        "training_run_ids": [r.id for r in reversed(state.store.runs(tenant.id, session_id=session_id))],
+        "sampler_ids": state.store.sampler_ids(tenant.id, session_id),
+        "user_metadata": _str_dict(session["user_metadata"]),
+        "display_name": session["display_name"],
+    }
+
+
+# -- models ------------------------------------------------------------------------------
+@router.post("/create_model")
+def create_model(
+    body: CreateModelBody, state: ServerState = Depends(current_state), tenant: Tenant = Depends(current_tenant)
+) -> Any:
+    """Create a LoRA training run; the future resolves to ``{"model_id": ...}``."""
+    _session_or_404(state, tenant, body.session_id)
+    _check_base_model(state, body.base_model)
+    if body.lora_config is None:
+        raise _bad("full fine-tuning is not offered; pass a lora_config (create_lora_training_client)")
+    opt = (body.optimizer_config or {}).get("type", "adamw")
+    if opt != "adamw":
+        raise _bad(f"optimizer {opt!r} is not supported; this server trains with AdamW (AdamOptimizerConfig)")
+    if body.lora_config.rank > state.config.max_rank:
+        raise _bad(f"LoRA rank {body.lora_config.rank} exceeds this server's max rank {state.config.max_rank}")
+    run_id = f"{body.session_id}:train:{body.model_seq_id}"
+    if state.store.run(tenant.id, run_id) is not None:
+        raise _bad(f"training run {run_id} already exists; use a new model_seq_id")
+    state.check_adapter_quota(tenant)
+    state.charge(tenant)
+    lora = body.lora_config.model_dump()
+    state.store.create_run(run_id, tenant.id, body.session_id, state.config.model_name, lora, body.user_metadata)
+    state.scheduler.register_model(run_id)
+
+    def run() -> tuple[str, bytes]:
+        try:
+            return state.create_run_slot(tenant, run_id, lora)
+        except Exception:
+            state.store.set_run_state(run_id, "deleted")
+            raise
+
+    return _future(state.submit(tenant, "create_model", run=run), run_id)
+
+
+@router.post("/get_info")
+def get_info(
+    body: ModelIdBody, state: ServerState = Depends(current_state), tenant: Tenant = Depends(current_tenant)
+) -> Any:
+    """A run's base model, tokenizer and LoRA rank."""
+    run = _run_or_404(state, tenant, body.model_id)
+    return {
+        "type": "get_info",
+        "model_data": {
+            "arch": type(state.engine.model).__name__,
+            "model_name": state.config.model_name,
+            "tokenizer_id": str(state.config.model_dir),
+        },
+        "model_id": run.id,
+        "is_lora": True,
+        "lora_rank": run.lora["rank"],
+        "model_name": state.config.model_name,
+    }
+
+
+@router.post("/unload_model")
+def unload_model(
+    body: ModelIdBody, state: ServerState = Depends(current_state), tenant: Tenant = Depends(current_tenant)
+) -> Any:
+    """Free a run's adapter slot (its checkpoints stay)."""
+    _run_or_404(state, tenant, body.model_id)
+
+    def run() -> tuple[str, bytes]:
+        state.unload_run(tenant, body.model_id)
+        return _json({"model_id": body.model_id, "type": "unload_model"})
+
+    return _future(state.submit(tenant, "unload_model", run=run), body.model_id)
+
+
+# -- training ------------------------------------------------------------------------------
+@router.post(
+    "/forward_backward",
+    openapi_extra={
+        "requestBody": {
+            "content": {PROTO_CONTENT_TYPE: {"schema": {"type": "string", "format": "binary"}}},
+            "required": True,
+        }
+    },
+)
+async def forward_backward(
+    request: Request, state: ServerState = Depends(current_state), tenant: Tenant = Depends(current_tenant)
+) -> Any:
+    """Forward (and backward unless ``forward_only``) with a built-in loss; body is protobuf."""
+    if request.headers.get("content-encoding", "identity") not in ("identity", ""):
+        raise HTTPException(415, "compressed request bodies are not accepted; send the protobuf uncompressed")
+    if PROTO_CONTENT_TYPE not in request.headers.get("content-type", ""):
+        raise HTTPException(415, f"forward_backward takes a protobuf body (Content-Type: {PROTO_CONTENT_TYPE})")
+    message = decode_forward_backward(await request.body())
+    slot_check = _run_or_404(state, tenant, message.model_id)
+    config = check_loss(message.loss_fn, message.loss_config)
+    if not message.datums:
+        raise _bad("forward_backward needs at least one datum")
+    tokens = sum(len(d.tokens) for d in message.datums)
+    state.charge(tenant, tokens)
+    run_id = slot_check.id
+
+    def prepare() -> BatchJob:
+        slot = state.loaded_slot(tenant, run_id)
+        state.store.touch_run(run_id)
+        return BatchJob(slot, message.datums, message.loss_fn, config, message.forward_only)
+
+    def finish(result: JobResult) -> tuple[str, bytes]:
+        return PROTO_CONTENT_TYPE, encode_forward_backward_output(result)
+
+    kind = "forward" if message.forward_only else "forward_backward"
+    future_id = state.submit(
+        tenant, kind, model_id=run_id, seq_id=message.seq_id, prepare=prepare, finish=finish, rows=len(message.datums)
+    )
+    return _future(future_id, run_id)
+
+
+@router.post("/optim_step")
+def optim_step(
+    body: OptimStepBody, state: ServerState = Depends(current_state), tenant: Tenant = Depends(current_tenant)
+) -> Any:
+    """One AdamW step with the given AdamParams."""
+    _run_or_404(state, tenant, body.model_id)
+    other = body.optimizer_params or body.optim_params
+    if body.adam_params is None:
+        kind = (other or {}).get("type", "missing")
+        raise _bad(f"optimizer params of type {kind!r} are not supported; send AdamParams")
+    params = body.adam_params.model_dump(exclude={"type"})
+    state.charge(tenant)
+
+    def run() -> tuple[str, bytes]:
+        slot = state.loaded_slot(tenant, body.model_id)
+        metrics = state.engine.optim_step(slot, **params)
+        return _json({"metrics": metrics})
+
+    return _future(
+        state.submit(tenant, "optim_step", model_id=body.model_id, seq_id=body.seq_id, run=run), body.model_id
+    )
+
+
+def _reject_ttl(body: SaveWeightsBody) -> None:
+    if body.ttl_seconds is not None:
+        raise _bad("checkpoint TTLs are not supported by this server; omit ttl_seconds and delete checkpoints instead")
+
+
+@router.post("/save_weights")
+def save_weights(
+    body: SaveWeightsBody, state: ServerState = Depends(current_state), tenant: Tenant = Depends(current_tenant)
+) -> Any:
+    """Save adapter + optimizer as ``tinker://<run>/weights/<path>`` (atomically)."""
+    _run_or_404(state, tenant, body.model_id)
+    name = _check_name(body.path)
+    _reject_ttl(body)
+    if not body.overwrite and state.store.checkpoint(tenant.id, body.model_id, "training", name) is not None:
+        raise _bad(f"checkpoint weights/{name} exists; pass overwrite=True or choose another name")
+    state.charge(tenant)
+
+    def run() -> tuple[str, bytes]:
+        path = state.save_checkpoint(tenant, body.model_id, "training", name, metadata=body.user_metadata)
+        return _json({"path": str(path), "type": "save_weights"})
+
+    return _future(
+        state.submit(tenant, "save_weights", model_id=body.model_id, seq_id=body.seq_id, run=run), body.model_id
+    )
+
+
+@router.post("/save_weights_for_sampler")
+def save_weights_for_sampler(
+    body: SaveForSamplerBody, state: ServerState = Depends(current_state), tenant: Tenant = Depends(current_tenant)
+) -> Any:
+    """Save sampler weights by name, or (no name) snapshot them into a new sampling session."""
+    run = _run_or_404(state, tenant, body.model_id)
+    _reject_ttl(body)
+    if body.kind != "snapshot":
+        raise _bad(f"sampling client kind {body.kind!r} is not supported; use kind='snapshot'")
+    state.charge(tenant)
+    if body.path is not None:
+        name = _check_name(body.path)
+
+        def run_named() -> tuple[str, bytes]:
+            path = state.save_checkpoint(tenant, body.model_id, "sampler", name, metadata=body.user_metadata)
+            return _json({"path": str(path), "type": "save_weights_for_sampler"})
+
+        fid = state.submit(
+            tenant, "save_weights_for_sampler", model_id=body.model_id, seq_id=body.seq_id, run=run_named
+        )
+        return _future(fid, body.model_id)
+    sampler_id = state.store.create_sampling_session(tenant.id, run.session_id, None, state.config.model_name)
+
+    def run_snapshot() -> tuple[str, bytes]:
+        state.snapshot(tenant, body.model_id, sampler_id)
+        return _json({"path": None, "sampling_session_id": sampler_id, "type": "save_weights_for_sampler"})
+
+    fid = state.submit(tenant, "save_weights_for_sampler", model_id=body.model_id, seq_id=body.seq_id, run=run_snapshot)
+    return _future(fid, body.model_id)
+
+
+@router.post("/load_weights")
+def load_weights(
+    body: LoadWeightsBody, state: ServerState = Depends(current_state), tenant: Tenant = Depends(current_tenant)
+) -> Any:
+    """Load a checkpoint into a run, or create a new run from it (``session_id`` + ``model_seq_id``)."""
+    if body.weights_access_token is not None:
+        raise _bad("weights_access_token is not supported: checkpoints are private to their tenant")
+    _check_base_model(state, body.base_model)
+    try:
+        _, row = state.resolve_checkpoint(tenant, body.path)
+    except LookupError:
+        raise HTTPException(404, f"checkpoint {body.path} not found") from None
+    if body.optimizer and not row.has_optimizer:
+        raise _bad(f"{body.path} has no optimizer state (sampler checkpoints never do); load it without the optimizer")
+    state.charge(tenant)
+    if body.session_id is not None:
+        if body.model_seq_id is None:
+            raise _bad("load_weights with session_id needs model_seq_id")
+        _session_or_404(state, tenant, body.session_id)
+        run_id = f"{body.session_id}:train:{body.model_seq_id}"
+        if state.store.run(tenant.id, run_id) is not None:
+            raise _bad(f"training run {run_id} already exists; use a new model_seq_id")
+        state.check_adapter_quota(tenant)
+        lora = _checkpoint_lora(state, tenant, body.path)
+        state.store.create_run(run_id, tenant.id, body.session_id, state.config.model_name, lora, body.user_metadata)
+        state.scheduler.register_model(run_id)
+
+        def run_new() -> tuple[str, bytes]:
+            try:
+                return state.load_into_run(tenant, run_id, body.path, optimizer=body.optimizer)
+            except Exception:
+                state.store.set_run_state(run_id, "deleted")
+                raise
+
+        return _future(state.submit(tenant, "load_weights", run=run_new), run_id)
+    if body.model_id is None:
+        raise _bad("load_weights needs model_id, or session_id and model_seq_id")
+    _run_or_404(state, tenant, body.model_id)
+    model_id = body.model_id
+
+    def run_existing() -> tuple[str, bytes]:
+        state.loaded_slot(tenant, model_id)
+        return state.load_into_run(tenant, model_id, body.path, optimizer=body.optimizer)
+
+    return _future(
+        state.submit(tenant, "load_weights", model_id=model_id, seq_id=body.seq_id, run=run_existing), model_id
+    )
+
+
+# -- sampling ----------------------------------------------------------------------------------
+@router.post("/create_sampling_session")
+def create_sampling_session(
+    body: CreateSamplingSessionBody,
+    state: ServerState = Depends(current_state),
+    tenant: Tenant = Depends(current_tenant),
+) -> Any:
+    """A sampler bound to a checkpoint (``model_path``) or to the base model."""
+    _session_or_404(state, tenant, body.session_id)
+    _check_base_model(state, body.base_model)
+    if body.model_path is not None:
+        try:
+            state.resolve_checkpoint(tenant, body.model_path)
+        except LookupError:
+            raise HTTPException(404, f"checkpoint {body.model_path} not found") from None
+    sid = state.store.create_sampling_session(tenant.id, body.session_id, body.model_path, state.config.model_name)
+    return {"type": "create_sampling_session", "sampling_session_id": sid}
+
+
+@router.post("/join_sampling_session")
+def join_sampling_session(
+    body: JoinSamplingSessionBody, state: ServerState = Depends(current_state), tenant: Tenant = Depends(current_tenant)
+) -> Any:
+    """Allocate a client counter within a sampling session."""
+    counter = state.store.join_sampling_session(tenant.id, body.sampling_session_id)
+    if counter is None:
+        raise HTTPException(404, f"sampling session {body.sampling_session_id!r} not found")
+    return {"client_counter": counter}
+
+
+@router.get("/samplers/{sampler_id}")
+def get_sampler(
+    sampler_id: str, state: ServerState = Depends(current_state), tenant: Tenant = Depends(current_tenant)
+) -> Any:
+    """A sampling session's base model and checkpoint path."""
+    session = state.store.sampling_session(tenant.id, sampler_id)
+    if session is None:
+        raise HTTPException(404, f"sampler {sampler_id!r} not found")
+    return {"sampler_id": sampler_id, "base_model": session["base_model"], "model_path": session["model_path"]}
+
+
+_UNSUPPORTED_SAMPLE = {
+    "topk_prompt_logprobs": lambda b: b.topk_prompt_logprobs > 0,
+    "topk_sample_logprobs": lambda b: b.topk_sample_logprobs > 0,
+    "target_prompt_logprobs": lambda b: b.target_prompt_logprobs is not None,
+    "prompt_alt_tokens_k": lambda b: b.prompt_alt_tokens_k > 0,
+    "prompt_logprobs_last_n": lambda b: b.prompt_logprobs_last_n is not None,
+    "record_stability_info": lambda b: bool(b.record_stability_info),
+}
+
+
+@router.post("/asample")
+def asample(
+    body: SampleBody, state: ServerState = Depends(current_state), tenant: Tenant = Depends(current_tenant)
+) -> Any:
+    """Sample completions; the future resolves to a protobuf SampleResponse."""
+    unsupported = [name for name, test in _UNSUPPORTED_SAMPLE.items() if test(body)]
+    if unsupported:
+        raise _bad(f"sampling options not supported by this server: {', '.join(unsupported)}")
+    if any(c.type != "encoded_text" for c in body.prompt.chunks):
+        raise _bad("only encoded_text prompt chunks are supported (no images or audio)")
+    prompt = [t for c in body.prompt.chunks for t in c.tokens]
+    params = body.sampling_params
+    max_tokens = params.max_tokens if params.max_tokens is not None else 16
+    stop_ids: list[int] | None = None
+    stop_strings: list[str] = []
+    stop = [params.stop] if isinstance(params.stop, str) else params.stop
+    if stop is not None:
+        stop_ids = [s for s in stop if isinstance(s, int)]
+        stop_strings = [s for s in stop if isinstance(s, str)]
+        if not stop_ids and stop_strings:
+            stop_ids = None
+    if not math.isfinite(params.temperature) or params.temperature < 0:
+        raise _bad("temperature must be a finite number >= 0")
+    model_path = body.model_path
+    snapshot_of: str | None = None
+    if body.sampling_session_id is not None:
+        session = state.store.sampling_session(tenant.id, body.sampling_session_id)
+        if session is None:
+            raise HTTPException(404, f"sampling session {body.sampling_session_id!r} not found")
+        model_path = session["model_path"]
+        snapshot_of = body.sampling_session_id if model_path is None else None
+    elif model_path is None:
+        if body.base_model is None:
+            raise _bad("sample needs sampling_session_id, model_path or base_model")
+        _check_base_model(state, body.base_model)
+    if model_path is not None:
+        try:
+            state.resolve_checkpoint(tenant, model_path)
+        except LookupError:
+            raise HTTPException(404, f"checkpoint {model_path} not found") from None
+    state.charge(tenant, (len(prompt) + max_tokens) * body.num_samples)
+
+    def run() -> tuple[str, bytes]:
+        if snapshot_of is not None:
+            slot = state.snapshot_slots.get(snapshot_of)
+            if slot is None:
+                raise UserError(
+                    "this sampler's weight snapshot is no longer in memory (server restart, a newer snapshot "
+                    "replaced it, or its run was unloaded); create a new sampling client"
+                )
+        elif model_path is not None:
+            slot = state.sampler_slot(tenant, model_path)
+        else:
+            slot = None
+        sequences, prompt_lps = state.engine.sample(
+            slot,
+            prompt,
+            num_samples=body.num_samples,
+            max_tokens=max_tokens,
+            temperature=params.temperature,
+            top_k=params.top_k,
+            top_p=params.top_p,
+            seed=params.seed,
+            stop_token_ids=stop_ids,
+            stop_strings=stop_strings,
+            prompt_logprobs=bool(body.prompt_logprobs),
+        )
+        return PROTO_CONTENT_TYPE, encode_sample_response(sequences, prompt_lps)
+
+    future_id = state.submit(tenant, "sample", run=run)
+    return {**_future(future_id), "sample_sequence_ids": [f"{future_id}:{i}" for i in range(body.num_samples)]}
+
+
+# -- futures ----------------------------------------------------------------------------------
+@router.post("/retrieve_future")
+async def retrieve_future(
+    body: RetrieveFutureBody, state: ServerState = Depends(current_state), tenant: Tenant = Depends(current_tenant)
+) -> Any:
+    """Long-poll a future: its result, its error, or ``try_again`` after ``long_poll_s``."""
+    row = state.store.future(tenant.id, body.request_id)
+    if row is None:
+        raise HTTPException(404, f"request {body.request_id!r} not found")
+    if row.status == "pending":
+        event = state.waiters.event(body.request_id)
+        row = state.store.future(tenant.id, body.request_id)
+        if row is not None and row.status == "pending":
+            try:
+                await asyncio.wait_for(event.wait(), timeout=state.config.long_poll_s)
+            except asyncio.TimeoutError:
+                pass
+            row = state.store.future(tenant.id, body.request_id)
+    if row is None or row.status == "pending":
+        return {"type": "try_again", "request_id": body.request_id, "queue_state": "active"}
+    if row.status == "failed":
+        return {"error": row.error, "category": row.category or "user"}
+    if row.content_type == PROTO_CONTENT_TYPE:
+        return Response(content=row.result, media_type=PROTO_CONTENT_TYPE)
+    return JSONResponse(json.loads(row.result or b"null"))
+
+
+# -- REST: runs and checkpoints ----------------------------------------------------------------
+@router.get("/training_runs")
+def list_training_runs(
+    limit: int = 20,
+    offset: int = 0,
+    state: ServerState = Depends(current_state),
+    tenant: Tenant = Depends(current_tenant),
+) -> Any:
+    """The tenant's training runs, newest first."""
+    limit, offset = max(0, min(limit, 1000)), max(0, offset)
+    runs = state.store.runs(tenant.id, limit, offset)
+    total = len(state.store.runs(tenant.id, 1_000_000, 0))
+    return {
+        "training_runs": [_run_json(state, tenant, r) for r in runs],
+        "cursor": {"offset": offset, "limit": limit, "total_count": total},
+    }
+
+
+@router.get("/training_runs/{run_id}")
+def get_training_run(
+    run_id: str, state: ServerState = Depends(current_state), tenant: Tenant = Depends(current_tenant)
+) -> Any:
+    """One training run."""
+    return _run_json(state, tenant, _run_or_404(state, tenant, run_id))
+
+
+@router.delete("/training_runs/{run_id}", status_code=204)
+def delete_training_run(
+    run_id: str, state: ServerState = Depends(current_state), tenant: Tenant = Depends(current_tenant)
+) -> Response:
+    """Delete a training run: unload it and delete all its checkpoints (a twinkle extension)."""
+    _run_or_404(state, tenant, run_id)
+    state.unload_run(tenant, run_id, delete=True)
+    return Response(status_code=204)
+
+
+@router.get("/training_runs/{run_id}/checkpoints")
+def list_checkpoints(
+    run_id: str, state: ServerState = Depends(current_state), tenant: Tenant = Depends(current_tenant)
+) -> Any:
+    """A run's checkpoints, oldest first."""
+    _run_or_404(state, tenant, run_id)
+    return {"checkpoints": [_checkpoint_json(r) for r in state.store.checkpoints(tenant.id, run_id)], "cursor": None}
+
+
+@router.delete("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}", status_code=204)
+def delete_checkpoint(
+    run_id: str,
+    checkpoint_id: str,
+    state: ServerState = Depends(current_state),
+    tenant: Tenant = Depends(current_tenant),
+) -> Response:
+    """Delete one checkpoint (``weights/<name>`` or ``sampler_weights/<name>``)."""
+    kind, name = ckpt.parse_checkpoint_id(checkpoint_id)
+    _run_or_404(state, tenant, run_id)
+    try:
+        state.delete_checkpoint(tenant, run_id, kind, name)
+    except LookupError:
+        raise HTTPException(404, f"checkpoint {checkpoint_id} of {run_id} not found") from None
+    return Response(status_code=204)
+
+
+@router.get("/checkpoints")
+def list_user_checkpoints(
+    limit: int = 100,
+    offset: int = 0,
+    state: ServerState = Depends(current_state),
+    tenant: Tenant = Depends(current_tenant),
+) -> Any:
+    """All of the tenant's checkpoints."""
+    limit, offset = max(0, min(limit, 1000)), max(0, offset)
+    rows = state.store.checkpoints(tenant.id, None, limit, offset)
+    total = len(state.store.checkpoints(tenant.id))
+    return {
+        "checkpoints": [_checkpoint_json(r) for r in rows],
+        "cursor": {"offset": offset, "limit": limit, "total_count": total},
+    }
+
+
+@router.post("/weights_info")
+def weights_info(
+    body: TinkerPathBody, state: ServerState = Depends(current_state), tenant: Tenant = Depends(current_tenant)
+) -> Any:
+    """Base model and LoRA settings of a checkpoint."""
+    try:
+        parsed, _ = state.resolve_checkpoint(tenant, body.tinker_path)
+    except LookupError:
+        raise HTTPException(404, f"checkpoint {body.tinker_path} not found") from None
+    run = state.store.run(tenant.id, parsed.run_id)
+    lora = run.lora if run is not None else {}
+    return {
+        "base_model": state.config.model_name,
+        "optimizer_config": {"type": "adamw"},
+        "is_lora": True,
+        "lora_rank": lora.get("rank"),
+        "train_unembed": lora.get("train_unembed"),
+        "train_mlp": lora.get("train_mlp"),
+        "train_attn": lora.get("train_attn"),
+    }
