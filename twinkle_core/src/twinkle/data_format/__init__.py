@@ -20,6 +20,7 @@ _EXPORTS = {
     "validate_trajectory": "twinkle.data_format.messages:validate_trajectory",
     # features.py (data pipeline)
     "InputFeature": "twinkle.data_format.features:InputFeature",
+    "IGNORE_INDEX": "twinkle.data_format.features:IGNORE_INDEX",
     # output.py (model backends)
     "ModelOutput": "twinkle.data_format.output:ModelOutput",
     # sampling.py (samplers / RL)
