@@ -133,9 +133,12 @@ class DataLoader(Component):
     def _fetch(self, index: int) -> Any:
         return self.dataset[index]
 
-    @remote(iterator=True)
+    @remote(iterator=True, collect="flatten")
     def __iter__(self) -> Iterator[list[dict[str, Any]]]:
         """Yield this process's slice of each remaining global batch of the current epoch, then advance the epoch.
+
+        In ray mode a DataLoader placed on a group runs one actor per data rank, each
+        loading its slice; ``collect="flatten"`` hands the caller the whole global batch.
 
         After :meth:`load_state_dict`, iteration continues right after the last consumed
         batch.
