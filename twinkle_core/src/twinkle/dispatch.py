@@ -26,7 +26,7 @@ Dispatch modes:
 Collect modes:
 
 * ``first``: rank 0's result.  ``last_pp``: the first data leader on the last pipeline stage.
-* ``mean``: mean of the data leaders' results (numbers, or dicts of numbers).
+* ``mean``: mean of the data leaders' numbers (dicts per key; per-row lists are concatenated).
 * ``flatten``: concatenation of the data leaders' list results, in data-rank order.
 * ``all``: the list of every rank's result.
 * ``none``: ``None``.
@@ -119,11 +119,26 @@ def collect_results(mode: str, results: Sequence[Any], leaders: Sequence[int], l
 
 
 def _mean(values: Sequence[Any]) -> Any:
+    """Mean of the data leaders' results.
+
+    Numbers are averaged (equal integers stay integers); dicts (``ModelOutput`` too, whose
+    type is kept) are combined per key; lists, such as per-row ``logps``, are concatenated
+    in data-rank order; anything else is taken from the first leader.
+    """
     first = values[0]
     if isinstance(first, dict):
-        return {
-            k: _mean([v[k] for v in values]) if isinstance(first[k], (int, float, dict)) else first[k] for k in first
-        }
+        combined = {k: _mean([v[k] for v in values]) if all(k in v for v in values) else first[k] for k in first}
+        try:
+            return type(first)(combined)
+        except TypeError:
+            return combined
     if isinstance(first, (int, float)) and not isinstance(first, bool):
+        if all(isinstance(v, int) and not isinstance(v, bool) and v == first for v in values):
+            return first
         return sum(values) / len(values)
+    if isinstance(first, list) and all(isinstance(v, list) for v in values):
+        out: list[Any] = []
+        for part in values:
+            out.extend(part)
+        return out
     return first
