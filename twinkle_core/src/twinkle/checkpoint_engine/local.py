@@ -53,6 +53,13 @@ class LocalCheckpointEngine(CheckpointEngine):
 def _weights_of(model: Any, adapter_name: str | None) -> tuple[dict[str, Any], Any]:
     """(name -> tensor, the adapter's peft config or None) of ``model``."""
     if callable(getattr(model, "get_state_dict", None)):
+        adapters = getattr(model, "adapter_names", None)
+        adapters = adapters() if callable(adapters) else adapters
+        if adapter_name is None and adapters:
+            raise ValueError(
+                f"LocalCheckpointEngine.sync: the model trains LoRA adapters {list(adapters)}; sync one with "
+                "adapter_name=... (its base weights do not change), or sync full weights before adding adapters"
+            )
         weights = model.get_state_dict(adapter_name=adapter_name)
         peft_config = None
         if adapter_name is not None:
