@@ -1,0 +1,411 @@
+"""Training throughput on one GPU: Twinkle's fast path against plain HF+PEFT and plain + Liger.
+
+    python benchmarks/train_throughput.py                       # every row, every configuration
+    python benchmarks/train_throughput.py --rows 0.5b-lora --configs liger,ours --steps 5
+    python benchmarks/train_throughput.py --profile             # also one profiled step of ours/liger
+
+Random-init Qwen2.5-shaped models built from a config (no downloads), batches of random
+2048-token sequences, LoRA r=8 on all linear layers (peft), AdamW, sdpa attention, no
+activation checkpointing. Each (row, configuration) runs in its own process (Liger patches
+transformers' classes globally; compiled code and the allocator stay separate):
+
+* ``plain``: transformers + peft as documented (fp32 adapters, peft's default), the model's
+  own loss (``labels=``), ``torch.optim.AdamW`` defaults, ``clip_grad_norm_``.
+* ``plain_bf16``: the same with bf16 adapters (``autocast_adapter_dtype=False``); LoRA rows.
+* ``liger``: ``plain_bf16`` plus Liger kernels (fused linear cross-entropy, RMSNorm, SwiGLU,
+  RoPE) applied before the model is built: the best stack a user can assemble today.
+* ``ours``: ``TransformersModel`` with its default fast path (``twinkle.patch.fastpath``),
+  driven by ``forward_backward`` / ``clip_grad_and_step``.
+* ``ours_eager`` / ``ours_liger`` (diagnosis): ours without ``CompileDecoderLayers``, and
+  that plus the optional ``LigerKernels`` patch.
+
+Prints tokens/s, MFU (``c*N + 12*L*H*S`` FLOPs per token, c = 6 for full training and 4 for
+LoRA, N = matmul parameters including the LM head, against 989 TFLOP/s bf16 dense), peak
+allocated memory, and ratios against ``liger`` and ``plain``; writes a Markdown and a JSON
+log to ``--out`` (default ``benchmarks/results/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PEAK_TFLOPS = 989.0
+SEQ_LEN = 2048
+
+QWEN25_05B = dict(
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    vocab_size=151936,
+    tie_word_embeddings=True,
+)
+QWEN25_7B = dict(
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    vocab_size=152064,
+    tie_word_embeddings=False,
+)
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=1000,
+    tie_word_embeddings=True,
+)
+#: row name -> (model shape, LoRA?, micro-batch size)
+ROWS = {
+    "0.5b-lora": (QWEN25_05B, True, 8),
+    "0.5b-full": (QWEN25_05B, False, 8),
+    "7b-lora": (QWEN25_7B, True, 4),
+}
+#: Rows for checking the harness itself on any device (not part of the default run).
+SMOKE_ROWS = {"tiny-lora": (TINY, True, 2), "tiny-full": (TINY, False, 2)}
+DEVICE = os.environ.get("TWINKLE_BENCH_DEVICE", "cuda")
+CONFIGS = ("plain", "plain_bf16", "liger", "ours", "ours_eager", "ours_liger")
+#: Variants of ours for diagnosis: which patches they switch off / add.
+OURS_VARIANTS = {
+    "ours": ((), ()),
+    "ours_eager": (("CompileDecoderLayers",), ()),
+    "ours_liger": (("CompileDecoderLayers",), ("LigerKernels",)),
+}
+DEFAULT_CONFIGS = ("plain", "liger", "ours")
+
+
+# ---------------------------------------------------------------------- shared helpers
+def qwen_config(shape: dict) -> object:
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        **shape,
+        max_position_embeddings=32768,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        hidden_act="silu",
+        use_sliding_window=False,
+        attn_implementation="sdpa",
+    )
+
+
+def matmul_params(shape: dict) -> int:
+    """N: parameters that take part in a matmul per token (all linear layers + the LM head)."""
+    h, i, n_layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+    head_dim = h // shape["num_attention_heads"]
+    kv = shape["num_key_value_heads"] * head_dim
+    attn = h * h + 2 * h * kv + h * h + h + 2 * kv  # q, k, v (with bias), o
+    mlp = 3 * h * i
+    return n_layers * (attn + mlp) + shape["vocab_size"] * h
+
+
+def flops_per_token(shape: dict, lora: bool) -> float:
+    attn = 12 * shape["num_hidden_layers"] * shape["hidden_size"] * SEQ_LEN
+    return (4 if lora else 6) * matmul_params(shape) + attn
+
+
+def random_batch(batch_size: int, vocab: int, step: int) -> object:
+    import torch
+
+    gen = torch.Generator().manual_seed(1000 + step)
+    return torch.randint(0, vocab, (batch_size, SEQ_LEN), generator=gen)
+
+
+def lora_config() -> object:
+    from peft import LoraConfig
+
+    return LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+
+
+# ---------------------------------------------------------------------- one configuration
+def build_plain(config_name: str, shape: dict, lora: bool) -> tuple:
+    """(step_fn, trainable params) for plain / plain_bf16 / liger."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if config_name == "liger":
+        from liger_kernel.transformers import apply_liger_kernel_to_qwen2
+
+        apply_liger_kernel_to_qwen2(rope=True, rms_norm=True, swiglu=True, fused_linear_cross_entropy=True)
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        model = AutoModelForCausalLM.from_config(qwen_config(shape), dtype=torch.bfloat16, attn_implementation="sdpa")
+    if lora:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, lora_config(), autocast_adapter_dtype=(config_name == "plain"))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+
+    def step(ids: torch.Tensor) -> float:
+        out = model(input_ids=ids, labels=ids, use_cache=False)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return out.loss.item()
+
+    return step, params
+
+
+def build_ours(config_name: str, shape: dict, lora: bool) -> tuple:
+    import torch
+    from twinkle.model.transformers_model import TransformersModel
+    from twinkle.patch.fastpath import resolve_patches
+
+    disabled, added = OURS_VARIANTS[config_name]
+    patches = [p for p in resolve_patches(None, disabled)] + list(added)
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        model = TransformersModel(
+            config=qwen_config(shape), torch_dtype="bfloat16", device=DEVICE, seed=0, patches=patches
+        )
+    if lora:
+        model.add_adapter_to_model("default", lora_config())
+    model.set_optimizer("AdamW", lr=1e-5)
+    print(f"[ours] fast path: {model.fast_path_patches}", file=sys.stderr, flush=True)
+
+    def step(ids: torch.Tensor) -> float:
+        out = model.forward_backward(inputs={"input_ids": ids, "labels": ids})
+        model.clip_grad_and_step(max_grad_norm=1.0)
+        return float(out["loss"])
+
+    return step, model.state_of().params
+
+
+def profile_step(step, ids, path: Path | None) -> dict:
+    """GPU time of one step by kernel family, and the top kernels."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step(ids)
+        torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - t0) * 1e3
+    families: dict[str, float] = {}
+    kernels: dict[str, float] = {}
+    for evt in prof.key_averages():
+        device_us = getattr(evt, "self_device_time_total", None)
+        if device_us is None:
+            device_us = getattr(evt, "self_cuda_time_total", 0)
+        if not device_us or evt.key.startswith("ProfilerStep") or evt.key.startswith("aten::"):
+            continue
+        name = evt.key
+        kernels[name] = kernels.get(name, 0.0) + device_us / 1e3
+        low = name.lower()
+        if any(k in low for k in ("gemm", "nvjet", "cutlass", "xmma", "sm90", "matmul", "splitk")):
+            fam = "matmul (cuBLAS)"
+        elif any(k in low for k in ("flash", "fmha", "attention", "_attn")):
+            fam = "attention"
+        elif any(k in low for k in ("adam", "multi_tensor", "foreach", "norm_kernel", "lpnorm")):
+            fam = "optimizer + grad clip"
+        elif "triton" in low or low.startswith("_"):
+            fam = "triton (inductor/liger)"
+        elif "memcpy" in low or "memset" in low:
+            fam = "memcpy/memset"
+        else:
+            fam = "other elementwise/reduce"
+        families[fam] = families.get(fam, 0.0) + device_us / 1e3
+    busy = sum(families.values())
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:12]
+    if path is not None:
+        with open(path, "w") as fh:
+            fh.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40))
+    return {
+        "wall_ms": wall_ms,
+        "gpu_busy_ms": busy,
+        "families_ms": families,
+        "top_kernels_ms": [(name[:90], ms) for name, ms in top],
+    }
+
+
+def worker(row: str, config_name: str, steps: int, warmup: int, profile_dir: str | None) -> dict:
+    import torch
+
+    shape, lora, batch_size = {**ROWS, **SMOKE_ROWS}[row]
+    cuda = DEVICE == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t_build = time.perf_counter()
+    if config_name.startswith("ours"):
+        step, params = build_ours(config_name, shape, lora)
+    else:
+        if config_name == "plain_bf16" and not lora:
+            raise SystemExit("plain_bf16 only applies to LoRA rows")
+        step, params = build_plain(config_name, shape, lora)
+    build_s = time.perf_counter() - t_build
+    batches = [random_batch(batch_size, shape["vocab_size"], s).to(DEVICE) for s in range(4)]
+    t_warm = time.perf_counter()
+    losses = []
+    for s in range(warmup):
+        losses.append(step(batches[s % len(batches)]))
+    if cuda:
+        torch.cuda.synchronize()
+    warmup_s = time.perf_counter() - t_warm
+    t0 = time.perf_counter()
+    for s in range(steps):
+        losses.append(step(batches[s % len(batches)]))
+    if cuda:
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    tokens = steps * batch_size * SEQ_LEN
+    tok_s = tokens / elapsed
+    result = {
+        "row": row,
+        "config": config_name,
+        "tokens_per_s": tok_s,
+        "step_ms": 1e3 * elapsed / steps,
+        "mfu": tok_s * flops_per_token(shape, lora) / (PEAK_TFLOPS * 1e12),
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0,
+        "build_s": build_s,
+        "warmup_s": warmup_s,
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+        "trainable_params": sum(p.numel() for p in params),
+        "trainable_dtype": str(params[0].dtype),
+    }
+    if profile_dir and cuda:
+        path = Path(profile_dir) / f"profile-{row}-{config_name}.txt"
+        result["profile"] = profile_step(step, batches[0], path)
+    return result
+
+
+# ---------------------------------------------------------------------- driver
+def run_worker(args: argparse.Namespace, row: str, config_name: str) -> dict:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "--rows",
+        row,
+        "--configs",
+        config_name,
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+    ]
+    if args.profile and config_name in ("ours", "liger", "ours_eager"):
+        cmd += ["--profile-dir", str(args.out)]
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            result = json.loads(line[len("RESULT ") :])
+            result["process_s"] = time.perf_counter() - started
+            return result
+    tail = (proc.stderr or proc.stdout)[-3000:]
+    return {"row": row, "config": config_name, "error": f"exit {proc.returncode}: {tail}"}
+
+
+def format_table(results: list[dict]) -> str:
+    by_key = {(r["row"], r["config"]): r for r in results}
+    lines = [
+        "| row | config | tokens/s | step ms | MFU | peak GiB | vs liger | vs plain | first step s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['row']} | {r['config']} | ERROR | | | | | | |")
+            continue
+        ratio = []
+        for base in ("liger", "plain"):
+            b = by_key.get((r["row"], base))
+            ok = b is not None and "error" not in b
+            ratio.append(f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}x" if ok else "-")
+        lines.append(
+            f"| {r['row']} | {r['config']} | {r['tokens_per_s'] / 1e3:.1f}k | {r['step_ms']:.0f} | "
+            f"{100 * r['mfu']:.1f}% | {r['peak_mem_gib']:.1f} | {ratio[0]} | {ratio[1]} | {r['warmup_s']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def format_profiles(results: list[dict]) -> str:
+    out = []
+    for r in results:
+        prof = r.get("profile")
+        if not prof:
+            continue
+        out.append(
+            f"\n### profile of one step: {r['row']} / {r['config']} "
+            f"(wall {prof['wall_ms']:.1f} ms, GPU kernels {prof['gpu_busy_ms']:.1f} ms)"
+        )
+        for fam, ms in sorted(prof["families_ms"].items(), key=lambda kv: -kv[1]):
+            out.append(f"- {fam}: {ms:.1f} ms")
+        out.append("top kernels (ms): " + "; ".join(f"{n} {ms:.1f}" for n, ms in prof["top_kernels_ms"][:8]))
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", default=",".join(ROWS))
+    parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS))
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--profile", action="store_true", help="one profiled step of ours and liger per row")
+    parser.add_argument("--profile-dir", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--timeout", type=float, default=900.0)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    rows = [r for r in args.rows.split(",") if r]
+    configs = [c for c in args.configs.split(",") if c]
+    for name in rows:
+        if name not in ROWS and name not in SMOKE_ROWS:
+            parser.error(f"unknown row {name!r}; choose from {', '.join(ROWS)}")
+    for name in configs:
+        if name not in CONFIGS:
+            parser.error(f"unknown configuration {name!r}; choose from {', '.join(CONFIGS)}")
+    if args.worker:
+        result = worker(rows[0], configs[0], args.steps, args.warmup, args.profile_dir)
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+
+    import torch
+
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("train_throughput.py needs a CUDA GPU (it measures the GPU fast path)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for row in rows:
+        for config_name in configs:
+            if config_name == "plain_bf16" and not {**ROWS, **SMOKE_ROWS}[row][1]:
+                continue
+            result = run_worker(args, row, config_name)
+            results.append(result)
+            brief = result.get("error", "")[-400:] or (
+                f"{result['tokens_per_s'] / 1e3:.1f}k tok/s, {100 * result['mfu']:.1f}% MFU, "
+                f"{result['peak_mem_gib']:.1f} GiB, loss {result['first_loss']:.3f}->{result['last_loss']:.3f}, "
+                f"process {result['process_s']:.0f}s"
+            )
+            print(f"[{row} / {config_name}] {brief}", flush=True)
+    device = torch.cuda.get_device_name(0) if DEVICE == "cuda" else DEVICE
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    header = (
+        f"# train_throughput {stamp}\n\n{device}; torch {torch.__version__}; {args.steps} timed steps after "
+        f"{args.warmup} warm-up steps; seq {SEQ_LEN}; MFU against {PEAK_TFLOPS:.0f} TFLOP/s\n\n"
+    )
+    report = header + format_table(results) + "\n" + format_profiles(results) + "\n"
+    print("\n" + report)
+    (args.out / f"train_throughput-{stamp}.md").write_text(report)
+    env = {"device": device, "torch": torch.__version__, "cuda": torch.version.cuda, "argv": sys.argv}
+    (args.out / f"train_throughput-{stamp}.json").write_text(json.dumps({"env": env, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

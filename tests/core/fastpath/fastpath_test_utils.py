@@ -1,0 +1,36 @@
+"""Helpers shared by the fast-path tests (imported by module name; pytest puts this folder on sys.path)."""
+
+from __future__ import annotations
+
+
+def tiny_qwen2_config(**overrides):
+    """A small Qwen2 config (2 layers, GQA, tied embeddings unless overridden)."""
+    from transformers import Qwen2Config
+
+    fields = dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        use_sliding_window=False,
+    )
+    fields.update(overrides)
+    return Qwen2Config(**fields)
+
+
+def make_rows(n: int, seed: int = 0, vocab: int = 512, min_len: int = 5, max_len: int = 20) -> list[dict]:
+    """Encoded rows of varying length with a masked prompt."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        length = rng.randint(min_len, max_len)
+        ids = [rng.randint(1, vocab - 1) for _ in range(length)]
+        prompt = rng.randint(1, length - 2)
+        rows.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return rows

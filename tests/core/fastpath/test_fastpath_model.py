@@ -1,0 +1,146 @@
+"""TransformersModel with the fast path equals the plain path on CPU (fp32), and patches switch by name."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+from fastpath_test_utils import make_rows, tiny_qwen2_config  # noqa: E402
+from twinkle.model.transformers_model import TransformersModel  # noqa: E402
+from twinkle.patch.fastpath import HiddenStatesOutput, get_flag  # noqa: E402
+
+LORA = {"r": 8, "lora_alpha": 16, "target_modules": "all-linear", "lora_dropout": 0.0}
+
+
+def _model(config, patches=None, lora=True, dtype="float32", **kwargs):
+    model = TransformersModel(config=config, torch_dtype=dtype, device="cpu", seed=7, patches=patches, **kwargs)
+    if lora:
+        model.add_adapter_to_model("default", dict(LORA))
+    return model
+
+
+def _grads(model):
+    return {i: p.grad.detach().clone() for i, p in enumerate(model.state_of().params) if p.grad is not None}
+
+
+def _assert_same_training(fast, plain, rows, rtol=1e-5, atol=1e-6, steps=2):
+    for step in range(steps):
+        batch = rows[step * 4 : step * 4 + 4]
+        out_fast = fast.forward_backward(inputs=batch)
+        out_plain = plain.forward_backward(inputs=batch)
+        assert out_fast["num_tokens"] == out_plain["num_tokens"]
+        assert out_fast["loss"] == pytest.approx(out_plain["loss"], rel=rtol, abs=atol)
+        g_fast, g_plain = _grads(fast), _grads(plain)
+        assert g_fast.keys() == g_plain.keys() and g_fast
+        for key in g_fast:
+            torch.testing.assert_close(g_fast[key], g_plain[key], rtol=rtol * 100, atol=atol * 10)
+        fast.clip_grad_and_step(max_grad_norm=1.0)
+        plain.clip_grad_and_step(max_grad_norm=1.0)
+    for p_fast, p_plain in zip(fast.state_of().params, plain.state_of().params):
+        torch.testing.assert_close(p_fast, p_plain, rtol=1e-3, atol=1e-4)  # Adam magnifies fp32 rounding
+    m_fast, m_plain = fast.calculate_metric(), plain.calculate_metric()
+    assert m_fast["token_acc"] == pytest.approx(m_plain["token_acc"])
+
+
+def test_lora_fast_path_matches_plain_fp32(tiny_config):
+    fast = _model(tiny_config)
+    plain = _model(tiny_config, patches=[])
+    assert fast.fast_path_patches == ["FusedLoraLinear", "FusedLinearCrossEntropy"]
+    assert plain.fast_path_patches == []
+    for model in (fast, plain):
+        model.set_optimizer("AdamW", lr=1e-2)
+    _assert_same_training(fast, plain, make_rows(8))
+    # the lean LoRA forward really ran (it is exact, so only its presence shows)
+    layer = next(m for m in fast.model.modules() if hasattr(m, "_twinkle_peft_forward"))
+    assert "_lean_forward" in layer.forward.__func__.__name__
+
+
+def test_full_parameter_fast_path_matches_plain_fp32_untied():
+    config = tiny_qwen2_config(tie_word_embeddings=False)
+    fast = _model(config, lora=False)
+    plain = _model(config, patches=[], lora=False)
+    for model in (fast, plain):
+        model.set_optimizer("AdamW", lr=1e-3)
+    _assert_same_training(fast, plain, make_rows(8, seed=1))
+
+
+def test_full_parameter_tied_embeddings_and_padding_free(tiny_config):
+    fast = _model(tiny_config, lora=False)
+    plain = _model(tiny_config, patches=[], lora=False)
+    for model in (fast, plain):
+        model.set_processor("PaddingFreeProcessor")
+        model.set_optimizer("SGD", lr=0.5)
+    _assert_same_training(fast, plain, make_rows(8, seed=2))
+
+
+def test_outputs_are_logits_free_until_asked(tiny_config):
+    fast = _model(tiny_config)
+    plain = _model(tiny_config, patches=[])
+    rows = make_rows(3, seed=4)
+    out = fast.forward(rows)
+    assert isinstance(out, HiddenStatesOutput) and not out.logits_materialized
+    logits = out["logits"]  # computed on demand, same numbers as the plain model
+    assert out.logits_materialized
+    torch.testing.assert_close(logits, plain.forward(rows)["logits"], rtol=1e-5, atol=1e-5)
+    fast_only = fast.forward_only(rows)
+    plain_only = plain.forward_only(rows)
+    assert fast_only["loss"] == pytest.approx(plain_only["loss"], rel=1e-5)
+    for a, b in zip(fast_only["logps"], plain_only["logps"]):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
+
+
+def test_token_logps_losses_get_gradients_through_the_chunked_head(tiny_config):
+    """An RL-style loss built on token_logps trains the same on both paths."""
+    from twinkle.loss.base import Loss, LossOutput, token_logps
+
+    class NegLogpSquared(Loss):
+        def __call__(self, inputs, outputs):
+            mask = inputs["shift_labels"] != -100
+            logps = token_logps(inputs, outputs)
+            return LossOutput(loss=((logps**2) * mask).sum(), num_tokens=int(mask.sum()))
+
+    fast = _model(tiny_config)
+    plain = _model(tiny_config, patches=[])
+    for model in (fast, plain):
+        model.set_loss(NegLogpSquared())
+        model.set_optimizer("AdamW", lr=1e-2)
+    _assert_same_training(fast, plain, make_rows(8, seed=5))
+
+
+def test_bf16_adapters_on_a_bf16_model(tiny_config):
+    fast = _model(tiny_config, dtype="bfloat16")
+    plain = _model(tiny_config, patches=[], dtype="bfloat16")
+    assert "Bf16Adapters" in fast.fast_path_patches
+    assert {p.dtype for p in fast.state_of().params} == {torch.bfloat16}
+    assert {p.dtype for p in plain.state_of().params} == {torch.float32}  # peft's default
+    rows = make_rows(4, seed=6)
+    out_fast = fast.forward_backward(inputs=rows)
+    out_plain = plain.forward_backward(inputs=rows)
+    assert out_fast["loss"] == pytest.approx(out_plain["loss"], rel=2e-2)
+
+
+def test_patches_switch_off_by_name_and_env(tiny_config, monkeypatch):
+    model = _model(tiny_config, disabled_patches=["FusedLinearCrossEntropy"])
+    assert "FusedLinearCrossEntropy" not in model.fast_path_patches
+    assert not get_flag(model.model, "fused_linear_ce", False)
+    assert not isinstance(model.forward(make_rows(2)), HiddenStatesOutput)
+    monkeypatch.setenv("TWINKLE_DISABLED_PATCHES", "FusedLoraLinear, FusedLinearCrossEntropy")
+    assert _model(tiny_config).fast_path_patches == []
+
+
+def test_unknown_patch_names_list_the_registered_ones(tiny_config):
+    from twinkle.registry import ComponentNotFoundError
+
+    with pytest.raises(ComponentNotFoundError, match="FusedLinearCrossEntropy"):
+        _model(tiny_config, disabled_patches=["FusedLinearCrossEntropyy"])
+    with pytest.raises(ComponentNotFoundError):
+        _model(tiny_config, patches=["NoSuchPatch"])
+
+
+def test_gpu_only_patches_do_not_apply_on_cpu(tiny_config):
+    model = _model(tiny_config, patches=["CompileDecoderLayers", "FusedOptimizer", "ActivationCheckpointing"])
+    assert model.fast_path_patches == []
+    model.set_optimizer("AdamW", lr=1e-3)
+    assert model.state_of().optimizer.defaults.get("fused") in (None, False)
