@@ -349,6 +349,8 @@ class TransformersModel(TwinkleModel):
             return
         if self.device_mesh.fsdp > 1:
             self._apply_fsdp()
+            for state in self._states.values():  # fully_shard replaced the parameters with sharded ones
+                state.params = self._current_params(state)
         else:
             self._broadcast_parameters()
         self._wrapped = True
@@ -370,6 +372,11 @@ class TransformersModel(TwinkleModel):
         for layer in layers:
             fully_shard(layer, mesh=torch_mesh)
         fully_shard(self.model, mesh=torch_mesh)
+        from twinkle.patch.fastpath import set_flag
+
+        # The fused LM-head path calls the inner decoder directly, which would bypass the FSDP
+        # root's unshard of the embeddings and head: keep the plain forward under FSDP.
+        set_flag(self.model, "fused_linear_ce", False)
 
     def _hf_model(self) -> Any:
         """The transformers model without the peft wrapper."""
