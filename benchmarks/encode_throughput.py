@@ -16,6 +16,9 @@ Methods:
 * ``Template.batch_encode``: Twinkle's encoder (labels included), batches of 1000 rows.
 * ``Dataset.encode``: the full Arrow pipeline (read rows, encode, write input_ids/labels/length),
   one process and ``--num-proc`` worker processes.
+
+The methods take turns on chunks of ``--chunk`` rows, so load from other processes on a
+shared machine affects them alike; the ratios are the figure to read.
 """
 
 from __future__ import annotations
@@ -23,13 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from typing import Any, Callable
-
-
-def timed(fn: Callable[[], Any]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+from typing import Callable
 
 
 def main() -> None:
@@ -37,6 +34,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--num-proc", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--batch-size", type=int, default=1000)
+    parser.add_argument("--chunk", type=int, default=20_000, help="rows per turn of each method")
     args = parser.parse_args()
 
     import datasets
@@ -56,38 +54,55 @@ def main() -> None:
     tokenizer = template.tokenizer
     n = len(conversations)
 
-    def baseline() -> None:
-        for messages in conversations:
-            tokenizer.apply_chat_template(messages, tokenize=True)
+    # The methods take turns on chunks of rows (A B C D E, A B C D E, ...), so a change in
+    # machine load during the run hits all of them alike.
+    def baseline(rows: range) -> float:
+        start = time.perf_counter()
+        for i in rows:
+            tokenizer.apply_chat_template(conversations[i], tokenize=True)
+        return time.perf_counter() - start
 
-    def baseline_masks() -> None:
-        for messages in conversations:
-            tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    def baseline_masks(rows: range) -> float:
+        start = time.perf_counter()
+        for i in rows:
+            tokenizer.apply_chat_template(
+                conversations[i], tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+            )
+        return time.perf_counter() - start
 
-    def batch_encode() -> None:
-        for start in range(0, n, args.batch_size):
-            template.batch_encode(trajectories[start : start + args.batch_size])
+    def batch_encode(rows: range) -> float:
+        start = time.perf_counter()
+        for first in range(rows.start, rows.stop, args.batch_size):
+            template.batch_encode(trajectories[first : min(first + args.batch_size, rows.stop)])
+        return time.perf_counter() - start
 
-    def dataset_encode(num_proc: int | None) -> Callable[[], None]:
-        def run() -> None:
-            dataset = Dataset(dataset_meta=source).map(SelfCognitionProcessor("twinkle大模型", "ModelScope社区"))
+    def dataset_encode(num_proc: int | None) -> Callable[[range], float]:
+        def run(rows: range) -> float:
+            meta = DatasetMeta(source.dataset_id, data_slice=range(rows.start, rows.stop))
+            dataset = Dataset(dataset_meta=meta).map(SelfCognitionProcessor("twinkle大模型", "ModelScope社区"))
             dataset.set_template(template)
             start = time.perf_counter()
             dataset.encode(num_proc=num_proc, batch_size=args.batch_size)
-            run.elapsed = time.perf_counter() - start  # type: ignore[attr-defined]
+            return time.perf_counter() - start
 
         return run
 
-    results: list[tuple[str, float, str]] = []
-    results.append(("apply_chat_template loop (ids only)", timed(baseline), "no"))
-    results.append(("apply_chat_template loop + assistant mask", timed(baseline_masks), "yes"))
-    results.append((f"Template.batch_encode (batches of {args.batch_size})", timed(batch_encode), "yes"))
-    for num_proc in (None, args.num_proc):
-        if num_proc is not None and num_proc < 2:
-            continue
-        run = dataset_encode(num_proc)
-        run()
-        results.append((f"Dataset.encode (num_proc={num_proc or 1}, Arrow in/out)", run.elapsed, "yes"))  # type: ignore[attr-defined]
+    methods: list[tuple[str, str, Callable[[range], float]]] = [
+        ("apply_chat_template loop (ids only)", "no", baseline),
+        ("apply_chat_template loop + assistant mask", "yes", baseline_masks),
+        (f"Template.batch_encode (batches of {args.batch_size})", "yes", batch_encode),
+        ("Dataset.encode (num_proc=1, Arrow in/out)", "yes", dataset_encode(None)),
+    ]
+    if args.num_proc >= 2:
+        methods.append(
+            (f"Dataset.encode (num_proc={args.num_proc}, Arrow in/out)", "yes", dataset_encode(args.num_proc))
+        )
+    seconds = [0.0] * len(methods)
+    for first in range(0, n, args.chunk):
+        rows = range(first, min(first + args.chunk, n))
+        for k, (_, _, method) in enumerate(methods):
+            seconds[k] += method(rows)
+    results = [(name, s, labels) for (name, labels, _), s in zip(methods, seconds)]
 
     base = n / results[0][1]
     print(f"\nencode throughput: {n} rows, tiny-qwen2 tokenizer, {os.cpu_count()} CPUs")
