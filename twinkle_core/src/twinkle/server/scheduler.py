@@ -84,8 +84,10 @@ class Scheduler:
         self._running = False
         self._paused = False
         self._thread: threading.Thread | None = None
-        #: statistics: batched passes and the jobs they held (for tests and benchmarks).
-        self.batches: list[int] = []
+        #: statistics (for tests and benchmarks): jobs per batched pass, and finished
+        #: future ids in completion order (the last 10,000).
+        self.batches: deque[int] = deque(maxlen=10_000)
+        self.completed: deque[str] = deque(maxlen=10_000)
 
     def start(self) -> None:
         """Start the worker thread."""
@@ -208,6 +210,8 @@ class Scheduler:
                     self._free.remove(job)
                 except ValueError:
                     pass
+        if job.future_id:
+            self.completed.append(job.future_id)
         if not job.future_id:
             if error is not None:
                 logger.error("internal job failed: %s", error)
