@@ -184,9 +184,27 @@ def build_ours(config_name: str, shape: dict, lora: bool) -> tuple:
     return step, model.state_of().params
 
 
+def _family(name: str) -> str:
+    low = name.lower()
+    if any(k in low for k in ("flash", "fmha", "sdpa", "attention", "_attn", "dot_do_o", "convert_dq")):
+        return "attention"
+    if any(k in low for k in ("gemm", "nvjet", "cutlass", "xmma", "matmul", "splitk")):
+        return "matmul (cuBLAS)"
+    if any(k in low for k in ("adam", "multi_tensor", "foreach", "lpnorm")):
+        return "optimizer + grad clip"
+    if low.startswith("triton") or "liger" in low or low.startswith("_"):
+        return "triton (inductor/liger)"
+    if "memcpy" in low or "memset" in low:
+        return "memcpy/memset"
+    return "other elementwise/reduce"
+
+
 def profile_step(step, ids, path: Path | None) -> dict:
-    """GPU time of one step by kernel family, and the top kernels."""
+    """One profiled step: GPU time by kernel family, the top kernels, and the GPU's idle gaps."""
+    import gzip
+
     import torch
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
@@ -195,40 +213,45 @@ def profile_step(step, ids, path: Path | None) -> dict:
         step(ids)
         torch.cuda.synchronize()
     wall_ms = (time.perf_counter() - t0) * 1e3
+    events = prof.events()
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+    cpu_ops = [e for e in events if e.device_type == DeviceType.CPU]
     families: dict[str, float] = {}
-    kernels: dict[str, float] = {}
-    for evt in prof.key_averages():
-        device_us = getattr(evt, "self_device_time_total", None)
-        if device_us is None:
-            device_us = getattr(evt, "self_cuda_time_total", 0)
-        if not device_us or evt.key.startswith("ProfilerStep") or evt.key.startswith("aten::"):
-            continue
-        name = evt.key
-        kernels[name] = kernels.get(name, 0.0) + device_us / 1e3
-        low = name.lower()
-        if any(k in low for k in ("gemm", "nvjet", "cutlass", "xmma", "sm90", "matmul", "splitk")):
-            fam = "matmul (cuBLAS)"
-        elif any(k in low for k in ("flash", "fmha", "attention", "_attn")):
-            fam = "attention"
-        elif any(k in low for k in ("adam", "multi_tensor", "foreach", "norm_kernel", "lpnorm")):
-            fam = "optimizer + grad clip"
-        elif "triton" in low or low.startswith("_"):
-            fam = "triton (inductor/liger)"
-        elif "memcpy" in low or "memset" in low:
-            fam = "memcpy/memset"
-        else:
-            fam = "other elementwise/reduce"
-        families[fam] = families.get(fam, 0.0) + device_us / 1e3
-    busy = sum(families.values())
-    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:12]
+    by_name: dict[str, float] = {}
+    for k in kernels:
+        ms = (k.time_range.end - k.time_range.start) / 1e3
+        families[_family(k.name)] = families.get(_family(k.name), 0.0) + ms
+        by_name[k.name] = by_name.get(k.name, 0.0) + ms
+    # idle gaps between kernels (union of kernel intervals), with the CPU ops running then
+    spans = sorted((k.time_range.start, k.time_range.end) for k in kernels)
+    gaps = []
+    cur_end = spans[0][1] if spans else 0
+    for start, end in spans[1:]:
+        if start > cur_end:
+            gaps.append((start - cur_end, cur_end, start))
+        cur_end = max(cur_end, end)
+    first, last = (spans[0][0], cur_end) if spans else (0, 0)
+    idle_ms = sum(g[0] for g in gaps) / 1e3
+    described = []
+    for length, start, end in sorted(gaps, reverse=True)[:12]:
+        mid = (start + end) / 2
+        active = [e for e in cpu_ops if e.time_range.start <= mid <= e.time_range.end]
+        active.sort(key=lambda e: e.time_range.end - e.time_range.start)
+        names = [e.name for e in active if not e.name.startswith("cuda")][:3]
+        described.append((round(length / 1e3, 2), " < ".join(n[:60] for n in names)))
     if path is not None:
-        with open(path, "w") as fh:
-            fh.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40))
+        path.write_text(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40))
+        with gzip.open(str(path) + ".trace.json.gz", "wt") as fh:
+            prof.export_chrome_trace("/tmp/_trace.json")
+            fh.write(Path("/tmp/_trace.json").read_text())
     return {
         "wall_ms": wall_ms,
-        "gpu_busy_ms": busy,
+        "gpu_busy_ms": sum(families.values()),
+        "gpu_span_ms": (last - first) / 1e3,
+        "gpu_idle_ms": idle_ms,
         "families_ms": families,
-        "top_kernels_ms": [(name[:90], ms) for name, ms in top],
+        "top_kernels_ms": [(name[:90], ms) for name, ms in sorted(by_name.items(), key=lambda kv: -kv[1])[:12]],
+        "largest_gaps_ms": described,
     }
 
 
@@ -341,12 +364,15 @@ def format_profiles(results: list[dict]) -> str:
         if not prof:
             continue
         out.append(
-            f"\n### profile of one step: {r['row']} / {r['config']} "
-            f"(wall {prof['wall_ms']:.1f} ms, GPU kernels {prof['gpu_busy_ms']:.1f} ms)"
+            f"\n### profile of one step: {r['row']} / {r['config']} (wall {prof['wall_ms']:.1f} ms with the "
+            f"profiler; GPU kernels {prof['gpu_busy_ms']:.1f} ms; GPU idle between kernels "
+            f"{prof.get('gpu_idle_ms', 0):.1f} ms; untimed step {r['step_ms']:.1f} ms)"
         )
         for fam, ms in sorted(prof["families_ms"].items(), key=lambda kv: -kv[1]):
             out.append(f"- {fam}: {ms:.1f} ms")
         out.append("top kernels (ms): " + "; ".join(f"{n} {ms:.1f}" for n, ms in prof["top_kernels_ms"][:8]))
+        gaps = prof.get("largest_gaps_ms") or []
+        out.append("largest GPU idle gaps (ms, CPU ops then): " + "; ".join(f"{ms} [{ops}]" for ms, ops in gaps[:8]))
     return "\n".join(out)
 
 

@@ -40,8 +40,11 @@ def _chunk_rows(num_rows: int, vocab: int, chunk_rows: int | None) -> int:
     return min(rows, max(1, num_rows))
 
 
-def _ce_chunk(logits: Any, labels: Any, label_smoothing: float) -> tuple[Any, Any, Any]:
-    """Loss sum, d(loss)/d(logits) and argmax ids of one chunk; ``logits`` [n, V] in the model's dtype."""
+def _ce_chunk(logits: Any, labels: Any, label_smoothing: float) -> tuple[Any, Any]:
+    """Loss sum and argmax ids of one chunk; overwrites ``logits`` ([n, V], model dtype) with d(loss)/d(logits).
+
+    Writing the gradient into the logits buffer keeps one ``[n, V]`` buffer per chunk.
+    """
     import torch
 
     logits32 = logits.to(torch.promote_types(logits.dtype, torch.float32))
@@ -62,7 +65,9 @@ def _ce_chunk(logits: Any, labels: Any, label_smoothing: float) -> tuple[Any, An
         grad = probs - onehot.to(probs.dtype)
     loss = torch.where(valid, loss, torch.zeros_like(loss)).sum()
     grad = torch.where(valid.unsqueeze(1), grad, torch.zeros_like(grad))
-    return loss, grad.to(logits.dtype), torch.argmax(logits32, dim=-1)
+    pred = torch.argmax(logits32, dim=-1)
+    logits.copy_(grad)
+    return loss, pred
 
 
 _COMPILED: dict[str, Any] = {}
@@ -116,7 +121,8 @@ class _LinearCrossEntropyFunction:
                         h = hidden[start : start + rows]
                         y = labels[start : start + rows]
                         fn = chunk if h.shape[0] == rows else _ce_chunk
-                        loss, grad_logits, pred = fn(_linear(h, weight, bias), y, label_smoothing)
+                        grad_logits = _linear(h, weight, bias)
+                        loss, pred = fn(grad_logits, y, label_smoothing)  # grad_logits now holds the gradient
                         total += loss
                         preds[start : start + rows] = pred
                         if want_h:

@@ -8,13 +8,15 @@ here remove that work:
 * :class:`Bf16Adapters` stores LoRA weights in the base layer's dtype (bf16/fp16). This is a
   precision choice, not an identity: it is what "plain HF+PEFT, bf16 adapters" does, and the
   AdamW update then runs on bf16 weights.
-* :class:`FusedLoraLinear` gives each ``peft.tuners.lora.Linear`` a forward of two calls,
-  ``y = linear(x, W, b)`` and ``y = addmm(y, linear(x, A), B.T, alpha=scaling)``: the LoRA
-  product, scaling and residual add are one cuBLAS call with an epilogue instead of three
-  kernels. It applies per call only to the plain case (one active vanilla adapter, no
-  dropout, not merged, same dtypes) and falls back to peft's forward otherwise, so it is
-  exact (same products; the add happens in the matmul's float32 accumulator, which is at
-  least as precise).
+* :class:`FusedLoraLinear` gives each ``peft.tuners.lora.Linear`` a forward of three calls,
+  ``y = linear(x, W, b) + linear(linear(x, A) * scaling, B)``: the scaling multiplies the
+  rank-r activations instead of the ``out_features``-wide product, there is no dropout,
+  dtype-cast or adapter loop, and inside a compiled decoder layer (``CompileDecoderLayers``)
+  the add fuses into whatever consumes ``y`` (RoPE, SiLU*up, the residual) instead of
+  writing and re-reading the sum. It applies per call only to the plain case (one active
+  vanilla adapter, no dropout, not merged, same dtypes) and falls back to peft's forward
+  otherwise; the math is peft's (``scaling`` moves across a linear map), rounding differs
+  only in the order of the scaling.
 """
 
 from __future__ import annotations
@@ -97,15 +99,10 @@ def _lean_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     if not (x.dtype == base.weight.dtype == weight_a.dtype == weight_b.dtype):
         return fallback(x, *args, **kwargs)
     result = torch.nn.functional.linear(x, base.weight, base.bias)
-    low_rank = torch.nn.functional.linear(x, weight_a)
-    out_features = result.shape[-1]
-    fused = torch.addmm(
-        result.reshape(-1, out_features),
-        low_rank.reshape(-1, low_rank.shape[-1]),
-        weight_b.t(),
-        alpha=self.scaling[name],
-    )
-    return fused.view(result.shape)
+    # scaling on the rank-r activations (r columns, not out_features); the add is left as a plain
+    # add so that, in compiled layers, inductor fuses it into the consumer (RoPE, SiLU*up, residual)
+    low_rank = torch.nn.functional.linear(x, weight_a) * self.scaling[name]
+    return result + torch.nn.functional.linear(low_rank, weight_b)
 
 
 class FusedLoraLinear(Patch):
