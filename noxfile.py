@@ -99,8 +99,8 @@ def megatron(session: nox.Session) -> None:
 @nox.session(python=TORCH_PYTHON)
 def http(session: nox.Session) -> None:
     """`twinkle serve` over real HTTP on loopback, with the tinker SDK."""
-    install(session, *TORCH_STACK, "-e", "./twinkle_core[torch,http]", *TEST_DEPS)
-    session.run(*PYTEST, "tests/http", *session.posargs)
+    install(session, *TORCH_STACK, "-e", "./twinkle_core[torch,http]", "hypothesis>=6.100", *TEST_DEPS)
+    session.run(*PYTEST, "tests/http", *session.posargs, env={"TINKER_TELEMETRY": "0"})
 
 
 @nox.session(python=TORCH_PYTHON)
