@@ -54,3 +54,45 @@ def test_packing_needs_a_length(data_file, template):
         dataset.encode()
     dataset.pack(packing_length=512)
     assert all(r["length"] <= 512 for r in dataset)
+
+
+def test_packed_rows_give_the_same_per_token_loss_as_padded_rows(data_file, tiny_dir):
+    """PackingDataset rows through the model side's InputProcessor, on a tiny random Qwen2."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from twinkle.dataset import Dataset
+    from twinkle.processor.base import InputProcessor
+
+    meta = DatasetMeta(data_file("alpaca_tiny.jsonl"), data_slice=range(12))
+    plain = Dataset(dataset_meta=meta)
+    plain.set_template("Template", model_id=tiny_dir, max_length=128, truncation_strategy="right")
+    plain.map("AlpacaProcessor").encode()
+    packed = PackingDataset(dataset_meta=meta)
+    packed.set_template("Template", model_id=tiny_dir, max_length=128, truncation_strategy="right")
+    packed.map("AlpacaProcessor").encode()
+    assert len(packed) < len(plain)
+
+    config = AutoConfig.from_pretrained(tiny_dir)
+    config.update({"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "_attn_implementation": "sdpa"})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+
+    def token_losses(rows):
+        batch = InputProcessor(pad_token_id=0)(list(rows))
+        with torch.no_grad():
+            logits = model(
+                input_ids=batch["input_ids"],
+                attention_mask=None if "position_ids" in rows[0] else batch["attention_mask"],
+                position_ids=batch["position_ids"],
+                use_cache=False,  # transformers detects packed sequences only without a cache
+            ).logits
+        labels = batch["shift_labels"]
+        losses = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="none"
+        )
+        return losses[labels.flatten() != -100]
+
+    padded = token_losses(list(plain))
+    packed_losses = torch.cat([token_losses([row]) for row in packed])
+    assert padded.numel() == packed_losses.numel() > 100
+    torch.testing.assert_close(packed_losses.sort().values, padded.sort().values, rtol=1e-4, atol=1e-4)
