@@ -128,7 +128,7 @@ class RayLauncher(Launcher):
             if options["runtime_env"] is not None:
                 init["runtime_env"] = options["runtime_env"]
             init.update(options["ray_init_options"] or {})
-            ray.init(**init)
+            _init_ray(init, retries=2 if options["address"] is None else 0)
             self._owns_ray = True
         try:
             self._check_resources()
@@ -340,6 +340,20 @@ class RayLauncher(Launcher):
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
         self._owns_ray = False
+
+
+def _init_ray(init: dict[str, Any], retries: int) -> None:
+    """``ray.init``; a local cluster is retried, since Ray gives its raylet a fixed 30 s to come up."""
+    import ray
+
+    for attempt in range(retries + 1):
+        try:
+            ray.init(**init)
+            return
+        except Exception as exc:
+            ray.shutdown()
+            if attempt == retries or "timed out during startup" not in str(exc):
+                raise
 
 
 def _call_site() -> str:
