@@ -16,8 +16,9 @@ transformers' classes globally; compiled code and the allocator stay separate):
   RoPE) applied before the model is built: the best stack a user can assemble today.
 * ``ours``: ``TransformersModel`` with its default fast path (``twinkle.patch.fastpath``),
   driven by ``forward_backward`` / ``clip_grad_and_step``.
-* ``ours_eager`` / ``ours_liger`` (diagnosis): ours without ``CompileDecoderLayers``, and
-  that plus the optional ``LigerKernels`` patch.
+* ``ours_eager`` / ``ours_liger`` / ``ours_cudagraphs`` (diagnosis): ours without
+  ``CompileDecoderLayers``; that plus the optional ``LigerKernels`` patch; ours with the
+  layers compiled in ``reduce-overhead`` mode (CUDA graphs).
 
 Prints tokens/s, MFU (``c*N + 12*L*H*S`` FLOPs per token, c = 6 for full training and 4 for
 LoRA, N = matmul parameters including the LM head, against 989 TFLOP/s bf16 dense), peak
@@ -74,12 +75,13 @@ ROWS = {
 #: Rows for checking the harness itself on any device (not part of the default run).
 SMOKE_ROWS = {"tiny-lora": (TINY, True, 2), "tiny-full": (TINY, False, 2)}
 DEVICE = os.environ.get("TWINKLE_BENCH_DEVICE", "cuda")
-CONFIGS = ("plain", "plain_bf16", "liger", "ours", "ours_eager", "ours_liger")
+CONFIGS = ("plain", "plain_bf16", "liger", "ours", "ours_eager", "ours_liger", "ours_cudagraphs")
 #: Variants of ours for diagnosis: which patches they switch off / add.
 OURS_VARIANTS = {
-    "ours": ((), ()),
-    "ours_eager": (("CompileDecoderLayers",), ()),
-    "ours_liger": (("CompileDecoderLayers",), ("LigerKernels",)),
+    "ours": ((), (), {}),
+    "ours_eager": (("CompileDecoderLayers",), (), {}),
+    "ours_liger": (("CompileDecoderLayers",), ("LigerKernels",), {}),
+    "ours_cudagraphs": ((), (), {"TWINKLE_COMPILE_MODE": "reduce-overhead"}),
 }
 DEFAULT_CONFIGS = ("plain", "liger", "ours")
 
@@ -164,7 +166,8 @@ def build_ours(config_name: str, shape: dict, lora: bool) -> tuple:
     from twinkle.model.transformers_model import TransformersModel
     from twinkle.patch.fastpath import resolve_patches
 
-    disabled, added = OURS_VARIANTS[config_name]
+    disabled, added, env = OURS_VARIANTS[config_name]
+    os.environ.update(env)
     patches = [p for p in resolve_patches(None, disabled)] + list(added)
     torch.manual_seed(0)
     with torch.device(DEVICE):

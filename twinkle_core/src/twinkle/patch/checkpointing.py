@@ -90,12 +90,17 @@ class ActivationCheckpointing(Patch):
         fraction = self.budget_fraction
 
         def decide(module: Any, args: tuple, kwargs: dict) -> None:
-            if not module.training or getattr(base, "is_gradient_checkpointing", False):
+            # Cheap checks first: this runs before every forward (``is_gradient_checkpointing``
+            # walks every module, milliseconds on a LoRA model).
+            if not module.training or state.get("enabled"):
                 return
             ids = kwargs.get("input_ids", args[0] if args else None)
             if ids is None:
                 ids = kwargs.get("inputs_embeds")
             if ids is None or ids.numel() <= state["max_tokens"]:
+                return
+            if getattr(base, "is_gradient_checkpointing", False):
+                state["enabled"] = True
                 return
             import torch
 
@@ -113,6 +118,7 @@ class ActivationCheckpointing(Patch):
                     free / 2**30,
                 )
                 base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                state["enabled"] = True
 
         handle = decoder.register_forward_pre_hook(decide, with_kwargs=True)
         setattr(decoder, _HOOK_ATTR, handle)
