@@ -1290,16 +1290,21 @@ class TransformersModel(TwinkleModel):
         tokenizer = self.tokenizer
         if tokenizer is None:
             raise ValueError("generate: no tokenizer; call model.set_template('Template') first")
-        self._activate(self._state(adapter_name))
+        state = self._state(adapter_name)
+        template = state.template
+        self._activate(state)
         answers: list[str] = []
         was_training = self.model.training
         self.model.eval()
         try:
             for prompt in prompts:
                 messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-                ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-                if isinstance(ids, Mapping):
-                    ids = ids["input_ids"]
+                if template is not None:
+                    ids = template.encode({"messages": messages}, add_generation_prompt=True)["input_ids"]
+                else:
+                    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+                    if isinstance(ids, Mapping):
+                        ids = ids["input_ids"]
                 input_ids = torch.tensor([list(ids)], device=self.device)
                 with torch.no_grad():
                     out = self.model.generate(
