@@ -204,3 +204,15 @@ def test_bad_inputs_speak_clearly() -> None:
             mg.clip_grad_and_step()
     finally:
         mg.close()
+
+
+def test_megatron_optimizer_is_refused_on_cpu_with_the_fix() -> None:
+    _, mg = _pair()
+    try:
+        with pytest.raises(ValueError, match="needs CUDA"):
+            mg.set_optimizer("AdamW", lr=1e-3, use_megatron_optimizer=True)
+        mg.set_optimizer("AdamW", lr=1e-3)  # the torch path still works afterwards
+        mg.forward_backward(inputs=[{"input_ids": [1, 2, 3, 4]}])
+        assert mg.clip_grad_and_step()["stepped"]
+    finally:
+        mg.close()

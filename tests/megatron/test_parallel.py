@@ -49,7 +49,8 @@ def test_mesh_maps_onto_parallel_state() -> None:
     [
         (DeviceMesh.from_sizes(sp_size=1, tp_size=2), "needs 2 processes"),
         (DeviceMesh(sp=2), "sp_size"),
-        (DeviceMesh(pp=2), "pp_size=2 on CPU|needs 2 processes"),
+        (DeviceMesh(pp=2), "pipeline parallelism"),
+        (DeviceMesh(cp=2), "Transformer Engine"),
     ],
 )
 def test_meshes_that_cannot_work_are_refused(mesh: DeviceMesh, match: str) -> None:

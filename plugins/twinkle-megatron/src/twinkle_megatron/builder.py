@@ -25,7 +25,9 @@ _EXPERT = re.compile(r"(\.experts\.local_experts\.)(\d+)(\.)")
 
 
 def build_gpt_model(spec: MegatronSpec, device: Any = "cpu") -> Any:
-    """A ``GPTModel`` (local layer spec, full-vocabulary logits) for ``spec`` on ``device``.
+    """A ``GPTModel`` (local layer spec, full-vocabulary logits) for ``spec`` on ``device``, uninitialized.
+
+    Fill its weights with :func:`load_full_state`.
 
     Needs megatron's parallel state (:func:`twinkle_megatron.parallel.init_megatron_parallel`)
     and, on CPU, the shims of :mod:`twinkle_megatron.compat`.
@@ -35,7 +37,11 @@ def build_gpt_model(spec: MegatronSpec, device: Any = "cpu") -> Any:
     from megatron.core.transformer import TransformerConfig
 
     kwargs = dict(spec.config_kwargs)
-    if spec.num_experts and str(device).startswith("cpu"):
+    # weights always come from a converted checkpoint (load_full_state), so megatron's own
+    # initialization is skipped; on CUDA the parameters are allocated on the GPU directly
+    on_cpu = str(device).startswith("cpu")
+    kwargs.update(perform_initialization=False, use_cpu_initialization=on_cpu)
+    if spec.num_experts and on_cpu:
         # the all-to-all dispatcher allocates torch.cuda streams; all-gather is the CPU path
         kwargs["moe_token_dispatcher_type"] = "allgather"
     config = TransformerConfig(**kwargs)

@@ -184,7 +184,7 @@ class MegatronModel(TransformersModel):
         spec = convert.megatron_spec_from_hf(self.hf_config, dtype if dtype not in (None, "auto") else torch.float32)
         with torch.random.fork_rng(devices=[]):
             compat.seed_model_parallel(self.seed, self._device_type)
-            model = builder.build_gpt_model(spec, device="cpu")
+            model = builder.build_gpt_model(spec, device=self.device)
         builder.load_full_state(model, convert.hf_to_megatron(hf_state, self.hf_config))
         return model.to(self.device)
 
@@ -340,6 +340,109 @@ class MegatronModel(TransformersModel):
         for grad, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
             grad.copy_(synced)
 
+    # ------------------------------------------------------------------ optimization
+    @remote(dispatch="all", collect="first")
+    def set_optimizer(self, optimizer_cls: Any = "AdamW", *, adapter_name: str | None = None, **kwargs: Any) -> None:
+        """Build the optimizer of an adapter (or of the full model) over its trainable parameters.
+
+        Args:
+            optimizer_cls: any torch.optim name (``'AdamW'``, ``'SGD'``...), a class, or a
+                factory ``f(params, **kwargs)``.
+            adapter_name: which adapter (default: the current one).
+            use_megatron_optimizer: (CUDA only) use megatron-core's optimizer and DDP grad
+                buffers instead (``'AdamW'``, ``'Adam'``, ``'SGD'``); see
+                :mod:`twinkle_megatron.megatron_optim`.
+            **kwargs: optimizer arguments (``lr=1e-4``, ``weight_decay=0.01``).
+
+        Raises:
+            ValueError: ``use_megatron_optimizer`` on CPU, with several adapters, or with an
+                optimizer megatron does not provide.
+
+        Example::
+
+            model.set_optimizer("AdamW", lr=1e-4)
+        """
+        use_megatron = bool(kwargs.pop("use_megatron_optimizer", False))
+        if not use_megatron:
+            if self._megatron_optim:
+                raise ValueError(
+                    "this model already trains with use_megatron_optimizer=True (its gradients live in megatron's "
+                    "buffers); pass use_megatron_optimizer=True here too"
+                )
+            super().set_optimizer(optimizer_cls, adapter_name=adapter_name, **kwargs)
+            return
+        from twinkle_megatron import megatron_optim
+
+        state = self._state(adapter_name)
+        others = [n for n, st in self._states.items() if n != state.name and st.optimizer is not None]
+        if len(self._states) > 1 or others:
+            raise ValueError(
+                "use_megatron_optimizer=True wraps the whole model in megatron's DDP; it supports one trained "
+                "adapter (or full training) per model"
+            )
+        if not isinstance(optimizer_cls, str):
+            raise ValueError("use_megatron_optimizer=True takes an optimizer name: 'AdamW', 'Adam' or 'SGD'")
+        if state.name in self._megatron_optim:
+            state.optimizer = megatron_optim.rebuild(self._megatron_optim[state.name], optimizer_cls, kwargs)
+        else:
+            state.optimizer = megatron_optim.build(self.model, optimizer_cls, kwargs, self._device_type)
+        self._megatron_optim[state.name] = state.optimizer
+        state.lr_scheduler = None
+
+    @remote(dispatch="all", collect="first")
+    def set_lr_scheduler(self, scheduler_cls: Any, *, adapter_name: str | None = None, **kwargs: Any) -> None:
+        """Build the LR scheduler of an adapter on its optimizer (call :meth:`set_optimizer` first).
+
+        Args:
+            scheduler_cls: ``'CosineWarmupScheduler'``, ``'LinearWarmupScheduler'``, any
+                torch.optim.lr_scheduler name, a class, or a factory ``f(optimizer, **kwargs)``.
+            adapter_name: which adapter (default: the current one).
+            **kwargs: scheduler arguments (``num_warmup_steps=5, num_training_steps=100``).
+
+        Raises:
+            ValueError: no optimizer yet.
+        """
+        state = self._state(adapter_name)
+        megatron = self._megatron_optim.get(state.name)
+        if megatron is None or state.optimizer is not megatron:
+            super().set_lr_scheduler(scheduler_cls, adapter_name=adapter_name, **kwargs)
+            return
+        factory = self._registry().resolve("lr_scheduler", scheduler_cls)
+        state.lr_scheduler = factory(megatron.torch_optimizer, **kwargs)
+
+    def _megatron_of(self, state: Any) -> Any:
+        megatron = self._megatron_optim.get(state.name)
+        return megatron if megatron is not None and state.optimizer is megatron else None
+
+    def _finalize_grads(self, state: Any) -> None:
+        megatron = self._megatron_of(state)
+        if megatron is None:
+            super()._finalize_grads(state)
+            return
+        if state.grads_final:
+            return
+        (tokens,) = self._all_reduce_floats([state.window_tokens])
+        megatron.finish_window(tokens)
+        state.grads_final = True
+
+    @remote(dispatch="all", collect="none")
+    def step(self, *, adapter_name: str | None = None, **kwargs: Any) -> None:
+        """One optimizer step with the accumulated (finished) gradients.
+
+        Raises:
+            ValueError: no optimizer (call :meth:`set_optimizer`).
+        """
+        super().step(adapter_name=adapter_name, **kwargs)
+
+    @remote(dispatch="all", collect="none")
+    def zero_grad(self, *, adapter_name: str | None = None, **kwargs: Any) -> None:
+        """Drop gradients and start a new accumulation window."""
+        state = self._state(adapter_name)
+        megatron = self._megatron_of(state)
+        if megatron is not None:
+            megatron.zero_grad()
+        super().zero_grad(adapter_name=adapter_name, **kwargs)
+
     @remote(dispatch="all", collect="first")
     def clip_grad_norm(
         self, max_grad_norm: float = 1.0, norm_type: float = 2.0, *, adapter_name: str | None = None, **kwargs: Any
@@ -356,6 +459,12 @@ class MegatronModel(TransformersModel):
 
         state = self._state(adapter_name)
         self._finalize_grads(state)
+        megatron = self._megatron_of(state)
+        if megatron is not None:
+            if norm_type != 2.0:
+                raise ValueError(f"clip_grad_norm: megatron's optimizer clips the 2-norm; got norm_type={norm_type}")
+            state.last_grad_norm = megatron.clip(max_grad_norm)
+            return state.last_grad_norm
         params = [p for p in state.params if p.grad is not None]
         if not params:
             state.last_grad_norm = 0.0

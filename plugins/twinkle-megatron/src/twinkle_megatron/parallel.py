@@ -1,11 +1,13 @@
 """Twinkle's DeviceMesh -> megatron-core's parallel state (``initialize_model_parallel``).
 
-Mapping: ``tp`` -> tensor model parallel, ``pp`` -> pipeline model parallel, ``cp`` ->
-context parallel, ``ep`` -> expert model parallel, and ``dp x fsdp`` -> megatron's data
-parallel (megatron-core replicates or shards the optimizer over it; Twinkle's FSDP2
-dimension has no separate meaning here). ``sp`` (Ulysses-style sequence parallel) has no
-megatron-core counterpart and is refused; megatron's own sequence parallelism rides on
-``tp``.
+Mapping: ``tp`` -> tensor model parallel, ``ep`` -> expert model parallel, and
+``dp x fsdp`` -> megatron's data parallel (megatron-core replicates or shards the
+optimizer over it; Twinkle's FSDP2 dimension has no separate meaning here). ``pp``
+(pipeline) and ``cp`` (context) map onto megatron's sizes of the same name but are refused
+for now with a clear error: MegatronModel does not drive pipeline schedules yet, and
+context parallel attention needs Transformer Engine. ``sp`` (Ulysses-style sequence
+parallel) has no megatron-core counterpart and is refused; megatron's own sequence
+parallelism rides on ``tp``.
 
 The default process group is created when missing: from the torchrun environment
 (``WORLD_SIZE``/``RANK``/``MASTER_ADDR``) when present, else a single-process group on a
@@ -75,8 +77,8 @@ def init_megatron_parallel(mesh: DeviceMesh | None, device_type: str) -> Paralle
         The :class:`ParallelSizes` in force.
 
     Raises:
-        MeshError: the mesh does not fit the number of processes, uses ``sp``, or asks for
-            pipeline parallelism on CPU (megatron's pipeline schedules need CUDA).
+        MeshError: the mesh does not fit the number of processes, or uses ``sp``, ``pp`` or
+            ``cp`` (see the module docstring).
     """
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
@@ -87,17 +89,22 @@ def init_megatron_parallel(mesh: DeviceMesh | None, device_type: str) -> Paralle
     if mesh.sp > 1:
         raise MeshError(
             f"MegatronModel: {mesh.describe()} sets sp_size={mesh.sp}; megatron-core has no Ulysses sequence "
-            f"parallelism. Use tp_size (megatron's sequence parallelism follows tensor parallelism) or cp_size"
+            f"parallelism. Use tp_size (megatron's sequence parallelism follows tensor parallelism)"
+        )
+    if mesh.pp > 1:
+        raise MeshError(
+            f"MegatronModel: pp_size={mesh.pp}; pipeline parallelism is not available in MegatronModel yet (and "
+            f"megatron-core's pipeline schedules need CUDA). Use pp_size=1 with tp_size/ep_size/dp_size"
+        )
+    if mesh.cp > 1:
+        raise MeshError(
+            f"MegatronModel: cp_size={mesh.cp}; context parallelism needs Transformer Engine's attention, which "
+            f"MegatronModel's local layer spec does not use. Use cp_size=1"
         )
     if mesh.world_size != world:
         raise MeshError(
             f"MegatronModel: {mesh.describe()} needs {mesh.world_size} processes but torch.distributed has {world}; "
             f"launch with `torchrun --nproc_per_node {mesh.world_size}` or change the mesh"
-        )
-    if device_type == "cpu" and mesh.pp > 1:
-        raise MeshError(
-            f"MegatronModel: pp_size={mesh.pp} on CPU; megatron-core's pipeline schedules need CUDA. Use "
-            f"device_type='cuda' or pp_size=1"
         )
     sizes = ParallelSizes(
         tp=mesh.tp,
