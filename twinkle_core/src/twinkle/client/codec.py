@@ -69,7 +69,7 @@ def encode(value: Any) -> Any:
 
         if isinstance(value, np.ndarray):
             raw = np.ascontiguousarray(value)
-            if raw.dtype == object:
+            if raw.dtype.hasobject:
                 raise CodecError("numpy arrays of objects cannot be sent to the server")
             data = base64.b64encode(raw.tobytes()).decode()
             return {"__ndarray__": {"dtype": str(raw.dtype), "shape": list(raw.shape), "data": data}}
@@ -123,7 +123,7 @@ def _decode_tagged(tag: str, data: dict[str, Any]) -> Any:
         import numpy as np
 
         dtype = np.dtype(body["dtype"])
-        if dtype == object:
+        if dtype.hasobject:
             raise CodecError("object arrays are not accepted")
         array = np.frombuffer(base64.b64decode(body["data"]), dtype=dtype).reshape(body["shape"]).copy()
         if tag == "__ndarray__":

@@ -4,8 +4,9 @@
     model = TransformersModel(model_id="twinkle/tiny-qwen2")   # a proxy; same methods
 
 Data components (datasets, data loaders, templates) stay local: they prepare batches in
-the user's process and only the batches travel. Models and samplers are built on the
-server, which hosts the base model once and gives each tenant its own adapters.
+the user's process and only the batches travel. Models are built on the server, which
+hosts the base model once and gives each tenant its own adapters. Samplers are built
+locally for now (sample through the Tinker API to sample on the server).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any, Iterator
 from twinkle.launcher.base import Launcher
 
 #: Component base classes (module:attr) that http mode builds on the server.
-REMOTE_KINDS = {"model": "twinkle.model.base:TwinkleModel", "sampler": "twinkle.sampler.base:Sampler"}
+REMOTE_KINDS = {"model": "twinkle.model.base:TwinkleModel"}
 _local = threading.local()
 
 
@@ -33,7 +34,7 @@ def build_locally() -> Iterator[None]:
 
 
 class HTTPLauncher(Launcher):
-    """Builds models and samplers on a ``twinkle serve`` server.
+    """Builds models on a ``twinkle serve`` server.
 
     Options (``twinkle.initialize(mode='http', ...)``):
         base_url: the server, e.g. ``http://127.0.0.1:8000``.
@@ -69,7 +70,7 @@ class HTTPLauncher(Launcher):
         return None
 
     def create(self, cls: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any | None:
-        """A :class:`~twinkle.client.proxy.RemoteComponent` for models and samplers; None otherwise."""
+        """A :class:`~twinkle.client.proxy.RemoteComponent` for models; None (build here) otherwise."""
         if getattr(_local, "active", False):
             return None
         kind = self._kind(cls)

@@ -419,7 +419,8 @@ class Store:
     def sampling_session(self, tenant_id: str, sampler_id: str) -> dict[str, Any] | None:
         """The tenant's sampling session, or ``None``."""
         rows = self._rows(
-            "SELECT id, session_id, model_path, base_model, clients FROM sampling_sessions WHERE id = ? AND tenant_id = ?",
+            "SELECT id, session_id, model_path, base_model, clients FROM sampling_sessions "
+            "WHERE id = ? AND tenant_id = ?",
             (sampler_id, tenant_id),
         )
         if not rows:
