@@ -1,4 +1,4 @@
-"""http mode: models and samplers become proxies to objects hosted by ``twinkle serve``.
+"""http mode: models become proxies to objects hosted by ``twinkle serve``.
 
     twinkle.initialize(mode="http", base_url="http://127.0.0.1:8000", api_key="tml-...")
     model = TransformersModel(model_id="twinkle/tiny-qwen2")   # a proxy; same methods
