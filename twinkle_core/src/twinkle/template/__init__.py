@@ -8,4 +8,12 @@ _BUILTIN: dict[str, dict[str, str]] = {
     },
 }
 
-__getattr__, __dir__ = kind_module(__name__, ("template",), {"Template": "twinkle.template.base:Template"})
+__getattr__, __dir__ = kind_module(
+    __name__,
+    ("template",),
+    {
+        "Template": "twinkle.template.base:Template",
+        "TemplateError": "twinkle.template.base:TemplateError",
+        "SequenceTooLongError": "twinkle.template.base:SequenceTooLongError",
+    },
+)

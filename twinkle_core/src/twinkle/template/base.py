@@ -179,9 +179,9 @@ class Template:
     ) -> list[InputFeature]:
         """Encode many trajectories; faster than calling :meth:`encode` in a loop.
 
-        Conversations that share the same tools are rendered and tokenized in one
-        batched ``apply_chat_template`` call (the tokenizer's Rust backend splits the
-        work over threads).
+        Conversations that share the same tools are rendered with transformers' chat
+        template renderer and tokenized in one batched call of the Rust tokenizer; the
+        result equals ``apply_chat_template(..., return_assistant_tokens_mask=True)``.
 
         Args:
             trajectories: the trajectories.
@@ -194,6 +194,14 @@ class Template:
             TemplateError, SequenceTooLongError: as :meth:`encode`; the message names the
                 position of the offending trajectory in the batch.
         """
+        features = self._encode_untruncated(trajectories, add_generation_prompt)
+        for i, feature in enumerate(features):
+            self._truncate(feature, i)
+        return features
+
+    def _encode_untruncated(
+        self, trajectories: Sequence[Trajectory], add_generation_prompt: bool
+    ) -> list[InputFeature]:
         conversations: list[list[dict[str, Any]]] = []
         tools_list: list[list[dict[str, Any]] | None] = []
         rejected_at: list[int] = []
@@ -216,8 +224,6 @@ class Template:
                 features[i]["rejected_input_ids"] = feature["input_ids"]
                 features[i]["rejected_labels"] = feature["labels"]
                 features[i]["rejected_length"] = feature["length"]
-        for i, feature in enumerate(features):
-            self._truncate(feature, i)
         return features
 
     def encode_rows(
@@ -229,14 +235,10 @@ class Template:
         """
         if self.truncation_strategy != "delete" or self.max_length is None:
             return list(self.batch_encode(trajectories, add_generation_prompt))
-        limit, self.max_length = self.max_length, None
-        try:
-            features = self.batch_encode(trajectories, add_generation_prompt)
-        finally:
-            self.max_length = limit
+        limit = self.max_length
         return [
             None if f["length"] > limit or f.get("rejected_length", 0) > limit else f  # type: ignore[operator]
-            for f in features
+            for f in self._encode_untruncated(trajectories, add_generation_prompt)
         ]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
