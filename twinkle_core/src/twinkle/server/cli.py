@@ -81,9 +81,13 @@ def serve_main(args: argparse.Namespace) -> int:
             store.close()
         print(key)
         return 0
-    import uvicorn
+    try:
+        import uvicorn
 
-    from twinkle.server.app import create_app
+        from twinkle.server.app import create_app
+    except ImportError as exc:
+        print(f"error: twinkle serve needs the http extra ({exc.name} is missing): pip install 'twinkle-core[http]'")
+        return 1
 
     app = create_app(config)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"))
