@@ -86,6 +86,28 @@ def _chunk_fn(device_type: str) -> Any:
     return fn
 
 
+_FP32_OUT_ADDMM: dict[str, bool] = {}
+
+
+def _accumulate_weight_grad(grad_w: Any, a: Any, b: Any) -> None:
+    """``grad_w += a @ b`` with ``grad_w`` float32 and ``a``/``b`` half precision.
+
+    On CUDA, cuBLAS accumulates straight into the float32 buffer (``addmm`` with
+    ``out_dtype=float32``, no half-precision product and no extra pass); elsewhere, or where
+    torch lacks that overload, the half product is added to the buffer.
+    """
+    import torch
+
+    if a.is_cuda and a.dtype != torch.float32 and _FP32_OUT_ADDMM.get("ok", True):
+        try:
+            torch.addmm(grad_w, a, b, out_dtype=torch.float32, out=grad_w)
+            _FP32_OUT_ADDMM["ok"] = True
+            return
+        except (TypeError, RuntimeError, NotImplementedError):
+            _FP32_OUT_ADDMM["ok"] = False
+    grad_w.add_(a @ b)
+
+
 def _linear(hidden: Any, weight: Any, bias: Any) -> Any:
     import torch
 
@@ -128,7 +150,7 @@ class _LinearCrossEntropyFunction:
                         if want_h:
                             grad_h[start : start + rows] = grad_logits @ weight.to(grad_logits.dtype)
                         if want_w:
-                            grad_w.add_(grad_logits.t() @ h.to(grad_logits.dtype))  # float32 accumulation
+                            _accumulate_weight_grad(grad_w, grad_logits.t(), h.to(grad_logits.dtype))
                         if want_b:
                             grad_b += grad_logits.float().sum(0)
                     ctx.save_for_backward(grad_h, grad_w, grad_b)
