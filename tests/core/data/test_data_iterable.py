@@ -34,6 +34,8 @@ def test_streaming_batches_resume_and_mix(data_file, template):
     assert [len(b) for b in batches] == [5, 5, 5, 5]  # 24 rows: the short tail of 4 is dropped
     with pytest.raises(TypeError):
         len(loader)
+    with pytest.raises(ValueError, match=r"dataset.shuffle\(seed="):
+        DataLoader(stream, batch_size=5, shuffle=True)
     first = DataLoader(stream, batch_size=5)
     it = iter(first)
     next(it)

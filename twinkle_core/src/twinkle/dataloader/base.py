@@ -79,6 +79,11 @@ class DataLoader(Component):
         self.drop_last = drop_last
         self.remote_group = remote_group
         self.streaming = not hasattr(dataset, "__getitem__") or getattr(dataset, "streaming", False)
+        if shuffle and self.streaming:
+            raise ValueError(
+                "shuffle=True needs random access; for a streaming IterableDataset call "
+                "dataset.shuffle(seed=..., buffer_size=...) and leave the DataLoader's shuffle off"
+            )
         runtime = _current_runtime()
         if seed is None:
             seed = runtime.seed if runtime is not None and runtime.seed is not None else random.randrange(2**31)
