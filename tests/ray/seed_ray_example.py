@@ -11,9 +11,8 @@ the 8 ranks, the fsdp=4 x dp=2 mesh and the loop, is the seed's code.
 
 import os
 
-from peft import LoraConfig
-
 import twinkle
+from peft import LoraConfig
 from twinkle import DeviceGroup, DeviceMesh, assets
 from twinkle.dataloader import DataLoader
 from twinkle.dataset import Dataset, DatasetMeta
