@@ -78,8 +78,10 @@ def rewards(session: nox.Session) -> None:
 @nox.session(python=TORCH_PYTHON)
 def ray(session: nox.Session) -> None:
     """twinkle-ray on a local Ray cluster (CPU actors, gloo)."""
-    install(session, *TORCH_STACK, "-e", "./twinkle_core[torch]", "-e", "./plugins/twinkle-ray", *TEST_DEPS)
-    session.run(*PYTEST, "tests/ray", *session.posargs, env={"RAY_AUTH_MODE": "disabled"})
+    plugin = ("-e", "./twinkle_core[torch]", "-e", "./plugins/twinkle-ray")
+    install(session, *TORCH_STACK, "ray>=2.40", *plugin, *TEST_DEPS)
+    env = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    session.run(*PYTEST, "tests/ray", *session.posargs, env=env)
 
 
 @nox.session(python=TORCH_PYTHON)
