@@ -112,6 +112,11 @@ def test_adapters_are_independent(tiny_model_dir):
         model.forward_backward(inputs=rows, adapter_name="c")
     with pytest.raises(ValueError, match="already exists"):
         model.add_adapter_to_model("alpha", LORA)
+    model.remove_adapter("beta")
+    assert model.adapter_names == ["alpha"] and model.state_of().name == "alpha"
+    assert not any(".beta." in n for n, _ in model.model.named_parameters())
+    with pytest.raises(ValueError, match="only adapter"):
+        model.remove_adapter("alpha")
 
 
 def test_forward_only_logps_and_disabled_adapters(tiny_model_dir):

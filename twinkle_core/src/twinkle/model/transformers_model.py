@@ -466,6 +466,24 @@ class TransformersModel(TwinkleModel):
         if self._wrapped and self.world_size > 1 and self.device_mesh.fsdp == 1:
             self._broadcast_parameters()
 
+    @remote(dispatch="all", collect="first")
+    def remove_adapter(self, adapter_name: str) -> None:
+        """Delete an adapter and its state (a tenant leaving); the default becomes the last one left.
+
+        Raises:
+            KeyError: no such adapter.
+            ValueError: it is the only adapter (the model would become full-parameter again).
+        """
+        self._state(adapter_name)
+        if adapter_name == FULL_MODEL or len(self._states) == 1:
+            raise ValueError(f"cannot remove {adapter_name!r}: it is the only adapter; add another one first")
+        del self._states[adapter_name]
+        self._peft.delete_adapter(adapter_name)
+        self._active = None
+        if self._default == adapter_name:
+            self._default = next(reversed(self._states))
+        self._activate(self._states[self._default])
+
     @contextlib.contextmanager
     def adapters_disabled(self) -> Iterator[None]:
         """A context in which forwards use the base model without any adapter (reference model).
