@@ -163,6 +163,13 @@ def start_engine(model_dir: str, options: dict[str, Any], in_process: bool) -> t
     from vllm import LLM
 
     started = time.perf_counter()
-    with _env("VLLM_ENABLE_V1_MULTIPROCESSING", "0" if in_process else None), _kept_random_state():
+    # Out of process, VLLMSampler sends one small function of its own to the workers (refreshing the
+    # lm_head after a weight reload), which vLLM only deserializes with this flag.
+    insecure = None if in_process else "1"
+    with (
+        _env("VLLM_ENABLE_V1_MULTIPROCESSING", "0" if in_process else None),
+        _env("VLLM_ALLOW_INSECURE_SERIALIZATION", insecure),
+        _kept_random_state(),
+    ):
         llm = LLM(model=model_dir, **options)
     return llm, time.perf_counter() - started

@@ -247,14 +247,21 @@ class VLLMSampler(Sampler):
         if adapter_name is not None:
             return self._update_lora(dict(items), adapter_name, peft_config)
         counter = [0]
-        stream = self._checked(items, counter)
+        touched: set[str] = set()
+        stream = self._checked(items, counter, touched)
         if not self.in_process:
             stream = list(stream)  # crosses a process boundary: must be serializable
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream, "is_checkpoint_format": True})
+        if "model.embed_tokens.weight" in touched:
+            # A tied lm_head shares the embedding's parameter, but the reload re-processes only the layers
+            # it loaded: backends that keep a processed copy (the CPU GEMM's packed weight) need a refresh.
+            self.llm.collective_rpc(_refresh_lm_head)
         self.llm.reset_prefix_cache()
         return counter[0]
 
-    def _checked(self, items: Iterable[tuple[str, Any]], counter: list[int]) -> Iterator[tuple[str, Any]]:
+    def _checked(
+        self, items: Iterable[tuple[str, Any]], counter: list[int], touched: set[str]
+    ) -> Iterator[tuple[str, Any]]:
         shapes = self._shapes()
         for name, tensor in items:
             expected = shapes.get(name)
@@ -266,6 +273,7 @@ class VLLMSampler(Sampler):
                     f"VLLMSampler.update_weights: {name!r} has shape {tuple(tensor.shape)}, the model's is {expected}"
                 )
             counter[0] += 1
+            touched.add(name)
             yield name, tensor
 
     def _shapes(self) -> dict[str, tuple[int, ...]]:
@@ -481,6 +489,16 @@ class VLLMSampler(Sampler):
 
     def __repr__(self) -> str:
         return f"VLLMSampler(model_id={self.model_id!r}, adapters={list(self._adapters)})"
+
+
+def _refresh_lm_head(worker: Any) -> None:
+    """Runs inside each vLLM worker: redo the lm_head's post-load processing from its (tied) weight."""
+    model = worker.model_runner.get_model()
+    lm_head = getattr(model, "lm_head", None)
+    lm_head = getattr(lm_head, "base_layer", lm_head)
+    method = getattr(lm_head, "quant_method", None)
+    if method is not None and hasattr(method, "process_weights_after_loading"):
+        method.process_weights_after_loading(lm_head)
 
 
 def _require_vllm() -> None:
