@@ -35,7 +35,12 @@ def _assert_same_training(fast, plain, rows, rtol=1e-5, atol=1e-6, steps=2):
         g_fast, g_plain = _grads(fast), _grads(plain)
         assert g_fast.keys() == g_plain.keys() and g_fast
         for key in g_fast:
-            torch.testing.assert_close(g_fast[key], g_plain[key], rtol=rtol * 100, atol=atol * 10)
+            # fp32 with another summation order (chunked head vs full logits): compare each tensor
+            # by norm, and elementwise relative to its largest entry (multi-threaded BLAS differs)
+            got, want = g_fast[key], g_plain[key]
+            scale = float(want.abs().max()) + 1e-12
+            assert float((got - want).norm()) <= 1e-3 * float(want.norm()) + 1e-9, key
+            torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3 * scale)
         fast.clip_grad_and_step(max_grad_norm=1.0)
         plain.clip_grad_and_step(max_grad_norm=1.0)
     for p_fast, p_plain in zip(fast.state_of().params, plain.state_of().params):
