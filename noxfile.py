@@ -121,3 +121,10 @@ def integration(session: nox.Session) -> None:
     install(session, "--no-deps", *plugins)
     uv = shutil.which("uv") or os.path.join(os.path.dirname(sys.executable), "uv")
     session.run(*PYTEST, "tests/integration", *session.posargs, env={"TWINKLE_TEST_UV": uv})
+
+
+@nox.session(python=TORCH_PYTHON)
+def trl_parity(session: nox.Session) -> None:
+    """DPO and GRPO losses and gradients against TRL's own trainers on the same random inputs."""
+    install(session, *TORCH_STACK, "trl>=1.0,<2", "-e", "./twinkle_core[torch]", *TEST_DEPS)
+    session.run(*PYTEST, "tests/trl_parity", *session.posargs)
