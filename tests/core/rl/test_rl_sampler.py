@@ -83,7 +83,11 @@ def test_token_prompts_and_clear_errors(rl_sampler):
     ids = rl_sampler.template.encode(PROMPTS[0], add_generation_prompt=True)["input_ids"]
     a = rl_sampler.sample([{"input_ids": ids}], SamplingParams(max_tokens=4, temperature=0))[0]
     b = rl_sampler.sample(PROMPTS[:1], SamplingParams(max_tokens=4, temperature=0))[0]
-    assert a.sequences[0].tokens == b.sequences[0].tokens and a.sequences[0].trajectory is None
+    assert a.sequences[0].tokens == b.sequences[0].tokens
+    assert a.sequences[0].trajectory == {
+        "messages": [{"role": "assistant", "content": a.sequences[0].text}],
+        "user_data": {},
+    }
     with pytest.raises(ValueError, match="neither 'messages'"):
         rl_sampler.sample([{"text": "hi"}])
     with pytest.raises(KeyError, match="no adapter 'nope'"):

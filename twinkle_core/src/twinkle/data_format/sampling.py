@@ -122,7 +122,8 @@ class SampledSequence:
             fields such as ``advantages`` before ``model.forward_backward``.
         user_data: the prompt Trajectory's ``user_data`` (ground truth etc.), shared by the group.
         trajectory: the prompt Trajectory with the completion appended as the last assistant
-            message (what :class:`~twinkle.reward.base.Reward` takes); ``None`` for token prompts.
+            message (what :class:`~twinkle.reward.base.Reward` takes); for a token prompt, just
+            that assistant message and the prompt's ``user_data``.
     """
 
     tokens: list[int]

@@ -332,8 +332,11 @@ class TorchSampler(Sampler):
         user_data: dict[str, Any],
         trajectory: dict[str, Any] | None,
     ) -> SampledSequence:
+        completion = {"role": "assistant", "content": text}
         if trajectory is not None:
-            trajectory = {**trajectory, "messages": [*trajectory["messages"], {"role": "assistant", "content": text}]}
+            trajectory = {**trajectory, "messages": [*trajectory["messages"], completion]}
+        else:  # a token prompt: the completion alone, with the prompt's user_data (what rewards read)
+            trajectory = {"messages": [completion], "user_data": user_data}
         return SampledSequence(
             tokens=tokens,
             logprobs=logprobs,
