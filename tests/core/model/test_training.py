@@ -210,3 +210,18 @@ def test_metrics_are_emitted_to_plugins(tiny_model_dir):
         model.calculate_metric(is_training=False)
     assert seen[0] == ("train", 1, metric)
     assert seen[1][0] == "eval" and "loss" in seen[1][2]
+
+
+def test_mixed_precision_and_dtype(tiny_model_dir):
+    rows = make_rows(2, seed=8)
+    fp32 = TransformersModel(model_id=tiny_model_dir).forward_only(rows).loss
+    autocast = TransformersModel(model_id=tiny_model_dir, mixed_precision="bf16")
+    autocast.set_optimizer("AdamW", lr=1e-3)
+    assert autocast.forward_backward(inputs=rows).loss == pytest.approx(fp32, rel=2e-2)
+    assert autocast.clip_grad_and_step()["stepped"]
+    assert next(autocast.model.parameters()).dtype == torch.float32
+    bf16 = TransformersModel(model_id=tiny_model_dir, torch_dtype="bfloat16")
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16
+    assert bf16.forward_only(rows).loss == pytest.approx(fp32, rel=2e-2)
+    with pytest.raises(ValueError, match="mixed_precision"):
+        TransformersModel(model_id=tiny_model_dir, mixed_precision="fp8")
