@@ -95,7 +95,7 @@ def test_sigkill_restart_keeps_checkpoints_and_resume_is_exact(tmp_path: Path) -
     proc, url = _start(tmp_path)
     try:
         alice = tinker.ServiceClient(base_url=url, api_key=key_a)
-        rest_a = alice.create_rest_client()
+        rest_a = tinker.RestClient(base_url=url, api_key=key_a)
         assert [c.tinker_path for c in rest_a.list_checkpoints(run_a.model_id).result().checkpoints] == [path_a]
         resumed = alice.create_training_client_from_state_with_optimizer(path_a).result()
         np.testing.assert_allclose(_steps(resumed, data, 2), reference, rtol=1e-4)
@@ -106,7 +106,7 @@ def test_sigkill_restart_keeps_checkpoints_and_resume_is_exact(tmp_path: Path) -
             failed = http.post("/api/v1/retrieve_future", json={"request_id": stale["request_id"]}).json()
             assert "no longer in memory" in failed["error"]
         bob = tinker.ServiceClient(base_url=url, api_key=key_b)
-        rest_b = bob.create_rest_client()
+        rest_b = tinker.RestClient(base_url=url, api_key=key_b)
         assert [c.tinker_path for c in rest_b.list_checkpoints(run_b.model_id).result().checkpoints] == [path_b]
         assert {r.training_run_id for r in rest_b.list_training_runs().result().training_runs} == {run_b.model_id}
         bob.create_training_client_from_state_with_optimizer(path_b).result()

@@ -139,9 +139,8 @@ def test_concurrent_tenants_train_independently(server) -> None:
 
     def train(i: int) -> None:
         try:
-            service = tinker.ServiceClient(
-                base_url=server.url, api_key=server.add_tenant(f"conc-{i}-{uuid.uuid4().hex[:4]}")
-            )
+            key = server.add_tenant(f"conc-{i}-{uuid.uuid4().hex[:4]}")
+            service = tinker.ServiceClient(base_url=server.url, api_key=key)
             tc = service.create_lora_training_client(base_model="twinkle/tiny-qwen2", rank=4, seed=i).result()
             tokens = [(i * 37 + k * 11) % 2000 + 5 for k in range(25)]
             datum = types.Datum(
@@ -154,7 +153,11 @@ def test_concurrent_tenants_train_independently(server) -> None:
                 tc.optim_step(types.AdamParams(learning_rate=3e-3)).result()
             tc.save_state("final").result()
             assert [
-                c.checkpoint_id for c in service.create_rest_client().list_user_checkpoints().result().checkpoints
+                c.checkpoint_id
+                for c in tinker.RestClient(base_url=server.url, api_key=key)
+                .list_user_checkpoints()
+                .result()
+                .checkpoints
             ] == ["weights/final"]
             results[i] = losses
             service.close(status="success")

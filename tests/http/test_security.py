@@ -68,7 +68,11 @@ def test_tenant_b_cannot_touch_tenant_a(server, tenant_a, key_b) -> None:
             assert created.status_code == 404
             sample = b.post(
                 "/api/v1/asample",
-                json={"prompt": {"chunks": [{"tokens": [1, 2]}]}, "sampling_params": {"max_tokens": 2}, "model_path": p},
+                json={
+                    "prompt": {"chunks": [{"tokens": [1, 2]}]},
+                    "sampling_params": {"max_tokens": 2},
+                    "model_path": p,
+                },
             )
             assert sample.status_code == 404
             load = b.post(
@@ -104,7 +108,9 @@ def test_tenant_b_cannot_touch_tenant_a(server, tenant_a, key_b) -> None:
 def test_path_traversal_is_rejected(server, tenant_a, bad_path) -> None:
     with _client(server, tenant_a["key"]) as a:
         sid = tenant_a["session"]
-        r = a.post("/api/v1/load_weights", json={"session_id": sid, "model_seq_id": 99, "path": bad_path, "optimizer": False})
+        r = a.post(
+            "/api/v1/load_weights", json={"session_id": sid, "model_seq_id": 99, "path": bad_path, "optimizer": False}
+        )
         assert r.status_code in (400, 404), r.text
         assert "Traceback" not in r.text
         r = a.post("/api/v1/save_weights", json={"model_id": tenant_a["run"], "path": "../../evil"})
@@ -147,7 +153,9 @@ def test_request_size_limit(server, tenant_a) -> None:
 
 
 def test_quotas_answer_4xx_with_a_message(server) -> None:
-    key = server.add_tenant(f"q-{uuid.uuid4().hex[:6]}", max_adapters=1, max_tokens_per_request=64, requests_per_minute=600)
+    key = server.add_tenant(
+        f"q-{uuid.uuid4().hex[:6]}", max_adapters=1, max_tokens_per_request=64, requests_per_minute=600
+    )
     with _client(server, key) as q:
         sid = q.post("/api/v1/create_session", json={"tags": [], "sdk_version": "t"}).json()["session_id"]
         body = {"session_id": sid, "base_model": BASE, "lora_config": {"rank": 2}}
@@ -158,7 +166,11 @@ def test_quotas_answer_4xx_with_a_message(server) -> None:
         assert second.status_code == 403 and "limit is 1" in second.json()["detail"]
         too_long = q.post(
             "/api/v1/asample",
-            json={"prompt": {"chunks": [{"tokens": list(range(60))}]}, "sampling_params": {"max_tokens": 10}, "base_model": BASE},
+            json={
+                "prompt": {"chunks": [{"tokens": list(range(60))}]},
+                "sampling_params": {"max_tokens": 10},
+                "base_model": BASE,
+            },
         )
         assert too_long.status_code == 413 and "per request" in too_long.json()["detail"]
         rank = q.post("/api/v1/create_model", json={**body, "model_seq_id": 2, "lora_config": {"rank": 4096}})
@@ -169,7 +181,11 @@ def test_quotas_answer_4xx_with_a_message(server) -> None:
         codes = [
             r.post(
                 "/api/v1/asample",
-                json={"prompt": {"chunks": [{"tokens": [1, 2]}]}, "sampling_params": {"max_tokens": 1}, "base_model": BASE},
+                json={
+                    "prompt": {"chunks": [{"tokens": [1, 2]}]},
+                    "sampling_params": {"max_tokens": 1},
+                    "base_model": BASE,
+                },
             ).status_code
             for _ in range(5)
         ]
@@ -184,7 +200,9 @@ def test_quotas_answer_4xx_with_a_message(server) -> None:
 
 def test_bad_input_is_a_clear_4xx_without_traceback(server, tenant_a) -> None:
     with _client(server, tenant_a["key"]) as a:
-        garbage = a.post("/api/v1/forward_backward", content=b"\xff\x00garbage", headers={"Content-Type": "application/x-protobuf"})
+        garbage = a.post(
+            "/api/v1/forward_backward", content=b"\xff\x00garbage", headers={"Content-Type": "application/x-protobuf"}
+        )
         assert garbage.status_code == 400 and "protobuf" in garbage.json()["detail"]
         wrong_type = a.post("/api/v1/forward_backward", content=b"{}", headers={"Content-Type": "application/json"})
         assert wrong_type.status_code == 415
@@ -192,7 +210,11 @@ def test_bad_input_is_a_clear_4xx_without_traceback(server, tenant_a) -> None:
         assert bad_json.status_code == 422
         oob = a.post(
             "/api/v1/asample",
-            json={"prompt": {"chunks": [{"tokens": [10**9]}]}, "sampling_params": {"max_tokens": 1}, "base_model": BASE},
+            json={
+                "prompt": {"chunks": [{"tokens": [10**9]}]},
+                "sampling_params": {"max_tokens": 1},
+                "base_model": BASE,
+            },
         )
         assert oob.status_code == 200
         failed = _wait(a, oob.json()["request_id"])

@@ -136,7 +136,7 @@ def test_unsupported_loss_and_options_are_clear_errors(service, sentence) -> Non
         ).result()
 
 
-def test_save_list_resume_with_optimizer_and_delete(service, sentence) -> None:
+def test_save_list_resume_with_optimizer_and_delete(server, key, service, sentence) -> None:
     tc = service.create_lora_training_client(base_model=BASE, rank=8).result()
     data = [sft_datum(sentence)]
     adam = types.AdamParams(learning_rate=1e-2)
@@ -159,12 +159,16 @@ def test_save_list_resume_with_optimizer_and_delete(service, sentence) -> None:
     resumed = two_more_steps(resumed_client)
     np.testing.assert_allclose(resumed, original, rtol=1e-4)  # Adam moments were restored too
 
+    with pytest.warns(FutureWarning, match="load_state"):  # deprecated in the SDK, still served
+        tc.load_state_with_optimizer(path).result()  # rewind the original client in place
+    np.testing.assert_allclose(two_more_steps(tc), original, rtol=1e-4)
+
     fresh_optimizer = service.create_training_client_from_state(path).result()
     no_moments = two_more_steps(fresh_optimizer)
     assert math.isclose(no_moments[0], original[0], rel_tol=1e-4)
     assert not math.isclose(no_moments[1], original[1], rel_tol=1e-4)
 
-    rest = service.create_rest_client()
+    rest = tinker.RestClient(base_url=server.url, api_key=key)
     listed = rest.list_checkpoints(tc.model_id).result().checkpoints
     assert {c.tinker_path for c in listed} == {path, sampler_path}
     assert {c.checkpoint_type for c in listed} == {"training", "sampler"}
@@ -216,7 +220,7 @@ def test_rl_loop_with_snapshot_sampling(service, tiny_tokenizer) -> None:
 def test_sessions_heartbeats_and_finish(server, key, service) -> None:
     tc = service.create_lora_training_client(base_model=BASE, rank=2).result()
     session_id = service.holder.get_session_id()
-    rest = service.create_rest_client()
+    rest = tinker.RestClient(base_url=server.url, api_key=key)
     assert session_id in rest.list_sessions(limit=100).result().sessions
     assert tc.model_id in rest.get_session(session_id).result().training_run_ids
     with httpx.Client(base_url=server.url, headers={"X-API-Key": key}) as http:
