@@ -154,3 +154,28 @@ def make_rows(n: int, in_features: int = 4, seed: int = 0) -> list[tuple[list[fl
         x = [rng.uniform(-1, 1) for _ in range(in_features)]
         rows.append((x, sum((i + 1) * v for i, v in enumerate(x)) + 0.5))
     return rows
+
+
+class DeviceProbe(Component):
+    """Reports which device each rank uses and all-reduces on it (the GPU/nccl path)."""
+
+    def __init__(self, remote_group: str | None = None, device_mesh=None):
+        import torch
+
+        self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(self.device)
+
+    @remote(dispatch="all", collect="all")
+    def probe(self) -> dict[str, Any]:
+        import torch
+        import torch.distributed as dist
+
+        t = torch.ones(1, device=self.device) * (int(os.environ["RANK"]) + 1)
+        dist.all_reduce(t)
+        return {
+            "visible": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "local_rank": os.environ.get("LOCAL_RANK"),
+            "device": str(getattr(torch.cuda.get_device_properties(self.device), "uuid", self.device)),
+            "sum": float(t.item()),
+            "backend": str(dist.get_backend()),
+        }
