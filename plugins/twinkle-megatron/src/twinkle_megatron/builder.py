@@ -25,7 +25,7 @@ _EXPERT = re.compile(r"(\.experts\.local_experts\.)(\d+)(\.)")
 
 
 def build_gpt_model(spec: MegatronSpec, device: Any = "cpu") -> Any:
-    """A ``GPTModel`` (local layer spec, full-vocabulary logits) for ``spec`` on ``device``, uninitialized.
+    """A ``GPTModel`` (local layer spec, full-vocabulary logits) for ``spec`` on ``device``.
 
     Fill its weights with :func:`load_full_state`.
 
@@ -37,10 +37,10 @@ def build_gpt_model(spec: MegatronSpec, device: Any = "cpu") -> Any:
     from megatron.core.transformer import TransformerConfig
 
     kwargs = dict(spec.config_kwargs)
-    # weights always come from a converted checkpoint (load_full_state), so megatron's own
-    # initialization is skipped; on CUDA the parameters are allocated on the GPU directly
+    # on CUDA the parameters are allocated (and initialized, which also tags their
+    # tensor-parallel layout) on the GPU directly; load_full_state overwrites the values
     on_cpu = str(device).startswith("cpu")
-    kwargs.update(perform_initialization=False, use_cpu_initialization=on_cpu)
+    kwargs.update(use_cpu_initialization=on_cpu)
     if spec.num_experts and on_cpu:
         # the all-to-all dispatcher allocates torch.cuda streams; all-gather is the CPU path
         kwargs["moe_token_dispatcher_type"] = "allgather"

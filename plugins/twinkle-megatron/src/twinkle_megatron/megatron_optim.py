@@ -53,7 +53,10 @@ class MegatronOptimizer:
     @property
     def torch_optimizer(self) -> Any:
         """The wrapped ``torch.optim`` optimizer (what an LR scheduler drives)."""
-        inner = getattr(self.optimizer, "optimizer", None)
+        try:
+            inner = self.optimizer.optimizer
+        except AssertionError:
+            inner = None
         if inner is None:
             raise TypeError(
                 f"{type(self.optimizer).__name__} has no single torch optimizer (expert and dense parameters are "
@@ -69,10 +72,24 @@ class MegatronOptimizer:
 
     def clip(self, max_grad_norm: float) -> float:
         """Clip the main gradients to ``max_grad_norm``; returns the norm before clipping."""
+        from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
         if not self.prepared:
             self.optimizer.prepare_grads()
             self.prepared = True
-        return float(self.optimizer.clip_grad_norm(max_grad_norm))
+        norm = self.optimizer.get_grad_norm()
+        for inner in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            if getattr(inner, "is_stub_optimizer", False):
+                continue
+            params = inner.get_parameters()
+            if params:
+                clip_grad_by_total_norm_fp32(
+                    params,
+                    max_norm=max_grad_norm,
+                    total_norm=norm,
+                    use_decoupled_grad=inner.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8,
+                )
+        return float(norm)
 
     def step(self) -> None:
         """Update the parameters with the (clipped) gradients."""

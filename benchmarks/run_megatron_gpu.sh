@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# One-shot GPU run for twinkle-megatron (issue 10): install the carried wheels, run the
+# gpu-marked megatron tests and the MegatronModel vs TransformersModel benchmark.
+#
+# Machine: Python 3.12 with torch, transformers and peft already installed (no network).
+# Carry the ignored folder .whl/ (it holds megatron_core-0.16.1-cp312-...whl and, in case
+# the machine lacks them, twinkle-core's small dependencies pluggy / pydantic wheels).
+#
+#   bash benchmarks/run_megatron_gpu.sh            # all phases (about 10 minutes)
+#   bash benchmarks/run_megatron_gpu.sh tests      # one phase: install, tests, bench-small, bench-7b
+#
+# Logs and tables go to $OUT (default ./megatron-gpu-out).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/megatron-gpu-out}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+PHASE="${1:-all}"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+
+install() {
+  {
+    echo "== python / torch / cuda"
+    "$PY" -c "import sys, torch, transformers, peft; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0)); print('transformers', transformers.__version__, 'peft', peft.__version__)"
+    for dep in pluggy pydantic; do
+      if ! "$PY" -c "import $dep" 2>/dev/null; then
+        echo "== installing $dep from .whl"
+        "$PY" -m pip install --no-index --find-links .whl "$dep"
+      fi
+    done
+    echo "== megatron-core wheel"
+    "$PY" -m pip install --no-index --no-deps .whl/megatron_core-0.16.*-cp312-*.whl
+    echo "== twinkle-core and twinkle-megatron (editable, no deps)"
+    "$PY" -m pip install --no-index --no-deps --no-build-isolation -e ./twinkle_core -e ./plugins/twinkle-megatron \
+      || "$PY" -m pip install --no-deps --no-build-isolation -e ./twinkle_core -e ./plugins/twinkle-megatron
+    "$PY" -c "import megatron.core, twinkle_megatron.model; print('megatron-core', megatron.core.__version__)"
+  } 2>&1 | tee "$OUT/install.log"
+}
+
+tests() {
+  timeout 420 "$PY" -m pytest tests/megatron/test_gpu.py -v -s -p no:cacheprovider -m gpu 2>&1 | tee "$OUT/gpu_tests.log"
+}
+
+bench_small() {
+  timeout 420 "$PY" benchmarks/megatron_vs_transformers.py --shapes 0.5b --modes lora,full --steps 10 --warmup 3 \
+    --json "$OUT/bench_0.5b.json" 2>&1 | tee "$OUT/bench_0.5b.log"
+}
+
+bench_7b() {
+  timeout 560 "$PY" benchmarks/megatron_vs_transformers.py --shapes 7b --modes lora,full --steps 5 --warmup 2 \
+    --json "$OUT/bench_7b.json" 2>&1 | tee "$OUT/bench_7b.log"
+}
+
+case "$PHASE" in
+  install) install ;;
+  tests) install >/dev/null; tests ;;
+  bench-small) install >/dev/null; bench_small ;;
+  bench-7b) install >/dev/null; bench_7b ;;
+  all) install; tests; bench_small; bench_7b ;;
+  *) echo "unknown phase $PHASE (install | tests | bench-small | bench-7b | all)"; exit 2 ;;
+esac
