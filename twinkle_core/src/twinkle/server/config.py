@@ -28,6 +28,7 @@ class ServerConfig:
         requests_per_minute: default per-tenant rate of compute requests (429 above).
         long_poll_s: how long ``retrieve_future`` waits before answering "try again".
         max_batch_rows: datums per batched multi-LoRA pass.
+        batch_window_s: how long a pass waits for other tenants' requests to join it.
 
     Example::
 
@@ -46,6 +47,7 @@ class ServerConfig:
     requests_per_minute: int = 6000
     long_poll_s: float = 10.0
     max_batch_rows: int = 256
+    batch_window_s: float = 0.02
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir)

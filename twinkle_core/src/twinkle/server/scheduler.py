@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import traceback
 from collections import deque
 from dataclasses import dataclass, field
@@ -64,6 +65,8 @@ class Scheduler:
         engine: the :class:`LoRAEngine`.
         on_done: ``on_done(future_id, payload, error, category)`` after every job.
         max_batch_rows: datums per batched pass.
+        batch_window_s: when some runs have a ``forward_backward`` ready and others are
+            queued, wait this long for more to arrive before starting the pass.
     """
 
     def __init__(
@@ -72,15 +75,18 @@ class Scheduler:
         on_done: Callable[[str, Payload | None, str | None, str | None], None],
         *,
         max_batch_rows: int = 256,
+        batch_window_s: float = 0.0,
     ) -> None:
         self.engine = engine
         self.on_done = on_done
         self.max_batch_rows = max_batch_rows
+        self.batch_window_s = batch_window_s
         self._cond = threading.Condition()
         self._ordered: dict[str, dict[int, Job]] = {}
         self._next_seq: dict[str, int] = {}
         self._free: deque[Job] = deque()
         self._rotation = 0
+        self._last_seen: dict[str, float] = {}
         self._running = False
         self._paused = False
         self._thread: threading.Thread | None = None
@@ -124,6 +130,7 @@ class Scheduler:
         """Stop ordering a run; returns its queued jobs (the caller fails them)."""
         with self._cond:
             self._next_seq.pop(model_id, None)
+            self._last_seen.pop(model_id, None)
             return list(self._ordered.pop(model_id, {}).values())
 
     def submit(self, job: Job) -> None:
@@ -133,6 +140,8 @@ class Scheduler:
             UserError: the ``seq_id`` was already used or queued for this run.
         """
         with self._cond:
+            if job.model_id is not None:
+                self._last_seen[job.model_id] = time.monotonic()
             if job.model_id is not None and job.seq_id is not None and job.model_id in self._next_seq:
                 queue = self._ordered[job.model_id]
                 if job.seq_id < self._next_seq[job.model_id] or job.seq_id in queue:
@@ -182,7 +191,22 @@ class Scheduler:
                     ready = [] if self._paused else self._ready()
                 if not self._running:
                     return
+                ready = self._gather(ready)
             self._run_round(ready)
+
+    def _gather(self, ready: list[Job]) -> list[Job]:
+        """Wait up to ``batch_window_s`` for the other recently active runs' forward_backward."""
+        if self.batch_window_s <= 0:
+            return ready
+        deadline = time.monotonic() + self.batch_window_s
+        while True:
+            now = time.monotonic()
+            active = sum(1 for seen in self._last_seen.values() if now - seen < 2.0)
+            batched = sum(1 for job in ready if job.kind == "forward_backward")
+            if not 0 < batched < active or now >= deadline or not self._running:
+                return ready
+            self._cond.wait(timeout=deadline - now)
+            ready = self._ready()
 
     def _run_round(self, ready: list[Job]) -> None:
         for kind in ("forward_backward", "forward"):

@@ -126,7 +126,9 @@ class ServerState:
         )
         self.waiters = FutureWaiters()
         self.rate = RateLimiter()
-        self.scheduler = Scheduler(self.engine, self._on_done, max_batch_rows=config.max_batch_rows)
+        self.scheduler = Scheduler(
+            self.engine, self._on_done, max_batch_rows=config.max_batch_rows, batch_window_s=config.batch_window_s
+        )
         #: run id -> engine slot of each loaded training run.
         self.run_slots: dict[str, int] = {}
         #: run id -> tenant id (loaded runs).
