@@ -191,6 +191,10 @@ def test_two_adapters_keep_separate_state(rows) -> None:
 def test_bad_inputs_speak_clearly() -> None:
     with pytest.raises(ValueError, match="exactly one of"):
         MegatronModel(device="cpu")
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        MegatronModel(config=tiny_config("qwen2"), device="cpu", tensor_parallel=2)
+    with pytest.raises(ValueError, match="gradient_checkpointing"):
+        MegatronModel(config=tiny_config("qwen2"), device="cpu", gradient_checkpointing=True)
     from twinkle_megatron.convert import ConversionError
 
     with pytest.raises(ConversionError, match="TransformersModel"):

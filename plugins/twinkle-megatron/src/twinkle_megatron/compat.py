@@ -31,6 +31,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import inspect
 import threading
 from typing import Any, Iterator
 
@@ -120,7 +121,9 @@ def seed_model_parallel(seed: int, device_type: str) -> None:
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     torch.manual_seed(seed)
+    kwargs: dict[str, Any] = {}
+    if "force_reset_rng" in inspect.signature(model_parallel_cuda_manual_seed).parameters:
+        kwargs["force_reset_rng"] = True  # a second model in the same process re-seeds
     if device_type == "cpu":
-        model_parallel_cuda_manual_seed(seed, inference_rng_tracker=True, force_reset_rng=True)
-    else:
-        model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+        kwargs["inference_rng_tracker"] = True
+    model_parallel_cuda_manual_seed(seed, **kwargs)

@@ -61,8 +61,9 @@ class MegatronModel(TransformersModel):
         remote_group: the DeviceGroup to run on (ray/http modes).
         seed: random initialization and LoRA initialization seed (default: runtime's, else 42).
         device: ``'cpu'`` or ``'cuda'`` (default: CUDA when available).
-        **kwargs: ignored transformers-only options (``attn_implementation``...) are accepted
-            so a script can swap backends without edits.
+        **kwargs: TransformersModel's ``attn_implementation`` and ``trust_remote_code`` are
+            accepted (and have no effect: megatron's attention is its own) so a script can
+            swap backends without edits; ``gradient_checkpointing=True`` is refused.
 
     Raises:
         ValueError: neither or both of ``model_id`` and ``config``; a bad dtype.
@@ -99,6 +100,14 @@ class MegatronModel(TransformersModel):
             raise ValueError("MegatronModel needs exactly one of model_id=... (directory or hub id) or config=...")
         if mixed_precision not in (None, "bf16", "fp16", "no"):
             raise ValueError(f"mixed_precision={mixed_precision!r}; use 'bf16', 'fp16' or None")
+        unknown = sorted(set(kwargs) - {"attn_implementation", "trust_remote_code", "gradient_checkpointing"})
+        if unknown:
+            raise TypeError(f"MegatronModel got unexpected keyword arguments {unknown}")
+        if kwargs.get("gradient_checkpointing"):
+            raise ValueError(
+                "MegatronModel: gradient_checkpointing=True is not available (megatron's activation recompute is "
+                "not wired in yet); use TransformersModel for it, or a smaller micro-batch"
+            )
         runtime = current_runtime()
         if seed is None:
             seed = runtime.seed if runtime is not None and runtime.seed is not None else 42
