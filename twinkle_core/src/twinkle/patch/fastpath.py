@@ -218,7 +218,9 @@ class HiddenStatesOutput(ModelOutput):
             hidden = dict.__getitem__(self, "hidden_states")
             weight = dict.__getitem__(self, "lm_head_weight")
             bias = dict.get(self, "lm_head_bias")
-            logits = torch.nn.functional.linear(hidden, weight, bias)
+            # outside a training forward (e.g. forward_only's return_logits) build no graph
+            with torch.set_grad_enabled(torch.is_grad_enabled() and hidden.requires_grad):
+                logits = torch.nn.functional.linear(hidden, weight, bias)
             dict.__setitem__(self, "logits", logits)
         return logits
 
