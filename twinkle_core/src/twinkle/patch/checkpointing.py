@@ -22,10 +22,11 @@ _HOOK_ATTR = "_twinkle_ckpt_hook"
 def activation_bytes(config: Any, num_tokens: int, dtype_bytes: int = 2, fused_head: bool = True) -> int:
     """Rough bytes of activations a training step keeps for backward (no checkpointing).
 
-    Per token and layer: about 16 hidden-size and 5 intermediate-size tensors in the
-    compute dtype (norm inputs and outputs, q/k/v, attention output, MLP gate/up/product),
-    plus the float32 upcasts of the norms. The LM head adds ``[tokens, vocab]`` logits in
-    bf16 and float32 (twice, with their gradient) unless the fused cross-entropy is on.
+    Per token and layer: ``dtype_bytes * (10 * hidden_size + 4 * intermediate_size)``, fitted to
+    eager transformers layers on an H200 (Qwen2.5-0.5B, 16k tokens: 52.6 KB measured vs 56.8 KB
+    estimated; compiled layers keep less: 38 KB for 0.5B, 148 KB for 7B vs 223 KB estimated).
+    The LM head adds ``[tokens, vocab]`` logits in bf16 and float32 with their gradient,
+    unless the fused cross-entropy is on (then one chunk, counted as 1 GiB).
 
     Args:
         config: a transformers config (``hidden_size``, ``intermediate_size``,
@@ -36,12 +37,16 @@ def activation_bytes(config: Any, num_tokens: int, dtype_bytes: int = 2, fused_h
 
     Returns:
         The estimate in bytes.
+
+    Example::
+
+        activation_bytes(model.config, 8 * 2048) / 2**30  # GiB
     """
     hidden = int(getattr(config, "hidden_size", 0) or 0)
     inter = int(getattr(config, "intermediate_size", 0) or getattr(config, "moe_intermediate_size", 0) or 4 * hidden)
     layers = int(getattr(config, "num_hidden_layers", 0) or 0)
     vocab = int(getattr(config, "vocab_size", 0) or 0)
-    per_token_layer = dtype_bytes * (16 * hidden + 5 * inter) + 4 * 2 * hidden
+    per_token_layer = dtype_bytes * (10 * hidden + 4 * inter)
     total = num_tokens * layers * per_token_layer
     total += num_tokens * vocab * (dtype_bytes + 8) if not fused_head else (1 << 30)
     return total
