@@ -174,11 +174,12 @@ def twinkle_inputs(batch: dict) -> tuple[dict, torch.Tensor, torch.Tensor]:
 
 GRPO_CASES = [
     # (TRL config, our loss)
-    ({"loss_type": "grpo", "beta": 0.04}, GRPOLoss(epsilon=0.2, beta=0.04)),
+    ({"loss_type": "grpo", "beta": 0.04, "use_bias_correction_kl": False}, GRPOLoss(epsilon=0.2, beta=0.04)),
+    ({"loss_type": "grpo", "beta": 0.04}, GRPOLoss(epsilon=0.2, beta=0.04, kl_ratio_correction=True)),
     ({"loss_type": "grpo", "beta": 0.0, "epsilon_high": 0.28}, GRPOLoss(epsilon=0.2, epsilon_high=0.28)),
-    ({"loss_type": "bnpo", "beta": 0.04}, GRPOLoss(beta=0.04, aggregation="token")),
+    ({"loss_type": "bnpo", "beta": 0.04, "use_bias_correction_kl": False}, GRPOLoss(beta=0.04, aggregation="token")),
     ({"loss_type": "dapo", "beta": 0.0, "epsilon_high": 0.28}, DAPOLoss()),
-    ({"loss_type": "dr_grpo", "beta": 0.04}, DrGRPOLoss(max_completion_length=C, beta=0.04)),
+    ({"loss_type": "dr_grpo", "beta": 0.04}, DrGRPOLoss(max_completion_length=C, beta=0.04, kl_ratio_correction=True)),
     (
         {
             "loss_type": "grpo",
@@ -200,6 +201,7 @@ def test_grpo_matches_trl(tmp_path, tokenizer, trl_kwargs, loss):
     from trl import GRPOConfig, GRPOTrainer
 
     model = tiny_model()
+    trl_kwargs = dict(trl_kwargs)
     beta = trl_kwargs.pop("beta")
     args = GRPOConfig(
         output_dir=str(tmp_path),

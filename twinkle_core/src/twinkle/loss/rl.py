@@ -66,6 +66,8 @@ class GRPOLoss(Loss):
         importance_level: ``"token"`` (PPO/GRPO) or ``"sequence"`` (GSPO).
         max_completion_length: the constant of ``aggregation="fixed"``.
         delta: optional upper bound on the unclipped ratio (two-sided clipping); ``None`` disables it.
+        kl_ratio_correction: multiply the k3 KL by the (differentiable) importance ratio, which makes its
+            gradient the unbiased reverse-KL gradient (DeepSeek-V3.2; TRL's ``use_bias_correction_kl``).
 
     Raises:
         ValueError: bad options, or a needed field (``advantages``, ``ref_logps``) missing from the inputs.
@@ -86,6 +88,7 @@ class GRPOLoss(Loss):
         importance_level: str = "token",
         max_completion_length: int | None = None,
         delta: float | None = None,
+        kl_ratio_correction: bool = False,
     ) -> None:
         name = type(self).__name__
         if aggregation not in _AGGREGATIONS:
@@ -107,6 +110,7 @@ class GRPOLoss(Loss):
         self.importance_level = importance_level
         self.max_completion_length = max_completion_length
         self.delta = delta
+        self.kl_ratio_correction = kl_ratio_correction
 
     # -- pieces ----------------------------------------------------------------------------
     def policy_term(self, coef: Any, advantages: Any, logps: Any) -> tuple[Any, dict[str, Any]]:
@@ -153,6 +157,8 @@ class GRPOLoss(Loss):
             ).to(logps)
             diff = (ref - logps) * mask
             kl = torch.exp(diff) - diff - 1
+            if self.kl_ratio_correction:  # DeepSeek-V3.2: unbiased reverse-KL gradient (TRL's default)
+                kl = kl * coef
             per_token = per_token + self.beta * kl
             metrics["kl"] = kl.detach()
         per_token = torch.where(mask, per_token, torch.zeros_like(per_token))
