@@ -3,7 +3,7 @@
 Changed: ``device_type='cpu'`` instead of ``'cuda'``; the model and data set ids point at
 the bundled tiny Qwen2 directory and self-cognition data (set TWINKLE_MODEL_ID /
 TWINKLE_DATASET_ID to real ids on a GPU cluster); TWINKLE_SEED_ROWS shortens the run
-(tests use 16) and TWINKLE_CHECKPOINT_DIR says where ``save`` writes. Everything else,
+(tests use 8) and TWINKLE_CHECKPOINT_DIR says where ``save`` writes. Everything else,
 the 8 ranks, the fsdp=4 x dp=2 mesh and the loop, is the seed's code.
 
     python tests/ray/seed_ray_example.py

@@ -18,7 +18,7 @@ def test_seed_ray_example_runs_on_cpu_actors(ray_cluster, tmp_path, monkeypatch,
     import twinkle
 
     checkpoint = tmp_path / "last-checkpoint"
-    monkeypatch.setenv("TWINKLE_SEED_ROWS", "16")  # two global batches of 8
+    monkeypatch.setenv("TWINKLE_SEED_ROWS", "8")  # one global batch of 8
     monkeypatch.setenv("TWINKLE_CHECKPOINT_DIR", str(checkpoint))
     try:
         module = runpy.run_path(os.path.join(HERE, "seed_ray_example.py"), run_name="__main__")
@@ -30,8 +30,8 @@ def test_seed_ray_example_runs_on_cpu_actors(ray_cluster, tmp_path, monkeypatch,
     finally:
         twinkle.shutdown()
     out = capsys.readouterr().out
-    assert "Current is step 0 of 2, metric:" in out
-    assert module["ROWS"] == 16
+    assert "Current is step 0 of 1, metric:" in out
+    assert module["ROWS"] == 8
     line = next(line for line in out.splitlines() if line.startswith("Current is step 0"))
     assert "loss" in line
     loss = float(line.split("'loss': ")[1].split(",")[0].rstrip("}"))

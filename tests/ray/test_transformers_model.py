@@ -78,32 +78,24 @@ def ray_dp2(ray_cluster):
 
 
 def test_sft_dp2_on_two_actors_matches_local(local_reference, ray_dp2):
+    """The seed's loop on two model actors. The first half of the batches come from a DataLoader
+    in the driver (as in the seed); the second half from a DataLoader living in two actors of
+    its own, as references the model's actors fetch directly (never through the driver)."""
+    import twinkle_ray
     from twinkle.dataloader import DataLoader
 
     dataset, batches, expected, expected_metric = local_reference
-    loader = DataLoader(dataset=dataset, batch_size=BATCH, min_batch_size=BATCH)  # in the driver, as in the seed
-    assert list(loader) == batches
-    losses, metric, model = train(loader, remote_group="default")
+    driver_loader = DataLoader(dataset=dataset, batch_size=BATCH, min_batch_size=BATCH)
+    assert list(driver_loader) == batches
+    actor_loader = DataLoader(dataset=dataset, batch_size=BATCH, min_batch_size=BATCH, remote_group="default")
+    assert len(twinkle_ray.remote_component(actor_loader).actors) == 2  # one per data rank of the global mesh
+    assert len(actor_loader) == STEPS
+    assert list(actor_loader) == batches  # a plain for loop gets the global batches
+    refs = list(actor_loader.__iter__.remote())
+    assert all(isinstance(ref, twinkle_ray.RemoteResult) for ref in refs)
+    half = STEPS // 2
+    losses, metric, model = train(batches[:half] + refs[half:], remote_group="default")
     assert losses == pytest.approx(expected, rel=1e-4, abs=1e-5)
     assert losses[-1] != losses[0]  # it trained
     assert metric["loss"] == pytest.approx(expected_metric["loss"], rel=1e-4)
-    import twinkle_ray
-
     assert len(twinkle_ray.remote_component(model).actors) == 2
-
-
-def test_dataloader_in_actors_feeds_model_actors_directly(local_reference, ray_dp2):
-    """Batches stay in the object store: the DataLoader's two actors load their slices, the
-    model's actors fetch them; the driver only sees references."""
-    import twinkle_ray
-    from twinkle.dataloader import DataLoader
-
-    dataset, batches, expected, _ = local_reference
-    loader = DataLoader(dataset=dataset, batch_size=BATCH, min_batch_size=BATCH, remote_group="default")
-    assert len(twinkle_ray.remote_component(loader).actors) == 2  # one per data rank of the global mesh
-    assert len(loader) == STEPS
-    assert list(loader) == batches  # a plain for loop gets the global batches
-    refs = list(loader.__iter__.remote())
-    assert all(isinstance(ref, twinkle_ray.RemoteResult) for ref in refs)
-    losses, _, _ = train(refs, remote_group="default")
-    assert losses == pytest.approx(expected, rel=1e-4, abs=1e-5)
