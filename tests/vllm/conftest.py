@@ -44,7 +44,6 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     """The bundled tiny Qwen2 config + tokenizer with seeded random weights, saved to a temp dir."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
-
     from twinkle import assets
 
     source = Path(assets.path("tiny-qwen2"))

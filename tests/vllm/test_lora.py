@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-
 from twinkle.data_format import SamplingParams
 
 PROMPTS = [[5, 6, 7, 8], [100, 200, 300], [11, 12]]

@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-
 from twinkle.data_format import SamplingParams
 
 PROMPTS = [[5, 6, 7, 8], [100, 200, 300], [11, 12], [999, 5, 44, 1000, 7]]
@@ -42,7 +41,12 @@ def test_sample_batch_shapes_and_training_rows(sampler):
             assert row["old_logps"][n:] == seq.logprobs
             assert seq.user_data == prompt.get("user_data", {})
     assert responses[0].sequences[0].trajectory["messages"][-1]["role"] == "assistant"
-    assert responses[2].prompt_tokens == PROMPTS[0] and responses[2].sequences[0].trajectory is None
+    token_prompt = responses[2].sequences[0]
+    assert responses[2].prompt_tokens == PROMPTS[0]
+    assert token_prompt.trajectory == {
+        "messages": [{"role": "assistant", "content": token_prompt.text}],
+        "user_data": {"k": 1},
+    }
     assert sampler.last_sample_stats["sample_tokens"] > 0
 
 
@@ -71,9 +75,7 @@ def test_greedy_tokens_equal_torch_sampler(sampler, tiny_model_dir):
     assert len({tuple(t) for t in ours_tokens}) == len(prompts)  # the comparison is not trivial
     assert any(len(set(t)) > 3 for t in ours_tokens)
     diffs = [
-        abs(a - b)
-        for r1, r2 in zip(ours, theirs)
-        for a, b in zip(r1.sequences[0].logprobs, r2.sequences[0].logprobs)
+        abs(a - b) for r1, r2 in zip(ours, theirs) for a, b in zip(r1.sequences[0].logprobs, r2.sequences[0].logprobs)
     ]
     assert max(diffs) < 1e-3
 
@@ -102,9 +104,9 @@ def test_stop_token_ids_stop_strings_and_length(sampler):
     tokenizer = sampler.tokenizer
     tail = tokenizer.decode(greedy.tokens[2:5], skip_special_tokens=True)
     assert tail.strip(), "the greedy completion should decode to visible text"
-    by_string = sampler.sample(
-        prompt, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, stop=[tail])
-    )[0].sequences[0]
+    by_string = sampler.sample(prompt, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, stop=[tail]))[
+        0
+    ].sequences[0]
     assert by_string.stop_reason == "stop"
     assert tail not in by_string.text
     # vLLM's incremental detokenizer may need a token or two more to see the string complete
@@ -118,7 +120,9 @@ def test_bad_inputs_raise_clear_errors(sampler, base_weights):
     with pytest.raises(KeyError, match="no adapter 'nope'"):
         sampler.sample([{"input_ids": [1, 2]}], adapter_name="nope")
     with pytest.raises(KeyError, match="close names"):
-        sampler.update_weights({"model.layers.0.mlp.up_proj.weightt": base_weights["model.layers.0.mlp.up_proj.weight"]})
+        sampler.update_weights(
+            {"model.layers.0.mlp.up_proj.weightt": base_weights["model.layers.0.mlp.up_proj.weight"]}
+        )
     with pytest.raises(ValueError, match="shape"):
         sampler.update_weights({"model.norm.weight": torch.ones(3)})
     with pytest.raises(KeyError, match="not LoRA tensors"):

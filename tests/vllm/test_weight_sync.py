@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from twinkle.data_format import SamplingParams
 from twinkle_vllm.checkpoint_engine import VLLMCheckpointEngine
 from twinkle_vllm.consistency import logprob_diff
@@ -27,7 +26,6 @@ def train_one_step(model, lr: float = 1e-2) -> None:
 
 def test_lora_sync_and_logprob_consistency(fresh_sampler, tiny_model_dir, figures):
     from peft import LoraConfig
-
     from twinkle.model import TransformersModel
 
     model = TransformersModel(model_id=tiny_model_dir, device="cpu")

@@ -14,7 +14,6 @@ import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
-
 from twinkle_vllm.distributed import DistributedCheckpointEngine
 
 
@@ -27,7 +26,9 @@ def main(port: int, out: Path, model_dir: str) -> None:
                 param.add_(torch.randn_like(param) * 0.05)
     engine = DistributedCheckpointEngine(f"tcp://127.0.0.1:{port}", rank=0, world_size=2, bucket_bytes=256 << 10)
     full = engine.sync(model, None)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}, out / "full.safetensors")
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}, out / "full.safetensors"
+    )
     config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False)
     peft_model = get_peft_model(model, config, adapter_name="remote")
     lora = engine.sync(peft_model, None, adapter_name="remote")

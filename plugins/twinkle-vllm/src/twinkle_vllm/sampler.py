@@ -445,7 +445,11 @@ class VLLMSampler(Sampler):
         requests = [{"prompt_token_ids": ids} for ids, _, _ in encoded]
         per_prompt = [self._vllm_params(params, _prompt_seed(params.seed, i)) for i in range(len(encoded))]
         started = time.perf_counter()
-        outputs = self.llm.generate(requests, per_prompt, use_tqdm=False, lora_request=lora_request)
+        try:
+            outputs = self.llm.generate(requests, per_prompt, use_tqdm=False, lora_request=lora_request)
+        except BaseException:
+            self._abort_unfinished()  # a failed or interrupted call must not leave requests holding KV blocks
+            raise
         seconds = time.perf_counter() - started
         responses = []
         generated = 0
@@ -462,16 +466,27 @@ class VLLMSampler(Sampler):
             prompt_logprobs = None
             if params.prompt_logprobs and output.prompt_logprobs is not None:
                 prompt_logprobs = [
-                    None if step is None else float(step[tok].logprob)
-                    for step, tok in zip(output.prompt_logprobs, ids)
+                    None if step is None else float(step[tok].logprob) for step, tok in zip(output.prompt_logprobs, ids)
                 ]
-            responses.append(SampleResponse(sequences=sequences, prompt_tokens=list(ids), prompt_logprobs=prompt_logprobs))
+            responses.append(
+                SampleResponse(sequences=sequences, prompt_tokens=list(ids), prompt_logprobs=prompt_logprobs)
+            )
         self.last_sample_stats = {
             "sample_seconds": seconds,
             "sample_tokens": float(generated),
             "sample_tokens_per_s": generated / seconds if seconds > 0 else 0.0,
         }
         return responses
+
+    def _abort_unfinished(self) -> None:
+        engine = self.llm.llm_engine
+        pending = list(getattr(engine.output_processor, "request_states", {}))
+        if pending:
+            engine.abort_request(pending)
+            for _ in range(100):  # let the engine core retire the aborted requests
+                if not engine.has_unfinished_requests():
+                    break
+                engine.step()
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
@@ -538,8 +553,11 @@ def _sequence(
     user_data: dict[str, Any],
     trajectory: dict[str, Any] | None,
 ) -> SampledSequence:
+    completion = {"role": "assistant", "content": text}
     if trajectory is not None:
-        trajectory = {**trajectory, "messages": [*trajectory["messages"], {"role": "assistant", "content": text}]}
+        trajectory = {**trajectory, "messages": [*trajectory["messages"], completion]}
+    else:  # a token prompt: the completion alone, with the prompt's user_data (what rewards read)
+        trajectory = {"messages": [completion], "user_data": user_data}
     return SampledSequence(
         tokens=tokens,
         logprobs=logprobs,
