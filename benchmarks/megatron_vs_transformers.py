@@ -18,6 +18,7 @@ each backend to ``transformers`` for the same shape and mode.
 
     python benchmarks/megatron_vs_transformers.py --shapes 0.5b --modes lora,full
     python benchmarks/megatron_vs_transformers.py --shapes 7b --modes lora --batch-size 4
+    python benchmarks/megatron_vs_transformers.py --shapes tiny --device cpu --seq-len 32 --steps 2  # smoke
 """
 
 from __future__ import annotations
@@ -58,23 +59,41 @@ COMMON = dict(
     hidden_act="silu",
     use_sliding_window=False,
 )
-DEFAULT_BATCH = {"0.5b": 8, "7b": 4}
+#: a smoke-test shape (runs on CPU with --device cpu)
+SHAPES["tiny"] = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=512,
+    tie_word_embeddings=True,
+)
+DEFAULT_BATCH = {"0.5b": 8, "7b": 4, "tiny": 2}
 
 
-def build_checkpoint(shape: str, directory: Path) -> Path:
-    """Random bf16 weights of ``shape`` built on the GPU, saved as a transformers checkpoint."""
+def _sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def build_checkpoint(shape: str, directory: Path, device: str = "cuda") -> Path:
+    """Random bf16 weights of ``shape`` built on ``device``, saved as a transformers checkpoint."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     data = {**COMMON, **SHAPES[shape]}
     config = AutoConfig.for_model(data.pop("model_type"), **data)
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     path = directory / f"qwen2.5-{shape}"
     model.save_pretrained(path)
     del model
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return path
 
 
@@ -89,22 +108,26 @@ def make_batch(vocab: int, batch_size: int, seq_len: int) -> list[dict]:
     return rows
 
 
-def run_one(backend: str, mode: str, path: Path, rows: list[dict], steps: int, warmup: int) -> dict:
+def run_one(
+    backend: str, mode: str, path: Path, rows: list[dict], steps: int, warmup: int, device: str = "cuda"
+) -> dict:
     """tokens/s and peak memory of one backend; ``error`` instead when it fails (e.g. out of memory)."""
     import torch
     from peft import LoraConfig
     from twinkle.model.transformers_model import TransformersModel
 
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     model = None
     try:
         if backend == "transformers":
-            model = TransformersModel(model_id=str(path), torch_dtype="bfloat16", device="cuda")
+            model = TransformersModel(model_id=str(path), torch_dtype="bfloat16", device=device)
         else:
             from twinkle_megatron.model import MegatronModel
 
-            model = MegatronModel(model_id=str(path), torch_dtype="bfloat16", device="cuda")
+            model = MegatronModel(model_id=str(path), torch_dtype="bfloat16", device=device)
         if mode == "lora":
             model.add_adapter_to_model("default", LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
         extra = {"use_megatron_optimizer": True} if backend == "megatron+mopt" else {}
@@ -113,18 +136,18 @@ def run_one(backend: str, mode: str, path: Path, rows: list[dict], steps: int, w
         for _ in range(warmup):
             losses.append(model.forward_backward(inputs=rows).loss)
             model.clip_grad_and_step(max_grad_norm=1.0)
-        torch.cuda.synchronize()
+        _sync(device)
         started = time.perf_counter()
         for _ in range(steps):
             losses.append(model.forward_backward(inputs=rows).loss)
             model.clip_grad_and_step(max_grad_norm=1.0)
-        torch.cuda.synchronize()
+        _sync(device)
         elapsed = time.perf_counter() - started
         tokens = steps * sum(len(r["input_ids"]) for r in rows)
         return {
             "tokens_per_s": tokens / elapsed,
             "step_s": elapsed / steps,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
             "first_loss": losses[0],
             "last_loss": losses[-1],
         }
@@ -135,7 +158,8 @@ def run_one(backend: str, mode: str, path: Path, rows: list[dict], steps: int, w
             model.close()
         del model
         gc.collect()
-        torch.cuda.empty_cache()
+        if cuda:
+            torch.cuda.empty_cache()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,27 +170,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=None, help="rows per step (default: 8 for 0.5b, 4 for 7b)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a smoke run of --shapes tiny)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
 
     import torch
 
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         print("megatron_vs_transformers: needs a CUDA GPU", file=sys.stderr)
         return 2
     torch.backends.cuda.matmul.allow_tf32 = True
     results = []
     with tempfile.TemporaryDirectory(prefix="twinkle-megatron-bench-") as tmp:
         for shape in args.shapes.split(","):
-            path = build_checkpoint(shape, Path(tmp))
+            path = build_checkpoint(shape, Path(tmp), args.device)
             batch_size = args.batch_size or DEFAULT_BATCH[shape]
             rows = make_batch(SHAPES[shape]["vocab_size"], batch_size, args.seq_len)
             for mode in args.modes.split(","):
                 backends = ["transformers", "megatron"]
-                if not (shape == "7b" and mode == "full"):
+                if args.device == "cuda" and not (shape == "7b" and mode == "full"):
                     backends.append("megatron+mopt")
                 for backend in backends:
-                    result = run_one(backend, mode, path, rows, args.steps, args.warmup)
+                    result = run_one(backend, mode, path, rows, args.steps, args.warmup, args.device)
                     result.update(shape=shape, mode=mode, backend=backend, batch=batch_size, seq_len=args.seq_len)
                     results.append(result)
                     print(json.dumps(result), flush=True)
