@@ -25,6 +25,8 @@ from twinkle.server.engine import BatchJob, EngineError, JobResult, LoRAEngine
 
 logger = logging.getLogger("twinkle.server")
 
+#: Job kinds that run as one batched multi-LoRA pass.
+BATCHED_KINDS = ("forward_backward", "forward")
 #: (content type, payload bytes) of a finished job.
 Payload = tuple[str, bytes]
 
@@ -209,7 +211,8 @@ class Scheduler:
             ready = self._ready()
 
     def _run_round(self, ready: list[Job]) -> None:
-        for kind in ("forward_backward", "forward"):
+        batched_models: set[str | None] = set()
+        for kind in BATCHED_KINDS:
             batch, rows = [], 0
             for job in ready:
                 if job.kind != kind:
@@ -220,9 +223,17 @@ class Scheduler:
                 rows += job.rows
             if batch:
                 self._run_batch(batch)
-        for job in ready:
-            if job.kind not in ("forward_backward", "forward"):
-                self._run_single(job)
+                batched_models.update(job.model_id for job in batch)
+        singles = [job for job in ready if job.kind not in BATCHED_KINDS]
+        with self._cond:
+            # a run whose pass just finished often has its optim_step queued next: run it in this
+            # round too, so every tenant's step ends together and their next passes line up
+            for model_id in batched_models - {None}:
+                job = self._ordered.get(model_id, {}).get(self._next_seq.get(model_id, -1))
+                if job is not None and job.kind not in BATCHED_KINDS and job not in singles:
+                    singles.append(job)
+        for job in singles:
+            self._run_single(job)
 
     def _complete(self, job: Job, payload: Payload | None, error: str | None, category: str | None) -> None:
         with self._cond:
