@@ -81,6 +81,7 @@ def test_unmarked_method_and_proxy_surface(dp2):
     assert bool(model)
     with pytest.raises(TypeError, match="not iterable"):
         iter(model)
+    assert not hasattr(model, "__len__")  # TinyRegressor has no __len__, so neither has its proxy
 
 
 def test_remote_result_passes_between_components_without_the_driver(dp2, ray_cluster):

@@ -516,8 +516,12 @@ class _RemoteDunder:
         remote: RemoteComponent = object.__getattribute__(proxy, "_twinkle_remote")
         if not hasattr(remote.cls, self.name):
             kind = "iterable" if self.name == "__iter__" else "sized"
-            raise TypeError(f"'{remote.cls.__name__}' object is not {kind}")
+            raise _Unsupported(f"'{remote.cls.__name__}' object is not {kind}")
         return RemoteMethod(remote, self.name)
+
+
+class _Unsupported(TypeError, AttributeError):
+    """A special method the component class lacks: ``hasattr`` is False, ``iter``/``len`` raise TypeError."""
 
 
 class ComponentProxy:
