@@ -203,6 +203,10 @@ def test_bad_inputs_speak_clearly() -> None:
     try:
         with pytest.raises(ValueError, match="target_modules"):
             mg.add_adapter_to_model("x", LoraConfig(r=2, target_modules=["c_attn"]))
+        # a config peft already used holds full module paths; their leaf names select the projections
+        used = LoraConfig(r=2, target_modules={"model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj"})
+        mg.add_adapter_to_model("used", used)
+        assert mg.state_of("used").params, "the leaf names q_proj/up_proj must select LoRA parameters"
         with pytest.raises(ValueError, match="set_optimizer"):
             mg.forward_backward(inputs=[{"input_ids": [1, 2, 3]}])
             mg.clip_grad_and_step()

@@ -231,7 +231,9 @@ class MegatronLora:
                 )
             wanted = set(_ALL_PARTS)
         else:
-            wanted = set(targets or ())
+            # peft rewrites target_modules in place to full module paths ('model.layers.0.mlp.up_proj')
+            # once a config has been used: the leaf name is what selects the projection.
+            wanted = {str(t).rsplit(".", 1)[-1] for t in (targets or ())}
             unknown = wanted - _ALL_PARTS
             if unknown:
                 raise ValueError(
