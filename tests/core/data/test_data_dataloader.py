@@ -75,6 +75,19 @@ def test_the_runtime_global_mesh_is_the_default(monkeypatch):
         assert [len(b) for b in loader] == [2, 2]
 
 
+def test_torchrun_without_a_mesh_splits_data_like_the_model(monkeypatch):
+    """Under torchrun with no mesh anywhere, the model defaults to dp over all ranks; so does the loader."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    per_rank = []
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        loader = DataLoader(Rows(8), batch_size=4, shuffle=True)  # no seed: ranks must still agree
+        assert (loader.data_rank, loader.data_world_size) == (rank, 2)
+        per_rank.append(ids(loader))
+    assert all(len(b) == 2 for b in per_rank[0] + per_rank[1])
+    assert sorted(sum(per_rank[0] + per_rank[1], [])) == list(range(8)), "the ranks' slices cover every row once"
+
+
 def test_shuffle_is_deterministic_per_seed_and_changes_per_epoch():
     a = DataLoader(Rows(50), batch_size=10, shuffle=True, seed=1)
     b = DataLoader(Rows(50), batch_size=10, shuffle=True, seed=1)

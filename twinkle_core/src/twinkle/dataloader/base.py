@@ -85,11 +85,20 @@ class DataLoader(Component):
                 "dataset.shuffle(seed=..., buffer_size=...) and leave the DataLoader's shuffle off"
             )
         runtime = _current_runtime()
+        world = int(os.environ.get("WORLD_SIZE", "1"))
         if seed is None:
-            seed = runtime.seed if runtime is not None and runtime.seed is not None else random.randrange(2**31)
+            if runtime is not None and runtime.seed is not None:
+                seed = runtime.seed
+            else:  # every torchrun rank must shuffle the same way: a fixed default there
+                seed = 42 if world > 1 else random.randrange(2**31)
         self.seed = seed
         if device_mesh is None and runtime is not None:
             device_mesh = runtime.global_device_mesh
+        if device_mesh is None and world > 1:
+            # the same default as the model backends: plain data parallel over every torchrun rank
+            from twinkle.mesh import DeviceMesh
+
+            device_mesh = DeviceMesh.from_sizes(dp_size=world)
         self.device_mesh = device_mesh
         if rank is None and os.environ.get("RANK") is not None:
             rank = int(os.environ["RANK"])
