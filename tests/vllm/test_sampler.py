@@ -162,3 +162,18 @@ def test_sleep_blocks_sampling_until_wake_up(fresh_sampler):
     assert not sampler.is_sleeping
     out = sampler.sample([{"input_ids": [1, 2, 3]}], SamplingParams(max_tokens=3, ignore_eos=True))
     assert len(out[0].sequences[0].tokens) == 3
+
+
+def test_bad_streamed_update_leaves_a_working_engine(fresh_sampler, base_weights, hf_model):
+    """A bad tensor in a streamed update raises after vLLM finished reloading what came before it."""
+    prompt = [{"input_ids": PROMPTS[0]}]
+    params = SamplingParams(max_tokens=1, prompt_logprobs=True)
+
+    def stream():
+        yield "model.norm.weight", base_weights["model.norm.weight"]
+        yield "model.layers.0.mlp.up_proj.weight", torch.ones(3)
+
+    with pytest.raises(ValueError, match="shape"):
+        fresh_sampler.update_weights(stream())
+    got = fresh_sampler.sample(prompt, params)[0].prompt_logprobs[1:]
+    assert max(abs(a - b) for a, b in zip(got, hf_logprobs(hf_model, PROMPTS[0]))) < 1e-3

@@ -246,9 +246,13 @@ class VLLMSampler(Sampler):
         items = weights.items() if isinstance(weights, Mapping) else weights
         if adapter_name is not None:
             return self._update_lora(dict(items), adapter_name, peft_config)
+        if isinstance(weights, Mapping):  # everything known up front: refuse a bad update before loading any of it
+            for name, tensor in weights.items():
+                self._check_tensor(name, tensor)
         counter = [0]
         touched: set[str] = set()
-        stream = self._checked(items, counter, touched)
+        errors: list[Exception] = []
+        stream = self._checked(items, counter, touched, errors)
         if not self.in_process:
             stream = list(stream)  # crosses a process boundary: must be serializable
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream, "is_checkpoint_format": True})
@@ -256,25 +260,41 @@ class VLLMSampler(Sampler):
             # A tied lm_head shares the embedding's parameter, but the reload re-processes only the layers
             # it loaded: backends that keep a processed copy (the CPU GEMM's packed weight) need a refresh.
             self.llm.collective_rpc(_refresh_lm_head)
+        if errors:
+            # the stream stopped at the bad tensor, so vLLM finished its reload in a consistent state
+            self._reset_prefix_cache()
+            raise errors[0]
         self._reset_prefix_cache()
         return counter[0]
 
     def _checked(
-        self, items: Iterable[tuple[str, Any]], counter: list[int], touched: set[str]
+        self, items: Iterable[tuple[str, Any]], counter: list[int], touched: set[str], errors: list[Exception]
     ) -> Iterator[tuple[str, Any]]:
-        shapes = self._shapes()
+        """Yield valid ``(name, tensor)`` pairs; at the first bad one, record the error and end the stream.
+
+        Raising inside vLLM's reload would leave the model half-reloaded; ending the stream lets vLLM
+        finish the reload of what it got, and :meth:`update_weights` raises afterwards.
+        """
         for name, tensor in items:
-            expected = shapes.get(name)
-            if expected is None:
-                close = difflib.get_close_matches(name, list(shapes), n=3)
-                raise KeyError(f"VLLMSampler.update_weights: no parameter {name!r}; close names: {close}")
-            if tuple(tensor.shape) != expected:
-                raise ValueError(
-                    f"VLLMSampler.update_weights: {name!r} has shape {tuple(tensor.shape)}, the model's is {expected}"
-                )
+            try:
+                self._check_tensor(name, tensor)
+            except (KeyError, ValueError) as exc:
+                errors.append(exc)
+                return
             counter[0] += 1
             touched.add(name)
             yield name, tensor
+
+    def _check_tensor(self, name: str, tensor: Any) -> None:
+        shapes = self._shapes()
+        expected = shapes.get(name)
+        if expected is None:
+            close = difflib.get_close_matches(name, list(shapes), n=3)
+            raise KeyError(f"VLLMSampler.update_weights: no parameter {name!r}; close names: {close}")
+        if tuple(tensor.shape) != expected:
+            raise ValueError(
+                f"VLLMSampler.update_weights: {name!r} has shape {tuple(tensor.shape)}, the model's is {expected}"
+            )
 
     def _shapes(self) -> dict[str, tuple[int, ...]]:
         """Hugging Face parameter names and shapes of the served model (from a meta-device build)."""
