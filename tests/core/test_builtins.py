@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from twinkle.plugins import PluginSystem
 
 SYSTEM = PluginSystem(only=()).load()
