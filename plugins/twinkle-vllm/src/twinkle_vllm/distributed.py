@@ -131,7 +131,7 @@ class DistributedCheckpointEngine(CheckpointEngine):
         self._store = None
 
     def _broadcast(self, tensor: Any) -> None:
-        self._group.broadcast([tensor], 0).wait()
+        self._group.broadcast(tensor, 0).wait()
 
     # ------------------------------------------------------------------ sync
     def sync(self, model: Any, sampler: Any, adapter_name: str | None = None) -> dict[str, float]:
