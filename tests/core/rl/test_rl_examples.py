@@ -1,0 +1,39 @@
+"""The RL examples learn: GRPO's mean reward rises, DPO's chosen-vs-rejected margin grows (fixed seeds, CPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"twinkle_example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_grpo_example_reward_rises(capsys):
+    summary = load("grpo").main(seed=0)
+    curve = summary["rewards"]
+    print("GRPO reward curve:", " ".join(f"{r:.2f}" for r in curve))
+    assert len(curve) == 60
+    # chance level is 1/5 (one digit out of 0..4). Measured with seed 0: first 12 steps 0.219, last 12 0.369
+    assert summary["last"] >= summary["first"] + 0.1, summary
+    assert summary["last"] >= 0.3, summary
+    assert summary["sync_seconds_mean"] > 0
+
+
+def test_dpo_example_margin_grows():
+    summary = load("dpo").main(seed=0)
+    margins = summary["margins"]
+    print("DPO reward margins over all pairs:", " ".join(f"{m:+.3f}" for m in margins))
+    assert abs(margins[0]) < 1e-6  # the adapter starts as the identity: policy == reference
+    # measured with seed 0: +0.000 +0.091 +0.112 +0.115 +0.127, accuracy 0.00 -> 0.79
+    assert margins[-1] > margins[1] > margins[0], summary  # grows over the run
+    assert summary["last"] > 0.08, summary
+    assert summary["accuracy"][-1] >= 0.7, summary
