@@ -22,10 +22,6 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "gpu: needs a CUDA GPU")
-
-
 @dataclass
 class RunningServer:
     """A server on loopback: its URL, app state and a helper to add tenants."""

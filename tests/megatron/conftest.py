@@ -37,24 +37,12 @@ def tiny_config(model_type: str) -> dict:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped on CPU)")
     for line in (
         "ignore::DeprecationWarning:megatron",
         "ignore::UserWarning:megatron",
         "ignore:.*Transformer Engine and Apex are not installed.*",
     ):
         config.addinivalue_line("filterwarnings", line)
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -6,10 +6,6 @@ import pytest
 from twinkle import assets
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped on CPU)")
-
-
 @pytest.fixture(scope="session")
 def tiny_dir() -> str:
     """The bundled tiny-qwen2 directory (tokenizer + config, no weights)."""

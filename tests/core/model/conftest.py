@@ -13,21 +13,6 @@ ASSETS = Path(__file__).resolve().parents[3] / "twinkle_core" / "src" / "twinkle
 TINY_QWEN2 = ASSETS / "tiny-qwen2"
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped on CPU)")
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
-
-
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A model directory with the bundled tokenizer and a smaller Qwen2 config.json (no weights)."""
