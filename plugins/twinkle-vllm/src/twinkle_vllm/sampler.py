@@ -388,31 +388,6 @@ class VLLMSampler(Sampler):
             )
 
     # ------------------------------------------------------------------ sampling
-    def _prompt_ids(self, prompts: list[Any]) -> list[tuple[list[int], dict[str, Any], dict[str, Any] | None]]:
-        """(token ids, user_data, trajectory or None) of each prompt."""
-        out = []
-        for i, prompt in enumerate(prompts):
-            if not isinstance(prompt, Mapping):
-                raise ValueError(f"VLLMSampler.sample: prompt {i} is a {type(prompt).__name__}; give dicts")
-            user_data = dict(prompt.get("user_data") or {})
-            if prompt.get("input_ids") is not None:
-                ids = prompt["input_ids"]
-                ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
-                out.append(([int(t) for t in ids], user_data, None))
-            elif prompt.get("messages") is not None:
-                if self._template is None:
-                    raise ValueError(
-                        "VLLMSampler.sample: Trajectory prompts need a template; call "
-                        "sampler.set_template('Template', model_id=...) or give InputFeature prompts with input_ids"
-                    )
-                feature = self._template.encode(prompt, add_generation_prompt=True)
-                out.append((list(feature["input_ids"]), user_data, dict(prompt)))
-            else:
-                raise ValueError(
-                    f"VLLMSampler.sample: prompt {i} has neither 'messages' (a Trajectory) nor 'input_ids' "
-                    f"(an InputFeature); its fields: {sorted(prompt)}"
-                )
-        return out
 
     def _vllm_params(self, params: SamplingParams, seed: int | None) -> Any:
         from vllm import SamplingParams as VLLMSamplingParams

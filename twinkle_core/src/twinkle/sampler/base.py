@@ -75,6 +75,42 @@ class Sampler(Component):
         """Use ``template`` (a Template, or a registered template name built with ``kwargs``)."""
         raise TypeError(f"{type(self).__name__} must implement Sampler.set_template")
 
+    def _prompt_ids(self, prompts: list[Any]) -> list[tuple[list[int], dict[str, Any], dict[str, Any] | None]]:
+        """(token ids, user_data, trajectory or None) of each prompt, for subclasses' ``sample``.
+
+        Trajectory prompts are rendered with the sampler's template (``self._template``) and a
+        generation prompt; InputFeature prompts give their ``input_ids`` as they are.
+
+        Raises:
+            ValueError: a prompt that is not a dict, has neither ``messages`` nor ``input_ids``,
+                or is a Trajectory while no template is set.
+        """
+        name = type(self).__name__
+        template = getattr(self, "_template", None)
+        out = []
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, Mapping):
+                raise ValueError(f"{name}.sample: prompt {i} is a {type(prompt).__name__}; give dicts")
+            user_data = dict(prompt.get("user_data") or {})
+            if prompt.get("input_ids") is not None:
+                ids = prompt["input_ids"]
+                ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+                out.append(([int(t) for t in ids], user_data, None))
+            elif prompt.get("messages") is not None:
+                if template is None:
+                    raise ValueError(
+                        f"{name}.sample: Trajectory prompts need a template; call "
+                        "sampler.set_template('Template', model_id=...) or give InputFeature prompts with input_ids"
+                    )
+                feature = template.encode(prompt, add_generation_prompt=True)
+                out.append((list(feature["input_ids"]), user_data, dict(prompt)))
+            else:
+                raise ValueError(
+                    f"{name}.sample: prompt {i} has neither 'messages' (a Trajectory) nor 'input_ids' "
+                    f"(an InputFeature); its fields: {sorted(prompt)}"
+                )
+        return out
+
     @remote(dispatch="all", collect="first")
     def add_adapter(self, adapter_name: str, config: Any) -> None:
         """Add an (untrained, or later filled by :meth:`update_weights`) LoRA adapter named ``adapter_name``.
