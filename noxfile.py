@@ -112,7 +112,16 @@ def megatron(session: nox.Session) -> None:
 @nox.session(python=TORCH_PYTHON)
 def http(session: nox.Session) -> None:
     """`twinkle serve` over real HTTP on loopback, with the tinker SDK."""
-    install(session, *TORCH_STACK, "-e", "./twinkle_core[torch,http]", "hypothesis>=6.100", *TEST_DEPS)
+    install(
+        session,
+        *TORCH_STACK,
+        "-e",
+        "./twinkle_core[torch,http]",
+        "-e",
+        "./plugins/twinkle-rewards",  # the GRPO example's reward runs in the client process
+        "hypothesis>=6.100",
+        *TEST_DEPS,
+    )
     session.run(*PYTEST, "tests/http", *session.posargs, env={"TINKER_TELEMETRY": "0"})
 
 

@@ -53,13 +53,23 @@ def warmup_rows(tokenizer, rng: random.Random, n: int) -> list[dict]:
 
 
 def main(
-    steps: int = 60, seed: int = 0, group_size: int = 8, lr: float = 5e-3, beta: float = 0.3, verbose: bool = True
+    steps: int = 60,
+    seed: int = 0,
+    group_size: int = 8,
+    lr: float = 5e-3,
+    beta: float = 0.3,
+    verbose: bool = True,
+    mode: str = "local",
+    **mode_options,
 ) -> dict:
-    """Run the example; returns ``{"rewards": [mean reward per step], "first", "last", ...}``."""
+    """Run the example; returns ``{"rewards": [mean reward per step], "first", "last", ...}``.
+
+    ``mode``/``mode_options`` go to ``twinkle.initialize`` (e.g. ``mode="http", base_url=..., api_key=...``).
+    """
     from peft import LoraConfig
     from transformers import AutoTokenizer
 
-    twinkle.initialize(mode="local", seed=seed)
+    twinkle.initialize(mode=mode, seed=seed, **mode_options)
     rng = random.Random(seed)
     model_dir = str(assets.path("tiny-qwen2"))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -128,5 +138,8 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--beta", type=float, default=0.3)
+    parser.add_argument("--base-url", help="run against `twinkle serve` at this URL (http mode)")
+    parser.add_argument("--api-key", help="the tenant's API key (http mode)")
     args = parser.parse_args()
-    main(steps=args.steps, seed=args.seed, lr=args.lr, beta=args.beta)
+    remote = dict(mode="http", base_url=args.base_url, api_key=args.api_key) if args.base_url else {}
+    main(steps=args.steps, seed=args.seed, lr=args.lr, beta=args.beta, **remote)

@@ -22,11 +22,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from twinkle.component import Component
 
-class CheckpointEngine:
+
+class CheckpointEngine(Component):
     """Moves trained weights (full or LoRA) from a model into a sampler.
 
-    Subclasses implement :meth:`sync`.
+    Subclasses implement :meth:`sync`. A Component, so that in http mode the engine is
+    built on the server next to the model and sampler it syncs.
     """
 
     def sync(self, model: Any, sampler: Any, adapter_name: str | None = None) -> dict[str, float]:

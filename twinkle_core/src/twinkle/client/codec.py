@@ -7,6 +7,11 @@ Plain JSON values pass through. Other values are tagged objects:
 * ``{"__model_output__": {...}}``: a :class:`twinkle.data_format.output.ModelOutput`.
 * ``{"__pydantic__": "module:Class", "data": {...}}``: a pydantic model from a ``twinkle``
   module (e.g. ``SamplingParams``); other modules are refused when decoding.
+* ``{"__record__": "module:Class", "data": {...}}``: a ``twinkle`` class with ``to_dict`` /
+  ``from_dict`` (e.g. ``SampleResponse``); other modules are refused when decoding.
+* ``{"__object__": "m1a2b3"}``: a :class:`~twinkle.client.proxy.RemoteComponent` passed as an
+  argument (e.g. ``engine.sync(model, sampler)``); it decodes to an :class:`ObjectRef` that the
+  server resolves to the tenant's own object, so no weights travel through the client.
 * ``{"__float__": "nan"}``: a non-finite float. ``{"__map__": [[k, v], ...]}``: a dict with
   non-string keys, or keys starting with ``__``.
 
@@ -22,13 +27,31 @@ from __future__ import annotations
 import base64
 import importlib
 import math
+from dataclasses import dataclass
 from typing import Any
 
-_TAGS = ("__tensor__", "__ndarray__", "__lora_config__", "__model_output__", "__pydantic__", "__float__", "__map__")
+_TAGS = (
+    "__object__",
+    "__tensor__",
+    "__ndarray__",
+    "__lora_config__",
+    "__model_output__",
+    "__pydantic__",
+    "__record__",
+    "__float__",
+    "__map__",
+)
 
 
 class CodecError(TypeError):
     """A value that cannot be sent to (or accepted from) the server."""
+
+
+@dataclass(frozen=True)
+class ObjectRef:
+    """A reference to a server-side object (decoded ``__object__``); the server resolves it per tenant."""
+
+    object_id: str
 
 
 def encode(value: Any) -> Any:
@@ -49,6 +72,10 @@ def encode(value: Any) -> Any:
         return [encode(v) for v in sorted(value, key=repr)]
     cls_name = type(value).__name__
     module = type(value).__module__
+    if cls_name == "RemoteComponent" and module == "twinkle.client.proxy":
+        return {"__object__": value.remote_id}
+    if isinstance(value, ObjectRef):
+        return {"__object__": value.object_id}
     if cls_name == "ModelOutput" and module.startswith("twinkle."):
         return {"__model_output__": {str(k): encode(v) for k, v in value.items()}}
     if isinstance(value, dict):
@@ -85,6 +112,12 @@ def encode(value: Any) -> Any:
         return {"__lora_config__": fields}
     if hasattr(value, "model_dump") and module.startswith("twinkle."):
         return {"__pydantic__": f"{module}:{type(value).__qualname__}", "data": value.model_dump(mode="json")}
+    if (
+        callable(getattr(value, "to_dict", None))
+        and hasattr(type(value), "from_dict")
+        and module.startswith("twinkle.")
+    ):
+        return {"__record__": f"{module}:{type(value).__qualname__}", "data": encode(value.to_dict())}
     raise CodecError(f"a {module}.{cls_name} cannot be sent over http; pass plain data (lists, dicts, numbers)")
 
 
@@ -111,6 +144,10 @@ def decode(data: Any) -> Any:
 
 def _decode_tagged(tag: str, data: dict[str, Any]) -> Any:
     body = data[tag]
+    if tag == "__object__":
+        if not isinstance(body, str):
+            raise CodecError("__object__ must be an object id string")
+        return ObjectRef(body)
     if tag == "__float__":
         return float(body)
     if tag == "__map__":
@@ -137,11 +174,13 @@ def _decode_tagged(tag: str, data: dict[str, Any]) -> Any:
         fields = {k: decode(v) for k, v in body.items()}
         known = set(LoraConfig.__dataclass_fields__)
         return LoraConfig(**{k: v for k, v in fields.items() if k in known and k not in ("peft_type", "task_type")})
-    if tag == "__pydantic__":
+    if tag in ("__pydantic__", "__record__"):
         module_name, _, qualname = str(body).partition(":")
         if not module_name.startswith("twinkle."):
             raise CodecError(f"refusing to build {body}: only twinkle's own data types are accepted")
         cls = getattr(importlib.import_module(module_name), qualname)
+        if tag == "__record__":
+            return cls.from_dict(decode(data["data"]))
         return cls.model_validate(data["data"])
     raise CodecError(f"unknown tag {tag}")
 

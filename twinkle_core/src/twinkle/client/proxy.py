@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 from twinkle.client.codec import decode, encode
 from twinkle.client.session import ClientSession
@@ -21,13 +21,14 @@ class RemoteComponent:
         session: the :class:`ClientSession`.
         cls: the component class (its remote metadata defines the methods).
         object_id: the server-side object's id.
+        methods: further method names to forward (e.g. ``sync`` of a checkpoint engine).
     """
 
-    def __init__(self, session: ClientSession, cls: type, object_id: str) -> None:
+    def __init__(self, session: ClientSession, cls: type, object_id: str, methods: Iterable[str] = ()) -> None:
         self._session = session
         self._cls = cls
         self._object_id = object_id
-        self._specs: dict[str, RemoteSpec] = remote_methods(cls)
+        self._specs: dict[str, RemoteSpec | None] = {**dict.fromkeys(methods), **remote_methods(cls)}
 
     @property
     def remote_id(self) -> str:
@@ -37,8 +38,7 @@ class RemoteComponent:
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
             raise AttributeError(name)
-        spec = self._specs.get(name)
-        if spec is None:
+        if name not in self._specs:
             raise AttributeError(
                 f"{self._cls.__name__}.{name} is not available in http mode (only remote methods are: "
                 f"{', '.join(sorted(self._specs))})"

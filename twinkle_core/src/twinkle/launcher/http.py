@@ -3,10 +3,12 @@
     twinkle.initialize(mode="http", base_url="http://127.0.0.1:8000", api_key="tml-...")
     model = TransformersModel(model_id="twinkle/tiny-qwen2")   # a proxy; same methods
 
-Data components (datasets, data loaders, templates) stay local: they prepare batches in
-the user's process and only the batches travel. Models are built on the server, which
-hosts the base model once and gives each tenant its own adapters. Samplers are built
-locally for now (sample through the Tinker API to sample on the server).
+Data components (datasets, data loaders, templates) and rewards stay local: they prepare
+batches in the user's process and only the batches travel. Models, samplers and checkpoint
+engines are built on the server: the server hosts the base model once and gives each
+tenant's model its own adapters (or a private copy once it trains full parameters), each
+sampler is private to its tenant, and ``engine.sync(model, sampler)`` runs on the server
+with the proxies resolved to the tenant's own objects (no weights travel to the client).
 """
 
 from __future__ import annotations
@@ -18,7 +20,13 @@ from typing import Any, Iterator
 from twinkle.launcher.base import Launcher
 
 #: Component base classes (module:attr) that http mode builds on the server.
-REMOTE_KINDS = {"model": "twinkle.model.base:TwinkleModel"}
+REMOTE_KINDS = {
+    "model": "twinkle.model.base:TwinkleModel",
+    "sampler": "twinkle.sampler.base:Sampler",
+    "checkpoint_engine": "twinkle.checkpoint_engine.base:CheckpointEngine",
+}
+#: Methods forwarded besides the class's ``@remote`` ones (checkpoint engines have none).
+EXTRA_METHODS = {"checkpoint_engine": ("sync",)}
 _local = threading.local()
 
 
@@ -70,7 +78,10 @@ class HTTPLauncher(Launcher):
         return None
 
     def create(self, cls: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any | None:
-        """A :class:`~twinkle.client.proxy.RemoteComponent` for models; None (build here) otherwise."""
+        """A :class:`~twinkle.client.proxy.RemoteComponent` for models, samplers and checkpoint engines.
+
+        Returns None (build here) for every other component.
+        """
         if getattr(_local, "active", False):
             return None
         kind = self._kind(cls)
@@ -82,7 +93,7 @@ class HTTPLauncher(Launcher):
         kwargs = {k: v for k, v in kwargs.items() if k not in ("remote_group", "device_mesh")}
         body = {"kind": kind, "cls": cls.__name__, "args": encode(list(args)), "kwargs": encode(kwargs)}
         created = self.session.request("POST", "/twinkle/v1/objects", json=body)
-        proxy = RemoteComponent(self.session, cls, created["object_id"])
+        proxy = RemoteComponent(self.session, cls, created["object_id"], EXTRA_METHODS.get(kind, ()))
         self._objects.append(proxy)
         return proxy
 

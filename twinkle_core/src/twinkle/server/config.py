@@ -29,6 +29,8 @@ class ServerConfig:
         long_poll_s: how long ``retrieve_future`` waits before answering "try again".
         max_batch_rows: datums per batched multi-LoRA pass.
         batch_window_s: how long a pass waits for other tenants' requests to join it.
+        max_private_models_per_tenant: http-mode models per tenant that may train full parameters
+            (each gets a private copy of the base model; 0 allows LoRA on the shared base only).
 
     Example::
 
@@ -48,6 +50,7 @@ class ServerConfig:
     long_poll_s: float = 10.0
     max_batch_rows: int = 256
     batch_window_s: float = 0.02
+    max_private_models_per_tenant: int = 1
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir)

@@ -1,12 +1,21 @@
 """The twinkle client API (``/twinkle/v1``): http mode's server side.
 
-A client's ``TransformersModel(...)`` becomes an *object* here. The server hosts one
-``TransformersModel`` on its base model; every object's adapters live on it under
-tenant-scoped names, so a tenant's calls (``add_adapter_to_model``, ``set_optimizer``,
-``forward_backward``, ``clip_grad_and_step``, ``save``...) touch only its own adapters,
-optimizers and metrics, with the same semantics as in local mode. Only LoRA training is
-offered: an object without an adapter cannot train the shared base. Checkpoint
-directories are names inside the tenant's own folder on the server.
+A client's ``TransformersModel(...)``, ``TorchSampler(...)`` or ``LocalCheckpointEngine()``
+becomes an *object* here, owned by the tenant that created it.
+
+* Models: the server hosts one ``TransformersModel`` on its base model; every object's
+  adapters live on it under tenant-scoped names, so a tenant's calls
+  (``add_adapter_to_model``, ``set_optimizer``, ``forward_backward``, ``save``...) touch only
+  its own adapters, optimizers and metrics, with the same semantics as in local mode. An
+  object that trains before adding an adapter (a full-parameter warm-up) gets a private
+  copy of the base model instead (counted in the tenant's object quota); the shared base
+  is never trained.
+* Samplers: a private ``TorchSampler`` of the base model per object.
+* Checkpoint engines: ``engine.sync(model, sampler, adapter_name=...)`` runs here; the
+  model and sampler arguments arrive as object references and resolve to the *same
+  tenant's* objects only (another tenant's ids are "not found").
+
+Checkpoint directories are names inside the tenant's own folder on the server.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import secrets
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException
@@ -38,6 +48,12 @@ _ADAPTER = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _PATH_METHODS = {"save": "output_dir", "load": "checkpoint_dir", "resume_from_checkpoint": "checkpoint_dir"}
 #: methods that need no adapter.
 _NO_ADAPTER = {"add_adapter_to_model", "load", "resume_from_checkpoint"}
+#: (kind, class) pairs a client may create.
+_HOSTED = {
+    ("model", "TransformersModel"),
+    ("sampler", "TorchSampler"),
+    ("checkpoint_engine", "LocalCheckpointEngine"),
+}
 
 
 class CreateObjectBody(BaseModel):
@@ -57,12 +73,42 @@ class CallBody(BaseModel):
 
 @dataclass
 class HostedObject:
-    """A client's model: which tenant owns it and its adapters (user name -> scoped name)."""
+    """A client's object: its owner, kind, and either its adapters on the shared model or its own instance.
+
+    ``instance`` is None for a model on the shared base (``adapters`` maps user name -> scoped
+    name); otherwise it is the object's private model, sampler or checkpoint engine.
+    """
 
     id: str
     tenant_id: str
     adapters: dict[str, str] = field(default_factory=dict)
     current: str | None = None
+    kind: str = "model"
+    instance: Any = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class _AdapterView:
+    """A shared-model object as a checkpoint engine sees it: only its own adapters, under the user's names."""
+
+    def __init__(self, model: Any, obj: HostedObject) -> None:
+        self._model = model
+        self._obj = obj
+        peft = getattr(model, "_peft", None)
+        configs = getattr(peft, "peft_config", {}) or {}
+        self.model = SimpleNamespace(peft_config={name: configs.get(s) for name, s in obj.adapters.items()})
+
+    def adapter_names(self) -> list[str]:
+        """The object's adapters (user names)."""
+        return list(self._obj.adapters)
+
+    def get_state_dict(self, *, adapter_name: str | None = None) -> dict[str, Any]:
+        """One adapter's LoRA tensors; the shared base cannot be exported."""
+        if adapter_name is None:
+            raise UserError("sync(model, sampler): this model trains on the shared base; pass adapter_name=...")
+        if adapter_name not in self._obj.adapters:
+            raise UserError(f"no adapter named {adapter_name!r}; added: {', '.join(self._obj.adapters) or '(none)'}")
+        return self._model.get_state_dict(adapter_name=self._obj.adapters[adapter_name])
 
 
 class TwinkleHost:
@@ -85,24 +131,85 @@ class TwinkleHost:
                 self._model = TransformersModel(model_id=str(self.state.config.model_dir), seed=self.state.config.seed)
         return self._model
 
-    def methods(self) -> dict[str, Any]:
-        """The remote methods of the hosted model class."""
+    def methods(self, kind: str = "model") -> set[str]:
+        """The methods a client may call on an object of ``kind``."""
         from twinkle.dispatch import remote_methods
+
+        if kind == "checkpoint_engine":
+            return {"sync"}
+        if kind == "sampler":
+            from twinkle.sampler.torch_sampler import TorchSampler
+
+            return set(remote_methods(TorchSampler))
         from twinkle.model.transformers_model import TransformersModel
 
-        return remote_methods(TransformersModel)
+        return set(remote_methods(TransformersModel))
+
+    def build(self, obj: HostedObject, cls: str) -> None:
+        """(Worker) build the object's private instance (samplers, engines) or make sure the shared model exists."""
+        from twinkle.launcher.http import build_locally
+
+        with build_locally():
+            if obj.kind == "sampler":
+                from twinkle.sampler.torch_sampler import TorchSampler
+
+                obj.instance = TorchSampler(model_id=str(self.state.config.model_dir), **obj.options)
+            elif obj.kind == "checkpoint_engine":
+                from twinkle.checkpoint_engine.local import LocalCheckpointEngine
+
+                obj.instance = LocalCheckpointEngine()
+            else:
+                _ = self.model
+
+    def _private_model(self, obj: HostedObject) -> Any:
+        """(Worker) give a model object its own copy of the base model (full-parameter training)."""
+        from twinkle.launcher.http import build_locally
+        from twinkle.model.transformers_model import TransformersModel
+
+        with build_locally():
+            obj.instance = TransformersModel(model_id=str(self.state.config.model_dir), **obj.options)
+        return obj.instance
+
+    def resolve(self, value: Any, tenant_id: str) -> Any:
+        """Replace object references in ``value`` by the tenant's own objects (a view for shared models).
+
+        Raises:
+            UserError: an id that is not one of this tenant's objects.
+        """
+        from twinkle.client.codec import ObjectRef
+
+        if isinstance(value, list):
+            return [self.resolve(v, tenant_id) for v in value]
+        if isinstance(value, dict):
+            return {k: self.resolve(v, tenant_id) for k, v in value.items()}
+        if not isinstance(value, ObjectRef):
+            return value
+        obj = self.objects.get(value.object_id)
+        if obj is None or obj.tenant_id != tenant_id:
+            raise UserError(f"object {value.object_id!r} not found (objects are private to their tenant)")
+        if obj.instance is not None:
+            return obj.instance
+        return _AdapterView(self.model, obj)
 
     def folder(self, tenant_id: str) -> Path:
         """The tenant's checkpoint folder for http-mode saves."""
         return self.state.config.state_dir / "twinkle-checkpoints" / ckpt.check_run_id(tenant_id)
 
     def call(self, obj: HostedObject, method: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
-        """(Worker) run one method on the hosted model for ``obj``."""
+        """(Worker) run one method of ``obj`` (on its own instance, or for its adapters on the shared model)."""
+        if "dataloader" in kwargs:
+            raise UserError("dataloader= cannot be sent in http mode; the data loader stays in your process")
+        args, kwargs = self.resolve(args, obj.tenant_id), self.resolve(kwargs, obj.tenant_id)
+        if obj.kind == "model" and obj.instance is None and not obj.adapters and self._trains_base(obj, method, kwargs):
+            self._private_model(obj)
+        if obj.instance is not None:
+            if method in _PATH_METHODS:
+                args, kwargs = self._map_path(obj, method, args, kwargs)
+            result = getattr(obj.instance, method)(*args, **kwargs)
+            return Path(str(result)).name if method == "save" else result
         model = self.model
         fn = getattr(model, method)
         params = inspect.signature(fn).parameters
-        if "dataloader" in kwargs:
-            raise UserError("dataloader= cannot be sent in http mode; the data loader stays in your process")
         if method == "add_adapter_to_model":
             if not args and "adapter_name" not in kwargs:
                 raise UserError("add_adapter_to_model needs an adapter name")
@@ -118,20 +225,15 @@ class TwinkleHost:
             obj.current = name
             return None
         if method in _PATH_METHODS:
-            key = _PATH_METHODS[method]
-            raw = args[0] if args else kwargs.pop(key, None)
-            args = list(args[1:])
-            name = ckpt.check_name(str(raw), "checkpoint directory")
-            kwargs[key] = str(self.folder(obj.tenant_id) / name)
-            if method != "save" and not Path(kwargs[key]).exists():
-                raise UserError(f"no checkpoint named {name!r} (names are private to your tenant)")
+            args, kwargs = self._map_path(obj, method, args, kwargs)
         if "adapter_name" in params:
             user_name = kwargs.pop("adapter_name", None) or obj.current
             if user_name is None:
                 if method not in _NO_ADAPTER:
                     raise UserError(
                         f"{method}: add a LoRA adapter first (model.add_adapter_to_model('default', LoraConfig(...))); "
-                        "http mode trains adapters, never the shared base model"
+                        "http mode never trains the shared base model, and this tenant's "
+                        f"{self.state.config.max_private_models_per_tenant} full-parameter model(s) are in use"
                     )
                 user_name = "default"
                 obj.adapters.setdefault(user_name, f"{obj.id}_{user_name}")
@@ -147,8 +249,43 @@ class TwinkleHost:
             return Path(str(result)).name
         return result
 
+    def _trains_base(self, obj: HostedObject, method: str, kwargs: dict[str, Any]) -> bool:
+        """Whether ``method`` on an adapter-less model object trains the base and may get a private copy."""
+        if method in _NO_ADAPTER or kwargs.get("adapter_name"):
+            return False
+        try:
+            from twinkle.model.transformers_model import TransformersModel
+
+            params = inspect.signature(getattr(TransformersModel, method)).parameters
+        except (AttributeError, TypeError, ValueError):
+            return False
+        if "adapter_name" not in params:
+            return False
+        private = sum(
+            1
+            for o in self.objects.values()
+            if o.tenant_id == obj.tenant_id and o.kind == "model" and o.instance is not None
+        )
+        return private < self.state.config.max_private_models_per_tenant
+
+    def _map_path(
+        self, obj: HostedObject, method: str, args: list[Any], kwargs: dict[str, Any]
+    ) -> tuple[list[Any], dict[str, Any]]:
+        """Turn the checkpoint-directory argument into a path inside the tenant's folder."""
+        key = _PATH_METHODS[method]
+        raw = args[0] if args else kwargs.pop(key, None)
+        args = list(args[1:])
+        name = ckpt.check_name(str(raw), "checkpoint directory")
+        kwargs[key] = str(self.folder(obj.tenant_id) / name)
+        if method != "save" and not Path(kwargs[key]).exists():
+            raise UserError(f"no checkpoint named {name!r} (names are private to your tenant)")
+        return args, kwargs
+
     def release(self, obj: HostedObject) -> None:
-        """(Worker) drop an object's adapters from the hosted model."""
+        """(Worker) drop an object's adapters from the hosted model (or its private instance)."""
+        if obj.instance is not None:
+            obj.instance = None
+            return
         model = self._model
         if model is None:
             return
@@ -183,7 +320,11 @@ async def _run(state: ServerState, tenant: Tenant, kind: str, fn: Any) -> Any:
     def run() -> tuple[str, bytes]:
         from twinkle.client.codec import encode
 
-        return JSON, json.dumps({"result": encode(fn())}).encode()
+        try:
+            result = fn()
+        except KeyError as exc:  # a missing adapter/name: the request's problem, not the server's
+            raise UserError(str(exc.args[0]) if exc.args else "not found") from None
+        return JSON, json.dumps({"result": encode(result)}).encode()
 
     future_id = state.submit(tenant, f"twinkle.{kind}", run=run)
     while True:
@@ -214,33 +355,39 @@ async def create_object(body: CreateObjectBody, state: StateDep, tenant: TenantD
     """Build a model for the client (``kind='model'``, ``cls='TransformersModel'``)."""
     from twinkle.client.codec import CodecError, decode
 
-    if body.kind != "model" or body.cls != "TransformersModel":
-        raise HTTPException(
-            400, f"http mode hosts kind 'model' / cls 'TransformersModel' only, not {body.kind!r} / {body.cls!r}"
-        )
+    if (body.kind, body.cls) not in _HOSTED:
+        offered = ", ".join(f"{k} {c!r}" for k, c in sorted(_HOSTED))
+        raise HTTPException(400, f"http mode hosts {offered}; not {body.kind!r} / {body.cls!r}")
     try:
         args, kwargs = decode(body.args), decode(body.kwargs)
     except CodecError as exc:
         raise HTTPException(400, str(exc)) from None
-    model_id = args[0] if args else kwargs.pop("model_id", None)
-    served = {state.config.model_name, str(state.config.model_dir)}
-    if model_id not in served:
+    options: dict[str, Any] = {}
+    if body.kind != "checkpoint_engine":
+        model_id = args[0] if args else kwargs.pop("model_id", None)
+        served = {state.config.model_name, str(state.config.model_dir)}
+        if model_id not in served:
+            raise HTTPException(
+                400, f"this server hosts {state.config.model_name!r}; pass model_id={state.config.model_name!r}"
+            )
+        args = args[1:]
+        # the seed picks the weights of a private copy / sampler; the device is the server's choice
+        options = {"seed": kwargs.pop("seed", state.config.seed)}
+        kwargs.pop("device", None)
+        if "torch_dtype" in kwargs:
+            options["torch_dtype"] = kwargs.pop("torch_dtype")
+    if args or kwargs:
         raise HTTPException(
-            400, f"this server hosts {state.config.model_name!r}; pass model_id={state.config.model_name!r}"
-        )
-    unknown = sorted(set(kwargs) - {"seed", "device", "torch_dtype"})
-    if len(args) > 1 or unknown:
-        raise HTTPException(
-            400, f"options {unknown or args[1:]} cannot be set in http mode: the server owns the base model"
+            400, f"options {sorted(kwargs) or args} cannot be set in http mode: the server owns the base model"
         )
     hosted = host(state)
-    mine = sum(1 for o in hosted.objects.values() if o.tenant_id == tenant.id)
+    mine = sum(1 for o in hosted.objects.values() if o.tenant_id == tenant.id and o.kind != "checkpoint_engine")
     limit = state.limits(tenant).max_adapters
     if mine >= limit:
         raise QuotaExceeded(f"tenant {tenant.name!r} already has {mine} remote models, its limit is {limit}")
     state.charge(tenant)
-    obj = HostedObject(f"m{secrets.token_hex(6)}", tenant.id)
-    await _run(state, tenant, "create_object", lambda: hosted.model and None)
+    obj = HostedObject(f"m{secrets.token_hex(6)}", tenant.id, kind=body.kind, options=options)
+    await _run(state, tenant, "create_object", lambda: hosted.build(obj, body.cls))
     hosted.objects[obj.id] = obj
     return {"object_id": obj.id}
 
@@ -252,8 +399,8 @@ async def call_object(object_id: str, body: CallBody, state: StateDep, tenant: T
 
     obj = _object(state, tenant, object_id)
     hosted = host(state)
-    if body.method not in hosted.methods():
-        raise HTTPException(400, f"{body.method!r} is not a remote method of TransformersModel")
+    if body.method not in hosted.methods(obj.kind):
+        raise HTTPException(400, f"{body.method!r} is not a remote method of this {obj.kind}")
     try:
         args, kwargs = decode(body.args), decode(body.kwargs)
     except CodecError as exc:
