@@ -65,7 +65,7 @@ def test_sft_loop_over_http(server) -> None:
         runtime.shutdown()
 
 
-def test_http_mode_needs_an_adapter_and_isolates_checkpoints(server) -> None:
+def test_http_mode_full_training_is_private_and_checkpoints_isolated(server) -> None:
     import twinkle
     from twinkle.client.session import ServerError
     from twinkle.model import TransformersModel
@@ -73,9 +73,11 @@ def test_http_mode_needs_an_adapter_and_isolates_checkpoints(server) -> None:
     key_a = server.add_tenant(f"iso-a-{uuid.uuid4().hex[:6]}")
     key_b = server.add_tenant(f"iso-b-{uuid.uuid4().hex[:6]}")
     with twinkle.initialize(mode="http", base_url=server.url, api_key=key_a):
+        full = TransformersModel(model_id=server.state.config.model_name)
+        full.set_optimizer("AdamW", lr=1e-3)  # full-parameter training: the tenant's one private copy of the base
         model = TransformersModel(model_id=server.state.config.model_name)
         with pytest.raises(ServerError, match="add a LoRA adapter first"):
-            model.set_optimizer("AdamW", lr=1e-3)
+            model.set_optimizer("AdamW", lr=1e-3)  # the shared base is never trained
         from peft import LoraConfig
 
         model.add_adapter_to_model("mine", LoraConfig(r=4, target_modules="all-linear"))
