@@ -81,3 +81,5 @@ def test_samplers_and_sync_are_private_to_their_tenant(server) -> None:
             engine_b.sync(RemoteComponent(sampler_b._session, TransformersModel, a_ids[0]), sampler_b, "default")
         with pytest.raises(ServerError, match="no adapter 'default'"):
             sampler_b.sample(prompt, params, adapter_name="default")  # B's sampler has no adapter of A's
+        with pytest.raises(ServerError, match="not allowed"):
+            sampler_b.add_adapter("stolen", "../../twinkle-checkpoints")  # adapter dirs stay in B's folder

@@ -203,7 +203,9 @@ class TwinkleHost:
         if obj.kind == "model" and obj.instance is None and not obj.adapters and self._trains_base(obj, method, kwargs):
             self._private_model(obj)
         if obj.instance is not None:
-            if method in _PATH_METHODS:
+            if obj.kind == "sampler":
+                args, kwargs = self._sampler_arguments(obj, method, args, kwargs)
+            elif method in _PATH_METHODS:
                 args, kwargs = self._map_path(obj, method, args, kwargs)
             result = getattr(obj.instance, method)(*args, **kwargs)
             return Path(str(result)).name if method == "save" else result
@@ -267,6 +269,29 @@ class TwinkleHost:
             if o.tenant_id == obj.tenant_id and o.kind == "model" and o.instance is not None
         )
         return private < self.state.config.max_private_models_per_tenant
+
+    def _sampler_arguments(
+        self, obj: HostedObject, method: str, args: list[Any], kwargs: dict[str, Any]
+    ) -> tuple[list[Any], dict[str, Any]]:
+        """Keep a sampler's file arguments inside the tenant's folder and its template on the served model."""
+        if method == "add_adapter":
+            config = args[1] if len(args) > 1 else kwargs.get("config")
+            if isinstance(config, str):
+                name = ckpt.check_name(config, "adapter directory")
+                path = self.folder(obj.tenant_id) / name
+                if not path.exists():
+                    raise UserError(f"no checkpoint named {name!r} (names are private to your tenant)")
+                if len(args) > 1:
+                    args = [args[0], str(path), *args[2:]]
+                else:
+                    kwargs["config"] = str(path)
+        if method == "set_template":
+            model_id = kwargs.pop("model_id", None)
+            served = {None, self.state.config.model_name, str(self.state.config.model_dir)}
+            if model_id not in served or (args and not isinstance(args[0], str)):
+                raise UserError("set_template: pass a registered template name; the tokenizer is the served model's")
+            kwargs["model_id"] = str(self.state.config.model_dir)
+        return args, kwargs
 
     def _map_path(
         self, obj: HostedObject, method: str, args: list[Any], kwargs: dict[str, Any]
