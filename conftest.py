@@ -2,6 +2,10 @@
 
 Tests that need a CUDA GPU carry ``@pytest.mark.gpu``; on a machine without one (CI, this
 CPU box) they are skipped with that reason. Area conftests hold only their own fixtures.
+
+This file sits at the repository root, not in tests/: pytest puts a conftest's folder on
+sys.path, and tests/ holds folders named ray/, vllm/ and megatron/ that would then import
+as namespace packages where the real libraries are not installed.
 """
 
 from __future__ import annotations
