@@ -87,6 +87,7 @@ OFFICIAL_PROVIDERS: dict[tuple[str, str], str] = {
     ("sampler", "VLLMSampler"): "twinkle-vllm",
     ("checkpoint_engine", "VLLMCheckpointEngine"): "twinkle-vllm",
     ("checkpoint_engine", "DistributedCheckpointEngine"): "twinkle-vllm",
+    ("checkpoint_engine", "ObjectStoreCheckpointEngine"): "twinkle-vllm",
     ("metric", "LogprobConsistency"): "twinkle-vllm",
     ("launcher", "ray"): "twinkle-ray",
     ("reward", "GSM8KAccuracyReward"): "twinkle-rewards",

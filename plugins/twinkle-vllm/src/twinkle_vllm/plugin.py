@@ -21,6 +21,12 @@ def twinkle_register_components(register) -> None:  # noqa: ANN001
         doc="bucketed weight broadcast from a trainer process to sampler processes (gloo / nccl)",
     )
     register(
+        "checkpoint_engine",
+        "ObjectStoreCheckpointEngine",
+        "twinkle_vllm.object_store:ObjectStoreCheckpointEngine",
+        doc="ray mode: model actors -> sampler actors through Ray's object store, not the driver",
+    )
+    register(
         "metric",
         "LogprobConsistency",
         "twinkle_vllm.consistency:LogprobConsistency",
