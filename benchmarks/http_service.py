@@ -139,9 +139,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
 
-    from conftest import start_server
     from twinkle.server.config import ServerConfig, tiny_model_dir
     from twinkle.server.engine import LoRAEngine
+
+    from conftest import start_server
 
     engine = LoRAEngine(tiny_model_dir(), max_adapters=2 * args.tenants + 4, max_rank=16)
     engine.warmup()

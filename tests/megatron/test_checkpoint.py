@@ -6,10 +6,11 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_config
 from peft import LoraConfig
 from twinkle.model.transformers_model import CheckpointError
 from twinkle_megatron.model import MegatronModel
+
+from conftest import tiny_config
 
 
 def _logits(model: MegatronModel, rows: list[dict]) -> torch.Tensor:

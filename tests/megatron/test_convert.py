@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAMILIES, tiny_config
 from twinkle_megatron import builder, convert
+
+from conftest import FAMILIES, tiny_config
 
 
 @pytest.fixture(scope="module")

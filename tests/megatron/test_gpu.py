@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_config
 from peft import LoraConfig
+
+from conftest import tiny_config
 
 pytestmark = pytest.mark.gpu
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_config
 from peft import LoraConfig
 from twinkle.model.transformers_model import TransformersModel
 from twinkle_megatron.model import MegatronModel
+
+from conftest import tiny_config
 
 TOL = 1e-4
 

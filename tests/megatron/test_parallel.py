@@ -81,8 +81,9 @@ def test_tensor_parallel_two_gloo_processes_match_one(rows, tmp_path) -> None:
     """torchrun --nproc_per_node 2 with tp_size=2 on CPU: same losses and saved weights as one process."""
     import json
 
-    from conftest import tiny_config
     from twinkle.model.transformers_model import TransformersModel
+
+    from conftest import tiny_config
 
     cfg = tiny_config("qwen2")
     script = tmp_path / "tp2.py"

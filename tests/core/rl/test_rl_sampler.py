@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import chat
 from twinkle.data_format import SampleResponse, SamplingParams
 from twinkle.sampler.base import Sampler
+
+from conftest import chat
 
 PROMPTS = [chat("1+1=", answer="2"), chat("a much longer prompt about the capital of France, please", answer="Paris")]
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import chat
 from peft import LoraConfig
 from twinkle.checkpoint_engine import LocalCheckpointEngine
 from twinkle.checkpoint_engine.base import CheckpointEngine
 from twinkle.data_format import SamplingParams
 from twinkle.model import TransformersModel
 from twinkle.sampler import TorchSampler
+
+from conftest import chat
 
 PROMPTS = [chat("2+2=", answer="4"), chat("3+1=", answer="4")]
 
