@@ -19,7 +19,12 @@ import shutil
 import time
 from typing import Any, Iterable, Iterator, Mapping
 
-from twinkle.data_format.sampling import SampledSequence, SampleResponse, SamplingParams, build_input_feature
+from twinkle.data_format.sampling import (
+    SampleResponse,
+    SamplingParams,
+    as_sampling_params,
+    sampled_sequence,
+)
 from twinkle.dispatch import remote
 from twinkle.sampler.base import Sampler
 
@@ -428,7 +433,7 @@ class VLLMSampler(Sampler):
             sampler.sample(prompts, SamplingParams(max_tokens=32, num_samples=4, temperature=1.0, seed=0))
         """
         self._require_awake("sample")
-        params = _as_params(sampling_params)
+        params = as_sampling_params(sampling_params)
         if isinstance(prompts, Mapping):
             prompts = [prompts]
         encoded = self._prompt_ids(list(prompts))
@@ -457,7 +462,9 @@ class VLLMSampler(Sampler):
                 if params.logprobs:
                     logprobs = [float(step[tok].logprob) for step, tok in zip(completion.logprobs, tokens)]
                 reason = "length" if completion.finish_reason == "length" else "stop"
-                sequences.append(_sequence(ids, tokens, logprobs, reason, completion.text, user_data, trajectory))
+                sequences.append(
+                    sampled_sequence(ids, tokens, logprobs, reason, completion.text, user_data, trajectory)
+                )
             prompt_logprobs = None
             if params.prompt_logprobs and output.prompt_logprobs is not None:
                 prompt_logprobs = [
@@ -548,38 +555,3 @@ def _prompt_seed(seed: int | None, index: int) -> int | None:
         return None
     digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 2
-
-
-def _as_params(sampling_params: Any) -> SamplingParams:
-    if sampling_params is None:
-        return SamplingParams()
-    if isinstance(sampling_params, SamplingParams):
-        return sampling_params
-    if isinstance(sampling_params, Mapping):
-        return SamplingParams(**sampling_params)
-    raise TypeError(f"sampling_params must be a SamplingParams or a dict, got {type(sampling_params).__name__}")
-
-
-def _sequence(
-    prompt_ids: list[int],
-    tokens: list[int],
-    logprobs: list[float] | None,
-    reason: str,
-    text: str,
-    user_data: dict[str, Any],
-    trajectory: dict[str, Any] | None,
-) -> SampledSequence:
-    completion = {"role": "assistant", "content": text}
-    if trajectory is not None:
-        trajectory = {**trajectory, "messages": [*trajectory["messages"], completion]}
-    else:  # a token prompt: the completion alone, with the prompt's user_data (what rewards read)
-        trajectory = {"messages": [completion], "user_data": user_data}
-    return SampledSequence(
-        tokens=tokens,
-        logprobs=logprobs,
-        stop_reason=reason,
-        text=text,
-        input_feature=build_input_feature(prompt_ids, tokens, logprobs=logprobs, user_data=user_data),
-        user_data=user_data,
-        trajectory=trajectory,
-    )

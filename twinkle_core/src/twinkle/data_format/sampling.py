@@ -24,7 +24,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -210,6 +210,52 @@ def build_input_feature(
     if user_data:
         row["user_data"] = dict(user_data)
     return row
+
+
+def as_sampling_params(sampling_params: Any) -> SamplingParams:
+    """``None`` (defaults), a :class:`SamplingParams` or a dict of its fields -> SamplingParams.
+
+    Raises:
+        TypeError: anything else.
+    """
+    if sampling_params is None:
+        return SamplingParams()
+    if isinstance(sampling_params, SamplingParams):
+        return sampling_params
+    if isinstance(sampling_params, Mapping):
+        return SamplingParams(**sampling_params)
+    raise TypeError(f"sampling_params must be a SamplingParams or a dict, got {type(sampling_params).__name__}")
+
+
+def sampled_sequence(
+    prompt_ids: list[int],
+    tokens: list[int],
+    logprobs: list[float] | None,
+    stop_reason: str,
+    text: str,
+    user_data: dict[str, Any],
+    trajectory: dict[str, Any] | None,
+) -> SampledSequence:
+    """One sample as every sampler returns it: tokens, text, the training row and the trajectory.
+
+    A Trajectory prompt gets the completion appended as its last assistant message; a token
+    prompt gets a trajectory holding just the completion and the prompt's ``user_data``
+    (what rewards read).
+    """
+    completion = {"role": "assistant", "content": text}
+    if trajectory is not None:
+        trajectory = {**trajectory, "messages": [*trajectory["messages"], completion]}
+    else:
+        trajectory = {"messages": [completion], "user_data": user_data}
+    return SampledSequence(
+        tokens=tokens,
+        logprobs=logprobs,
+        stop_reason=stop_reason,
+        text=text,
+        input_feature=build_input_feature(prompt_ids, tokens, logprobs=logprobs, user_data=user_data),
+        user_data=user_data,
+        trajectory=trajectory,
+    )
 
 
 def flatten_sequences(responses: list[SampleResponse]) -> list[SampledSequence]:

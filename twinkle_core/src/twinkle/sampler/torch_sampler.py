@@ -15,7 +15,8 @@ from twinkle.data_format.sampling import (
     SampledSequence,
     SampleResponse,
     SamplingParams,
-    build_input_feature,
+    as_sampling_params,
+    sampled_sequence,
 )
 from twinkle.dispatch import remote
 from twinkle.sampler.base import Sampler
@@ -273,7 +274,7 @@ class TorchSampler(Sampler):
         """
         import torch
 
-        params = _as_params(sampling_params)
+        params = as_sampling_params(sampling_params)
         if isinstance(prompts, Mapping):
             prompts = [prompts]
         encoded = self._prompt_ids(list(prompts))
@@ -285,7 +286,7 @@ class TorchSampler(Sampler):
                 seqs = self._generate(module, [encoded[p][0] for p, _ in chunk], params)
                 for (p, s), (tokens, logprobs, reason, text) in zip(chunk, seqs):
                     ids, user_data, trajectory = encoded[p]
-                    results[(p, s)] = self._sequence(ids, tokens, logprobs, reason, text, user_data, trajectory)
+                    results[(p, s)] = sampled_sequence(ids, tokens, logprobs, reason, text, user_data, trajectory)
             prompt_lps = self._prompt_logprobs(module, [e[0] for e in encoded]) if params.prompt_logprobs else None
         return [
             SampleResponse(
@@ -295,31 +296,6 @@ class TorchSampler(Sampler):
             )
             for p in range(len(encoded))
         ]
-
-    @staticmethod
-    def _sequence(
-        prompt_ids: list[int],
-        tokens: list[int],
-        logprobs: list[float] | None,
-        reason: str,
-        text: str,
-        user_data: dict[str, Any],
-        trajectory: dict[str, Any] | None,
-    ) -> SampledSequence:
-        completion = {"role": "assistant", "content": text}
-        if trajectory is not None:
-            trajectory = {**trajectory, "messages": [*trajectory["messages"], completion]}
-        else:  # a token prompt: the completion alone, with the prompt's user_data (what rewards read)
-            trajectory = {"messages": [completion], "user_data": user_data}
-        return SampledSequence(
-            tokens=tokens,
-            logprobs=logprobs,
-            stop_reason=reason,
-            text=text,
-            input_feature=build_input_feature(prompt_ids, tokens, logprobs=logprobs, user_data=user_data),
-            user_data=user_data,
-            trajectory=trajectory,
-        )
 
     def _generate(
         self, module: Any, prompt_ids: list[list[int]], params: SamplingParams
@@ -391,16 +367,6 @@ class TorchSampler(Sampler):
             lp = torch.log_softmax(logits[:-1], dim=-1).gather(-1, x[0, 1:].unsqueeze(-1)).squeeze(-1)
             out.append([None, *lp.tolist()])
         return out
-
-
-def _as_params(sampling_params: Any) -> SamplingParams:
-    if sampling_params is None:
-        return SamplingParams()
-    if isinstance(sampling_params, SamplingParams):
-        return sampling_params
-    if isinstance(sampling_params, Mapping):
-        return SamplingParams(**sampling_params)
-    raise TypeError(f"sampling_params must be a SamplingParams or a dict, got {type(sampling_params).__name__}")
 
 
 def _pad_id(tokenizer: Any, module: Any) -> int:
