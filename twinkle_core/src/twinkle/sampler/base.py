@@ -72,8 +72,24 @@ class Sampler(Component):
 
     @remote(dispatch="all", collect="first")
     def set_template(self, template: Any, **kwargs: Any) -> None:
-        """Use ``template`` (a Template, or a registered template name built with ``kwargs``)."""
-        raise TypeError(f"{type(self).__name__} must implement Sampler.set_template")
+        """Use ``template``: an instance, or a registered name (or class) built with ``kwargs``.
+
+        A name built without ``model_id=`` gets the sampler's own model directory
+        (``self.model_dir``), so ``sampler.set_template('Template')`` is enough.
+        """
+        if isinstance(template, (str, type)):
+            from twinkle.runtime import get_registry
+
+            model_dir = getattr(self, "model_dir", None)
+            if isinstance(template, str) and "model_id" not in kwargs and model_dir is not None:
+                kwargs["model_id"] = model_dir
+            template = get_registry().resolve("template", template)(**kwargs)
+        self._template = template
+
+    @property
+    def template(self) -> Any:
+        """The Template that renders prompts (``None`` if unset)."""
+        return getattr(self, "_template", None)
 
     def _prompt_ids(self, prompts: list[Any]) -> list[tuple[list[int], dict[str, Any], dict[str, Any] | None]]:
         """(token ids, user_data, trajectory or None) of each prompt, for subclasses' ``sample``.

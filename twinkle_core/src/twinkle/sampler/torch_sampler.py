@@ -106,22 +106,6 @@ class TorchSampler(Sampler):
             return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
     # ------------------------------------------------------------------ configuration
-    @remote(dispatch="all", collect="first")
-    def set_template(self, template: Any, **kwargs: Any) -> None:
-        """Use ``template`` (an instance, or a registered name built with ``kwargs``, e.g. ``model_id=``)."""
-        if isinstance(template, (str, type)):
-            from twinkle.runtime import get_registry
-
-            if isinstance(template, str) and "model_id" not in kwargs and self.model_dir is not None:
-                kwargs["model_id"] = self.model_dir
-            template = get_registry().resolve("template", template)(**kwargs)
-        self._template = template
-
-    @property
-    def template(self) -> Any:
-        """The Template that renders prompts (``None`` if unset)."""
-        return self._template
-
     @property
     def tokenizer(self) -> Any:
         """The template's tokenizer (``None`` without a template)."""
