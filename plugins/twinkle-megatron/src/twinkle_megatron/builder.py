@@ -33,8 +33,8 @@ def build_gpt_model(spec: MegatronSpec, device: Any = "cpu") -> Any:
     and, on CPU, the shims of :mod:`twinkle_megatron.compat`.
     """
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.transformer_config import MLATransformerConfig
 
     kwargs = dict(spec.config_kwargs)
     # on CUDA the parameters are allocated (and initialized, which also tags their
@@ -44,12 +44,68 @@ def build_gpt_model(spec: MegatronSpec, device: Any = "cpu") -> Any:
     if spec.num_experts and on_cpu:
         # the all-to-all dispatcher allocates torch.cuda streams; all-gather is the CPU path
         kwargs["moe_token_dispatcher_type"] = "allgather"
-    config = TransformerConfig(**kwargs)
-    layer_spec = get_gpt_layer_local_spec(
-        num_experts=spec.num_experts, qk_layernorm=spec.qk_layernorm, normalization="RMSNorm"
-    )
-    model = GPTModel(config, layer_spec, parallel_output=False, **spec.model_kwargs)
+    config = (MLATransformerConfig if spec.multi_latent_attention else TransformerConfig)(**kwargs)
+    model = GPTModel(config, _layer_spec(spec, config), parallel_output=False, **spec.model_kwargs)
     return model.to(device)
+
+
+def _layer_spec(spec: MegatronSpec, config: Any) -> Any:
+    """One local layer spec for all layers, or per-layer specs (dense and MoE layers mixed, MLA)."""
+    import dataclasses
+
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
+
+    if not spec.multi_latent_attention and not isinstance(config.moe_layer_freq, list):
+        return get_gpt_layer_local_spec(
+            num_experts=spec.num_experts, qk_layernorm=spec.qk_layernorm, normalization="RMSNorm"
+        )
+    block = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
+    if spec.multi_latent_attention:
+        core = mla_core_attention_class()
+        layers = []
+        for layer in block.layer_specs:
+            attention = layer.submodules.self_attention
+            attention = dataclasses.replace(
+                attention, submodules=dataclasses.replace(attention.submodules, core_attention=core)
+            )
+            layers.append(
+                dataclasses.replace(layer, submodules=dataclasses.replace(layer.submodules, self_attention=attention))
+            )
+        block = dataclasses.replace(block, layer_specs=layers)
+    return block
+
+
+_MLA_CORE: type | None = None
+
+
+def mla_core_attention_class() -> type:
+    """megatron-core's local ``DotProductAttention``, accepting the key/value widths MLA passes it.
+
+    In megatron-core 0.16 ``MultiLatentAttention`` builds its core attention with
+    ``k_channels=`` and ``v_channels=`` keywords that only the Transformer Engine attention
+    takes; the local ``DotProductAttention`` (the Transformer-Engine-free path) raises
+    ``TypeError`` on them. Its computation already works on the tensors' own head widths
+    (queries and keys of ``qk_head_dim + qk_pos_emb_head_dim``, values of ``v_head_dim``; the
+    output is sized by ``kv_channels``, which :func:`twinkle_megatron.convert.deepseek_spec`
+    sets to ``v_head_dim``), so this subclass checks those widths and drops the keywords.
+    """
+    global _MLA_CORE
+    if _MLA_CORE is None:
+        from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+        class MLADotProductAttention(DotProductAttention):
+            """Local dot-product attention for multi-latent attention (see :func:`mla_core_attention_class`)."""
+
+            def __init__(self, *args: Any, k_channels: int | None = None, v_channels: int | None = None, **kwargs: Any):
+                super().__init__(*args, **kwargs)
+                if v_channels is not None and v_channels != self.hidden_size_per_attention_head:
+                    raise ValueError(
+                        f"MLA core attention: v_channels={v_channels} but kv_channels="
+                        f"{self.hidden_size_per_attention_head}; set kv_channels to v_head_dim"
+                    )
+
+        _MLA_CORE = MLADotProductAttention
+    return _MLA_CORE
 
 
 def _ranks() -> tuple[int, int, int, int]:
@@ -74,8 +130,14 @@ def _local_experts(model: Any) -> int:
 
 
 def _base_parameters(model: Any) -> list[tuple[str, Any]]:
-    """The model's own parameters (LoRA weights left out)."""
-    return [(n, p) for n, p in model.named_parameters() if ".lora_" not in n]
+    """The model's own weights: parameters (LoRA weights left out) and the MoE router's expert bias.
+
+    The expert bias (DeepSeek-V3's ``e_score_correction_bias``) is a buffer in megatron-core,
+    but a checkpoint weight like any other.
+    """
+    params = [(n, p) for n, p in model.named_parameters() if ".lora_" not in n]
+    buffers = [(n, b) for n, b in model.named_buffers() if n.endswith(".router.expert_bias")]
+    return params + buffers
 
 
 def _is_glu_fc1(name: str) -> bool:

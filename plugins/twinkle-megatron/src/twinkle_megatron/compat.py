@@ -1,8 +1,8 @@
 """The shims megatron-core needs on CPU, and without Transformer Engine: one module, reversible.
 
 megatron-core is written for CUDA. Version 0.16 builds ``GPTModel`` and runs forward and
-backward on CPU tensors over a gloo process group with two shims, plus one for a missing
-name when Transformer Engine is not installed:
+backward on CPU tensors over a gloo process group with two shims, plus two for when
+Transformer Engine is not installed:
 
 1. ``torch.cuda.current_device`` returns ``"cpu"`` (CPU only). megatron-core passes
    ``device=torch.cuda.current_device()`` when it allocates buffers; ``"cpu"`` makes those
@@ -14,6 +14,13 @@ name when Transformer Engine is not installed:
    Transformer Engine is missing (any device). 0.16 only defines it when TE imports, and
    the router's gating linear reads it unconditionally; ``None`` selects its plain
    ``torch.mm`` path, which is what it means.
+4. ``megatron.core.transformer.multi_latent_attention.HAVE_TE`` is set to ``False`` when
+   Transformer Engine is missing (any device; multi-latent attention, DeepSeek-V2/V3 only).
+   That module sets ``HAVE_TE = True`` whenever ``megatron.core.extensions.transformer_engine``
+   imports, and without TE that module still imports, with ``MagicMock`` stand-ins for the TE
+   classes; ``MLASelfAttention.__init__`` then calls ``isinstance(linear_proj, TELinear)``
+   with a mock and raises ``TypeError``. ``False`` is the truth, and skips only TE-specific
+   fp8 handling.
 
 Megatron's distributed optimizer and pipeline schedules need CUDA; on CPU Twinkle drives
 the megatron model with a plain torch optimizer instead (see :mod:`twinkle_megatron.model`).
@@ -56,7 +63,7 @@ def apply(device_type: str) -> None:
     """Apply the shims ``device_type`` ('cpu' or 'cuda') needs; counted, so nested calls are fine.
 
     Args:
-        device_type: ``"cpu"`` applies shims 1-3, ``"cuda"`` only 3 (when TE is missing).
+        device_type: ``"cpu"`` applies shims 1-4, ``"cuda"`` only 3 and 4 (when TE is missing).
 
     Raises:
         ValueError: an unknown device type.
@@ -74,6 +81,11 @@ def apply(device_type: str) -> None:
 
         if not hasattr(moe_utils, "te_general_gemm"):
             _patch(moe_utils, "te_general_gemm", None)
+        from megatron.core.extensions import transformer_engine as te_extension
+        from megatron.core.transformer import multi_latent_attention
+
+        if not te_extension.HAVE_TE and multi_latent_attention.HAVE_TE:
+            _patch(multi_latent_attention, "HAVE_TE", False)
         if device_type == "cpu":
             _patch(torch.cuda, "current_device", _cpu_current_device)
 

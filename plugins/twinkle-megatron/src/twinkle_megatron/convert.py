@@ -1,12 +1,19 @@
 """Hugging Face <-> megatron-core: model configuration and weights, per model family.
 
 Supported ``model_type`` values (:data:`SUPPORTED_MODEL_TYPES`): ``qwen2``, ``qwen3``,
-``llama``, ``qwen2_moe``, ``qwen3_moe``. Each becomes a megatron-core ``GPTModel`` built
-from the local (Transformer-Engine-free) layer spec with the same numerics as the
-transformers implementation: RMSNorm, rotary embeddings (rotate-half), grouped-query
-attention, SwiGLU MLPs, and for MoE a top-k softmax router (``norm_topk_prob`` maps to
-``moe_router_pre_softmax``), per-expert SwiGLU MLPs and Qwen2-MoE's sigmoid-gated shared
-expert.
+``llama``, ``qwen2_moe``, ``qwen3_moe``, ``deepseek_v2``, ``deepseek_v3``. Each becomes a
+megatron-core ``GPTModel`` built from the local (Transformer-Engine-free) layer spec with the
+same numerics as the transformers implementation: RMSNorm, rotary embeddings (rotate-half),
+grouped-query attention, SwiGLU MLPs, and for MoE a top-k softmax router (``norm_topk_prob``
+maps to ``moe_router_pre_softmax``), per-expert SwiGLU MLPs and Qwen2-MoE's sigmoid-gated
+shared expert.
+
+DeepSeek-V2/V3 use megatron-core's multi-latent attention (``MLATransformerConfig``,
+``MLASelfAttention``): ``first_k_dense_replace`` dense layers, then MoE layers with ungated
+shared experts; the V2 router is softmax top-k (``greedy`` or ``group_limited_greedy``), the
+V3 router sigmoid scores plus ``e_score_correction_bias`` (megatron's ``expert_bias``) with
+group-limited top-k; both scale by ``routed_scaling_factor``. Multi-token-prediction layers
+are not part of the transformers model and are not converted.
 
 Weights are converted as whole (unsharded) tensors keyed by their names:
 
@@ -30,8 +37,18 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
-SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("qwen2", "qwen3", "llama", "qwen2_moe", "qwen3_moe")
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = (
+    "qwen2",
+    "qwen3",
+    "llama",
+    "qwen2_moe",
+    "qwen3_moe",
+    "deepseek_v2",
+    "deepseek_v3",
+)
 MOE_MODEL_TYPES: frozenset[str] = frozenset({"qwen2_moe", "qwen3_moe"})
+#: families with multi-latent attention (and DeepSeek MoE): see :func:`deepseek_spec`.
+MLA_MODEL_TYPES: frozenset[str] = frozenset({"deepseek_v2", "deepseek_v3"})
 
 
 class ConversionError(ValueError):
@@ -46,13 +63,16 @@ class MegatronSpec:
         config_kwargs: keyword arguments of ``megatron.core.transformer.TransformerConfig``.
         model_kwargs: keyword arguments of ``GPTModel`` besides config and layer spec.
         num_experts: experts per MoE layer (``None`` for dense models).
-        qk_layernorm: per-head RMSNorm of queries and keys (Qwen3).
+        qk_layernorm: per-head RMSNorm of queries and keys (Qwen3), or MLA's RMSNorm of the
+            compressed query and key-value latents (DeepSeek).
+        multi_latent_attention: build ``MLATransformerConfig`` and MLA layers (DeepSeek).
     """
 
     config_kwargs: dict[str, Any] = field(default_factory=dict)
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     num_experts: int | None = None
     qk_layernorm: bool = False
+    multi_latent_attention: bool = False
 
 
 def _get(cfg: Any, name: str, default: Any = None) -> Any:
@@ -86,7 +106,118 @@ def check_supported(cfg: Any) -> str:
         )
     if _get(cfg, "use_sliding_window", False):
         raise ConversionError(f"{model_type}: use_sliding_window=True is not supported by MegatronModel")
+    if model_type in MLA_MODEL_TYPES:
+        _check_deepseek(cfg)
     return model_type
+
+
+def _check_deepseek(cfg: Any) -> None:
+    """Refuse the DeepSeek settings megatron-core's MLA and router cannot reproduce exactly."""
+    t = cfg.model_type
+    heads = cfg.num_attention_heads
+    if (_get(cfg, "num_key_value_heads") or heads) != heads:
+        raise ConversionError(
+            f"{t}: num_key_value_heads={cfg.num_key_value_heads} != num_attention_heads={heads}; multi-latent "
+            f"attention has one key/value head per query head (set num_key_value_heads={heads})"
+        )
+    for flag in ("attention_bias", "mlp_bias"):
+        if _get(cfg, flag, False):
+            raise ConversionError(f"{t}: {flag}=True is not supported by MegatronModel (megatron's MLA has no biases)")
+    if float(cfg.rms_norm_eps) != 1e-6:
+        raise ConversionError(
+            f"{t}: rms_norm_eps={cfg.rms_norm_eps}; transformers normalizes the q/kv latents with eps=1e-6 whatever "
+            f"rms_norm_eps says, megatron-core uses one epsilon for all norms: only rms_norm_eps=1e-6 converts exactly"
+        )
+    _deepseek_rope(cfg)
+    _deepseek_router(cfg)
+
+
+def _deepseek_rope(cfg: Any) -> dict[str, Any]:
+    """MLA rotary settings (``MLATransformerConfig`` fields) of a DeepSeek config."""
+    params = dict(_get(cfg, "rope_parameters") or {})
+    params.update(_get(cfg, "rope_scaling") or {})
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    theta = params.get("rope_theta", _get(cfg, "rope_theta"))
+    base = float(theta if theta is not None else 10000.0)
+    if rope_type == "default":
+        return dict(rope_type="rope", rotary_base=base)
+    if rope_type != "yarn":
+        raise ConversionError(
+            f"{cfg.model_type}: rope_type={rope_type!r} is not supported by Twinkle's megatron converter (plain "
+            f"rotary embeddings and YaRN are); use TransformersModel for this checkpoint"
+        )
+    if params.get("attention_factor") is not None or not params.get("truncate", True):
+        raise ConversionError(
+            f"{cfg.model_type}: YaRN with an explicit attention_factor or truncate=False is not supported by "
+            f"megatron-core's MLA (it derives the factor from mscale / mscale_all_dim and rounds the correction range)"
+        )
+    original = params.get("original_max_position_embeddings")
+    if not original:
+        raise ConversionError(f"{cfg.model_type}: YaRN rope_parameters need original_max_position_embeddings")
+    factor = params.get("factor") or cfg.max_position_embeddings / original
+    mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+    return dict(
+        rope_type="yarn",
+        rotary_base=base,
+        rotary_scaling_factor=float(factor),
+        original_max_position_embeddings=int(original),
+        beta_fast=float(params.get("beta_fast") or 32),
+        beta_slow=float(params.get("beta_slow") or 1),
+        # transformers uses mscale only together with mscale_all_dim (else the plain YaRN factor)
+        mscale=float(mscale) if mscale and mscale_all_dim else 1.0,
+        mscale_all_dim=float(mscale_all_dim or 0.0),
+    )
+
+
+def _group_limit(cfg: Any, per_group: int, how: str) -> dict[str, Any]:
+    """megatron's group-limited routing for HF's ``n_group`` / ``topk_group``, or nothing when it is a no-op.
+
+    megatron scores a group by the sum of its top ``topk // group_topk`` experts; transformers by
+    ``per_group`` experts (V2 ``group_limited_greedy``: the best one; V3: the best two).
+    """
+    groups, group_topk, topk = _get(cfg, "n_group") or 1, _get(cfg, "topk_group") or 1, cfg.num_experts_per_tok
+    if groups <= 1 or group_topk >= groups:
+        return {}  # every group is selected: plain top-k
+    if topk // group_topk != per_group:
+        raise ConversionError(
+            f"{cfg.model_type}: group-limited routing with num_experts_per_tok={topk}, topk_group={group_topk} "
+            f"scores a group by its top {topk // group_topk} experts in megatron-core but by {how} in transformers; "
+            f"only num_experts_per_tok // topk_group == {per_group} converts exactly. Use TransformersModel"
+        )
+    return dict(moe_router_num_groups=groups, moe_router_group_topk=group_topk)
+
+
+def _deepseek_router(cfg: Any) -> dict[str, Any]:
+    """megatron router settings (``TransformerConfig`` fields) of a DeepSeek MoE config."""
+    t = cfg.model_type
+    topk = cfg.num_experts_per_tok
+    scaling = float(_get(cfg, "routed_scaling_factor", 1.0) or 1.0)
+    out: dict[str, Any] = dict(moe_router_topk_scaling_factor=scaling if scaling != 1.0 else None)
+    if t == "deepseek_v2":
+        method = _get(cfg, "topk_method", "greedy")
+        if method not in ("greedy", "group_limited_greedy"):
+            raise ConversionError(
+                f"deepseek_v2: topk_method={method!r} is not supported (transformers implements 'greedy' and "
+                f"'group_limited_greedy')"
+            )
+        # transformers' V2 router: softmax over all experts, top-k, no renormalization (norm_topk_prob unused)
+        out.update(moe_router_score_function="softmax", moe_router_pre_softmax=True)
+        if method == "group_limited_greedy":
+            out.update(_group_limit(cfg, 1, "its best expert"))
+        return out
+    norm = bool(_get(cfg, "norm_topk_prob", True))
+    if norm != (topk > 1):
+        raise ConversionError(
+            f"deepseek_v3: norm_topk_prob={norm} with num_experts_per_tok={topk}: megatron-core's sigmoid router "
+            f"normalizes the top-k weights exactly when k > 1; only norm_topk_prob={topk > 1} converts exactly"
+        )
+    out.update(
+        moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True,
+        moe_router_bias_update_rate=0.0,  # transformers keeps e_score_correction_bias fixed
+    )
+    out.update(_group_limit(cfg, 2, "the sum of its best two experts"))
+    return out
 
 
 def megatron_spec_from_hf(cfg: Any, params_dtype: Any = None) -> MegatronSpec:
@@ -167,6 +298,8 @@ def megatron_spec_from_hf(cfg: Any, params_dtype: Any = None) -> MegatronSpec:
         shared = _get(cfg, "shared_expert_intermediate_size", 0) or 0
         if shared:
             config_kwargs.update(moe_shared_expert_intermediate_size=shared, moe_shared_expert_gate=True)
+    if model_type in MLA_MODEL_TYPES:
+        return deepseek_spec(cfg, config_kwargs)
     model_kwargs = dict(
         vocab_size=cfg.vocab_size,
         max_sequence_length=_get(cfg, "max_position_embeddings", 4096),
@@ -175,6 +308,59 @@ def megatron_spec_from_hf(cfg: Any, params_dtype: Any = None) -> MegatronSpec:
         share_embeddings_and_output_weights=bool(_get(cfg, "tie_word_embeddings", False)),
     )
     return MegatronSpec(config_kwargs, model_kwargs, num_experts, qk_layernorm)
+
+
+def deepseek_spec(cfg: Any, base_kwargs: Mapping[str, Any]) -> MegatronSpec:
+    """The :class:`MegatronSpec` of a DeepSeek-V2/V3 config: MLA, dense-then-MoE layers, its router.
+
+    Args:
+        cfg: a ``deepseek_v2`` / ``deepseek_v3`` configuration (checked by :func:`check_supported`).
+        base_kwargs: the family-independent ``TransformerConfig`` keywords (norms, fusions off, dtype).
+
+    Returns:
+        A spec with ``multi_latent_attention=True`` whose ``config_kwargs`` are ``MLATransformerConfig``
+        keywords.
+    """
+    heads = cfg.num_attention_heads
+    layers = cfg.num_hidden_layers
+    dense = min(int(_get(cfg, "first_k_dense_replace", 0) or 0), layers)
+    kwargs = dict(base_kwargs)
+    kwargs.update(
+        num_query_groups=heads,
+        kv_channels=cfg.v_head_dim,  # megatron's core attention sizes its output by kv_channels * heads
+        qk_layernorm=True,  # the RMSNorms of the compressed q and kv latents
+        multi_latent_attention=True,
+        q_lora_rank=_get(cfg, "q_lora_rank"),
+        kv_lora_rank=cfg.kv_lora_rank,
+        qk_head_dim=cfg.qk_nope_head_dim,
+        qk_pos_emb_head_dim=cfg.qk_rope_head_dim,
+        v_head_dim=cfg.v_head_dim,
+        **_deepseek_rope(cfg),
+    )
+    num_experts = None
+    if dense < layers:
+        num_experts = cfg.n_routed_experts
+        shared = (_get(cfg, "n_shared_experts", 0) or 0) * cfg.moe_intermediate_size
+        kwargs.update(
+            num_moe_experts=num_experts,
+            moe_router_topk=cfg.num_experts_per_tok,
+            moe_ffn_hidden_size=cfg.moe_intermediate_size,
+            moe_router_load_balancing_type="none",
+            moe_aux_loss_coeff=0.0,
+            moe_token_dispatcher_type="alltoall",
+            moe_grouped_gemm=False,
+            moe_layer_freq=[0] * dense + [1] * (layers - dense),
+            **_deepseek_router(cfg),
+        )
+        if shared:
+            kwargs.update(moe_shared_expert_intermediate_size=shared, moe_shared_expert_gate=False)
+    model_kwargs = dict(
+        vocab_size=cfg.vocab_size,
+        max_sequence_length=_get(cfg, "max_position_embeddings", 4096),
+        position_embedding_type="rope",  # MLA applies its own rotary embedding; GPTModel builds none
+        share_embeddings_and_output_weights=bool(_get(cfg, "tie_word_embeddings", False)),
+    )
+    return MegatronSpec(kwargs, model_kwargs, num_experts, qk_layernorm=True, multi_latent_attention=True)
 
 
 # -- weights ---------------------------------------------------------------------------
@@ -193,11 +379,71 @@ _LAYER_RENAMES = {
     "mlp.shared_expert.down_proj.weight": "mlp.shared_experts.linear_fc2.weight",
     "mlp.shared_expert_gate.weight": "mlp.shared_experts.gate_weight",
 }
+#: multi-latent attention and DeepSeek MoE (ungated ``shared_experts``, router expert bias), HF -> megatron.
+_MLA_RENAMES = {
+    "self_attn.q_proj.weight": "self_attention.linear_q_proj.weight",
+    "self_attn.q_a_proj.weight": "self_attention.linear_q_down_proj.weight",
+    "self_attn.q_a_layernorm.weight": "self_attention.q_layernorm.weight",
+    "self_attn.q_b_proj.weight": "self_attention.linear_q_up_proj.weight",
+    "self_attn.kv_a_proj_with_mqa.weight": "self_attention.linear_kv_down_proj.weight",
+    "self_attn.kv_a_layernorm.weight": "self_attention.kv_layernorm.weight",
+    "self_attn.kv_b_proj.weight": "self_attention.linear_kv_up_proj.weight",
+    "mlp.shared_experts.down_proj.weight": "mlp.shared_experts.linear_fc2.weight",
+    "mlp.gate.e_score_correction_bias": "mlp.router.expert_bias",
+}
 _TOP_RENAMES = {
     "model.embed_tokens.weight": "embedding.word_embeddings.weight",
     "model.norm.weight": "decoder.final_layernorm.weight",
     "lm_head.weight": "output_layer.weight",
 }
+
+
+def _layer_renames(cfg: Any) -> dict[str, str]:
+    """The one-to-one layer renames (HF -> megatron) of ``cfg``'s family."""
+    if cfg.model_type not in MLA_MODEL_TYPES:
+        return _LAYER_RENAMES
+    skip = ("self_attn.q_norm", "self_attn.k_norm", "mlp.shared_expert")
+    renames = {k: v for k, v in _LAYER_RENAMES.items() if not k.startswith(skip)}
+    renames.update(_MLA_RENAMES)
+    return renames
+
+
+def _shared_expert_prefix(cfg: Any) -> str:
+    """The HF module path of the shared expert MLP: Qwen2-MoE ``shared_expert``, DeepSeek ``shared_experts``."""
+    return "mlp.shared_experts." if cfg.model_type in MLA_MODEL_TYPES else "mlp.shared_expert."
+
+
+def _rope_permutation(cfg: Any) -> Any:
+    """Row order that lets megatron's MLA rotary (interleaved pairs) equal HF's rotate-half one, or ``None``.
+
+    megatron-core's MLA rotates the pairs ``(2i, 2i+1)`` of the rotary part of q and k (as
+    DeepSeek's own layout, ``rope_interleave=True``, and V2's complex rotation do). With
+    ``rope_interleave=False`` transformers rotates ``(i, i + d/2)``; placing HF row ``i`` at
+    megatron row ``2i`` and row ``i + d/2`` at ``2i + 1`` makes the two identical. Returns
+    ``perm`` with ``megatron_rows = hf_rows[perm]``.
+    """
+    if cfg.model_type != "deepseek_v3" or _get(cfg, "rope_interleave", True):
+        return None
+    import torch
+
+    half = cfg.qk_rope_head_dim // 2
+    return torch.stack([torch.arange(half), torch.arange(half) + half], dim=1).reshape(-1)
+
+
+def _permute_rope_rows(name: str, tensor: Any, cfg: Any, perm: Any) -> Any:
+    """Apply ``perm`` to the rotary rows of a query or compressed-kv projection (``name`` is megatron's)."""
+    if perm is None:
+        return tensor
+    import torch
+
+    nope, rope = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+    if name.endswith(("linear_q_proj.weight", "linear_q_up_proj.weight")):
+        per_head = tensor.reshape(cfg.num_attention_heads, nope + rope, -1)
+        rows = torch.cat([per_head[:, :nope], per_head[:, nope:][:, perm]], dim=1)
+        return rows.reshape(tensor.shape).contiguous()
+    if name.endswith("linear_kv_down_proj.weight"):
+        return torch.cat([tensor[: cfg.kv_lora_rank], tensor[cfg.kv_lora_rank :][perm]], dim=0).contiguous()
+    return tensor
 
 
 def _groups(cfg: Any) -> tuple[int, int, int]:
@@ -248,6 +494,8 @@ def hf_to_megatron(hf_state: Mapping[str, Any], cfg: Any) -> dict[str, Any]:
 
     check_supported(cfg)
     tied = bool(_get(cfg, "tie_word_embeddings", False))
+    renames = _layer_renames(cfg)
+    perm = _rope_permutation(cfg)
     out: dict[str, Any] = {}
     pending: dict[tuple[int, str], dict[str, Any]] = {}
     for name, tensor in hf_state.items():
@@ -261,14 +509,14 @@ def hf_to_megatron(hf_state: Mapping[str, Any], cfg: Any) -> dict[str, Any]:
             raise ConversionError(f"unknown weight {name!r} in a {cfg.model_type} checkpoint")
         layer, rest = int(m.group(1)), m.group(2)
         prefix = f"decoder.layers.{layer}."
-        if rest in _LAYER_RENAMES:
-            out[prefix + _LAYER_RENAMES[rest]] = tensor
+        if rest in renames:
+            out[prefix + renames[rest]] = _permute_rope_rows(renames[rest], tensor, cfg, perm)
             continue
         attn = re.match(r"^self_attn\.([qkv])_proj\.(weight|bias)$", rest)
         if attn:
             pending.setdefault((layer, "qkv." + attn.group(2)), {})[attn.group(1)] = tensor
             continue
-        mlp = re.match(r"^mlp\.(shared_expert\.|experts\.(\d+)\.)?(gate|up)_proj\.weight$", rest)
+        mlp = re.match(r"^mlp\.(shared_experts?\.|experts\.(\d+)\.)?(gate|up)_proj\.weight$", rest)
         if mlp:
             pending.setdefault((layer, "fc1." + (mlp.group(1) or "")), {})[mlp.group(3)] = tensor
             continue
@@ -299,7 +547,7 @@ def hf_to_megatron(hf_state: Mapping[str, Any], cfg: Any) -> dict[str, Any]:
             sub = what.split(".", 1)[1]
             if sub == "":
                 out[prefix + "mlp.linear_fc1.weight"] = fused
-            elif sub == "shared_expert.":
+            elif sub in ("shared_expert.", "shared_experts."):
                 out[prefix + "mlp.shared_experts.linear_fc1.weight"] = fused
             else:
                 e = sub.split(".")[1]
@@ -328,7 +576,9 @@ def megatron_to_hf(mg_state: Mapping[str, Any], cfg: Any, hf_layout: Iterable[st
     check_supported(cfg)
     keys = set(hf_layout) if hf_layout is not None else None
     fused_experts = keys is None or any(k.endswith("mlp.experts.gate_up_proj") for k in keys)
-    reverse = {v: k for k, v in _LAYER_RENAMES.items()}
+    reverse = {v: k for k, v in _layer_renames(cfg).items()}
+    perm = _rope_permutation(cfg)
+    inverse = None if perm is None else torch.argsort(perm)
     top = {v: k for k, v in _TOP_RENAMES.items()}
     out: dict[str, Any] = {}
     experts: dict[tuple[int, str], dict[int, Any]] = {}
@@ -344,7 +594,7 @@ def megatron_to_hf(mg_state: Mapping[str, Any], cfg: Any, hf_layout: Iterable[st
         layer, rest = int(m.group(1)), m.group(2)
         prefix = f"model.layers.{layer}."
         if rest in reverse:
-            out[prefix + reverse[rest]] = tensor
+            out[prefix + reverse[rest]] = _permute_rope_rows(rest, tensor, cfg, inverse)
         elif rest.startswith("self_attention.linear_qkv."):
             kind = rest.rsplit(".", 1)[1]
             q, k, v = split_qkv(tensor, cfg)
@@ -352,7 +602,7 @@ def megatron_to_hf(mg_state: Mapping[str, Any], cfg: Any, hf_layout: Iterable[st
                 out[prefix + f"self_attn.{proj}_proj.{kind}"] = t
         elif rest in ("mlp.linear_fc1.weight", "mlp.shared_experts.linear_fc1.weight"):
             gate, up = tensor.chunk(2, dim=0)
-            sub = "mlp." if rest.startswith("mlp.linear") else "mlp.shared_expert."
+            sub = "mlp." if rest.startswith("mlp.linear") else _shared_expert_prefix(cfg)
             out[prefix + sub + "gate_proj.weight"] = gate.contiguous()
             out[prefix + sub + "up_proj.weight"] = up.contiguous()
         else:

@@ -24,14 +24,26 @@ import re
 from typing import Any, Iterable
 
 #: megatron module suffix -> (HF module path inside the layer, its parts) ; parts are HF leaf names.
+#: Listed in the order transformers defines the modules inside a layer: LoRA weights are
+#: created in this order (see :meth:`MegatronLora._candidates`), as peft creates them.
 _TARGETS: dict[str, tuple[str, tuple[str, ...]]] = {
     "self_attention.linear_qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")),
+    # multi-latent attention (DeepSeek-V2/V3)
+    "self_attention.linear_q_proj": ("self_attn", ("q_proj",)),
+    "self_attention.linear_q_down_proj": ("self_attn", ("q_a_proj",)),
+    "self_attention.linear_q_up_proj": ("self_attn", ("q_b_proj",)),
+    "self_attention.linear_kv_down_proj": ("self_attn", ("kv_a_proj_with_mqa",)),
+    "self_attention.linear_kv_up_proj": ("self_attn", ("kv_b_proj",)),
     "self_attention.linear_proj": ("self_attn", ("o_proj",)),
     "mlp.linear_fc1": ("mlp", ("gate_proj", "up_proj")),
     "mlp.linear_fc2": ("mlp", ("down_proj",)),
     "mlp.shared_experts.linear_fc1": ("mlp.shared_expert", ("gate_proj", "up_proj")),
     "mlp.shared_experts.linear_fc2": ("mlp.shared_expert", ("down_proj",)),
 }
+_ORDER = {suffix: i for i, suffix in enumerate(_TARGETS)}
+#: multi-latent-attention families: LoRA on the attention projections only (see :meth:`MegatronLora.add`).
+_MLA_FAMILIES = frozenset({"deepseek_v2", "deepseek_v3"})
+_MLA_PARTS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 _ALL_PARTS = frozenset(p for _, parts in _TARGETS.values() for p in parts)
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
@@ -204,12 +216,18 @@ class MegatronLora:
         return wrapper
 
     def _candidates(self) -> list[str]:
+        """Targetable megatron linears, layer by layer in transformers' module order.
+
+        megatron registers ``linear_proj`` before the query/key/value projections; peft walks
+        transformers' order (q, k, v, o). Creating LoRA weights in that order consumes the RNG
+        as peft does, so a seeded adapter starts from the same values on both backends.
+        """
         names = []
         for name, _ in self.model.named_modules():
             m = _LAYER.match(name)
             if m and m.group(2) in _TARGETS and not name.endswith(".base"):
                 names.append(name)
-        return names
+        return sorted(names, key=lambda n: (int(_LAYER.match(n).group(1)), _ORDER[_LAYER.match(n).group(2)]))
 
     def add(self, adapter_name: str, config: Any) -> list[Any]:
         """Add adapter ``adapter_name`` from a peft ``LoraConfig``; returns its trainable parameters.
@@ -219,10 +237,26 @@ class MegatronLora:
         experts are not targeted (transformers keeps them as fused tensors, which peft
         does not adapt either); shared experts are.
 
+        DeepSeek-V2/V3 (multi-latent attention): a list of ``q_proj`` (V2 without query
+        compression), ``q_a_proj``, ``q_b_proj``, ``kv_a_proj_with_mqa``, ``kv_b_proj``,
+        ``o_proj``. MLP names and ``"all-linear"`` are refused there: with transformers 5,
+        peft 0.21 maps ``gate_proj``/``up_proj``/``down_proj`` on these models onto the fused
+        routed experts only (not the dense MLPs, not the shared experts), so no megatron
+        adapter would load in peft as the same model.
+
         Raises:
             ValueError: unknown target names, or options this backend does not support.
         """
         targets = config.target_modules
+        if getattr(self.hf_config, "model_type", None) in _MLA_FAMILIES:
+            names = {str(t).rsplit(".", 1)[-1] for t in (targets or ())} if not isinstance(targets, str) else None
+            if names is None or not names <= set(_MLA_PARTS):
+                raise ValueError(
+                    f"LoRA target_modules={targets!r} on {self.hf_config.model_type}: MegatronModel adapts the "
+                    f"multi-latent attention projections {list(_MLA_PARTS)} of DeepSeek models; MLP names and "
+                    f"'all-linear' are refused because peft (with transformers 5) maps them onto the fused routed "
+                    f"experts, which MegatronModel does not adapt. Pass a list of those attention names"
+                )
         if isinstance(targets, str):
             if targets != "all-linear":
                 raise ValueError(
