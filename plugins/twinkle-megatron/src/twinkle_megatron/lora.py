@@ -85,10 +85,13 @@ def _make_lora_linear_class() -> type:
                 if part not in targeted:
                     continue
                 key = f"{name}__{part}"
-                a = nn.Linear(self.in_features, r, bias=False, device=ref.device, dtype=ref.dtype)
-                b = nn.Linear(r, out_features, bias=False, device=ref.device, dtype=ref.dtype)
+                # Built on the CPU in float32 and then moved, exactly like peft: the same seed gives the
+                # same adapter on every device (CUDA's generator would draw other numbers).
+                a = nn.Linear(self.in_features, r, bias=False)
+                b = nn.Linear(r, out_features, bias=False)
                 nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
                 nn.init.zeros_(b.weight)
+                a, b = a.to(ref.device, ref.dtype), b.to(ref.device, ref.dtype)
                 self.lora_A[key], self.lora_B[key] = a, b
                 params += [a.weight, b.weight]
             self.scaling[name] = scaling
