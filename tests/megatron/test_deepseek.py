@@ -123,6 +123,29 @@ def test_logits_equal_transformers_and_weights_round_trip(name: str, megatron_cp
         assert torch.equal(back[key], value), key
 
 
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "qwen3_moe"])
+def test_mixed_dense_and_moe_layers_build_per_layer(model_type: str, megatron_cpu) -> None:
+    """The per-layer spec DeepSeek's first_k_dense_replace needs also serves Qwen-MoE's mlp_only_layers."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from twinkle_megatron import compat
+
+    from conftest import tiny_config
+
+    data = {**tiny_config(model_type), "mlp_only_layers": [0]}
+    cfg = AutoConfig.for_model(data.pop("model_type"), **data)
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(cfg).float().eval()
+    compat.seed_model_parallel(0, "cpu")
+    mg = builder.build_gpt_model(convert.megatron_spec_from_hf(hf.config))
+    builder.load_full_state(mg, convert.hf_to_megatron(hf.state_dict(), hf.config))
+    assert [type(layer.mlp).__name__ for layer in mg.decoder.layers] == ["MLP", "MoELayer"]
+    ids = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(10, 10, dtype=torch.bool).triu(1)[None, None]
+    with torch.no_grad():
+        diff = (hf(input_ids=ids).logits - mg(ids, torch.arange(10)[None], attention_mask=mask)).abs().max().item()
+    assert diff < TOL
+
+
 def _pair(name: str, seed: int = 5) -> tuple[TransformersModel, MegatronModel]:
     cfg = deepseek_config(name)
     return (

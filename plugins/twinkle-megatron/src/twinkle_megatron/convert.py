@@ -350,6 +350,7 @@ def deepseek_spec(cfg: Any, base_kwargs: Mapping[str, Any]) -> MegatronSpec:
             moe_token_dispatcher_type="alltoall",
             moe_grouped_gemm=False,
             moe_layer_freq=[0] * dense + [1] * (layers - dense),
+            moe_router_dtype="fp32",  # transformers computes DeepSeek router logits in float32
             **_deepseek_router(cfg),
         )
         if shared:
