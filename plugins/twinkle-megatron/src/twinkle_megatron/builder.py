@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any, Mapping
 
@@ -50,29 +51,37 @@ def build_gpt_model(spec: MegatronSpec, device: Any = "cpu") -> Any:
 
 
 def _layer_spec(spec: MegatronSpec, config: Any) -> Any:
-    """One local layer spec for all layers, or per-layer specs (dense and MoE layers mixed, MLA)."""
-    import dataclasses
+    """One local layer spec for all layers, or per-layer specs (dense and MoE layers mixed, MLA).
 
+    Standard attention runs on torch SDPA (:mod:`twinkle_megatron.attention`); multi-latent
+    attention on megatron's local attention (:func:`mla_core_attention_class`).
+    """
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
 
+    from twinkle_megatron.attention import sdpa_attention_class
+
+    core = mla_core_attention_class() if spec.multi_latent_attention else sdpa_attention_class()
     if not spec.multi_latent_attention and not isinstance(config.moe_layer_freq, list):
-        return get_gpt_layer_local_spec(
+        layer = get_gpt_layer_local_spec(
             num_experts=spec.num_experts, qk_layernorm=spec.qk_layernorm, normalization="RMSNorm"
         )
+        return _with_core_attention(layer, core)
     block = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
-    if spec.multi_latent_attention:
-        core = mla_core_attention_class()
-        layers = []
-        for layer in block.layer_specs:
-            attention = layer.submodules.self_attention
-            attention = dataclasses.replace(
-                attention, submodules=dataclasses.replace(attention.submodules, core_attention=core)
-            )
-            layers.append(
-                dataclasses.replace(layer, submodules=dataclasses.replace(layer.submodules, self_attention=attention))
-            )
-        block = dataclasses.replace(block, layer_specs=layers)
-    return block
+    return dataclasses.replace(block, layer_specs=[_with_core_attention(layer, core) for layer in block.layer_specs])
+
+
+def uses_sdpa(spec: MegatronSpec) -> bool:
+    """Whether the layers of ``spec`` take ``attention_mask=None`` as "causal" (SDPA attention)."""
+    return not spec.multi_latent_attention
+
+
+def _with_core_attention(layer: Any, core: type) -> Any:
+    """``layer`` (a TransformerLayer ModuleSpec) with its self-attention's core attention replaced by ``core``."""
+    attention = layer.submodules.self_attention
+    attention = dataclasses.replace(
+        attention, submodules=dataclasses.replace(attention.submodules, core_attention=core)
+    )
+    return dataclasses.replace(layer, submodules=dataclasses.replace(layer.submodules, self_attention=attention))
 
 
 _MLA_CORE: type | None = None

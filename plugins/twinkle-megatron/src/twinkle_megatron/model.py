@@ -191,6 +191,7 @@ class MegatronModel(TransformersModel):
         from twinkle_megatron import builder, compat, convert
 
         spec = convert.megatron_spec_from_hf(self.hf_config, dtype if dtype not in (None, "auto") else torch.float32)
+        self._causal_mask_optional = builder.uses_sdpa(spec)
         with torch.random.fork_rng(devices=[]):
             compat.seed_model_parallel(self.seed, self._device_type)
             model = builder.build_gpt_model(spec, device=self.device)
@@ -293,18 +294,27 @@ class MegatronModel(TransformersModel):
 
     # ------------------------------------------------------------------ compute
     def _attention_mask(self, batch: Mapping[str, Any]) -> Any:
-        """megatron's boolean mask ``[B, 1, T, T]`` (True = blocked): causal, per packed sequence, no padding keys."""
+        """megatron's boolean mask ``[B, 1, T, T]`` (True = blocked): causal, per packed sequence, no padding keys.
+
+        ``None`` for a batch that is causal only (no padding, one sequence per row) when the
+        layers' attention takes that as "causal" (SDPA's flash path needs no mask tensor).
+        """
         import torch
 
         ids = batch["input_ids"]
         length = ids.shape[1]
-        blocked = torch.ones(length, length, dtype=torch.bool, device=ids.device).triu(1)[None]
         pos = batch.get("position_ids")
-        if pos is not None and ids.shape[0] == 1 and bool((pos[:, 1:] == 0).any()):
+        packed = pos is not None and ids.shape[0] == 1 and bool((pos[:, 1:] == 0).any())
+        pad = batch["attention_mask"] == 0 if "attention_mask" in batch else None
+        if pad is not None and not bool(pad.any()):
+            pad = None
+        if not packed and pad is None and self._causal_mask_optional:
+            return None
+        blocked = torch.ones(length, length, dtype=torch.bool, device=ids.device).triu(1)[None]
+        if packed:
             segment = torch.cumsum((pos == 0).long(), dim=1)
             blocked = blocked | (segment[:, :, None] != segment[:, None, :])
-        if "attention_mask" in batch:
-            pad = batch["attention_mask"] == 0
+        if pad is not None:
             blocked = blocked | pad[:, None, :]
         return blocked.expand(ids.shape[0], length, length)[:, None]
 
