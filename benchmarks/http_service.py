@@ -1,31 +1,38 @@
 """`twinkle serve` throughput: HTTP overhead per step, and 8 tenants against 1.
 
-Two comparisons, each side by side in this one process (the server runs in a thread on
-127.0.0.1, the clients are the official tinker SDK):
+The server runs as a real ``twinkle serve`` subprocess on 127.0.0.1 (its own interpreter,
+so the clients never contend with the server's worker for a GIL); the clients are the
+official tinker SDK in this process. Two comparisons, side by side, alternating rounds:
 
 1. Overhead per training step (forward_backward + optim_step): the same LoRAEngine called
    in-process (what a user without the service would run) against the tinker SDK over HTTP.
 2. Aggregate throughput: 1 tenant training on a batch of ``tenants x rows`` datums per step
    against ``tenants`` tenants each training on ``rows`` datums per step, concurrently
    (same total batch). The server batches the tenants' requests into multi-LoRA passes.
-   Goal: the 8-tenant aggregate tokens/s at least 0.8x the single tenant's.
+   Goal: the 8-tenant aggregate tokens/s at least 0.8x the single tenant's. The table also
+   shows how many tenants each pass of the 8-tenant runs held (from the server's
+   ``--stats-file``).
 
-    python benchmarks/http_service.py                  # defaults: 8 tenants, 4 rows x 64 tokens
-    python benchmarks/http_service.py --steps 20 --seq-len 128
+    python benchmarks/http_service.py                  # defaults: 8 tenants, 4 rows x 64 tokens, 3 rounds
+    python benchmarks/http_service.py --steps 20 --seq-len 128 --rounds 5
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import signal
+import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 os.environ.setdefault("TINKER_TELEMETRY", "0")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "http"))
 
 BASE = "twinkle/tiny-qwen2"
 
@@ -55,6 +62,7 @@ def _engine_datums(datums: list) -> list:
 
 
 def in_process_step_s(engine, rows: int, seq_len: int, steps: int) -> float:
+    """Seconds per step of the engine called directly (no server)."""
     from twinkle.server.engine import BatchJob
 
     slot = engine.create_slot(8)
@@ -72,13 +80,19 @@ def in_process_step_s(engine, rows: int, seq_len: int, steps: int) -> float:
         engine.free_slot(slot)
 
 
-def http_step_s(url: str, key: str, rows: int, seq_len: int, steps: int, offset: int = 0) -> float:
+def _training_client(url: str, key: str):
     import tinker
-    from tinker import types
 
     service = tinker.ServiceClient(base_url=url, api_key=key)
-    tc = service.create_lora_training_client(base_model=BASE, rank=8).result()
-    data = _datums(rows, seq_len, offset)
+    return service, service.create_lora_training_client(base_model=BASE, rank=8).result()
+
+
+def http_step_s(url: str, key: str, rows: int, seq_len: int, steps: int) -> float:
+    """Seconds per step of one tinker SDK client against the server."""
+    from tinker import types
+
+    service, tc = _training_client(url, key)
+    data = _datums(rows, seq_len, 0)
     adam = types.AdamParams(learning_rate=1e-4)
     for _ in range(3):
         tc.forward_backward(data, "cross_entropy").result()
@@ -94,41 +108,112 @@ def http_step_s(url: str, key: str, rows: int, seq_len: int, steps: int, offset:
     return elapsed
 
 
-def concurrent_tokens_per_s(server, tenants: int, rows: int, seq_len: int, steps: int) -> float:
-    """Aggregate trained tokens/s of ``tenants`` concurrent tenants (``rows`` datums each per step)."""
-    keys = [server.add_tenant(f"bench-{tenants}-{i}-{time.time_ns()}") for i in range(tenants)]
+def concurrent_tokens_per_s(url: str, keys: list[str], rows: int, seq_len: int, steps: int) -> tuple[float, float]:
+    """(aggregate trained tokens/s, wall-clock start) of ``len(keys)`` concurrent tenants, ``rows`` datums each."""
+    from tinker import types
+
+    tenants = len(keys)
     barrier = threading.Barrier(tenants + 1)
-    times: list[float] = [0.0] * tenants
+    clients = [None] * tenants
+    errors: list[BaseException] = []
 
     def tenant(i: int) -> None:
-        import tinker
-        from tinker import types
-
-        service = tinker.ServiceClient(base_url=server.url, api_key=keys[i])
-        tc = service.create_lora_training_client(base_model=BASE, rank=8).result()
-        data = _datums(rows, seq_len, i)
-        adam = types.AdamParams(learning_rate=1e-4)
-        tc.forward_backward(data, "cross_entropy").result()
-        tc.optim_step(adam).result()
+        try:
+            service, tc = _training_client(url, keys[i])
+            clients[i] = (service, tc)
+            data = _datums(rows, seq_len, i)
+            adam = types.AdamParams(learning_rate=1e-4)
+            tc.forward_backward(data, "cross_entropy").result()
+            tc.optim_step(adam).result()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+            barrier.abort()
+            return
         barrier.wait()
-        start = time.perf_counter()
         for _ in range(steps):
             fwd = tc.forward_backward(data, "cross_entropy")
             opt = tc.optim_step(adam)
             fwd.result()
             opt.result()
-        times[i] = time.perf_counter() - start
-        service.close(status="success")
 
     threads = [threading.Thread(target=tenant, args=(i,)) for i in range(tenants)]
     for t in threads:
         t.start()
-    barrier.wait()
+    try:
+        barrier.wait()
+    except threading.BrokenBarrierError:
+        raise RuntimeError(f"a tenant failed to start: {errors[:1]}") from None
+    wall_start = time.time()
     start = time.perf_counter()
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
-    return tenants * rows * seq_len * steps / wall
+    for service, _ in clients:
+        service.close(status="success")
+    return tenants * rows * seq_len * steps / wall, wall_start
+
+
+def _cpu_s(pid: int | None = None) -> float:
+    """CPU seconds (user + system) used so far by this process, or by process ``pid`` (Linux /proc)."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class ServeProcess:
+    """``twinkle serve`` in a subprocess on an ephemeral loopback port."""
+
+    def __init__(self, state_dir: Path, adapters: int) -> None:
+        self.state_dir = state_dir
+        self.stats_file = state_dir / "stats.json"
+        port_file = state_dir / "port"
+        self.log = open(state_dir / "server.log", "ab")
+        # the `twinkle` console script of this interpreter's environment (python -c as fallback)
+        script = Path(sys.executable).with_name("twinkle")
+        cmd = (
+            [str(script)]
+            if script.exists()
+            else [sys.executable, "-c", "import sys; from twinkle.cli import main; sys.exit(main())"]
+        )
+        cmd += [
+            "serve",
+            "--state-dir",
+            str(state_dir),
+            "--port",
+            "0",
+            "--port-file",
+            str(port_file),
+            "--max-adapters",
+            str(adapters),
+            "--max-adapters-per-tenant",
+            "4",
+            "--requests-per-minute",
+            str(10**6),
+            "--log-level",
+            "warning",
+            "--stats-file",
+            str(self.stats_file),
+        ]
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while not port_file.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                raise RuntimeError((state_dir / "server.log").read_text()[-3000:])
+            time.sleep(0.1)
+        self.url = f"http://127.0.0.1:{port_file.read_text().strip()}"
+
+    def stop(self) -> dict:
+        """Stop the server gracefully; returns its pass statistics."""
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+        return json.loads(self.stats_file.read_text()) if self.stats_file.exists() else {"records": []}
 
 
 def main() -> None:
@@ -137,56 +222,94 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=4, help="datums per tenant per step")
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of each comparison (medians)")
     args = parser.parse_args()
 
-    from twinkle.server.config import ServerConfig, tiny_model_dir
+    from twinkle.server.config import tiny_model_dir
     from twinkle.server.engine import LoRAEngine
+    from twinkle.server.store import Store
 
-    from conftest import start_server
+    state_dir = Path(tempfile.mkdtemp(prefix="twinkle-bench-"))
+    store = Store(state_dir / "state.sqlite")  # tenants, as `twinkle serve --add-tenant` makes them
+    overhead_keys = [store.create_tenant(f"overhead-{r}")[1] for r in range(args.rounds)]
+    single_keys = [store.create_tenant(f"single-{r}")[1] for r in range(args.rounds)]
+    multi_keys = [[store.create_tenant(f"multi-{r}-{i}")[1] for i in range(args.tenants)] for r in range(args.rounds)]
+    store.close()
 
-    engine = LoRAEngine(tiny_model_dir(), max_adapters=2 * args.tenants + 4, max_rank=16)
+    engine = LoRAEngine(tiny_model_dir(), max_adapters=4, max_rank=16)
     engine.warmup()
-    config = ServerConfig(
-        state_dir=tempfile.mkdtemp(prefix="twinkle-bench-"),
-        max_adapters=2 * args.tenants + 4,
-        max_adapters_per_tenant=4,
-        requests_per_minute=10**6,
-        long_poll_s=5.0,
-    )
-    server = start_server(config, engine)
+    # every run of the benchmark keeps its adapter loaded: size the pool for all of them
+    server = ServeProcess(state_dir, args.rounds * (args.tenants + 2) + 4)
+    multi_windows: list[tuple[float, float]] = []
     try:
-        # alternate the two sides and keep each side's median: the machine may be shared
-        locals_, remotes = [], []
-        for round_ in range(3):
+        locals_, remotes, singles, multis = [], [], [], []
+        for r in range(args.rounds):
             locals_.append(in_process_step_s(engine, args.rows, args.seq_len, args.steps))
-            key = server.add_tenant(f"bench-overhead-{round_}")
-            remotes.append(http_step_s(server.url, key, args.rows, args.seq_len, args.steps))
-        local, remote = sorted(locals_)[1], sorted(remotes)[1]
+            remotes.append(http_step_s(server.url, overhead_keys[r], args.rows, args.seq_len, args.steps))
         total_rows = args.tenants * args.rows
-        single = concurrent_tokens_per_s(server, 1, total_rows, args.seq_len, args.steps)
-        before = len(server.state.scheduler.batches)
-        multi = concurrent_tokens_per_s(server, args.tenants, args.rows, args.seq_len, args.steps)
-        sizes = list(server.state.scheduler.batches)[before:]
+        cpu = {"1 tenant": [0.0, 0.0, 0.0], f"{args.tenants} tenants": [0.0, 0.0, 0.0]}
+        for r in range(args.rounds):
+            for label, keys, rows, out in (
+                ("1 tenant", [single_keys[r]], total_rows, singles),
+                (f"{args.tenants} tenants", multi_keys[r], args.rows, multis),
+            ):
+                client0, server0, wall0 = _cpu_s(), _cpu_s(server.proc.pid), time.perf_counter()
+                tps, start = concurrent_tokens_per_s(server.url, keys, rows, args.seq_len, args.steps)
+                used = cpu[label]
+                used[0] += _cpu_s() - client0
+                used[1] += _cpu_s(server.proc.pid) - server0
+                used[2] += time.perf_counter() - wall0
+                out.append(tps)
+                if len(keys) > 1:
+                    multi_windows.append((start, time.time()))
     finally:
-        server.stop()
+        stats = server.stop()
 
-    print(f"tiny-qwen2 LoRA r=8, {args.rows} rows x {args.seq_len} tokens per tenant-step, {args.steps} steps")
+    records = [
+        rec
+        for rec in stats["records"]
+        if rec["kind"] == "forward_backward" and any(a <= rec["started"] <= b for a, b in multi_windows)
+    ]
+    histogram = Counter(rec["tenants"] for rec in records)
+    local, remote = statistics.median(locals_), statistics.median(remotes)
+    single, multi = statistics.median(singles), statistics.median(multis)
+
+    print(
+        f"tiny-qwen2 LoRA r=8, {args.rows} rows x {args.seq_len} tokens per tenant-step, {args.steps} steps, "
+        f"{args.rounds} alternating rounds (medians); server: `twinkle serve` subprocess"
+    )
     print()
     print("| measurement | baseline | twinkle serve | ratio |")
     print("|---|---|---|---|")
     print(
-        f"| training step, {args.rows} rows (ms, median of 3) | in-process engine {local * 1e3:.1f} | "
+        f"| training step, {args.rows} rows (ms) | in-process engine {local * 1e3:.1f} | "
         f"tinker SDK over HTTP {remote * 1e3:.1f} | {remote / local:.2f}x time (+{(remote - local) * 1e3:.1f} ms) |"
     )
     print(
         f"| aggregate tokens/s, {total_rows} rows per step | 1 tenant {single:,.0f} | "
         f"{args.tenants} tenants {multi:,.0f} | {multi / single:.2f}x (goal >= 0.8x) |"
     )
-    mean_batch = sum(sizes) / len(sizes) if sizes else 0.0
     print()
     print(
-        f"{args.tenants}-tenant run: {len(sizes)} forward_backward passes, {mean_batch:.2f} tenants per pass on average"
+        "per round, aggregate tokens/s (1 tenant / N tenants = ratio): "
+        + ", ".join(f"{s:,.0f} / {m:,.0f} = {m / s:.2f}" for s, m in zip(singles, multis))
     )
+    print()
+    print("| phase (all rounds, incl. client start-up) | wall s | server CPU s | clients' CPU s |")
+    print("|---|---|---|---|")
+    for label, (client_s, server_s, wall_s) in cpu.items():
+        print(f"| {label} | {wall_s:.1f} | {server_s:.1f} | {client_s:.1f} |")
+    print()
+    mean = sum(rec["tenants"] for rec in records) / len(records) if records else 0.0
+    wait = 1e3 * sum(rec["waited_s"] for rec in records) / len(records) if records else 0.0
+    print(
+        f"{args.tenants}-tenant runs: {len(records)} forward_backward passes, {mean:.2f} tenants per pass on "
+        f"average, {wait:.1f} ms mean gather wait"
+    )
+    print()
+    print("| tenants in the pass | " + " | ".join(str(k) for k in range(1, args.tenants + 1)) + " |")
+    print("|---|" + "---|" * args.tenants)
+    print("| passes | " + " | ".join(str(histogram.get(k, 0)) for k in range(1, args.tenants + 1)) + " |")
 
 
 if __name__ == "__main__":

@@ -51,7 +51,8 @@ def test_supervised_loop_loss_falls(service, sentence) -> None:
     losses = []
     for _ in range(8):
         fwd = tc.forward_backward(data, "cross_entropy")
-        opt = tc.optim_step(types.AdamParams(learning_rate=5e-3))
+        # 3e-3: at 5e-3 Adam overshoots at step 8 for some adapter seeds (slot ids 5, 13, 15 of 30)
+        opt = tc.optim_step(types.AdamParams(learning_rate=3e-3))
         out = fwd.result()
         assert opt.result().metrics["grad_norm"] > 0
         losses.append(out.metrics["loss:sum"])

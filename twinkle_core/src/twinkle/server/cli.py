@@ -32,6 +32,16 @@ def add_serve_parser(sub: Any) -> None:
     p.add_argument("--max-tokens-per-request", type=int, default=1_000_000, help="default per-tenant limit")
     p.add_argument("--max-adapters-per-tenant", type=int, default=4, help="default per-tenant loaded runs")
     p.add_argument("--requests-per-minute", type=int, default=6000, help="default per-tenant request rate")
+    p.add_argument(
+        "--batch-window-ms",
+        type=float,
+        default=250,
+        help="longest a training pass waits for tenants between two steps (default 250, capped at half a pass)",
+    )
+    p.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="uvicorn log level"
+    )
+    p.add_argument("--stats-file", help="write the batching statistics here as JSON when the server stops")
     p.add_argument("--add-tenant", metavar="NAME", help="create a tenant, print its API key and exit")
     p.add_argument("--tenant-max-adapters", type=int, help="with --add-tenant: this tenant's loaded-run limit")
     p.add_argument("--tenant-max-tokens", type=int, help="with --add-tenant: this tenant's tokens-per-request limit")
@@ -56,6 +66,8 @@ def _config(args: argparse.Namespace) -> Any:
         max_tokens_per_request=args.max_tokens_per_request,
         max_adapters_per_tenant=args.max_adapters_per_tenant,
         requests_per_minute=args.requests_per_minute,
+        batch_window_s=args.batch_window_ms / 1000,
+        stats_file=Path(args.stats_file).resolve() if args.stats_file else None,
         **kwargs,
     )
 
@@ -90,7 +102,7 @@ def serve_main(args: argparse.Namespace) -> int:
         return 1
 
     app = create_app(config)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"))
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
     if args.port_file:
 
         def write_port() -> None:

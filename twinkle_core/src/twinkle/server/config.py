@@ -28,9 +28,12 @@ class ServerConfig:
         requests_per_minute: default per-tenant rate of compute requests (429 above).
         long_poll_s: how long ``retrieve_future`` waits before answering "try again".
         max_batch_rows: datums per batched multi-LoRA pass.
-        batch_window_s: how long a pass waits for other tenants' requests to join it.
+        batch_window_s: the longest a ``forward_backward`` pass waits for tenants that are
+            between two training steps to join it (also capped at half the recent pass time).
         max_private_models_per_tenant: http-mode models per tenant that may train full parameters
             (each gets a private copy of the base model; 0 allows LoRA on the shared base only).
+        stats_file: when set, the scheduler's pass statistics (tenants per pass, wait times) are
+            written here as JSON when the server stops (benchmarks read it).
 
     Example::
 
@@ -49,8 +52,9 @@ class ServerConfig:
     requests_per_minute: int = 6000
     long_poll_s: float = 10.0
     max_batch_rows: int = 256
-    batch_window_s: float = 0.02
+    batch_window_s: float = 0.25
     max_private_models_per_tenant: int = 1
+    stats_file: Path | None = None
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir)

@@ -90,17 +90,27 @@ class Slot:
 
 
 class _Router:
-    """Which rows of the current batch belong to which slot (read by every MultiLoRALinear)."""
+    """Which rows of the current batch belong to which slot (read by every MultiLoRALinear).
+
+    ``groups`` lists ``(slot, rows)`` for consecutive runs of rows in batch order; a single
+    group covers the whole batch (``rows`` is then ignored).
+    """
 
     def __init__(self) -> None:
-        self.groups: list[tuple[int, Any]] = []
+        self.groups: list[tuple[int, int]] = []
 
 
 def _multi_lora_linear_class() -> type:
     import torch
 
     class MultiLoRALinear(torch.nn.Module):
-        """A frozen ``nn.Linear`` plus per-slot low-rank updates applied to each slot's rows."""
+        """A frozen ``nn.Linear`` plus per-slot low-rank updates applied to each slot's rows.
+
+        The batch is split into each slot's consecutive rows (views, no copies), each part gets
+        its own slot's ``x A^T B^T * scale``, and one concatenation adds all updates to the base
+        output at once: the cost over the base matmul is the low-rank products alone, however
+        many slots share the batch.
+        """
 
         def __init__(self, base: torch.nn.Linear, router: _Router) -> None:
             super().__init__()
@@ -114,17 +124,26 @@ def _multi_lora_linear_class() -> type:
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             out = self.base(x)
-            for slot, rows in self.router.groups:
+            groups = self.router.groups
+            if not groups:
+                return out
+            if len(groups) == 1:
+                adapter = self.adapters.get(groups[0][0])
+                if adapter is None:
+                    return out
+                a, b, scale = adapter
+                return out + (x @ a.t()) @ b.t() * scale
+            if not any(slot in self.adapters for slot, _ in groups):
+                return out
+            deltas = []
+            for (slot, _), part in zip(groups, x.split([rows for _, rows in groups], dim=0)):
                 adapter = self.adapters.get(slot)
                 if adapter is None:
+                    deltas.append(part.new_zeros(*part.shape[:-1], out.shape[-1]))
                     continue
                 a, b, scale = adapter
-                if rows is None:
-                    out = out + (x @ a.t()) @ b.t() * scale
-                else:
-                    delta = (x.index_select(0, rows) @ a.t()) @ b.t() * scale
-                    out = out.index_add(0, rows, delta)
-            return out
+                deltas.append((part @ a.t()) @ b.t() * scale)
+            return out + torch.cat(deltas, dim=0)
 
     return MultiLoRALinear
 
@@ -175,6 +194,8 @@ class LoRAEngine:
         eos = config.eos_token_id if config.eos_token_id is not None else self.tokenizer.eos_token_id
         self.eos_token_ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
         self.pad_token_id = int(config.pad_token_id or 0)
+        #: the base weights by their Hugging Face names (before the LoRA wrappers), tied ones under each name.
+        self.base_parameters: dict[str, Any] = dict(model.named_parameters(remove_duplicate=False))
         self._router = _Router()
         self.modules: dict[str, Any] = {}
         wrapper_cls = _multi_lora_linear_class()
@@ -187,6 +208,42 @@ class LoRAEngine:
                 setattr(parent, child, wrapper)
                 self.modules[name] = wrapper
         self.slots: dict[int, Slot] = {}
+
+    @property
+    def device(self) -> Any:
+        """The device of the base weights."""
+        return next(iter(self.base_parameters.values())).device
+
+    def share_base_weights(self, model: Any) -> int:
+        """Make ``model`` use this engine's base tensors instead of its own copies.
+
+        ``model`` is another instance of the same architecture (the twinkle API's
+        ``TransformersModel`` of the same base): each of its parameters whose name, shape,
+        dtype and device match a base weight here is replaced by that very tensor, frozen,
+        so the process holds one set of base weights. Call it before adapters are added.
+
+        Returns:
+            How many of ``model``'s parameters now are this engine's tensors.
+
+        Example::
+
+            hf_model = AutoModelForCausalLM.from_config(engine.config)
+            engine.share_base_weights(hf_model) == len(list(hf_model.named_parameters(remove_duplicate=False)))
+        """
+        shared = 0
+        for prefix, module in model.named_modules(remove_duplicate=False):
+            for name, param in list(module.named_parameters(recurse=False)):
+                mine = self.base_parameters.get(f"{prefix}.{name}" if prefix else name)
+                if mine is None or (mine.shape, mine.dtype, mine.device) != (param.shape, param.dtype, param.device):
+                    continue
+                if mine is not param:
+                    setattr(module, name, mine)
+                shared += 1
+        return shared
+
+    def trainable_base_weights(self) -> list[str]:
+        """Names of base weights that would receive gradients (empty when the base is frozen, as it must be)."""
+        return [name for name, param in self.base_parameters.items() if param.requires_grad]
 
     def warmup(self) -> None:
         """Run one throw-away training step and a short generation (first calls are slow in torch)."""
@@ -355,12 +412,7 @@ class LoRAEngine:
             ids[r, :n] = tokens
             mask[r, :n] = 1
             targets[r, :n] = inputs["target_tokens"]
-        groups = []
-        start = 0
-        for j, rows, _ in prepared:
-            groups.append((jobs[j].slot, torch.arange(start, start + len(rows))))
-            start += len(rows)
-        self._router.groups = groups if len(groups) > 1 else [(groups[0][0], None)]
+        self._router.groups = [(jobs[j].slot, len(rows)) for j, rows, _ in prepared]
         try:
             with torch.set_grad_enabled(not forward_only):
                 logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
@@ -560,7 +612,7 @@ class LoRAEngine:
         stops = set(self.eos_token_ids) if stop_token_ids is None else {int(t) for t in stop_token_ids}
         gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
         ids = torch.tensor([prompt] * num_samples, dtype=torch.long)
-        self._router.groups = [(slot_id, None)] if slot_id is not None else []
+        self._router.groups = [(slot_id, num_samples)] if slot_id is not None else []
         try:
             with torch.no_grad():
                 out = self.model(input_ids=ids, use_cache=True)

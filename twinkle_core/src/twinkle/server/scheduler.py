@@ -6,9 +6,18 @@ tinker SDK numbers them in), whatever order they arrived in. Jobs without a ``se
 (model creation, sampling, twinkle-client calls) run in arrival order.
 
 Each round the worker takes at most one ready job per run, visiting runs in a rotating
-order, so a tenant with a long queue cannot starve the others. All ready training
-``forward_backward`` jobs of a round (up to ``max_batch_rows`` datums) run as one batched
+order, so a tenant with a long queue cannot starve the others. A round first runs its
+unbatched jobs (an ``optim_step``, a save, a sample), then all ready ``forward_backward``
+(or ``forward``) jobs of the round, up to ``max_batch_rows`` datums, as one batched
 multi-LoRA pass; each run keeps its own gradients and optimizer.
+
+Gathering: tenants step in lockstep only if each pass waits for the tenants that are
+between two steps. Before a ``forward_backward`` pass starts, the worker waits for the
+runs that trained in one of the last two passes and have nothing queued (their client is
+turning its last result into the next request), but never longer than a window: the
+smaller of ``batch_window_s`` and half the recent pass time, so a tenant that stops
+training costs the others at most two such waits, and no run ever waits on another for
+longer than the window.
 """
 
 from __future__ import annotations
@@ -17,8 +26,8 @@ import logging
 import threading
 import time
 import traceback
-from collections import deque
-from dataclasses import dataclass, field
+from collections import Counter, deque
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from twinkle.server.engine import BatchJob, EngineError, JobResult, LoRAEngine
@@ -29,6 +38,10 @@ logger = logging.getLogger("twinkle.server")
 BATCHED_KINDS = ("forward_backward", "forward")
 #: (content type, payload bytes) of a finished job.
 Payload = tuple[str, bytes]
+#: a run that trained in one of this many latest passes is expected in the next one.
+EXPECTED_PASSES = 2
+#: the gather window is at most this fraction of the recent pass time.
+WINDOW_FRACTION = 0.5
 
 
 class UserError(ValueError):
@@ -60,6 +73,19 @@ class Job:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class PassRecord:
+    """One batched pass: when it started (``time.time()``), how many runs and datums it held,
+    how long it ran and how long it waited for tenants to join."""
+
+    started: float
+    kind: str
+    tenants: int
+    rows: int
+    seconds: float
+    waited_s: float
+
+
 class Scheduler:
     """Owns the worker thread that drives the engine.
 
@@ -67,8 +93,8 @@ class Scheduler:
         engine: the :class:`LoRAEngine`.
         on_done: ``on_done(future_id, payload, error, category)`` after every job.
         max_batch_rows: datums per batched pass.
-        batch_window_s: when some runs have a ``forward_backward`` ready and others are
-            queued, wait this long for more to arrive before starting the pass.
+        batch_window_s: the longest a ``forward_backward`` pass waits for the runs that are
+            between two training steps (see the module docstring); 0 never waits.
     """
 
     def __init__(
@@ -88,13 +114,18 @@ class Scheduler:
         self._next_seq: dict[str, int] = {}
         self._free: deque[Job] = deque()
         self._rotation = 0
-        self._last_seen: dict[str, float] = {}
+        #: run -> (number of the last pass it was in, when that pass finished).
+        self._last_pass: dict[str, tuple[int, float]] = {}
+        self._pass_no = 0
+        self._pass_s = 0.0
+        self._waited_s = 0.0
         self._running = False
         self._paused = False
         self._thread: threading.Thread | None = None
-        #: statistics (for tests and benchmarks): jobs per batched pass, and finished
-        #: future ids in completion order (the last 10,000).
+        #: statistics (for tests and benchmarks): jobs per batched pass, the passes, and
+        #: finished future ids in completion order (the last 10,000 of each).
         self.batches: deque[int] = deque(maxlen=10_000)
+        self.passes: deque[PassRecord] = deque(maxlen=10_000)
         self.completed: deque[str] = deque(maxlen=10_000)
 
     def start(self) -> None:
@@ -132,7 +163,7 @@ class Scheduler:
         """Stop ordering a run; returns its queued jobs (the caller fails them)."""
         with self._cond:
             self._next_seq.pop(model_id, None)
-            self._last_seen.pop(model_id, None)
+            self._last_pass.pop(model_id, None)
             return list(self._ordered.pop(model_id, {}).values())
 
     def submit(self, job: Job) -> None:
@@ -142,8 +173,6 @@ class Scheduler:
             UserError: the ``seq_id`` was already used or queued for this run.
         """
         with self._cond:
-            if job.model_id is not None:
-                self._last_seen[job.model_id] = time.monotonic()
             if job.model_id is not None and job.seq_id is not None and job.model_id in self._next_seq:
                 queue = self._ordered[job.model_id]
                 if job.seq_id < self._next_seq[job.model_id] or job.seq_id in queue:
@@ -170,6 +199,23 @@ class Scheduler:
         with self._cond:
             return len(self._free) + sum(len(q) for q in self._ordered.values())
 
+    def pass_stats(self, since: float = 0.0) -> dict[str, Any]:
+        """Summary of the ``forward_backward`` passes that started at or after ``since`` (``time.time()``).
+
+        Returns:
+            ``{"passes", "mean_tenants", "histogram": {tenants: passes}, "mean_wait_ms", "records"}``.
+        """
+        with self._cond:
+            records = [r for r in self.passes if r.started >= since and r.kind == "forward_backward"]
+        histogram = Counter(r.tenants for r in records)
+        return {
+            "passes": len(records),
+            "mean_tenants": sum(r.tenants for r in records) / len(records) if records else 0.0,
+            "histogram": {str(k): histogram[k] for k in sorted(histogram)},
+            "mean_wait_ms": 1e3 * sum(r.waited_s for r in records) / len(records) if records else 0.0,
+            "records": [asdict(r) for r in records],
+        }
+
     # -- the loop -------------------------------------------------------------------
     def _ready(self) -> list[Job]:
         ready: list[Job] = []
@@ -185,6 +231,7 @@ class Scheduler:
         return ready
 
     def _loop(self) -> None:
+        gather_start: float | None = None
         while True:
             with self._cond:
                 ready = [] if self._paused else self._ready()
@@ -193,22 +240,66 @@ class Scheduler:
                     ready = [] if self._paused else self._ready()
                 if not self._running:
                     return
-                ready = self._gather(ready)
-            self._run_round(ready)
+            singles = [job for job in ready if job.kind not in BATCHED_KINDS]
+            for job in singles:
+                self._run_single(job)
+            with self._cond:
+                if singles:  # they took time: collect what became ready meanwhile
+                    ready = [] if self._paused else self._ready()
+                batched = [job for job in ready if job.kind in BATCHED_KINDS]
+                if not batched:
+                    continue
+                if gather_start is None:
+                    gather_start = time.monotonic()
+                gathered = self._gather(batched, gather_start)
+            if gathered is None:  # a run's optim_step (or other single) arrived: run it, then gather on
+                continue
+            gather_start = None
+            self._run_round(gathered)
 
-    def _gather(self, ready: list[Job]) -> list[Job]:
-        """Wait up to ``batch_window_s`` for the other recently active runs' forward_backward."""
-        if self.batch_window_s <= 0:
-            return ready
-        deadline = time.monotonic() + self.batch_window_s
+    def _expected(self, ready: list[Job], now: float) -> int:
+        """Runs that trained in one of the last passes, recently, and have no next job queued."""
+        horizon = max(1.0, 4 * self._pass_s)
+        ready_models = {job.model_id for job in ready}
+        count = 0
+        for model_id, (number, finished) in self._last_pass.items():
+            if (
+                self._pass_no - number < EXPECTED_PASSES
+                and now - finished < horizon
+                and model_id not in ready_models
+                and model_id in self._next_seq
+                and self._next_seq[model_id] not in self._ordered[model_id]
+            ):
+                count += 1
+        return count
+
+    def _gather(self, ready: list[Job], start: float) -> list[Job] | None:
+        """Wait (bounded) for the runs between two training steps to send their ``forward_backward``.
+
+        Returns the jobs of the pass, or None when an unbatched job became ready meanwhile
+        (the loop runs it and gathers on, with the same ``start``).
+        """
+        window = self.batch_window_s
+        if self._pass_s > 0:
+            window = min(window, WINDOW_FRACTION * self._pass_s)
         while True:
             now = time.monotonic()
-            active = sum(1 for seen in self._last_seen.values() if now - seen < 2.0)
-            batched = sum(1 for job in ready if job.kind == "forward_backward")
-            if not 0 < batched < active or now >= deadline or not self._running:
+            self._waited_s = now - start
+            rows = sum(job.rows for job in ready if job.kind == "forward_backward")
+            if (
+                self._waited_s >= window
+                or rows >= self.max_batch_rows
+                or not self._running
+                or self._paused
+                or not any(job.kind == "forward_backward" for job in ready)
+                or not self._expected(ready, now)
+            ):
                 return ready
-            self._cond.wait(timeout=deadline - now)
-            ready = self._ready()
+            self._cond.wait(timeout=window - self._waited_s)
+            fresh = self._ready()
+            if any(job.kind not in BATCHED_KINDS for job in fresh):
+                return None
+            ready = fresh
 
     def _run_round(self, ready: list[Job]) -> None:
         batched_models: set[str | None] = set()
@@ -224,13 +315,13 @@ class Scheduler:
             if batch:
                 self._run_batch(batch)
                 batched_models.update(job.model_id for job in batch)
-        singles = [job for job in ready if job.kind not in BATCHED_KINDS]
+        singles = []
         with self._cond:
-            # a run whose pass just finished often has its optim_step queued next: run it in this
-            # round too, so every tenant's step ends together and their next passes line up
+            # a run whose pass just finished often has its optim_step queued next: run it now,
+            # so every tenant's step ends together and their next passes line up
             for model_id in batched_models - {None}:
                 job = self._ordered.get(model_id, {}).get(self._next_seq.get(model_id, -1))
-                if job is not None and job.kind not in BATCHED_KINDS and job not in singles:
+                if job is not None and job.kind not in BATCHED_KINDS:
                     singles.append(job)
         for job in singles:
             self._run_single(job)
@@ -282,13 +373,29 @@ class Scheduler:
                 self._fail(job, exc)
         if not prepared:
             return
+        started, clock = time.time(), time.monotonic()
         try:
             results = self.engine.forward_backward([b for _, b in prepared])
         except Exception as exc:  # noqa: BLE001
             for job, _ in prepared:
                 self._fail(job, exc)
             return
-        self.batches.append(len(prepared))
+        finished = time.monotonic()
+        seconds = finished - clock
+        kind = jobs[0].kind
+        with self._cond:
+            self.batches.append(len(prepared))
+            self.passes.append(
+                PassRecord(
+                    started, kind, len(prepared), sum(len(b.datums) for _, b in prepared), seconds, self._waited_s
+                )
+            )
+            if kind == "forward_backward":
+                self._pass_no += 1
+                self._pass_s = seconds if self._pass_s <= 0 else 0.7 * self._pass_s + 0.3 * seconds
+                for job, _ in prepared:
+                    if job.model_id is not None:
+                        self._last_pass[job.model_id] = (self._pass_no, finished)
         for (job, _), result in zip(prepared, results):
             if result.error is not None:
                 self._fail(job, result.error)

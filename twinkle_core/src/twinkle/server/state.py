@@ -14,6 +14,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from twinkle.server import checkpoints as ckpt
@@ -147,8 +148,13 @@ class ServerState:
         self.scheduler.start()
 
     def stop(self) -> None:
-        """Stop the worker and close the database."""
+        """Stop the worker, write the pass statistics (``config.stats_file``) and close the database."""
         self.scheduler.stop()
+        if self.config.stats_file is not None:
+            path = Path(self.config.stats_file)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(self.scheduler.pass_stats()))
+            tmp.replace(path)
         self.store.close()
 
     def _on_done(self, future_id: str, payload: Payload | None, error: str | None, category: str | None) -> None:

@@ -122,13 +122,30 @@ class TwinkleHost:
 
     @property
     def model(self) -> Any:
-        """The hosted model, built on first use (on the worker thread)."""
+        """The hosted model, built on first use (on the worker thread).
+
+        Its base weights are the Tinker engine's tensors (:meth:`LoRAEngine.share_base_weights`):
+        the server holds one set of base weights, whichever API a tenant trains through.
+        """
         if self._model is None:
             from twinkle.launcher.http import build_locally
-            from twinkle.model.transformers_model import TransformersModel
+            from twinkle.model.transformers_model import FULL_MODEL, TransformersModel
 
+            engine = self.state.engine
             with build_locally():
-                self._model = TransformersModel(model_id=str(self.state.config.model_dir), seed=self.state.config.seed)
+                model = TransformersModel(
+                    model_id=str(self.state.config.model_dir), seed=self.state.config.seed, device=engine.device
+                )
+            shared = engine.share_base_weights(model.model)
+            expected = len(list(model.model.named_parameters(remove_duplicate=False)))
+            if shared != expected:
+                raise RuntimeError(
+                    f"the twinkle API model shares {shared} of its {expected} base weights with the Tinker engine; "
+                    "both must load the same base model"
+                )
+            # the full-model state listed the copies just replaced: point it at the shared tensors (frees the copies)
+            model.state_of(FULL_MODEL).params = list(model.model.parameters())
+            self._model = model
         return self._model
 
     def methods(self, kind: str = "model") -> set[str]:
@@ -223,11 +240,28 @@ class TwinkleHost:
                 raise UserError(f"this model already has an adapter named {name!r}")
             scoped = f"{obj.id}_{name}"
             model.add_adapter_to_model(scoped, *args, **kwargs)
+            trained = self.state.engine.trainable_base_weights()
+            if trained:
+                for param in self.state.engine.base_parameters.values():
+                    param.requires_grad_(False)
+                model.remove_adapter(scoped)
+                raise UserError(
+                    f"this adapter config would train the shared base model's weights ({trained[0]}, ...); "
+                    "use bias='none' and no base-weight options, or train full parameters on a model without adapters"
+                )
             obj.adapters[name] = scoped
             obj.current = name
             return None
         if method in _PATH_METHODS:
             args, kwargs = self._map_path(obj, method, args, kwargs)
+            directory = Path(kwargs[_PATH_METHODS[method]])
+            if method != "save" and not (directory / "adapter_config.json").is_file():
+                if not obj.adapters and self._private_left(obj):
+                    return getattr(self._private_model(obj), method)(*args, **kwargs)
+                raise UserError(
+                    f"{directory.name!r} holds full weights, which cannot load into the shared base model; "
+                    "load LoRA adapter checkpoints here, or load full weights into a model that trains full parameters"
+                )
         if "adapter_name" in params:
             user_name = kwargs.pop("adapter_name", None) or obj.current
             if user_name is None:
@@ -263,6 +297,10 @@ class TwinkleHost:
             return False
         if "adapter_name" not in params:
             return False
+        return self._private_left(obj)
+
+    def _private_left(self, obj: HostedObject) -> bool:
+        """Whether ``obj``'s tenant may get one more private full-parameter model."""
         private = sum(
             1
             for o in self.objects.values()
