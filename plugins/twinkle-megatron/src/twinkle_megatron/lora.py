@@ -58,15 +58,15 @@ def _make_lora_linear_class() -> type:
             base: the megatron ``ColumnParallelLinear`` / ``RowParallelLinear`` (returns
                 ``(output, bias)``).
             parts: ``[(hf_name, out_features)]`` in the order of the fused output.
-            combine: turns the per-part deltas (same order, ``None`` = no LoRA) into one
-                delta of the fused output's shape.
+            groups: the fused output is ``groups`` repeats of ``[part 0 rows, part 1 rows, ...]``
+                (``linear_qkv``: one repeat per key/value group); 1 for a plain concatenation.
         """
 
-        def __init__(self, base: Any, parts: list[tuple[str, int]], combine: Any) -> None:
+        def __init__(self, base: Any, parts: list[tuple[str, int]], groups: int = 1) -> None:
             super().__init__()
             self.base = base
             self.parts = parts
-            self.combine = combine
+            self.groups = groups
             self.in_features = base.weight.shape[1]
             self.lora_A = nn.ModuleDict()
             self.lora_B = nn.ModuleDict()
@@ -99,22 +99,31 @@ def _make_lora_linear_class() -> type:
             return params
 
         def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+            """``base(x) + scaling * x A^T B^T`` with the parts' A stacked and B laid out as the fused output.
+
+            Two matmuls for all parts together: ``x`` is read once for every A, and the second
+            matmul writes the delta straight into the fused layout and adds it to the base
+            output (``addmm``), instead of one full-width tensor per part, a scaling pass, a
+            concatenation and an add.
+            """
+            import torch
+            from torch.nn.functional import linear
+
             out, bias = self.base(x, *args, **kwargs)
             name = self.active
             if name is None or name not in self.scaling:
                 return out, bias
-            dropped = self.dropout[name](x)
-            deltas = []
-            for part, _ in self.parts:
-                key = f"{name}__{part}"
-                if key in self.lora_A:
-                    deltas.append(self.lora_B[key](self.lora_A[key](dropped)) * self.scaling[name])
-                else:
-                    deltas.append(None)
-            if all(d is None for d in deltas):
+            keys = [f"{name}__{part}" for part, _ in self.parts]
+            present = [key for key in keys if key in self.lora_A]
+            if not present:
                 return out, bias
-            delta = self.combine(deltas, out)
-            return out + delta.to(out.dtype), bias
+            weight_a = torch.cat([self.lora_A[key].weight for key in present])
+            low = linear(self.dropout[name](x), weight_a) * self.scaling[name]
+            weight_b = _fused_b([self.lora_B[key].weight if key in self.lora_A else None for key in keys], self)
+            if low.dtype == out.dtype:
+                flat = torch.addmm(out.reshape(-1, out.shape[-1]), low.reshape(-1, low.shape[-1]), weight_b.t())
+                return flat.view(out.shape), bias
+            return out + linear(low, weight_b).to(out.dtype), bias
 
     return _LoraLinear
 
@@ -130,36 +139,34 @@ def lora_linear_class() -> type:
     return _CLASS
 
 
-def _qkv_combiner(heads: int, groups: int, head_dim: int) -> Any:
+def _fused_b(weights_b: list[Any], layer: Any) -> Any:
+    """The parts' B matrices as one ``[out, sum of ranks]`` matrix in the fused output's row order.
+
+    Part ``i``'s rows hold its B in its own column block (zeros elsewhere); a part without
+    LoRA contributes zero rows. With ``layer.groups > 1`` (``linear_qkv``) each part's rows
+    are split per group and the groups interleaved, as megatron lays out q, k and v.
+    """
     import torch
+    from torch.nn.functional import pad
 
-    per = heads // groups
-
-    def combine(deltas: list[Any], out: Any) -> Any:
-        lead = out.shape[:-1]
-        sizes = (per * head_dim, head_dim, head_dim)
-        pieces = []
-        for d, size in zip(deltas, sizes):
-            if d is None:
-                pieces.append(out.new_zeros(*lead, groups, size))
-            else:
-                pieces.append(d.reshape(*lead, groups, size))
-        return torch.cat(pieces, dim=-1).reshape(out.shape)
-
-    return combine
-
-
-def _concat_combiner(deltas: list[Any], out: Any) -> Any:
-    import torch
-
-    n = len(deltas)
-    size = out.shape[-1] // n
-    return torch.cat([d if d is not None else out.new_zeros(*out.shape[:-1], size) for d in deltas], dim=-1)
+    groups = layer.groups
+    ranks = [w.shape[1] if w is not None else 0 for w in weights_b]
+    total = sum(ranks)
+    ref = next(w for w in weights_b if w is not None)
+    blocks, column = [], 0
+    for w, (_, size), rank in zip(weights_b, layer.parts, ranks):
+        rows = size // groups
+        if w is None:
+            blocks.append(ref.new_zeros(groups, rows, total))
+        else:
+            blocks.append(pad(w.view(groups, rows, rank), (column, total - column - rank)))
+        column += rank
+    return torch.cat(blocks, dim=1).reshape(-1, total)
 
 
-def LoraLinear(base: Any, parts: list[tuple[str, int]], combine: Any) -> Any:  # noqa: N802 - builds a module
+def LoraLinear(base: Any, parts: list[tuple[str, int]], groups: int = 1) -> Any:  # noqa: N802 - builds a module
     """Wrap megatron linear ``base`` for LoRA (see :func:`lora_linear_class`)."""
-    return lora_linear_class()(base, parts, combine)
+    return lora_linear_class()(base, parts, groups)
 
 
 class MegatronLora:
@@ -206,14 +213,14 @@ class MegatronLora:
                 (hf_parts[1], groups * head_dim),
                 (hf_parts[2], groups * head_dim),
             ]
-            combine = _qkv_combiner(heads, groups, head_dim)
+            fused_groups = groups
         elif len(hf_parts) == 2:
             parts = [(hf_parts[0], out // 2), (hf_parts[1], out // 2)]
-            combine = _concat_combiner
+            fused_groups = 1
         else:
             parts = [(hf_parts[0], out)]
-            combine = _concat_combiner
-        wrapper = LoraLinear(base, parts, combine)
+            fused_groups = 1
+        wrapper = LoraLinear(base, parts, fused_groups)
         setattr(parent, leaf, wrapper)
         self.modules[name] = wrapper
         return wrapper
