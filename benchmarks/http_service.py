@@ -165,7 +165,7 @@ def _cpu_s(pid: int | None = None) -> float:
 class ServeProcess:
     """``twinkle serve`` in a subprocess on an ephemeral loopback port."""
 
-    def __init__(self, state_dir: Path, adapters: int) -> None:
+    def __init__(self, state_dir: Path, adapters: int, threads: int) -> None:
         self.state_dir = state_dir
         self.stats_file = state_dir / "stats.json"
         port_file = state_dir / "port"
@@ -193,6 +193,8 @@ class ServeProcess:
             str(10**6),
             "--log-level",
             "warning",
+            "--threads",
+            str(threads),
             "--stats-file",
             str(self.stats_file),
         ]
@@ -223,6 +225,12 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of each comparison (medians)")
+    parser.add_argument(
+        "--server-threads",
+        type=int,
+        default=max(1, (os.cpu_count() or 2) - 1),
+        help="torch threads of the server (default: all cores but one, which the clients use)",
+    )
     args = parser.parse_args()
 
     from twinkle.server.config import tiny_model_dir
@@ -236,11 +244,14 @@ def main() -> None:
     multi_keys = [[store.create_tenant(f"multi-{r}-{i}")[1] for i in range(args.tenants)] for r in range(args.rounds)]
     store.close()
 
+    import torch
+
+    torch.set_num_threads(args.server_threads)  # the in-process baseline gets the server's threads
     engine = LoRAEngine(tiny_model_dir(), max_adapters=4, max_rank=16)
     engine.warmup()
     # every run of the benchmark keeps its adapter loaded: size the pool for all of them
-    server = ServeProcess(state_dir, args.rounds * (args.tenants + 2) + 4)
-    multi_windows: list[tuple[float, float]] = []
+    server = ServeProcess(state_dir, args.rounds * (args.tenants + 2) + 4, args.server_threads)
+    windows: dict[str, list[tuple[float, float]]] = {"1 tenant": [], f"{args.tenants} tenants": []}
     try:
         locals_, remotes, singles, multis = [], [], [], []
         for r in range(args.rounds):
@@ -260,23 +271,24 @@ def main() -> None:
                 used[1] += _cpu_s(server.proc.pid) - server0
                 used[2] += time.perf_counter() - wall0
                 out.append(tps)
-                if len(keys) > 1:
-                    multi_windows.append((start, time.time()))
+                windows[label].append((start, time.time()))
     finally:
         stats = server.stop()
 
-    records = [
-        rec
-        for rec in stats["records"]
-        if rec["kind"] == "forward_backward" and any(a <= rec["started"] <= b for a, b in multi_windows)
-    ]
-    histogram = Counter(rec["tenants"] for rec in records)
+    def passes(label: str) -> list[dict]:
+        return [
+            rec
+            for rec in stats["records"]
+            if rec["kind"] == "forward_backward" and any(a <= rec["started"] <= b for a, b in windows[label])
+        ]
+
     local, remote = statistics.median(locals_), statistics.median(remotes)
     single, multi = statistics.median(singles), statistics.median(multis)
 
     print(
         f"tiny-qwen2 LoRA r=8, {args.rows} rows x {args.seq_len} tokens per tenant-step, {args.steps} steps, "
-        f"{args.rounds} alternating rounds (medians); server: `twinkle serve` subprocess"
+        f"{args.rounds} alternating rounds (medians); server: `twinkle serve` subprocess, "
+        f"{args.server_threads} torch thread(s); clients: this process"
     )
     print()
     print("| measurement | baseline | twinkle serve | ratio |")
@@ -295,17 +307,22 @@ def main() -> None:
         + ", ".join(f"{s:,.0f} / {m:,.0f} = {m / s:.2f}" for s, m in zip(singles, multis))
     )
     print()
-    print("| phase (all rounds, incl. client start-up) | wall s | server CPU s | clients' CPU s |")
-    print("|---|---|---|---|")
-    for label, (client_s, server_s, wall_s) in cpu.items():
-        print(f"| {label} | {wall_s:.1f} | {server_s:.1f} | {client_s:.1f} |")
-    print()
-    mean = sum(rec["tenants"] for rec in records) / len(records) if records else 0.0
-    wait = 1e3 * sum(rec["waited_s"] for rec in records) / len(records) if records else 0.0
     print(
-        f"{args.tenants}-tenant runs: {len(records)} forward_backward passes, {mean:.2f} tenants per pass on "
-        f"average, {wait:.1f} ms mean gather wait"
+        "| phase (all rounds) | wall s | server CPU s | clients' CPU s | passes | tenants per pass | pass ms "
+        "| gather wait ms | answer + optim_steps ms |"
     )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for label, (client_s, server_s, wall_s) in cpu.items():
+        recs = passes(label)
+        n = max(1, len(recs))
+        print(
+            f"| {label} | {wall_s:.1f} | {server_s:.1f} | {client_s:.1f} | {len(recs)} | "
+            f"{sum(r['tenants'] for r in recs) / n:.2f} | {1e3 * sum(r['seconds'] for r in recs) / n:.0f} | "
+            f"{1e3 * sum(r['waited_s'] for r in recs) / n:.0f} | {1e3 * sum(r['after_s'] for r in recs) / n:.0f} |"
+        )
+    print()
+    histogram = Counter(rec["tenants"] for rec in passes(f"{args.tenants} tenants"))
+    print(f"{args.tenants}-tenant runs, passes by the number of tenants they held:")
     print()
     print("| tenants in the pass | " + " | ".join(str(k) for k in range(1, args.tenants + 1)) + " |")
     print("|---|" + "---|" * args.tenants)

@@ -54,6 +54,37 @@ def test_batched_pass_equals_separate_passes(engine) -> None:
             engine.free_slot(slot)
 
 
+def test_fused_optim_steps_equal_one_optimizer_per_slot(engine) -> None:
+    """optim_steps() over several slots gives each slot the step its own AdamW would take."""
+    import torch
+
+    hyper = {"learning_rate": 1e-2, "grad_clip_norm": 0.5, "weight_decay": 0.01}
+    other = {"learning_rate": 3e-3}
+    fused = [engine.create_slot(4, seed=s) for s in (1, 2, 3)]
+    alone = [engine.create_slot(4, seed=s) for s in (1, 2, 3)]
+    try:
+        for step in range(2):
+            for k, (f, a) in enumerate(zip(fused, alone)):
+                for pf, pa in zip(engine.slot(f).parameters(), engine.slot(a).parameters()):
+                    grad = torch.randn(pf.shape, generator=torch.Generator().manual_seed(100 * step + k))
+                    pf.grad, pa.grad = grad.clone(), grad.clone()
+            together = engine.optim_steps([(fused[0], hyper), (fused[1], hyper), (fused[2], other)])
+            separate = [engine.optim_step(alone[0], **hyper), engine.optim_step(alone[1], **hyper)]
+            separate.append(engine.optim_step(alone[2], **other))
+            for t, s in zip(together, separate):
+                assert t == pytest.approx(s, rel=1e-6)
+        for f, a in zip(fused, alone):
+            for pf, pa in zip(engine.slot(f).parameters(), engine.slot(a).parameters()):
+                torch.testing.assert_close(pf, pa, rtol=1e-6, atol=1e-7)
+                assert pf.grad is None
+        bad = engine.optim_steps([(fused[0], {"learning_rate": -1.0}), (fused[1], hyper)])
+        assert isinstance(bad[0], ValueError) and "learning_rate" in str(bad[0])
+        assert bad[1]["step"] == 3.0
+    finally:
+        for slot in fused + alone:
+            engine.free_slot(slot)
+
+
 def _datum(tokens: list[int]) -> types.Datum:
     return types.Datum(
         model_input=types.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs={"target_tokens": np.array(tokens[1:])}

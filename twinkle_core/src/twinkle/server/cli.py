@@ -38,6 +38,7 @@ def add_serve_parser(sub: Any) -> None:
         default=250,
         help="longest a training pass waits for tenants between two steps (default 250, capped at half a pass)",
     )
+    p.add_argument("--threads", type=int, help="torch CPU threads of the server (default: torch's choice)")
     p.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="uvicorn log level"
     )
@@ -101,6 +102,10 @@ def serve_main(args: argparse.Namespace) -> int:
         print(f"error: twinkle serve needs the http extra ({exc.name} is missing): pip install 'twinkle-core[http]'")
         return 1
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     app = create_app(config)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
     if args.port_file:

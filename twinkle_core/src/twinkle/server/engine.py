@@ -148,6 +148,38 @@ def _multi_lora_linear_class() -> type:
     return MultiLoRALinear
 
 
+def _adam_hyperparameters(hyper: dict[str, float]) -> tuple[float, float, float, float, float, float]:
+    """``(lr, beta1, beta2, eps, weight_decay, grad_clip_norm)`` from AdamParams fields, checked.
+
+    Raises:
+        EngineError: an unknown field or a value out of range.
+    """
+    defaults = {
+        "learning_rate": 1e-4,
+        "beta1": 0.9,
+        "beta2": 0.95,
+        "eps": 1e-12,
+        "weight_decay": 0.0,
+        "grad_clip_norm": 0.0,
+    }
+    unknown = sorted(set(hyper) - set(defaults))
+    if unknown:
+        raise EngineError(f"unknown AdamParams {unknown}; this server takes {sorted(defaults)}")
+    values = {k: float(hyper.get(k, v)) for k, v in defaults.items()}
+    checks = {
+        "learning_rate": values["learning_rate"] >= 0,
+        "beta1": 0 <= values["beta1"] < 1,
+        "beta2": 0 <= values["beta2"] < 1,
+        "eps": values["eps"] >= 0,
+        "weight_decay": values["weight_decay"] >= 0,
+        "grad_clip_norm": values["grad_clip_norm"] >= 0,
+    }
+    bad = [k for k, ok in checks.items() if not ok]
+    if bad:
+        raise EngineError(f"AdamParams out of range: {', '.join(bad)}")
+    return tuple(values.values())  # type: ignore[return-value]
+
+
 def _has_weights(model_dir: Path) -> bool:
     return any(model_dir.glob("*.safetensors")) or any(model_dir.glob("*.bin"))
 
@@ -437,52 +469,82 @@ class LoRAEngine:
             self._router.groups = []
         return results
 
-    def optim_step(
-        self,
-        slot_id: int,
-        *,
-        learning_rate: float = 1e-4,
-        beta1: float = 0.9,
-        beta2: float = 0.95,
-        eps: float = 1e-12,
-        weight_decay: float = 0.0,
-        grad_clip_norm: float = 0.0,
-    ) -> dict[str, float]:
-        """One AdamW step of a slot with these hyperparameters, then clear its gradients.
+    def optim_step(self, slot_id: int, **hyper: float) -> dict[str, float]:
+        """One AdamW step of a slot, then clear its gradients (:meth:`optim_steps` for one slot).
+
+        Args:
+            slot_id: the slot.
+            **hyper: ``learning_rate`` (1e-4), ``beta1`` (0.9), ``beta2`` (0.95), ``eps`` (1e-12),
+                ``weight_decay`` (0), ``grad_clip_norm`` (0: no clipping).
 
         Returns:
             Metrics: ``grad_norm`` (before clipping) and ``step``.
 
         Raises:
-            EngineError: a hyperparameter is out of range.
+            EngineError: the slot is not loaded or a hyperparameter is out of range.
+        """
+        [result] = self.optim_steps([(slot_id, hyper)])
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def optim_steps(self, requests: Sequence[tuple[int, dict[str, float]]]) -> list[dict[str, float] | Exception]:
+        """AdamW steps of several slots at once (each with its own hyperparameters and state).
+
+        Slots with equal hyperparameters step together in one multi-tensor (``foreach``)
+        update: the same arithmetic as one optimizer per slot, without a round of small
+        kernels per slot. Each slot keeps its own optimizer state (saved with its checkpoints).
+
+        Args:
+            requests: ``(slot id, hyperparameters)`` pairs (see :meth:`optim_step`); a slot at most once.
+
+        Returns:
+            Per request, in order: the metrics (``grad_norm`` before clipping, ``step``), or the
+            :class:`EngineError` that request failed with (the others still step).
         """
         import torch
 
-        slot = self.slot(slot_id)
-        checks = {
-            "learning_rate": learning_rate >= 0,
-            "beta1": 0 <= beta1 < 1,
-            "beta2": 0 <= beta2 < 1,
-            "eps": eps >= 0,
-            "weight_decay": weight_decay >= 0,
-            "grad_clip_norm": grad_clip_norm >= 0,
-        }
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise EngineError(f"AdamParams out of range: {', '.join(bad)}")
-        params = slot.parameters()
-        if slot.optimizer is None:
-            slot.optimizer = torch.optim.AdamW(params, lr=learning_rate)
-        for group in slot.optimizer.param_groups:
-            group.update(lr=learning_rate, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
-        grads = [p.grad for p in params if p.grad is not None]
-        norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) if grads else 0.0
-        if grad_clip_norm > 0 and grads:
-            torch.nn.utils.clip_grad_norm_(params, grad_clip_norm)
-        slot.optimizer.step()
-        slot.optimizer.zero_grad(set_to_none=True)
-        slot.steps += 1
-        return {"grad_norm": norm, "step": float(slot.steps)}
+        results: list[dict[str, float] | Exception] = [{} for _ in requests]
+        groups: dict[tuple[float, ...], list[tuple[int, Slot]]] = {}
+        for i, (slot_id, hyper) in enumerate(requests):
+            try:
+                slot = self.slot(slot_id)
+                key = _adam_hyperparameters(hyper)
+            except EngineError as exc:
+                results[i] = exc
+                continue
+            groups.setdefault(key, []).append((i, slot))
+        for (lr, beta1, beta2, eps, weight_decay, clip), members in groups.items():
+            params: list[Any] = []
+            for i, slot in members:
+                own = slot.parameters()
+                if slot.optimizer is None:
+                    slot.optimizer = torch.optim.AdamW(own, lr=lr, foreach=True)
+                for group in slot.optimizer.param_groups:
+                    group.update(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
+                grads = [p.grad for p in own if p.grad is not None]
+                norm = float(torch.nn.utils.get_total_norm(grads, foreach=True)) if grads else 0.0
+                if clip > 0 and grads:
+                    torch.nn.utils.clip_grads_with_norm_(own, clip, torch.tensor(norm), foreach=True)
+                results[i] = {"grad_norm": norm}
+                params.extend(own)
+            # one optimizer over every member's tensors, holding the members' own state objects
+            fused = torch.optim.AdamW(
+                params, lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay, foreach=True
+            )
+            for _, slot in members:
+                for p in slot.parameters():
+                    if p in slot.optimizer.state:
+                        fused.state[p] = slot.optimizer.state[p]
+            fused.step()
+            for i, slot in members:
+                for p in slot.parameters():
+                    if p in fused.state:
+                        slot.optimizer.state[p] = fused.state[p]
+                    p.grad = None
+                slot.steps += 1
+                results[i]["step"] = float(slot.steps)
+        return results
 
     # -- checkpoints -------------------------------------------------------------------
     def save_slot(self, slot_id: int, directory: str | Path, *, optimizer: bool, base_model: str) -> int:

@@ -36,6 +36,8 @@ logger = logging.getLogger("twinkle.server")
 
 #: Job kinds that run as one batched multi-LoRA pass.
 BATCHED_KINDS = ("forward_backward", "forward")
+#: Job kind whose ready jobs (with ``prepare``) step together in one multi-tensor update.
+OPTIM_KIND = "optim_step"
 #: (content type, payload bytes) of a finished job.
 Payload = tuple[str, bytes]
 #: a run that trained in one of this many latest passes is expected in the next one.
@@ -56,10 +58,13 @@ class Job:
         future_id: the request id the client polls.
         model_id: the training run it belongs to (orders it), or None.
         seq_id: its position in the run's request order, or None for arrival order.
-        kind: ``forward_backward``, ``forward`` (batched) or anything else (run alone).
-        run: for unbatched jobs: does the work and returns the payload.
-        prepare: for batched jobs: builds the :class:`BatchJob` (at execution time).
-        finish: for batched jobs: turns the :class:`JobResult` into the payload.
+        kind: ``forward_backward``, ``forward`` (batched), ``optim_step`` (stepped together)
+            or anything else (run alone).
+        run: for jobs run alone: does the work and returns the payload.
+        prepare: for batched jobs: builds the :class:`BatchJob`; for ``optim_step`` jobs:
+            returns ``(slot, AdamParams fields)`` (at execution time).
+        finish: turns the :class:`JobResult` (batched) or the step's metrics (``optim_step``)
+            into the payload.
     """
 
     future_id: str
@@ -76,7 +81,8 @@ class Job:
 @dataclass
 class PassRecord:
     """One batched pass: when it started (``time.time()``), how many runs and datums it held,
-    how long it ran and how long it waited for tenants to join."""
+    how long it ran, how long it waited for tenants to join, and how long answering its jobs
+    and running the optim_steps queued behind them took afterwards."""
 
     started: float
     kind: str
@@ -84,6 +90,7 @@ class PassRecord:
     rows: int
     seconds: float
     waited_s: float
+    after_s: float = 0.0
 
 
 class Scheduler:
@@ -119,6 +126,7 @@ class Scheduler:
         self._pass_no = 0
         self._pass_s = 0.0
         self._waited_s = 0.0
+        self._pass_end = 0.0
         self._running = False
         self._paused = False
         self._thread: threading.Thread | None = None
@@ -203,7 +211,8 @@ class Scheduler:
         """Summary of the ``forward_backward`` passes that started at or after ``since`` (``time.time()``).
 
         Returns:
-            ``{"passes", "mean_tenants", "histogram": {tenants: passes}, "mean_wait_ms", "records"}``.
+            ``{"passes", "mean_tenants", "histogram": {tenants: passes}, "mean_wait_ms", "mean_after_ms",
+            "records"}``.
         """
         with self._cond:
             records = [r for r in self.passes if r.started >= since and r.kind == "forward_backward"]
@@ -213,6 +222,7 @@ class Scheduler:
             "mean_tenants": sum(r.tenants for r in records) / len(records) if records else 0.0,
             "histogram": {str(k): histogram[k] for k in sorted(histogram)},
             "mean_wait_ms": 1e3 * sum(r.waited_s for r in records) / len(records) if records else 0.0,
+            "mean_after_ms": 1e3 * sum(r.after_s for r in records) / len(records) if records else 0.0,
             "records": [asdict(r) for r in records],
         }
 
@@ -241,8 +251,7 @@ class Scheduler:
                 if not self._running:
                     return
             singles = [job for job in ready if job.kind not in BATCHED_KINDS]
-            for job in singles:
-                self._run_single(job)
+            self._run_singles(singles)
             with self._cond:
                 if singles:  # they took time: collect what became ready meanwhile
                     ready = [] if self._paused else self._ready()
@@ -303,6 +312,7 @@ class Scheduler:
 
     def _run_round(self, ready: list[Job]) -> None:
         batched_models: set[str | None] = set()
+        record: PassRecord | None = None
         for kind in BATCHED_KINDS:
             batch, rows = [], 0
             for job in ready:
@@ -313,7 +323,7 @@ class Scheduler:
                 batch.append(job)
                 rows += job.rows
             if batch:
-                self._run_batch(batch)
+                record = self._run_batch(batch) or record
                 batched_models.update(job.model_id for job in batch)
         singles = []
         with self._cond:
@@ -323,8 +333,9 @@ class Scheduler:
                 job = self._ordered.get(model_id, {}).get(self._next_seq.get(model_id, -1))
                 if job is not None and job.kind not in BATCHED_KINDS:
                     singles.append(job)
-        for job in singles:
-            self._run_single(job)
+        self._run_singles(singles)
+        if record is not None:
+            record.after_s = time.monotonic() - self._pass_end
 
     def _complete(self, job: Job, payload: Payload | None, error: str | None, category: str | None) -> None:
         with self._cond:
@@ -354,6 +365,43 @@ class Scheduler:
             logger.error("job %s (%s) failed:\n%s", job.future_id, job.kind, traceback.format_exc())
             self._complete(job, None, f"internal server error while running {job.kind}; see the server log", "server")
 
+    def _run_singles(self, jobs: list[Job]) -> None:
+        """Run unbatched jobs: ``optim_step`` jobs together in one engine call, the rest one by one."""
+        steps = [job for job in jobs if job.kind == OPTIM_KIND and job.prepare is not None]
+        if steps:
+            self._run_optim_steps(steps)
+        for job in jobs:
+            if job not in steps:
+                self._run_single(job)
+
+    def _run_optim_steps(self, jobs: list[Job]) -> None:
+        prepared: list[tuple[Job, Any]] = []
+        for job in jobs:
+            try:
+                assert job.prepare is not None
+                prepared.append((job, job.prepare()))
+            except Exception as exc:  # noqa: BLE001 - reported to the client
+                self._fail(job, exc)
+        if not prepared:
+            return
+        try:
+            results = self.engine.optim_steps([request for _, request in prepared])
+        except Exception as exc:  # noqa: BLE001
+            for job, _ in prepared:
+                self._fail(job, exc)
+            return
+        for (job, _), result in zip(prepared, results):
+            if isinstance(result, Exception):
+                self._fail(job, result)
+                continue
+            try:
+                assert job.finish is not None
+                payload = job.finish(result)
+            except Exception as exc:  # noqa: BLE001
+                self._fail(job, exc)
+                continue
+            self._complete(job, payload, None, None)
+
     def _run_single(self, job: Job) -> None:
         try:
             assert job.run is not None
@@ -363,7 +411,7 @@ class Scheduler:
             return
         self._complete(job, payload, None, None)
 
-    def _run_batch(self, jobs: list[Job]) -> None:
+    def _run_batch(self, jobs: list[Job]) -> PassRecord | None:
         prepared: list[tuple[Job, BatchJob]] = []
         for job in jobs:
             try:
@@ -372,24 +420,23 @@ class Scheduler:
             except Exception as exc:  # noqa: BLE001
                 self._fail(job, exc)
         if not prepared:
-            return
+            return None
         started, clock = time.time(), time.monotonic()
         try:
             results = self.engine.forward_backward([b for _, b in prepared])
         except Exception as exc:  # noqa: BLE001
             for job, _ in prepared:
                 self._fail(job, exc)
-            return
-        finished = time.monotonic()
+            return None
+        finished = self._pass_end = time.monotonic()
         seconds = finished - clock
         kind = jobs[0].kind
         with self._cond:
             self.batches.append(len(prepared))
-            self.passes.append(
-                PassRecord(
-                    started, kind, len(prepared), sum(len(b.datums) for _, b in prepared), seconds, self._waited_s
-                )
+            record = PassRecord(
+                started, kind, len(prepared), sum(len(b.datums) for _, b in prepared), seconds, self._waited_s
             )
+            self.passes.append(record)
             if kind == "forward_backward":
                 self._pass_no += 1
                 self._pass_s = seconds if self._pass_s <= 0 else 0.7 * self._pass_s + 0.3 * seconds
@@ -407,3 +454,4 @@ class Scheduler:
                 self._fail(job, exc)
                 continue
             self._complete(job, payload, None, None)
+        return record

@@ -507,13 +507,15 @@ def optim_step(
     params = body.adam_params.model_dump(exclude={"type"})
     state.charge(tenant)
 
-    def run() -> tuple[str, bytes]:
-        slot = state.loaded_slot(tenant, body.model_id)
-        metrics = state.engine.optim_step(slot, **params)
+    def prepare() -> tuple[int, dict[str, Any]]:
+        return state.loaded_slot(tenant, body.model_id), params
+
+    def finish(metrics: dict[str, float]) -> tuple[str, bytes]:
         return _json({"metrics": metrics})
 
     return _future(
-        state.submit(tenant, "optim_step", model_id=body.model_id, seq_id=body.seq_id, run=run), body.model_id
+        state.submit(tenant, "optim_step", model_id=body.model_id, seq_id=body.seq_id, prepare=prepare, finish=finish),
+        body.model_id,
     )
 
 

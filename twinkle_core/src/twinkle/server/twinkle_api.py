@@ -238,13 +238,22 @@ class TwinkleHost:
                 raise UserError(f"adapter name {name!r}: use 1-64 letters, digits, '_' or '-'")
             if name in obj.adapters:
                 raise UserError(f"this model already has an adapter named {name!r}")
+            config = args[0] if args else kwargs.get("config")
+            bias = kwargs.get("bias", config.get("bias") if isinstance(config, dict) else getattr(config, "bias", None))
+            if bias not in (None, "none"):
+                raise UserError(
+                    f"LoraConfig(bias={bias!r}) would train the shared base model's biases; use bias='none'"
+                )
             scoped = f"{obj.id}_{name}"
             model.add_adapter_to_model(scoped, *args, **kwargs)
             trained = self.state.engine.trainable_base_weights()
-            if trained:
+            if trained:  # any other option that unfroze base weights: undo it and refuse
                 for param in self.state.engine.base_parameters.values():
                     param.requires_grad_(False)
-                model.remove_adapter(scoped)
+                try:
+                    model.remove_adapter(scoped)
+                except ValueError:  # the model's only adapter stays, unused and frozen
+                    pass
                 raise UserError(
                     f"this adapter config would train the shared base model's weights ({trained[0]}, ...); "
                     "use bias='none' and no base-weight options, or train full parameters on a model without adapters"
