@@ -74,8 +74,10 @@ def test_forward_calculate_loss_backward_is_forward_backward(rows) -> None:
         mg.zero_grad()
         fb = mg.forward_backward(inputs=rows[:2])
         assert fb.loss == pytest.approx(loss, rel=1e-6)
+        # reading out.logits above materialized the full logits (the loss then ran on them);
+        # forward_backward runs the chunked linear cross-entropy: same sums, other order
         for n, p in mg.model.named_parameters():
-            assert torch.allclose(p.grad, grads[n]), n
+            assert torch.allclose(p.grad, grads[n], atol=1e-6), (n, (p.grad - grads[n]).abs().max())
     finally:
         mg.close()
 

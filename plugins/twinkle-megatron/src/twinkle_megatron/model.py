@@ -329,9 +329,34 @@ class MegatronModel(TransformersModel):
         if self._autocast is not None:
             with torch.autocast(self.device.type, dtype=self._autocast):
                 logits = self.model(ids, pos, attention_mask=mask)
-        else:
-            logits = self.model(ids, pos, attention_mask=mask)
-        return ModelOutput(logits=logits)
+            return ModelOutput(logits=logits)
+        if not self._fused_head():
+            return ModelOutput(logits=self.model(ids, pos, attention_mask=mask))
+        from twinkle.patch.fastpath import HiddenStatesOutput
+
+        head = self.model.output_layer
+        head.forward = _hidden_states_passthrough
+        try:
+            hidden = self.model(ids, pos, attention_mask=mask)
+        finally:
+            del head.forward
+        weight = (
+            self.model.shared_embedding_or_output_weight()
+            if self.model.share_embeddings_and_output_weights
+            else head.weight
+        )
+        return HiddenStatesOutput(hidden_states=hidden, lm_head_weight=weight)
+
+    def _fused_head(self) -> bool:
+        """Whether losses get the hidden states and the head (chunked linear cross-entropy, no full logits).
+
+        As TransformersModel's ``FusedLinearCrossEntropy`` patch (switched off by the same name
+        in ``TWINKLE_DISABLED_PATCHES``); with tensor parallelism the head is vocabulary-sharded
+        and the logits path is used.
+        """
+        from twinkle.patch.fastpath import disabled_from_env
+
+        return self.parallel.tp == 1 and "FusedLinearCrossEntropy" not in disabled_from_env()
 
     # ------------------------------------------------------------------ parallel reductions
     def _dp_group(self) -> Any:
@@ -674,3 +699,8 @@ def _model_parallel_grad_norm(params: list[Any], norm_type: float) -> float:
             total += p.grad.detach().double().pow(2).sum()
     dist.all_reduce(total, group=ps.get_model_parallel_group())
     return float(total.sqrt())
+
+
+def _hidden_states_passthrough(hidden: Any, weight: Any = None, runtime_gather_output: Any = None) -> tuple[Any, None]:
+    """Stands in for ``GPTModel.output_layer.forward`` so the model returns its final hidden states."""
+    return hidden, None
