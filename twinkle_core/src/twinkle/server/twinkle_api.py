@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import logging
 import re
 import secrets
 import threading
@@ -40,6 +41,7 @@ from twinkle.server.scheduler import UserError
 from twinkle.server.state import JSON, QuotaExceeded, ServerState
 from twinkle.server.store import Tenant
 
+logger = logging.getLogger("twinkle.server")
 router = APIRouter(prefix="/twinkle/v1", tags=["twinkle"])
 StateDep = Annotated[ServerState, Depends(current_state)]
 TenantDep = Annotated[Tenant, Depends(current_tenant)]
@@ -124,8 +126,10 @@ class TwinkleHost:
     def model(self) -> Any:
         """The hosted model, built on first use (on the worker thread).
 
-        Its base weights are the Tinker engine's tensors (:meth:`LoRAEngine.share_base_weights`):
-        the server holds one set of base weights, whichever API a tenant trains through.
+        On the Tinker engine's device (the CPU) its base weights are the engine's tensors
+        (:meth:`LoRAEngine.share_base_weights`): the server holds one set of base weights,
+        whichever API a tenant trains through. On a GPU server the model goes to the GPU and
+        keeps its own copy there (the engine runs on the CPU), with a warning.
         """
         if self._model is None:
             from twinkle.launcher.http import build_locally
@@ -133,9 +137,16 @@ class TwinkleHost:
 
             engine = self.state.engine
             with build_locally():
-                model = TransformersModel(
-                    model_id=str(self.state.config.model_dir), seed=self.state.config.seed, device=engine.device
+                model = TransformersModel(model_id=str(self.state.config.model_dir), seed=self.state.config.seed)
+            if model.device != engine.device:
+                logger.warning(
+                    "twinkle serve: the twinkle API's model runs on %s and the Tinker engine on %s; each keeps its "
+                    "own base weights",
+                    model.device,
+                    engine.device,
                 )
+                self._model = model
+                return model
             shared = engine.share_base_weights(model.model)
             expected = len(list(model.model.named_parameters(remove_duplicate=False)))
             if shared != expected:
