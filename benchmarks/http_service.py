@@ -2,7 +2,10 @@
 
 The server runs as a real ``twinkle serve`` subprocess on 127.0.0.1 (its own interpreter,
 so the clients never contend with the server's worker for a GIL); the clients are the
-official tinker SDK in this process. Two comparisons, side by side, alternating rounds:
+official tinker SDK in this process, pinned to the first core while the server runs on the
+others (``--no-pin`` to share all cores): clients stand in for other machines, so their own
+CPU work does not slow the server being measured. Two comparisons, side by side,
+alternating rounds:
 
 1. Overhead per training step (forward_backward + optim_step): the same LoRAEngine called
    in-process (what a user without the service would run) against the tinker SDK over HTTP.
@@ -15,11 +18,13 @@ official tinker SDK in this process. Two comparisons, side by side, alternating 
 
     python benchmarks/http_service.py                  # defaults: 8 tenants, 4 rows x 64 tokens, 3 rounds
     python benchmarks/http_service.py --steps 20 --seq-len 128 --rounds 5
+    python benchmarks/http_service.py --no-pin         # clients and server on every core
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -31,6 +36,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Iterator
 
 os.environ.setdefault("TINKER_TELEMETRY", "0")
 
@@ -162,10 +168,36 @@ def _cpu_s(pid: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+@contextlib.contextmanager
+def pinned(cores: set[int] | None) -> Iterator[None]:
+    """Run this thread, and the threads it starts meanwhile, on ``cores`` (no-op for ``None``)."""
+    if not cores:
+        yield
+        return
+    saved = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cores)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, saved)
+
+
+def split_cores(server_threads: int) -> tuple[set[int] | None, set[int] | None]:
+    """(client cores, server cores): the first core for the clients, the next ``server_threads`` for the server.
+
+    Stands in for clients on other machines (a deployment): the SDK clients' CPU (about
+    20 ms per tenant-step) then cannot slow the server. ``(None, None)`` on one core.
+    """
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        return None, None
+    return {cores[0]}, set(cores[1 : 1 + server_threads])
+
+
 class ServeProcess:
     """``twinkle serve`` in a subprocess on an ephemeral loopback port."""
 
-    def __init__(self, state_dir: Path, adapters: int, threads: int) -> None:
+    def __init__(self, state_dir: Path, adapters: int, threads: int, cores: set[int] | None = None) -> None:
         self.state_dir = state_dir
         self.stats_file = state_dir / "stats.json"
         port_file = state_dir / "port"
@@ -198,7 +230,8 @@ class ServeProcess:
             "--stats-file",
             str(self.stats_file),
         ]
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        pin = (lambda: os.sched_setaffinity(0, cores)) if cores else None
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=pin)
         deadline = time.monotonic() + 300
         while not port_file.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -231,7 +264,14 @@ def main() -> None:
         default=max(1, (os.cpu_count() or 2) - 1),
         help="torch threads of the server (default: all cores but one, which the clients use)",
     )
+    parser.add_argument(
+        "--pin",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="clients on the first core, the server on the others (clients standing in for other machines)",
+    )
     args = parser.parse_args()
+    client_cores, server_cores = split_cores(args.server_threads) if args.pin else (None, None)
 
     from twinkle.server.config import tiny_model_dir
     from twinkle.server.engine import LoRAEngine
@@ -250,13 +290,14 @@ def main() -> None:
     engine = LoRAEngine(tiny_model_dir(), max_adapters=4, max_rank=16)
     engine.warmup()
     # every run of the benchmark keeps its adapter loaded: size the pool for all of them
-    server = ServeProcess(state_dir, args.rounds * (args.tenants + 2) + 4, args.server_threads)
+    server = ServeProcess(state_dir, args.rounds * (args.tenants + 2) + 4, args.server_threads, server_cores)
     windows: dict[str, list[tuple[float, float]]] = {"1 tenant": [], f"{args.tenants} tenants": []}
     try:
         locals_, remotes, singles, multis = [], [], [], []
         for r in range(args.rounds):
             locals_.append(in_process_step_s(engine, args.rows, args.seq_len, args.steps))
-            remotes.append(http_step_s(server.url, overhead_keys[r], args.rows, args.seq_len, args.steps))
+            with pinned(client_cores):
+                remotes.append(http_step_s(server.url, overhead_keys[r], args.rows, args.seq_len, args.steps))
         total_rows = args.tenants * args.rows
         cpu = {"1 tenant": [0.0, 0.0, 0.0], f"{args.tenants} tenants": [0.0, 0.0, 0.0]}
         for r in range(args.rounds):
@@ -265,7 +306,8 @@ def main() -> None:
                 (f"{args.tenants} tenants", multi_keys[r], args.rows, multis),
             ):
                 client0, server0, wall0 = _cpu_s(), _cpu_s(server.proc.pid), time.perf_counter()
-                tps, start = concurrent_tokens_per_s(server.url, keys, rows, args.seq_len, args.steps)
+                with pinned(client_cores):
+                    tps, start = concurrent_tokens_per_s(server.url, keys, rows, args.seq_len, args.steps)
                 used = cpu[label]
                 used[0] += _cpu_s() - client0
                 used[1] += _cpu_s(server.proc.pid) - server0
@@ -288,7 +330,12 @@ def main() -> None:
     print(
         f"tiny-qwen2 LoRA r=8, {args.rows} rows x {args.seq_len} tokens per tenant-step, {args.steps} steps, "
         f"{args.rounds} alternating rounds (medians); server: `twinkle serve` subprocess, "
-        f"{args.server_threads} torch thread(s); clients: this process"
+        f"{args.server_threads} torch thread(s)"
+        + (
+            f" on cores {sorted(server_cores)}; clients: this process on cores {sorted(client_cores)}"
+            if server_cores
+            else "; clients: this process"
+        )
     )
     print()
     print("| measurement | baseline | twinkle serve | ratio |")
