@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from typing import Any, Mapping, Sequence
 
+from twinkle.preprocessor.math import braced_group
 from twinkle.reward.base import Reward, RewardInputError, check_trajectories, completion_text, ground_truth
 
 from twinkle_rewards.sandbox import run_sandboxed
@@ -164,15 +165,7 @@ def last_boxed(text: str) -> str | None:
     if i < 0:
         rest = text[idx:].split(None, 1)  # "\boxed 5"
         return rest[1].split()[0] if len(rest) > 1 else None
-    depth = 0
-    for j in range(i, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i + 1 : j]
-    return None
+    return braced_group(text, i)
 
 
 def _replace_frac(s: str) -> str:

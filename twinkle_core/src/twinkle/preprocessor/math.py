@@ -22,6 +22,31 @@ def gsm8k_answer(answer: str) -> str | None:
     return final or None
 
 
+def braced_group(text: str, open_brace: int) -> str | None:
+    """The text inside the ``{...}`` group whose ``{`` is at ``text[open_brace]``, nested braces balanced.
+
+    Args:
+        text: the text (LaTeX, usually).
+        open_brace: the index of the group's opening ``{``.
+
+    Returns:
+        The content between the braces, or ``None`` when the group is never closed.
+
+    Example::
+
+        braced_group(r"\\boxed{\\frac{1}{2}} rest", 6)  # -> r"\\frac{1}{2}"
+    """
+    depth = 0
+    for j in range(open_brace, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[open_brace + 1 : j]
+    return None
+
+
 def last_boxed(text: str) -> str | None:
     r"""The content of the last ``\boxed{...}`` (nested braces allowed), or ``None``."""
     start = text.rfind("\\boxed")
@@ -30,15 +55,7 @@ def last_boxed(text: str) -> str | None:
     i = text.find("{", start)
     if i < 0:
         return None
-    depth = 0
-    for j in range(i, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i + 1 : j]
-    return None
+    return braced_group(text, i)
 
 
 class GSM8KProcessor(Preprocessor):
