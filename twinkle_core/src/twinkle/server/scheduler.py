@@ -28,7 +28,7 @@ import time
 import traceback
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from twinkle.server.engine import BatchJob, EngineError, JobResult, LoRAEngine
 
@@ -374,7 +374,8 @@ class Scheduler:
             if job not in steps:
                 self._run_single(job)
 
-    def _run_optim_steps(self, jobs: list[Job]) -> None:
+    def _prepare_jobs(self, jobs: list[Job]) -> list[tuple[Job, Any]]:
+        """``(job, job.prepare())`` of each job; a job whose ``prepare`` raises is failed and left out."""
         prepared: list[tuple[Job, Any]] = []
         for job in jobs:
             try:
@@ -382,6 +383,24 @@ class Scheduler:
                 prepared.append((job, job.prepare()))
             except Exception as exc:  # noqa: BLE001 - reported to the client
                 self._fail(job, exc)
+        return prepared
+
+    def _finish_jobs(self, outcomes: Iterable[tuple[Job, BaseException | None, Any]]) -> None:
+        """Complete each ``(job, error, result)``: fail it with ``error``, else with ``job.finish(result)``."""
+        for job, error, result in outcomes:
+            if error is not None:
+                self._fail(job, error)
+                continue
+            try:
+                assert job.finish is not None
+                payload = job.finish(result)
+            except Exception as exc:  # noqa: BLE001 - reported to the client
+                self._fail(job, exc)
+                continue
+            self._complete(job, payload, None, None)
+
+    def _run_optim_steps(self, jobs: list[Job]) -> None:
+        prepared = self._prepare_jobs(jobs)
         if not prepared:
             return
         try:
@@ -390,17 +409,10 @@ class Scheduler:
             for job, _ in prepared:
                 self._fail(job, exc)
             return
-        for (job, _), result in zip(prepared, results):
-            if isinstance(result, Exception):
-                self._fail(job, result)
-                continue
-            try:
-                assert job.finish is not None
-                payload = job.finish(result)
-            except Exception as exc:  # noqa: BLE001
-                self._fail(job, exc)
-                continue
-            self._complete(job, payload, None, None)
+        self._finish_jobs(
+            (job, result if isinstance(result, Exception) else None, result)
+            for (job, _), result in zip(prepared, results)
+        )
 
     def _run_single(self, job: Job) -> None:
         try:
@@ -412,13 +424,7 @@ class Scheduler:
         self._complete(job, payload, None, None)
 
     def _run_batch(self, jobs: list[Job]) -> PassRecord | None:
-        prepared: list[tuple[Job, BatchJob]] = []
-        for job in jobs:
-            try:
-                assert job.prepare is not None
-                prepared.append((job, job.prepare()))
-            except Exception as exc:  # noqa: BLE001
-                self._fail(job, exc)
+        prepared: list[tuple[Job, BatchJob]] = self._prepare_jobs(jobs)
         if not prepared:
             return None
         started, clock = time.time(), time.monotonic()
@@ -443,15 +449,5 @@ class Scheduler:
                 for job, _ in prepared:
                     if job.model_id is not None:
                         self._last_pass[job.model_id] = (self._pass_no, finished)
-        for (job, _), result in zip(prepared, results):
-            if result.error is not None:
-                self._fail(job, result.error)
-                continue
-            try:
-                assert job.finish is not None
-                payload = job.finish(result)
-            except Exception as exc:  # noqa: BLE001
-                self._fail(job, exc)
-                continue
-            self._complete(job, payload, None, None)
+        self._finish_jobs((job, result.error, result) for (job, _), result in zip(prepared, results))
         return record
