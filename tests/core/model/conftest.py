@@ -2,30 +2,15 @@
 
 from __future__ import annotations
 
-import json
-import shutil
-from pathlib import Path
-
 import pytest
 from model_test_utils import make_rows
-
-ASSETS = Path(__file__).resolve().parents[3] / "twinkle_core" / "src" / "twinkle" / "assets"
-TINY_QWEN2 = ASSETS / "tiny-qwen2"
+from twinkle.testing import write_tiny_model_dir
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A model directory with the bundled tokenizer and a smaller Qwen2 config.json (no weights)."""
-    root = tmp_path_factory.mktemp("tiny-model")
-    for file in TINY_QWEN2.iterdir():
-        if file.name != "config.json":
-            shutil.copy2(file, root / file.name)
-    config = json.loads((TINY_QWEN2 / "config.json").read_text())
-    config.update(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
-    )
-    (root / "config.json").write_text(json.dumps(config))
-    return str(root)
+    return write_tiny_model_dir(tmp_path_factory.mktemp("tiny-model"))
 
 
 @pytest.fixture

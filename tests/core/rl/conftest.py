@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import json
-import shutil
-from pathlib import Path
-
 import pytest
-
-TINY_QWEN2 = Path(__file__).resolve().parents[3] / "twinkle_core" / "src" / "twinkle" / "assets" / "tiny-qwen2"
+from twinkle.testing import write_tiny_model_dir
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -18,16 +13,7 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture(scope="session")
 def rl_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     """The bundled tokenizer with a 2-layer, 64-wide Qwen2 config (weights initialized from a seed)."""
-    root = tmp_path_factory.mktemp("rl-tiny-model")
-    for file in TINY_QWEN2.iterdir():
-        if file.name != "config.json":
-            shutil.copy2(file, root / file.name)
-    config = json.loads((TINY_QWEN2 / "config.json").read_text())
-    config.update(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
-    )
-    (root / "config.json").write_text(json.dumps(config))
-    return str(root)
+    return write_tiny_model_dir(tmp_path_factory.mktemp("rl-tiny-model"))
 
 
 @pytest.fixture(scope="session")

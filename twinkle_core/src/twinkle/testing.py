@@ -14,6 +14,10 @@ and removes it (and everything it registered) afterwards::
         with registered_plugin(MyPlugin()) as runtime:
             assert runtime.registry.resolve("loss", "MyLoss") is MyLoss
 
+``write_tiny_model_dir`` writes a model directory small enough for unit tests: the bundled
+tokenizer with a 2-layer, 64-wide Qwen2 ``config.json`` and no weights (a model built from it
+gets seeded random weights), so tests never download a model.
+
 The pytest plugin in :mod:`twinkle.testing_pytest` exposes the same as the
 ``twinkle_plugin`` fixture (``pytest -p twinkle.testing_pytest``, or it is auto-loaded
 when twinkle-core is installed).
@@ -22,7 +26,10 @@ when twinkle-core is installed).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shutil
+from pathlib import Path
 from typing import Any, Iterator
 
 from twinkle.plugins import PluginSystem
@@ -50,3 +57,38 @@ def registered_plugin(
     finally:
         runtime.shutdown()
         system.remove_plugin(info.name)
+
+
+_SMALL_QWEN2 = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+)
+
+
+def write_tiny_model_dir(target: str | os.PathLike[str], **config_overrides: Any) -> str:
+    """Write the bundled tiny-qwen2 tokenizer with a smaller ``config.json`` (no weights) into ``target``.
+
+    The config is the bundled one with a 2-layer, 64-wide shape (hidden 64, intermediate 128,
+    4 query / 2 key-value heads), then ``config_overrides`` on top.
+
+    Args:
+        target: an existing (empty) directory.
+        **config_overrides: ``config.json`` fields to set, e.g. ``num_hidden_layers=1``.
+
+    Returns:
+        ``target`` as a string, ready for ``model_id=``.
+
+    Example::
+
+        model = TransformersModel(model_id=write_tiny_model_dir(tmp_path), device="cpu")
+    """
+    from twinkle import assets
+
+    source = assets.path("tiny-qwen2")
+    root = Path(target)
+    for file in source.iterdir():
+        if file.name != "config.json":
+            shutil.copy2(file, root / file.name)
+    config = json.loads((source / "config.json").read_text())
+    config.update(_SMALL_QWEN2, **config_overrides)
+    (root / "config.json").write_text(json.dumps(config))
+    return str(root)
