@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from twinkle.checkpoint_engine.base import CheckpointEngine
+from twinkle.checkpoint_engine.base import CheckpointEngine, model_weights
 
 
 class VLLMCheckpointEngine(CheckpointEngine):
@@ -51,7 +51,7 @@ class VLLMCheckpointEngine(CheckpointEngine):
         was_sleeping = bool(getattr(sampler, "is_sleeping", False))
         if was_sleeping:
             sampler.wake_up(tags=["weights"])
-        weights, peft_config = weights_of(model, adapter_name)
+        weights, peft_config = model_weights(model, adapter_name)
         gathered = time.perf_counter()
         loaded = sampler.update_weights(weights, adapter_name=adapter_name, peft_config=peft_config)
         loaded_at = time.perf_counter()
@@ -70,26 +70,3 @@ class VLLMCheckpointEngine(CheckpointEngine):
         }
         self.history.append(metrics)
         return metrics
-
-
-def weights_of(model: Any, adapter_name: str | None) -> tuple[dict[str, Any], Any]:
-    """``(name -> tensor, the adapter's peft config or None)`` of a TwinkleModel or a torch module.
-
-    Raises:
-        KeyError: a plain peft model without adapter ``adapter_name``.
-    """
-    if callable(getattr(model, "get_state_dict", None)):
-        weights = model.get_state_dict(adapter_name=adapter_name)
-        peft_config = None
-        if adapter_name is not None:
-            peft = getattr(model, "model", None)
-            peft_config = getattr(peft, "peft_config", {}).get(adapter_name)
-        return weights, peft_config
-    if adapter_name is not None:
-        from peft import get_peft_model_state_dict
-
-        if adapter_name not in getattr(model, "peft_config", {}):
-            raise KeyError(f"the model has no LoRA adapter {adapter_name!r}")
-        weights = get_peft_model_state_dict(model, adapter_name=adapter_name)
-        return {k: v.detach() for k, v in weights.items()}, model.peft_config[adapter_name]
-    return {k: v.detach() for k, v in model.state_dict().items()}, None

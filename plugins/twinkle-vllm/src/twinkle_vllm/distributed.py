@@ -34,9 +34,7 @@ from datetime import timedelta
 from typing import Any, Iterator
 from urllib.parse import urlparse
 
-from twinkle.checkpoint_engine.base import CheckpointEngine
-
-from twinkle_vllm.checkpoint_engine import weights_of
+from twinkle.checkpoint_engine.base import CheckpointEngine, model_weights
 
 
 class CheckpointSyncError(RuntimeError):
@@ -170,7 +168,7 @@ class DistributedCheckpointEngine(CheckpointEngine):
         import torch
 
         start = time.perf_counter()
-        weights, peft_config = weights_of(model, adapter_name)  # collective under FSDP: every trainer rank calls it
+        weights, peft_config = model_weights(model, adapter_name)  # collective under FSDP: every trainer rank calls it
         gathered = time.perf_counter()
         if self._own_trainer_rank() != 0:
             return {"sync_seconds": gathered - start, "sync_tensors": 0.0, "sync_bytes": 0.0, "sync_buckets": 0.0}

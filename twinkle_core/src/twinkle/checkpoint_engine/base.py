@@ -44,3 +44,40 @@ class CheckpointEngine(Component):
             Metrics: ``sync_seconds``, ``sync_tensors``, ``sync_bytes``.
         """
         raise TypeError(f"{type(self).__name__} must implement CheckpointEngine.sync")
+
+
+def model_weights(model: Any, adapter_name: str | None = None) -> tuple[dict[str, Any], Any]:
+    """What a checkpoint engine sends: ``(name -> tensor, the adapter's peft config or None)`` of ``model``.
+
+    Args:
+        model: a TwinkleModel (``get_state_dict``) or a ``torch.nn.Module`` (optionally a peft model).
+        adapter_name: ``None``: the full weights. A name: only that adapter's LoRA tensors
+            (PEFT's saved names) and its ``LoraConfig``.
+
+    Returns:
+        The weights (detached tensors of a plain module) and the adapter's peft config
+        (``None`` for full weights, or when a TwinkleModel does not expose one).
+
+    Raises:
+        KeyError: a plain peft model without adapter ``adapter_name``.
+
+    Example::
+
+        weights, lora_config = model_weights(model, adapter_name="default")
+    """
+    if callable(getattr(model, "get_state_dict", None)):
+        weights = model.get_state_dict(adapter_name=adapter_name)
+        peft_config = None
+        if adapter_name is not None:
+            peft = getattr(model, "model", None)
+            peft_config = getattr(peft, "peft_config", {}).get(adapter_name)
+        return weights, peft_config
+    # a plain torch module (optionally a peft model)
+    if adapter_name is not None:
+        from peft import get_peft_model_state_dict
+
+        if adapter_name not in getattr(model, "peft_config", {}):
+            raise KeyError(f"the model has no LoRA adapter {adapter_name!r}")
+        weights = get_peft_model_state_dict(model, adapter_name=adapter_name)
+        return {k: v.detach() for k, v in weights.items()}, model.peft_config[adapter_name]
+    return {k: v.detach() for k, v in model.state_dict().items()}, None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from twinkle.checkpoint_engine.base import CheckpointEngine
+from twinkle.checkpoint_engine.base import CheckpointEngine, model_weights
 
 
 class LocalCheckpointEngine(CheckpointEngine):
@@ -51,25 +51,13 @@ class LocalCheckpointEngine(CheckpointEngine):
 
 
 def _weights_of(model: Any, adapter_name: str | None) -> tuple[dict[str, Any], Any]:
-    """(name -> tensor, the adapter's peft config or None) of ``model``."""
-    if callable(getattr(model, "get_state_dict", None)):
+    """:func:`model_weights`, refusing a full sync of a TwinkleModel that trains LoRA adapters."""
+    if adapter_name is None and callable(getattr(model, "get_state_dict", None)):
         adapters = getattr(model, "adapter_names", None)
         adapters = adapters() if callable(adapters) else adapters
-        if adapter_name is None and adapters:
+        if adapters:
             raise ValueError(
                 f"LocalCheckpointEngine.sync: the model trains LoRA adapters {list(adapters)}; sync one with "
                 "adapter_name=... (its base weights do not change), or sync full weights before adding adapters"
             )
-        weights = model.get_state_dict(adapter_name=adapter_name)
-        peft_config = None
-        if adapter_name is not None:
-            peft = getattr(model, "model", None)
-            peft_config = getattr(peft, "peft_config", {}).get(adapter_name)
-        return weights, peft_config
-    # a plain torch module (optionally a peft model)
-    if adapter_name is not None:
-        from peft import get_peft_model_state_dict
-
-        weights = get_peft_model_state_dict(model, adapter_name=adapter_name)
-        return {k: v.detach() for k, v in weights.items()}, model.peft_config[adapter_name]
-    return {k: v.detach() for k, v in model.state_dict().items()}, None
+    return model_weights(model, adapter_name)
