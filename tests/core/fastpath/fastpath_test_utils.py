@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from twinkle.testing import random_token_rows
+
 
 def tiny_qwen2_config(**overrides):
     """A small Qwen2 config (2 layers, GQA, tied embeddings unless overridden)."""
@@ -24,13 +26,4 @@ def tiny_qwen2_config(**overrides):
 
 def make_rows(n: int, seed: int = 0, vocab: int = 512, min_len: int = 5, max_len: int = 20) -> list[dict]:
     """Encoded rows of varying length with a masked prompt."""
-    import random
-
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        length = rng.randint(min_len, max_len)
-        ids = [rng.randint(1, vocab - 1) for _ in range(length)]
-        prompt = rng.randint(1, length - 2)
-        rows.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
-    return rows
+    return random_token_rows(n, seed, vocab=vocab, min_len=min_len, max_len=max_len)

@@ -16,7 +16,8 @@ and removes it (and everything it registered) afterwards::
 
 ``write_tiny_model_dir`` writes a model directory small enough for unit tests: the bundled
 tokenizer with a 2-layer, 64-wide Qwen2 ``config.json`` and no weights (a model built from it
-gets seeded random weights), so tests never download a model.
+gets seeded random weights), so tests never download a model. ``random_token_rows`` makes
+seeded encoded rows (``input_ids`` and ``labels`` with the prompt masked) to train it on.
 
 The pytest plugin in :mod:`twinkle.testing_pytest` exposes the same as the
 ``twinkle_plugin`` fixture (``pytest -p twinkle.testing_pytest``, or it is auto-loaded
@@ -92,3 +93,48 @@ def write_tiny_model_dir(target: str | os.PathLike[str], **config_overrides: Any
     config.update(_SMALL_QWEN2, **config_overrides)
     (root / "config.json").write_text(json.dumps(config))
     return str(root)
+
+
+def random_token_rows(
+    n: int,
+    seed: int = 0,
+    *,
+    vocab: int = 512,
+    min_len: int = 5,
+    max_len: int = 20,
+    first_id: int = 1,
+    with_length: bool = False,
+) -> list[dict[str, Any]]:
+    """``n`` seeded encoded rows of random lengths, for training tests: ``input_ids`` and ``labels``.
+
+    Each row's length is drawn from ``[min_len, max_len]``, its token ids from ``[first_id, vocab)``,
+    and a prompt of 1 to ``length - 2`` leading tokens is masked with ``-100`` in ``labels``.
+
+    Args:
+        n: how many rows.
+        seed: the ``random.Random`` seed (the same seed gives the same rows).
+        vocab: token ids stay below it.
+        min_len / max_len: the range of lengths (``min_len`` at least 3).
+        first_id: the smallest token id (e.g. 3 to keep clear of special tokens).
+        with_length: also store each row's ``length``.
+
+    Returns:
+        The rows, dicts ready for ``forward_backward(inputs=...)``.
+
+    Example::
+
+        model.forward_backward(inputs=random_token_rows(4, seed=1))
+    """
+    import random
+
+    rng = random.Random(seed)
+    rows: list[dict[str, Any]] = []
+    for _ in range(n):
+        length = rng.randint(min_len, max_len)
+        ids = [rng.randint(first_id, vocab - 1) for _ in range(length)]
+        prompt = rng.randint(1, length - 2)
+        row: dict[str, Any] = {"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]}
+        if with_length:
+            row["length"] = length
+        rows.append(row)
+    return rows
