@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from twinkle.testing import random_token_rows
+from twinkle.testing import TINY_MODEL_SHAPE, random_token_rows
 
 
 def tiny_qwen2_config(**overrides):
@@ -10,12 +10,8 @@ def tiny_qwen2_config(**overrides):
     from transformers import Qwen2Config
 
     fields = dict(
+        TINY_MODEL_SHAPE,
         vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=256,
         tie_word_embeddings=True,
         use_sliding_window=False,

@@ -9,14 +9,11 @@ import pytest
 from model_test_utils import make_rows
 from peft import LoraConfig
 from twinkle.model.transformers_model import TransformersModel
+from twinkle.testing import TINY_MODEL_SHAPE
 
 _COMMON = dict(
+    TINY_MODEL_SHAPE,
     vocab_size=512,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
     max_position_embeddings=256,
     pad_token_id=0,
 )

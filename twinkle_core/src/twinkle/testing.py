@@ -60,9 +60,13 @@ def registered_plugin(
         system.remove_plugin(info.name)
 
 
-_SMALL_QWEN2 = dict(
+TINY_MODEL_SHAPE: dict[str, int] = dict(
     hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
 )
+"""The shape of the test models: 2 layers, hidden 64, intermediate 128, 4 query / 2 key-value heads.
+
+Config fields common to Qwen2/Llama-style configs; pass them on with ``dict(TINY_MODEL_SHAPE, ...)``.
+"""
 
 
 def write_tiny_model_dir(target: str | os.PathLike[str], **config_overrides: Any) -> str:
@@ -90,7 +94,7 @@ def write_tiny_model_dir(target: str | os.PathLike[str], **config_overrides: Any
         if file.name != "config.json":
             shutil.copy2(file, root / file.name)
     config = json.loads((source / "config.json").read_text())
-    config.update(_SMALL_QWEN2, **config_overrides)
+    config.update(TINY_MODEL_SHAPE, **config_overrides)
     (root / "config.json").write_text(json.dumps(config))
     return str(root)
 
