@@ -18,6 +18,24 @@ _COMMON = dict(
     pad_token_id=0,
 )
 
+# DeepSeek V2 and V3 share this small MoE + multi-head latent attention (MLA) shape.
+_DEEPSEEK_MLA = dict(
+    _COMMON,
+    n_routed_experts=4,
+    n_shared_experts=1,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    first_k_dense_replace=1,
+    kv_lora_rank=16,
+    q_lora_rank=32,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    v_head_dim=16,
+    n_group=1,
+    topk_group=1,
+    num_key_value_heads=4,  # MLA: one key/value head per query head
+)
+
 FAMILIES = {
     "qwen2": dict(_COMMON),
     "qwen2_moe": dict(
@@ -27,38 +45,8 @@ FAMILIES = {
     "qwen3_moe": dict(_COMMON, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
     "llama": dict(_COMMON),
     "glm4": dict(_COMMON, head_dim=16),
-    "deepseek_v2": dict(
-        _COMMON,
-        n_routed_experts=4,
-        n_shared_experts=1,
-        num_experts_per_tok=2,
-        moe_intermediate_size=32,
-        first_k_dense_replace=1,
-        kv_lora_rank=16,
-        q_lora_rank=32,
-        qk_rope_head_dim=8,
-        qk_nope_head_dim=8,
-        v_head_dim=16,
-        n_group=1,
-        topk_group=1,
-        num_key_value_heads=4,  # MLA: one key/value head per query head
-    ),
-    "deepseek_v3": dict(
-        _COMMON,
-        n_routed_experts=4,
-        n_shared_experts=1,
-        num_experts_per_tok=2,
-        moe_intermediate_size=32,
-        first_k_dense_replace=1,
-        kv_lora_rank=16,
-        q_lora_rank=32,
-        qk_rope_head_dim=8,
-        qk_nope_head_dim=8,
-        v_head_dim=16,
-        n_group=1,
-        topk_group=1,
-        num_key_value_heads=4,  # MLA: one key/value head per query head
-    ),
+    "deepseek_v2": dict(_DEEPSEEK_MLA),
+    "deepseek_v3": dict(_DEEPSEEK_MLA),
 }
 
 
