@@ -35,6 +35,8 @@ def test_lora_sync_and_logprob_consistency(fresh_sampler, tiny_model_dir, figure
     train_one_step(model)
     engine = VLLMCheckpointEngine()
     fresh_sampler.sleep()  # colocated: the sampler sleeps while the model trains; sync wakes it
+    with pytest.raises(ValueError, match="adapter_name"):
+        engine.sync(model, fresh_sampler)  # a LoRA model's full weights: the base did not change
     metrics = engine.sync(model, fresh_sampler, adapter_name="default")
     assert not fresh_sampler.is_sleeping
     assert metrics["sync_seconds"] > 0 and metrics["sync_tensors"] > 0 and metrics["sync_bytes"] > 0

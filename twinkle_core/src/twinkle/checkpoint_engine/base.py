@@ -60,12 +60,22 @@ def model_weights(model: Any, adapter_name: str | None = None) -> tuple[dict[str
 
     Raises:
         KeyError: a plain peft model without adapter ``adapter_name``.
+        ValueError: the full weights of a TwinkleModel that trains LoRA adapters (its base
+            weights do not change: sync an adapter by name).
 
     Example::
 
         weights, lora_config = model_weights(model, adapter_name="default")
     """
     if callable(getattr(model, "get_state_dict", None)):
+        if adapter_name is None:
+            adapters = getattr(model, "adapter_names", None)
+            adapters = adapters() if callable(adapters) else adapters
+            if adapters:
+                raise ValueError(
+                    f"sync: the model trains LoRA adapters {list(adapters)}; sync one with adapter_name=... (its "
+                    "base weights do not change), or sync full weights before adding adapters"
+                )
         weights = model.get_state_dict(adapter_name=adapter_name)
         peft_config = None
         if adapter_name is not None:

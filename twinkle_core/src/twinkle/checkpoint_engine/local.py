@@ -38,7 +38,7 @@ class LocalCheckpointEngine(CheckpointEngine):
         if not callable(getattr(sampler, "update_weights", None)):
             raise TypeError(f"{type(sampler).__name__} has no update_weights(); it is not a Sampler")
         start = time.perf_counter()
-        weights, peft_config = _weights_of(model, adapter_name)
+        weights, peft_config = model_weights(model, adapter_name)
         loaded = sampler.update_weights(weights, adapter_name=adapter_name, peft_config=peft_config)
         seconds = time.perf_counter() - start
         metrics = {
@@ -48,16 +48,3 @@ class LocalCheckpointEngine(CheckpointEngine):
         }
         self.history.append(metrics)
         return metrics
-
-
-def _weights_of(model: Any, adapter_name: str | None) -> tuple[dict[str, Any], Any]:
-    """:func:`model_weights`, refusing a full sync of a TwinkleModel that trains LoRA adapters."""
-    if adapter_name is None and callable(getattr(model, "get_state_dict", None)):
-        adapters = getattr(model, "adapter_names", None)
-        adapters = adapters() if callable(adapters) else adapters
-        if adapters:
-            raise ValueError(
-                f"LocalCheckpointEngine.sync: the model trains LoRA adapters {list(adapters)}; sync one with "
-                "adapter_name=... (its base weights do not change), or sync full weights before adding adapters"
-            )
-    return model_weights(model, adapter_name)
