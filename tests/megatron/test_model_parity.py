@@ -47,6 +47,26 @@ def test_forward_only_logits_loss_and_logps_match(pair, rows) -> None:
         assert lb == pytest.approx(la, abs=TOL)
 
 
+def test_chunked_head_loss_and_gradients_equal_the_logits_path(rows, monkeypatch) -> None:
+    """The default (hidden states + chunked linear cross-entropy) against full logits (patch switched off)."""
+    results = {}
+    for disabled in ("", "FusedLinearCrossEntropy"):
+        monkeypatch.setenv("TWINKLE_DISABLED_PATCHES", disabled)
+        mg = MegatronModel(config=tiny_config("qwen2"), device="cpu", seed=5)
+        try:
+            assert mg._fused_head() == (not disabled)
+            loss = mg.forward_backward(inputs=rows).loss
+            grads = {n: p.grad.clone() for n, p in mg.model.named_parameters() if p.grad is not None}
+            results[disabled] = (loss, grads)
+        finally:
+            mg.close()
+    (loss_a, grads_a), (loss_b, grads_b) = results.values()
+    assert loss_a == pytest.approx(loss_b, rel=1e-6)
+    assert set(grads_a) == set(grads_b)
+    for name in grads_a:
+        assert torch.allclose(grads_a[name], grads_b[name], atol=1e-6), name
+
+
 def test_padding_free_batches_match_padded(pair, rows) -> None:
     """Packed rows: megatron's block-diagonal mask gives the same loss as the padded layout."""
     _, mg = pair
