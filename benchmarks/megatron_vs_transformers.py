@@ -31,44 +31,22 @@ import tempfile
 import time
 from pathlib import Path
 
+from model_shapes import QWEN25_05B, QWEN25_7B, qwen2_config
+
+#: the published shapes, and a smoke-test shape (runs on CPU with --device cpu)
 SHAPES = {
-    "0.5b": dict(
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=24,
-        num_attention_heads=14,
+    "0.5b": QWEN25_05B,
+    "7b": QWEN25_7B,
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
         num_key_value_heads=2,
-        vocab_size=151936,
+        vocab_size=512,
         tie_word_embeddings=True,
     ),
-    "7b": dict(
-        hidden_size=3584,
-        intermediate_size=18944,
-        num_hidden_layers=28,
-        num_attention_heads=28,
-        num_key_value_heads=4,
-        vocab_size=152064,
-        tie_word_embeddings=False,
-    ),
 }
-COMMON = dict(
-    model_type="qwen2",
-    max_position_embeddings=32768,
-    rms_norm_eps=1e-6,
-    rope_theta=1000000.0,
-    hidden_act="silu",
-    use_sliding_window=False,
-)
-#: a smoke-test shape (runs on CPU with --device cpu)
-SHAPES["tiny"] = dict(
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=512,
-    tie_word_embeddings=True,
-)
 DEFAULT_BATCH = {"0.5b": 8, "7b": 4, "tiny": 2}
 
 
@@ -84,7 +62,7 @@ def build_checkpoint(shape: str, directory: Path, device: str = "cuda") -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    data = {**COMMON, **SHAPES[shape]}
+    data = qwen2_config(SHAPES[shape])
     config = AutoConfig.for_model(data.pop("model_type"), **data)
     torch.manual_seed(0)
     with torch.device(device):

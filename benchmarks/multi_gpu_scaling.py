@@ -23,19 +23,9 @@ import sys
 import time
 from pathlib import Path
 
-PEAK_TFLOPS = 989.0
+from model_shapes import PEAK_TFLOPS, QWEN25_7B, flops_per_token, qwen2_config
+
 SEQ_LEN = 2048
-QWEN25_7B = dict(
-    model_type="qwen2",
-    hidden_size=3584,
-    intermediate_size=18944,
-    num_hidden_layers=28,
-    num_attention_heads=28,
-    num_key_value_heads=4,
-    vocab_size=152064,
-    max_position_embeddings=32768,
-    tie_word_embeddings=False,
-)
 SMALL = dict(
     QWEN25_7B,
     hidden_size=256,
@@ -45,12 +35,6 @@ SMALL = dict(
     num_key_value_heads=2,
     vocab_size=4096,
 )
-
-
-def flops_per_token(shape: dict, lora: bool, n_params: int) -> float:
-    """c*N + attention (12 * layers * hidden * seq), c = 4 for LoRA and 6 for full training."""
-    attention = 12 * shape["num_hidden_layers"] * shape["hidden_size"] * SEQ_LEN
-    return (4 if lora else 6) * n_params + attention
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -71,7 +55,7 @@ def worker(args: argparse.Namespace) -> None:
     shape = SMALL if args.small else QWEN25_7B
     lora = args.kind == "lora"
     with torch.device(device):  # random init directly on the GPU
-        model = TransformersModel(config=dict(shape), torch_dtype="bfloat16", gradient_checkpointing=not lora)
+        model = TransformersModel(config=qwen2_config(shape), torch_dtype="bfloat16", gradient_checkpointing=not lora)
     n_params = sum(p.numel() for p in model.model.parameters())
     if lora:
         from peft import LoraConfig
@@ -102,7 +86,7 @@ def worker(args: argparse.Namespace) -> None:
         "micro_batch": args.micro_batch,
         "step_s": step_s,
         "tokens_per_s_per_gpu": tokens_per_gpu,
-        "mfu": tokens_per_gpu * flops_per_token(shape, lora, n_params) / (PEAK_TFLOPS * 1e12),
+        "mfu": tokens_per_gpu * flops_per_token(shape, lora, SEQ_LEN, n_params) / (PEAK_TFLOPS * 1e12),
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
         "params_b": n_params / 1e9,
     }

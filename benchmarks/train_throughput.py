@@ -36,27 +36,9 @@ import sys
 import time
 from pathlib import Path
 
-PEAK_TFLOPS = 989.0
-SEQ_LEN = 2048
+from model_shapes import PEAK_TFLOPS, QWEN25_05B, QWEN25_7B, flops_per_token, qwen2_config
 
-QWEN25_05B = dict(
-    hidden_size=896,
-    intermediate_size=4864,
-    num_hidden_layers=24,
-    num_attention_heads=14,
-    num_key_value_heads=2,
-    vocab_size=151936,
-    tie_word_embeddings=True,
-)
-QWEN25_7B = dict(
-    hidden_size=3584,
-    intermediate_size=18944,
-    num_hidden_layers=28,
-    num_attention_heads=28,
-    num_key_value_heads=4,
-    vocab_size=152064,
-    tie_word_embeddings=False,
-)
+SEQ_LEN = 2048
 TINY = dict(
     hidden_size=64,
     intermediate_size=128,
@@ -88,32 +70,11 @@ DEFAULT_CONFIGS = ("plain", "liger", "ours")
 
 # ---------------------------------------------------------------------- shared helpers
 def qwen_config(shape: dict) -> object:
+    """The ``Qwen2Config`` of ``shape`` (sdpa attention)."""
     from transformers import Qwen2Config
 
-    return Qwen2Config(
-        **shape,
-        max_position_embeddings=32768,
-        rope_theta=1000000.0,
-        rms_norm_eps=1e-6,
-        hidden_act="silu",
-        use_sliding_window=False,
-        attn_implementation="sdpa",
-    )
-
-
-def matmul_params(shape: dict) -> int:
-    """N: parameters that take part in a matmul per token (all linear layers + the LM head)."""
-    h, i, n_layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
-    head_dim = h // shape["num_attention_heads"]
-    kv = shape["num_key_value_heads"] * head_dim
-    attn = h * h + 2 * h * kv + h * h + h + 2 * kv  # q, k, v (with bias), o
-    mlp = 3 * h * i
-    return n_layers * (attn + mlp) + shape["vocab_size"] * h
-
-
-def flops_per_token(shape: dict, lora: bool) -> float:
-    attn = 12 * shape["num_hidden_layers"] * shape["hidden_size"] * SEQ_LEN
-    return (4 if lora else 6) * matmul_params(shape) + attn
+    fields = {k: v for k, v in qwen2_config(shape).items() if k != "model_type"}
+    return Qwen2Config(**fields, attn_implementation="sdpa")
 
 
 def random_batch(batch_size: int, vocab: int, step: int) -> object:
@@ -294,7 +255,7 @@ def worker(row: str, config_name: str, steps: int, warmup: int, profile_dir: str
         "config": config_name,
         "tokens_per_s": tok_s,
         "step_ms": 1e3 * elapsed / steps,
-        "mfu": tok_s * flops_per_token(shape, lora) / (PEAK_TFLOPS * 1e12),
+        "mfu": tok_s * flops_per_token(shape, lora, SEQ_LEN) / (PEAK_TFLOPS * 1e12),
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0,
         "build_s": build_s,

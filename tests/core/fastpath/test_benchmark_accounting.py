@@ -7,15 +7,27 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[3] / "benchmarks" / "train_throughput.py"
+BENCHMARKS = Path(__file__).resolve().parents[3] / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("train_throughput", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """benchmarks/train_throughput.py as a module (it imports model_shapes from its folder, as a script does)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(BENCHMARKS))
+        return _load("train_throughput")
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    return _load("model_shapes")
 
 
 @pytest.mark.parametrize(
@@ -28,16 +40,16 @@ def bench():
         ("7b-lora", 10.0e3, 0.31),
     ],
 )
-def test_mfu_matches_the_issue_table(bench, row, tokens_per_s, mfu):
+def test_mfu_matches_the_issue_table(bench, shapes, row, tokens_per_s, mfu):
     shape, lora, _ = bench.ROWS[row]
-    got = tokens_per_s * bench.flops_per_token(shape, lora) / (bench.PEAK_TFLOPS * 1e12)
+    got = tokens_per_s * shapes.flops_per_token(shape, lora, bench.SEQ_LEN) / (shapes.PEAK_TFLOPS * 1e12)
     assert got == pytest.approx(mfu, abs=0.006)
 
 
-def test_matmul_params_count_the_head_once_when_tied(bench):
-    small = bench.matmul_params(bench.QWEN25_05B)
+def test_matmul_params_count_the_head_once_when_tied(shapes):
+    small = shapes.matmul_params(shapes.QWEN25_05B)
     assert 0.48e9 < small < 0.50e9  # Qwen2.5-0.5B: 494M parameters, embedding = head
-    big = bench.matmul_params(bench.QWEN25_7B)
+    big = shapes.matmul_params(shapes.QWEN25_7B)
     assert 7.0e9 < big < 7.1e9  # 7.6B minus the untied input embedding
 
 
