@@ -45,6 +45,17 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("filterwarnings", line)
 
 
+@pytest.fixture(scope="module")
+def megatron_cpu():
+    """megatron-core on CPU: the compat shims and a one-process parallel state (undone after the module)."""
+    from twinkle_megatron import compat, parallel
+
+    compat.apply("cpu")
+    parallel.init_megatron_parallel(None, "cpu")
+    yield
+    compat.restore()
+
+
 @pytest.fixture(scope="session")
 def rows() -> list[dict]:
     """Four encoded rows of different lengths; the first 3 tokens of each are prompt (-100)."""

@@ -9,16 +9,6 @@ from twinkle_megatron import builder, convert
 from conftest import FAMILIES, tiny_config
 
 
-@pytest.fixture(scope="module")
-def megatron_cpu():
-    from twinkle_megatron import compat, parallel
-
-    compat.apply("cpu")
-    parallel.init_megatron_parallel(None, "cpu")
-    yield
-    compat.restore()
-
-
 def _hf(model_type: str):
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -87,16 +87,6 @@ def _hf(name: str, **overrides):
     return hf
 
 
-@pytest.fixture(scope="module")
-def megatron_cpu():
-    from twinkle_megatron import compat, parallel
-
-    compat.apply("cpu")
-    parallel.init_megatron_parallel(None, "cpu")
-    yield
-    compat.restore()
-
-
 @pytest.mark.parametrize("name", list(DEEPSEEK))
 def test_logits_equal_transformers_and_weights_round_trip(name: str, megatron_cpu) -> None:
     from twinkle_megatron import compat
