@@ -12,7 +12,8 @@ inverted, with each query allowed to see itself: a padding row whose keys are al
 attends to itself instead of giving NaN (its loss is ignored, but NaN would poison the gradients).
 
 Anything SDPA cannot express exactly (attention bias, packed-sequence params, query-key layer
-scaling, sliding windows, softmax offsets) falls back to megatron's own implementation.
+scaling, sliding windows, softmax offsets) falls back to megatron's own implementation (given
+the causal mask when the batch passed none).
 """
 
 from __future__ import annotations
@@ -55,11 +56,9 @@ def sdpa_attention_class() -> type:
                 from torch.nn.functional import scaled_dot_product_attention
 
                 if not self._exact_with_sdpa(attention_bias, packed_seq_params):
-                    if attention_mask is None:
-                        raise ValueError(
-                            "SdpaAttention: this layer falls back to megatron's DotProductAttention, which needs "
-                            "an explicit attention mask"
-                        )
+                    if attention_mask is None:  # "causal only": megatron's attention wants the mask itself
+                        sq, sk = query.shape[0], key.shape[0]
+                        attention_mask = torch.ones(sq, sk, dtype=torch.bool, device=query.device).triu(1)[None, None]
                     return super().forward(
                         query, key, value, attention_mask, attn_mask_type, attention_bias, packed_seq_params
                     )
