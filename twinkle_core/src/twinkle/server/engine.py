@@ -7,11 +7,15 @@ the base matmul runs once for every row, and each slot's low-rank update is adde
 own rows only, so one forward/backward pass trains several tenants' adapters at once and
 each gradient reaches only its own tenant's tensors.
 
+The engine runs on one device (``device="auto"``: CUDA when torch sees a GPU, else the
+CPU): the base model and every slot's tensors and optimizer state live there, request data
+is copied there in one transfer per tensor, and results come back in one transfer per pass.
+
 Not thread-safe: the server drives an engine from one worker thread.
 
 Example::
 
-    engine = LoRAEngine(tiny_model_dir(), max_adapters=4, max_rank=16)
+    engine = LoRAEngine(tiny_model_dir(), max_adapters=4, max_rank=16, device="cpu")
     slot = engine.create_slot(rank=8)
     [result] = engine.forward_backward([BatchJob(slot, [Datum([1, 2, 3], {"target_tokens": [2, 3, 4]})])])
     engine.optim_step(slot, learning_rate=1e-3)
@@ -180,6 +184,63 @@ def _adam_hyperparameters(hyper: dict[str, float]) -> tuple[float, float, float,
     return tuple(values.values())  # type: ignore[return-value]
 
 
+def resolve_device(device: Any = "auto") -> Any:
+    """The ``torch.device`` an engine runs on: ``"auto"``/None picks CUDA when available, else the CPU.
+
+    A CUDA device without an index gets the current one (``cuda`` -> ``cuda:0``), so it
+    compares equal to the device of tensors moved there.
+
+    Args:
+        device: ``"auto"``, None, ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a ``torch.device``.
+
+    Raises:
+        EngineError: the string names no device, or a CUDA device this machine does not have.
+
+    Example::
+
+        resolve_device("cpu")  # device(type='cpu')
+    """
+    import torch
+
+    if device is None or device == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise EngineError(
+            f"unknown device {device!r}; use 'auto' (CUDA when available, else the CPU), 'cpu', 'cuda' or 'cuda:N'"
+        ) from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EngineError(
+                f"device {device!r} asks for CUDA but torch sees no GPU here; use device='cpu' (or 'auto')"
+            )
+        count = torch.cuda.device_count()
+        if resolved.index is None:
+            resolved = torch.device("cuda", torch.cuda.current_device())
+        elif resolved.index >= count:
+            raise EngineError(f"device {device!r}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+    elif resolved.type != "cpu":
+        try:
+            torch.empty(0, device=resolved)
+        except (AssertionError, RuntimeError) as exc:
+            raise EngineError(f"device {device!r} is not usable here ({exc}); use 'auto', 'cpu' or 'cuda'") from None
+    return resolved
+
+
+def _to_cpu(value: Any) -> Any:
+    """``value`` (nested dicts/lists/tuples of tensors, e.g. an optimizer state dict) with every tensor on the CPU."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
+
+
 def _has_weights(model_dir: Path) -> bool:
     return any(model_dir.glob("*.safetensors")) or any(model_dir.glob("*.bin"))
 
@@ -194,18 +255,29 @@ class LoRAEngine:
         max_adapters: slots in the pool (training adapters and loaded sampler adapters).
         max_rank: the largest LoRA rank accepted.
         seed: seed of the random base weights (only used without weight files).
+        device: where the base model, the adapters and their optimizer state live: ``"auto"``
+            (default: CUDA when available, else the CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+            The weights are built on the CPU first, so every device starts from the same values.
 
     Raises:
-        EngineError: ``model_dir`` is not a model directory.
+        EngineError: ``model_dir`` is not a model directory, or ``device`` is unknown or absent.
+
+    Example::
+
+        engine = LoRAEngine(tiny_model_dir(), max_adapters=4, device="cuda")
     """
 
-    def __init__(self, model_dir: str | Path, *, max_adapters: int = 8, max_rank: int = 64, seed: int = 0) -> None:
+    def __init__(
+        self, model_dir: str | Path, *, max_adapters: int = 8, max_rank: int = 64, seed: int = 0, device: Any = "auto"
+    ) -> None:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         self.model_dir = Path(model_dir)
         if not (self.model_dir / "config.json").is_file():
             raise EngineError(f"{self.model_dir} has no config.json; pass a local Hugging Face model directory")
+        target = resolve_device(device)
+        self._device = target
         self.max_adapters = max_adapters
         self.max_rank = max_rank
         config = AutoConfig.from_pretrained(self.model_dir)
@@ -215,6 +287,7 @@ class LoRAEngine:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.to(target)
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
@@ -243,8 +316,8 @@ class LoRAEngine:
 
     @property
     def device(self) -> Any:
-        """The device of the base weights."""
-        return next(iter(self.base_parameters.values())).device
+        """The ``torch.device`` of the base weights, the adapters and their optimizer state."""
+        return self._device
 
     def share_base_weights(self, model: Any) -> int:
         """Make ``model`` use this engine's base tensors instead of its own copies.
@@ -333,8 +406,9 @@ class LoRAEngine:
                 continue
             base = module.base
             bound = 1.0 / math.sqrt(base.in_features)
-            a = (torch.rand(rank, base.in_features, generator=gen) * 2 - 1) * bound
-            b = torch.zeros(base.out_features, rank)
+            # drawn on the CPU (the same values on every device), then moved to the engine's device
+            a = ((torch.rand(rank, base.in_features, generator=gen) * 2 - 1) * bound).to(self.device)
+            b = torch.zeros(base.out_features, rank, device=self.device)
             params[name] = (a.requires_grad_(True), b.requires_grad_(True))
         slot = Slot(slot_id, rank, float(alpha if alpha is not None else 32.0), tuple(sorted(set(targets))), params)
         self._attach(slot)
@@ -363,8 +437,8 @@ class LoRAEngine:
 
     # -- training --------------------------------------------------------------------
     def _prepare(self, job: BatchJob) -> tuple[list[tuple[Any, dict[str, Any]]], dict[str, float]]:
+        """Check a job; returns its rows as ``(token ids, {input name: array})`` numpy pairs, and its loss config."""
         import numpy as np
-        import torch
 
         self.slot(job.slot)
         config = check_loss(job.loss_fn, job.loss_config)
@@ -401,13 +475,13 @@ class LoRAEngine:
                     arr = arr.astype(np.int64)
                     if arr.min() < 0 or arr.max() >= self.vocab_size:
                         raise EngineError(f"datum {i}: target_tokens outside the vocabulary [0, {self.vocab_size})")
-                    inputs[key] = torch.from_numpy(arr.copy())
+                    inputs[key] = arr
                 else:
                     floats = arr.astype(np.float32)
                     if not np.isfinite(floats).all():
                         raise EngineError(f"datum {i}: loss_fn_inputs[{key!r}] holds NaN or infinity")
-                    inputs[key] = torch.from_numpy(floats.copy())
-            rows.append((torch.from_numpy(tokens.copy()), inputs))
+                    inputs[key] = floats
+            rows.append((tokens, inputs))
         return rows, config
 
     def forward_backward(self, jobs: Sequence[BatchJob]) -> list[JobResult]:
@@ -417,9 +491,13 @@ class LoRAEngine:
         error in its :class:`JobResult` and does not disturb the others. Gradients
         accumulate in each slot until :meth:`optim_step`.
 
+        The batch goes to the engine's device in one transfer per input (padded to the
+        longest row), and all outputs and losses come back in one transfer.
+
         Returns:
             One :class:`JobResult` per job, in order.
         """
+        import numpy as np
         import torch
 
         results = [JobResult() for _ in jobs]
@@ -436,14 +514,23 @@ class LoRAEngine:
         forward_only = all(jobs[j].forward_only for j, _, _ in prepared)
         all_rows = [row for _, rows, _ in prepared for row in rows]
         longest = max(tokens.shape[0] for tokens, _ in all_rows)
-        ids = torch.full((len(all_rows), longest), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(all_rows), longest), dtype=torch.long)
-        targets = torch.zeros((len(all_rows), longest), dtype=torch.long)
+        ids_np = np.full((len(all_rows), longest), self.pad_token_id, dtype=np.int64)
+        mask_np = np.zeros((len(all_rows), longest), dtype=np.int64)
+        # every loss input of every row, padded: one host-to-device copy per input name
+        padded_np: dict[str, Any] = {}
         for r, (tokens, inputs) in enumerate(all_rows):
             n = tokens.shape[0]
-            ids[r, :n] = tokens
-            mask[r, :n] = 1
-            targets[r, :n] = inputs["target_tokens"]
+            ids_np[r, :n] = tokens
+            mask_np[r, :n] = 1
+            for key, arr in inputs.items():
+                if key not in padded_np:
+                    padded_np[key] = np.zeros((len(all_rows), longest), dtype=arr.dtype)
+                padded_np[key][r, :n] = arr
+        device = self.device
+        ids = torch.from_numpy(ids_np).to(device)
+        mask = torch.from_numpy(mask_np).to(device)
+        padded = {key: torch.from_numpy(arr).to(device) for key, arr in padded_np.items()}
+        targets = padded["target_tokens"]
         self._router.groups = [(jobs[j].slot, len(rows)) for j, rows, _ in prepared]
         try:
             with torch.set_grad_enabled(not forward_only):
@@ -451,22 +538,40 @@ class LoRAEngine:
                 logp_all = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
                 total = None
                 r = 0
+                # what is sent back, in order: per job, per datum its {name: shape} outputs, then the job's loss
+                layout: list[tuple[int, list[dict[str, tuple[int, ...]]]]] = []
+                tensors: list[Any] = []
                 for j, rows, config in prepared:
                     job_loss = None
-                    outputs = []
+                    shapes: list[dict[str, tuple[int, ...]]] = []
                     for tokens, inputs in rows:
                         n = tokens.shape[0]
-                        loss, out = LOSSES[jobs[j].loss_fn](logp_all[r, :n], inputs, config)
+                        row_inputs = {key: padded[key][r, :n] for key in inputs}
+                        loss, out = LOSSES[jobs[j].loss_fn](logp_all[r, :n], row_inputs, config)
                         job_loss = loss if job_loss is None else job_loss + loss
-                        outputs.append({k: v.detach().float().numpy().copy() for k, v in out.items()})
+                        shapes.append({key: tuple(value.shape) for key, value in out.items()})
+                        tensors.extend(value.detach().float().reshape(-1) for value in out.values())
                         r += 1
-                    results[j].outputs = outputs
-                    results[j].metrics = {"loss:sum": float(job_loss.detach())}
+                    tensors.append(job_loss.detach().float().reshape(-1))
+                    layout.append((j, shapes))
                     total = job_loss if total is None else total + job_loss
                 if not forward_only and total is not None and total.requires_grad:
                     total.backward()
         finally:
             self._router.groups = []
+        # one device-to-host copy of every output and loss, split back per datum and job
+        flat = torch.cat(tensors).cpu().numpy()
+        offset = 0
+        for j, shapes in layout:
+            for datum_shapes in shapes:
+                outputs = {}
+                for key, shape in datum_shapes.items():
+                    size = math.prod(shape)
+                    outputs[key] = flat[offset : offset + size].reshape(shape).copy()
+                    offset += size
+                results[j].outputs.append(outputs)
+            results[j].metrics = {"loss:sum": float(flat[offset])}
+            offset += 1
         return results
 
     def optim_step(self, slot_id: int, **hyper: float) -> dict[str, float]:
@@ -514,6 +619,8 @@ class LoRAEngine:
                 results[i] = exc
                 continue
             groups.setdefault(key, []).append((i, slot))
+        # gradient norms stay on the device until one transfer at the end
+        norms: dict[int, Any] = {}
         for (lr, beta1, beta2, eps, weight_decay, clip), members in groups.items():
             params: list[Any] = []
             for i, slot in members:
@@ -523,10 +630,11 @@ class LoRAEngine:
                 for group in slot.optimizer.param_groups:
                     group.update(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
                 grads = [p.grad for p in own if p.grad is not None]
-                norm = float(torch.nn.utils.get_total_norm(grads, foreach=True)) if grads else 0.0
-                if clip > 0 and grads:
-                    torch.nn.utils.clip_grads_with_norm_(own, clip, torch.tensor(norm), foreach=True)
-                results[i] = {"grad_norm": norm}
+                if grads:
+                    norms[i] = torch.nn.utils.get_total_norm(grads, foreach=True)
+                    if clip > 0:
+                        torch.nn.utils.clip_grads_with_norm_(own, clip, norms[i], foreach=True)
+                results[i] = {"grad_norm": 0.0}
                 params.extend(own)
             # one optimizer over every member's tensors, holding the members' own state objects
             fused = torch.optim.AdamW(
@@ -544,6 +652,10 @@ class LoRAEngine:
                     p.grad = None
                 slot.steps += 1
                 results[i]["step"] = float(slot.steps)
+        if norms:
+            values = torch.stack([norm.float() for norm in norms.values()]).cpu().tolist()
+            for i, value in zip(norms, values):
+                results[i]["grad_norm"] = value  # type: ignore[index]
         return results
 
     # -- checkpoints -------------------------------------------------------------------
@@ -551,7 +663,8 @@ class LoRAEngine:
         """Write an adapter (peft layout) and optionally its optimizer into ``directory``.
 
         The directory must exist and be private to this write (the caller renames it into
-        place afterwards). Returns the bytes written.
+        place afterwards). The files hold CPU tensors whatever the engine's device, so a
+        checkpoint loads on any device. Returns the bytes written.
         """
         import torch
         from safetensors.torch import save_file
@@ -560,8 +673,8 @@ class LoRAEngine:
         directory = Path(directory)
         tensors = {}
         for name, (a, b) in slot.params.items():
-            tensors[f"base_model.model.{name}.lora_A.weight"] = a.detach().contiguous()
-            tensors[f"base_model.model.{name}.lora_B.weight"] = b.detach().contiguous()
+            tensors[f"base_model.model.{name}.lora_A.weight"] = a.detach().contiguous().cpu()
+            tensors[f"base_model.model.{name}.lora_B.weight"] = b.detach().contiguous().cpu()
         save_file(tensors, str(directory / ADAPTER_WEIGHTS))
         config = {
             "peft_type": "LORA",
@@ -576,7 +689,7 @@ class LoRAEngine:
         }
         (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
         if optimizer and slot.optimizer is not None:
-            torch.save(slot.optimizer.state_dict(), directory / OPTIMIZER_STATE)
+            torch.save(_to_cpu(slot.optimizer.state_dict()), directory / OPTIMIZER_STATE)
         for path in directory.iterdir():
             with open(path, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -584,6 +697,8 @@ class LoRAEngine:
 
     def load_slot(self, directory: str | Path, *, optimizer: bool) -> int:
         """Load an adapter (and optionally its optimizer state) into a new slot; returns its id.
+
+        The tensors go straight to the engine's device (a checkpoint saved on another device loads too).
 
         Raises:
             EngineError: the files are missing or do not fit this base model.
@@ -594,7 +709,7 @@ class LoRAEngine:
         directory = Path(directory)
         try:
             config = json.loads((directory / ADAPTER_CONFIG).read_text())
-            tensors = load_file(str(directory / ADAPTER_WEIGHTS))
+            tensors = load_file(str(directory / ADAPTER_WEIGHTS), device=str(self.device))
         except (OSError, ValueError) as exc:
             raise EngineError(f"the checkpoint's adapter files are unreadable: {exc}") from None
         slot_id = self.create_slot(
@@ -616,7 +731,9 @@ class LoRAEngine:
                 if not opt_path.is_file():
                     raise EngineError("this checkpoint has no optimizer state; load it without the optimizer")
                 slot.optimizer = torch.optim.AdamW(slot.parameters(), lr=1e-4)
-                slot.optimizer.load_state_dict(torch.load(opt_path, weights_only=True))
+                # read on the CPU: load_state_dict moves the moments to the adapter's device and keeps
+                # ``step`` on the CPU, as a fresh AdamW holds it
+                slot.optimizer.load_state_dict(torch.load(opt_path, weights_only=True, map_location="cpu"))
         except KeyError as exc:
             self.free_slot(slot_id)
             raise EngineError(f"checkpoint is missing tensor {exc}") from None
@@ -644,7 +761,10 @@ class LoRAEngine:
         """Sample ``num_samples`` completions of ``prompt`` with a slot's adapter (or the base).
 
         Logprobs are the model's own (temperature 1) log-probabilities of the sampled tokens,
-        so they match what training computes. ``stop_token_ids=None`` stops at EOS.
+        so they match what training computes. ``stop_token_ids=None`` stops at EOS. ``seed``
+        seeds a generator on the engine's device (one seed draws the same tokens again on the
+        same device; the CPU and CUDA draw different streams). Each step copies only the new
+        token ids to the host (for the stop checks); the logprobs come back in one copy at the end.
 
         Returns:
             ``([(tokens, logprobs, stop_reason), ...], prompt_logprobs or None)``; the first
@@ -672,8 +792,9 @@ class LoRAEngine:
         if temperature < 0 or not 0 < top_p <= 1:
             raise EngineError("temperature must be >= 0 and top_p in (0, 1]")
         stops = set(self.eos_token_ids) if stop_token_ids is None else {int(t) for t in stop_token_ids}
-        gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
-        ids = torch.tensor([prompt] * num_samples, dtype=torch.long)
+        device = self.device
+        gen = torch.Generator(device=device).manual_seed(int(seed)) if seed is not None else None
+        ids = torch.tensor([prompt] * num_samples, dtype=torch.long, device=device)
         self._router.groups = [(slot_id, num_samples)] if slot_id is not None else []
         try:
             with torch.no_grad():
@@ -686,7 +807,7 @@ class LoRAEngine:
                 past = out.past_key_values
                 logits = out.logits[:, -1].float()
                 tokens: list[list[int]] = [[] for _ in range(num_samples)]
-                logprobs: list[list[float]] = [[] for _ in range(num_samples)]
+                step_logprobs: list[Any] = []  # per step: every sample's logprob of its token, on the device
                 reasons: list[str | None] = [None] * num_samples
                 for _ in range(max_tokens):
                     lp = torch.log_softmax(logits, dim=-1)
@@ -704,12 +825,13 @@ class LoRAEngine:
                             sorted_scores = sorted_scores.masked_fill(remove, float("-inf"))
                             scores = torch.full_like(scores, float("-inf")).scatter(-1, order, sorted_scores)
                         nxt = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=gen).squeeze(-1)
+                    step_logprobs.append(lp.gather(-1, nxt.unsqueeze(-1)).squeeze(-1))
+                    new_tokens = nxt.tolist()  # the one host sync of a step
                     for i in range(num_samples):
                         if reasons[i] is not None:
                             continue
-                        tok = int(nxt[i])
+                        tok = new_tokens[i]
                         tokens[i].append(tok)
-                        logprobs[i].append(float(lp[i, tok]))
                         if tok in stops:
                             reasons[i] = "stop"
                         elif stop_strings:
@@ -723,4 +845,7 @@ class LoRAEngine:
                     logits = out.logits[:, -1].float()
         finally:
             self._router.groups = []
+        # step t's logprob of sample i belongs to it while it ran: its first len(tokens[i]) steps
+        by_sample = torch.stack(step_logprobs, dim=1).cpu().tolist()
+        logprobs = [by_sample[i][: len(tokens[i])] for i in range(num_samples)]
         return [(tokens[i], logprobs[i], reasons[i] or "length") for i in range(num_samples)], prompt_lps
