@@ -3,6 +3,7 @@
 twinkle serve --state-dir ./twinkle-state                       # tiny model, 127.0.0.1:8000
 twinkle serve --state-dir ./twinkle-state --add-tenant alice     # prints alice's API key
 twinkle serve --model /models/Qwen2.5-0.5B --model-name Qwen/Qwen2.5-0.5B --max-adapters 16
+twinkle serve --state-dir ./twinkle-state --device cpu          # stay on the CPU on a GPU machine
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ def add_serve_parser(sub: Any) -> None:
     p.add_argument("--model", help="local Hugging Face model directory (default: the bundled tiny model)")
     p.add_argument("--model-name", help="base-model name clients use (default twinkle/tiny-qwen2)")
     p.add_argument("--seed", type=int, default=0, help="seed of random base weights when the model has none")
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="where the base model and adapters live: auto (CUDA when available, else cpu), cpu, cuda, cuda:N",
+    )
     p.add_argument("--max-adapters", type=int, default=8, help="LoRA slots in the pool")
     p.add_argument("--max-rank", type=int, default=64, help="largest LoRA rank")
     p.add_argument("--max-body-mb", type=float, default=32, help="largest request body in MiB")
@@ -61,6 +67,7 @@ def _config(args: argparse.Namespace) -> Any:
     return ServerConfig(
         state_dir=Path(args.state_dir).resolve(),
         seed=args.seed,
+        device=args.device,
         max_adapters=args.max_adapters,
         max_rank=args.max_rank,
         max_body_bytes=int(args.max_body_mb * 1024 * 1024),
@@ -106,7 +113,13 @@ def serve_main(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    app = create_app(config)
+    from twinkle.server.engine import EngineError
+
+    try:
+        app = create_app(config)
+    except EngineError as exc:  # a bad --model or --device: say so without a traceback
+        print(f"error: {exc}")
+        return 1
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
     if args.port_file:
 

@@ -22,6 +22,9 @@ class ServerConfig:
         max_adapters: LoRA slots in the pool (training runs plus loaded sampler adapters).
         max_rank: largest LoRA rank accepted.
         seed: seed of the base weights when ``model_dir`` has no weight files.
+        device: where the Tinker engine keeps the base model and the adapters: ``"auto"``
+            (CUDA when available, else the CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``. The twinkle
+            API's model goes to the same device and shares the engine's base weights.
         max_body_bytes: largest request body accepted (413 above).
         max_tokens_per_request: default per-tenant limit of tokens in one request (413 above).
         max_adapters_per_tenant: default per-tenant limit of loaded training runs (403 above).
@@ -37,7 +40,7 @@ class ServerConfig:
 
     Example::
 
-        ServerConfig(state_dir="/var/lib/twinkle", max_adapters=16, max_rank=32)
+        ServerConfig(state_dir="/var/lib/twinkle", max_adapters=16, max_rank=32, device="cuda")
     """
 
     state_dir: Path
@@ -46,6 +49,7 @@ class ServerConfig:
     max_adapters: int = 8
     max_rank: int = 64
     seed: int = 0
+    device: str = "auto"
     max_body_bytes: int = 32 * 1024 * 1024
     max_tokens_per_request: int = 1_000_000
     max_adapters_per_tenant: int = 4

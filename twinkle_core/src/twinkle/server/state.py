@@ -123,7 +123,11 @@ class ServerState:
         self.store.fail_pending_futures(RESTART_MESSAGE)
         self.store.unload_all_runs()
         self.engine = engine or LoRAEngine(
-            config.model_dir, max_adapters=config.max_adapters, max_rank=config.max_rank, seed=config.seed
+            config.model_dir,
+            max_adapters=config.max_adapters,
+            max_rank=config.max_rank,
+            seed=config.seed,
+            device=config.device,
         )
         self.waiters = FutureWaiters()
         self.rate = RateLimiter()
