@@ -126,10 +126,11 @@ class TwinkleHost:
     def model(self) -> Any:
         """The hosted model, built on first use (on the worker thread).
 
-        On the Tinker engine's device (the CPU) its base weights are the engine's tensors
+        It is built on the Tinker engine's device (``ServerConfig.device``: the GPU on a GPU
+        server unless told otherwise) and its base weights are the engine's tensors
         (:meth:`LoRAEngine.share_base_weights`): the server holds one set of base weights,
-        whichever API a tenant trains through. On a GPU server the model goes to the GPU and
-        keeps its own copy there (the engine runs on the CPU), with a warning.
+        whichever API a tenant trains through. Should the devices still differ, the model
+        keeps its own copy of the base weights, with a warning.
         """
         if self._model is None:
             from twinkle.launcher.http import build_locally
@@ -137,7 +138,9 @@ class TwinkleHost:
 
             engine = self.state.engine
             with build_locally():
-                model = TransformersModel(model_id=str(self.state.config.model_dir), seed=self.state.config.seed)
+                model = TransformersModel(
+                    model_id=str(self.state.config.model_dir), seed=self.state.config.seed, device=engine.device
+                )
             if model.device != engine.device:
                 logger.warning(
                     "twinkle serve: the twinkle API's model runs on %s and the Tinker engine on %s; each keeps its "
@@ -181,7 +184,9 @@ class TwinkleHost:
             if obj.kind == "sampler":
                 from twinkle.sampler.torch_sampler import TorchSampler
 
-                obj.instance = TorchSampler(model_id=str(self.state.config.model_dir), **obj.options)
+                obj.instance = TorchSampler(
+                    model_id=str(self.state.config.model_dir), device=self.state.engine.device, **obj.options
+                )
             elif obj.kind == "checkpoint_engine":
                 from twinkle.checkpoint_engine.local import LocalCheckpointEngine
 
@@ -195,7 +200,9 @@ class TwinkleHost:
         from twinkle.model.transformers_model import TransformersModel
 
         with build_locally():
-            obj.instance = TransformersModel(model_id=str(self.state.config.model_dir), **obj.options)
+            obj.instance = TransformersModel(
+                model_id=str(self.state.config.model_dir), device=self.state.engine.device, **obj.options
+            )
         return obj.instance
 
     def resolve(self, value: Any, tenant_id: str) -> Any:
@@ -454,7 +461,7 @@ async def create_object(body: CreateObjectBody, state: StateDep, tenant: TenantD
                 400, f"this server hosts {state.config.model_name!r}; pass model_id={state.config.model_name!r}"
             )
         args = args[1:]
-        # the seed picks the weights of a private copy / sampler; the device is the server's choice
+        # the seed picks the weights of a private copy / sampler; the device is the server's (ServerConfig.device)
         options = {"seed": kwargs.pop("seed", state.config.seed)}
         kwargs.pop("device", None)
         if "torch_dtype" in kwargs:
