@@ -220,6 +220,8 @@ def resolve_device(device: Any = "auto") -> Any:
             resolved = torch.device("cuda", torch.cuda.current_device())
         elif resolved.index >= count:
             raise EngineError(f"device {device!r}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+    elif resolved.type == "meta":
+        raise EngineError("device 'meta' holds no weights; use 'auto', 'cpu' or 'cuda'")
     elif resolved.type != "cpu":
         try:
             torch.empty(0, device=resolved)
