@@ -1,0 +1,183 @@
+"""On a CUDA GPU the Tinker engine trains, samples, saves and shares its base like the CPU engine.
+
+Every test carries the ``gpu`` marker (skipped where torch sees no GPU). Nothing here imports
+fastapi, uvicorn or tinker: GPU images may lack the http extra, and the engine does not need it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from twinkle.server.engine import (  # noqa: E402
+    ADAPTER_WEIGHTS,
+    OPTIMIZER_STATE,
+    BatchJob,
+    Datum,
+    LoRAEngine,
+)
+
+pytestmark = pytest.mark.gpu
+
+#: Adam's eps large enough that a gradient differing in its last bits between devices cannot flip an update's sign.
+HYPER = {"learning_rate": 1e-2, "eps": 1e-6}
+
+
+def _jobs(first: int, second: int) -> list[BatchJob]:
+    """One batch with rows of both slots: two cross-entropy datums of one, a ppo datum of the other."""
+    return [
+        BatchJob(
+            first,
+            [
+                Datum([5, 6, 7, 8, 9, 10, 11], {"target_tokens": [6, 7, 8, 9, 10, 11, 12]}),
+                Datum([20, 21, 22], {"target_tokens": [21, 22, 23], "weights": [1.0, 0.0, 1.0]}),
+            ],
+        ),
+        BatchJob(
+            second,
+            [
+                Datum(
+                    [30, 31, 32, 33],
+                    {"target_tokens": [31, 32, 33, 34], "logprobs": [-8.0] * 4, "advantages": [1.0, -1.0, 0.5, 2.0]},
+                )
+            ],
+            loss_fn="ppo",
+        ),
+    ]
+
+
+def _engine(model_dir: str, device: str) -> tuple[LoRAEngine, int, int]:
+    engine = LoRAEngine(model_dir, max_adapters=6, max_rank=8, seed=0, device=device)
+    first = engine.create_slot(4, seed=1)
+    second = engine.create_slot(8, seed=2, targets=("q_proj", "v_proj", "down_proj", "lm_head"))
+    return engine, first, second
+
+
+@pytest.fixture(scope="module")
+def trained(model_dir: str) -> dict[str, tuple]:
+    """A CUDA engine and a CPU engine (same seed, float32), each after one batched pass of two slots and a step."""
+    out = {}
+    for device in ("cuda", "cpu"):
+        engine, first, second = _engine(model_dir, device)
+        results = engine.forward_backward(_jobs(first, second))
+        steps = engine.optim_steps([(first, HYPER), (second, dict(HYPER, grad_clip_norm=0.5))])
+        out[device] = (engine, first, second, results, steps)
+    return out
+
+
+def test_cuda_engine_puts_base_adapters_and_optimizer_state_on_the_gpu(trained) -> None:
+    engine, first, second, _, _ = trained["cuda"]
+    assert engine.device == torch.device("cuda", torch.cuda.current_device())
+    assert all(p.device == engine.device for p in engine.base_parameters.values())
+    assert all(p.dtype == torch.float32 for p in engine.base_parameters.values())
+    for slot_id in (first, second):
+        slot = engine.slot(slot_id)
+        assert slot.parameters() and all(t.device == engine.device for t in slot.parameters())
+        moments = [v for state in slot.optimizer.state.values() for k, v in state.items() if k != "step"]
+        assert moments and all(t.device == engine.device for t in moments)
+
+
+def test_cuda_and_cpu_engines_agree_on_one_batched_step_of_two_slots(trained) -> None:
+    _, _, _, gpu_results, gpu_steps = trained["cuda"]
+    _, _, _, cpu_results, cpu_steps = trained["cpu"]
+    for gpu, cpu in zip(gpu_results, cpu_results, strict=True):
+        assert gpu.error is None and cpu.error is None
+        np.testing.assert_allclose(gpu.metrics["loss:sum"], cpu.metrics["loss:sum"], rtol=1e-3)
+        for g, c in zip(gpu.outputs, cpu.outputs, strict=True):
+            assert g.keys() == c.keys() and "logprobs" in g
+            for key in g:
+                assert isinstance(g[key], np.ndarray) and g[key].dtype == np.float32
+                np.testing.assert_allclose(g[key], c[key], rtol=1e-3, atol=1e-4, err_msg=key)
+    for gpu, cpu in zip(gpu_steps, cpu_steps, strict=True):
+        assert gpu["step"] == cpu["step"] == 1.0
+        assert isinstance(gpu["grad_norm"], float) and gpu["grad_norm"] > 0
+        np.testing.assert_allclose(gpu["grad_norm"], cpu["grad_norm"], rtol=1e-3)
+
+
+def test_cuda_and_cpu_adapters_agree_after_the_step(trained) -> None:
+    gpu_engine, g1, g2, _, _ = trained["cuda"]
+    cpu_engine, c1, c2, _, _ = trained["cpu"]
+    for g, c in ((g1, c1), (g2, c2)):
+        gpu_params, cpu_params = gpu_engine.slot(g).parameters(), cpu_engine.slot(c).parameters()
+        assert len(gpu_params) == len(cpu_params)
+        for gp, cp in zip(gpu_params, cpu_params):
+            torch.testing.assert_close(gp.detach().cpu(), cp.detach(), rtol=1e-3, atol=1e-4)
+    # the step moved B away from zero (the comparison above is not of two untouched initialisations)
+    assert any(bool(b.detach().abs().sum() > 0) for _, b in gpu_engine.slot(g1).params.values())
+
+
+def test_save_on_cuda_writes_cpu_tensors_and_load_restores_the_adapter_on_cuda(trained, tmp_path) -> None:
+    from safetensors import safe_open
+
+    engine, first, _, _, _ = trained["cuda"]
+    engine.save_slot(first, tmp_path, optimizer=True, base_model="tiny")
+    with safe_open(str(tmp_path / ADAPTER_WEIGHTS), framework="pt") as fh:
+        assert len(list(fh.keys())) == 2 * len(engine.slot(first).params)
+    # torch.load keeps the device a tensor was saved from: every optimizer tensor must come back on the CPU
+    saved = torch.load(tmp_path / OPTIMIZER_STATE, weights_only=True)
+    saved_tensors = [v for state in saved["state"].values() for v in state.values() if isinstance(v, torch.Tensor)]
+    assert saved_tensors and all(t.device.type == "cpu" for t in saved_tensors)
+
+    loaded = engine.load_slot(tmp_path, optimizer=True)
+    try:
+        original, restored = engine.slot(first), engine.slot(loaded)
+        assert restored.steps == original.steps == 1
+        for a, b in zip(original.parameters(), restored.parameters(), strict=True):
+            assert b.device == engine.device and b.requires_grad
+            assert torch.equal(a.detach(), b.detach())
+        for a, b in zip(original.parameters(), restored.parameters()):
+            mine, theirs = original.optimizer.state[a], restored.optimizer.state[b]
+            assert theirs["exp_avg"].device == engine.device
+            assert torch.equal(mine["exp_avg"], theirs["exp_avg"])
+            assert torch.equal(mine["exp_avg_sq"], theirs["exp_avg_sq"])
+        # the restored slot trains on: the same batch gives the same loss as the original slot
+        [again] = engine.forward_backward([BatchJob(loaded, _jobs(first, first)[0].datums, forward_only=True)])
+        [orig] = engine.forward_backward([BatchJob(first, _jobs(first, first)[0].datums, forward_only=True)])
+        assert again.metrics == orig.metrics
+        assert engine.optim_step(loaded, **HYPER)["step"] == 2.0
+    finally:
+        engine.free_slot(loaded)
+
+
+def test_sampling_on_cuda_returns_valid_tokens_and_is_seeded(trained) -> None:
+    engine, first, _, _, _ = trained["cuda"]
+    cpu_engine, cpu_first, _, _, _ = trained["cpu"]
+    prompt = [5, 6, 7, 8]
+    samples, prompt_lps = engine.sample(
+        first, prompt, num_samples=3, max_tokens=6, seed=7, stop_token_ids=[], prompt_logprobs=True
+    )
+    assert len(samples) == 3
+    for tokens, logprobs, reason in samples:
+        assert reason == "length" and len(tokens) == len(logprobs) == 6
+        assert all(type(t) is int and 0 <= t < engine.vocab_size for t in tokens)
+        assert all(type(lp) is float and np.isfinite(lp) and lp <= 0 for lp in logprobs)
+    again, _ = engine.sample(first, prompt, num_samples=3, max_tokens=6, seed=7, stop_token_ids=[])
+    assert [s[0] for s in again] == [s[0] for s in samples]
+    # prompt logprobs need no random draw: they match the CPU engine's
+    _, cpu_prompt_lps = cpu_engine.sample(cpu_first, prompt, max_tokens=1, prompt_logprobs=True)
+    assert np.isnan(prompt_lps[0]) and np.isnan(cpu_prompt_lps[0])
+    np.testing.assert_allclose(prompt_lps[1:], cpu_prompt_lps[1:], rtol=1e-3)
+    # a stop token ends a sample early and is kept
+    greedy, _ = engine.sample(first, prompt, max_tokens=6, temperature=0, stop_token_ids=[])
+    stop = greedy[0][0][0]
+    [(tokens, logprobs, reason)], _ = engine.sample(first, prompt, max_tokens=6, temperature=0, stop_token_ids=[stop])
+    assert (tokens, reason) == ([stop], "stop") and len(logprobs) == 1
+
+
+def test_share_base_weights_of_a_cuda_transformers_model_shares_every_base_weight(model_dir: str) -> None:
+    pytest.importorskip("peft")
+    from twinkle.model.transformers_model import TransformersModel
+
+    engine = LoRAEngine(model_dir, max_adapters=2, max_rank=8, seed=0)  # "auto": CUDA here
+    # the twinkle API's model picks its own device (no device=): it must be the engine's
+    model = TransformersModel(model_id=model_dir, seed=0)
+    assert model.device == engine.device
+    names = [name for name, _ in model.model.named_parameters(remove_duplicate=False)]
+    assert engine.share_base_weights(model.model) == len(names)
+    for name, param in model.model.named_parameters(remove_duplicate=False):
+        assert param is engine.base_parameters[name], name
+    both = {p.data_ptr() for p in engine.base_parameters.values()} | {p.data_ptr() for p in model.model.parameters()}
+    assert both == {p.data_ptr() for p in engine.base_parameters.values()}
