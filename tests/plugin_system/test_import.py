@@ -39,3 +39,21 @@ def test_initialize_stays_light_too(tmp_path):
     result = run_python(code, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == []
+
+
+def test_kind_packages_follow_the_module_attribute_protocol():
+    """Unknown lowercase attributes raise AttributeError (hasattr, pickle's module scan); unknown
+    component-like names keep the registry's ImportError with its hint."""
+    import pickle
+
+    import pytest
+    import twinkle.dataloader
+    import twinkle.model
+    from twinkle.registry import ComponentNotFoundError
+
+    assert not hasattr(twinkle.dataloader, "torch")
+    assert not hasattr(twinkle.model, "some_helper")
+    # pickle looks an object without __module__ up in every imported module (torch.compile's cache does this)
+    assert pickle.whichmodule(object(), "torch") == "__main__"
+    with pytest.raises(ComponentNotFoundError, match="Registered model names"):
+        from twinkle.model import NoSuchModel  # noqa: F401

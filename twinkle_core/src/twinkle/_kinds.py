@@ -39,7 +39,12 @@ def kind_module(
             import sys
 
             return sys.modules[f"{module_name}.{name}"]
-        raise ComponentNotFoundError(registry._not_found_message(kinds[0], name), name=name)
+        message = registry._not_found_message(kinds[0], name)
+        if not name[:1].isupper():
+            # Not a component-like (class) name: the plain AttributeError of the module protocol, which
+            # hasattr() and pickle's module scan (``whichmodule``) expect; ImportError would escape them.
+            raise AttributeError(f"module {module_name!r} has no attribute {name!r}; {message}")
+        raise ComponentNotFoundError(message, name=name)
 
     def __dir__() -> list[str]:
         from twinkle.runtime import get_registry
