@@ -487,41 +487,30 @@ class MegatronModel(TransformersModel):
             megatron.zero_grad()
         super().zero_grad(adapter_name=adapter_name, **kwargs)
 
-    @remote(dispatch="all", collect="first")
-    def clip_grad_norm(
-        self, max_grad_norm: float = 1.0, norm_type: float = 2.0, *, adapter_name: str | None = None, **kwargs: Any
-    ) -> float:
-        """Finish the window's gradients and clip them to ``max_grad_norm``.
+    def _clip(self, state: Any, max_grad_norm: float, norm_type: float) -> Any:
+        """Finish and clip the window's gradients; the total norm before clipping.
 
         The norm covers the whole model: tensor-parallel shards are summed over the
-        model-parallel group, replicated parameters counted once.
-
-        Returns:
-            The total gradient norm before clipping.
+        model-parallel group, replicated parameters counted once. (``clip_grad_norm`` and
+        ``clip_grad_and_step`` of TransformersModel call this.)
         """
         import torch
 
-        state = self._state(adapter_name)
         self._finalize_grads(state)
         megatron = self._megatron_of(state)
         if megatron is not None:
             if norm_type != 2.0:
                 raise ValueError(f"clip_grad_norm: megatron's optimizer clips the 2-norm; got norm_type={norm_type}")
-            state.last_grad_norm = megatron.clip(max_grad_norm)
-            return state.last_grad_norm
+            return megatron.clip(max_grad_norm)
         params = [p for p in state.params if p.grad is not None]
         if not params:
-            state.last_grad_norm = 0.0
             return 0.0
         if self.parallel.tp * self.parallel.pp == 1:
-            norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm, norm_type=norm_type)
-            state.last_grad_norm = float(norm)
-            return state.last_grad_norm
+            return torch.nn.utils.clip_grad_norm_(params, max_grad_norm, norm_type=norm_type)
         norm = _model_parallel_grad_norm(params, norm_type)
         coef = max_grad_norm / (norm + 1e-6)
         if coef < 1.0:
             torch._foreach_mul_([p.grad for p in params], coef)
-        state.last_grad_norm = norm
         return norm
 
     # ------------------------------------------------------------------ weights

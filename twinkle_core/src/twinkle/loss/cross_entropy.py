@@ -34,9 +34,12 @@ class CrossEntropyLoss(Loss):
         from twinkle.patch.fastpath import cross_entropy_sum
 
         labels = inputs["shift_labels"]
+        num_tokens = inputs.get("num_label_tokens")  # counted by the model before its forward (no sync here)
+        if num_tokens is None:
+            num_tokens = int((labels != -100).sum())
         fused = cross_entropy_sum(inputs, outputs, self.label_smoothing)  # LM head + CE in chunks (fast path)
         if fused is not None:
-            return LossOutput(loss=fused, num_tokens=int((labels != -100).sum()))
+            return LossOutput(loss=fused, num_tokens=num_tokens)
         logits = outputs["logits"]
         loss = F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(),
@@ -45,4 +48,4 @@ class CrossEntropyLoss(Loss):
             reduction="sum",
             label_smoothing=self.label_smoothing,
         )
-        return LossOutput(loss=loss, num_tokens=int((labels != -100).sum()))
+        return LossOutput(loss=loss, num_tokens=num_tokens)

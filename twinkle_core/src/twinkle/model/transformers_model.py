@@ -623,6 +623,14 @@ class TransformersModel(TwinkleModel):
 
     # ------------------------------------------------------------------ compute
     def _prepare(self, state: AdapterState, inputs: Any, extra: Mapping[str, Any]) -> dict[str, Any]:
+        batch = self._prepare_batch(state, inputs, extra)
+        if "shift_labels" in batch and "num_label_tokens" not in batch:
+            # counted now, before the forward is queued: losses need it on the host, and reading it
+            # after the forward would make the host wait for the whole forward before queuing backward
+            batch["num_label_tokens"] = int((batch["shift_labels"] != -100).sum())
+        return batch
+
+    def _prepare_batch(self, state: AdapterState, inputs: Any, extra: Mapping[str, Any]) -> dict[str, Any]:
         if isinstance(inputs, Mapping) and "input_ids" not in inputs:
             inputs = [inputs]
         if isinstance(inputs, Mapping):
@@ -682,7 +690,13 @@ class TransformersModel(TwinkleModel):
         Raises:
             RuntimeError: no forward to compute a loss for.
         """
-        state = self._state(adapter_name)
+        result = self._compute_loss(self._state(adapter_name))
+        tokens = float(result.num_tokens)
+        return float(result.loss.detach()) / tokens if tokens else 0.0
+
+    @staticmethod
+    def _compute_loss(state: AdapterState) -> LossOutput:
+        """The adapter's Loss on the pending forward, kept for backward (no host sync: the loss stays a tensor)."""
         if state.pending is None:
             raise RuntimeError("calculate_loss: call forward(inputs) first")
         batch, outputs = state.pending
@@ -690,8 +704,7 @@ class TransformersModel(TwinkleModel):
         if not isinstance(result, LossOutput):
             raise TypeError(f"{type(state.loss).__name__} returned {type(result).__name__}; a Loss returns LossOutput")
         state.pending_loss = result
-        tokens = float(result.num_tokens)
-        return float(result.loss.detach()) / tokens if tokens else 0.0
+        return result
 
     @remote(dispatch="all", collect="none")
     def backward(self, *, adapter_name: str | None = None, **kwargs: Any) -> None:
@@ -754,10 +767,11 @@ class TransformersModel(TwinkleModel):
         started = time.perf_counter()
         state = self._state(adapter_name)
         self.forward(inputs, adapter_name=state.name, **kwargs)
-        self.calculate_loss(adapter_name=state.name)
-        result = state.pending_loss
-        loss_sum, tokens = float(result.loss.detach()), float(result.num_tokens)
+        result = self._compute_loss(state)
+        # queue the backward before reading the loss: a host sync here would idle the GPU between the passes
+        loss = result.loss.detach()
         self.backward(adapter_name=state.name)
+        loss_sum, tokens = float(loss), float(result.num_tokens)
         if self.world_size > 1:
             loss_sum, tokens = self._all_reduce_floats([loss_sum, tokens])
         state.report["busy_s"] += time.perf_counter() - started
@@ -871,19 +885,20 @@ class TransformersModel(TwinkleModel):
         Returns:
             The total gradient norm before clipping (over all ranks).
         """
+        state = self._state(adapter_name)
+        state.last_grad_norm = float(self._clip(state, max_grad_norm, norm_type))
+        return state.last_grad_norm
+
+    def _clip(self, state: AdapterState, max_grad_norm: float, norm_type: float) -> Any:
+        """Finish and clip the window's gradients; the total norm as a tensor (0.0 without gradients), no sync."""
         import torch
 
-        state = self._state(adapter_name)
         self._finalize_grads(state)
         params = [p for p in state.params if p.grad is not None]
         if not params:
-            state.last_grad_norm = 0.0
             return 0.0
         norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm, norm_type=norm_type)
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
-        state.last_grad_norm = float(norm)
-        return state.last_grad_norm
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
     @remote(dispatch="all", collect="none")
     def step(self, *, adapter_name: str | None = None, **kwargs: Any) -> None:
@@ -934,11 +949,13 @@ class TransformersModel(TwinkleModel):
         if state.micro_step < state.gradient_accumulation_steps:
             return {"stepped": False, "step": state.global_step}
         lr = self._lr(state)
-        grad_norm = self.clip_grad_norm(max_grad_norm, norm_type, adapter_name=state.name)
+        norm = self._clip(state, max_grad_norm, norm_type)
         self.step(adapter_name=state.name)
         self.zero_grad(adapter_name=state.name)
         self.lr_step(adapter_name=state.name)
-        return {"stepped": True, "grad_norm": grad_norm, "lr": lr, "step": state.global_step}
+        # read the norm once the optimizer step is queued: the GPU runs it while the host waits
+        state.last_grad_norm = float(norm)
+        return {"stepped": True, "grad_norm": state.last_grad_norm, "lr": lr, "step": state.global_step}
 
     @staticmethod
     def _lr(state: AdapterState) -> float | None:

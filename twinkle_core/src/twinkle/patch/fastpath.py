@@ -289,6 +289,7 @@ def cross_entropy_sum(inputs: Mapping[str, Any], outputs: Any, label_smoothing: 
         bias=dict.get(outputs, "lm_head_bias"),
         label_smoothing=label_smoothing,
         return_predictions=True,
+        num_labels=inputs.get("num_label_tokens"),
     )
     dict.__setitem__(outputs, "predictions", preds)
     return loss

@@ -184,6 +184,7 @@ def linear_cross_entropy(
     label_smoothing: float = 0.0,
     chunk_rows: int | None = None,
     return_predictions: bool = False,
+    num_labels: int | None = None,
 ) -> Any:
     """Sum over tokens of ``cross_entropy(hidden @ weight.T + bias, labels)`` without full logits.
 
@@ -197,6 +198,8 @@ def linear_cross_entropy(
             of float32 logits, 512 MiB).
         return_predictions: also return the argmax id of every token (``-1`` where the
             label is ignored), computed in the same pass, for accuracy metrics.
+        num_labels: the number of labels that are not ``-100``, when the caller knows it
+            (counting them here waits for the GPU to finish the work queued before).
 
     Returns:
         A float32 scalar tensor: the summed loss, differentiable w.r.t. ``hidden``, ``weight``
@@ -226,7 +229,7 @@ def linear_cross_entropy(
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1)
     keep = y != IGNORE_INDEX
-    num_kept = int(keep.sum())
+    num_kept = int(keep.sum()) if num_labels is None else int(num_labels)
     filtered = num_kept < y.shape[0] * 7 // 8  # many ignored tokens (prompts, padding): skip their logits
     if filtered:
         h, y = h[keep], y[keep]
