@@ -136,7 +136,7 @@ def test_save_on_cuda_writes_cpu_tensors_and_load_restores_the_adapter_on_cuda(t
         # the restored slot trains on: the same batch gives the same loss as the original slot
         [again] = engine.forward_backward([BatchJob(loaded, _jobs(first, first)[0].datums, forward_only=True)])
         [orig] = engine.forward_backward([BatchJob(first, _jobs(first, first)[0].datums, forward_only=True)])
-        assert again.metrics == orig.metrics
+        np.testing.assert_allclose(again.metrics["loss:sum"], orig.metrics["loss:sum"], rtol=1e-6)
         assert engine.optim_step(loaded, **HYPER)["step"] == 2.0
     finally:
         engine.free_slot(loaded)
@@ -181,3 +181,32 @@ def test_share_base_weights_of_a_cuda_transformers_model_shares_every_base_weigh
         assert param is engine.base_parameters[name], name
     both = {p.data_ptr() for p in engine.base_parameters.values()} | {p.data_ptr() for p in model.model.parameters()}
     assert both == {p.data_ptr() for p in engine.base_parameters.values()}
+
+
+def test_a_cuda_transformers_model_trains_an_adapter_on_the_shared_base_and_leaves_it_alone(model_dir: str) -> None:
+    # what the twinkle API does on a GPU server: its model shares the engine's base, then trains adapters on it
+    pytest.importorskip("peft")
+    from peft import LoraConfig
+    from twinkle.model.transformers_model import TransformersModel
+    from twinkle.testing import random_token_rows
+
+    engine = LoRAEngine(model_dir, max_adapters=2, max_rank=8, seed=0, device="cuda")
+    slot = engine.create_slot(4, seed=3)
+    job = _jobs(slot, slot)[0]
+    [before] = engine.forward_backward([BatchJob(slot, job.datums, forward_only=True)])
+    base_before = {name: p.detach().clone() for name, p in engine.base_parameters.items()}
+
+    model = TransformersModel(model_id=model_dir, seed=0)
+    assert engine.share_base_weights(model.model) == len(list(model.model.named_parameters(remove_duplicate=False)))
+    model.add_adapter_to_model("mine", LoraConfig(r=4, lora_alpha=32, target_modules="all-linear"))
+    model.set_optimizer("AdamW", lr=1e-2)
+    for _ in range(2):
+        model.forward_backward(inputs=random_token_rows(4, seed=5))
+        model.clip_grad_and_step()
+
+    assert engine.trainable_base_weights() == []
+    for name, param in engine.base_parameters.items():
+        assert torch.equal(param, base_before[name]), name
+    [after] = engine.forward_backward([BatchJob(slot, job.datums, forward_only=True)])
+    for a, b in zip(before.outputs, after.outputs, strict=True):
+        np.testing.assert_array_equal(a["logprobs"], b["logprobs"])
