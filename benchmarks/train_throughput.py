@@ -18,7 +18,7 @@ transformers' classes globally; compiled code and the allocator stay separate):
   driven by ``forward_backward`` / ``clip_grad_and_step``.
 * ``ours_eager`` / ``ours_liger`` / ``ours_cudagraphs`` (diagnosis): ours without
   ``CompileDecoderLayers``; that plus the optional ``LigerKernels`` patch; ours with the
-  layers compiled in ``reduce-overhead`` mode (CUDA graphs).
+  layers compiled in ``reduce-overhead`` mode (CUDA graphs); ours with 256 MiB loss chunks.
 
 Prints tokens/s, MFU (``c*N + 12*L*H*S`` FLOPs per token, c = 6 for full training and 4 for
 LoRA, N = matmul parameters including the LM head, against 989 TFLOP/s bf16 dense), peak
@@ -57,13 +57,14 @@ ROWS = {
 #: Rows for checking the harness itself on any device (not part of the default run).
 SMOKE_ROWS = {"tiny-lora": (TINY, True, 2), "tiny-full": (TINY, False, 2)}
 DEVICE = os.environ.get("TWINKLE_BENCH_DEVICE", "cuda")
-CONFIGS = ("plain", "plain_bf16", "liger", "ours", "ours_eager", "ours_liger", "ours_cudagraphs")
+CONFIGS = ("plain", "plain_bf16", "liger", "ours", "ours_eager", "ours_liger", "ours_cudagraphs", "ours_lce256")
 #: Variants of ours for diagnosis: which patches they switch off / add.
 OURS_VARIANTS = {
     "ours": ((), (), {}),
     "ours_eager": (("CompileDecoderLayers",), (), {}),
     "ours_liger": (("CompileDecoderLayers",), ("LigerKernels",), {}),
     "ours_cudagraphs": ((), (), {"TWINKLE_COMPILE_MODE": "reduce-overhead"}),
+    "ours_lce256": ((), (), {"TWINKLE_LCE_CHUNK_BYTES": str(256 << 20)}),
 }
 DEFAULT_CONFIGS = ("plain", "liger", "ours")
 

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One-shot GPU run for the TransformersModel fast path: install the carried wheels, run the
+# gpu-marked tests, then benchmarks/train_throughput.py with the arguments given.
+#
+# Machine: Python with torch (CUDA), transformers and peft installed, no network. Carry the
+# ignored folder .whl/ (liger_kernel for the Liger baseline; pluggy / pydantic in case the
+# machine lacks them).
+#
+#   bash benchmarks/run_train_gpu.sh tests                       # gpu tests only
+#   bash benchmarks/run_train_gpu.sh bench --rows 0.5b-lora --configs liger,ours
+#   bash benchmarks/run_train_gpu.sh all --rows 0.5b-lora,0.5b-full --profile
+#
+# Logs and tables go to $OUT (default ./train-gpu-out).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/train-gpu-out}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+PHASE="${1:-all}"
+shift || true
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH="$PWD/twinkle_core/src:$PWD/plugins/twinkle-rewards/src:${PYTHONPATH:-}"
+
+{
+  "$PY" -c "import sys, torch, transformers, peft; print(sys.version.split()[0], 'torch', torch.__version__, torch.cuda.get_device_name(0), 'transformers', transformers.__version__, 'peft', peft.__version__)"
+  for dep in pluggy pydantic liger_kernel; do
+    if ! "$PY" -c "import $dep" 2>/dev/null; then
+      "$PY" -m pip install -q --no-index --find-links .whl "${dep//_/-}" || echo "could not install $dep"
+    fi
+  done
+  "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e ./twinkle_core \
+    || echo "editable install failed; using PYTHONPATH"
+} >"$OUT/install.log" 2>&1
+tail -3 "$OUT/install.log"
+
+if [[ "$PHASE" == tests || "$PHASE" == all ]]; then
+  "$PY" -m pytest -q -rs -m gpu -p no:cacheprovider tests/core 2>&1 | tee "$OUT/gpu-tests.log" | tail -15
+fi
+if [[ "$PHASE" == bench || "$PHASE" == all ]]; then
+  "$PY" benchmarks/train_throughput.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log" | grep -v "^\[" | tail -60
+fi
