@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from model_test_utils import make_rows
-from twinkle.testing import write_tiny_model_dir
+from twinkle.testing import torch_threads, write_tiny_model_dir
 
 
 @pytest.fixture(scope="session")
@@ -21,9 +21,5 @@ def rows() -> list[dict]:
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
     """One intra-op thread: on a shared 2-core machine, spinning OpenMP threads make tiny models 10x slower."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield

@@ -6,7 +6,7 @@ Nothing here imports fastapi, uvicorn or tinker: the engine runs without the htt
 from __future__ import annotations
 
 import pytest
-from twinkle.testing import write_tiny_model_dir
+from twinkle.testing import torch_threads, write_tiny_model_dir
 
 
 @pytest.fixture(scope="session")
@@ -18,9 +18,5 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
     """One intra-op thread: on a shared 2-core machine, spinning OpenMP threads make tiny models slower."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield

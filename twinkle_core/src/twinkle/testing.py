@@ -142,3 +142,27 @@ def random_token_rows(
             row["length"] = length
         rows.append(row)
     return rows
+
+
+@contextlib.contextmanager
+def torch_threads(count: int = 1) -> Iterator[None]:
+    """Run a block with ``count`` intra-op torch threads, restoring the previous count after.
+
+    Tiny models on a small shared machine run faster on one thread than with OpenMP threads
+    spinning against each other.
+
+    Example::
+
+        @pytest.fixture(autouse=True)
+        def _one_torch_thread():
+            with torch_threads(1):
+                yield
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

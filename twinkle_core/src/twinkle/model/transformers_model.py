@@ -814,7 +814,7 @@ class TransformersModel(TwinkleModel):
                 outputs = self._run(batch)
                 logps = token_logps(batch, outputs)
                 mask = batch["shift_labels"] != -100
-                tokens = int(mask.sum())
+                tokens = batch["num_label_tokens"]  # counted in _prepare
                 loss_sum = float(-(logps * mask).sum())
                 for metric in state.eval_metrics:
                     metric.update(batch, outputs)
