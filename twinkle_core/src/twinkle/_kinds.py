@@ -3,7 +3,9 @@
 ``from twinkle.model import TransformersModel`` asks the registry for the model named
 ``TransformersModel``; so does ``from twinkle.model import MegatronModel`` once
 twinkle-megatron is installed. Fixed exports (base classes, data types) are listed per
-package and imported lazily too.
+package and imported lazily too. An unknown capitalized name raises the registry's
+``ComponentNotFoundError`` (an ImportError with the list of names and the plugin that brings
+it); any other unknown name raises AttributeError, as ``hasattr`` and ``pickle`` expect.
 """
 
 from __future__ import annotations
