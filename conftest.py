@@ -6,11 +6,21 @@ CPU box) they are skipped with that reason. Area conftests hold only their own f
 This file sits at the repository root, not in tests/: pytest puts a conftest's folder on
 sys.path, and tests/ holds folders named ray/, vllm/ and megatron/ that would then import
 as namespace packages where the real libraries are not installed.
+
+Without an NVIDIA device, ``TRITON_INTERPRET=1`` is set here, before anything imports triton
+(transformers and peft may at import): Triton kernels then run under Triton's interpreter on
+CPU, so their tests check the kernel source CI cannot compile (tests/core/fastpath/test_triton_ce.py).
 """
 
 from __future__ import annotations
 
+import glob
+import os
+
 import pytest
+
+if not glob.glob("/dev/nvidia[0-9]*"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -9,6 +9,7 @@
 #   bash benchmarks/run_train_gpu.sh tests                       # gpu tests only
 #   bash benchmarks/run_train_gpu.sh bench --rows 0.5b-lora --configs liger,ours
 #   bash benchmarks/run_train_gpu.sh all --rows 0.5b-lora,0.5b-full --profile
+#   bash benchmarks/run_train_gpu.sh kernels                     # benchmarks/ce_kernel.py only
 #
 # Logs and tables go to $OUT (default ./train-gpu-out).
 set -uo pipefail
@@ -34,7 +35,13 @@ export PYTHONPATH="$PWD/twinkle_core/src:$PWD/plugins/twinkle-rewards/src:${PYTH
 tail -3 "$OUT/install.log"
 
 if [[ "$PHASE" == tests || "$PHASE" == all ]]; then
-  "$PY" -m pytest -q -rs -m gpu -p no:cacheprovider tests/core 2>&1 | tee "$OUT/gpu-tests.log" | tail -15
+  # gpu-marked tests, plus the Triton kernel tests (they run on the GPU when there is one)
+  "$PY" -m pytest -q -rs -p no:cacheprovider tests/core/fastpath/test_triton_ce.py -m "gpu or not gpu" \
+    2>&1 | tee "$OUT/gpu-tests.log" | tail -3
+  "$PY" -m pytest -q -rs -m gpu -p no:cacheprovider tests/core 2>&1 | tee -a "$OUT/gpu-tests.log" | tail -15
+fi
+if [[ "$PHASE" == kernels || "$PHASE" == all ]]; then
+  "$PY" benchmarks/ce_kernel.py 2>&1 | tee "$OUT/ce-kernel.md" | tail -20
 fi
 if [[ "$PHASE" == bench || "$PHASE" == all ]]; then
   "$PY" benchmarks/train_throughput.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log" | grep -v "^\[" | tail -60

@@ -16,9 +16,11 @@ transformers' classes globally; compiled code and the allocator stay separate):
   RoPE) applied before the model is built: the best stack a user can assemble today.
 * ``ours``: ``TransformersModel`` with its default fast path (``twinkle.patch.fastpath``),
   driven by ``forward_backward`` / ``clip_grad_and_step``.
-* ``ours_eager`` / ``ours_liger`` / ``ours_cudagraphs`` (diagnosis): ours without
-  ``CompileDecoderLayers``; that plus the optional ``LigerKernels`` patch; ours with the
-  layers compiled in ``reduce-overhead`` mode (CUDA graphs); ours with 256 MiB loss chunks.
+* ``ours_eager`` / ``ours_liger`` / ``ours_cudagraphs`` / ``ours_lce256`` / ``ours_inductor_ce`` / ...
+  (diagnosis): ours without ``CompileDecoderLayers``; that plus the optional ``LigerKernels``
+  patch; ours with the layers compiled in ``reduce-overhead`` mode (CUDA graphs); ours with
+  256 MiB loss chunks; ours with the loss chunk compiled by inductor instead of the Triton kernel;
+  ours with 512 MiB / 4 GiB loss chunks when the LM head trains (``ours_wgrad512m`` / ``ours_wgrad4g``).
 
 Prints tokens/s, MFU (``c*N + 12*L*H*S`` FLOPs per token, c = 6 for full training and 4 for
 LoRA, N = matmul parameters including the LM head, against 989 TFLOP/s bf16 dense), peak
@@ -57,7 +59,19 @@ ROWS = {
 #: Rows for checking the harness itself on any device (not part of the default run).
 SMOKE_ROWS = {"tiny-lora": (TINY, True, 2), "tiny-full": (TINY, False, 2)}
 DEVICE = os.environ.get("TWINKLE_BENCH_DEVICE", "cuda")
-CONFIGS = ("plain", "plain_bf16", "liger", "ours", "ours_eager", "ours_liger", "ours_cudagraphs", "ours_lce256")
+CONFIGS = (
+    "plain",
+    "plain_bf16",
+    "liger",
+    "ours",
+    "ours_eager",
+    "ours_liger",
+    "ours_cudagraphs",
+    "ours_lce256",
+    "ours_inductor_ce",
+    "ours_wgrad512m",
+    "ours_wgrad4g",
+)
 #: Variants of ours for diagnosis: which patches they switch off / add.
 OURS_VARIANTS = {
     "ours": ((), (), {}),
@@ -65,6 +79,9 @@ OURS_VARIANTS = {
     "ours_liger": (("CompileDecoderLayers",), ("LigerKernels",), {}),
     "ours_cudagraphs": ((), (), {"TWINKLE_COMPILE_MODE": "reduce-overhead"}),
     "ours_lce256": ((), (), {"TWINKLE_LCE_CHUNK_BYTES": str(256 << 20)}),
+    "ours_inductor_ce": ((), (), {"TWINKLE_LCE_KERNEL": "inductor"}),
+    "ours_wgrad512m": ((), (), {"TWINKLE_LCE_WEIGHT_GRAD_CHUNK_BYTES": str(512 << 20)}),
+    "ours_wgrad4g": ((), (), {"TWINKLE_LCE_WEIGHT_GRAD_CHUNK_BYTES": str(4 << 30)}),
 }
 DEFAULT_CONFIGS = ("plain", "liger", "ours")
 

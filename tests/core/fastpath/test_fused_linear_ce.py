@@ -111,3 +111,15 @@ def test_bad_shapes_and_arguments_are_named():
         linear_cross_entropy(hidden, weight, labels, label_smoothing=1.5)
     with pytest.raises(ValueError, match="chunk_rows"):
         linear_cross_entropy(hidden, weight, labels, chunk_rows=0)
+
+
+def test_chunks_are_larger_when_the_head_trains():
+    """Each chunk re-reads the float32 weight-gradient buffer, so full fine-tuning takes 4x fewer, larger chunks."""
+    from twinkle.patch import fused_linear_ce as lce
+
+    vocab = 151936
+    frozen = lce._chunk_rows(100_000, vocab, None)
+    training = lce._chunk_rows(100_000, vocab, None, weight_grad=True)
+    assert frozen == 512 and training == 2048
+    assert lce._chunk_rows(100, vocab, None, weight_grad=True) == 100  # never more rows than there are
+    assert lce._chunk_rows(100_000, vocab, 7, weight_grad=True) == 7  # an explicit size wins

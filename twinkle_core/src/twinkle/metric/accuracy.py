@@ -29,12 +29,14 @@ class TokenAccuracy(Metric):
             if logits is None:
                 return
             pred = logits.detach().argmax(dim=-1)
-        self.correct += int(((pred == labels) & mask).sum())
-        self.total += int(mask.sum())
+        # counted where the tensors live (no host sync per micro-batch); read in compute()
+        self.correct = self.correct + ((pred == labels) & mask).sum()
+        self.total = self.total + mask.sum()
 
     def compute(self) -> dict[str, float]:
         """``{"token_acc": ...}`` (empty before any labelled token)."""
-        return {"token_acc": self.correct / self.total} if self.total else {}
+        correct, total = int(self.correct), int(self.total)
+        return {"token_acc": correct / total} if total else {}
 
     def reset(self) -> None:
         """Start counting again."""

@@ -12,6 +12,9 @@ class Metric:
     and the outputs (``logits``, ``token_logps``), then :meth:`compute` when the user asks
     for metrics (``model.calculate_metric()``), then :meth:`reset`.
 
+    ``update`` runs after every backward is queued: keep sums as tensors there (``float()`` or
+    ``int()`` on a GPU tensor would wait for the backward) and convert them in ``compute``.
+
     Example::
 
         class MeanLogp(Metric):
@@ -19,9 +22,10 @@ class Metric:
                 self.total, self.count = 0.0, 0
             def update(self, inputs, outputs):
                 mask = inputs["shift_labels"] != -100
-                self.total += float(outputs["token_logps"][mask].sum()); self.count += int(mask.sum())
+                self.total = self.total + outputs["token_logps"][mask].sum()
+                self.count = self.count + mask.sum()
             def compute(self):
-                return {"mean_logp": self.total / max(self.count, 1)}
+                return {"mean_logp": float(self.total) / max(int(self.count), 1)}
             def reset(self):
                 self.total, self.count = 0.0, 0
     """

@@ -79,6 +79,7 @@ class AdapterState:
     window_tokens: float = 0.0
     grads_final: bool = False
     last_grad_norm: float | None = None
+    last_loss: tuple[float, float] = (0.0, 0.0)  # (loss sum, tokens) of the last backward
     pending: tuple[Any, Any] | None = None
     pending_loss: Any = None
     # reporting since the last calculate_metric
@@ -725,21 +726,28 @@ class TransformersModel(TwinkleModel):
                 state.micro_step + 1,
                 state.gradient_accumulation_steps,
             )
-        result.loss.backward()
         batch, outputs = state.pending
-        state.window_tokens += float(result.num_tokens)
+        # the numbers to report are copied to the host while the backward is queued: reading them
+        # afterwards waits only for the forward, so the host goes on queuing the optimizer step
+        # while the GPU runs the backward
+        scalars = {"loss": result.loss, "num_tokens": result.num_tokens}
+        scalars["input_tokens"] = (batch["row_ids"] >= 0).sum() if "row_ids" in batch else batch["input_ids"].numel()
+        for key, value in (result.extra or {}).items():
+            scalars[f"extra:{key}"] = value
+        host = _HostScalars(scalars)
+        result.loss.backward()
+        values = host.values()
+        state.window_tokens += values["num_tokens"]
         state.micro_step += 1
         state.grads_final = False
+        state.last_loss = (values["loss"], values["num_tokens"])
         report = state.report
-        report["loss_sum"] += float(result.loss.detach())
-        report["loss_tokens"] += float(result.num_tokens)
-        report["input_tokens"] += (
-            float((batch["row_ids"] >= 0).sum()) if "row_ids" in batch else batch["input_ids"].numel()
-        )
-        if result.extra:
-            for key, value in result.extra.items():
-                report[f"extra:{key}"] = report.get(f"extra:{key}", 0.0) + float(value)
-                report[f"extra_n:{key}"] = report.get(f"extra_n:{key}", 0.0) + 1
+        report["loss_sum"] += values["loss"]
+        report["loss_tokens"] += values["num_tokens"]
+        report["input_tokens"] += values["input_tokens"]
+        for key in result.extra or {}:
+            report[f"extra:{key}"] = report.get(f"extra:{key}", 0.0) + values[f"extra:{key}"]
+            report[f"extra_n:{key}"] = report.get(f"extra_n:{key}", 0.0) + 1
         with _no_grad():
             for metric in state.train_metrics:
                 metric.update(batch, outputs)
@@ -768,10 +776,8 @@ class TransformersModel(TwinkleModel):
         state = self._state(adapter_name)
         self.forward(inputs, adapter_name=state.name, **kwargs)
         result = self._compute_loss(state)
-        # queue the backward before reading the loss: a host sync here would idle the GPU between the passes
-        loss = result.loss.detach()
-        self.backward(adapter_name=state.name)
-        loss_sum, tokens = float(loss), float(result.num_tokens)
+        self.backward(adapter_name=state.name)  # reads the loss without waiting for the backward
+        loss_sum, tokens = state.last_loss
         if self.world_size > 1:
             loss_sum, tokens = self._all_reduce_floats([loss_sum, tokens])
         state.report["busy_s"] += time.perf_counter() - started
@@ -1366,6 +1372,47 @@ class TransformersModel(TwinkleModel):
 
 
 # ---------------------------------------------------------------------- helpers
+class _HostScalars:
+    """Scalars (numbers or 0-d tensors) read on the host without making it wait for later GPU work.
+
+    CUDA tensors are copied into pinned memory behind an event when this object is built;
+    :meth:`values` waits for that event only, not for whatever was queued after it (a backward).
+
+    Example::
+
+        host = _HostScalars({"loss": loss})
+        loss.backward()                  # queued
+        host.values()["loss"]            # waits for the forward only
+    """
+
+    def __init__(self, scalars: Mapping[str, Any]) -> None:
+        self._values: dict[str, float] = {}
+        self._event: Any = None
+        cuda = {}
+        for key, value in scalars.items():
+            if getattr(value, "is_cuda", False):
+                cuda[key] = value
+            else:
+                self._values[key] = float(value)
+        if cuda:
+            import torch
+
+            stacked = torch.stack([v.detach().reshape(()).to(torch.float64) for v in cuda.values()])
+            self._buffer = torch.empty(stacked.shape, dtype=torch.float64, pin_memory=True)
+            self._buffer.copy_(stacked, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+            self._keys = list(cuda)
+
+    def values(self) -> dict[str, float]:
+        """The floats (waits for the copies started in the constructor)."""
+        if self._event is not None:
+            self._event.synchronize()
+            self._values.update(zip(self._keys, self._buffer.tolist()))
+            self._event = None
+        return self._values
+
+
 @contextlib.contextmanager
 def _no_grad() -> Iterator[None]:
     import torch

@@ -29,15 +29,20 @@ from twinkle.patch.base import Patch
 #: power of two); on an H200 (0.5B LoRA, 16k tokens) it was as fast as 1 GiB (1024 tokens) and
 #: 0.3 GiB lighter at peak.
 CHUNK_BYTES = int(os.environ.get("TWINKLE_LCE_CHUNK_BYTES", str(1 << 29)))
+#: The same when the LM head itself trains (full fine-tuning): every chunk adds its weight
+#: gradient into one float32 ``[vocab, hidden]`` buffer, and at 512 rows that read-modify-write
+#: (1.1 GB for Qwen2.5-0.5B's head) took longer than the chunk's matmul. 2 GiB (2048 rows of a
+#: 152k vocabulary, a 0.6 GB bf16 buffer) does a quarter of those passes.
+WEIGHT_GRAD_CHUNK_BYTES = int(os.environ.get("TWINKLE_LCE_WEIGHT_GRAD_CHUNK_BYTES", str(1 << 31)))
 IGNORE_INDEX = -100
 
 
-def _chunk_rows(num_rows: int, vocab: int, chunk_rows: int | None) -> int:
+def _chunk_rows(num_rows: int, vocab: int, chunk_rows: int | None, weight_grad: bool = False) -> int:
     if chunk_rows is not None:
         if chunk_rows < 1:
             raise ValueError(f"linear_cross_entropy: chunk_rows must be >= 1, got {chunk_rows}")
         return chunk_rows
-    rows = max(1, CHUNK_BYTES // (4 * vocab))
+    rows = max(1, (WEIGHT_GRAD_CHUNK_BYTES if weight_grad else CHUNK_BYTES) // (4 * vocab))
     # Equal chunks (a power of two where possible) keep compiled kernels to one shape.
     rows = 1 << int(math.log2(rows))
     return min(rows, max(1, num_rows))
@@ -74,11 +79,35 @@ def _ce_chunk(logits: Any, labels: Any, label_smoothing: float) -> tuple[Any, An
 
 
 _COMPILED: dict[str, Any] = {}
+_KERNELS = ("auto", "triton", "inductor", "eager")
+
+
+def chunk_kernel(device_type: str) -> str:
+    """Which implementation computes a chunk's loss and gradient: ``triton``, ``inductor`` or ``eager``.
+
+    ``TWINKLE_LCE_KERNEL`` picks one (default ``auto``: the Triton kernel of
+    :mod:`twinkle.patch.triton_ce` on CUDA when triton imports, else the chunk function compiled by
+    inductor on CUDA, eager on other devices). ``triton`` on CPU needs ``TRITON_INTERPRET=1``.
+    """
+    choice = os.environ.get("TWINKLE_LCE_KERNEL", "auto").strip().lower() or "auto"
+    if choice not in _KERNELS:
+        raise ValueError(f"TWINKLE_LCE_KERNEL={choice!r}: choose one of {', '.join(_KERNELS)}")
+    if os.environ.get("TWINKLE_LCE_COMPILE", "1") == "0" and choice in ("auto", "inductor"):
+        return "eager"
+    if choice == "auto":
+        from twinkle.patch import triton_ce
+
+        if device_type != "cuda":
+            return "eager"
+        return "triton" if triton_ce.available() else "inductor"
+    if choice == "inductor" and device_type != "cuda":
+        return "eager"
+    return choice
 
 
 def _chunk_fn(device_type: str) -> Any:
     """The chunk function, compiled with torch.compile on CUDA (one fused kernel pair), eager elsewhere."""
-    if device_type != "cuda" or os.environ.get("TWINKLE_LCE_COMPILE", "1") == "0":
+    if device_type != "cuda" or chunk_kernel(device_type) == "eager":
         return _ce_chunk
     fn = _COMPILED.get("ce")
     if fn is None:
@@ -132,30 +161,47 @@ class _LinearCrossEntropyFunction:
                 @staticmethod
                 def forward(ctx, hidden, weight, bias, labels, label_smoothing, chunk_rows):  # type: ignore[override]
                     n, _ = hidden.shape
-                    rows = _chunk_rows(n, weight.shape[0], chunk_rows)
                     want_h = ctx.needs_input_grad[0]
                     want_w = ctx.needs_input_grad[1]
+                    rows = _chunk_rows(n, weight.shape[0], chunk_rows, weight_grad=want_w)
                     want_b = bias is not None and ctx.needs_input_grad[2]
                     grad_h = torch.empty_like(hidden) if want_h else None
                     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
                     grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_b else None
-                    chunk = _chunk_fn(hidden.device.type)
-                    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
                     preds = torch.empty(n, dtype=torch.long, device=hidden.device)
+                    if chunk_kernel(hidden.device.type) == "triton":
+                        from twinkle.patch.triton_ce import ce_chunk_
+
+                        chunk, losses, total = None, torch.empty(n, dtype=torch.float32, device=hidden.device), None
+                    else:
+                        chunk, losses = _chunk_fn(hidden.device.type), None
+                        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
                     for start in range(0, n, rows):
                         h = hidden[start : start + rows]
                         y = labels[start : start + rows]
-                        fn = chunk if h.shape[0] == rows else _ce_chunk
                         grad_logits = _linear(h, weight, bias)
-                        loss, pred = fn(grad_logits, y, label_smoothing)  # grad_logits now holds the gradient
-                        total += loss
-                        preds[start : start + rows] = pred
+                        # after these calls grad_logits holds d(loss)/d(logits)
+                        if losses is not None:
+                            ce_chunk_(
+                                grad_logits,
+                                y,
+                                label_smoothing,
+                                losses[start : start + rows],
+                                preds[start : start + rows],
+                            )
+                        else:
+                            fn = chunk if h.shape[0] == rows else _ce_chunk
+                            loss, pred = fn(grad_logits, y, label_smoothing)
+                            total += loss
+                            preds[start : start + rows] = pred
                         if want_h:
                             grad_h[start : start + rows] = grad_logits @ weight.to(grad_logits.dtype)
                         if want_w:
                             _accumulate_weight_grad(grad_w, grad_logits.t(), h.to(grad_logits.dtype))
                         if want_b:
                             grad_b += grad_logits.float().sum(0)
+                    if losses is not None:
+                        total = losses.sum()
                     ctx.save_for_backward(grad_h, grad_w, grad_b)
                     ctx.param_dtypes = (weight.dtype, None if bias is None else bias.dtype)
                     ctx.mark_non_differentiable(preds)
@@ -195,7 +241,8 @@ def linear_cross_entropy(
         bias: optional ``[V]`` LM-head bias.
         label_smoothing: as in :func:`torch.nn.functional.cross_entropy`.
         chunk_rows: tokens per chunk (default: as many as fit in ``TWINKLE_LCE_CHUNK_BYTES``
-            of float32 logits, 512 MiB).
+            of float32 logits, 512 MiB; ``TWINKLE_LCE_WEIGHT_GRAD_CHUNK_BYTES``, 2 GiB, when
+            ``weight`` needs a gradient).
         return_predictions: also return the argmax id of every token (``-1`` where the
             label is ignored), computed in the same pass, for accuracy metrics.
         num_labels: the number of labels that are not ``-100``, when the caller knows it
