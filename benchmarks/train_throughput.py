@@ -19,7 +19,7 @@ transformers' classes globally; compiled code and the allocator stay separate):
 * ``ours_eager`` / ``ours_liger`` / ``ours_cudagraphs`` / ``ours_lce256`` / ``ours_inductor_ce`` / ...
   (diagnosis): ours without ``CompileDecoderLayers``; that plus the optional ``LigerKernels``
   patch; ours with the layers compiled in ``reduce-overhead`` mode (CUDA graphs); ours with
-  256 MiB loss chunks; ours with the loss chunk compiled by inductor instead of the Triton kernel;
+  256 / 128 MiB loss chunks (``ours_lce256`` / ``ours_lce128``); ours with the loss chunk compiled by inductor instead of the Triton kernel;
   ours with 512 MiB / 4 GiB loss chunks when the LM head trains (``ours_wgrad512m`` / ``ours_wgrad4g``).
 
 Prints tokens/s, MFU (``c*N + 12*L*H*S`` FLOPs per token, c = 6 for full training and 4 for
@@ -68,6 +68,7 @@ CONFIGS = (
     "ours_liger",
     "ours_cudagraphs",
     "ours_lce256",
+    "ours_lce128",
     "ours_inductor_ce",
     "ours_wgrad512m",
     "ours_wgrad4g",
@@ -79,6 +80,7 @@ OURS_VARIANTS = {
     "ours_liger": (("CompileDecoderLayers",), ("LigerKernels",), {}),
     "ours_cudagraphs": ((), (), {"TWINKLE_COMPILE_MODE": "reduce-overhead"}),
     "ours_lce256": ((), (), {"TWINKLE_LCE_CHUNK_BYTES": str(256 << 20)}),
+    "ours_lce128": ((), (), {"TWINKLE_LCE_CHUNK_BYTES": str(128 << 20)}),
     "ours_inductor_ce": ((), (), {"TWINKLE_LCE_KERNEL": "inductor"}),
     "ours_wgrad512m": ((), (), {"TWINKLE_LCE_WEIGHT_GRAD_CHUNK_BYTES": str(512 << 20)}),
     "ours_wgrad4g": ((), (), {"TWINKLE_LCE_WEIGHT_GRAD_CHUNK_BYTES": str(4 << 30)}),
@@ -334,7 +336,7 @@ def format_table(results: list[dict]) -> str:
             ratio.append(f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}x" if ok else "-")
         lines.append(
             f"| {r['row']} | {r['config']} | {r['tokens_per_s'] / 1e3:.1f}k | {r['step_ms']:.0f} | "
-            f"{100 * r['mfu']:.1f}% | {r['peak_mem_gib']:.1f} | {ratio[0]} | {ratio[1]} | {r['warmup_s']:.1f} |"
+            f"{100 * r['mfu']:.1f}% | {r['peak_mem_gib']:.2f} | {ratio[0]} | {ratio[1]} | {r['warmup_s']:.1f} |"
         )
     return "\n".join(lines)
 
@@ -397,7 +399,7 @@ def main() -> None:
             results.append(result)
             brief = result.get("error", "")[-400:] or (
                 f"{result['tokens_per_s'] / 1e3:.1f}k tok/s, {100 * result['mfu']:.1f}% MFU, "
-                f"{result['peak_mem_gib']:.1f} GiB, loss {result['first_loss']:.3f}->{result['last_loss']:.3f}, "
+                f"{result['peak_mem_gib']:.2f} GiB, loss {result['first_loss']:.3f}->{result['last_loss']:.3f}, "
                 f"process {result['process_s']:.0f}s"
             )
             print(f"[{row} / {config_name}] {brief}", flush=True)
