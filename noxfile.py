@@ -63,8 +63,21 @@ def plugin_system(session: nox.Session) -> None:
 
 @nox.session(python=TORCH_PYTHON)
 def core(session: nox.Session) -> None:
-    """Data pipeline, TransformersModel, training loop, RL core, on CPU torch."""
-    install(session, *TORCH_STACK, "-e", "./twinkle_core[torch,hub]", "-e", "./plugins/twinkle-rewards", *TEST_DEPS)
+    """Data pipeline, TransformersModel, training loop, RL core, on CPU torch.
+
+    triton is installed for its interpreter: the fast path's Triton kernels run on CPU there
+    (``TRITON_INTERPRET=1`` from the root conftest), so CI checks their source too.
+    """
+    install(
+        session,
+        *TORCH_STACK,
+        "triton>=3.2",
+        "-e",
+        "./twinkle_core[torch,hub]",
+        "-e",
+        "./plugins/twinkle-rewards",
+        *TEST_DEPS,
+    )
     session.run(*PYTEST, "tests/core", *session.posargs)
 
 
