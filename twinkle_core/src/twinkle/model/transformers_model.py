@@ -1397,11 +1397,12 @@ class _HostScalars:
         if cuda:
             import torch
 
-            stacked = torch.stack([v.detach().reshape(()).to(torch.float64) for v in cuda.values()])
+            device = next(iter(cuda.values())).device
+            stacked = torch.stack([v.detach().reshape(()).to(device, torch.float64) for v in cuda.values()])
             self._buffer = torch.empty(stacked.shape, dtype=torch.float64, pin_memory=True)
             self._buffer.copy_(stacked, non_blocking=True)
             self._event = torch.cuda.Event()
-            self._event.record()
+            self._event.record(torch.cuda.current_stream(device))
             self._keys = list(cuda)
 
     def values(self) -> dict[str, float]:

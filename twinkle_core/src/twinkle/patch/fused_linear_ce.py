@@ -102,6 +102,11 @@ def chunk_kernel(device_type: str) -> str:
         return "triton" if triton_ce.available() else "inductor"
     if choice == "inductor" and device_type != "cuda":
         return "eager"
+    if choice == "triton":
+        from twinkle.patch import triton_ce
+
+        if not triton_ce.available():
+            raise ValueError("TWINKLE_LCE_KERNEL=triton, but triton does not import: pip install triton, or unset it")
     return choice
 
 
