@@ -16,11 +16,12 @@ transformers' classes globally; compiled code and the allocator stay separate):
   RoPE) applied before the model is built: the best stack a user can assemble today.
 * ``ours``: ``TransformersModel`` with its default fast path (``twinkle.patch.fastpath``),
   driven by ``forward_backward`` / ``clip_grad_and_step``.
-* ``ours_eager`` / ``ours_liger`` / ``ours_cudagraphs`` / ``ours_lce256`` / ``ours_inductor_ce`` / ...
-  (diagnosis): ours without ``CompileDecoderLayers``; that plus the optional ``LigerKernels``
-  patch; ours with the layers compiled in ``reduce-overhead`` mode (CUDA graphs); ours with
-  256 / 128 MiB loss chunks (``ours_lce256`` / ``ours_lce128``); ours with the loss chunk compiled by inductor instead of the Triton kernel;
-  ours with 512 MiB / 4 GiB loss chunks when the LM head trains (``ours_wgrad512m`` / ``ours_wgrad4g``).
+* diagnosis variants of ours: ``ours_eager`` without ``CompileDecoderLayers``; ``ours_liger``
+  that plus the optional ``LigerKernels`` patch; ``ours_cudagraphs`` with the layers compiled in
+  ``reduce-overhead`` mode (CUDA graphs); ``ours_lce256`` / ``ours_lce128`` with 256 / 128 MiB
+  loss chunks; ``ours_inductor_ce`` with the loss chunk compiled by inductor instead of the
+  Triton kernel; ``ours_wgrad512m`` / ``ours_wgrad4g`` with 512 MiB / 4 GiB loss chunks when the
+  LM head trains.
 
 Prints tokens/s, MFU (``c*N + 12*L*H*S`` FLOPs per token, c = 6 for full training and 4 for
 LoRA, N = matmul parameters including the LM head, against 989 TFLOP/s bf16 dense), peak
