@@ -46,9 +46,11 @@ def test_batched_pass_equals_separate_passes(engine) -> None:
             assert a.metrics["loss:sum"] == pytest.approx(t.metrics["loss:sum"], rel=1e-5)
             for oa, ot in zip(a.outputs, t.outputs):
                 np.testing.assert_allclose(oa["logprobs"], ot["logprobs"], atol=1e-5)
+        # float32 sums over differently padded batches (other GEMM shapes, other summation order):
+        # CI once saw 2.6e-5 absolute / 3.5e-4 relative; slots mixed up would differ by whole gradients
         for ga, gt in zip(alone_grads, together_grads):
             for x, y in zip(ga, gt):
-                torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-3)
     finally:
         for slot in slots:
             engine.free_slot(slot)

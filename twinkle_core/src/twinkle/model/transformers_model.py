@@ -1393,7 +1393,7 @@ class _HostScalars:
             if getattr(value, "is_cuda", False):
                 cuda[key] = value
             else:
-                self._values[key] = float(value)
+                self._values[key] = float(value.detach() if hasattr(value, "detach") else value)
         if cuda:
             import torch
 
