@@ -22,6 +22,7 @@ import math
 import os
 from typing import Any
 
+from twinkle.data_format.features import IGNORE_INDEX
 from twinkle.patch.base import Patch
 
 #: Bytes of float32 logits one chunk may hold (the chunk's rows follow from the vocab size):
@@ -34,7 +35,6 @@ CHUNK_BYTES = int(os.environ.get("TWINKLE_LCE_CHUNK_BYTES", str(1 << 29)))
 #: (1.1 GB for Qwen2.5-0.5B's head) took longer than the chunk's matmul. 2 GiB (2048 rows of a
 #: 152k vocabulary, a 0.6 GB bf16 buffer) does a quarter of those passes.
 WEIGHT_GRAD_CHUNK_BYTES = int(os.environ.get("TWINKLE_LCE_WEIGHT_GRAD_CHUNK_BYTES", str(1 << 31)))
-IGNORE_INDEX = -100
 
 
 def _chunk_rows(num_rows: int, vocab: int, chunk_rows: int | None, weight_grad: bool = False) -> int:
@@ -110,9 +110,9 @@ def chunk_kernel(device_type: str) -> str:
     return choice
 
 
-def _chunk_fn(device_type: str) -> Any:
-    """The chunk function, compiled with torch.compile on CUDA (one fused kernel pair), eager elsewhere."""
-    if device_type != "cuda" or chunk_kernel(device_type) == "eager":
+def _chunk_fn(kernel: str) -> Any:
+    """The PyTorch chunk function for ``kernel`` (see :func:`chunk_kernel`): compiled for ``inductor``, else eager."""
+    if kernel != "inductor":
         return _ce_chunk
     fn = _COMPILED.get("ce")
     if fn is None:
@@ -174,12 +174,13 @@ class _LinearCrossEntropyFunction:
                     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
                     grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_b else None
                     preds = torch.empty(n, dtype=torch.long, device=hidden.device)
-                    if chunk_kernel(hidden.device.type) == "triton":
+                    kernel = chunk_kernel(hidden.device.type)
+                    if kernel == "triton":  # per-row losses, summed once at the end
                         from twinkle.patch.triton_ce import ce_chunk_
 
-                        chunk, losses, total = None, torch.empty(n, dtype=torch.float32, device=hidden.device), None
-                    else:
-                        chunk, losses = _chunk_fn(hidden.device.type), None
+                        losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
+                    else:  # a running sum from the PyTorch chunk function
+                        chunk, losses = _chunk_fn(kernel), None
                         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
                     for start in range(0, n, rows):
                         h = hidden[start : start + rows]

@@ -24,7 +24,8 @@ import functools
 import os
 from typing import Any
 
-IGNORE_INDEX = -100
+from twinkle.data_format.features import IGNORE_INDEX
+
 #: Vocabulary columns per loop iteration, and warps per program (one program per row).
 BLOCK = int(os.environ.get("TWINKLE_CE_BLOCK", "4096"))
 NUM_WARPS = int(os.environ.get("TWINKLE_CE_WARPS", "8"))
