@@ -123,3 +123,17 @@ def test_chunks_are_larger_when_the_head_trains():
     assert frozen == 512 and training == 2048
     assert lce._chunk_rows(100, vocab, None, weight_grad=True) == 100  # never more rows than there are
     assert lce._chunk_rows(100_000, vocab, 7, weight_grad=True) == 7  # an explicit size wins
+
+
+def test_a_second_backward_through_the_same_loss_is_refused_not_wrong():
+    """The saved gradients are scaled in place; a retained graph's second backward must fail loudly."""
+    hidden, weight, bias, labels = _data()
+    loss = linear_cross_entropy(hidden, weight, labels, bias=bias, chunk_rows=7)
+    (2.0 * loss).backward(retain_graph=True)
+    first = hidden.grad.clone()
+    want = torch.autograd.grad(
+        2.0 * F.cross_entropy(F.linear(hidden, weight, bias), labels, ignore_index=-100, reduction="sum"), hidden
+    )[0]
+    torch.testing.assert_close(first, want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()

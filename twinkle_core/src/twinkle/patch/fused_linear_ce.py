@@ -152,6 +152,26 @@ def _linear(hidden: Any, weight: Any, bias: Any) -> Any:
     return out if bias is None else torch.add(out, bias)
 
 
+def _linear_into(hidden: Any, weight: Any, bias: Any, buffer: Any) -> tuple[Any, Any]:
+    """``hidden @ weight.T (+ bias)`` written into ``buffer`` (allocated on first use); returns (result, buffer)."""
+    import torch
+
+    rows = hidden.shape[0]
+    dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    if bias is not None:
+        dtype = torch.promote_types(dtype, bias.dtype)
+    if hidden.dtype != weight.dtype or dtype != hidden.dtype:
+        return _linear(hidden, weight, bias), buffer  # mixed dtypes: torch's own promotion
+    if buffer is None:
+        buffer = torch.empty(rows, weight.shape[0], dtype=dtype, device=hidden.device)
+    out = buffer[:rows]
+    if bias is None:
+        torch.mm(hidden, weight.t(), out=out)
+    else:
+        torch.addmm(bias, hidden, weight.t(), out=out)
+    return out, buffer
+
+
 class _LinearCrossEntropyFunction:
     """``torch.autograd.Function`` built lazily (torch is imported only when used)."""
 
@@ -182,10 +202,11 @@ class _LinearCrossEntropyFunction:
                     else:  # a running sum from the PyTorch chunk function
                         chunk, losses = _chunk_fn(kernel), None
                         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+                    buffer = None  # one [rows, V] buffer for every chunk: two are never alive at once
                     for start in range(0, n, rows):
                         h = hidden[start : start + rows]
                         y = labels[start : start + rows]
-                        grad_logits = _linear(h, weight, bias)
+                        grad_logits, buffer = _linear_into(h, weight, bias, buffer)
                         # after these calls grad_logits holds d(loss)/d(logits)
                         if losses is not None:
                             ce_chunk_(
@@ -200,7 +221,9 @@ class _LinearCrossEntropyFunction:
                             loss, pred = fn(grad_logits, y, label_smoothing)
                             total += loss
                             preds[start : start + rows] = pred
-                        if want_h:
+                        if want_h and grad_h.dtype == grad_logits.dtype:  # into grad_h's rows: no temporary, no copy
+                            torch.mm(grad_logits, weight.to(grad_logits.dtype), out=grad_h[start : start + rows])
+                        elif want_h:
                             grad_h[start : start + rows] = grad_logits @ weight.to(grad_logits.dtype)
                         if want_w:
                             _accumulate_weight_grad(grad_w, grad_logits.t(), h.to(grad_logits.dtype))
@@ -215,12 +238,20 @@ class _LinearCrossEntropyFunction:
 
                 @staticmethod
                 def backward(ctx, grad_out, _grad_preds):  # type: ignore[override]
+                    if getattr(ctx, "consumed", False):
+                        raise RuntimeError(
+                            "linear_cross_entropy: a second backward through the same loss (retain_graph=True) "
+                            "is not supported: its saved gradients are scaled in place by the first; compute the "
+                            "loss again, or switch the fused head off (disabled_patches=['FusedLinearCrossEntropy'])"
+                        )
+                    ctx.consumed = True
                     grad_h, grad_w, grad_b = ctx.saved_tensors
                     w_dtype, b_dtype = ctx.param_dtypes
                     scale = grad_out.float()
-                    dh = (grad_h * scale.to(grad_h.dtype)) if grad_h is not None else None
-                    dw = (grad_w * scale).to(w_dtype) if grad_w is not None else None
-                    db = (grad_b * scale).to(b_dtype) if grad_b is not None else None
+                    # in place: no second [tokens, H] / [V, H] buffer at the start of the backward
+                    dh = grad_h.mul_(scale.to(grad_h.dtype)) if grad_h is not None else None
+                    dw = grad_w.mul_(scale).to(w_dtype) if grad_w is not None else None
+                    db = grad_b.mul_(scale).to(b_dtype) if grad_b is not None else None
                     return dh, dw, db, None, None, None
 
             cls._fn = LinearCrossEntropy
