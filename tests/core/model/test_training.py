@@ -225,3 +225,26 @@ def test_mixed_precision_and_dtype(tiny_model_dir):
     assert bf16.forward_only(rows).loss == pytest.approx(fp32, rel=2e-2)
     with pytest.raises(ValueError, match="mixed_precision"):
         TransformersModel(model_id=tiny_model_dir, mixed_precision="fp8")
+
+
+@pytest.mark.parametrize("max_grad_norm", [1e-3, 1e9], ids=["clipped", "unclipped"])
+def test_one_pass_scale_and_clip_equals_torch_two_passes(tiny_model_dir, max_grad_norm):
+    """clip_grad_and_step folds 1/tokens into the clip factor; torch's scale-then-clip_grad_norm_ is the reference."""
+    rows = make_rows(4, seed=3)
+    model = TransformersModel(model_id=tiny_model_dir, seed=0)
+    model.add_adapter_to_model("default", LORA)
+    model.set_optimizer("SGD", lr=1.0)
+    reference = TransformersModel(model_id=tiny_model_dir, seed=0)
+    reference.add_adapter_to_model("default", LORA)
+    model.forward_backward(inputs=rows)
+    reference.forward_backward(inputs=rows)
+    state = reference.state_of()
+    grads = [p.grad for p in state.params if p.grad is not None]
+    torch._foreach_mul_(grads, 1.0 / state.window_tokens)
+    want_norm = float(torch.nn.utils.clip_grad_norm_(state.params, max_grad_norm))
+    want = [p.detach() - p.grad for p in state.params]  # SGD lr=1 with the reference's clipped gradients
+    result = model.clip_grad_and_step(max_grad_norm=max_grad_norm)
+    assert result["grad_norm"] == pytest.approx(want_norm, rel=1e-6)
+    for got, expected in zip(model.state_of().params, want):
+        torch.testing.assert_close(got.detach(), expected, rtol=1e-6, atol=1e-7)
+

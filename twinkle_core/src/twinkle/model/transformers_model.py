@@ -850,10 +850,15 @@ class TransformersModel(TwinkleModel):
         dist.all_reduce(tensor)
         return tensor.tolist()
 
-    def _finalize_grads(self, state: AdapterState) -> None:
-        """Average gradients over data ranks and divide by the window's total token count (once per window)."""
+    def _finalize_grads(self, state: AdapterState, *, apply_scale: bool = True) -> float:
+        """Average gradients over data ranks and divide by the window's total token count (once per window).
+
+        With ``apply_scale=False`` (one process only) the division is left to the caller, which
+        gets the factor back: :meth:`_clip` folds it into the clipping multiply, one pass over
+        the gradients instead of two. Returns the factor still to apply (1.0 once applied).
+        """
         if state.grads_final:
-            return
+            return 1.0
         import torch
 
         grads = [p.grad for p in state.params if p.grad is not None]
@@ -867,9 +872,12 @@ class TransformersModel(TwinkleModel):
                 self._all_reduce_grads(grads)
         else:
             scale = 1.0 / tokens if tokens else 0.0
+        state.grads_final = True
+        if not apply_scale and self.world_size == 1:
+            return scale
         if grads and scale != 1.0:
             torch._foreach_mul_(grads, scale)
-        state.grads_final = True
+        return 1.0
 
     def _all_reduce_grads(self, grads: list[Any]) -> None:
         import torch.distributed as dist
@@ -896,15 +904,30 @@ class TransformersModel(TwinkleModel):
         return state.last_grad_norm
 
     def _clip(self, state: AdapterState, max_grad_norm: float, norm_type: float) -> Any:
-        """Finish and clip the window's gradients; the total norm as a tensor (0.0 without gradients), no sync."""
+        """Finish and clip the window's gradients; the total norm as a tensor (0.0 without gradients), no sync.
+
+        In one process the window's ``1 / tokens`` and the clip factor multiply the gradients
+        together (the norm of the unscaled gradients times ``1 / tokens`` is the norm of the
+        scaled ones), so the gradients are read twice (norm, multiply) instead of three times.
+        """
         import torch
 
-        self._finalize_grads(state)
+        scale = self._finalize_grads(state, apply_scale=False)
         params = [p for p in state.params if p.grad is not None]
         if not params:
             return 0.0
-        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm, norm_type=norm_type)
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        grads = [p.grad for p in params]
+        if scale == 1.0 or any(type(g) is not torch.Tensor for g in grads):  # DTensor (FSDP): torch's own path
+            if scale != 1.0:
+                torch._foreach_mul_(grads, scale)
+            norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm, norm_type=norm_type)
+            return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        norm = torch.nn.utils.get_total_norm(grads, norm_type) * scale
+        # clip_grads_with_norm_'s factor (same epsilon), times the window's 1 / tokens
+        factor = torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0) * scale
+        for group in _by_device_and_dtype(grads):
+            torch._foreach_mul_(group, factor.to(group[0].device))
+        return norm
 
     @remote(dispatch="all", collect="none")
     def step(self, *, adapter_name: str | None = None, **kwargs: Any) -> None:
@@ -1412,6 +1435,14 @@ class _HostScalars:
             self._values.update(zip(self._keys, self._buffer.tolist()))
             self._event = None
         return self._values
+
+
+def _by_device_and_dtype(tensors: Sequence[Any]) -> list[list[Any]]:
+    """``tensors`` grouped by (device, dtype), the unit a multi-tensor kernel takes."""
+    groups: dict[tuple[Any, Any], list[Any]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    return list(groups.values())
 
 
 @contextlib.contextmanager
