@@ -145,7 +145,8 @@ def test_unknown_patch_names_list_the_registered_ones(tiny_config):
 
 
 def test_gpu_only_patches_do_not_apply_on_cpu(tiny_config):
-    model = _model(tiny_config, patches=["CompileDecoderLayers", "FusedOptimizer", "ActivationCheckpointing"])
+    gpu_only = ["CompileDecoderLayers", "FusedOptimizer", "ActivationCheckpointing", "RecomputeSwiGLU"]
+    model = _model(tiny_config, patches=gpu_only)
     assert model.fast_path_patches == []
     model.set_optimizer("AdamW", lr=1e-3)
     assert model.state_of().optimizer.defaults.get("fused") in (None, False)

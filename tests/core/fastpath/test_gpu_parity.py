@@ -61,7 +61,13 @@ def _pair(lora: bool):
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
 def test_fast_path_matches_plain_bf16(lora):
     fast, plain = _pair(lora)
-    expected = {"FusedLinearCrossEntropy", "CompileDecoderLayers", "FusedOptimizer", "ActivationCheckpointing"}
+    expected = {
+        "FusedLinearCrossEntropy",
+        "CompileDecoderLayers",
+        "FusedOptimizer",
+        "ActivationCheckpointing",
+        "RecomputeSwiGLU",
+    }
     if lora:
         expected |= {"Bf16Adapters", "FusedLoraLinear"}
     assert expected <= set(fast.fast_path_patches)

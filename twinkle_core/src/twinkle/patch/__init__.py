@@ -10,6 +10,7 @@ _BUILTIN: dict[str, dict[str, str]] = {
         "FusedLoraLinear": "twinkle.patch.lora_fast:FusedLoraLinear",
         "FusedOptimizer": "twinkle.patch.optimizer:FusedOptimizer",
         "ActivationCheckpointing": "twinkle.patch.checkpointing:ActivationCheckpointing",
+        "RecomputeSwiGLU": "twinkle.patch.checkpointing:RecomputeSwiGLU",
         "CompileDecoderLayers": "twinkle.patch.compile:CompileDecoderLayers",
         "LigerKernels": "twinkle.patch.liger:LigerKernels",
     }

@@ -137,3 +137,77 @@ class ActivationCheckpointing(Patch):
         if handle is not None:
             handle.remove()
             setattr(decoder, _HOOK_ATTR, None)
+
+
+#: MLP classes whose forward is ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``.
+SWIGLU_MLPS = frozenset({"Qwen2MLP", "Qwen3MLP", "LlamaMLP", "MistralMLP", "Qwen2MoeMLP", "Qwen3MoeMLP", "Olmo2MLP"})
+_SWIGLU_ATTR = "_twinkle_swiglu_recompute"
+
+
+def _act_mul(mlp: Any, gate: Any, up: Any) -> Any:
+    return mlp.act_fn(gate) * up
+
+
+def _swiglu_forward(self: Any, x: Any) -> Any:
+    """The MLP with ``act(gate) * up`` recomputed in backward instead of kept (see :class:`RecomputeSwiGLU`)."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    gate = self.gate_proj(x)
+    up = self.up_proj(x)
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        hidden = checkpoint(_act_mul, self, gate, up, use_reentrant=False, preserve_rng_state=False)
+    else:
+        hidden = _act_mul(self, gate, up)
+    return self.down_proj(hidden)
+
+
+def swiglu_mlps(model: Any) -> list[Any]:
+    """The SwiGLU MLP modules of ``model`` (:data:`SWIGLU_MLPS`)."""
+    from twinkle.patch.fastpath import unwrap
+
+    return [m for m in unwrap(model).modules() if type(m).__name__ in SWIGLU_MLPS]
+
+
+class RecomputeSwiGLU(Patch):
+    """Recompute the MLP's ``act(gate) * up`` in backward instead of keeping it: one ``[tokens, intermediate]``
+    tensor less per layer, for one pointwise pass.
+
+    ``down_proj`` needs its input in backward whenever it has a trainable part (a LoRA ``A``, or
+    its weight): autograd keeps ``act(gate) * up`` next to ``gate`` and ``up``, which the SiLU
+    backward keeps anyway. Recomputing it from those two (a checkpoint around the product only;
+    inductor fuses the recompute into the SiLU backward kernel) frees the largest tensor of
+    the layer: Qwen2.5-0.5B with 16k tokens, 152 MiB per layer, 3.6 GiB in all; 7B with 8k
+    tokens, 8.7 GiB. Exact: the same pointwise arithmetic runs again.
+
+    Example::
+
+        TransformersModel(..., disabled_patches=["RecomputeSwiGLU"])  # keep the product instead
+    """
+
+    name = "RecomputeSwiGLU"
+    enabled_by_default = True
+    order = 70
+
+    def applies_to(self, model: Any) -> bool:
+        """CUDA models with SwiGLU MLPs (:data:`SWIGLU_MLPS`)."""
+        from twinkle.patch.fastpath import model_device
+
+        return model_device(model).type == "cuda" and bool(swiglu_mlps(model))
+
+    def apply(self, model: Any) -> None:
+        """Give each SwiGLU MLP the recomputing forward (idempotent)."""
+        from types import MethodType
+
+        for mlp in swiglu_mlps(model):
+            if getattr(mlp, _SWIGLU_ATTR, False):
+                continue
+            mlp.forward = MethodType(_swiglu_forward, mlp)
+            setattr(mlp, _SWIGLU_ATTR, True)
+
+    def revert(self, model: Any) -> None:
+        """Keep the product again (the class's own forward)."""
+        for mlp in swiglu_mlps(model):
+            if getattr(mlp, _SWIGLU_ATTR, False):
+                del mlp.forward
+                setattr(mlp, _SWIGLU_ATTR, False)

@@ -15,6 +15,7 @@ patch                          default   what it does
 ``FusedOptimizer``             on        ``fused=True`` for Adam/AdamW on CUDA
 ``CompileDecoderLayers``       on (GPU)  regional ``torch.compile`` of each decoder layer
 ``ActivationCheckpointing``    on        checkpointing only when activations would not fit
+``RecomputeSwiGLU``            on (GPU)  ``act(gate) * up`` recomputed in backward, not kept
 ``LigerKernels``               off       Liger's RMSNorm/SwiGLU/RoPE (``pip install liger-kernel``)
 =============================  ========  ===============================================
 
