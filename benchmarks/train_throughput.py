@@ -21,7 +21,11 @@ transformers' classes globally; compiled code and the allocator stay separate):
   ``reduce-overhead`` mode (CUDA graphs); ``ours_lce256`` / ``ours_lce128`` with 256 / 128 MiB
   loss chunks; ``ours_inductor_ce`` with the loss chunk compiled by inductor instead of the
   Triton kernel; ``ours_wgrad512m`` / ``ours_wgrad4g`` with 512 MiB / 4 GiB loss chunks when the
-  LM head trains.
+  LM head trains; ``ours_swiglu_saved`` without ``RecomputeSwiGLU`` (the MLP's ``act(gate) * up``
+  saved for backward instead of recomputed).
+
+``--memory`` adds, per configuration, what is allocated at the peak of one step (grouped by the
+code that allocated it), from ``torch.cuda.memory``'s allocation history.
 
 Prints tokens/s, MFU (``c*N + 12*L*H*S`` FLOPs per token, c = 6 for full training and 4 for
 LoRA, N = matmul parameters including the LM head, against 989 TFLOP/s bf16 dense), peak
@@ -73,6 +77,7 @@ CONFIGS = (
     "ours_inductor_ce",
     "ours_wgrad512m",
     "ours_wgrad4g",
+    "ours_swiglu_saved",
 )
 #: Variants of ours for diagnosis: which patches they switch off / add.
 OURS_VARIANTS = {
@@ -85,6 +90,7 @@ OURS_VARIANTS = {
     "ours_inductor_ce": ((), (), {"TWINKLE_LCE_KERNEL": "inductor"}),
     "ours_wgrad512m": ((), (), {"TWINKLE_LCE_WEIGHT_GRAD_CHUNK_BYTES": str(512 << 20)}),
     "ours_wgrad4g": ((), (), {"TWINKLE_LCE_WEIGHT_GRAD_CHUNK_BYTES": str(4 << 30)}),
+    "ours_swiglu_saved": (("RecomputeSwiGLU",), (), {}),
 }
 DEFAULT_CONFIGS = ("plain", "liger", "ours")
 
@@ -240,7 +246,61 @@ def profile_step(step, ids, path: Path | None) -> dict:
     }
 
 
-def worker(row: str, config_name: str, steps: int, warmup: int, profile_dir: str | None) -> dict:
+def _site(frames: list[dict]) -> str:
+    """Where an allocation comes from: the first frames outside torch's Python (inductor's generated code counts)."""
+    picked = []
+    for frame in frames:
+        name = frame.get("filename", "")
+        if "/torch/" in name and "torchinductor" not in name:
+            continue
+        if name.startswith("??") or not name:
+            continue
+        picked.append(f"{Path(name).name}:{frame.get('line')}:{frame.get('name')}")
+        if len(picked) == 2:
+            break
+    return " < ".join(picked) or "(torch internals)"
+
+
+def memory_at_peak(step, ids, top: int = 14) -> dict:
+    """Replay one step's allocation history: the peak and what is alive then, grouped by allocation site."""
+    import torch
+
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.memory._record_memory_history(stacks="python", max_entries=500_000)
+    try:
+        step(ids)
+        torch.cuda.synchronize()
+        snap = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    live: dict[int, tuple[int, str]] = {}
+    current = peak = 0
+    at_peak: dict[int, tuple[int, str]] = {}
+    for trace in snap["device_traces"]:
+        for event in trace:
+            action = event["action"]
+            if action == "alloc":
+                live[event["addr"]] = (event["size"], _site(event.get("frames", [])))
+                current += event["size"]
+                if current > peak:
+                    peak, at_peak = current, dict(live)
+            elif action == "free_completed" and event["addr"] in live:
+                current -= live.pop(event["addr"])[0]
+    groups: dict[str, int] = {}
+    for size, site in at_peak.values():
+        groups[site] = groups.get(site, 0) + size
+    return {
+        "before_step_gib": before / 2**30,
+        "step_peak_extra_gib": peak / 2**30,
+        "peak_gib": (before + peak) / 2**30,
+        "top_sites_mib": [(site, size / 2**20) for site, size in sorted(groups.items(), key=lambda kv: -kv[1])[:top]],
+    }
+
+
+def worker(
+    row: str, config_name: str, steps: int, warmup: int, profile_dir: str | None, memory: bool = False
+) -> dict:
     import torch
 
     shape, lora, batch_size = {**ROWS, **SMOKE_ROWS}[row]
@@ -289,6 +349,8 @@ def worker(row: str, config_name: str, steps: int, warmup: int, profile_dir: str
     if profile_dir and cuda:
         path = Path(profile_dir) / f"profile-{row}-{config_name}.txt"
         result["profile"] = profile_step(step, batches[0], path)
+    if memory and cuda:
+        result["memory"] = memory_at_peak(step, batches[0])
     return result
 
 
@@ -309,6 +371,8 @@ def run_worker(args: argparse.Namespace, row: str, config_name: str) -> dict:
     ]
     if args.profile and config_name in ("ours", "liger", "ours_eager"):
         cmd += ["--profile-dir", str(args.out)]
+    if args.memory:
+        cmd += ["--memory"]
     started = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     for line in proc.stdout.splitlines():
@@ -358,6 +422,15 @@ def format_profiles(results: list[dict]) -> str:
         out.append("top kernels (ms): " + "; ".join(f"{n} {ms:.1f}" for n, ms in prof["top_kernels_ms"][:8]))
         gaps = prof.get("largest_gaps_ms") or []
         out.append("largest GPU idle gaps (ms, CPU ops then): " + "; ".join(f"{ms} [{ops}]" for ms, ops in gaps[:8]))
+    for r in results:
+        mem = r.get("memory")
+        if not mem:
+            continue
+        out.append(
+            f"\n### memory at the peak of one step: {r['row']} / {r['config']} ({mem['before_step_gib']:.2f} GiB "
+            f"allocated before the step + {mem['step_peak_extra_gib']:.2f} GiB = {mem['peak_gib']:.2f} GiB)"
+        )
+        out.extend(f"- {mib:.0f} MiB: {site}" for site, mib in mem["top_sites_mib"])
     return "\n".join(out)
 
 
@@ -368,6 +441,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--profile", action="store_true", help="one profiled step of ours and liger per row")
+    parser.add_argument("--memory", action="store_true", help="what is allocated at the peak of one step")
     parser.add_argument("--profile-dir", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--timeout", type=float, default=900.0)
@@ -382,7 +456,7 @@ def main() -> None:
         if name not in CONFIGS:
             parser.error(f"unknown configuration {name!r}; choose from {', '.join(CONFIGS)}")
     if args.worker:
-        result = worker(rows[0], configs[0], args.steps, args.warmup, args.profile_dir)
+        result = worker(rows[0], configs[0], args.steps, args.warmup, args.profile_dir, args.memory)
         print("RESULT " + json.dumps(result), flush=True)
         return
 
