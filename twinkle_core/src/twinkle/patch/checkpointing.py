@@ -177,8 +177,9 @@ class RecomputeSwiGLU(Patch):
     its weight): autograd keeps ``act(gate) * up`` next to ``gate`` and ``up``, which the SiLU
     backward keeps anyway. Recomputing it from those two (a checkpoint around the product only;
     inductor fuses the recompute into the SiLU backward kernel) frees the largest tensor of
-    the layer: Qwen2.5-0.5B with 16k tokens, 152 MiB per layer, 3.6 GiB in all; 7B with 8k
-    tokens, 8.7 GiB. Exact: the same pointwise arithmetic runs again.
+    the layer (152 MiB per layer for Qwen2.5-0.5B at 16k tokens). Measured on an H200, same
+    tokens/s within 0.5%: 0.5B LoRA peak 16.26 -> 13.14 GiB, 7B LoRA (8k tokens) 48.99 -> 41.77
+    GiB. Exact: the same pointwise arithmetic runs again.
 
     Example::
 
