@@ -6,7 +6,7 @@ work between the matmuls into a few Triton kernels: RMSNorm, RoPE, SwiGLU, resid
 dtype casts and the LoRA epilogues, in forward and backward, and removes most of the
 per-op Python and launch overhead. Attention stays on sdpa's flash kernel and matmuls on
 cuBLAS. The decoder's final norm is compiled too: eager, transformers' RMSNorm keeps a float32
-copy of its input for backward (64 MiB for 16k tokens of a 896-wide model), inductor's only
+copy of its input for backward (56 MiB for 16k tokens of a 896-wide model), inductor's only
 the bf16 input and the per-row scale. Numerics: inductor may reorder float32 reductions
 (RMSNorm variance); results agree with eager within bf16 rounding.
 """

@@ -157,13 +157,10 @@ def _linear_into(hidden: Any, weight: Any, bias: Any, buffer: Any) -> tuple[Any,
     import torch
 
     rows = hidden.shape[0]
-    dtype = torch.promote_types(hidden.dtype, weight.dtype)
-    if bias is not None:
-        dtype = torch.promote_types(dtype, bias.dtype)
-    if hidden.dtype != weight.dtype or dtype != hidden.dtype:
+    if hidden.dtype != weight.dtype or (bias is not None and bias.dtype != hidden.dtype):
         return _linear(hidden, weight, bias), buffer  # mixed dtypes: torch's own promotion
     if buffer is None:
-        buffer = torch.empty(rows, weight.shape[0], dtype=dtype, device=hidden.device)
+        buffer = torch.empty(rows, weight.shape[0], dtype=hidden.dtype, device=hidden.device)
     out = buffer[:rows]
     if bias is None:
         torch.mm(hidden, weight.t(), out=out)
