@@ -10,6 +10,7 @@
 #   bash benchmarks/run_train_gpu.sh bench --rows 0.5b-lora --configs liger,ours
 #   bash benchmarks/run_train_gpu.sh all --rows 0.5b-lora,0.5b-full --profile
 #   bash benchmarks/run_train_gpu.sh kernels                     # benchmarks/ce_kernel.py only
+#   bash benchmarks/run_train_gpu.sh layer --shape 7b            # benchmarks/lora_layer.py only
 #
 # Logs and tables go to $OUT (default ./train-gpu-out).
 set -uo pipefail
@@ -42,6 +43,9 @@ if [[ "$PHASE" == tests || "$PHASE" == all ]]; then
 fi
 if [[ "$PHASE" == kernels || "$PHASE" == all ]]; then
   "$PY" benchmarks/ce_kernel.py 2>&1 | tee "$OUT/ce-kernel.md" | tail -20
+fi
+if [[ "$PHASE" == layer ]]; then
+  "$PY" benchmarks/lora_layer.py "$@" 2>&1 | tee "$OUT/lora-layer.md" | tail -20
 fi
 if [[ "$PHASE" == bench || "$PHASE" == all ]]; then
   "$PY" benchmarks/train_throughput.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log" | grep -v "^\[" | tail -60

@@ -1,0 +1,117 @@
+"""What LoRA costs inside a decoder layer: forward + backward of compiled Qwen2 layers, per layer.
+
+    python benchmarks/lora_layer.py                    # 7B-shaped layers, 4 x 2048 tokens
+    python benchmarks/lora_layer.py --shape 0.5b --batch 8
+
+Builds a Qwen2 decoder of ``--layers`` layers at the model's width (random weights, small
+vocabulary: the LM head is not what is measured), and times ``decoder(inputs_embeds)`` plus its
+backward with CUDA events, in one process, for:
+
+* ``frozen``: no adapters; the base model frozen and only the input needing a gradient. The
+  floor: what the layer costs without LoRA (the same patches otherwise).
+* ``lora``: LoRA r=8 on all linear layers, the default fast path.
+* ``lora_peft``: the same without ``FusedLoraLinear`` (peft's own LoRA forward, bf16 adapters).
+
+Prints ms per layer and the LoRA overhead over the floor: the part of a 7B LoRA step that any
+LoRA-specific kernel work can win back (docs/decisions/0007-stacked-lora-measured.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from model_shapes import QWEN25_05B, QWEN25_7B, qwen2_config
+
+SHAPES = {"7b": QWEN25_7B, "0.5b": QWEN25_05B}
+
+
+def build(shape: dict, layers: int, variant: str):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, Qwen2Config
+    from twinkle.patch.fastpath import apply_patches, decoder_of, resolve_patches
+
+    fields = {k: v for k, v in qwen2_config(shape).items() if k != "model_type"}
+    fields.update(num_hidden_layers=layers, vocab_size=1024)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(
+            Qwen2Config(**fields), dtype=torch.bfloat16, attn_implementation="sdpa"
+        )
+    if variant == "frozen":
+        model.requires_grad_(False)
+    else:
+        config = LoraConfig(r=8, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
+        model = get_peft_model(model, config)
+    disabled = ["FusedLinearCrossEntropy", "ActivationCheckpointing"]
+    if variant == "lora_peft":
+        disabled.append("FusedLoraLinear")
+    applied = apply_patches(model, resolve_patches(None, disabled))
+    model.train()
+    return decoder_of(model), applied
+
+
+def time_variant(shape: dict, layers: int, batch: int, seq: int, variant: str, iters: int) -> tuple[float, list]:
+    import torch
+
+    decoder, applied = build(shape, layers, variant)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(batch, seq, shape["hidden_size"], device="cuda", dtype=torch.bfloat16, generator=gen)
+    x.requires_grad_(True)
+    grad = torch.randn_like(x)
+
+    def step() -> None:
+        out = decoder(inputs_embeds=x, use_cache=False).last_hidden_state
+        out.backward(grad)
+        x.grad = None
+        for p in decoder.parameters():
+            p.grad = None
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        step()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters / layers, applied
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="7b")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--variants", default="frozen,lora,lora_peft")
+    args = parser.parse_args()
+    import torch
+
+    if not torch.cuda.is_available():
+        sys.exit("lora_layer.py needs a CUDA GPU")
+    shape = SHAPES[args.shape]
+    rows = []
+    for variant in args.variants.split(","):
+        ms, applied = time_variant(shape, args.layers, args.batch, args.seq, variant, args.iters)
+        rows.append((variant, ms))
+        torch.cuda.empty_cache()
+        print(f"[{variant}] {ms:.3f} ms/layer; patches {applied}", file=sys.stderr, flush=True)
+    times = dict(rows)
+    floor = times.get("frozen")
+    base = times.get("lora")
+    device = torch.cuda.get_device_name(0)
+    print(f"\n{args.shape} layers, {args.batch}x{args.seq} tokens, {device}, torch {torch.__version__}\n")
+    print("| variant | ms / layer (fwd+bwd) | LoRA overhead over frozen | speed vs lora |")
+    print("|---|---|---|---|")
+    for variant, ms in rows:
+        over = f"{ms - floor:+.3f} ms ({(ms / floor - 1) * 100:+.1f}%)" if floor else "-"
+        ratio = f"{base / ms:.3f}x" if base else "-"
+        print(f"| {variant} | {ms:.3f} | {over} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()
