@@ -11,6 +11,9 @@ backward with CUDA events, in one process, for:
   floor: what the layer costs without LoRA (the same patches otherwise).
 * ``lora``: LoRA r=8 on all linear layers, the default fast path.
 * ``lora_peft``: the same without ``FusedLoraLinear`` (peft's own LoRA forward, bf16 adapters).
+* any variant with ``_autotune`` appended: its layers compiled with
+  ``mode="max-autotune-no-cudagraphs"`` (inductor times Triton GEMM templates, which can take the
+  LoRA add as an epilogue, against cuBLAS for every matmul shape; minutes of compile).
 
 Prints ms per layer and the LoRA overhead over the floor: the part of a 7B LoRA step that any
 LoRA-specific kernel work can win back (docs/decisions/0007-stacked-lora-measured.md).
@@ -19,6 +22,7 @@ LoRA-specific kernel work can win back (docs/decisions/0007-stacked-lora-measure
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from model_shapes import QWEN25_05B, QWEN25_7B, qwen2_config
@@ -39,6 +43,8 @@ def build(shape: dict, layers: int, variant: str):
         model = AutoModelForCausalLM.from_config(
             Qwen2Config(**fields), dtype=torch.bfloat16, attn_implementation="sdpa"
         )
+    autotune = variant.endswith("_autotune")
+    variant = variant.removesuffix("_autotune")
     if variant == "frozen":
         model.requires_grad_(False)
     else:
@@ -47,7 +53,16 @@ def build(shape: dict, layers: int, variant: str):
     disabled = ["FusedLinearCrossEntropy", "ActivationCheckpointing"]
     if variant == "lora_peft":
         disabled.append("FusedLoraLinear")
-    applied = apply_patches(model, resolve_patches(None, disabled))
+    previous = os.environ.get("TWINKLE_COMPILE_MODE")
+    if autotune:
+        os.environ["TWINKLE_COMPILE_MODE"] = "max-autotune-no-cudagraphs"
+    try:
+        applied = apply_patches(model, resolve_patches(None, disabled))
+    finally:
+        if autotune:
+            os.environ.pop("TWINKLE_COMPILE_MODE")
+            if previous is not None:
+                os.environ["TWINKLE_COMPILE_MODE"] = previous
     model.train()
     return decoder_of(model), applied
 
@@ -98,6 +113,7 @@ def main() -> None:
     for variant in args.variants.split(","):
         ms, applied = time_variant(shape, args.layers, args.batch, args.seq, variant, args.iters)
         rows.append((variant, ms))
+        torch._dynamo.reset()
         torch.cuda.empty_cache()
         print(f"[{variant}] {ms:.3f} ms/layer; patches {applied}", file=sys.stderr, flush=True)
     times = dict(rows)
