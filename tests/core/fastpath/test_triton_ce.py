@@ -56,7 +56,7 @@ def test_kernel_matches_the_eager_chunk(dtype, label_smoothing):
     assert torch.equal(pred, want_pred)
     assert pred[2].item() == 10 and pred[3].item() == 70
     # float32: equal up to the order of sums; half precision: at most one rounding step apart
-    tol = dict(rtol=0, atol=1e-6) if dtype == torch.float32 else dict(rtol=0, atol=2 ** -7)
+    tol = dict(rtol=0, atol=1e-6) if dtype == torch.float32 else dict(rtol=0, atol=2**-7)
     torch.testing.assert_close(grad.float(), want_grad.float(), **tol)
     assert torch.count_nonzero(grad[1]) == 0
 

@@ -247,4 +247,3 @@ def test_one_pass_scale_and_clip_equals_torch_two_passes(tiny_model_dir, max_gra
     assert result["grad_norm"] == pytest.approx(want_norm, rel=1e-6)
     for got, expected in zip(model.state_of().params, want):
         torch.testing.assert_close(got.detach(), expected, rtol=1e-6, atol=1e-7)
-
