@@ -22,7 +22,6 @@ LoRA-specific kernel work can win back (docs/decisions/0007-stacked-lora-measure
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from model_shapes import QWEN25_05B, QWEN25_7B, qwen2_config
@@ -53,16 +52,11 @@ def build(shape: dict, layers: int, variant: str):
     disabled = ["FusedLinearCrossEntropy", "ActivationCheckpointing"]
     if variant == "lora_peft":
         disabled.append("FusedLoraLinear")
-    previous = os.environ.get("TWINKLE_COMPILE_MODE")
-    if autotune:
-        os.environ["TWINKLE_COMPILE_MODE"] = "max-autotune-no-cudagraphs"
-    try:
-        applied = apply_patches(model, resolve_patches(None, disabled))
-    finally:
-        if autotune:
-            os.environ.pop("TWINKLE_COMPILE_MODE")
-            if previous is not None:
-                os.environ["TWINKLE_COMPILE_MODE"] = previous
+    patches = resolve_patches(None, disabled)
+    for patch in patches:
+        if autotune and patch.name == "CompileDecoderLayers":
+            patch.mode = "max-autotune-no-cudagraphs"
+    applied = apply_patches(model, patches)
     model.train()
     return decoder_of(model), applied
 
