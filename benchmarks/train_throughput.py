@@ -298,9 +298,7 @@ def memory_at_peak(step, ids, top: int = 14) -> dict:
     }
 
 
-def worker(
-    row: str, config_name: str, steps: int, warmup: int, profile_dir: str | None, memory: bool = False
-) -> dict:
+def worker(row: str, config_name: str, steps: int, warmup: int, profile_dir: str | None, memory: bool = False) -> dict:
     import torch
 
     shape, lora, batch_size = {**ROWS, **SMOKE_ROWS}[row]
