@@ -49,17 +49,39 @@ def _assert_same_training(fast, plain, rows, rtol=1e-5, atol=1e-6, steps=2):
     assert m_fast["token_acc"] == pytest.approx(m_plain["token_acc"])
 
 
-def test_lora_fast_path_matches_plain_fp32(tiny_config):
+def test_lora_fast_path_matches_plain_fp32(tiny_config, monkeypatch):
+    from twinkle.patch import lora_fast
+
+    merged_calls = []
+    real_merge_pays = lora_fast._merge_pays
+
+    def counting_merge_pays(x, base, keep):
+        pays = real_merge_pays(x, base, keep)
+        merged_calls.append(pays)
+        return pays
+
+    monkeypatch.setattr(lora_fast, "_merge_pays", counting_merge_pays)
     fast = _model(tiny_config)
     plain = _model(tiny_config, patches=[])
-    assert fast.fast_path_patches == ["FusedLoraLinear", "FusedLinearCrossEntropy"]
+    assert fast.fast_path_patches == ["FusedLoraLinear", "MergedLoraForward", "FusedLinearCrossEntropy"]
     assert plain.fast_path_patches == []
     for model in (fast, plain):
         model.set_optimizer("AdamW", lr=1e-2)
     _assert_same_training(fast, plain, make_rows(8))
-    # the lean LoRA forward really ran (it is exact, so only its presence shows)
+    # the lean LoRA forward really ran (it is exact, so only its presence shows), merged for
+    # the layers whose batch has enough tokens
     layer = next(m for m in fast.model.modules() if hasattr(m, "_twinkle_peft_forward"))
     assert "_lean_forward" in layer.forward.__func__.__name__
+    assert any(merged_calls), "no LoRA layer took the merged path"
+
+
+def test_unmerged_lora_fast_path_matches_plain_fp32(tiny_config):
+    fast = _model(tiny_config, disabled_patches=["MergedLoraForward"])
+    plain = _model(tiny_config, patches=[])
+    assert "MergedLoraForward" not in fast.fast_path_patches
+    for model in (fast, plain):
+        model.set_optimizer("AdamW", lr=1e-2)
+    _assert_same_training(fast, plain, make_rows(8))
 
 
 def test_full_parameter_fast_path_matches_plain_fp32_untied():

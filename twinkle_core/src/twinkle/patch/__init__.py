@@ -8,6 +8,7 @@ _BUILTIN: dict[str, dict[str, str]] = {
         "FusedLinearCrossEntropy": "twinkle.patch.fused_linear_ce:FusedLinearCrossEntropy",
         "Bf16Adapters": "twinkle.patch.lora_fast:Bf16Adapters",
         "FusedLoraLinear": "twinkle.patch.lora_fast:FusedLoraLinear",
+        "MergedLoraForward": "twinkle.patch.lora_fast:MergedLoraForward",
         "FusedOptimizer": "twinkle.patch.optimizer:FusedOptimizer",
         "ActivationCheckpointing": "twinkle.patch.checkpointing:ActivationCheckpointing",
         "RecomputeSwiGLU": "twinkle.patch.checkpointing:RecomputeSwiGLU",

@@ -113,6 +113,7 @@ class ActivationCheckpointing(Patch):
             state["max_tokens"] = tokens
             free, _ = torch.cuda.mem_get_info(ids.device)
             need = activation_bytes(base.config, tokens, fused_head=bool(get_flag(base, "fused_linear_ce", False)))
+            need += int(get_flag(base, "kept_merged_bytes", 0) or 0)  # MergedLoraForward's weights
             if need > fraction * free:
                 logger.warning(
                     "ActivationCheckpointing: ~%.1f GiB of activations for %d tokens > %.0f%% of %.1f GiB free; "

@@ -12,6 +12,7 @@ patch                          default   what it does
 ``FusedLinearCrossEntropy``    on        LM head + cross-entropy in chunks, no full logits
 ``Bf16Adapters``               on        LoRA weights in the base model's half dtype
 ``FusedLoraLinear``            on        lean LoRA forward: ``addmm`` epilogue, no dropout
+``MergedLoraForward``          on        LoRA as one GEMM on ``W + s B A`` where that pays
 ``FusedOptimizer``             on        ``fused=True`` for Adam/AdamW on CUDA
 ``CompileDecoderLayers``       on (GPU)  regional ``torch.compile`` of each decoder layer
 ``ActivationCheckpointing``    on        checkpointing only when activations would not fit
