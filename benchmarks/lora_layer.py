@@ -9,8 +9,10 @@ backward with CUDA events, in one process, for:
 
 * ``frozen``: no adapters; the base model frozen and only the input needing a gradient. The
   floor: what the layer costs without LoRA (the same patches otherwise).
-* ``lora``: LoRA r=8 on all linear layers, the default fast path.
-* ``lora_peft``: the same without ``FusedLoraLinear`` (peft's own LoRA forward, bf16 adapters).
+* ``lora``: LoRA r=8 on all linear layers, the default fast path (``MergedLoraForward``, weight kept).
+* ``lora_unmerged``: the same without ``MergedLoraForward`` (the rank-r product beside the base GEMM).
+* ``lora_rebuild``: ``MergedLoraForward(keep_merged=False)`` (the merged weight rebuilt in backward).
+* ``lora_peft``: without ``FusedLoraLinear`` (peft's own LoRA forward, bf16 adapters).
 * any variant with ``_autotune`` appended: its layers compiled with
   ``mode="max-autotune-no-cudagraphs"`` (inductor times Triton GEMM templates, which can take the
   LoRA add as an epilogue, against cuBLAS for every matmul shape; minutes of compile).
@@ -52,10 +54,14 @@ def build(shape: dict, layers: int, variant: str):
     disabled = ["FusedLinearCrossEntropy", "ActivationCheckpointing"]
     if variant == "lora_peft":
         disabled.append("FusedLoraLinear")
+    if variant == "lora_unmerged":
+        disabled.append("MergedLoraForward")
     patches = resolve_patches(None, disabled)
     for patch in patches:
         if autotune and patch.name == "CompileDecoderLayers":
             patch.mode = "max-autotune-no-cudagraphs"
+        if variant == "lora_rebuild" and patch.name == "MergedLoraForward":
+            patch.keep_merged = False
     applied = apply_patches(model, patches)
     model.train()
     return decoder_of(model), applied
@@ -80,13 +86,15 @@ def time_variant(shape: dict, layers: int, batch: int, seq: int, variant: str, i
     for _ in range(3):
         step()
     torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(iters):
         step()
     end.record()
     torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters / layers, applied
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    return start.elapsed_time(end) / iters / layers, peak, applied
 
 
 def main() -> None:
@@ -96,7 +104,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--variants", default="frozen,lora,lora_peft")
+    parser.add_argument("--variants", default="frozen,lora,lora_unmerged,lora_peft")
     args = parser.parse_args()
     import torch
 
@@ -105,22 +113,22 @@ def main() -> None:
     shape = SHAPES[args.shape]
     rows = []
     for variant in args.variants.split(","):
-        ms, applied = time_variant(shape, args.layers, args.batch, args.seq, variant, args.iters)
-        rows.append((variant, ms))
+        ms, peak, applied = time_variant(shape, args.layers, args.batch, args.seq, variant, args.iters)
+        rows.append((variant, ms, peak))
         torch._dynamo.reset()
         torch.cuda.empty_cache()
         print(f"[{variant}] {ms:.3f} ms/layer; patches {applied}", file=sys.stderr, flush=True)
-    times = dict(rows)
+    times = {variant: ms for variant, ms, _ in rows}
     floor = times.get("frozen")
     base = times.get("lora")
     device = torch.cuda.get_device_name(0)
     print(f"\n{args.shape} layers, {args.batch}x{args.seq} tokens, {device}, torch {torch.__version__}\n")
-    print("| variant | ms / layer (fwd+bwd) | LoRA overhead over frozen | speed vs lora |")
-    print("|---|---|---|---|")
-    for variant, ms in rows:
+    print(f"| variant | ms / layer (fwd+bwd) | LoRA overhead over frozen | vs lora | peak GiB ({args.layers} layers) |")
+    print("|---|---|---|---|---|")
+    for variant, ms, peak in rows:
         over = f"{ms - floor:+.3f} ms ({(ms / floor - 1) * 100:+.1f}%)" if floor else "-"
         ratio = f"{base / ms:.3f}x" if base else "-"
-        print(f"| {variant} | {ms:.3f} | {over} | {ratio} |")
+        print(f"| {variant} | {ms:.3f} | {over} | {ratio} | {peak:.2f} |")
 
 
 if __name__ == "__main__":
