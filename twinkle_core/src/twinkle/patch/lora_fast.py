@@ -17,6 +17,8 @@ here remove that work:
   vanilla adapter, no dropout, not merged, same dtypes) and falls back to peft's forward
   otherwise; the math is peft's (``scaling`` moves across a linear map), rounding differs
   only in the order of the scaling.
+* :class:`MergedLoraForward` makes that forward, for batches with enough tokens, one GEMM on a
+  merged weight ``W + s B A`` with LoRA's own low-rank gradients (decision 0008).
 """
 
 from __future__ import annotations
