@@ -53,6 +53,16 @@ def test_merged_equals_unmerged(keep, bias, input_grad):
     assert all(not hasattr(layer, "_twinkle_merged") for layer in lora_linear_layers(model))
 
 
+def test_merged_forward_without_gradients():
+    model = _lora_net()
+    x = torch.randn(3, 40, 16, dtype=torch.double)
+    with torch.no_grad():
+        want = model(x)
+        MergedLoraForward().apply(model)
+        got = model(x)
+    torch.testing.assert_close(got, want)
+
+
 def test_merged_path_traces_whole_under_compile():
     model = _lora_net()
     x = torch.randn(2, 64, 16, dtype=torch.double, requires_grad=True)

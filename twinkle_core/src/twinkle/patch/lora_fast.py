@@ -103,8 +103,11 @@ def _lean_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
         return fallback(x, *args, **kwargs)
     merged = getattr(self, _MERGED_ATTR, None)
     if merged and _merge_pays(x, base, keep=merged == "keep"):
+        scaling = self.scaling[name]
+        if not torch.is_grad_enabled():  # forward only (log-probs, eval): no x A^T to keep
+            return torch.nn.functional.linear(x, torch.addmm(base.weight, weight_b * scaling, weight_a), base.bias)
         fn = _MergedLoraFunction.get()
-        return fn.apply(x, base.weight, base.bias, weight_a, weight_b, float(self.scaling[name]), merged == "keep")
+        return fn.apply(x, base.weight, base.bias, weight_a, weight_b, float(scaling), merged == "keep")
     result = torch.nn.functional.linear(x, base.weight, base.bias)
     # scaling on the rank-r activations (r columns, not out_features); the add is left as a plain
     # add so that, in compiled layers, inductor fuses it into the consumer (RoPE, SiLU*up, residual)
