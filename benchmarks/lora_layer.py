@@ -9,7 +9,9 @@ backward with CUDA events, in one process, for:
 
 * ``frozen``: no adapters; the base model frozen and only the input needing a gradient. The
   floor: what the layer costs without LoRA (the same patches otherwise).
-* ``lora``: LoRA r=8 on all linear layers, the default fast path (``MergedLoraForward``, weight kept).
+* ``lora``: LoRA r=8 on all linear layers, the default fast path (``MergedLoraForward``, weight kept;
+  ``GroupedLoraProjections``).
+* ``lora_ungrouped``: the same without ``GroupedLoraProjections`` (one merged GEMM per projection).
 * ``lora_unmerged``: the same without ``MergedLoraForward`` (the rank-r product beside the base GEMM).
 * ``lora_rebuild``: ``MergedLoraForward(keep_merged=False)`` (the merged weight rebuilt in backward).
 * ``lora_peft``: without ``FusedLoraLinear`` (peft's own LoRA forward, bf16 adapters).
@@ -56,6 +58,8 @@ def build(shape: dict, layers: int, variant: str):
         disabled.append("FusedLoraLinear")
     if variant == "lora_unmerged":
         disabled.append("MergedLoraForward")
+    if variant == "lora_ungrouped":
+        disabled.append("GroupedLoraProjections")
     patches = resolve_patches(None, disabled)
     for patch in patches:
         if autotune and patch.name == "CompileDecoderLayers":

@@ -55,15 +55,20 @@ def test_lora_fast_path_matches_plain_fp32(tiny_config, monkeypatch):
     merged_calls = []
     real_merge_pays = lora_fast._merge_pays
 
-    def counting_merge_pays(x, base, keep):
-        pays = real_merge_pays(x, base, keep)
-        merged_calls.append(pays)
+    def counting_merge_pays(x, bases, keep):
+        pays = real_merge_pays(x, bases, keep)
+        merged_calls.append((len(bases), pays))
         return pays
 
     monkeypatch.setattr(lora_fast, "_merge_pays", counting_merge_pays)
     fast = _model(tiny_config)
     plain = _model(tiny_config, patches=[])
-    assert fast.fast_path_patches == ["FusedLoraLinear", "MergedLoraForward", "FusedLinearCrossEntropy"]
+    assert fast.fast_path_patches == [
+        "FusedLoraLinear",
+        "MergedLoraForward",
+        "GroupedLoraProjections",
+        "FusedLinearCrossEntropy",
+    ]
     assert plain.fast_path_patches == []
     for model in (fast, plain):
         model.set_optimizer("AdamW", lr=1e-2)
@@ -72,7 +77,8 @@ def test_lora_fast_path_matches_plain_fp32(tiny_config, monkeypatch):
     # the layers whose batch has enough tokens
     layer = next(m for m in fast.model.modules() if hasattr(m, "_twinkle_peft_forward"))
     assert "_lean_forward" in layer.forward.__func__.__name__
-    assert any(merged_calls), "no LoRA layer took the merged path"
+    assert any(pays for _, pays in merged_calls), "no LoRA layer took the merged path"
+    assert {(3, True), (2, True)} <= set(merged_calls), "q/k/v and gate/up did not run grouped"
 
 
 def test_unmerged_lora_fast_path_matches_plain_fp32(tiny_config):

@@ -82,14 +82,20 @@ def test_merged_path_traces_whole_under_compile():
 
 
 def test_merging_only_where_it_moves_fewer_bytes():
-    base = torch.nn.Linear(3584, 18944, bias=False).requires_grad_(False)  # 7B gate_proj: 3014 tokens
+    base = [torch.nn.Linear(3584, 18944, bias=False).requires_grad_(False)]  # 7B gate_proj: 3014 tokens
     few, many = torch.empty(1, 2048, 3584, device="meta"), torch.empty(4, 2048, 3584, device="meta")
     assert not _merge_pays(few, base, keep=True) and _merge_pays(many, base, keep=True)
     assert not _merge_pays(torch.empty(1, 4096, 3584, device="meta"), base, keep=False)  # recompute: 6028
     with torch.no_grad():  # no backward: pays from in_features tokens
         assert _merge_pays(torch.empty(1, 3584, 3584, device="meta"), base, keep=True)
         assert not _merge_pays(torch.empty(1, 3583, 3584, device="meta"), base, keep=True)
-    base.weight.requires_grad_(True)  # a trained base weight needs its own gradient: never merged
+    # a group is one [sum(out), in] weight: 7B gate + up pay from 3291 tokens, gate alone from 3014
+    group = base + [torch.nn.Linear(3584, 18944, bias=False).requires_grad_(False)]
+    assert _merge_pays(torch.empty(1, 3100, 3584, device="meta"), base, keep=True)
+    assert not _merge_pays(torch.empty(1, 3100, 3584, device="meta"), group, keep=True)
+    group[1].weight.requires_grad_(True)  # one trained base weight in a group: not merged
+    assert not _merge_pays(many, group, keep=True)
+    base[0].weight.requires_grad_(True)  # a trained base weight needs its own gradient: never merged
     assert not _merge_pays(many, base, keep=True)
 
 

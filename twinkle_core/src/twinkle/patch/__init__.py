@@ -9,6 +9,7 @@ _BUILTIN: dict[str, dict[str, str]] = {
         "Bf16Adapters": "twinkle.patch.lora_fast:Bf16Adapters",
         "FusedLoraLinear": "twinkle.patch.lora_fast:FusedLoraLinear",
         "MergedLoraForward": "twinkle.patch.lora_fast:MergedLoraForward",
+        "GroupedLoraProjections": "twinkle.patch.lora_fast:GroupedLoraProjections",
         "FusedOptimizer": "twinkle.patch.optimizer:FusedOptimizer",
         "ActivationCheckpointing": "twinkle.patch.checkpointing:ActivationCheckpointing",
         "RecomputeSwiGLU": "twinkle.patch.checkpointing:RecomputeSwiGLU",

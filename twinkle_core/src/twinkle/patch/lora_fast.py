@@ -30,6 +30,8 @@ from twinkle.patch.base import Patch
 
 _LEAN_ATTR = "_twinkle_lean_forward"
 _MERGED_ATTR = "_twinkle_merged"
+_GROUP_ATTR = "_twinkle_group"  # on a group's first layer: the other layers that read its input
+_GROUP_OUT_ATTR = "_twinkle_group_out"  # on the others: (input, output) left by the first
 
 
 def lora_linear_layers(model: Any) -> list[Any]:
@@ -79,58 +81,97 @@ class Bf16Adapters(Patch):
                             param.data = param.data.to(dtype)
 
 
+def _plain_adapter(layer: Any, x: Any) -> tuple[Any, Any, Any, float] | None:
+    """``(base, A, B, scaling)`` when ``layer(x)`` is the plain LoRA case; ``None`` for peft's forward.
+
+    Plain: adapters enabled and not merged, one active vanilla adapter without dropout or LoRA
+    bias, an ``nn.Linear`` base, and ``x``, the base weight and the adapter in one dtype.
+    """
+    import torch
+
+    if layer.disable_adapters or layer.merged:
+        return None
+    active = layer.active_adapters
+    if len(active) != 1:
+        return None
+    name = active[0]
+    if name not in layer.lora_A or name in getattr(layer, "lora_variant", {}):
+        return None
+    if not isinstance(layer.lora_dropout[name], torch.nn.Identity):
+        return None
+    base = layer.get_base_layer()
+    if type(base) is not torch.nn.Linear or getattr(layer, "lora_bias", {}).get(name, False):
+        return None
+    weight_a = layer.lora_A[name].weight
+    weight_b = layer.lora_B[name].weight
+    if not (x.dtype == base.weight.dtype == weight_a.dtype == weight_b.dtype):
+        return None
+    return base, weight_a, weight_b, float(layer.scaling[name])
+
+
 def _lean_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
-    """``y = x W^T + b + scaling * (x A^T) B^T`` in two calls; peft's forward for anything else."""
+    """``y = x W^T + b + scaling * (x A^T) B^T`` in two calls; peft's forward for anything else.
+
+    With :class:`MergedLoraForward` the product runs through the merged weight where that pays,
+    and with :class:`GroupedLoraProjections` the first layer of a group (``q_proj`` of q/k/v,
+    ``gate_proj`` of gate/up) computes every member's output from the same input in one GEMM
+    and leaves the others theirs (``_twinkle_group_out``), which they return when called next
+    with that same input.
+    """
     import torch
 
     fallback = self._twinkle_peft_forward
-    if args or kwargs or self.disable_adapters or self.merged:
+    if args or kwargs:
         return fallback(x, *args, **kwargs)
-    active = self.active_adapters
-    if len(active) != 1:
-        return fallback(x, *args, **kwargs)
-    name = active[0]
-    if name not in self.lora_A or name in getattr(self, "lora_variant", {}):
-        return fallback(x, *args, **kwargs)
-    if not isinstance(self.lora_dropout[name], torch.nn.Identity):
-        return fallback(x, *args, **kwargs)
-    base = self.get_base_layer()
-    if type(base) is not torch.nn.Linear or getattr(self, "lora_bias", {}).get(name, False):
-        return fallback(x, *args, **kwargs)
-    weight_a = self.lora_A[name].weight
-    weight_b = self.lora_B[name].weight
-    if not (x.dtype == base.weight.dtype == weight_a.dtype == weight_b.dtype):
-        return fallback(x, *args, **kwargs)
+    pending = getattr(self, _GROUP_OUT_ATTR, None)
+    if pending is not None:
+        setattr(self, _GROUP_OUT_ATTR, None)
+        if pending[0] is x:
+            return pending[1]
+    plain = _plain_adapter(self, x)
+    if plain is None:
+        return fallback(x)
     merged = getattr(self, _MERGED_ATTR, None)
-    if merged and _merge_pays(x, base, keep=merged == "keep"):
-        scaling = self.scaling[name]
-        if not torch.is_grad_enabled():  # forward only (log-probs, eval): no x A^T to keep
-            return torch.nn.functional.linear(x, torch.addmm(base.weight, weight_b * scaling, weight_a), base.bias)
-        fn = _MergedLoraFunction.get()
-        return fn.apply(x, base.weight, base.bias, weight_a, weight_b, float(scaling), merged == "keep")
+    if merged:
+        keep = merged == "keep"
+        followers = getattr(self, _GROUP_ATTR, None)
+        if followers:
+            members = [plain, *(_plain_adapter(layer, x) for layer in followers)]
+            if all(m is not None for m in members) and _merge_pays(x, [m[0] for m in members], keep):
+                outs = _merged_lora(x, members, keep)
+                for layer, out in zip(followers, outs[1:]):
+                    setattr(layer, _GROUP_OUT_ATTR, (x, out))
+                return outs[0]
+        if _merge_pays(x, [plain[0]], keep):
+            return _merged_lora(x, [plain], keep)[0]
+    base, weight_a, weight_b, scaling = plain
     result = torch.nn.functional.linear(x, base.weight, base.bias)
     # scaling on the rank-r activations (r columns, not out_features); the add is left as a plain
     # add so that, in compiled layers, inductor fuses it into the consumer (RoPE, SiLU*up, residual)
-    low_rank = torch.nn.functional.linear(x, weight_a) * self.scaling[name]
+    low_rank = torch.nn.functional.linear(x, weight_a) * scaling
     return result + torch.nn.functional.linear(low_rank, weight_b)
 
 
-def _merge_pays(x: Any, base: Any, keep: bool) -> bool:
+def _merge_pays(x: Any, bases: list[Any], keep: bool) -> bool:
     """Whether ``x (W + s B A)^T`` moves fewer bytes than ``x W^T + s (x A^T) B^T`` for this call.
+
+    ``bases`` are the base ``Linear`` layers that would share one merged GEMM (one layer, or a
+    group reading the same input), taken together as one ``[sum(out), in]`` weight.
 
     Unmerged, LoRA writes and re-reads a ``[tokens, out]`` product in forward and a
     ``[tokens, in]`` one in backward; merged, it writes and reads an ``[out, in]`` weight once per
     forward (and again in backward when the merged weight is not kept). So merging pays from
     ``out * in / (out + in)`` tokens when training (about 1.8k-3k for a 7B layer), twice that
     when the merged weight is recomputed, and from ``in`` tokens without gradients. The base
-    weight and bias must be frozen (the merged path gives no gradient for them).
+    weights and biases must be frozen (the merged path gives no gradient for them).
     """
     import torch
 
-    weight = base.weight
-    if weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
-        return False
-    out_f, in_f = weight.shape
+    for base in bases:
+        if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+            return False
+    in_f = bases[0].weight.shape[1]
+    out_f = sum(base.weight.shape[0] for base in bases)
     tokens = x.numel() // max(1, in_f)
     if not torch.is_grad_enabled():
         return tokens >= in_f
@@ -138,15 +179,71 @@ def _merge_pays(x: Any, base: Any, keep: bool) -> bool:
     return tokens >= (threshold if keep else 2 * threshold)
 
 
-class _MergedLoraFunction:
-    """``y = x (W + s B A)^T + b`` with LoRA's low-rank gradients (built lazily: torch on first use).
+def _cat(tensors: list[Any], dim: int = 0) -> Any:
+    """``torch.cat`` that returns a single tensor as it is (no copy)."""
+    import torch
 
-    Forward merges the adapter into a copy of the frozen weight (one ``addmm`` over the weight,
-    which for a layer of 8k tokens is smaller than its activations) and runs one GEMM, so no
-    ``[tokens, out]`` rank-r product is written and re-read. Backward: ``grad_x = grad @ W_merged``
-    (one GEMM, no rank-r input gradient to add), ``grad_B = s grad^T (x A^T)`` and
-    ``grad_A = s (grad B)^T x``: the same low-rank gradients as the unmerged path, never the
-    ``[out, in]`` weight gradient.
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim)
+
+
+def _scale_columns(low: Any, scalings: tuple[float, ...], ranks: tuple[int, ...]) -> Any:
+    """``low`` (``[tokens, sum(r)]``) with each member's ``r`` columns times its scaling."""
+    if len(set(scalings)) == 1:
+        return low * scalings[0]
+    return _cat([part * s for part, s in zip(low.split(list(ranks), -1), scalings)], -1)
+
+
+def _merged_lora(x: Any, members: list[tuple[Any, Any, Any, float]], keep: bool) -> tuple[Any, ...]:
+    """Each member's ``x (W_i + s_i B_i A_i)^T + b_i`` through one GEMM on the stacked merged weights.
+
+    ``members`` are :func:`_plain_adapter` tuples of layers that read ``x``. Returns one output
+    per member (views of one ``[..., sum(out)]`` result when there are several).
+    """
+    import torch
+
+    bases = [m[0] for m in members]
+    biases = [base.bias for base in bases]
+    if not torch.is_grad_enabled():  # forward only (log-probs, eval): no x A^T to keep
+        merged = _cat([torch.addmm(base.weight, b * s, a) for base, a, b, s in members])
+        out = torch.nn.functional.linear(x, merged, _stacked_bias(biases, [base.weight for base in bases]))
+    else:
+        fn = _MergedLoraFunction.get()
+        out = fn.apply(
+            x,
+            keep,
+            tuple(m[3] for m in members),
+            *(base.weight for base in bases),
+            *biases,
+            *(m[1] for m in members),
+            *(m[2] for m in members),
+        )
+    if len(members) == 1:
+        return (out,)
+    return out.split([base.weight.shape[0] for base in bases], -1)
+
+
+def _stacked_bias(biases: list[Any], weights: list[Any]) -> Any:
+    """The members' biases stacked (zeros for a member without one); ``None`` when none has one."""
+
+    if all(b is None for b in biases):
+        return None
+    return _cat([b if b is not None else w.new_zeros(w.shape[0]) for b, w in zip(biases, weights)])
+
+
+class _MergedLoraFunction:
+    """``y = x [W_1 + s_1 B_1 A_1; ...]^T + [b_1; ...]`` with LoRA's low-rank gradients (torch on first use).
+
+    One LoRA layer, or several reading the same input (q/k/v, gate/up). Forward merges each
+    adapter into a copy of its frozen weight (one ``addmm`` over the weight, which for a layer of
+    8k tokens is smaller than its activations; in a compiled layer inductor writes the members'
+    merges straight into the stacked buffer) and runs one GEMM, so no ``[tokens, out]`` rank-r
+    product is written and re-read. Backward: ``grad_x = grad @ W_merged`` (one GEMM, no rank-r
+    input gradient to add, one input gradient for the whole group), ``grad_B_i = s_i grad_i^T (x
+    A_i^T)`` and ``grad_A_i = s_i (grad_i B_i)^T x``: the same low-rank gradients as the unmerged
+    path, never the ``[out, in]`` weight gradient. For a group, ``grad`` and ``x`` are each read
+    once for all members (against a block-diagonal ``B`` and the stacked ``A``).
+
+    ``apply(x, keep_merged, scalings, *weights, *biases, *lora_As, *lora_Bs)``, ``n`` of each.
     """
 
     _fn: Any = None
@@ -158,32 +255,48 @@ class _MergedLoraFunction:
 
             class MergedLora(torch.autograd.Function):
                 @staticmethod
-                def forward(ctx, x, weight, bias, weight_a, weight_b, scaling, keep_merged):  # type: ignore[override]
-                    merged = torch.addmm(weight, weight_b * scaling, weight_a)
-                    out = torch.nn.functional.linear(x, merged, bias)
+                def forward(ctx, x, keep_merged, scalings, *tensors):  # type: ignore[override]
+                    n = len(scalings)
+                    weights, biases = tensors[:n], tensors[n : 2 * n]
+                    weights_a, weights_b = tensors[2 * n : 3 * n], tensors[3 * n :]
+                    adapters = list(zip(weights, weights_a, weights_b, scalings))
+                    merged = _cat([torch.addmm(w, b * s, a) for w, a, b, s in adapters])
+                    out = torch.nn.functional.linear(x, merged, _stacked_bias(list(biases), list(weights)))
                     flat = x.reshape(-1, x.shape[-1])
-                    low = (flat @ weight_a.t()) * scaling
-                    ctx.scaling = scaling
+                    ranks = tuple(a.shape[0] for a in weights_a)
+                    low = _scale_columns(flat @ _cat(list(weights_a)).t(), scalings, ranks)
+                    ctx.scalings, ctx.ranks = scalings, ranks
                     ctx.x_shape = x.shape
-                    ctx.save_for_backward(flat, weight, weight_a, weight_b, low, merged if keep_merged else None)
+                    ctx.save_for_backward(flat, low, merged if keep_merged else None, *weights, *weights_a, *weights_b)
                     return out
 
                 @staticmethod
                 def backward(ctx, grad):  # type: ignore[override]
-                    flat, weight, weight_a, weight_b, low, merged = ctx.saved_tensors
-                    scaling = ctx.scaling
+                    flat, low, merged, *rest = ctx.saved_tensors
+                    scalings, ranks = ctx.scalings, ctx.ranks
+                    n = len(scalings)
+                    weights, weights_a, weights_b = rest[:n], rest[n : 2 * n], rest[2 * n :]
                     g = grad.reshape(-1, grad.shape[-1])
                     grad_x = None
                     if ctx.needs_input_grad[0]:
                         if merged is None:
                             # scaled on A here, on B in forward: otherwise a compiled graph
                             # dedupes the two addmm's and keeps the forward's merged weight
-                            merged = torch.addmm(weight, weight_b, weight_a * scaling)
+                            adapters = zip(weights, weights_a, weights_b, scalings)
+                            merged = _cat([torch.addmm(w, b, a * s) for w, a, b, s in adapters])
                         grad_x = (g @ merged).view(ctx.x_shape)
-                    gb = (g @ weight_b) * scaling
-                    grad_b = g.t() @ low
-                    grad_a = gb.t() @ flat
-                    return grad_x, None, None, grad_a, grad_b, None, None
+                    block_b = weights_b[0] if n == 1 else torch.block_diag(*weights_b)
+                    gb = _scale_columns(g @ block_b, scalings, ranks)
+                    grad_a = gb.t() @ flat  # [sum(r), in]
+                    grad_b = g.t() @ low  # [sum(out), sum(r)]; member i's block on the diagonal
+                    grads_a, grads_b = [], []
+                    row = col = 0
+                    for w, r in zip(weights, ranks):
+                        out_f = w.shape[0]
+                        grads_a.append(grad_a[col : col + r])
+                        grads_b.append(grad_b[row : row + out_f, col : col + r])
+                        row, col = row + out_f, col + r
+                    return (grad_x, None, None, *([None] * (2 * n)), *grads_a, *grads_b)
 
             cls._fn = MergedLora
         return cls._fn
@@ -284,3 +397,64 @@ class MergedLoraForward(Patch):
         for layer in lora_linear_layers(model):
             layer.__dict__.pop(_MERGED_ATTR, None)
         set_flag(model, "kept_merged_bytes", 0)
+
+
+class GroupedLoraProjections(Patch):
+    """The LoRA projections that read one input (q/k/v, gate/up) as one merged GEMM, each way.
+
+    With :class:`MergedLoraForward`, every LoRA ``Linear`` is one GEMM on its merged weight; but
+    ``q_proj``, ``k_proj`` and ``v_proj`` (and ``gate_proj`` and ``up_proj``) still run three (two)
+    GEMMs on the same input, the narrow ``k``/``v`` ones well below the GPU's GEMM rate, and in
+    backward three input-gradient GEMMs whose results are then summed, plus each member's own
+    pass over ``x`` for ``x A^T`` and for ``A``'s gradient. This patch makes the first member
+    (``q_proj``, ``gate_proj``) compute the whole group: the members' merged weights stacked into
+    one ``[sum(out), in]`` GEMM (in a compiled layer the merges write straight into the stack),
+    ``x A^T`` and ``A``'s gradient for all members in one pass over ``x`` each, the ``B``
+    gradients and ``grad B`` in one pass over the group's gradient, and one input-gradient GEMM.
+    The other members find their output left for them and return it (when called with the same
+    input tensor; anything else runs their own forward).
+
+    Applies per call where every member is the plain LoRA case and merging the whole group pays
+    (:func:`_merge_pays` on the stacked weight); numerically the same products as the members'
+    own merged GEMMs (CPU test: float64-equal to the unmerged path).
+
+    Example::
+
+        TransformersModel(..., disabled_patches=["GroupedLoraProjections"])  # one GEMM per projection
+    """
+
+    name = "GroupedLoraProjections"
+    enabled_by_default = True
+    order = 22
+    #: Sibling attributes called in this order with the same input by a module's forward.
+    GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+    def groups(self, model: Any) -> list[list[Any]]:
+        """Each group of merged lean LoRA layers that share a parent and an input width."""
+        found = []
+        for module in model.modules():
+            for names in self.GROUPS:
+                members = [getattr(module, name, None) for name in names]
+                if not all(getattr(m, _MERGED_ATTR, None) and getattr(m, _LEAN_ATTR, False) for m in members):
+                    continue
+                bases = [m.get_base_layer() for m in members]
+                if len({b.weight.shape[1] for b in bases}) == 1 and len({b.weight.dtype for b in bases}) == 1:
+                    found.append(members)
+        return found
+
+    def applies_to(self, model: Any) -> bool:
+        """Models with at least one group of layers on :class:`MergedLoraForward`'s path."""
+        return bool(self.groups(model))
+
+    def apply(self, model: Any) -> None:
+        """Give each group's first layer the others (the choice to group is made per call)."""
+        for leader, *followers in self.groups(model):
+            setattr(leader, _GROUP_ATTR, tuple(followers))
+            for layer in followers:
+                setattr(layer, _GROUP_OUT_ATTR, None)
+
+    def revert(self, model: Any) -> None:
+        """Each projection its own GEMM again."""
+        for layer in lora_linear_layers(model):
+            layer.__dict__.pop(_GROUP_ATTR, None)
+            layer.__dict__.pop(_GROUP_OUT_ATTR, None)
