@@ -11,6 +11,8 @@ backward with CUDA events, in one process, for:
   floor: what the layer costs without LoRA (the same patches otherwise).
 * ``lora``: LoRA r=8 on all linear layers, the default fast path (``MergedLoraForward``, weight kept;
   ``GroupedLoraProjections``).
+* ``lora_nokernel``: the same with ``MergedLoraForward(grad_kernel=False)`` (cuBLAS for ``grad B`` and
+  the ``B`` gradients instead of one Triton pass over the output gradient).
 * ``lora_ungrouped``: the same without ``GroupedLoraProjections`` (one merged GEMM per projection).
 * ``lora_unmerged``: the same without ``MergedLoraForward`` (the rank-r product beside the base GEMM).
 * ``lora_rebuild``: ``MergedLoraForward(keep_merged=False)`` (the merged weight rebuilt in backward).
@@ -66,6 +68,8 @@ def build(shape: dict, layers: int, variant: str):
             patch.mode = "max-autotune-no-cudagraphs"
         if variant == "lora_rebuild" and patch.name == "MergedLoraForward":
             patch.keep_merged = False
+        if variant == "lora_nokernel" and patch.name == "MergedLoraForward":
+            patch.grad_kernel = False
     applied = apply_patches(model, patches)
     model.train()
     return decoder_of(model), applied

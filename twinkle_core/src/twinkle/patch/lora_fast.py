@@ -23,6 +23,7 @@ here remove that work:
 
 from __future__ import annotations
 
+import os
 from types import MethodType
 from typing import Any
 
@@ -30,6 +31,7 @@ from twinkle.patch.base import Patch
 
 _LEAN_ATTR = "_twinkle_lean_forward"
 _MERGED_ATTR = "_twinkle_merged"
+_GRAD_KERNEL_ATTR = "_twinkle_lora_grad_kernel"  # backward through twinkle::lora_grads (triton_lora)
 _GROUP_ATTR = "_twinkle_group"  # on a group's first layer: the other layers that read its input
 _GROUP_OUT_ATTR = "_twinkle_group_out"  # on the others: (input, output) left by the first
 
@@ -138,12 +140,12 @@ def _lean_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
         if followers:
             members = [plain, *(_plain_adapter(layer, x) for layer in followers)]
             if all(m is not None for m in members) and _merge_pays(x, [m[0] for m in members], keep):
-                outs = _merged_lora(x, members, keep)
+                outs = _merged_lora(x, members, keep, getattr(self, _GRAD_KERNEL_ATTR, False))
                 for layer, out in zip(followers, outs[1:]):
                     setattr(layer, _GROUP_OUT_ATTR, (x, out))
                 return outs[0]
         if _merge_pays(x, [plain[0]], keep):
-            return _merged_lora(x, [plain], keep)[0]
+            return _merged_lora(x, [plain], keep, getattr(self, _GRAD_KERNEL_ATTR, False))[0]
     base, weight_a, weight_b, scaling = plain
     result = torch.nn.functional.linear(x, base.weight, base.bias)
     # scaling on the rank-r activations (r columns, not out_features); the add is left as a plain
@@ -193,11 +195,14 @@ def _scale_columns(low: Any, scalings: tuple[float, ...], ranks: tuple[int, ...]
     return _cat([part * s for part, s in zip(low.split(list(ranks), -1), scalings)], -1)
 
 
-def _merged_lora(x: Any, members: list[tuple[Any, Any, Any, float]], keep: bool) -> tuple[Any, ...]:
+def _merged_lora(
+    x: Any, members: list[tuple[Any, Any, Any, float]], keep: bool, grad_kernel: bool = False
+) -> tuple[Any, ...]:
     """Each member's ``x (W_i + s_i B_i A_i)^T + b_i`` through one GEMM on the stacked merged weights.
 
     ``members`` are :func:`_plain_adapter` tuples of layers that read ``x``. Returns one output
-    per member (views of one ``[..., sum(out)]`` result when there are several).
+    per member (views of one ``[..., sum(out)]`` result when there are several). ``grad_kernel``:
+    the low-rank gradients through ``twinkle::lora_grads`` (:mod:`twinkle.patch.triton_lora`).
     """
     import torch
 
@@ -211,6 +216,7 @@ def _merged_lora(x: Any, members: list[tuple[Any, Any, Any, float]], keep: bool)
         out = fn.apply(
             x,
             keep,
+            grad_kernel,
             tuple(m[3] for m in members),
             *(base.weight for base in bases),
             *biases,
@@ -243,7 +249,9 @@ class _MergedLoraFunction:
     path, never the ``[out, in]`` weight gradient. For a group, ``grad`` and ``x`` are each read
     once for all members (against a block-diagonal ``B`` and the stacked ``A``).
 
-    ``apply(x, keep_merged, scalings, *weights, *biases, *lora_As, *lora_Bs)``, ``n`` of each.
+    ``apply(x, keep_merged, grad_kernel, scalings, *weights, *biases, *lora_As, *lora_Bs)``, ``n`` of
+    each; ``grad_kernel`` computes ``grad B`` and the ``B`` gradients in one pass over ``grad``
+    (``twinkle::lora_grads``, :mod:`twinkle.patch.triton_lora`) instead of two cuBLAS calls.
     """
 
     _fn: Any = None
@@ -255,7 +263,7 @@ class _MergedLoraFunction:
 
             class MergedLora(torch.autograd.Function):
                 @staticmethod
-                def forward(ctx, x, keep_merged, scalings, *tensors):  # type: ignore[override]
+                def forward(ctx, x, keep_merged, grad_kernel, scalings, *tensors):  # type: ignore[override]
                     n = len(scalings)
                     weights, biases = tensors[:n], tensors[n : 2 * n]
                     weights_a, weights_b = tensors[2 * n : 3 * n], tensors[3 * n :]
@@ -265,7 +273,7 @@ class _MergedLoraFunction:
                     flat = x.reshape(-1, x.shape[-1])
                     ranks = tuple(a.shape[0] for a in weights_a)
                     low = _scale_columns(flat @ _cat(list(weights_a)).t(), scalings, ranks)
-                    ctx.scalings, ctx.ranks = scalings, ranks
+                    ctx.scalings, ctx.ranks, ctx.grad_kernel = scalings, ranks, grad_kernel
                     ctx.x_shape = x.shape
                     ctx.save_for_backward(flat, low, merged if keep_merged else None, *weights, *weights_a, *weights_b)
                     return out
@@ -286,9 +294,14 @@ class _MergedLoraFunction:
                             merged = _cat([torch.addmm(w, b, a * s) for w, a, b, s in adapters])
                         grad_x = (g @ merged).view(ctx.x_shape)
                     block_b = weights_b[0] if n == 1 else torch.block_diag(*weights_b)
-                    gb = _scale_columns(g @ block_b, scalings, ranks)
+                    if ctx.grad_kernel:  # one pass over grad for both, float32 results
+                        gb, grad_b = torch.ops.twinkle.lora_grads(g.contiguous(), low, block_b.contiguous())
+                        gb = _scale_columns(gb, scalings, ranks).to(g.dtype)
+                        grad_b = grad_b.to(g.dtype)
+                    else:
+                        gb = _scale_columns(g @ block_b, scalings, ranks)
+                        grad_b = g.t() @ low  # [sum(out), sum(r)]; member i's block on the diagonal
                     grad_a = gb.t() @ flat  # [sum(r), in]
-                    grad_b = g.t() @ low  # [sum(out), sum(r)]; member i's block on the diagonal
                     grads_a, grads_b = [], []
                     row = col = 0
                     for w, r in zip(weights, ranks):
@@ -296,7 +309,7 @@ class _MergedLoraFunction:
                         grads_a.append(grad_a[col : col + r])
                         grads_b.append(grad_b[row : row + out_f, col : col + r])
                         row, col = row + out_f, col + r
-                    return (grad_x, None, None, *([None] * (2 * n)), *grads_a, *grads_b)
+                    return (grad_x, None, None, None, *([None] * (2 * n)), *grads_a, *grads_b)
 
             cls._fn = MergedLora
         return cls._fn
@@ -359,6 +372,10 @@ class MergedLoraForward(Patch):
             one layer under gradient checkpointing, and ActivationCheckpointing counts it);
             rebuilding costs that memory nothing and, on an H200, all of the speed: 7B layer at 8k
             tokens 14.77 ms kept, 15.50 rebuilt, 15.44 unmerged, 13.53 without adapters.
+        grad_kernel: compute ``grad B`` and the ``B`` gradients in one pass over the output
+            gradient (:mod:`twinkle.patch.triton_lora`) instead of two cuBLAS calls. ``"auto"``
+            (default; ``TWINKLE_LORA_GRAD_KERNEL``): on CUDA when triton imports; ``True`` also
+            elsewhere (CPU runs it under Triton's interpreter: tests only); ``False``: never.
 
     Example::
 
@@ -369,8 +386,33 @@ class MergedLoraForward(Patch):
     enabled_by_default = True
     order = 21
 
-    def __init__(self, keep_merged: bool = True) -> None:
+    def __init__(self, keep_merged: bool = True, grad_kernel: str | bool | None = None) -> None:
         self.keep_merged = keep_merged
+        if grad_kernel is None:
+            grad_kernel = os.environ.get("TWINKLE_LORA_GRAD_KERNEL", "auto")
+        if isinstance(grad_kernel, str):
+            choice = grad_kernel.strip().lower()
+            if choice not in ("auto", "1", "0", "true", "false", "on", "off"):
+                raise ValueError(
+                    f"MergedLoraForward: grad_kernel must be 'auto', True or False (TWINKLE_LORA_GRAD_KERNEL), "
+                    f"got {grad_kernel!r}"
+                )
+            grad_kernel = "auto" if choice == "auto" else choice in ("1", "true", "on")
+        self.grad_kernel = grad_kernel
+
+    def _use_grad_kernel(self, model: Any) -> bool:
+        """Whether backward runs ``twinkle::lora_grads`` (registering it): CUDA with triton for 'auto'."""
+        from twinkle.patch import triton_lora
+        from twinkle.patch.fastpath import model_device
+
+        if self.grad_kernel is False:
+            return False
+        if self.grad_kernel == "auto" and model_device(model).type != "cuda":
+            return False
+        if not triton_lora.available():
+            return False
+        triton_lora.register()
+        return True
 
     def applies_to(self, model: Any) -> bool:
         """Models whose LoRA layers run :class:`FusedLoraLinear`'s forward."""
@@ -381,10 +423,12 @@ class MergedLoraForward(Patch):
         from twinkle.patch.fastpath import set_flag
 
         mode = "keep" if self.keep_merged else "recompute"
+        kernel = self._use_grad_kernel(model)
         kept = 0
         for layer in lora_linear_layers(model):
             if getattr(layer, _LEAN_ATTR, False):
                 setattr(layer, _MERGED_ATTR, mode)
+                setattr(layer, _GRAD_KERNEL_ATTR, kernel)
                 weight = layer.get_base_layer().weight
                 kept += weight.numel() * weight.element_size() if self.keep_merged else 0
         # ActivationCheckpointing counts the kept merged weights with the activations
@@ -396,6 +440,7 @@ class MergedLoraForward(Patch):
 
         for layer in lora_linear_layers(model):
             layer.__dict__.pop(_MERGED_ATTR, None)
+            layer.__dict__.pop(_GRAD_KERNEL_ATTR, None)
         set_flag(model, "kept_merged_bytes", 0)
 
 

@@ -1,0 +1,101 @@
+"""twinkle::lora_grads: LoRA's ``grad @ B`` and ``grad^T @ (x A^T)`` from one pass over ``grad``.
+
+On CPU the Triton kernel runs under the interpreter (the root conftest sets ``TRITON_INTERPRET=1``
+without an NVIDIA device); on the H200 the same tests run compiled.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+
+from twinkle.patch import triton_lora  # noqa: E402
+from twinkle.patch.lora_fast import FusedLoraLinear, GroupedLoraProjections, MergedLoraForward  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not triton_lora.available(), reason="needs triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize(
+    ("tokens", "out_f", "rank", "programs"),
+    [(300, 200, 8, 264), (1024, 520, 24, 264), (64, 128, 16, 264), (700, 900, 8, 1), (2048, 384, 16, 4)],
+)
+def test_lora_grads_equal_the_two_products(tokens, out_f, rank, programs, monkeypatch):
+    # programs=1 or 4: each program loops over several tiles both ways (partials kept per program)
+    monkeypatch.setattr(triton_lora, "TARGET_PROGRAMS", programs)
+    gen = torch.Generator().manual_seed(tokens + out_f)
+    grad = torch.randn(tokens, out_f, generator=gen).to(DEVICE)
+    low = torch.randn(tokens, rank, generator=gen).to(DEVICE)
+    weight_b = torch.randn(out_f, rank, generator=gen).to(DEVICE)
+    gb, grad_b = triton_lora.lora_grads(grad, low, weight_b)
+    assert gb.dtype == grad_b.dtype == torch.float32
+    assert gb.shape == (tokens, rank) and grad_b.shape == (out_f, rank)
+    # tf32 tensor cores on the GPU; exact float32 sums (in another order) in the interpreter
+    tol = dict(rtol=2e-2, atol=2e-1) if DEVICE == "cuda" else dict(rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(gb, grad @ weight_b, **tol)
+    torch.testing.assert_close(grad_b, grad.t() @ low, **tol)
+
+
+def test_lora_grads_bf16_and_a_strided_gradient():
+    gen = torch.Generator().manual_seed(0)
+    wide = torch.randn(512, 400, generator=gen).to(DEVICE, torch.bfloat16)
+    grad = wide[:, :300]  # rows 400 apart, as a slice of a group's gradient is
+    low = torch.randn(512, 8, generator=gen).to(DEVICE, torch.bfloat16)
+    weight_b = torch.randn(300, 8, generator=gen).to(DEVICE, torch.bfloat16)
+    gb, grad_b = triton_lora.lora_grads(grad, low, weight_b)
+    torch.testing.assert_close(gb, grad.float() @ weight_b.float(), rtol=1e-2, atol=5e-2)
+    torch.testing.assert_close(grad_b, grad.float().t() @ low.float(), rtol=1e-2, atol=5e-2)
+
+
+def _lora_mlp():
+    torch.manual_seed(0)
+
+    class MLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_proj = torch.nn.Linear(32, 96, bias=False)
+            self.up_proj = torch.nn.Linear(32, 96, bias=False)
+            self.down_proj = torch.nn.Linear(96, 32, bias=False)
+
+        def forward(self, x):
+            return self.down_proj(torch.nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    model = peft.get_peft_model(
+        MLP().requires_grad_(False),
+        peft.LoraConfig(
+            r=8, lora_alpha=16, target_modules=["gate_proj", "up_proj", "down_proj"], init_lora_weights=False
+        ),
+    )
+    FusedLoraLinear().apply(model)
+    return model
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_merged_lora_backward_through_the_kernel(grouped):
+    x = torch.randn(4, 100, 32, generator=torch.Generator().manual_seed(1))
+
+    def grads(kernel):
+        model = _lora_mlp()
+        MergedLoraForward(grad_kernel=kernel).apply(model)
+        if grouped:
+            GroupedLoraProjections().apply(model)
+        assert model.base_model.model.gate_proj._twinkle_lora_grad_kernel is kernel
+        model(x).sin().sum().backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    want, got = grads(False), grads(True)
+    assert len(got) == 6
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_grad_kernel_choice():
+    assert MergedLoraForward(grad_kernel="0").grad_kernel is False
+    assert MergedLoraForward(grad_kernel="auto").grad_kernel == "auto"
+    model = _lora_mlp()
+    MergedLoraForward(grad_kernel="auto").apply(model)  # a CPU model: cuBLAS products in 'auto'
+    assert model.base_model.model.gate_proj._twinkle_lora_grad_kernel is (DEVICE == "cuda" and False)
+    with pytest.raises(ValueError, match="grad_kernel must be 'auto', True or False"):
+        MergedLoraForward(grad_kernel="sometimes")
