@@ -9,11 +9,11 @@ backward with CUDA events, in one process, for:
 
 * ``frozen``: no adapters; the base model frozen and only the input needing a gradient. The
   floor: what the layer costs without LoRA (the same patches otherwise).
-* ``lora``: LoRA r=8 on all linear layers, the default fast path (``MergedLoraForward``, weight kept;
-  ``GroupedLoraProjections``).
+* ``lora``: LoRA r=8 on all linear layers, the default fast path (``MergedLoraForward``, weight kept,
+  its Triton ``grad B`` pass).
 * ``lora_nokernel``: the same with ``MergedLoraForward(grad_kernel=False)`` (cuBLAS for ``grad B`` and
   the ``B`` gradients instead of one Triton pass over the output gradient).
-* ``lora_ungrouped``: the same without ``GroupedLoraProjections`` (one merged GEMM per projection).
+* ``lora_grouped``: the same plus ``GroupedLoraProjections`` (q/k/v and gate/up as one merged GEMM).
 * ``lora_unmerged``: the same without ``MergedLoraForward`` (the rank-r product beside the base GEMM).
 * ``lora_rebuild``: ``MergedLoraForward(keep_merged=False)`` (the merged weight rebuilt in backward).
 * ``lora_peft``: without ``FusedLoraLinear`` (peft's own LoRA forward, bf16 adapters).
@@ -60,9 +60,9 @@ def build(shape: dict, layers: int, variant: str):
         disabled.append("FusedLoraLinear")
     if variant == "lora_unmerged":
         disabled.append("MergedLoraForward")
-    if variant == "lora_ungrouped":
-        disabled.append("GroupedLoraProjections")
     patches = resolve_patches(None, disabled)
+    if variant == "lora_grouped":
+        patches = resolve_patches([*patches, "GroupedLoraProjections"])
     for patch in patches:
         if autotune and patch.name == "CompileDecoderLayers":
             patch.mode = "max-autotune-no-cudagraphs"

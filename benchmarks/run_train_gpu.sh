@@ -11,6 +11,7 @@
 #   bash benchmarks/run_train_gpu.sh all --rows 0.5b-lora,0.5b-full --profile
 #   bash benchmarks/run_train_gpu.sh kernels                     # benchmarks/ce_kernel.py only
 #   bash benchmarks/run_train_gpu.sh layer --shape 7b            # benchmarks/lora_layer.py only
+#   bash benchmarks/run_train_gpu.sh gemm                        # benchmarks/gemm_shapes.py only
 #
 # Logs and tables go to $OUT (default ./train-gpu-out).
 set -uo pipefail
@@ -37,12 +38,15 @@ tail -3 "$OUT/install.log"
 
 if [[ "$PHASE" == tests || "$PHASE" == all ]]; then
   # gpu-marked tests, plus the Triton kernel tests (they run on the GPU when there is one)
-  "$PY" -m pytest -q -rs -p no:cacheprovider tests/core/fastpath/test_triton_ce.py -m "gpu or not gpu" \
+  "$PY" -m pytest -q -rs -p no:cacheprovider tests/core/fastpath/test_triton_ce.py tests/core/fastpath/test_triton_lora.py -m "gpu or not gpu" \
     2>&1 | tee "$OUT/gpu-tests.log" | tail -3
   "$PY" -m pytest -q -rs -m gpu -p no:cacheprovider tests/core 2>&1 | tee -a "$OUT/gpu-tests.log" | tail -15
 fi
 if [[ "$PHASE" == kernels || "$PHASE" == all ]]; then
   "$PY" benchmarks/ce_kernel.py 2>&1 | tee "$OUT/ce-kernel.md" | tail -20
+fi
+if [[ "$PHASE" == gemm ]]; then
+  "$PY" benchmarks/gemm_shapes.py "$@" 2>&1 | tee "$OUT/gemm-shapes.md" | tail -60
 fi
 if [[ "$PHASE" == layer ]]; then
   "$PY" benchmarks/lora_layer.py "$@" 2>&1 | tee "$OUT/lora-layer.md" | tail -20

@@ -63,12 +63,7 @@ def test_lora_fast_path_matches_plain_fp32(tiny_config, monkeypatch):
     monkeypatch.setattr(lora_fast, "_merge_pays", counting_merge_pays)
     fast = _model(tiny_config)
     plain = _model(tiny_config, patches=[])
-    assert fast.fast_path_patches == [
-        "FusedLoraLinear",
-        "MergedLoraForward",
-        "GroupedLoraProjections",
-        "FusedLinearCrossEntropy",
-    ]
+    assert fast.fast_path_patches == ["FusedLoraLinear", "MergedLoraForward", "FusedLinearCrossEntropy"]
     assert plain.fast_path_patches == []
     for model in (fast, plain):
         model.set_optimizer("AdamW", lr=1e-2)
@@ -78,6 +73,13 @@ def test_lora_fast_path_matches_plain_fp32(tiny_config, monkeypatch):
     layer = next(m for m in fast.model.modules() if hasattr(m, "_twinkle_peft_forward"))
     assert "_lean_forward" in layer.forward.__func__.__name__
     assert any(pays for _, pays in merged_calls), "no LoRA layer took the merged path"
+    grouped = _model(tiny_config, patches=[*fast.fast_path_patches, "GroupedLoraProjections"])
+    assert "GroupedLoraProjections" in grouped.fast_path_patches
+    plain = _model(tiny_config, patches=[])
+    for model in (grouped, plain):
+        model.set_optimizer("AdamW", lr=1e-2)
+    merged_calls.clear()
+    _assert_same_training(grouped, plain, make_rows(8))
     assert {(3, True), (2, True)} <= set(merged_calls), "q/k/v and gate/up did not run grouped"
 
 

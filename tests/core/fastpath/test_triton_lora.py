@@ -74,7 +74,7 @@ def _lora_mlp():
 
 @pytest.mark.parametrize("grouped", [True, False])
 def test_merged_lora_backward_through_the_kernel(grouped):
-    x = torch.randn(4, 100, 32, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(4, 100, 32, generator=torch.Generator().manual_seed(1)).to(DEVICE)
 
     def grads(kernel):
         model = _lora_mlp()
@@ -87,15 +87,17 @@ def test_merged_lora_backward_through_the_kernel(grouped):
 
     want, got = grads(False), grads(True)
     assert len(got) == 6
+    # float32 model: tf32 tensor cores in the kernel on a GPU, exact float32 in the interpreter
+    tol = dict(rtol=2e-2, atol=2e-2) if DEVICE == "cuda" else dict(rtol=1e-4, atol=1e-5)
     for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(got[name], want[name], msg=name, **tol)
 
 
 def test_grad_kernel_choice():
     assert MergedLoraForward(grad_kernel="0").grad_kernel is False
     assert MergedLoraForward(grad_kernel="auto").grad_kernel == "auto"
     model = _lora_mlp()
-    MergedLoraForward(grad_kernel="auto").apply(model)  # a CPU model: cuBLAS products in 'auto'
-    assert model.base_model.model.gate_proj._twinkle_lora_grad_kernel is (DEVICE == "cuda" and False)
+    MergedLoraForward(grad_kernel="auto").apply(model)  # 'auto': the kernel on CUDA only
+    assert model.base_model.model.gate_proj._twinkle_lora_grad_kernel is (DEVICE == "cuda")
     with pytest.raises(ValueError, match="grad_kernel must be 'auto', True or False"):
         MergedLoraForward(grad_kernel="sometimes")

@@ -424,6 +424,7 @@ class MergedLoraForward(Patch):
 
         mode = "keep" if self.keep_merged else "recompute"
         kernel = self._use_grad_kernel(model)
+        _MergedLoraFunction.get()  # built here, not on first use inside a compiled layer (a graph break)
         kept = 0
         for layer in lora_linear_layers(model):
             if getattr(layer, _LEAN_ATTR, False):
@@ -469,7 +470,7 @@ class GroupedLoraProjections(Patch):
     """
 
     name = "GroupedLoraProjections"
-    enabled_by_default = True
+    enabled_by_default = False
     order = 22
     #: Sibling attributes called in this order with the same input by a module's forward.
     GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
