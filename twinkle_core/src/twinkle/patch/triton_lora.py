@@ -30,12 +30,15 @@ TARGET_PROGRAMS = 264
 
 @functools.lru_cache(maxsize=1)
 def available() -> bool:
-    """Whether the kernel can run: triton imports and ``torch.library.triton_op`` exists."""
+    """Whether the kernel can run: triton imports (:func:`twinkle.patch.triton_ce.available`) and
+    ``torch.library.triton_op`` exists."""
+    from twinkle.patch import triton_ce
+
+    if not triton_ce.available():
+        return False
     try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
         from torch.library import triton_op, wrap_triton  # noqa: F401
-    except Exception:  # ImportError, or a triton that does not match the installed torch
+    except ImportError:  # torch older than 2.6
         return False
     return True
 
@@ -63,7 +66,7 @@ def _op() -> Any:
     def lora_grads_op(grad: Tensor, low: Tensor, weight_b: Tensor) -> tuple[Tensor, Tensor]:
         tokens, out_f = grad.shape
         rank = low.shape[1]
-        block_r = max(16, triton_next_pow2(rank))
+        block_r = max(16, _next_pow2(rank))
         tiles_t = -(-tokens // BLOCK_T)
         tiles_o = -(-out_f // BLOCK_O)
         along_t, along_o = _split(tiles_t, tiles_o)
@@ -93,7 +96,7 @@ def _op() -> Any:
     return lora_grads_op
 
 
-def triton_next_pow2(n: int) -> int:
+def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
