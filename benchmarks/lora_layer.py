@@ -10,16 +10,23 @@ backward with CUDA events, in one process, for:
 * ``frozen``: no adapters; the base model frozen and only the input needing a gradient. The
   floor: what the layer costs without LoRA (the same patches otherwise).
 * ``lora``: LoRA r=8 on all linear layers, the default fast path (``MergedLoraForward``, weight kept,
-  its Triton ``grad B`` pass).
+  its Triton ``grad B`` pass, ``FusedLoraMLP``).
+* ``lora_nomlp``: the same without ``FusedLoraMLP`` (each MLP projection its own merged GEMM).
 * ``lora_nokernel``: the same with ``MergedLoraForward(grad_kernel=False)`` (cuBLAS for ``grad B`` and
   the ``B`` gradients instead of one Triton pass over the output gradient).
-* ``lora_grouped``: the same plus ``GroupedLoraProjections`` (q/k/v and gate/up as one merged GEMM).
+* ``lora_grouped``: the same plus ``GroupedLoraProjections`` (q/k/v computed together: one pass over
+  their input for the low-rank work, a GEMM each); ``lora_grouped_stacked`` with ``stack=True`` (one
+  GEMM on the stacked merged weights).
 * ``lora_unmerged``: the same without ``MergedLoraForward`` (the rank-r product beside the base GEMM).
 * ``lora_rebuild``: ``MergedLoraForward(keep_merged=False)`` (the merged weight rebuilt in backward).
 * ``lora_peft``: without ``FusedLoraLinear`` (peft's own LoRA forward, bf16 adapters).
 * any variant with ``_autotune`` appended: its layers compiled with
   ``mode="max-autotune-no-cudagraphs"`` (inductor times Triton GEMM templates, which can take the
   LoRA add as an epilogue, against cuBLAS for every matmul shape; minutes of compile).
+* any variant with ``:NAME=VALUE`` settings appended (``lora:SWIGLU_BLOCK_T=64:SWIGLU_WARPS=4``):
+  those module constants of :mod:`twinkle.patch.triton_lora` for that variant (tile sweeps).
+
+``--profile`` adds, per variant, the CUDA kernels of one profiled forward + backward.
 
 Prints ms per layer and the LoRA overhead over the floor: the part of a 7B LoRA step that any
 LoRA-specific kernel work can win back (docs/decisions/0007-stacked-lora-measured.md).
@@ -60,9 +67,11 @@ def build(shape: dict, layers: int, variant: str):
         disabled.append("FusedLoraLinear")
     if variant == "lora_unmerged":
         disabled.append("MergedLoraForward")
+    if variant == "lora_nomlp":
+        disabled.append("FusedLoraMLP")
     patches = resolve_patches(None, disabled)
-    if variant == "lora_grouped":
-        patches = resolve_patches([*patches, "GroupedLoraProjections"])
+    if variant.startswith("lora_grouped"):
+        patches = resolve_patches([*(p.name for p in patches), "GroupedLoraProjections"])
     for patch in patches:
         if autotune and patch.name == "CompileDecoderLayers":
             patch.mode = "max-autotune-no-cudagraphs"
@@ -70,12 +79,32 @@ def build(shape: dict, layers: int, variant: str):
             patch.keep_merged = False
         if variant == "lora_nokernel" and patch.name == "MergedLoraForward":
             patch.grad_kernel = False
+        if variant == "lora_grouped_stacked" and patch.name == "GroupedLoraProjections":
+            patch.stack = True
     applied = apply_patches(model, patches)
     model.train()
     return decoder_of(model), applied
 
 
-def time_variant(shape: dict, layers: int, batch: int, seq: int, variant: str, iters: int) -> tuple[float, list]:
+def time_variant(
+    shape: dict, layers: int, batch: int, seq: int, variant: str, iters: int, profile: bool = False
+) -> tuple[float, float, list]:
+    from twinkle.patch import triton_lora
+
+    variant, *settings = variant.split(":")
+    saved = {}
+    for setting in settings:
+        name, value = setting.split("=")
+        saved[name] = getattr(triton_lora, name)
+        setattr(triton_lora, name, int(value))
+    try:
+        return _time(shape, layers, batch, seq, variant, iters, profile)
+    finally:
+        for name, value in saved.items():
+            setattr(triton_lora, name, value)
+
+
+def _time(shape: dict, layers: int, batch: int, seq: int, variant: str, iters: int, profile: bool):
     import torch
 
     decoder, applied = build(shape, layers, variant)
@@ -102,6 +131,17 @@ def time_variant(shape: dict, layers: int, batch: int, seq: int, variant: str, i
     end.record()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() / 2**30
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as profiler
+
+        with profiler(activities=[ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        print(f"\n### {variant}: CUDA kernels of one forward + backward ({layers} layers)\n")
+        print("```")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
+        print("```")
     return start.elapsed_time(end) / iters / layers, peak, applied
 
 
@@ -112,7 +152,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--variants", default="frozen,lora,lora_unmerged,lora_peft")
+    parser.add_argument("--variants", default="frozen,lora,lora_nomlp,lora_unmerged,lora_peft")
+    parser.add_argument("--profile", action="store_true", help="print each variant's kernels of one step")
     args = parser.parse_args()
     import torch
 
@@ -121,7 +162,7 @@ def main() -> None:
     shape = SHAPES[args.shape]
     rows = []
     for variant in args.variants.split(","):
-        ms, peak, applied = time_variant(shape, args.layers, args.batch, args.seq, variant, args.iters)
+        ms, peak, applied = time_variant(shape, args.layers, args.batch, args.seq, variant, args.iters, args.profile)
         rows.append((variant, ms, peak))
         torch._dynamo.reset()
         torch.cuda.empty_cache()

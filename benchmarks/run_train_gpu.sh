@@ -38,7 +38,7 @@ tail -3 "$OUT/install.log"
 
 if [[ "$PHASE" == tests || "$PHASE" == all ]]; then
   # gpu-marked tests, plus the Triton kernel tests (they run on the GPU when there is one)
-  "$PY" -m pytest -q -rs -p no:cacheprovider tests/core/fastpath/test_triton_ce.py tests/core/fastpath/test_triton_lora.py -m "gpu or not gpu" \
+  "$PY" -m pytest -q -rs -p no:cacheprovider tests/core/fastpath/test_triton_ce.py tests/core/fastpath/test_triton_lora.py tests/core/fastpath/test_lora_mlp.py -m "gpu or not gpu" \
     2>&1 | tee "$OUT/gpu-tests.log" | tail -3
   "$PY" -m pytest -q -rs -m gpu -p no:cacheprovider tests/core 2>&1 | tee -a "$OUT/gpu-tests.log" | tail -15
 fi

@@ -1,4 +1,4 @@
-"""GroupedLoraProjections: q/k/v and gate/up as one merged GEMM equal the per-projection LoRA (CPU, float64)."""
+"""GroupedLoraProjections: q/k/v and gate/up computed together equal the per-projection LoRA (CPU, float64)."""
 
 from __future__ import annotations
 
@@ -61,11 +61,12 @@ def _group_sizes(monkeypatch) -> list[int]:
     return sizes
 
 
-def test_grouped_equals_per_projection(monkeypatch):
+@pytest.mark.parametrize("stack", [False, True])
+def test_grouped_equals_per_projection(monkeypatch, stack):
     model = _lora_qwen2()
     ids = _ids()
     want = _run(model, ids)
-    patch = GroupedLoraProjections()
+    patch = GroupedLoraProjections(stack=stack)
     assert patch.applies_to(model)
     groups = patch.groups(model)
     assert [len(g) for g in groups] == [3, 2] * model.config.num_hidden_layers
@@ -85,12 +86,13 @@ def test_grouped_equals_per_projection(monkeypatch):
     assert not any(hasattr(layer, "_twinkle_group") for layer in lora_linear_layers(model))
 
 
-def test_grouped_forward_without_gradients(monkeypatch):
+@pytest.mark.parametrize("stack", [False, True])
+def test_grouped_forward_without_gradients(monkeypatch, stack):
     model = _lora_qwen2()
     ids = torch.randint(0, 512, (1, 100))  # no backward: merging pays from hidden_size (64) tokens
     with torch.no_grad():
         want = model(ids).logits
-        GroupedLoraProjections().apply(model)
+        GroupedLoraProjections(stack=stack).apply(model)
         sizes = _group_sizes(monkeypatch)
         got = model(ids).logits
     assert 3 in sizes and 2 in sizes
@@ -120,11 +122,12 @@ def test_adapters_with_dropout_are_not_grouped(monkeypatch):
     assert sizes == []
 
 
-def test_grouped_layer_traces_whole_under_compile():
+@pytest.mark.parametrize("stack", [False, True])
+def test_grouped_layer_traces_whole_under_compile(stack):
     model = _lora_qwen2()
     ids = _ids()
     want = _run(model, ids)
-    GroupedLoraProjections().apply(model)
+    GroupedLoraProjections(stack=stack).apply(model)
     from torch._dynamo.testing import CompileCounterWithBackend
 
     torch._dynamo.reset()

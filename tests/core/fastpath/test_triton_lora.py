@@ -72,15 +72,15 @@ def _lora_mlp():
     return model
 
 
-@pytest.mark.parametrize("grouped", [True, False])
+@pytest.mark.parametrize("grouped", [None, False, True])
 def test_merged_lora_backward_through_the_kernel(grouped):
     x = torch.randn(4, 100, 32, generator=torch.Generator().manual_seed(1)).to(DEVICE)
 
     def grads(kernel):
         model = _lora_mlp()
         MergedLoraForward(grad_kernel=kernel).apply(model)
-        if grouped:
-            GroupedLoraProjections().apply(model)
+        if grouped is not None:  # grouped: stacked or one GEMM per member
+            GroupedLoraProjections(stack=grouped).apply(model)
         assert model.base_model.model.gate_proj._twinkle_lora_grad_kernel is kernel
         model(x).sin().sum().backward()
         return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}

@@ -10,6 +10,7 @@ _BUILTIN: dict[str, dict[str, str]] = {
         "FusedLoraLinear": "twinkle.patch.lora_fast:FusedLoraLinear",
         "MergedLoraForward": "twinkle.patch.lora_fast:MergedLoraForward",
         "GroupedLoraProjections": "twinkle.patch.lora_fast:GroupedLoraProjections",
+        "FusedLoraMLP": "twinkle.patch.lora_mlp:FusedLoraMLP",
         "FusedOptimizer": "twinkle.patch.optimizer:FusedOptimizer",
         "ActivationCheckpointing": "twinkle.patch.checkpointing:ActivationCheckpointing",
         "RecomputeSwiGLU": "twinkle.patch.checkpointing:RecomputeSwiGLU",

@@ -64,3 +64,169 @@ def lora_grad_partials(
             tl.store(gb_ptr, gb, mask=t_ok[:, None])
         db_ptr = PART_DB + (pid_t * N_OUT + o[:, None]) * BR + r[None, :]
         tl.store(db_ptr, acc_db, mask=o_ok[:, None])
+
+
+@triton.jit
+def swiglu_forward_low(
+    GATE_UP,
+    stride_gu,
+    H,
+    A,
+    PART_LOW,
+    N_TOK,
+    N_COL,
+    R,
+    T_PER_PROG,
+    C_PER_PROG,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    BR: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """``H = silu(gate) * up`` for a ``[T_PER_PROG, C_PER_PROG]`` block, and its share of ``H @ A^T``.
+
+    ``GATE_UP``: ``[N_TOK, 2 * N_COL]`` with row stride ``stride_gu``, ``gate`` then ``up`` (one
+    GEMM's output). ``H``: ``[N_TOK, N_COL]`` contiguous, in their dtype (the product rounded
+    once, from float32). ``A``: ``[R, N_COL]``, the down projection's LoRA ``A``.
+    ``PART_LOW[pid_c]`` (``[N_TOK, BR]`` float32) receives the rows of this program's token range
+    summed over its column range, from ``H`` as stored; the host sums over programs.
+    """
+    pid_t = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    r = tl.arange(0, BR)
+    r_ok = r < R
+    t_begin = pid_t * T_PER_PROG
+    t_end = tl.minimum(t_begin + T_PER_PROG, N_TOK)
+    c_begin = pid_c * C_PER_PROG
+    c_end = tl.minimum(c_begin + C_PER_PROG, N_COL)
+    for t0 in range(t_begin, t_end, BT):
+        t = t0 + tl.arange(0, BT)
+        t_ok = t < t_end
+        acc = tl.zeros([BT, BR], dtype=tl.float32)
+        for c0 in range(c_begin, c_end, BC):
+            c = c0 + tl.arange(0, BC)
+            c_ok = c < c_end
+            mask = t_ok[:, None] & c_ok[None, :]
+            offs = t[:, None] * stride_gu + c[None, :]
+            gate = tl.load(GATE_UP + offs, mask=mask, other=0.0).to(tl.float32)
+            up = tl.load(GATE_UP + N_COL + offs, mask=mask, other=0.0).to(tl.float32)
+            h = (gate * tl.sigmoid(gate) * up).to(H.dtype.element_ty)
+            tl.store(H + t[:, None] * N_COL + c[None, :], h, mask=mask)
+            a = tl.load(A + r[None, :] * N_COL + c[:, None], mask=c_ok[:, None] & r_ok[None, :], other=0.0)
+            if UPCAST:
+                acc += tl.dot(h.to(tl.float32), a.to(tl.float32))
+            else:
+                acc += tl.dot(h, a)
+        tl.store(PART_LOW + (pid_c * N_TOK + t[:, None]) * BR + r[None, :], acc, mask=t_ok[:, None])
+
+
+@triton.jit
+def swiglu_backward_lora(
+    GH,
+    GATE_UP,
+    stride_gu,
+    D,
+    GBD,
+    LOW,
+    stride_low,
+    BG,
+    BU,
+    PART_DA,
+    PART_DBG,
+    PART_DBU,
+    PART_GBG,
+    PART_GBU,
+    N_TOK,
+    N_COL,
+    R,
+    RD,
+    T_PER_PROG,
+    C_PER_PROG,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    BR: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """The SwiGLU backward with every LoRA product of the MLP that reads its tensors, in one pass.
+
+    Reads ``GH`` (the gradient of ``h = silu(gate) * up``, ``[N_TOK, N_COL]`` contiguous) and
+    ``GATE_UP`` (as for :func:`swiglu_forward_low`) once. Writes ``D`` (``[N_TOK, 2 * N_COL]``: the gate
+    gradient, then the up gradient, in the input dtype). Per program, float32 partials it owns:
+
+    * ``PART_DA[pid_t]`` ``[N_COL, BR]``: ``h^T @ GBD``, the down projection's ``A`` gradient
+      (transposed; ``GBD`` is ``s_down * grad_out @ B_down``, ``[N_TOK, RD]``), ``h`` recomputed
+      here rather than kept or written;
+    * ``PART_DBG``/``PART_DBU[pid_t]`` ``[N_COL, BR]``: ``d_gate^T @ low_gate``, ``d_up^T @ low_up``
+      (``LOW``: ``[N_TOK, 2R]`` with row stride ``stride_low``, the scaled rank-r activations of
+      gate, then up): their ``B`` gradients;
+    * ``PART_GBG``/``PART_GBU[pid_c]`` ``[N_TOK, BR]``: ``d_gate @ B_gate``, ``d_up @ B_up``
+      (``BG``/``BU``: ``[N_COL, R]``), which give their ``A`` gradients.
+
+    The products use the gradients as stored (rounded to the input dtype), as separate kernels
+    reading them back would.
+    """
+    pid_t = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    r = tl.arange(0, BR)
+    r_ok = r < R
+    rd_ok = r < RD
+    t_begin = pid_t * T_PER_PROG
+    t_end = tl.minimum(t_begin + T_PER_PROG, N_TOK)
+    c_begin = pid_c * C_PER_PROG
+    c_end = tl.minimum(c_begin + C_PER_PROG, N_COL)
+    dtype = D.dtype.element_ty
+    for c0 in range(c_begin, c_end, BC):
+        c = c0 + tl.arange(0, BC)
+        c_ok = c < c_end
+        b_mask = c_ok[:, None] & r_ok[None, :]
+        bg = tl.load(BG + c[:, None] * R + r[None, :], mask=b_mask, other=0.0)
+        bu = tl.load(BU + c[:, None] * R + r[None, :], mask=b_mask, other=0.0)
+        if UPCAST:
+            bg = bg.to(tl.float32)
+            bu = bu.to(tl.float32)
+        acc_da = tl.zeros([BC, BR], dtype=tl.float32)
+        acc_dbg = tl.zeros([BC, BR], dtype=tl.float32)
+        acc_dbu = tl.zeros([BC, BR], dtype=tl.float32)
+        for t0 in range(t_begin, t_end, BT):
+            t = t0 + tl.arange(0, BT)
+            t_ok = t < t_end
+            mask = t_ok[:, None] & c_ok[None, :]
+            offs = t[:, None] * stride_gu + c[None, :]
+            gate = tl.load(GATE_UP + offs, mask=mask, other=0.0).to(tl.float32)
+            up = tl.load(GATE_UP + N_COL + offs, mask=mask, other=0.0).to(tl.float32)
+            gh = tl.load(GH + t[:, None] * N_COL + c[None, :], mask=mask, other=0.0).to(tl.float32)
+            sig = tl.sigmoid(gate)
+            silu = gate * sig
+            h = (silu * up).to(dtype)
+            d_up = (gh * silu).to(dtype)
+            d_gate = (gh * up * sig * (1.0 + gate * (1.0 - sig))).to(dtype)
+            d_offs = t[:, None] * (2 * N_COL) + c[None, :]
+            tl.store(D + d_offs, d_gate, mask=mask)
+            tl.store(D + N_COL + d_offs, d_up, mask=mask)
+            row_mask = t_ok[:, None] & r_ok[None, :]
+            gbd = tl.load(GBD + t[:, None] * RD + r[None, :], mask=t_ok[:, None] & rd_ok[None, :], other=0.0)
+            low_g = tl.load(LOW + t[:, None] * stride_low + r[None, :], mask=row_mask, other=0.0)
+            low_u = tl.load(LOW + t[:, None] * stride_low + R + r[None, :], mask=row_mask, other=0.0)
+            if UPCAST:
+                h = h.to(tl.float32)
+                d_up = d_up.to(tl.float32)
+                d_gate = d_gate.to(tl.float32)
+                gbd = gbd.to(tl.float32)
+                low_g = low_g.to(tl.float32)
+                low_u = low_u.to(tl.float32)
+            acc_da += tl.dot(tl.trans(h), gbd)
+            acc_dbg += tl.dot(tl.trans(d_gate), low_g)
+            acc_dbu += tl.dot(tl.trans(d_up), low_u)
+            gbg = tl.dot(d_gate, bg)
+            gbu = tl.dot(d_up, bu)
+            gbg_ptr = PART_GBG + (pid_c * N_TOK + t[:, None]) * BR + r[None, :]
+            gbu_ptr = PART_GBU + (pid_c * N_TOK + t[:, None]) * BR + r[None, :]
+            if c0 != c_begin:
+                gbg += tl.load(gbg_ptr, mask=t_ok[:, None], other=0.0)
+                gbu += tl.load(gbu_ptr, mask=t_ok[:, None], other=0.0)
+            tl.store(gbg_ptr, gbg, mask=t_ok[:, None])
+            tl.store(gbu_ptr, gbu, mask=t_ok[:, None])
+        part = (pid_t * N_COL + c[:, None]) * BR + r[None, :]
+        tl.store(PART_DA + part, acc_da, mask=c_ok[:, None])
+        tl.store(PART_DBG + part, acc_dbg, mask=c_ok[:, None])
+        tl.store(PART_DBU + part, acc_dbu, mask=c_ok[:, None])

@@ -201,15 +201,28 @@ class RecomputeSwiGLU(Patch):
         """Give each SwiGLU MLP the recomputing forward (idempotent)."""
         from types import MethodType
 
+        from twinkle.patch.lora_mlp import FALLBACK_ATTR, is_fused
+
         for mlp in swiglu_mlps(model):
             if getattr(mlp, _SWIGLU_ATTR, False):
                 continue
-            mlp.forward = MethodType(_swiglu_forward, mlp)
+            recompute = MethodType(_swiglu_forward, mlp)
+            if is_fused(mlp):  # FusedLoraMLP's forward stays; this becomes what it falls back to
+                setattr(mlp, FALLBACK_ATTR, recompute)
+            else:
+                mlp.forward = recompute
             setattr(mlp, _SWIGLU_ATTR, True)
 
     def revert(self, model: Any) -> None:
         """Keep the product again (the class's own forward)."""
+        from types import MethodType
+
+        from twinkle.patch.lora_mlp import FALLBACK_ATTR, is_fused
+
         for mlp in swiglu_mlps(model):
             if getattr(mlp, _SWIGLU_ATTR, False):
-                del mlp.forward
+                if is_fused(mlp):
+                    setattr(mlp, FALLBACK_ATTR, MethodType(type(mlp).forward, mlp))
+                else:
+                    del mlp.forward
                 setattr(mlp, _SWIGLU_ATTR, False)

@@ -13,7 +13,8 @@ patch                          default   what it does
 ``Bf16Adapters``               on        LoRA weights in the base model's half dtype
 ``FusedLoraLinear``            on        lean LoRA forward: ``addmm`` epilogue, no dropout
 ``MergedLoraForward``          on        LoRA as one GEMM on ``W + s B A`` where that pays
-``GroupedLoraProjections``     off       q/k/v and gate/up merged LoRA as one GEMM each way
+``GroupedLoraProjections``     off       q/k/v (gate/up) LoRA computed together, one pass over x
+``FusedLoraMLP``               on (GPU)  LoRA SwiGLU MLP: 3 GEMMs + 2 Triton passes each way
 ``FusedOptimizer``             on        ``fused=True`` for Adam/AdamW on CUDA
 ``CompileDecoderLayers``       on (GPU)  regional ``torch.compile`` of each decoder layer
 ``ActivationCheckpointing``    on        checkpointing only when activations would not fit

@@ -34,6 +34,7 @@ _MERGED_ATTR = "_twinkle_merged"
 _GRAD_KERNEL_ATTR = "_twinkle_lora_grad_kernel"  # backward through twinkle::lora_grads (triton_lora)
 _GROUP_ATTR = "_twinkle_group"  # on a group's first layer: the other layers that read its input
 _GROUP_OUT_ATTR = "_twinkle_group_out"  # on the others: (input, output) left by the first
+_GROUP_STACK_ATTR = "_twinkle_group_stack"  # on a group's first layer: one GEMM on the stacked weights
 
 
 def lora_linear_layers(model: Any) -> list[Any]:
@@ -140,7 +141,8 @@ def _lean_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
         if followers:
             members = [plain, *(_plain_adapter(layer, x) for layer in followers)]
             if all(m is not None for m in members) and _merge_pays(x, [m[0] for m in members], keep):
-                outs = _merged_lora(x, members, keep, getattr(self, _GRAD_KERNEL_ATTR, False))
+                stack = getattr(self, _GROUP_STACK_ATTR, False)
+                outs = _merged_lora(x, members, keep, getattr(self, _GRAD_KERNEL_ATTR, False), stack)
                 for layer, out in zip(followers, outs[1:]):
                     setattr(layer, _GROUP_OUT_ATTR, (x, out))
                 return outs[0]
@@ -154,11 +156,12 @@ def _lean_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     return result + torch.nn.functional.linear(low_rank, weight_b)
 
 
-def _merge_pays(x: Any, bases: list[Any], keep: bool) -> bool:
+def _merge_pays(x: Any, bases: list[Any], keep: bool, tokens: int | None = None) -> bool:
     """Whether ``x (W + s B A)^T`` moves fewer bytes than ``x W^T + s (x A^T) B^T`` for this call.
 
     ``bases`` are the base ``Linear`` layers that would share one merged GEMM (one layer, or a
-    group reading the same input), taken together as one ``[sum(out), in]`` weight.
+    group reading the same input), taken together as one ``[sum(out), in]`` weight. ``tokens``:
+    the rows of the call (default: ``x``'s, when ``x`` is the layers' input).
 
     Unmerged, LoRA writes and re-reads a ``[tokens, out]`` product in forward and a
     ``[tokens, in]`` one in backward; merged, it writes and reads an ``[out, in]`` weight once per
@@ -174,7 +177,8 @@ def _merge_pays(x: Any, bases: list[Any], keep: bool) -> bool:
             return False
     in_f = bases[0].weight.shape[1]
     out_f = sum(base.weight.shape[0] for base in bases)
-    tokens = x.numel() // max(1, in_f)
+    if tokens is None:
+        tokens = x.numel() // max(1, in_f)
     if not torch.is_grad_enabled():
         return tokens >= in_f
     threshold = out_f * in_f / (out_f + in_f)
@@ -196,33 +200,39 @@ def _scale_columns(low: Any, scalings: tuple[float, ...], ranks: tuple[int, ...]
 
 
 def _merged_lora(
-    x: Any, members: list[tuple[Any, Any, Any, float]], keep: bool, grad_kernel: bool = False
+    x: Any, members: list[tuple[Any, Any, Any, float]], keep: bool, grad_kernel: bool = False, stack: bool = True
 ) -> tuple[Any, ...]:
-    """Each member's ``x (W_i + s_i B_i A_i)^T + b_i`` through one GEMM on the stacked merged weights.
+    """Each member's ``x (W_i + s_i B_i A_i)^T + b_i`` on its merged weight, one output per member.
 
-    ``members`` are :func:`_plain_adapter` tuples of layers that read ``x``. Returns one output
-    per member (views of one ``[..., sum(out)]`` result when there are several). ``grad_kernel``:
-    the low-rank gradients through ``twinkle::lora_grads`` (:mod:`twinkle.patch.triton_lora`).
+    ``members`` are :func:`_plain_adapter` tuples of layers that read ``x``. ``stack``: one GEMM on
+    the stacked merged weights (the outputs are views of one ``[..., sum(out)]`` result); otherwise
+    one GEMM per member, the low-rank work over ``x`` still shared. ``grad_kernel``: the low-rank
+    gradients through ``twinkle::lora_grads`` (:mod:`twinkle.patch.triton_lora`).
     """
     import torch
 
     bases = [m[0] for m in members]
     biases = [base.bias for base in bases]
     if not torch.is_grad_enabled():  # forward only (log-probs, eval): no x A^T to keep
-        merged = _cat([torch.addmm(base.weight, b * s, a) for base, a, b, s in members])
-        out = torch.nn.functional.linear(x, merged, _stacked_bias(biases, [base.weight for base in bases]))
+        merged = [torch.addmm(base.weight, b * s, a) for base, a, b, s in members]
+        if not stack or len(members) == 1:
+            return tuple(torch.nn.functional.linear(x, w, bias) for w, bias in zip(merged, biases))
+        out = torch.nn.functional.linear(x, _cat(merged), _stacked_bias(biases, [base.weight for base in bases]))
     else:
         fn = _MergedLoraFunction.get()
         out = fn.apply(
             x,
             keep,
             grad_kernel,
+            stack or len(members) == 1,
             tuple(m[3] for m in members),
             *(base.weight for base in bases),
             *biases,
             *(m[1] for m in members),
             *(m[2] for m in members),
         )
+        if not stack and len(members) > 1:
+            return out
     if len(members) == 1:
         return (out,)
     return out.split([base.weight.shape[0] for base in bases], -1)
@@ -237,21 +247,23 @@ def _stacked_bias(biases: list[Any], weights: list[Any]) -> Any:
 
 
 class _MergedLoraFunction:
-    """``y = x [W_1 + s_1 B_1 A_1; ...]^T + [b_1; ...]`` with LoRA's low-rank gradients (torch on first use).
+    """``y_i = x (W_i + s_i B_i A_i)^T + b_i`` with LoRA's low-rank gradients (torch on first use).
 
     One LoRA layer, or several reading the same input (q/k/v, gate/up). Forward merges each
     adapter into a copy of its frozen weight (one ``addmm`` over the weight, which for a layer of
-    8k tokens is smaller than its activations; in a compiled layer inductor writes the members'
-    merges straight into the stacked buffer) and runs one GEMM, so no ``[tokens, out]`` rank-r
-    product is written and re-read. Backward: ``grad_x = grad @ W_merged`` (one GEMM, no rank-r
-    input gradient to add, one input gradient for the whole group), ``grad_B_i = s_i grad_i^T (x
-    A_i^T)`` and ``grad_A_i = s_i (grad_i B_i)^T x``: the same low-rank gradients as the unmerged
-    path, never the ``[out, in]`` weight gradient. For a group, ``grad`` and ``x`` are each read
-    once for all members (against a block-diagonal ``B`` and the stacked ``A``).
+    8k tokens is smaller than its activations) and runs the base GEMM on it, so no ``[tokens,
+    out]`` rank-r product is written and re-read. Backward: ``grad_x = grad @ W_merged`` (no
+    rank-r input gradient to add), ``grad_B_i = s_i grad_i^T (x A_i^T)`` and ``grad_A_i = s_i
+    (grad_i B_i)^T x``: the same low-rank gradients as the unmerged path, never the ``[out, in]``
+    weight gradient. For a group, ``x`` is read once for all members' ``x A^T`` and once for all
+    ``A`` gradients, and ``stack`` chooses between one GEMM on the stacked merged weights each way
+    (one output, ``[..., sum(out)]``; in a compiled layer inductor writes the merges straight into
+    the stack; ``B`` block-diagonal) and one GEMM per member (an output each; the input gradients
+    accumulated inside cuBLAS, ``addmm``).
 
-    ``apply(x, keep_merged, grad_kernel, scalings, *weights, *biases, *lora_As, *lora_Bs)``, ``n`` of
-    each; ``grad_kernel`` computes ``grad B`` and the ``B`` gradients in one pass over ``grad``
-    (``twinkle::lora_grads``, :mod:`twinkle.patch.triton_lora`) instead of two cuBLAS calls.
+    ``apply(x, keep_merged, grad_kernel, stack, scalings, *weights, *biases, *lora_As, *lora_Bs)``,
+    ``n`` of each; ``grad_kernel`` computes ``grad B`` and the ``B`` gradients in one pass over
+    ``grad`` (``twinkle::lora_grads``, :mod:`twinkle.patch.triton_lora`) instead of two cuBLAS calls.
     """
 
     _fn: Any = None
@@ -261,55 +273,79 @@ class _MergedLoraFunction:
         if cls._fn is None:
             import torch
 
+            def low_rank_grads(g, low, weight_b, kernel):
+                """``(g @ B, g^T @ low)``: ``[tokens, r]`` and ``[out, r]`` (in ``g``'s dtype), unscaled."""
+                if kernel:  # one pass over g for both, float32 results (g @ B stays float32 until scaled)
+                    gb, grad_b = torch.ops.twinkle.lora_grads(g.contiguous(), low.contiguous(), weight_b.contiguous())
+                    return gb, grad_b.to(g.dtype)
+                return g @ weight_b, g.t() @ low
+
             class MergedLora(torch.autograd.Function):
                 @staticmethod
-                def forward(ctx, x, keep_merged, grad_kernel, scalings, *tensors):  # type: ignore[override]
+                def forward(ctx, x, keep_merged, grad_kernel, stack, scalings, *tensors):  # type: ignore[override]
                     n = len(scalings)
                     weights, biases = tensors[:n], tensors[n : 2 * n]
                     weights_a, weights_b = tensors[2 * n : 3 * n], tensors[3 * n :]
-                    adapters = list(zip(weights, weights_a, weights_b, scalings))
-                    merged = _cat([torch.addmm(w, b * s, a) for w, a, b, s in adapters])
-                    out = torch.nn.functional.linear(x, merged, _stacked_bias(list(biases), list(weights)))
+                    merged = [torch.addmm(w, b * s, a) for w, a, b, s in zip(weights, weights_a, weights_b, scalings)]
+                    if stack:
+                        merged = [_cat(merged)]
+                        outs = (torch.nn.functional.linear(x, merged[0], _stacked_bias(list(biases), list(weights))),)
+                    else:
+                        outs = tuple(torch.nn.functional.linear(x, w, bias) for w, bias in zip(merged, biases))
                     flat = x.reshape(-1, x.shape[-1])
                     ranks = tuple(a.shape[0] for a in weights_a)
                     low = _scale_columns(flat @ _cat(list(weights_a)).t(), scalings, ranks)
-                    ctx.scalings, ctx.ranks, ctx.grad_kernel = scalings, ranks, grad_kernel
-                    ctx.x_shape = x.shape
-                    ctx.save_for_backward(flat, low, merged if keep_merged else None, *weights, *weights_a, *weights_b)
-                    return out
+                    ctx.scalings, ctx.ranks, ctx.grad_kernel, ctx.stack = scalings, ranks, grad_kernel, stack
+                    ctx.x_shape, ctx.kept = x.shape, len(merged) if keep_merged else 0
+                    kept = merged if keep_merged else []
+                    ctx.save_for_backward(flat, low, *kept, *weights, *weights_a, *weights_b)
+                    return outs[0] if stack else outs
 
                 @staticmethod
-                def backward(ctx, grad):  # type: ignore[override]
-                    flat, low, merged, *rest = ctx.saved_tensors
+                def backward(ctx, *grads):  # type: ignore[override]
+                    flat, low, *rest = ctx.saved_tensors
                     scalings, ranks = ctx.scalings, ctx.ranks
                     n = len(scalings)
+                    merged, rest = rest[: ctx.kept], rest[ctx.kept :]
                     weights, weights_a, weights_b = rest[:n], rest[n : 2 * n], rest[2 * n :]
-                    g = grad.reshape(-1, grad.shape[-1])
+                    dtype = flat.dtype
+                    if ctx.stack:
+                        gs = [grads[0].reshape(-1, grads[0].shape[-1])]
+                    else:  # an output nobody used has no gradient: zeros for its part
+                        gs = [
+                            g.reshape(-1, g.shape[-1]) if g is not None else flat.new_zeros(flat.shape[0], w.shape[0])
+                            for g, w in zip(grads, weights)
+                        ]
                     grad_x = None
                     if ctx.needs_input_grad[0]:
-                        if merged is None:
+                        if not merged:
                             # scaled on A here, on B in forward: otherwise a compiled graph
                             # dedupes the two addmm's and keeps the forward's merged weight
                             adapters = zip(weights, weights_a, weights_b, scalings)
-                            merged = _cat([torch.addmm(w, b, a * s) for w, a, b, s in adapters])
-                        grad_x = (g @ merged).view(ctx.x_shape)
-                    block_b = weights_b[0] if n == 1 else torch.block_diag(*weights_b)
-                    if ctx.grad_kernel:  # one pass over grad for both, float32 results
-                        gb, grad_b = torch.ops.twinkle.lora_grads(g.contiguous(), low, block_b.contiguous())
-                        gb = _scale_columns(gb, scalings, ranks).to(g.dtype)
-                        grad_b = grad_b.to(g.dtype)
+                            merged = [torch.addmm(w, b, a * s) for w, a, b, s in adapters]
+                            merged = [_cat(merged)] if ctx.stack else merged
+                        acc = gs[0] @ merged[0]
+                        for g, w in zip(gs[1:], merged[1:]):
+                            acc = torch.addmm(acc, g, w)
+                        grad_x = acc.view(ctx.x_shape)
+                    if ctx.stack:
+                        block_b = weights_b[0] if n == 1 else torch.block_diag(*weights_b)
+                        gb, grad_b = low_rank_grads(gs[0], low, block_b, ctx.grad_kernel)
+                        # [sum(out), sum(r)]: member i's block on the diagonal
+                        grads_b, row, col = [], 0, 0
+                        for w, r in zip(weights, ranks):
+                            grads_b.append(grad_b[row : row + w.shape[0], col : col + r])
+                            row, col = row + w.shape[0], col + r
                     else:
-                        gb = _scale_columns(g @ block_b, scalings, ranks)
-                        grad_b = g.t() @ low  # [sum(out), sum(r)]; member i's block on the diagonal
-                    grad_a = gb.t() @ flat  # [sum(r), in]
-                    grads_a, grads_b = [], []
-                    row = col = 0
-                    for w, r in zip(weights, ranks):
-                        out_f = w.shape[0]
-                        grads_a.append(grad_a[col : col + r])
-                        grads_b.append(grad_b[row : row + out_f, col : col + r])
-                        row, col = row + out_f, col + r
-                    return (grad_x, None, None, None, *([None] * (2 * n)), *grads_a, *grads_b)
+                        parts = [
+                            low_rank_grads(g, piece, b, ctx.grad_kernel)
+                            for g, piece, b in zip(gs, low.split(list(ranks), -1), weights_b)
+                        ]
+                        gb = _cat([part[0] for part in parts], -1)
+                        grads_b = [part[1] for part in parts]
+                    grad_a = _scale_columns(gb, scalings, ranks).to(dtype).t() @ flat  # [sum(r), in]
+                    grads_a = list(grad_a.split(list(ranks)))
+                    return (grad_x, None, None, None, None, *([None] * (2 * n)), *grads_a, *grads_b)
 
             cls._fn = MergedLora
         return cls._fn
@@ -446,27 +482,32 @@ class MergedLoraForward(Patch):
 
 
 class GroupedLoraProjections(Patch):
-    """The LoRA projections that read one input (q/k/v, gate/up) as one merged GEMM, each way.
+    """The LoRA projections that read one input (q/k/v, gate/up) computed together, each way.
 
-    With :class:`MergedLoraForward`, every LoRA ``Linear`` is one GEMM on its merged weight; but
-    ``q_proj``, ``k_proj`` and ``v_proj`` (and ``gate_proj`` and ``up_proj``) still run three (two)
-    GEMMs on the same input, the narrow ``k``/``v`` ones well below the GPU's GEMM rate, and in
-    backward three input-gradient GEMMs whose results are then summed, plus each member's own
-    pass over ``x`` for ``x A^T`` and for ``A``'s gradient. This patch makes the first member
-    (``q_proj``, ``gate_proj``) compute the whole group: the members' merged weights stacked into
-    one ``[sum(out), in]`` GEMM (in a compiled layer the merges write straight into the stack),
-    ``x A^T`` and ``A``'s gradient for all members in one pass over ``x`` each, the ``B``
-    gradients and ``grad B`` in one pass over the group's gradient, and one input-gradient GEMM.
-    The other members find their output left for them and return it (when called with the same
-    input tensor; anything else runs their own forward).
+    With :class:`MergedLoraForward`, every LoRA ``Linear`` is one GEMM on its merged weight, and
+    each member of ``q_proj``/``k_proj``/``v_proj`` (``gate_proj``/``up_proj``) still makes its
+    own passes over their shared input ``x``: one for ``x A^T`` in forward, one for ``A``'s
+    gradient in backward. This patch makes the first member (``q_proj``, ``gate_proj``) compute
+    the whole group: ``x A^T`` and ``A``'s gradient for all members in one pass over ``x`` each,
+    the input gradients accumulated in one buffer (``addmm``), and with ``stack=True`` also one
+    GEMM each way on the members' stacked merged weights (in a compiled layer the merges write
+    straight into the stack; ``grad B`` and the ``B`` gradients then take one pass over the
+    group's gradient). The other members find their output left for them and return it (when
+    called with the same input tensor; anything else runs their own forward).
 
     Applies per call where every member is the plain LoRA case and merging the whole group pays
     (:func:`_merge_pays` on the stacked weight); numerically the same products as the members'
     own merged GEMMs (CPU test: float64-equal to the unmerged path).
 
+    Args:
+        stack: one GEMM on the stacked merged weights (default ``False``: one per member, so each
+            output is its own contiguous tensor; the stacked GEMM measured slower on a 7B layer,
+            15.19 vs 14.68 ms, decision 0009: its outputs are strided views into RoPE and
+            attention).
+
     Example::
 
-        TransformersModel(..., disabled_patches=["GroupedLoraProjections"])  # one GEMM per projection
+        TransformersModel(..., patches=[..., "GroupedLoraProjections"])  # switch it on by name
     """
 
     name = "GroupedLoraProjections"
@@ -474,6 +515,9 @@ class GroupedLoraProjections(Patch):
     order = 22
     #: Sibling attributes called in this order with the same input by a module's forward.
     GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+    def __init__(self, stack: bool = False) -> None:
+        self.stack = stack
 
     def groups(self, model: Any) -> list[list[Any]]:
         """Each group of merged lean LoRA layers that share a parent and an input width."""
@@ -496,6 +540,7 @@ class GroupedLoraProjections(Patch):
         """Give each group's first layer the others (the choice to group is made per call)."""
         for leader, *followers in self.groups(model):
             setattr(leader, _GROUP_ATTR, tuple(followers))
+            setattr(leader, _GROUP_STACK_ATTR, self.stack)
             for layer in followers:
                 setattr(layer, _GROUP_OUT_ATTR, None)
 
@@ -503,4 +548,5 @@ class GroupedLoraProjections(Patch):
         """Each projection its own GEMM again."""
         for layer in lora_linear_layers(model):
             layer.__dict__.pop(_GROUP_ATTR, None)
+            layer.__dict__.pop(_GROUP_STACK_ATTR, None)
             layer.__dict__.pop(_GROUP_OUT_ATTR, None)

@@ -9,10 +9,16 @@ cuBLAS calls reads that gradient twice: for a 7B MLP's gate/up at 8k tokens 620 
 products' share of it on tensor cores, writing float32 partials that it owns (no atomics),
 which a sum over programs finishes.
 
-It is registered as the custom op ``twinkle::lora_grads`` (``torch.library.triton_op``), so
-compiled decoder layers call it inside their graphs. Import is lazy: nothing imports triton
-until the first call (:func:`available` says whether it can run). On CPU it runs under Triton's
-interpreter (``TRITON_INTERPRET=1``), which is how CI checks it.
+The same module holds the two kernels of :class:`twinkle.patch.lora_mlp.FusedLoraMLP`:
+:func:`swiglu_low` (``h = silu(gate) * up`` and ``h A_down^T`` from one read of ``gate`` and
+``up``) and :func:`swiglu_lora_grads` (the SwiGLU backward with the gate/up ``B`` gradients, their
+``grad @ B`` and ``A_down``'s gradient from one read of ``grad_h``, ``gate`` and ``up``).
+
+Each is registered as a custom op (``twinkle::lora_grads``, ``twinkle::swiglu_low``,
+``twinkle::swiglu_lora_grads``; ``torch.library.triton_op``), so compiled decoder layers call
+them inside their graphs. Import is lazy: nothing imports triton until the first call
+(:func:`available` says whether they can run). On CPU they run under Triton's interpreter
+(``TRITON_INTERPRET=1``), as opaque custom ops, which is how CI checks them.
 """
 
 # no ``from __future__ import annotations``: triton_op reads the custom op's schema from real annotations
@@ -26,6 +32,10 @@ BLOCK_O = int(os.environ.get("TWINKLE_LORA_GRAD_BLOCK_O", "128"))
 NUM_WARPS = int(os.environ.get("TWINKLE_LORA_GRAD_WARPS", "4"))
 #: Programs to aim for (about two per H200 SM).
 TARGET_PROGRAMS = 264
+#: Tiles and warps of the fused SwiGLU kernels (:func:`swiglu_low`, :func:`swiglu_lora_grads`).
+SWIGLU_BLOCK_T = int(os.environ.get("TWINKLE_SWIGLU_BLOCK_T", "32"))
+SWIGLU_BLOCK_C = int(os.environ.get("TWINKLE_SWIGLU_BLOCK_C", "128"))
+SWIGLU_WARPS = int(os.environ.get("TWINKLE_SWIGLU_WARPS", "8"))
 
 
 @functools.lru_cache(maxsize=1)
@@ -53,16 +63,56 @@ def _split(tiles_t: int, tiles_o: int) -> tuple[int, int]:
     return min(along_t, tiles_t), min(along_o, tiles_o)
 
 
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _define(name: str, fake: Any) -> Any:
+    """Decorator: ``fn`` as the custom op ``name``.
+
+    A ``torch.library.triton_op``, so that compiled graphs see (and inductor schedules) the
+    kernel; under Triton's interpreter (CPU tests) an opaque ``custom_op`` with ``fake`` for its
+    output shapes instead, since the interpreter cannot be traced with fake tensors.
+    """
+
+    def wrap(fn: Any) -> Any:
+        from torch.library import custom_op, triton_op
+
+        if not _interpreting():
+            return triton_op(name, mutates_args=())(fn)
+        op = custom_op(name, fn, mutates_args=())
+        op.register_fake(fake)
+        return op
+
+    return wrap
+
+
+def _launch(kernel: Any) -> Any:
+    """``kernel`` as the ops launch it: through ``wrap_triton`` (traceable), or itself under the interpreter."""
+    if _interpreting():
+        return kernel
+    from torch.library import wrap_triton
+
+    return wrap_triton(kernel)
+
+
+def _empty(shape: tuple[int, ...], like: Any, dtype: Any = None) -> Any:
+    return like.new_empty(shape, dtype=dtype or like.dtype)
+
+
 @functools.lru_cache(maxsize=1)
 def _op() -> Any:
     import torch
-    from torch.library import triton_op, wrap_triton
 
     from twinkle.patch._lora_kernels import lora_grad_partials
 
     Tensor = torch.Tensor
+    f32 = torch.float32
 
-    @triton_op("twinkle::lora_grads", mutates_args=())
+    def fake(grad: Tensor, low: Tensor, weight_b: Tensor) -> tuple[Tensor, Tensor]:
+        return _empty((grad.shape[0], low.shape[1]), grad, f32), _empty((grad.shape[1], low.shape[1]), grad, f32)
+
+    @_define("twinkle::lora_grads", fake)
     def lora_grads_op(grad: Tensor, low: Tensor, weight_b: Tensor) -> tuple[Tensor, Tensor]:
         tokens, out_f = grad.shape
         rank = low.shape[1]
@@ -73,7 +123,7 @@ def _op() -> Any:
         progs_t, progs_o = -(-tiles_t // along_t), -(-tiles_o // along_o)
         part_gb = torch.empty(progs_o, tokens, block_r, dtype=torch.float32, device=grad.device)
         part_db = torch.empty(progs_t, out_f, block_r, dtype=torch.float32, device=grad.device)
-        wrap_triton(lora_grad_partials)[(progs_t, progs_o)](
+        _launch(lora_grad_partials)[(progs_t, progs_o)](
             grad,
             grad.stride(0),
             low,
@@ -88,7 +138,7 @@ def _op() -> Any:
             BT=BLOCK_T,
             BO=BLOCK_O,
             BR=block_r,
-            UPCAST=os.environ.get("TRITON_INTERPRET") == "1",
+            UPCAST=_interpreting(),
             num_warps=NUM_WARPS,
         )
         return part_gb.sum(0)[:, :rank], part_db.sum(0)[:, :rank]
@@ -96,13 +146,169 @@ def _op() -> Any:
     return lora_grads_op
 
 
+@functools.lru_cache(maxsize=1)
+def _swiglu_ops() -> tuple[Any, Any]:
+    import torch
+
+    from twinkle.patch._lora_kernels import swiglu_backward_lora, swiglu_forward_low
+
+    Tensor = torch.Tensor
+    f32 = torch.float32
+
+    def fake_low(gate_up: Tensor, weight_a: Tensor) -> tuple[Tensor, Tensor]:
+        tokens, cols = gate_up.shape[0], gate_up.shape[1] // 2
+        return _empty((tokens, cols), gate_up), _empty((tokens, weight_a.shape[0]), gate_up, f32)
+
+    def fake_grads(grad_h, gate_up, gb_down, low, weight_bg, weight_bu):  # type: ignore[no-untyped-def]
+        tokens, cols = gate_up.shape[0], gate_up.shape[1] // 2
+        rank, rank_d = weight_bg.shape[1], gb_down.shape[1]
+        return (
+            _empty((tokens, 2 * cols), gate_up),
+            _empty((cols, rank_d), gate_up, f32),
+            _empty((cols, rank), gate_up, f32),
+            _empty((cols, rank), gate_up, f32),
+            _empty((tokens, rank), gate_up, f32),
+            _empty((tokens, rank), gate_up, f32),
+        )
+
+    @_define("twinkle::swiglu_low", fake_low)
+    def swiglu_low_op(gate_up: Tensor, weight_a: Tensor) -> tuple[Tensor, Tensor]:
+        tokens, cols = gate_up.shape[0], gate_up.shape[1] // 2
+        rank = weight_a.shape[0]
+        block_r = max(16, _next_pow2(rank))
+        tiles_t, tiles_c = -(-tokens // SWIGLU_BLOCK_T), -(-cols // SWIGLU_BLOCK_C)
+        # rows outermost: each program keeps its rows' low-rank sums in registers, so few
+        # programs along the columns (their partials are what the host sums)
+        progs_c = max(1, min(tiles_c, TARGET_PROGRAMS // tiles_t))
+        along_c = -(-tiles_c // progs_c)
+        progs_c = -(-tiles_c // along_c)
+        hidden = torch.empty(tokens, cols, dtype=gate_up.dtype, device=gate_up.device)
+        part_low = torch.empty(progs_c, tokens, block_r, dtype=torch.float32, device=gate_up.device)
+        _launch(swiglu_forward_low)[(tiles_t, progs_c)](
+            gate_up,
+            gate_up.stride(0),
+            hidden,
+            weight_a,
+            part_low,
+            tokens,
+            cols,
+            rank,
+            SWIGLU_BLOCK_T,
+            along_c * SWIGLU_BLOCK_C,
+            BT=SWIGLU_BLOCK_T,
+            BC=SWIGLU_BLOCK_C,
+            BR=block_r,
+            UPCAST=_interpreting(),
+            num_warps=SWIGLU_WARPS,
+        )
+        return hidden, part_low.sum(0)[:, :rank]
+
+    @_define("twinkle::swiglu_lora_grads", fake_grads)
+    def swiglu_lora_grads_op(
+        grad_h: Tensor, gate_up: Tensor, gb_down: Tensor, low: Tensor, weight_bg: Tensor, weight_bu: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        tokens, cols = gate_up.shape[0], gate_up.shape[1] // 2
+        rank, rank_d = weight_bg.shape[1], gb_down.shape[1]
+        block_r = max(16, _next_pow2(max(rank, rank_d)))
+        tiles_t, tiles_c = -(-tokens // SWIGLU_BLOCK_T), -(-cols // SWIGLU_BLOCK_C)
+        along_t, along_c = _split(tiles_t, tiles_c)
+        progs_t, progs_c = -(-tiles_t // along_t), -(-tiles_c // along_c)
+        dev, f32 = gate_up.device, torch.float32
+        d_gate_up = torch.empty(tokens, 2 * cols, dtype=gate_up.dtype, device=dev)
+        part_da, part_dbg, part_dbu = (torch.empty(progs_t, cols, block_r, dtype=f32, device=dev) for _ in range(3))
+        part_gbg, part_gbu = (torch.empty(progs_c, tokens, block_r, dtype=f32, device=dev) for _ in range(2))
+        _launch(swiglu_backward_lora)[(progs_t, progs_c)](
+            grad_h,
+            gate_up,
+            gate_up.stride(0),
+            d_gate_up,
+            gb_down,
+            low,
+            low.stride(0),
+            weight_bg,
+            weight_bu,
+            part_da,
+            part_dbg,
+            part_dbu,
+            part_gbg,
+            part_gbu,
+            tokens,
+            cols,
+            rank,
+            rank_d,
+            along_t * SWIGLU_BLOCK_T,
+            along_c * SWIGLU_BLOCK_C,
+            BT=SWIGLU_BLOCK_T,
+            BC=SWIGLU_BLOCK_C,
+            BR=block_r,
+            UPCAST=_interpreting(),
+            num_warps=SWIGLU_WARPS,
+        )
+        return (
+            d_gate_up,
+            part_da.sum(0)[:, :rank_d],
+            part_dbg.sum(0)[:, :rank],
+            part_dbu.sum(0)[:, :rank],
+            part_gbg.sum(0)[:, :rank],
+            part_gbu.sum(0)[:, :rank],
+        )
+
+    return swiglu_low_op, swiglu_lora_grads_op
+
+
+def swiglu_low(gate_up: Any, weight_a: Any) -> tuple[Any, Any]:
+    """``h = silu(gate) * up`` and ``h @ weight_a^T`` (float32), reading ``gate`` and ``up`` once.
+
+    Args:
+        gate_up: ``[tokens, 2 * intermediate]``, ``gate`` then ``up`` (one GEMM's output).
+        weight_a: ``[r, intermediate]``, the down projection's LoRA ``A``.
+
+    Returns:
+        ``h`` (``[tokens, intermediate]``, ``gate_up``'s dtype) and ``[tokens, r]`` float32.
+
+    Example::
+
+        hidden, low = swiglu_low(x @ torch.cat([w_gate, w_up]).t(), a_down)  # low = hidden @ a_down.t()
+    """
+    return _swiglu_ops()[0](gate_up.contiguous(), weight_a.contiguous())
+
+
+def swiglu_lora_grads(
+    grad_h: Any, gate_up: Any, gb_down: Any, low: Any, weight_bg: Any, weight_bu: Any
+) -> tuple[Any, ...]:
+    """The SwiGLU backward and the MLP's LoRA products over its tensors, in one pass.
+
+    Args:
+        grad_h: ``[tokens, intermediate]``, the gradient of ``h = silu(gate) * up``.
+        gate_up: as for :func:`swiglu_low`.
+        gb_down: ``[tokens, r_down]``, ``s_down * grad_out @ B_down``.
+        low: ``[tokens, 2r]``, ``[s_gate x A_gate^T, s_up x A_up^T]``.
+        weight_bg, weight_bu: ``[intermediate, r]``, LoRA ``B`` of gate and up.
+
+    Returns:
+        ``d_gate_up`` (``[tokens, 2 * intermediate]``: the gate gradient, then the up gradient),
+        then float32 ``h^T @ gb_down`` (``[intermediate, r_down]``), ``d_gate^T @ low_gate`` and
+        ``d_up^T @ low_up`` (``[intermediate, r]``), ``d_gate @ B_gate`` and ``d_up @ B_up``
+        (``[tokens, r]``).
+    """
+    return _swiglu_ops()[1](
+        grad_h.contiguous(),
+        gate_up.contiguous(),
+        gb_down.contiguous(),
+        low.contiguous(),
+        weight_bg.contiguous(),
+        weight_bu.contiguous(),
+    )
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
 def register() -> None:
-    """Register ``torch.ops.twinkle.lora_grads`` (imports triton); idempotent."""
+    """Register ``torch.ops.twinkle.lora_grads`` and the SwiGLU ops (imports triton); idempotent."""
     _op()
+    _swiglu_ops()
 
 
 def lora_grads(grad: Any, low: Any, weight_b: Any) -> tuple[Any, Any]:
