@@ -12,6 +12,8 @@ backward with CUDA events, in one process, for:
 * ``lora``: LoRA r=8 on all linear layers, the default fast path (``MergedLoraForward``, weight kept,
   its Triton ``grad B`` pass, ``FusedLoraMLP``).
 * ``lora_nomlp``: the same without ``FusedLoraMLP`` (each MLP projection its own merged GEMM).
+* ``lora_mlpkernels``: ``FusedLoraMLP(swiglu_kernels=True)`` (the SwiGLU and its LoRA products in
+  two Triton kernels).
 * ``lora_nokernel``: the same with ``MergedLoraForward(grad_kernel=False)`` (cuBLAS for ``grad B`` and
   the ``B`` gradients instead of one Triton pass over the output gradient).
 * ``lora_grouped``: the same plus ``GroupedLoraProjections`` (q/k/v computed together: one pass over
@@ -81,6 +83,8 @@ def build(shape: dict, layers: int, variant: str):
             patch.grad_kernel = False
         if variant == "lora_grouped_stacked" and patch.name == "GroupedLoraProjections":
             patch.stack = True
+        if variant == "lora_mlpkernels" and patch.name == "FusedLoraMLP":
+            patch.swiglu_kernels = True
     applied = apply_patches(model, patches)
     model.train()
     return decoder_of(model), applied

@@ -55,15 +55,15 @@ def test_lora_fast_path_matches_plain_fp32(tiny_config, monkeypatch):
     merged_calls = []
     real_merge_pays = lora_fast._merge_pays
 
-    def counting_merge_pays(x, bases, keep):
-        pays = real_merge_pays(x, bases, keep)
+    def counting_merge_pays(x, bases, keep, tokens=None):
+        pays = real_merge_pays(x, bases, keep, tokens=tokens)
         merged_calls.append((len(bases), pays))
         return pays
 
     monkeypatch.setattr(lora_fast, "_merge_pays", counting_merge_pays)
     fast = _model(tiny_config)
     plain = _model(tiny_config, patches=[])
-    assert fast.fast_path_patches == ["FusedLoraLinear", "MergedLoraForward", "FusedLinearCrossEntropy"]
+    assert fast.fast_path_patches == ["FusedLoraLinear", "MergedLoraForward", "FusedLoraMLP", "FusedLinearCrossEntropy"]
     assert plain.fast_path_patches == []
     for model in (fast, plain):
         model.set_optimizer("AdamW", lr=1e-2)
@@ -73,6 +73,7 @@ def test_lora_fast_path_matches_plain_fp32(tiny_config, monkeypatch):
     layer = next(m for m in fast.model.modules() if hasattr(m, "_twinkle_peft_forward"))
     assert "_lean_forward" in layer.forward.__func__.__name__
     assert any(pays for _, pays in merged_calls), "no LoRA layer took the merged path"
+    assert any(getattr(m, "_twinkle_fused_lora_mlp", False) for m in fast.model.modules())
     grouped = _model(tiny_config, patches=[*fast.fast_path_patches, "GroupedLoraProjections"])
     assert "GroupedLoraProjections" in grouped.fast_path_patches
     plain = _model(tiny_config, patches=[])

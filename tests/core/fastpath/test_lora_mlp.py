@@ -1,7 +1,8 @@
-"""FusedLoraMLP: a LoRA SwiGLU MLP as three GEMMs and two Triton passes equals the per-projection path.
+"""FusedLoraMLP: a LoRA SwiGLU MLP as one function equals the per-projection merged path.
 
-On CPU the Triton kernels run under the interpreter (the root conftest sets ``TRITON_INTERPRET=1``
-without an NVIDIA device), in float32; on the H200 the same tests run compiled.
+With pointwise torch ops (the default) and with its two Triton SwiGLU kernels; on CPU the Triton
+kernels run under the interpreter (the root conftest sets ``TRITON_INTERPRET=1`` without an
+NVIDIA device), in float32; on the H200 the same tests run compiled.
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ from twinkle.patch.checkpointing import RecomputeSwiGLU, swiglu_mlps  # noqa: E4
 from twinkle.patch.lora_fast import FusedLoraLinear, MergedLoraForward  # noqa: E402
 from twinkle.patch.lora_mlp import FusedLoraMLP  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not triton_lora.available(), reason="needs triton")
+needs_triton = pytest.mark.skipif(not triton_lora.available(), reason="needs triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # float32 model: tf32 tensor cores in the kernels on a GPU, exact float32 in the interpreter
 TOL = dict(rtol=2e-2, atol=2e-2) if DEVICE == "cuda" else dict(rtol=1e-4, atol=1e-5)
 
 
-def _lora_qwen2(dropout: float = 0.0, keep_merged: bool = True, **lora):
+def _lora_qwen2(dropout: float = 0.0, keep_merged: bool = True, grad_kernel: bool = False, **lora):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -36,7 +37,7 @@ def _lora_qwen2(dropout: float = 0.0, keep_merged: bool = True, **lora):
     )
     model = peft.get_peft_model(model, config).to(DEVICE)
     FusedLoraLinear().apply(model)
-    MergedLoraForward(keep_merged=keep_merged, grad_kernel=False).apply(model)
+    MergedLoraForward(keep_merged=keep_merged, grad_kernel=grad_kernel).apply(model)
     return model
 
 
@@ -82,12 +83,21 @@ def _assert_same(got, want):
         assert _rel(got[2][name], want[2][name]) < bound, name
 
 
-@pytest.mark.parametrize("keep_merged", [True, False])
-def test_fused_mlp_equals_per_projection(monkeypatch, keep_merged):
-    model = _lora_qwen2(keep_merged=keep_merged)
+@pytest.mark.parametrize(
+    ("keep_merged", "kernels"),
+    [
+        (True, None),
+        (False, None),
+        pytest.param(True, "grad", marks=needs_triton),
+        pytest.param(True, "all", marks=needs_triton),
+    ],
+)
+def test_fused_mlp_equals_per_projection(monkeypatch, keep_merged, kernels):
+    # kernels: None (cuBLAS, pointwise torch ops), "grad" (twinkle::lora_grads), "all" (+ the SwiGLU kernels)
+    model = _lora_qwen2(keep_merged=keep_merged, grad_kernel=kernels is not None)
     ids = _ids()
     want = _run(model, ids)
-    patch = FusedLoraMLP(kernel=True)
+    patch = FusedLoraMLP(swiglu_kernels=kernels == "all")
     assert patch.applies_to(model)
     assert len(patch.mlps(model)) == model.config.num_hidden_layers
     patch.apply(model)
@@ -106,7 +116,7 @@ def test_scalings_differ_between_projections(monkeypatch):
     )
     ids = _ids()
     want = _run(model, ids)
-    FusedLoraMLP(kernel=True).apply(model)
+    FusedLoraMLP().apply(model)
     calls = _count_fused(monkeypatch)
     got = _run(model, ids)
     assert calls
@@ -115,7 +125,7 @@ def test_scalings_differ_between_projections(monkeypatch):
 
 def test_falls_back_where_it_does_not_apply(monkeypatch):
     model = _lora_qwen2()
-    FusedLoraMLP(kernel=True).apply(model)
+    FusedLoraMLP().apply(model)
     calls = _count_fused(monkeypatch)
     _run(model, _ids(8))  # 4 tokens a row: merging does not pay, so neither does the fused MLP
     with torch.no_grad():
@@ -123,14 +133,14 @@ def test_falls_back_where_it_does_not_apply(monkeypatch):
     assert calls == []
     # gate and up of different ranks: per projection
     model = _lora_qwen2(rank_pattern={"up_proj": 2})
-    FusedLoraMLP(kernel=True).apply(model)
+    FusedLoraMLP().apply(model)
     calls = _count_fused(monkeypatch)
     _run(model, _ids())
     assert calls == []
     # dropout: peft's forward for every projection, so no MLP is fused at all
     model = _lora_qwen2(dropout=0.1)
-    assert FusedLoraMLP(kernel=True).mlps(model) != []  # the layers are lean; dropout is decided per call
-    FusedLoraMLP(kernel=True).apply(model)
+    assert FusedLoraMLP().mlps(model) != []  # the layers are lean; dropout is decided per call
+    FusedLoraMLP().apply(model)
     calls = _count_fused(monkeypatch)
     model.train()
     _run(model, _ids())
@@ -140,7 +150,7 @@ def test_falls_back_where_it_does_not_apply(monkeypatch):
 def test_recompute_swiglu_becomes_the_fallback_and_reverts():
     model = _lora_qwen2()
     mlp = swiglu_mlps(model)[0]
-    recompute, fused = RecomputeSwiGLU(), FusedLoraMLP(kernel=True)
+    recompute, fused = RecomputeSwiGLU(), FusedLoraMLP()
     ids = _ids()
     want = _run(model, ids)
     recompute.apply(model)  # as TransformersModel applies patches before the adapter exists
@@ -163,7 +173,7 @@ def test_fused_mlp_traces_whole_under_compile():
     model = _lora_qwen2()
     ids = _ids()
     want = _run(model, ids)
-    FusedLoraMLP(kernel=True).apply(model)
+    FusedLoraMLP().apply(model)
     from torch._dynamo.testing import CompileCounterWithBackend
 
     torch._dynamo.reset()
@@ -176,14 +186,14 @@ def test_fused_mlp_traces_whole_under_compile():
     _assert_same(got, want)
 
 
-def test_kernel_choice():
+def test_swiglu_kernels_need_triton(monkeypatch):
     model = _lora_qwen2()
-    assert FusedLoraMLP().applies_to(model) is (DEVICE == "cuda")  # 'auto': CUDA only
-    assert FusedLoraMLP(kernel=False).applies_to(model) is False
-    with pytest.raises(ValueError, match="kernel must be 'auto', True or False"):
-        FusedLoraMLP(kernel="sometimes")
+    monkeypatch.setattr(triton_lora, "available", lambda: False)
+    assert FusedLoraMLP().applies_to(model)
+    assert not FusedLoraMLP(swiglu_kernels=True).applies_to(model)
 
 
+@needs_triton
 @pytest.mark.parametrize(
     ("tokens", "cols", "rank", "programs"), [(70, 200, 8, 264), (256, 384, 16, 1), (33, 130, 4, 3)]
 )
@@ -221,6 +231,7 @@ def test_swiglu_kernels_equal_torch(tokens, cols, rank, programs, monkeypatch):
     torch.testing.assert_close(gbu, up.grad @ b_u, **TOL)
 
 
+@needs_triton
 def test_swiglu_kernels_bf16():
     gen = torch.Generator().manual_seed(3)
     gate_up = torch.randn(96, 2 * 160, generator=gen).to(DEVICE, torch.bfloat16)

@@ -69,7 +69,7 @@ def _lora_mlp():
         ),
     )
     FusedLoraLinear().apply(model)
-    return model
+    return model.to(DEVICE)
 
 
 @pytest.mark.parametrize("grouped", [None, False, True])

@@ -246,6 +246,19 @@ def _stacked_bias(biases: list[Any], weights: list[Any]) -> Any:
     return _cat([b if b is not None else w.new_zeros(w.shape[0]) for b, w in zip(biases, weights)])
 
 
+def _low_rank_grads(g: Any, low: Any, weight_b: Any, kernel: bool) -> tuple[Any, Any]:
+    """``(g @ B, g^T @ low)``, unscaled: ``[tokens, r]`` (float32 from the kernel) and ``[out, r]`` in ``g``'s dtype.
+
+    ``kernel``: one pass over ``g`` for both (``twinkle::lora_grads``); otherwise two cuBLAS calls.
+    """
+    import torch
+
+    if kernel:
+        gb, grad_b = torch.ops.twinkle.lora_grads(g.contiguous(), low.contiguous(), weight_b.contiguous())
+        return gb, grad_b.to(g.dtype)
+    return g @ weight_b, g.t() @ low
+
+
 class _MergedLoraFunction:
     """``y_i = x (W_i + s_i B_i A_i)^T + b_i`` with LoRA's low-rank gradients (torch on first use).
 
@@ -272,13 +285,6 @@ class _MergedLoraFunction:
     def get(cls) -> Any:
         if cls._fn is None:
             import torch
-
-            def low_rank_grads(g, low, weight_b, kernel):
-                """``(g @ B, g^T @ low)``: ``[tokens, r]`` and ``[out, r]`` (in ``g``'s dtype), unscaled."""
-                if kernel:  # one pass over g for both, float32 results (g @ B stays float32 until scaled)
-                    gb, grad_b = torch.ops.twinkle.lora_grads(g.contiguous(), low.contiguous(), weight_b.contiguous())
-                    return gb, grad_b.to(g.dtype)
-                return g @ weight_b, g.t() @ low
 
             class MergedLora(torch.autograd.Function):
                 @staticmethod
@@ -330,7 +336,7 @@ class _MergedLoraFunction:
                         grad_x = acc.view(ctx.x_shape)
                     if ctx.stack:
                         block_b = weights_b[0] if n == 1 else torch.block_diag(*weights_b)
-                        gb, grad_b = low_rank_grads(gs[0], low, block_b, ctx.grad_kernel)
+                        gb, grad_b = _low_rank_grads(gs[0], low, block_b, ctx.grad_kernel)
                         # [sum(out), sum(r)]: member i's block on the diagonal
                         grads_b, row, col = [], 0, 0
                         for w, r in zip(weights, ranks):
@@ -338,7 +344,7 @@ class _MergedLoraFunction:
                             row, col = row + w.shape[0], col + r
                     else:
                         parts = [
-                            low_rank_grads(g, piece, b, ctx.grad_kernel)
+                            _low_rank_grads(g, piece, b, ctx.grad_kernel)
                             for g, piece, b in zip(gs, low.split(list(ranks), -1), weights_b)
                         ]
                         gb = _cat([part[0] for part in parts], -1)

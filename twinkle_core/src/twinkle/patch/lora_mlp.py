@@ -1,29 +1,29 @@
-"""FusedLoraMLP: a LoRA SwiGLU MLP whose LoRA work rides on the passes the MLP makes anyway.
+"""FusedLoraMLP: a LoRA SwiGLU MLP as one autograd function, three GEMMs each way.
 
 With :class:`~twinkle.patch.lora_fast.MergedLoraForward` every LoRA projection is one GEMM on
-its merged weight, and what LoRA still costs is the memory traffic of its low-rank products. In
-a SwiGLU MLP (``down(silu(gate(x)) * up(x))``) most of it is over the widest tensors of the
-layer, ``[tokens, intermediate]`` (310 MB each for a 7B layer at 8k tokens): the down
-projection reads ``h = silu(gate) * up`` once more in forward for ``h A_down^T``, backward
-rebuilds ``h`` from ``gate`` and ``up`` (it is not kept) and reads it for ``A_down``'s gradient,
-and the gate and up gradients are read again for ``grad @ B`` and ``B``'s gradient.
+its merged weight, and an MLP ``down(silu(gate(x)) * up(x))`` runs five: gate and up forward,
+then in backward two input-gradient GEMMs whose ``[tokens, hidden]`` results are added, each
+with its own low-rank passes. This patch runs the MLP as one function:
 
-This patch runs the whole MLP as one autograd function over two Triton kernels
-(:mod:`twinkle.patch.triton_lora`) and three GEMMs each way:
+* forward: ``[gate | up] = x [W_gate'; W_up']^T``, one GEMM on the stacked merged weights (in a
+  compiled layer the merges write straight into the stack); ``h = silu(gate) * up`` (one
+  pointwise kernel in a compiled layer); ``x [A_gate; A_up]^T`` in one pass over ``x``; ``out =
+  h W_down'^T``.
+* backward: ``grad_h = grad W_down'``; one pointwise pass rebuilds ``h`` (never kept: what
+  :class:`~twinkle.patch.checkpointing.RecomputeSwiGLU` does) and writes the gate and up
+  gradients side by side, so that ``grad_x = [d_gate | d_up] [W_gate'; W_up']`` is one GEMM with
+  no sum to add, and ``grad @ B`` and the ``B`` gradients of both take one pass over them
+  (``twinkle::lora_grads``, block-diagonal ``B``); ``A_gate``/``A_up``'s gradients in one pass over ``x``.
 
-* forward: ``[gate | up] = x [W_gate'; W_up']^T`` as one GEMM on the stacked merged weights;
-  one kernel writes ``h`` and computes ``h A_down^T`` from the same registers; ``out = h
-  W_down'^T``.
-* backward: ``grad_h = grad W_down'`` (GEMM); ``grad B_down`` and ``grad @ B_down`` in one pass
-  over ``grad`` (``twinkle::lora_grads``); one kernel reads ``grad_h``, ``gate`` and ``up`` once,
-  writes the gate and up gradients side by side and, from the same registers, ``A_down``'s
-  gradient (``h`` recomputed, never written), both ``B`` gradients and both ``grad @ B``;
-  ``grad_x = [d_gate | d_up] [W_gate'; W_up']`` (one GEMM); ``A_gate``/``A_up``'s gradients in
-  one pass over ``x``.
+On a 7B layer at 8k tokens the GEMMs of a layer took 0.49 ms less this way (decision 0010).
+``FusedLoraMLP(swiglu_kernels=True)`` instead computes the SwiGLU together with the LoRA
+products over its tensors in two Triton kernels (:mod:`twinkle.patch.triton_lora`: ``h A_down^T``
+from the registers that write ``h``; ``A_down``'s gradient, both ``B`` gradients and ``grad @ B``
+from those of the SwiGLU backward), which would save their reads, but these kernels are slower
+than inductor's pointwise kernels plus the separate passes, so they are off.
 
-Same arithmetic as the merged path (each product rounded where the merged path rounds it, sums
-in float32); it keeps what the merged path with :class:`~twinkle.patch.checkpointing.RecomputeSwiGLU`
-keeps (``gate``, ``up``, the merged weights), never ``h``.
+Same arithmetic as the per-projection merged path, to float32 summation order; exact in float32
+on CPU (test_lora_mlp.py).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from typing import Any
 from twinkle.patch.base import Patch
 
 _FUSED_ATTR = "_twinkle_fused_lora_mlp"
+_SWIGLU_KERNELS_ATTR = "_twinkle_swiglu_kernels"
 #: The forward the fused one falls back to (per call); RecomputeSwiGLU replaces it instead of ``forward``.
 FALLBACK_ATTR = "_twinkle_mlp_fallback"
 
@@ -67,21 +68,40 @@ def _fused_case(mlp: Any, x: Any) -> tuple[list[tuple[Any, Any, Any, float]], bo
 
 def _fused_forward(self: Any, x: Any) -> Any:
     """The MLP through :class:`_FusedLoraMLPFunction` where it applies; the previous forward otherwise."""
+    from twinkle.patch.lora_fast import _GRAD_KERNEL_ATTR
+
     case = _fused_case(self, x)
     if case is None:
         return getattr(self, FALLBACK_ATTR)(x)
     members, keep = case
     (w_g, a_g, b_g, s_g), (w_u, a_u, b_u, s_u), (w_d, a_d, b_d, s_d) = members
+    grad_kernel = getattr(self.gate_proj, _GRAD_KERNEL_ATTR, False)
     return _FusedLoraMLPFunction.get().apply(
-        x, keep, (s_g, s_u, s_d), w_g.weight, w_u.weight, w_d.weight, a_g, a_u, a_d, b_g, b_u, b_d
+        x,
+        keep,
+        grad_kernel,
+        getattr(self, _SWIGLU_KERNELS_ATTR, False),
+        (s_g, s_u, s_d),
+        w_g.weight,
+        w_u.weight,
+        w_d.weight,
+        a_g,
+        a_u,
+        a_d,
+        b_g,
+        b_u,
+        b_d,
     )
 
 
 class _FusedLoraMLPFunction:
     """``down(silu(gate(x)) * up(x))`` for three merged LoRA projections (torch built on first use).
 
-    ``apply(x, keep_merged, (s_gate, s_up, s_down), W_gate, W_up, W_down, A_gate, A_up, A_down,
-    B_gate, B_up, B_down)``; gradients for ``x`` and the six LoRA weights.
+    ``apply(x, keep_merged, grad_kernel, swiglu_kernels, (s_gate, s_up, s_down), W_gate, W_up,
+    W_down, A_gate, A_up, A_down, B_gate, B_up, B_down)``; gradients for ``x`` and the six LoRA
+    weights. ``grad_kernel``: ``grad @ B`` and the ``B`` gradients through ``twinkle::lora_grads``;
+    ``swiglu_kernels``: the SwiGLU and its LoRA products through the two Triton kernels of
+    :mod:`twinkle.patch.triton_lora` instead of pointwise torch ops (which a compiled layer fuses).
     """
 
     _fn: Any = None
@@ -91,10 +111,7 @@ class _FusedLoraMLPFunction:
         if cls._fn is None:
             import torch
 
-            from twinkle.patch import triton_lora
-
-            triton_lora.register()
-            ops = torch.ops.twinkle
+            from twinkle.patch.lora_fast import _low_rank_grads, _scale_columns
 
             def merged_weights(w_g, w_u, w_d, a_g, a_u, a_d, b_g, b_u, b_d, scalings, scale_b):
                 # forward scales B, a backward rebuild A: the same product, but a compiled graph
@@ -104,73 +121,89 @@ class _FusedLoraMLPFunction:
                 stacked = torch.cat([torch.addmm(w_g, b_g * s_g, a_g * t_g), torch.addmm(w_u, b_u * s_u, a_u * t_u)])
                 return stacked, torch.addmm(w_d, b_d * s_d, a_d * t_d)
 
+            def swiglu(gate_up, cols):
+                """``(h, sigmoid(gate), silu(gate), gate, up)``, float32 but ``h`` (rounded once)."""
+                gate, up = gate_up[:, :cols].float(), gate_up[:, cols:].float()
+                sig = torch.sigmoid(gate)
+                silu = gate * sig
+                return (silu * up).to(gate_up.dtype), sig, silu, gate, up
+
             class FusedLoraMLP(torch.autograd.Function):
                 @staticmethod
-                def forward(ctx, x, keep_merged, scalings, w_g, w_u, w_d, a_g, a_u, a_d, b_g, b_u, b_d):  # type: ignore[override]
+                def forward(ctx, x, keep_merged, grad_kernel, swiglu_kernels, scalings, *tensors):  # type: ignore[override]
+                    w_g, w_u, w_d, a_g, a_u, a_d, b_g, b_u, b_d = tensors
                     s_g, s_u, s_d = scalings
-                    rank = a_g.shape[0]
+                    rank, cols = a_g.shape[0], w_g.shape[0]
                     flat = x.reshape(-1, x.shape[-1])
-                    w_gu, w_down = merged_weights(w_g, w_u, w_d, a_g, a_u, a_d, b_g, b_u, b_d, scalings, True)
+                    w_gu, w_down = merged_weights(*tensors, scalings, True)
                     gate_up = flat @ w_gu.t()  # [tokens, 2 * intermediate]: gate, then up
-                    low = flat @ torch.cat([a_g, a_u]).t()  # one pass over x for both
-                    low = low * s_g if s_g == s_u else torch.cat([low[:, :rank] * s_g, low[:, rank:] * s_u], -1)
-                    hidden, low_d = ops.swiglu_low(gate_up, a_d.contiguous())
-                    low_d = (low_d * s_d).to(x.dtype)
+                    low = _scale_columns(flat @ torch.cat([a_g, a_u]).t(), (s_g, s_u), (rank, rank))
+                    if swiglu_kernels:
+                        hidden, low_d = torch.ops.twinkle.swiglu_low(gate_up, a_d.contiguous())
+                        low_d = (low_d * s_d).to(x.dtype)
+                    else:
+                        hidden = swiglu(gate_up, cols)[0]
+                        low_d = (hidden @ a_d.t()) * s_d
                     out = hidden @ w_down.t()
-                    ctx.scalings, ctx.x_shape = scalings, x.shape
+                    ctx.scalings, ctx.x_shape, ctx.cols = scalings, x.shape, cols
+                    ctx.grad_kernel, ctx.swiglu_kernels = grad_kernel, swiglu_kernels
                     kept = (w_gu, w_down) if keep_merged else (None, None)
-                    ctx.save_for_backward(flat, gate_up, low, low_d, *kept, w_g, w_u, w_d, a_g, a_u, a_d, b_g, b_u, b_d)
+                    ctx.save_for_backward(flat, gate_up, low, low_d, *kept, *tensors)
                     return out.view(*x.shape[:-1], out.shape[-1])
 
                 @staticmethod
                 def backward(ctx, grad):  # type: ignore[override]
-                    flat, gate_up, low, low_d, w_gu, w_down, *weights = ctx.saved_tensors
-                    w_g, w_u, w_d, a_g, a_u, a_d, b_g, b_u, b_d = weights
+                    flat, gate_up, low, low_d, w_gu, w_down, *tensors = ctx.saved_tensors
+                    w_g, w_u, w_d, a_g, a_u, a_d, b_g, b_u, b_d = tensors
                     s_g, s_u, s_d = ctx.scalings
-                    rank, dtype = a_g.shape[0], flat.dtype
+                    rank, cols, dtype = a_g.shape[0], ctx.cols, flat.dtype
                     if w_gu is None:
-                        w_gu, w_down = merged_weights(w_g, w_u, w_d, a_g, a_u, a_d, b_g, b_u, b_d, ctx.scalings, False)
-                    g = grad.reshape(-1, grad.shape[-1]).contiguous()
+                        w_gu, w_down = merged_weights(*tensors, ctx.scalings, False)
+                    g = grad.reshape(-1, grad.shape[-1])
                     grad_h = g @ w_down
-                    gb_d, grad_b_d = ops.lora_grads(g, low_d, b_d.contiguous())
-                    d_gate_up, grad_a_d, grad_b_g, grad_b_u, gb_g, gb_u = ops.swiglu_lora_grads(
-                        grad_h, gate_up, (gb_d * s_d).to(dtype), low, b_g.contiguous(), b_u.contiguous()
-                    )
+                    gb_d, grad_b_d = _low_rank_grads(g, low_d, b_d, ctx.grad_kernel)
+                    gb_d = (gb_d * s_d).to(dtype)
+                    if ctx.swiglu_kernels:
+                        d_gate_up, grad_a_d, grad_b_g, grad_b_u, gb_g, gb_u = torch.ops.twinkle.swiglu_lora_grads(
+                            grad_h, gate_up, gb_d, low, b_g.contiguous(), b_u.contiguous()
+                        )
+                        grad_a_d, gb_gu = grad_a_d.t(), torch.cat([gb_g, gb_u], -1)
+                    else:
+                        # one pointwise pass in a compiled layer: h rebuilt, both gradients written side by side
+                        hidden, sig, silu, gate, up = swiglu(gate_up, cols)
+                        gh = grad_h.float()
+                        d_gate = gh * up * sig * (1.0 + gate * (1.0 - sig))
+                        d_gate_up = torch.cat([d_gate.to(dtype), (gh * silu).to(dtype)], -1)
+                        grad_a_d = gb_d.t() @ hidden  # [r, intermediate]
+                        gb_gu, grad_b_gu = _low_rank_grads(
+                            d_gate_up, low, torch.block_diag(b_g, b_u), ctx.grad_kernel
+                        )  # one pass over both gradients
+                        grad_b_g, grad_b_u = grad_b_gu[:cols, :rank], grad_b_gu[cols:, rank:]
                     grad_x = (d_gate_up @ w_gu).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
-                    grad_a_gu = (
-                        torch.cat([gb_g * s_g, gb_u * s_u], -1).to(dtype).t() @ flat
-                    )  # [2r, in], one pass over x
-                    return (
-                        grad_x,
-                        None,
-                        None,
-                        None,
-                        None,
-                        None,
-                        grad_a_gu[:rank],
-                        grad_a_gu[rank:],
-                        grad_a_d.t().to(dtype),
-                        grad_b_g.to(dtype),
-                        grad_b_u.to(dtype),
-                        grad_b_d.to(dtype),
-                    )
+                    grad_a_gu = _scale_columns(gb_gu, (s_g, s_u), (rank, rank)).to(dtype).t() @ flat  # one pass over x
+                    grads = (grad_a_gu[:rank], grad_a_gu[rank:], grad_a_d, grad_b_g, grad_b_u, grad_b_d)
+                    return (grad_x, None, None, None, None, None, None, None, *(t.to(dtype) for t in grads))
 
             cls._fn = FusedLoraMLP
         return cls._fn
 
 
 class FusedLoraMLP(Patch):
-    """A LoRA SwiGLU MLP as three GEMMs and two Triton passes each way (see the module docstring).
+    """A LoRA SwiGLU MLP as one autograd function: three GEMMs each way (see the module docstring).
 
     Applies to SwiGLU MLPs (:data:`~twinkle.patch.checkpointing.SWIGLU_MLPS`, SiLU activation)
     whose gate, up and down projections are LoRA layers on
     :class:`~twinkle.patch.lora_fast.MergedLoraForward`'s path; per call it runs where each of
     them would merge (and otherwise leaves the MLP its previous forward: unmerged LoRA, other
-    adapter setups, no gradients).
+    adapter setups, no gradients). ``grad @ B`` and the ``B`` gradients go through
+    ``twinkle::lora_grads`` where ``MergedLoraForward`` chose it.
 
     Args:
-        kernel: ``"auto"`` (default): on CUDA when triton imports; ``True`` also elsewhere (CPU runs
-            the kernels under Triton's interpreter: tests only); ``False``: never.
+        swiglu_kernels: the SwiGLU and the LoRA products over its tensors in two Triton kernels
+            (:func:`twinkle.patch.triton_lora.swiglu_low`, :func:`~twinkle.patch.triton_lora.swiglu_lora_grads`)
+            instead of pointwise torch ops that inductor fuses. Off by default: on the H200 they
+            were slower than inductor's kernels plus the separate low-rank passes (7B layer 17.01
+            vs 14.80 ms; decision 0010). Needs triton.
 
     Example::
 
@@ -181,10 +214,8 @@ class FusedLoraMLP(Patch):
     enabled_by_default = True
     order = 23
 
-    def __init__(self, kernel: str | bool = "auto") -> None:
-        if kernel not in ("auto", True, False):
-            raise ValueError(f"FusedLoraMLP: kernel must be 'auto', True or False, got {kernel!r}")
-        self.kernel = kernel
+    def __init__(self, swiglu_kernels: bool = False) -> None:
+        self.swiglu_kernels = bool(swiglu_kernels)
 
     def mlps(self, model: Any) -> list[Any]:
         """The SwiGLU MLPs whose three projections are merged lean LoRA layers."""
@@ -201,23 +232,22 @@ class FusedLoraMLP(Patch):
         return found
 
     def applies_to(self, model: Any) -> bool:
-        """Such MLPs, on CUDA (``kernel="auto"``) with triton available."""
+        """Such MLPs (and triton, for ``swiglu_kernels``)."""
         from twinkle.patch import triton_lora
-        from twinkle.patch.fastpath import model_device
 
-        if self.kernel is False or (self.kernel == "auto" and model_device(model).type != "cuda"):
+        if self.swiglu_kernels and not triton_lora.available():
             return False
-        return triton_lora.available() and bool(self.mlps(model))
+        return bool(self.mlps(model))
 
     def apply(self, model: Any) -> None:
         """Give each such MLP the fused forward (idempotent); its previous forward stays the fallback."""
         from twinkle.patch import triton_lora
-        from twinkle.patch.lora_fast import _MergedLoraFunction
 
-        triton_lora.register()
-        _MergedLoraFunction.get()
+        if self.swiglu_kernels:
+            triton_lora.register()
         _FusedLoraMLPFunction.get()  # built here, not on first use inside a compiled layer (a graph break)
         for mlp in self.mlps(model):
+            setattr(mlp, _SWIGLU_KERNELS_ATTR, self.swiglu_kernels)
             if getattr(mlp, _FUSED_ATTR, False):
                 continue
             setattr(mlp, FALLBACK_ATTR, mlp.forward)
@@ -235,6 +265,7 @@ class FusedLoraMLP(Patch):
                     del mlp.forward  # the class's own forward
                 else:
                     mlp.forward = fallback
+                mlp.__dict__.pop(_SWIGLU_KERNELS_ATTR, None)
                 setattr(mlp, _FUSED_ATTR, False)
 
 
