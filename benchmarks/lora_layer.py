@@ -12,6 +12,8 @@ backward with CUDA events, in one process, for:
 * ``lora``: LoRA r=8 on all linear layers, the default fast path (``MergedLoraForward``, weight kept,
   its Triton ``grad B`` pass, ``FusedLoraMLP``).
 * ``lora_nomlp``: the same without ``FusedLoraMLP`` (each MLP projection its own merged GEMM).
+* ``lora_addmm``: the merged weights through ``addmm`` (``MergedLoraForward(merge_kernel=False)``)
+  instead of the one-pass ``twinkle::lora_merge``.
 * ``lora_mlpkernels``: ``FusedLoraMLP(swiglu_kernels=True)`` (the SwiGLU and its LoRA products in
   two Triton kernels).
 * ``lora_nokernel``: the same with ``MergedLoraForward(grad_kernel=False)`` (cuBLAS for ``grad B`` and
@@ -81,6 +83,8 @@ def build(shape: dict, layers: int, variant: str):
             patch.keep_merged = False
         if variant == "lora_nokernel" and patch.name == "MergedLoraForward":
             patch.grad_kernel = False
+        if variant == "lora_addmm" and patch.name == "MergedLoraForward":
+            patch.merge_kernel = False
         if variant == "lora_grouped_stacked" and patch.name == "GroupedLoraProjections":
             patch.stack = True
         if variant == "lora_mlpkernels" and patch.name == "FusedLoraMLP":

@@ -37,7 +37,7 @@ def _lora_qwen2(dropout: float = 0.0, keep_merged: bool = True, grad_kernel: boo
     )
     model = peft.get_peft_model(model, config).to(DEVICE)
     FusedLoraLinear().apply(model)
-    MergedLoraForward(keep_merged=keep_merged, grad_kernel=grad_kernel).apply(model)
+    MergedLoraForward(keep_merged=keep_merged, grad_kernel=grad_kernel, merge_kernel=grad_kernel).apply(model)
     return model
 
 
@@ -93,7 +93,8 @@ def _assert_same(got, want):
     ],
 )
 def test_fused_mlp_equals_per_projection(monkeypatch, keep_merged, kernels):
-    # kernels: None (cuBLAS, pointwise torch ops), "grad" (twinkle::lora_grads), "all" (+ the SwiGLU kernels)
+    # kernels: None (cuBLAS, pointwise torch ops), "grad" (twinkle::lora_grads and ::lora_merge),
+    # "all" (+ the SwiGLU kernels)
     model = _lora_qwen2(keep_merged=keep_merged, grad_kernel=kernels is not None)
     ids = _ids()
     want = _run(model, ids)

@@ -78,10 +78,11 @@ def test_merged_lora_backward_through_the_kernel(grouped):
 
     def grads(kernel):
         model = _lora_mlp()
-        MergedLoraForward(grad_kernel=kernel).apply(model)
+        MergedLoraForward(grad_kernel=kernel, merge_kernel=kernel).apply(model)
         if grouped is not None:  # grouped: stacked or one GEMM per member
             GroupedLoraProjections(stack=grouped).apply(model)
         assert model.base_model.model.gate_proj._twinkle_lora_grad_kernel is kernel
+        assert model.base_model.model.gate_proj._twinkle_lora_merge_kernel is kernel
         model(x).sin().sum().backward()
         return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
@@ -101,3 +102,24 @@ def test_grad_kernel_choice():
     assert model.base_model.model.gate_proj._twinkle_lora_grad_kernel is (DEVICE == "cuda")
     with pytest.raises(ValueError, match="grad_kernel must be 'auto', True or False"):
         MergedLoraForward(grad_kernel="sometimes")
+    with pytest.raises(ValueError, match="merge_kernel must be 'auto', True or False"):
+        MergedLoraForward(merge_kernel="sometimes")
+    assert MergedLoraForward(merge_kernel="off").merge_kernel is False
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_merge_equals_addmm(dtype):
+    gen = torch.Generator().manual_seed(2)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(DEVICE, dtype)
+
+    # two members stacked by rows, shapes off the 128 tile, ranks 8 and 4
+    weights, bs, as_ = [rand(200, 72), rand(130, 72)], [rand(200, 8), rand(130, 4)], [rand(8, 72), rand(4, 72)]
+    got = triton_lora.lora_merge(weights, bs, as_)
+    assert got.shape == (330, 72) and got.dtype == dtype
+    want = torch.cat([(w.double() + b.double() @ a.double()) for w, b, a in zip(weights, bs, as_)])
+    if dtype == torch.float32 and DEVICE == "cpu":
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-5)
+    else:  # one rounding of the float32 sum (tf32 products on a GPU for float32)
+        torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=5e-2)

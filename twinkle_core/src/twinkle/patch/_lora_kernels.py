@@ -230,3 +230,42 @@ def swiglu_backward_lora(
         tl.store(PART_DA + part, acc_da, mask=c_ok[:, None])
         tl.store(PART_DBG + part, acc_dbg, mask=c_ok[:, None])
         tl.store(PART_DBU + part, acc_dbu, mask=c_ok[:, None])
+
+
+@triton.jit
+def lora_merge_tile(
+    W,
+    B,
+    A,
+    OUT,
+    ROW0,
+    N_OUT,
+    N_IN,
+    R,
+    BO: tl.constexpr,
+    BI: tl.constexpr,
+    BR: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """``OUT[ROW0 + o, i] = W[o, i] + (B @ A)[o, i]`` for one ``[BO, BI]`` tile, in one pass over ``W``.
+
+    ``W``: ``[N_OUT, N_IN]``; ``B``: ``[N_OUT, R]`` (already scaled); ``A``: ``[R, N_IN]``; all
+    contiguous. The rank-r product is summed in float32 and added to ``W`` before the one rounding
+    to ``OUT``'s dtype, as cuBLAS's ``addmm`` does; ``OUT`` may hold several merged weights stacked
+    by rows (``ROW0``).
+    """
+    o = tl.program_id(0) * BO + tl.arange(0, BO)
+    i = tl.program_id(1) * BI + tl.arange(0, BI)
+    r = tl.arange(0, BR)
+    o_ok = o < N_OUT
+    i_ok = i < N_IN
+    r_ok = r < R
+    w = tl.load(W + o[:, None] * N_IN + i[None, :], mask=o_ok[:, None] & i_ok[None, :], other=0.0)
+    b = tl.load(B + o[:, None] * R + r[None, :], mask=o_ok[:, None] & r_ok[None, :], other=0.0)
+    a = tl.load(A + r[:, None] * N_IN + i[None, :], mask=r_ok[:, None] & i_ok[None, :], other=0.0)
+    if UPCAST:
+        b = b.to(tl.float32)
+        a = a.to(tl.float32)
+    merged = w.to(tl.float32) + tl.dot(b, a)
+    out = OUT + (ROW0 + o[:, None]) * N_IN + i[None, :]
+    tl.store(out, merged.to(OUT.dtype.element_ty), mask=o_ok[:, None] & i_ok[None, :])

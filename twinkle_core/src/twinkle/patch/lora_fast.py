@@ -32,6 +32,7 @@ from twinkle.patch.base import Patch
 _LEAN_ATTR = "_twinkle_lean_forward"
 _MERGED_ATTR = "_twinkle_merged"
 _GRAD_KERNEL_ATTR = "_twinkle_lora_grad_kernel"  # backward through twinkle::lora_grads (triton_lora)
+_MERGE_KERNEL_ATTR = "_twinkle_lora_merge_kernel"  # merged weights through twinkle::lora_merge (triton_lora)
 _GROUP_ATTR = "_twinkle_group"  # on a group's first layer: the other layers that read its input
 _GROUP_OUT_ATTR = "_twinkle_group_out"  # on the others: (input, output) left by the first
 _GROUP_STACK_ATTR = "_twinkle_group_stack"  # on a group's first layer: one GEMM on the stacked weights
@@ -142,12 +143,12 @@ def _lean_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
             members = [plain, *(_plain_adapter(layer, x) for layer in followers)]
             if all(m is not None for m in members) and _merge_pays(x, [m[0] for m in members], keep):
                 stack = getattr(self, _GROUP_STACK_ATTR, False)
-                outs = _merged_lora(x, members, keep, getattr(self, _GRAD_KERNEL_ATTR, False), stack)
+                outs = _merged_lora(x, members, keep, _kernels(self), stack)
                 for layer, out in zip(followers, outs[1:]):
                     setattr(layer, _GROUP_OUT_ATTR, (x, out))
                 return outs[0]
         if _merge_pays(x, [plain[0]], keep):
-            return _merged_lora(x, [plain], keep, getattr(self, _GRAD_KERNEL_ATTR, False))[0]
+            return _merged_lora(x, [plain], keep, _kernels(self))[0]
     base, weight_a, weight_b, scaling = plain
     result = torch.nn.functional.linear(x, base.weight, base.bias)
     # scaling on the rank-r activations (r columns, not out_features); the add is left as a plain
@@ -200,21 +201,26 @@ def _scale_columns(low: Any, scalings: tuple[float, ...], ranks: tuple[int, ...]
 
 
 def _merged_lora(
-    x: Any, members: list[tuple[Any, Any, Any, float]], keep: bool, grad_kernel: bool = False, stack: bool = True
+    x: Any,
+    members: list[tuple[Any, Any, Any, float]],
+    keep: bool,
+    kernels: tuple[bool, bool] = (False, False),
+    stack: bool = True,
 ) -> tuple[Any, ...]:
     """Each member's ``x (W_i + s_i B_i A_i)^T + b_i`` on its merged weight, one output per member.
 
     ``members`` are :func:`_plain_adapter` tuples of layers that read ``x``. ``stack``: one GEMM on
     the stacked merged weights (the outputs are views of one ``[..., sum(out)]`` result); otherwise
-    one GEMM per member, the low-rank work over ``x`` still shared. ``grad_kernel``: the low-rank
-    gradients through ``twinkle::lora_grads`` (:mod:`twinkle.patch.triton_lora`).
+    one GEMM per member, the low-rank work over ``x`` still shared. ``kernels``: ``(grad, merge)``,
+    the low-rank gradients through ``twinkle::lora_grads`` and the merged weights through
+    ``twinkle::lora_merge`` (:mod:`twinkle.patch.triton_lora`).
     """
     import torch
 
     bases = [m[0] for m in members]
     biases = [base.bias for base in bases]
     if not torch.is_grad_enabled():  # forward only (log-probs, eval): no x A^T to keep
-        merged = [torch.addmm(base.weight, b * s, a) for base, a, b, s in members]
+        merged = [_merge([base.weight], [b * s], [a], kernels[1]) for base, a, b, s in members]
         if not stack or len(members) == 1:
             return tuple(torch.nn.functional.linear(x, w, bias) for w, bias in zip(merged, biases))
         out = torch.nn.functional.linear(x, _cat(merged), _stacked_bias(biases, [base.weight for base in bases]))
@@ -223,7 +229,7 @@ def _merged_lora(
         out = fn.apply(
             x,
             keep,
-            grad_kernel,
+            *kernels,
             stack or len(members) == 1,
             tuple(m[3] for m in members),
             *(base.weight for base in bases),
@@ -259,6 +265,23 @@ def _low_rank_grads(g: Any, low: Any, weight_b: Any, kernel: bool) -> tuple[Any,
     return g @ weight_b, g.t() @ low
 
 
+def _kernels(layer: Any) -> tuple[bool, bool]:
+    """``(grad, merge)``: whether ``layer`` uses ``twinkle::lora_grads`` and ``twinkle::lora_merge``."""
+    return getattr(layer, _GRAD_KERNEL_ATTR, False), getattr(layer, _MERGE_KERNEL_ATTR, False)
+
+
+def _merge(weights: list[Any], weights_b: list[Any], weights_a: list[Any], kernel: bool) -> Any:
+    """``[W_1 + B_1 A_1; ...]`` stacked by rows (``B`` scaled by the caller): one pass over each ``W``
+    with ``kernel`` (``twinkle::lora_merge``), else ``addmm`` (which copies ``W`` into its output first)."""
+    import torch
+
+    if kernel:
+        return torch.ops.twinkle.lora_merge(
+            [w.contiguous() for w in weights], [b.contiguous() for b in weights_b], [a.contiguous() for a in weights_a]
+        )
+    return _cat([torch.addmm(w, b, a) for w, b, a in zip(weights, weights_b, weights_a)])
+
+
 class _MergedLoraFunction:
     """``y_i = x (W_i + s_i B_i A_i)^T + b_i`` with LoRA's low-rank gradients (torch on first use).
 
@@ -274,9 +297,10 @@ class _MergedLoraFunction:
     the stack; ``B`` block-diagonal) and one GEMM per member (an output each; the input gradients
     accumulated inside cuBLAS, ``addmm``).
 
-    ``apply(x, keep_merged, grad_kernel, stack, scalings, *weights, *biases, *lora_As, *lora_Bs)``,
-    ``n`` of each; ``grad_kernel`` computes ``grad B`` and the ``B`` gradients in one pass over
-    ``grad`` (``twinkle::lora_grads``, :mod:`twinkle.patch.triton_lora`) instead of two cuBLAS calls.
+    ``apply(x, keep_merged, grad_kernel, merge_kernel, stack, scalings, *weights, *biases, *lora_As,
+    *lora_Bs)``, ``n`` of each; ``grad_kernel`` computes ``grad B`` and the ``B`` gradients in one
+    pass over ``grad`` (``twinkle::lora_grads``, :mod:`twinkle.patch.triton_lora`) instead of two
+    cuBLAS calls, ``merge_kernel`` each merged weight in one pass over ``W`` (``twinkle::lora_merge``).
     """
 
     _fn: Any = None
@@ -288,20 +312,24 @@ class _MergedLoraFunction:
 
             class MergedLora(torch.autograd.Function):
                 @staticmethod
-                def forward(ctx, x, keep_merged, grad_kernel, stack, scalings, *tensors):  # type: ignore[override]
+                def forward(ctx, x, keep_merged, grad_kernel, merge_kernel, stack, scalings, *tensors):  # type: ignore[override]
                     n = len(scalings)
                     weights, biases = tensors[:n], tensors[n : 2 * n]
                     weights_a, weights_b = tensors[2 * n : 3 * n], tensors[3 * n :]
-                    merged = [torch.addmm(w, b * s, a) for w, a, b, s in zip(weights, weights_a, weights_b, scalings)]
+                    adapters = list(zip(weights, weights_a, weights_b, scalings))
                     if stack:
-                        merged = [_cat(merged)]
+                        merged = [
+                            _merge(list(weights), [b * s for _, _, b, s in adapters], list(weights_a), merge_kernel)
+                        ]
                         outs = (torch.nn.functional.linear(x, merged[0], _stacked_bias(list(biases), list(weights))),)
                     else:
+                        merged = [_merge([w], [b * s], [a], merge_kernel) for w, a, b, s in adapters]
                         outs = tuple(torch.nn.functional.linear(x, w, bias) for w, bias in zip(merged, biases))
                     flat = x.reshape(-1, x.shape[-1])
                     ranks = tuple(a.shape[0] for a in weights_a)
                     low = _scale_columns(flat @ _cat(list(weights_a)).t(), scalings, ranks)
-                    ctx.scalings, ctx.ranks, ctx.grad_kernel, ctx.stack = scalings, ranks, grad_kernel, stack
+                    ctx.scalings, ctx.ranks, ctx.stack = scalings, ranks, stack
+                    ctx.grad_kernel, ctx.merge_kernel = grad_kernel, merge_kernel
                     ctx.x_shape, ctx.kept = x.shape, len(merged) if keep_merged else 0
                     kept = merged if keep_merged else []
                     ctx.save_for_backward(flat, low, *kept, *weights, *weights_a, *weights_b)
@@ -327,9 +355,15 @@ class _MergedLoraFunction:
                         if not merged:
                             # scaled on A here, on B in forward: otherwise a compiled graph
                             # dedupes the two addmm's and keeps the forward's merged weight
-                            adapters = zip(weights, weights_a, weights_b, scalings)
-                            merged = [torch.addmm(w, b, a * s) for w, a, b, s in adapters]
-                            merged = [_cat(merged)] if ctx.stack else merged
+                            adapters = list(zip(weights, weights_a, weights_b, scalings))
+                            scaled_a = [a * s for _, a, _, s in adapters]
+                            if ctx.stack:
+                                merged = [_merge(list(weights), list(weights_b), scaled_a, ctx.merge_kernel)]
+                            else:
+                                merged = [
+                                    _merge([w], [b], [a], ctx.merge_kernel)
+                                    for w, b, a in zip(weights, weights_b, scaled_a)
+                                ]
                         acc = gs[0] @ merged[0]
                         for g, w in zip(gs[1:], merged[1:]):
                             acc = torch.addmm(acc, g, w)
@@ -351,7 +385,7 @@ class _MergedLoraFunction:
                         grads_b = [part[1] for part in parts]
                     grad_a = _scale_columns(gb, scalings, ranks).to(dtype).t() @ flat  # [sum(r), in]
                     grads_a = list(grad_a.split(list(ranks)))
-                    return (grad_x, None, None, None, None, *([None] * (2 * n)), *grads_a, *grads_b)
+                    return (grad_x, None, None, None, None, None, *([None] * (2 * n)), *grads_a, *grads_b)
 
             cls._fn = MergedLora
         return cls._fn
@@ -391,6 +425,18 @@ class FusedLoraLinear(Patch):
                 setattr(layer, _LEAN_ATTR, False)
 
 
+def _kernel_choice(name: str, value: str | bool | None, env: str) -> str | bool:
+    """``"auto"``, ``True`` or ``False`` from an argument or, when it is ``None``, the variable ``env``."""
+    if value is None:
+        value = os.environ.get(env, "auto")
+    if isinstance(value, str):
+        choice = value.strip().lower()
+        if choice not in ("auto", "1", "0", "true", "false", "on", "off"):
+            raise ValueError(f"MergedLoraForward: {name} must be 'auto', True or False ({env}), got {value!r}")
+        return "auto" if choice == "auto" else choice in ("1", "true", "on")
+    return bool(value)
+
+
 class MergedLoraForward(Patch):
     """LoRA through a merged weight: ``x (W + s B A)^T`` in one GEMM, LoRA's own low-rank gradients.
 
@@ -410,7 +456,7 @@ class MergedLoraForward(Patch):
     Args:
         keep_merged: keep the merged weight for backward (the default) instead of rebuilding it
             there. Keeping costs one bf16 copy of the adapted weights of every layer whose
-            activations are held (about 0.84 GiB per 7B layer, 12 GiB for the model; none beyond
+            activations are held (about 0.43 GiB per 7B layer, 12 GiB for the model; none beyond
             one layer under gradient checkpointing, and ActivationCheckpointing counts it);
             rebuilding costs that memory nothing and, on an H200, all of the speed: 7B layer at 8k
             tokens 14.77 ms kept, 15.50 rebuilt, 15.44 unmerged, 13.53 without adapters.
@@ -418,6 +464,9 @@ class MergedLoraForward(Patch):
             gradient (:mod:`twinkle.patch.triton_lora`) instead of two cuBLAS calls. ``"auto"``
             (default; ``TWINKLE_LORA_GRAD_KERNEL``): on CUDA when triton imports; ``True`` also
             elsewhere (CPU runs it under Triton's interpreter: tests only); ``False``: never.
+        merge_kernel: build each merged weight in one pass over ``W`` (``twinkle::lora_merge``)
+            instead of ``addmm``, which copies ``W`` into its output and then rewrites it: half the
+            traffic of the merge. Same choices (``TWINKLE_LORA_MERGE_KERNEL``).
 
     Example::
 
@@ -428,28 +477,21 @@ class MergedLoraForward(Patch):
     enabled_by_default = True
     order = 21
 
-    def __init__(self, keep_merged: bool = True, grad_kernel: str | bool | None = None) -> None:
+    def __init__(
+        self, keep_merged: bool = True, grad_kernel: str | bool | None = None, merge_kernel: str | bool | None = None
+    ) -> None:
         self.keep_merged = keep_merged
-        if grad_kernel is None:
-            grad_kernel = os.environ.get("TWINKLE_LORA_GRAD_KERNEL", "auto")
-        if isinstance(grad_kernel, str):
-            choice = grad_kernel.strip().lower()
-            if choice not in ("auto", "1", "0", "true", "false", "on", "off"):
-                raise ValueError(
-                    f"MergedLoraForward: grad_kernel must be 'auto', True or False (TWINKLE_LORA_GRAD_KERNEL), "
-                    f"got {grad_kernel!r}"
-                )
-            grad_kernel = "auto" if choice == "auto" else choice in ("1", "true", "on")
-        self.grad_kernel = grad_kernel
+        self.grad_kernel = _kernel_choice("grad_kernel", grad_kernel, "TWINKLE_LORA_GRAD_KERNEL")
+        self.merge_kernel = _kernel_choice("merge_kernel", merge_kernel, "TWINKLE_LORA_MERGE_KERNEL")
 
-    def _use_grad_kernel(self, model: Any) -> bool:
-        """Whether backward runs ``twinkle::lora_grads`` (registering it): CUDA with triton for 'auto'."""
+    def _use_kernel(self, model: Any, choice: str | bool) -> bool:
+        """Whether to run a ``twinkle::`` LoRA kernel (registering them): CUDA with triton for 'auto'."""
         from twinkle.patch import triton_lora
         from twinkle.patch.fastpath import model_device
 
-        if self.grad_kernel is False:
+        if choice is False:
             return False
-        if self.grad_kernel == "auto" and model_device(model).type != "cuda":
+        if choice == "auto" and model_device(model).type != "cuda":
             return False
         if not triton_lora.available():
             return False
@@ -465,13 +507,15 @@ class MergedLoraForward(Patch):
         from twinkle.patch.fastpath import set_flag
 
         mode = "keep" if self.keep_merged else "recompute"
-        kernel = self._use_grad_kernel(model)
+        grad_kernel = self._use_kernel(model, self.grad_kernel)
+        merge_kernel = self._use_kernel(model, self.merge_kernel)
         _MergedLoraFunction.get()  # built here, not on first use inside a compiled layer (a graph break)
         kept = 0
         for layer in lora_linear_layers(model):
             if getattr(layer, _LEAN_ATTR, False):
                 setattr(layer, _MERGED_ATTR, mode)
-                setattr(layer, _GRAD_KERNEL_ATTR, kernel)
+                setattr(layer, _GRAD_KERNEL_ATTR, grad_kernel)
+                setattr(layer, _MERGE_KERNEL_ATTR, merge_kernel)
                 weight = layer.get_base_layer().weight
                 kept += weight.numel() * weight.element_size() if self.keep_merged else 0
         # ActivationCheckpointing counts the kept merged weights with the activations
@@ -484,6 +528,7 @@ class MergedLoraForward(Patch):
         for layer in lora_linear_layers(model):
             layer.__dict__.pop(_MERGED_ATTR, None)
             layer.__dict__.pop(_GRAD_KERNEL_ATTR, None)
+            layer.__dict__.pop(_MERGE_KERNEL_ATTR, None)
         set_flag(model, "kept_merged_bytes", 0)
 
 

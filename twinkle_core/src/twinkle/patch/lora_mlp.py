@@ -68,18 +68,17 @@ def _fused_case(mlp: Any, x: Any) -> tuple[list[tuple[Any, Any, Any, float]], bo
 
 def _fused_forward(self: Any, x: Any) -> Any:
     """The MLP through :class:`_FusedLoraMLPFunction` where it applies; the previous forward otherwise."""
-    from twinkle.patch.lora_fast import _GRAD_KERNEL_ATTR
+    from twinkle.patch.lora_fast import _kernels
 
     case = _fused_case(self, x)
     if case is None:
         return getattr(self, FALLBACK_ATTR)(x)
     members, keep = case
     (w_g, a_g, b_g, s_g), (w_u, a_u, b_u, s_u), (w_d, a_d, b_d, s_d) = members
-    grad_kernel = getattr(self.gate_proj, _GRAD_KERNEL_ATTR, False)
     return _FusedLoraMLPFunction.get().apply(
         x,
         keep,
-        grad_kernel,
+        *_kernels(self.gate_proj),
         getattr(self, _SWIGLU_KERNELS_ATTR, False),
         (s_g, s_u, s_d),
         w_g.weight,
@@ -97,9 +96,10 @@ def _fused_forward(self: Any, x: Any) -> Any:
 class _FusedLoraMLPFunction:
     """``down(silu(gate(x)) * up(x))`` for three merged LoRA projections (torch built on first use).
 
-    ``apply(x, keep_merged, grad_kernel, swiglu_kernels, (s_gate, s_up, s_down), W_gate, W_up,
-    W_down, A_gate, A_up, A_down, B_gate, B_up, B_down)``; gradients for ``x`` and the six LoRA
+    ``apply(x, keep_merged, grad_kernel, merge_kernel, swiglu_kernels, (s_gate, s_up, s_down), W_gate,
+    W_up, W_down, A_gate, A_up, A_down, B_gate, B_up, B_down)``; gradients for ``x`` and the six LoRA
     weights. ``grad_kernel``: ``grad @ B`` and the ``B`` gradients through ``twinkle::lora_grads``;
+    ``merge_kernel``: the merged weights through ``twinkle::lora_merge``;
     ``swiglu_kernels``: the SwiGLU and its LoRA products through the two Triton kernels of
     :mod:`twinkle.patch.triton_lora` instead of pointwise torch ops (which a compiled layer fuses).
     """
@@ -111,42 +111,36 @@ class _FusedLoraMLPFunction:
         if cls._fn is None:
             import torch
 
-            from twinkle.patch.lora_fast import _low_rank_grads, _scale_columns
+            from twinkle.patch.lora_fast import _low_rank_grads, _merge, _scale_columns
 
-            def merged_weights(w_g, w_u, w_d, a_g, a_u, a_d, b_g, b_u, b_d, scalings, scale_b):
+            def merged_weights(w_g, w_u, w_d, a_g, a_u, a_d, b_g, b_u, b_d, scalings, scale_b, kernel):
                 # forward scales B, a backward rebuild A: the same product, but a compiled graph
                 # would otherwise dedupe the two and keep the forward's merged weights alive
                 s_g, s_u, s_d = scalings if scale_b else (1.0, 1.0, 1.0)
                 t_g, t_u, t_d = (1.0, 1.0, 1.0) if scale_b else scalings
-                stacked = torch.cat([torch.addmm(w_g, b_g * s_g, a_g * t_g), torch.addmm(w_u, b_u * s_u, a_u * t_u)])
-                return stacked, torch.addmm(w_d, b_d * s_d, a_d * t_d)
-
-            def swiglu(gate_up, cols):
-                """``(h, sigmoid(gate), silu(gate), gate, up)``, float32 but ``h`` (rounded once)."""
-                gate, up = gate_up[:, :cols].float(), gate_up[:, cols:].float()
-                sig = torch.sigmoid(gate)
-                silu = gate * sig
-                return (silu * up).to(gate_up.dtype), sig, silu, gate, up
+                stacked = _merge([w_g, w_u], [b_g * s_g, b_u * s_u], [a_g * t_g, a_u * t_u], kernel)
+                return stacked, _merge([w_d], [b_d * s_d], [a_d * t_d], kernel)
 
             class FusedLoraMLP(torch.autograd.Function):
                 @staticmethod
-                def forward(ctx, x, keep_merged, grad_kernel, swiglu_kernels, scalings, *tensors):  # type: ignore[override]
+                def forward(ctx, x, keep_merged, grad_kernel, merge_kernel, swiglu_kernels, scalings, *tensors):  # type: ignore[override]
                     w_g, w_u, w_d, a_g, a_u, a_d, b_g, b_u, b_d = tensors
                     s_g, s_u, s_d = scalings
                     rank, cols = a_g.shape[0], w_g.shape[0]
                     flat = x.reshape(-1, x.shape[-1])
-                    w_gu, w_down = merged_weights(*tensors, scalings, True)
+                    w_gu, w_down = merged_weights(*tensors, scalings, True, merge_kernel)
                     gate_up = flat @ w_gu.t()  # [tokens, 2 * intermediate]: gate, then up
                     low = _scale_columns(flat @ torch.cat([a_g, a_u]).t(), (s_g, s_u), (rank, rank))
                     if swiglu_kernels:
                         hidden, low_d = torch.ops.twinkle.swiglu_low(gate_up, a_d.contiguous())
                         low_d = (low_d * s_d).to(x.dtype)
                     else:
-                        hidden = swiglu(gate_up, cols)[0]
+                        gate, up = gate_up[:, :cols].float(), gate_up[:, cols:].float()
+                        hidden = (torch.nn.functional.silu(gate) * up).to(x.dtype)
                         low_d = (hidden @ a_d.t()) * s_d
                     out = hidden @ w_down.t()
                     ctx.scalings, ctx.x_shape, ctx.cols = scalings, x.shape, cols
-                    ctx.grad_kernel, ctx.swiglu_kernels = grad_kernel, swiglu_kernels
+                    ctx.grad_kernel, ctx.merge_kernel, ctx.swiglu_kernels = grad_kernel, merge_kernel, swiglu_kernels
                     kept = (w_gu, w_down) if keep_merged else (None, None)
                     ctx.save_for_backward(flat, gate_up, low, low_d, *kept, *tensors)
                     return out.view(*x.shape[:-1], out.shape[-1])
@@ -158,7 +152,7 @@ class _FusedLoraMLPFunction:
                     s_g, s_u, s_d = ctx.scalings
                     rank, cols, dtype = a_g.shape[0], ctx.cols, flat.dtype
                     if w_gu is None:
-                        w_gu, w_down = merged_weights(*tensors, ctx.scalings, False)
+                        w_gu, w_down = merged_weights(*tensors, ctx.scalings, False, ctx.merge_kernel)
                     g = grad.reshape(-1, grad.shape[-1])
                     grad_h = g @ w_down
                     gb_d, grad_b_d = _low_rank_grads(g, low_d, b_d, ctx.grad_kernel)
@@ -169,8 +163,13 @@ class _FusedLoraMLPFunction:
                         )
                         grad_a_d, gb_gu = grad_a_d.t(), torch.cat([gb_g, gb_u], -1)
                     else:
-                        # one pointwise pass in a compiled layer: h rebuilt, both gradients written side by side
-                        hidden, sig, silu, gate, up = swiglu(gate_up, cols)
+                        # one pointwise pass in a compiled layer: h rebuilt, both gradients written side
+                        # by side. h is built from sigmoid here, F.silu in forward: the same value, but
+                        # a compiled graph would otherwise dedupe the two and keep forward's h for backward
+                        gate, up = gate_up[:, :cols].float(), gate_up[:, cols:].float()
+                        sig = torch.sigmoid(gate)
+                        silu = gate * sig
+                        hidden = (up * silu).to(dtype)
                         gh = grad_h.float()
                         d_gate = gh * up * sig * (1.0 + gate * (1.0 - sig))
                         d_gate_up = torch.cat([d_gate.to(dtype), (gh * silu).to(dtype)], -1)
@@ -182,7 +181,7 @@ class _FusedLoraMLPFunction:
                     grad_x = (d_gate_up @ w_gu).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
                     grad_a_gu = _scale_columns(gb_gu, (s_g, s_u), (rank, rank)).to(dtype).t() @ flat  # one pass over x
                     grads = (grad_a_gu[:rank], grad_a_gu[rank:], grad_a_d, grad_b_g, grad_b_u, grad_b_d)
-                    return (grad_x, None, None, None, None, None, None, None, *(t.to(dtype) for t in grads))
+                    return (grad_x, *([None] * 8), *(t.to(dtype) for t in grads))  # 5 flags, 3 frozen weights
 
             cls._fn = FusedLoraMLP
         return cls._fn

@@ -32,6 +32,9 @@ BLOCK_O = int(os.environ.get("TWINKLE_LORA_GRAD_BLOCK_O", "128"))
 NUM_WARPS = int(os.environ.get("TWINKLE_LORA_GRAD_WARPS", "4"))
 #: Programs to aim for (about two per H200 SM).
 TARGET_PROGRAMS = 264
+#: Square tile and warps of the merge kernel (:func:`lora_merge`).
+MERGE_BLOCK = int(os.environ.get("TWINKLE_LORA_MERGE_BLOCK", "128"))
+MERGE_WARPS = int(os.environ.get("TWINKLE_LORA_MERGE_WARPS", "8"))
 #: Tiles and warps of the fused SwiGLU kernels (:func:`swiglu_low`, :func:`swiglu_lora_grads`).
 SWIGLU_BLOCK_T = int(os.environ.get("TWINKLE_SWIGLU_BLOCK_T", "32"))
 SWIGLU_BLOCK_C = int(os.environ.get("TWINKLE_SWIGLU_BLOCK_C", "128"))
@@ -256,6 +259,67 @@ def _swiglu_ops() -> tuple[Any, Any]:
     return swiglu_low_op, swiglu_lora_grads_op
 
 
+@functools.lru_cache(maxsize=1)
+def _merge_op() -> Any:
+    import torch
+
+    from twinkle.patch._lora_kernels import lora_merge_tile
+
+    Tensor = torch.Tensor
+
+    def fake(weights: list[Tensor], weights_b: list[Tensor], weights_a: list[Tensor]) -> Tensor:
+        return _empty((sum(w.shape[0] for w in weights), weights[0].shape[1]), weights[0])
+
+    @_define("twinkle::lora_merge", fake)
+    def lora_merge_op(weights: list[Tensor], weights_b: list[Tensor], weights_a: list[Tensor]) -> Tensor:
+        n_in = weights[0].shape[1]
+        out = torch.empty(sum(w.shape[0] for w in weights), n_in, dtype=weights[0].dtype, device=weights[0].device)
+        row0 = 0
+        for weight, weight_b, weight_a in zip(weights, weights_b, weights_a):
+            n_out, rank = weight_b.shape
+            grid = (-(-n_out // MERGE_BLOCK), -(-n_in // MERGE_BLOCK))
+            _launch(lora_merge_tile)[grid](
+                weight,
+                weight_b,
+                weight_a,
+                out,
+                row0,
+                n_out,
+                n_in,
+                rank,
+                BO=MERGE_BLOCK,
+                BI=MERGE_BLOCK,
+                BR=max(16, _next_pow2(rank)),
+                UPCAST=_interpreting(),
+                num_warps=MERGE_WARPS,
+            )
+            row0 += n_out
+        return out
+
+    return lora_merge_op
+
+
+def lora_merge(weights: list[Any], weights_b: list[Any], weights_a: list[Any]) -> Any:
+    """``[W_1 + B_1 A_1; W_2 + B_2 A_2; ...]``: merged LoRA weights stacked by rows, one pass over each ``W``.
+
+    ``torch.addmm(W, B, A)`` into a new tensor costs two passes in PyTorch (``W`` copied into the
+    output, then cuBLAS reads and rewrites it to accumulate); this reads ``W`` once and writes the
+    merged weight once, with the rank-r product summed in float32 and one rounding (as ``addmm``).
+
+    Args:
+        weights: ``[out_i, in]`` frozen weights (one dtype and width).
+        weights_b: ``[out_i, r_i]``, LoRA ``B`` (scaled by the caller).
+        weights_a: ``[r_i, in]``, LoRA ``A``.
+
+    Example::
+
+        merged = lora_merge([w_gate, w_up], [b_gate * s, b_up * s], [a_gate, a_up])  # [2 * inter, hidden]
+    """
+    return _merge_op()(
+        [w.contiguous() for w in weights], [b.contiguous() for b in weights_b], [a.contiguous() for a in weights_a]
+    )
+
+
 def swiglu_low(gate_up: Any, weight_a: Any) -> tuple[Any, Any]:
     """``h = silu(gate) * up`` and ``h @ weight_a^T`` (float32), reading ``gate`` and ``up`` once.
 
@@ -308,6 +372,7 @@ def _next_pow2(n: int) -> int:
 def register() -> None:
     """Register ``torch.ops.twinkle.lora_grads`` and the SwiGLU ops (imports triton); idempotent."""
     _op()
+    _merge_op()
     _swiglu_ops()
 
 
