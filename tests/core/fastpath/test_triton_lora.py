@@ -88,10 +88,13 @@ def test_merged_lora_backward_through_the_kernel(grouped):
 
     want, got = grads(False), grads(True)
     assert len(got) == 6
-    # float32 model: tf32 tensor cores in the kernel on a GPU, exact float32 in the interpreter
-    tol = dict(rtol=2e-2, atol=2e-2) if DEVICE == "cuda" else dict(rtol=1e-4, atol=1e-5)
+    # float32 model: tf32 tensor cores in the kernels on a GPU (single elements of the A gradients,
+    # sums over 400 tokens, moved by more than 2e-2 there), exact float32 in the interpreter; so the
+    # error is bounded relative to each gradient's norm
+    bound = 2e-2 if DEVICE == "cuda" else 1e-5
     for name in want:
-        torch.testing.assert_close(got[name], want[name], msg=name, **tol)
+        err = (got[name].double() - want[name].double()).norm() / want[name].double().norm()
+        assert err < bound, (name, err.item())
 
 
 def test_grad_kernel_choice():
