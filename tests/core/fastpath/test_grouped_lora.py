@@ -8,7 +8,7 @@ torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
-from fastpath_test_utils import tiny_qwen2_config  # noqa: E402
+from fastpath_test_utils import forward_backward, tiny_qwen2_config  # noqa: E402
 from twinkle.patch import lora_fast  # noqa: E402
 from twinkle.patch.lora_fast import (  # noqa: E402
     FusedLoraLinear,
@@ -35,16 +35,6 @@ def _lora_qwen2(dropout: float = 0.0):
     return model
 
 
-def _run(model, ids):
-    for p in model.parameters():
-        p.grad = None
-    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-    out = model(inputs_embeds=embeds, use_cache=False).logits
-    out.sin().sum().backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    return out.detach(), embeds.grad.clone(), grads
-
-
 def _ids(tokens: int = 160):
     return torch.randint(0, 512, (2, tokens // 2), generator=torch.Generator().manual_seed(1))
 
@@ -65,14 +55,14 @@ def _group_sizes(monkeypatch) -> list[int]:
 def test_grouped_equals_per_projection(monkeypatch, stack):
     model = _lora_qwen2()
     ids = _ids()
-    want = _run(model, ids)
+    want = forward_backward(model, ids)
     patch = GroupedLoraProjections(stack=stack)
     assert patch.applies_to(model)
     groups = patch.groups(model)
     assert [len(g) for g in groups] == [3, 2] * model.config.num_hidden_layers
     patch.apply(model)
     sizes = _group_sizes(monkeypatch)
-    got = _run(model, ids)
+    got = forward_backward(model, ids)
     # per layer: q/k/v together, o alone, gate/up together, down alone
     assert sizes == [3, 1, 2, 1] * model.config.num_hidden_layers
     torch.testing.assert_close(got[0], want[0])
@@ -104,7 +94,7 @@ def test_small_batches_and_other_inputs_run_per_projection(monkeypatch):
     GroupedLoraProjections().apply(model)
     sizes = _group_sizes(monkeypatch)
     ids = torch.randint(0, 512, (1, 8))  # 8 tokens: merging does not pay, so neither does grouping
-    _run(model, ids)
+    forward_backward(model, ids)
     assert sizes == []
     # a follower called with another tensor than its leader's input computes its own output
     attn = model.base_model.model.model.layers[0].self_attn
@@ -118,7 +108,7 @@ def test_adapters_with_dropout_are_not_grouped(monkeypatch):
     model = _lora_qwen2(dropout=0.1)  # dropout: peft's own forward for every projection
     GroupedLoraProjections().apply(model)
     sizes = _group_sizes(monkeypatch)
-    _run(model, _ids())
+    forward_backward(model, _ids())
     assert sizes == []
 
 
@@ -126,7 +116,7 @@ def test_adapters_with_dropout_are_not_grouped(monkeypatch):
 def test_grouped_layer_traces_whole_under_compile(stack):
     model = _lora_qwen2()
     ids = _ids()
-    want = _run(model, ids)
+    want = forward_backward(model, ids)
     GroupedLoraProjections(stack=stack).apply(model)
     from torch._dynamo.testing import CompileCounterWithBackend
 
@@ -135,7 +125,7 @@ def test_grouped_layer_traces_whole_under_compile(stack):
     layers = model.base_model.model.model.layers
     for layer in layers:
         layer.compile(backend=counter, fullgraph=True)  # a graph break would raise
-    got = _run(model, ids)
+    got = forward_backward(model, ids)
     torch._dynamo.reset()
     assert counter.frame_count == 1  # one graph, reused by every layer
     torch.testing.assert_close(got[0], want[0])

@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
-from fastpath_test_utils import tiny_qwen2_config  # noqa: E402
+from fastpath_test_utils import forward_backward, tiny_qwen2_config  # noqa: E402
 from twinkle.patch import lora_mlp, triton_lora  # noqa: E402
 from twinkle.patch.checkpointing import RecomputeSwiGLU, swiglu_mlps  # noqa: E402
 from twinkle.patch.lora_fast import FusedLoraLinear, MergedLoraForward  # noqa: E402
@@ -39,16 +39,6 @@ def _lora_qwen2(dropout: float = 0.0, keep_merged: bool = True, grad_kernel: boo
     FusedLoraLinear().apply(model)
     MergedLoraForward(keep_merged=keep_merged, grad_kernel=grad_kernel, merge_kernel=grad_kernel).apply(model)
     return model
-
-
-def _run(model, ids):
-    for p in model.parameters():
-        p.grad = None
-    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-    out = model(inputs_embeds=embeds, use_cache=False).logits
-    out.sin().sum().backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    return out.detach(), embeds.grad.clone(), grads
 
 
 def _ids(tokens: int = 200):
@@ -97,13 +87,13 @@ def test_fused_mlp_equals_per_projection(monkeypatch, keep_merged, kernels):
     # "all" (+ the SwiGLU kernels)
     model = _lora_qwen2(keep_merged=keep_merged, grad_kernel=kernels is not None)
     ids = _ids()
-    want = _run(model, ids)
+    want = forward_backward(model, ids)
     patch = FusedLoraMLP(swiglu_kernels=kernels == "all")
     assert patch.applies_to(model)
     assert len(patch.mlps(model)) == model.config.num_hidden_layers
     patch.apply(model)
     calls = _count_fused(monkeypatch)
-    got = _run(model, ids)
+    got = forward_backward(model, ids)
     assert calls == [100] * model.config.num_hidden_layers
     _assert_same(got, want)
 
@@ -116,10 +106,10 @@ def test_scalings_differ_between_projections(monkeypatch):
         len({mlp.gate_proj.scaling["default"], mlp.up_proj.scaling["default"], mlp.down_proj.scaling["default"]}) == 3
     )
     ids = _ids()
-    want = _run(model, ids)
+    want = forward_backward(model, ids)
     FusedLoraMLP().apply(model)
     calls = _count_fused(monkeypatch)
-    got = _run(model, ids)
+    got = forward_backward(model, ids)
     assert calls
     _assert_same(got, want)
 
@@ -128,7 +118,7 @@ def test_falls_back_where_it_does_not_apply(monkeypatch):
     model = _lora_qwen2()
     FusedLoraMLP().apply(model)
     calls = _count_fused(monkeypatch)
-    _run(model, _ids(8))  # 4 tokens a row: merging does not pay, so neither does the fused MLP
+    forward_backward(model, _ids(8))  # 4 tokens a row: merging does not pay, so neither does the fused MLP
     with torch.no_grad():
         model(_ids())  # no gradients: each projection's merged forward
     assert calls == []
@@ -136,7 +126,7 @@ def test_falls_back_where_it_does_not_apply(monkeypatch):
     model = _lora_qwen2(rank_pattern={"up_proj": 2})
     FusedLoraMLP().apply(model)
     calls = _count_fused(monkeypatch)
-    _run(model, _ids())
+    forward_backward(model, _ids())
     assert calls == []
     # dropout: peft's forward for every projection, so no MLP is fused at all
     model = _lora_qwen2(dropout=0.1)
@@ -144,7 +134,7 @@ def test_falls_back_where_it_does_not_apply(monkeypatch):
     FusedLoraMLP().apply(model)
     calls = _count_fused(monkeypatch)
     model.train()
-    _run(model, _ids())
+    forward_backward(model, _ids())
     assert calls == []
 
 
@@ -153,13 +143,13 @@ def test_recompute_swiglu_becomes_the_fallback_and_reverts():
     mlp = swiglu_mlps(model)[0]
     recompute, fused = RecomputeSwiGLU(), FusedLoraMLP()
     ids = _ids()
-    want = _run(model, ids)
+    want = forward_backward(model, ids)
     recompute.apply(model)  # as TransformersModel applies patches before the adapter exists
     fused.apply(model)
     recompute.apply(model)  # idempotent
     assert lora_mlp.is_fused(mlp) and mlp.forward.__func__ is lora_mlp._fused_forward
     assert mlp._twinkle_mlp_fallback.__func__.__name__ == "_swiglu_forward"
-    _assert_same(_run(model, ids), want)
+    _assert_same(forward_backward(model, ids), want)
     fused.revert(model)
     assert mlp.forward.__func__.__name__ == "_swiglu_forward"
     fused.apply(model)
@@ -167,13 +157,13 @@ def test_recompute_swiglu_becomes_the_fallback_and_reverts():
     assert mlp._twinkle_mlp_fallback.__func__ is type(mlp).forward
     fused.revert(model)
     assert "forward" not in mlp.__dict__ and not lora_mlp.is_fused(mlp)
-    _assert_same(_run(model, ids), want)
+    _assert_same(forward_backward(model, ids), want)
 
 
 def test_fused_mlp_traces_whole_under_compile():
     model = _lora_qwen2()
     ids = _ids()
-    want = _run(model, ids)
+    want = forward_backward(model, ids)
     FusedLoraMLP().apply(model)
     from torch._dynamo.testing import CompileCounterWithBackend
 
@@ -181,7 +171,7 @@ def test_fused_mlp_traces_whole_under_compile():
     counter = CompileCounterWithBackend("aot_eager")
     for layer in model.base_model.model.model.layers:
         layer.compile(backend=counter, fullgraph=True)  # a graph break would raise
-    got = _run(model, ids)
+    got = forward_backward(model, ids)
     torch._dynamo.reset()
     assert counter.frame_count == 1  # one graph, reused by every layer
     _assert_same(got, want)
