@@ -12,6 +12,7 @@
 #   bash benchmarks/run_train_gpu.sh kernels                     # benchmarks/ce_kernel.py only
 #   bash benchmarks/run_train_gpu.sh layer --shape 7b            # benchmarks/lora_layer.py only
 #   bash benchmarks/run_train_gpu.sh gemm                        # benchmarks/gemm_shapes.py only
+#   bash benchmarks/run_train_gpu.sh head                        # benchmarks/lm_head.py only
 #
 # Logs and tables go to $OUT (default ./train-gpu-out).
 set -uo pipefail
@@ -47,6 +48,9 @@ if [[ "$PHASE" == kernels || "$PHASE" == all ]]; then
 fi
 if [[ "$PHASE" == gemm ]]; then
   "$PY" benchmarks/gemm_shapes.py "$@" 2>&1 | tee "$OUT/gemm-shapes.md" | tail -60
+fi
+if [[ "$PHASE" == head ]]; then
+  "$PY" benchmarks/lm_head.py "$@" 2>&1 | tee "$OUT/lm-head.md" | tail -30
 fi
 if [[ "$PHASE" == layer ]]; then
   "$PY" benchmarks/lora_layer.py "$@" 2>&1 | tee "$OUT/lora-layer.md" | tail -20
