@@ -14,6 +14,8 @@ backward with CUDA events, in one process, for:
 * ``lora_nomlp``: the same without ``FusedLoraMLP`` (each MLP projection its own merged GEMM).
 * ``lora_addmm``: the merged weights through ``addmm`` (``MergedLoraForward(merge_kernel=False)``)
   instead of the one-pass ``twinkle::lora_merge``.
+* ``lora_torchswiglu``: ``FusedLoraMLP(backward_kernel=False)`` (the SwiGLU backward as pointwise
+  torch ops, which inductor compiles into two kernels, instead of ``twinkle::swiglu_backward``).
 * ``lora_mlpkernels``: ``FusedLoraMLP(swiglu_kernels=True)`` (the SwiGLU and its LoRA products in
   two Triton kernels).
 * ``lora_nokernel``: the same with ``MergedLoraForward(grad_kernel=False)`` (cuBLAS for ``grad B`` and
@@ -89,6 +91,8 @@ def build(shape: dict, layers: int, variant: str):
             patch.stack = True
         if variant == "lora_mlpkernels" and patch.name == "FusedLoraMLP":
             patch.swiglu_kernels = True
+        if variant == "lora_torchswiglu" and patch.name == "FusedLoraMLP":
+            patch.backward_kernel = False
     applied = apply_patches(model, patches)
     model.train()
     return decoder_of(model), applied

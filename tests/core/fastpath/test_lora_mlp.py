@@ -79,22 +79,29 @@ def _assert_same(got, want):
         (True, None),
         (False, None),
         pytest.param(True, "grad", marks=needs_triton),
+        pytest.param(True, "backward", marks=needs_triton),
+        pytest.param(False, "backward", marks=needs_triton),
         pytest.param(True, "all", marks=needs_triton),
     ],
 )
 def test_fused_mlp_equals_per_projection(monkeypatch, keep_merged, kernels):
-    # kernels: None (cuBLAS, pointwise torch ops), "grad" (twinkle::lora_grads and ::lora_merge),
-    # "all" (+ the SwiGLU kernels)
+    # kernels: None (cuBLAS, pointwise torch ops), "grad" (twinkle::lora_grads and ::lora_merge, the
+    # SwiGLU backward's default: the kernel on CUDA, torch ops on CPU), "backward" (+ the
+    # twinkle::swiglu_backward kernel), "all" (+ the fused SwiGLU kernels)
     model = _lora_qwen2(keep_merged=keep_merged, grad_kernel=kernels is not None)
     ids = _ids()
     want = forward_backward(model, ids)
-    patch = FusedLoraMLP(swiglu_kernels=kernels == "all")
+    backward_kernel = {None: False, "grad": "auto", "backward": True, "all": False}[kernels]
+    patch = FusedLoraMLP(swiglu_kernels=kernels == "all", backward_kernel=backward_kernel)
     assert patch.applies_to(model)
     assert len(patch.mlps(model)) == model.config.num_hidden_layers
     patch.apply(model)
     calls = _count_fused(monkeypatch)
     got = forward_backward(model, ids)
     assert calls == [100] * model.config.num_hidden_layers
+    modes = {getattr(mlp, lora_mlp._SWIGLU_KERNELS_ATTR) for mlp in patch.mlps(model)}
+    auto = "backward" if DEVICE == "cuda" else "torch"
+    assert modes == {{None: "torch", "grad": auto, "backward": "backward", "all": "fused"}[kernels]}
     _assert_same(got, want)
 
 
@@ -160,11 +167,12 @@ def test_recompute_swiglu_becomes_the_fallback_and_reverts():
     _assert_same(forward_backward(model, ids), want)
 
 
-def test_fused_mlp_traces_whole_under_compile():
+@pytest.mark.parametrize("backward_kernel", ["auto", pytest.param(True, marks=needs_triton)])
+def test_fused_mlp_traces_whole_under_compile(backward_kernel):
     model = _lora_qwen2()
     ids = _ids()
     want = forward_backward(model, ids)
-    FusedLoraMLP().apply(model)
+    FusedLoraMLP(backward_kernel=backward_kernel).apply(model)
     from torch._dynamo.testing import CompileCounterWithBackend
 
     torch._dynamo.reset()
@@ -182,6 +190,54 @@ def test_swiglu_kernels_need_triton(monkeypatch):
     monkeypatch.setattr(triton_lora, "available", lambda: False)
     assert FusedLoraMLP().applies_to(model)
     assert not FusedLoraMLP(swiglu_kernels=True).applies_to(model)
+    patch = FusedLoraMLP(backward_kernel=True)  # asked for, but no triton: the torch ops
+    patch.apply(model)
+    assert {getattr(mlp, lora_mlp._SWIGLU_KERNELS_ATTR) for mlp in patch.mlps(model)} == {"torch"}
+
+
+def test_backward_kernel_choice(monkeypatch):
+    monkeypatch.setenv("TWINKLE_SWIGLU_BACKWARD_KERNEL", "0")
+    assert FusedLoraMLP().backward_kernel is False
+    assert FusedLoraMLP(backward_kernel="auto").backward_kernel == "auto"
+    monkeypatch.setenv("TWINKLE_SWIGLU_BACKWARD_KERNEL", "sometimes")
+    with pytest.raises(ValueError, match="FusedLoraMLP: backward_kernel must be 'auto', True or False"):
+        FusedLoraMLP()
+
+
+@needs_triton
+@pytest.mark.parametrize(("tokens", "cols", "block"), [(37, 200, 64), (64, 128, 1024), (5, 1000, 256)])
+@pytest.mark.parametrize("strided", [False, True])
+def test_swiglu_backward_kernel_equals_autograd(tokens, cols, block, strided, monkeypatch):
+    monkeypatch.setattr(triton_lora, "SWIGLU_BWD_BLOCK", block)  # several column blocks, a ragged last one
+    gen = torch.Generator().manual_seed(tokens + cols)
+    wide = torch.randn(tokens, 2 * cols + (24 if strided else 0), generator=gen).to(DEVICE)
+    gate_up = wide[:, : 2 * cols]  # a strided view when a GEMM wrote it into a wider buffer
+    grad_h = torch.randn(tokens, cols, generator=gen).to(DEVICE)
+    d_gate_up, hidden = triton_lora.swiglu_backward(grad_h, gate_up)
+    gate = gate_up[:, :cols].clone().requires_grad_(True)
+    up = gate_up[:, cols:].clone().requires_grad_(True)
+    want_h = torch.nn.functional.silu(gate) * up
+    want_h.backward(grad_h)
+    assert d_gate_up.shape == (tokens, 2 * cols) and hidden.shape == (tokens, cols)
+    exact = dict(rtol=1e-5, atol=1e-6)  # float32 pointwise arithmetic on both sides, no tensor cores
+    torch.testing.assert_close(hidden, want_h.detach(), **exact)
+    torch.testing.assert_close(d_gate_up[:, :cols], gate.grad, **exact)
+    torch.testing.assert_close(d_gate_up[:, cols:], up.grad, **exact)
+
+
+@needs_triton
+def test_swiglu_backward_kernel_bf16_rounds_once():
+    gen = torch.Generator().manual_seed(5)
+    gate_up = torch.randn(48, 2 * 300, generator=gen).to(DEVICE, torch.bfloat16)
+    grad_h = torch.randn(48, 300, generator=gen).to(DEVICE, torch.bfloat16)
+    d_gate_up, hidden = triton_lora.swiglu_backward(grad_h, gate_up)
+    g, u, gh = gate_up[:, :300].float(), gate_up[:, 300:].float(), grad_h.float()
+    sig = torch.sigmoid(g)
+    want = torch.cat([gh * u * sig * (1 + g * (1 - sig)), gh * g * sig], -1).to(torch.bfloat16)
+    assert d_gate_up.dtype == hidden.dtype == torch.bfloat16
+    # float32 inside, one rounding: at most one bf16 step from the torch ops' result
+    torch.testing.assert_close(d_gate_up, want, rtol=8e-3, atol=1e-6)
+    torch.testing.assert_close(hidden, (g * sig * u).to(torch.bfloat16), rtol=8e-3, atol=1e-6)
 
 
 @needs_triton

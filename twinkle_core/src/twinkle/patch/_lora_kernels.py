@@ -121,6 +121,30 @@ def swiglu_forward_low(
 
 
 @triton.jit
+def swiglu_backward(GH, GATE_UP, stride_gu, D, H, N_COL, BC: tl.constexpr):
+    """The SwiGLU backward of one row's ``BC`` columns: the gate and up gradients side by side, and ``h``.
+
+    Reads ``GH`` (``[tokens, N_COL]`` contiguous, the gradient of ``h = silu(gate) * up``) and
+    ``GATE_UP`` (``[tokens, 2 * N_COL]`` with row stride ``stride_gu``: ``gate``, then ``up``) once.
+    Writes ``D`` (``[tokens, 2 * N_COL]``: ``d_gate``, then ``d_up``) and ``H`` (``[tokens, N_COL]``, for
+    the down projection's ``A`` gradient), each rounded once from float32, in the arithmetic of
+    the pointwise torch ops it replaces.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    ok = c < N_COL
+    gate = tl.load(GATE_UP + row * stride_gu + c, mask=ok, other=0.0).to(tl.float32)
+    up = tl.load(GATE_UP + row * stride_gu + N_COL + c, mask=ok, other=0.0).to(tl.float32)
+    gh = tl.load(GH + row * N_COL + c, mask=ok, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(gate)
+    silu = gate * sig
+    dtype = D.dtype.element_ty
+    tl.store(H + row * N_COL + c, (up * silu).to(dtype), mask=ok)
+    tl.store(D + row * (2 * N_COL) + c, (gh * up * sig * (1.0 + gate * (1.0 - sig))).to(dtype), mask=ok)
+    tl.store(D + row * (2 * N_COL) + N_COL + c, (gh * silu).to(dtype), mask=ok)
+
+
+@triton.jit
 def swiglu_backward_lora(
     GH,
     GATE_UP,

@@ -425,16 +425,31 @@ class FusedLoraLinear(Patch):
                 setattr(layer, _LEAN_ATTR, False)
 
 
-def _kernel_choice(name: str, value: str | bool | None, env: str) -> str | bool:
+def _kernel_choice(name: str, value: str | bool | None, env: str, owner: str = "MergedLoraForward") -> str | bool:
     """``"auto"``, ``True`` or ``False`` from an argument or, when it is ``None``, the variable ``env``."""
     if value is None:
         value = os.environ.get(env, "auto")
     if isinstance(value, str):
         choice = value.strip().lower()
         if choice not in ("auto", "1", "0", "true", "false", "on", "off"):
-            raise ValueError(f"MergedLoraForward: {name} must be 'auto', True or False ({env}), got {value!r}")
+            raise ValueError(f"{owner}: {name} must be 'auto', True or False ({env}), got {value!r}")
         return "auto" if choice == "auto" else choice in ("1", "true", "on")
     return bool(value)
+
+
+def use_kernel(model: Any, choice: str | bool) -> bool:
+    """Whether to run a ``twinkle::`` kernel for ``model`` (registering them): ``"auto"`` on CUDA with triton."""
+    from twinkle.patch import triton_lora
+    from twinkle.patch.fastpath import model_device
+
+    if choice is False:
+        return False
+    if choice == "auto" and model_device(model).type != "cuda":
+        return False
+    if not triton_lora.available():
+        return False
+    triton_lora.register()
+    return True
 
 
 class MergedLoraForward(Patch):
@@ -484,20 +499,6 @@ class MergedLoraForward(Patch):
         self.grad_kernel = _kernel_choice("grad_kernel", grad_kernel, "TWINKLE_LORA_GRAD_KERNEL")
         self.merge_kernel = _kernel_choice("merge_kernel", merge_kernel, "TWINKLE_LORA_MERGE_KERNEL")
 
-    def _use_kernel(self, model: Any, choice: str | bool) -> bool:
-        """Whether to run a ``twinkle::`` LoRA kernel (registering them): CUDA with triton for 'auto'."""
-        from twinkle.patch import triton_lora
-        from twinkle.patch.fastpath import model_device
-
-        if choice is False:
-            return False
-        if choice == "auto" and model_device(model).type != "cuda":
-            return False
-        if not triton_lora.available():
-            return False
-        triton_lora.register()
-        return True
-
     def applies_to(self, model: Any) -> bool:
         """Models whose LoRA layers run :class:`FusedLoraLinear`'s forward."""
         return any(getattr(layer, _LEAN_ATTR, False) for layer in lora_linear_layers(model))
@@ -507,8 +508,8 @@ class MergedLoraForward(Patch):
         from twinkle.patch.fastpath import set_flag
 
         mode = "keep" if self.keep_merged else "recompute"
-        grad_kernel = self._use_kernel(model, self.grad_kernel)
-        merge_kernel = self._use_kernel(model, self.merge_kernel)
+        grad_kernel = use_kernel(model, self.grad_kernel)
+        merge_kernel = use_kernel(model, self.merge_kernel)
         _MergedLoraFunction.get()  # built here, not on first use inside a compiled layer (a graph break)
         kept = 0
         for layer in lora_linear_layers(model):

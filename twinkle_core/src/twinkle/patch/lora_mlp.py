@@ -79,7 +79,7 @@ def _fused_forward(self: Any, x: Any) -> Any:
         x,
         keep,
         *_kernels(self.gate_proj),
-        getattr(self, _SWIGLU_KERNELS_ATTR, False),
+        getattr(self, _SWIGLU_KERNELS_ATTR, "torch"),
         (s_g, s_u, s_d),
         w_g.weight,
         w_u.weight,
@@ -96,12 +96,13 @@ def _fused_forward(self: Any, x: Any) -> Any:
 class _FusedLoraMLPFunction:
     """``down(silu(gate(x)) * up(x))`` for three merged LoRA projections (torch built on first use).
 
-    ``apply(x, keep_merged, grad_kernel, merge_kernel, swiglu_kernels, (s_gate, s_up, s_down), W_gate,
+    ``apply(x, keep_merged, grad_kernel, merge_kernel, swiglu, (s_gate, s_up, s_down), W_gate,
     W_up, W_down, A_gate, A_up, A_down, B_gate, B_up, B_down)``; gradients for ``x`` and the six LoRA
     weights. ``grad_kernel``: ``grad @ B`` and the ``B`` gradients through ``twinkle::lora_grads``;
-    ``merge_kernel``: the merged weights through ``twinkle::lora_merge``;
-    ``swiglu_kernels``: the SwiGLU and its LoRA products through the two Triton kernels of
-    :mod:`twinkle.patch.triton_lora` instead of pointwise torch ops (which a compiled layer fuses).
+    ``merge_kernel``: the merged weights through ``twinkle::lora_merge``; ``swiglu``: how the
+    SwiGLU runs: ``"torch"`` (pointwise torch ops, which a compiled layer fuses), ``"backward"``
+    (forward as ``"torch"``, the backward through ``twinkle::swiglu_backward``) or ``"fused"`` (it
+    and its LoRA products through ``twinkle::swiglu_low`` and ``twinkle::swiglu_lora_grads``).
     """
 
     _fn: Any = None
@@ -123,7 +124,7 @@ class _FusedLoraMLPFunction:
 
             class FusedLoraMLP(torch.autograd.Function):
                 @staticmethod
-                def forward(ctx, x, keep_merged, grad_kernel, merge_kernel, swiglu_kernels, scalings, *tensors):  # type: ignore[override]
+                def forward(ctx, x, keep_merged, grad_kernel, merge_kernel, swiglu, scalings, *tensors):  # type: ignore[override]
                     w_g, w_u, w_d, a_g, a_u, a_d, b_g, b_u, b_d = tensors
                     s_g, s_u, s_d = scalings
                     rank, cols = a_g.shape[0], w_g.shape[0]
@@ -131,7 +132,7 @@ class _FusedLoraMLPFunction:
                     w_gu, w_down = merged_weights(*tensors, scalings, True, merge_kernel)
                     gate_up = flat @ w_gu.t()  # [tokens, 2 * intermediate]: gate, then up
                     low = _scale_columns(flat @ torch.cat([a_g, a_u]).t(), (s_g, s_u), (rank, rank))
-                    if swiglu_kernels:
+                    if swiglu == "fused":
                         hidden, low_d = torch.ops.twinkle.swiglu_low(gate_up, a_d.contiguous())
                         low_d = (low_d * s_d).to(x.dtype)
                     else:
@@ -140,7 +141,7 @@ class _FusedLoraMLPFunction:
                         low_d = (hidden @ a_d.t()) * s_d
                     out = hidden @ w_down.t()
                     ctx.scalings, ctx.x_shape, ctx.cols = scalings, x.shape, cols
-                    ctx.grad_kernel, ctx.merge_kernel, ctx.swiglu_kernels = grad_kernel, merge_kernel, swiglu_kernels
+                    ctx.grad_kernel, ctx.merge_kernel, ctx.swiglu = grad_kernel, merge_kernel, swiglu
                     kept = (w_gu, w_down) if keep_merged else (None, None)
                     ctx.save_for_backward(flat, gate_up, low, low_d, *kept, *tensors)
                     return out.view(*x.shape[:-1], out.shape[-1])
@@ -157,22 +158,25 @@ class _FusedLoraMLPFunction:
                     grad_h = g @ w_down
                     gb_d, grad_b_d = _low_rank_grads(g, low_d, b_d, ctx.grad_kernel)
                     gb_d = (gb_d * s_d).to(dtype)
-                    if ctx.swiglu_kernels:
+                    if ctx.swiglu == "fused":
                         d_gate_up, grad_a_d, grad_b_g, grad_b_u, gb_g, gb_u = torch.ops.twinkle.swiglu_lora_grads(
                             grad_h, gate_up, gb_d, low, b_g.contiguous(), b_u.contiguous()
                         )
                         grad_a_d, gb_gu = grad_a_d.t(), torch.cat([gb_g, gb_u], -1)
                     else:
-                        # one pointwise pass in a compiled layer: h rebuilt, both gradients written side
-                        # by side. h is built from sigmoid here, F.silu in forward: the same value, but
-                        # a compiled graph would otherwise dedupe the two and keep forward's h for backward
-                        gate, up = gate_up[:, :cols].float(), gate_up[:, cols:].float()
-                        sig = torch.sigmoid(gate)
-                        silu = gate * sig
-                        hidden = (up * silu).to(dtype)
-                        gh = grad_h.float()
-                        d_gate = gh * up * sig * (1.0 + gate * (1.0 - sig))
-                        d_gate_up = torch.cat([d_gate.to(dtype), (gh * silu).to(dtype)], -1)
+                        if ctx.swiglu == "backward":  # one kernel: h rebuilt, both gradients side by side
+                            d_gate_up, hidden = torch.ops.twinkle.swiglu_backward(grad_h, gate_up)
+                        else:
+                            # pointwise ops (inductor: two kernels). h is built from sigmoid here, F.silu in
+                            # forward: the same value, but a compiled graph would otherwise dedupe the two
+                            # and keep forward's h for backward
+                            gate, up = gate_up[:, :cols].float(), gate_up[:, cols:].float()
+                            sig = torch.sigmoid(gate)
+                            silu = gate * sig
+                            hidden = (up * silu).to(dtype)
+                            gh = grad_h.float()
+                            d_gate = gh * up * sig * (1.0 + gate * (1.0 - sig))
+                            d_gate_up = torch.cat([d_gate.to(dtype), (gh * silu).to(dtype)], -1)
                         grad_a_d = gb_d.t() @ hidden  # [r, intermediate]
                         gb_gu, grad_b_gu = _low_rank_grads(
                             d_gate_up, low, torch.block_diag(b_g, b_u), ctx.grad_kernel
@@ -198,6 +202,11 @@ class FusedLoraMLP(Patch):
     ``twinkle::lora_grads`` where ``MergedLoraForward`` chose it.
 
     Args:
+        backward_kernel: the SwiGLU backward in one Triton pass (:func:`twinkle.patch.triton_lora.swiglu_backward`:
+            ``h`` and both gradients from one read of ``gate``, ``up`` and ``grad_h``) instead of the
+            two kernels inductor makes of the same ops. ``"auto"`` (default;
+            ``TWINKLE_SWIGLU_BACKWARD_KERNEL``): on CUDA when triton imports; ``True`` also elsewhere
+            (CPU runs it under Triton's interpreter: tests only); ``False``: never.
         swiglu_kernels: the SwiGLU and the LoRA products over its tensors in two Triton kernels
             (:func:`twinkle.patch.triton_lora.swiglu_low`, :func:`~twinkle.patch.triton_lora.swiglu_lora_grads`)
             instead of pointwise torch ops that inductor fuses. Off by default: on the H200 they
@@ -213,8 +222,13 @@ class FusedLoraMLP(Patch):
     enabled_by_default = True
     order = 23
 
-    def __init__(self, swiglu_kernels: bool = False) -> None:
+    def __init__(self, swiglu_kernels: bool = False, backward_kernel: str | bool | None = None) -> None:
+        from twinkle.patch.lora_fast import _kernel_choice
+
         self.swiglu_kernels = bool(swiglu_kernels)
+        self.backward_kernel = _kernel_choice(
+            "backward_kernel", backward_kernel, "TWINKLE_SWIGLU_BACKWARD_KERNEL", "FusedLoraMLP"
+        )
 
     def mlps(self, model: Any) -> list[Any]:
         """The SwiGLU MLPs whose three projections are merged lean LoRA layers."""
@@ -241,12 +255,16 @@ class FusedLoraMLP(Patch):
     def apply(self, model: Any) -> None:
         """Give each such MLP the fused forward (idempotent); its previous forward stays the fallback."""
         from twinkle.patch import triton_lora
+        from twinkle.patch.lora_fast import use_kernel
 
         if self.swiglu_kernels:
             triton_lora.register()
+            swiglu = "fused"
+        else:
+            swiglu = "backward" if use_kernel(model, self.backward_kernel) else "torch"
         _FusedLoraMLPFunction.get()  # built here, not on first use inside a compiled layer (a graph break)
         for mlp in self.mlps(model):
-            setattr(mlp, _SWIGLU_KERNELS_ATTR, self.swiglu_kernels)
+            setattr(mlp, _SWIGLU_KERNELS_ATTR, swiglu)
             if getattr(mlp, _FUSED_ATTR, False):
                 continue
             setattr(mlp, FALLBACK_ATTR, mlp.forward)

@@ -39,6 +39,9 @@ MERGE_WARPS = int(os.environ.get("TWINKLE_LORA_MERGE_WARPS", "8"))
 SWIGLU_BLOCK_T = int(os.environ.get("TWINKLE_SWIGLU_BLOCK_T", "32"))
 SWIGLU_BLOCK_C = int(os.environ.get("TWINKLE_SWIGLU_BLOCK_C", "128"))
 SWIGLU_WARPS = int(os.environ.get("TWINKLE_SWIGLU_WARPS", "8"))
+#: Columns and warps of one program of the SwiGLU backward (:func:`swiglu_backward`; one row each).
+SWIGLU_BWD_BLOCK = int(os.environ.get("TWINKLE_SWIGLU_BWD_BLOCK", "1024"))
+SWIGLU_BWD_WARPS = int(os.environ.get("TWINKLE_SWIGLU_BWD_WARPS", "4"))
 
 
 @functools.lru_cache(maxsize=1)
@@ -260,6 +263,38 @@ def _swiglu_ops() -> tuple[Any, Any]:
 
 
 @functools.lru_cache(maxsize=1)
+def _swiglu_backward_op() -> Any:
+    import torch
+
+    from twinkle.patch._lora_kernels import swiglu_backward
+
+    Tensor = torch.Tensor
+
+    def fake(grad_h: Tensor, gate_up: Tensor) -> tuple[Tensor, Tensor]:
+        return _empty(gate_up.shape, gate_up), _empty(grad_h.shape, gate_up)
+
+    @_define("twinkle::swiglu_backward", fake)
+    def swiglu_backward_op(grad_h: Tensor, gate_up: Tensor) -> tuple[Tensor, Tensor]:
+        tokens, cols = grad_h.shape
+        d_gate_up = torch.empty(tokens, 2 * cols, dtype=gate_up.dtype, device=gate_up.device)
+        hidden = torch.empty(tokens, cols, dtype=gate_up.dtype, device=gate_up.device)
+        if tokens:
+            _launch(swiglu_backward)[(tokens, -(-cols // SWIGLU_BWD_BLOCK))](
+                grad_h,
+                gate_up,
+                gate_up.stride(0),
+                d_gate_up,
+                hidden,
+                cols,
+                BC=SWIGLU_BWD_BLOCK,
+                num_warps=SWIGLU_BWD_WARPS,
+            )
+        return d_gate_up, hidden
+
+    return swiglu_backward_op
+
+
+@functools.lru_cache(maxsize=1)
 def _merge_op() -> Any:
     import torch
 
@@ -365,6 +400,31 @@ def swiglu_lora_grads(
     )
 
 
+def swiglu_backward(grad_h: Any, gate_up: Any) -> tuple[Any, Any]:
+    """The SwiGLU backward in one pass: ``([d_gate | d_up], h)`` for ``h = silu(gate) * up``.
+
+    Inductor compiles the same pointwise torch ops into two kernels (``h`` for the down
+    projection's ``A`` gradient, and the two gradients through a ``cat`` that loads the inputs
+    once per output half); this reads ``grad_h``, ``gate`` and ``up`` once and writes the three
+    results.
+
+    Args:
+        grad_h: ``[tokens, intermediate]``, the gradient of ``h``.
+        gate_up: ``[tokens, 2 * intermediate]``, ``gate`` then ``up`` (one GEMM's output).
+
+    Returns:
+        ``d_gate_up`` (``[tokens, 2 * intermediate]``, the gate gradient then the up gradient) and
+        ``h`` (``[tokens, intermediate]``), both in ``gate_up``'s dtype.
+
+    Example::
+
+        d_gate_up, hidden = swiglu_backward(grad_out @ w_down, gate_up)
+    """
+    if gate_up.stride(1) != 1:
+        gate_up = gate_up.contiguous()
+    return _swiglu_backward_op()(grad_h.contiguous(), gate_up)
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -374,6 +434,7 @@ def register() -> None:
     _op()
     _merge_op()
     _swiglu_ops()
+    _swiglu_backward_op()
 
 
 def lora_grads(grad: Any, low: Any, weight_b: Any) -> tuple[Any, Any]:
