@@ -18,11 +18,11 @@ transformers' classes globally; compiled code and the allocator stay separate):
   driven by ``forward_backward`` / ``clip_grad_and_step``.
 * diagnosis variants of ours: ``ours_eager`` without ``CompileDecoderLayers``; ``ours_liger``
   that plus the optional ``LigerKernels`` patch; ``ours_cudagraphs`` with the layers compiled in
-  ``reduce-overhead`` mode (CUDA graphs); ``ours_lce256`` / ``ours_lce128`` with 256 / 128 MiB
-  loss chunks; ``ours_inductor_ce`` with the loss chunk compiled by inductor instead of the
-  Triton kernel; ``ours_wgrad512m`` / ``ours_wgrad4g`` with 512 MiB / 4 GiB loss chunks when the
-  LM head trains; ``ours_swiglu_saved`` without ``RecomputeSwiGLU`` (the MLP's ``act(gate) * up``
-  saved for backward instead of recomputed).
+  ``reduce-overhead`` mode (CUDA graphs); ``ours_lce2g`` / ``ours_lce256`` / ``ours_lce128`` with
+  2 GiB / 256 / 128 MiB loss chunks (the default is 512 MiB); ``ours_inductor_ce`` with the loss
+  chunk compiled by inductor instead of the Triton kernel; ``ours_wgrad512m`` / ``ours_wgrad4g``
+  with 512 MiB / 4 GiB loss chunks when the LM head trains; ``ours_swiglu_saved`` without
+  ``RecomputeSwiGLU`` (the MLP's ``act(gate) * up`` saved for backward instead of recomputed).
 
 ``--memory`` adds, per configuration, what is allocated at the peak of one step (grouped by the
 code that allocated it), from ``torch.cuda.memory``'s allocation history.
@@ -72,6 +72,7 @@ CONFIGS = (
     "ours_eager",
     "ours_liger",
     "ours_cudagraphs",
+    "ours_lce2g",
     "ours_lce256",
     "ours_lce128",
     "ours_inductor_ce",
@@ -85,6 +86,7 @@ OURS_VARIANTS = {
     "ours_eager": (("CompileDecoderLayers",), (), {}),
     "ours_liger": (("CompileDecoderLayers",), ("LigerKernels",), {}),
     "ours_cudagraphs": ((), (), {"TWINKLE_COMPILE_MODE": "reduce-overhead"}),
+    "ours_lce2g": ((), (), {"TWINKLE_LCE_CHUNK_BYTES": str(2 << 30)}),
     "ours_lce256": ((), (), {"TWINKLE_LCE_CHUNK_BYTES": str(256 << 20)}),
     "ours_lce128": ((), (), {"TWINKLE_LCE_CHUNK_BYTES": str(128 << 20)}),
     "ours_inductor_ce": ((), (), {"TWINKLE_LCE_KERNEL": "inductor"}),
