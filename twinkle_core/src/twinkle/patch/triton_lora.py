@@ -9,16 +9,20 @@ cuBLAS calls reads that gradient twice: for a 7B MLP's gate/up at 8k tokens 620 
 products' share of it on tensor cores, writing float32 partials that it owns (no atomics),
 which a sum over programs finishes.
 
-The same module holds the two kernels of :class:`twinkle.patch.lora_mlp.FusedLoraMLP`:
-:func:`swiglu_low` (``h = silu(gate) * up`` and ``h A_down^T`` from one read of ``gate`` and
-``up``) and :func:`swiglu_lora_grads` (the SwiGLU backward with the gate/up ``B`` gradients, their
-``grad @ B`` and ``A_down``'s gradient from one read of ``grad_h``, ``gate`` and ``up``).
+:func:`lora_merge` builds merged LoRA weights in one pass over ``W``. The same module holds the
+kernels of :class:`twinkle.patch.lora_mlp.FusedLoraMLP`: :func:`swiglu_backward` (its default
+backward on CUDA: ``h`` and both SwiGLU gradients from one read of ``gate``, ``up`` and
+``grad_h``) and, behind ``swiglu_kernels=True``, :func:`swiglu_low` (``h = silu(gate) * up`` and
+``h A_down^T`` from one read of ``gate`` and ``up``) and :func:`swiglu_lora_grads` (the SwiGLU
+backward with the gate/up ``B`` gradients, their ``grad @ B`` and ``A_down``'s gradient from one
+read of ``grad_h``, ``gate`` and ``up``).
 
-Each is registered as a custom op (``twinkle::lora_grads``, ``twinkle::swiglu_low``,
-``twinkle::swiglu_lora_grads``; ``torch.library.triton_op``), so compiled decoder layers call
-them inside their graphs. Import is lazy: nothing imports triton until the first call
-(:func:`available` says whether they can run). On CPU they run under Triton's interpreter
-(``TRITON_INTERPRET=1``), as opaque custom ops, which is how CI checks them.
+Each is registered as a custom op (``twinkle::lora_grads``, ``twinkle::lora_merge``,
+``twinkle::swiglu_backward``, ``twinkle::swiglu_low``, ``twinkle::swiglu_lora_grads``;
+``torch.library.triton_op``), so compiled decoder layers call them inside their graphs. Import
+is lazy: nothing imports triton until the first call (:func:`available` says whether they can
+run). On CPU they run under Triton's interpreter (``TRITON_INTERPRET=1``), as opaque custom ops,
+which is how CI checks them.
 """
 
 # no ``from __future__ import annotations``: triton_op reads the custom op's schema from real annotations
