@@ -209,11 +209,14 @@ def test_backward_kernel_choice(monkeypatch):
 @pytest.mark.parametrize("strided", [False, True])
 def test_swiglu_backward_kernel_equals_autograd(tokens, cols, block, strided, monkeypatch):
     monkeypatch.setattr(triton_lora, "SWIGLU_BWD_BLOCK", block)  # several column blocks, a ragged last one
+    triton_lora.register()
     gen = torch.Generator().manual_seed(tokens + cols)
     wide = torch.randn(tokens, 2 * cols + (24 if strided else 0), generator=gen).to(DEVICE)
     gate_up = wide[:, : 2 * cols]  # a strided view when a GEMM wrote it into a wider buffer
     grad_h = torch.randn(tokens, cols, generator=gen).to(DEVICE)
-    d_gate_up, hidden = triton_lora.swiglu_backward(grad_h, gate_up)
+    if strided:  # the op as a compiled graph calls it: any layout of grad_h
+        grad_h = grad_h.t().contiguous().t()
+    d_gate_up, hidden = torch.ops.twinkle.swiglu_backward(grad_h, gate_up)
     gate = gate_up[:, :cols].clone().requires_grad_(True)
     up = gate_up[:, cols:].clone().requires_grad_(True)
     want_h = torch.nn.functional.silu(gate) * up

@@ -280,6 +280,9 @@ def _swiglu_backward_op() -> Any:
     @_define("twinkle::swiglu_backward", fake)
     def swiglu_backward_op(grad_h: Tensor, gate_up: Tensor) -> tuple[Tensor, Tensor]:
         tokens, cols = grad_h.shape
+        grad_h = grad_h.contiguous()  # the kernel reads rows of grad_h at stride cols
+        if gate_up.stride(1) != 1:  # and gate_up at its own row stride
+            gate_up = gate_up.contiguous()
         d_gate_up = torch.empty(tokens, 2 * cols, dtype=gate_up.dtype, device=gate_up.device)
         hidden = torch.empty(tokens, cols, dtype=gate_up.dtype, device=gate_up.device)
         if tokens:
@@ -424,9 +427,7 @@ def swiglu_backward(grad_h: Any, gate_up: Any) -> tuple[Any, Any]:
 
         d_gate_up, hidden = swiglu_backward(grad_out @ w_down, gate_up)
     """
-    if gate_up.stride(1) != 1:
-        gate_up = gate_up.contiguous()
-    return _swiglu_backward_op()(grad_h.contiguous(), gate_up)
+    return _swiglu_backward_op()(grad_h, gate_up)
 
 
 def _next_pow2(n: int) -> int:
