@@ -99,7 +99,7 @@ def test_fused_mlp_equals_per_projection(monkeypatch, keep_merged, kernels):
     calls = _count_fused(monkeypatch)
     got = forward_backward(model, ids)
     assert calls == [100] * model.config.num_hidden_layers
-    modes = {getattr(mlp, lora_mlp._SWIGLU_KERNELS_ATTR) for mlp in patch.mlps(model)}
+    modes = {getattr(mlp, lora_mlp._SWIGLU_MODE_ATTR) for mlp in patch.mlps(model)}
     auto = "backward" if DEVICE == "cuda" else "torch"
     assert modes == {{None: "torch", "grad": auto, "backward": "backward", "all": "fused"}[kernels]}
     _assert_same(got, want)
@@ -192,7 +192,7 @@ def test_swiglu_kernels_need_triton(monkeypatch):
     assert not FusedLoraMLP(swiglu_kernels=True).applies_to(model)
     patch = FusedLoraMLP(backward_kernel=True)  # asked for, but no triton: the torch ops
     patch.apply(model)
-    assert {getattr(mlp, lora_mlp._SWIGLU_KERNELS_ATTR) for mlp in patch.mlps(model)} == {"torch"}
+    assert {getattr(mlp, lora_mlp._SWIGLU_MODE_ATTR) for mlp in patch.mlps(model)} == {"torch"}
 
 
 def test_backward_kernel_choice(monkeypatch):

@@ -36,7 +36,8 @@ from typing import Any
 from twinkle.patch.base import Patch
 
 _FUSED_ATTR = "_twinkle_fused_lora_mlp"
-_SWIGLU_KERNELS_ATTR = "_twinkle_swiglu_kernels"
+#: How the MLP's SwiGLU runs: "torch", "backward" (twinkle::swiglu_backward) or "fused" (see _FusedLoraMLPFunction).
+_SWIGLU_MODE_ATTR = "_twinkle_swiglu_mode"
 #: The forward the fused one falls back to (per call); RecomputeSwiGLU replaces it instead of ``forward``.
 FALLBACK_ATTR = "_twinkle_mlp_fallback"
 
@@ -81,7 +82,7 @@ def _fused_forward(self: Any, x: Any) -> Any:
         x,
         keep,
         *_kernels(self.gate_proj),
-        getattr(self, _SWIGLU_KERNELS_ATTR, "torch"),
+        getattr(self, _SWIGLU_MODE_ATTR, "torch"),
         (s_g, s_u, s_d),
         w_g.weight,
         w_u.weight,
@@ -266,7 +267,7 @@ class FusedLoraMLP(Patch):
             swiglu = "backward" if use_kernel(model, self.backward_kernel) else "torch"
         _FusedLoraMLPFunction.get()  # built here, not on first use inside a compiled layer (a graph break)
         for mlp in self.mlps(model):
-            setattr(mlp, _SWIGLU_KERNELS_ATTR, swiglu)
+            setattr(mlp, _SWIGLU_MODE_ATTR, swiglu)
             if getattr(mlp, _FUSED_ATTR, False):
                 continue
             setattr(mlp, FALLBACK_ATTR, mlp.forward)
@@ -284,7 +285,7 @@ class FusedLoraMLP(Patch):
                     del mlp.forward  # the class's own forward
                 else:
                     mlp.forward = fallback
-                mlp.__dict__.pop(_SWIGLU_KERNELS_ATTR, None)
+                mlp.__dict__.pop(_SWIGLU_MODE_ATTR, None)
                 setattr(mlp, _FUSED_ATTR, False)
 
 
