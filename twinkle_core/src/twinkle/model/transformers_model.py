@@ -652,6 +652,12 @@ class TransformersModel(TwinkleModel):
         model_inputs = {"input_ids": batch["input_ids"], "position_ids": batch.get("position_ids"), "use_cache": False}
         if "attention_mask" in batch:
             model_inputs["attention_mask"] = batch["attention_mask"]
+        elif model_inputs["position_ids"] is None and "cu_seq_lens_q" not in batch:
+            from twinkle.patch.fastpath import causal_masks  # whole unpadded rows: no mask to build
+
+            masks = causal_masks(self._hf_model(), batch["input_ids"].shape[-1])
+            if masks is not None:
+                model_inputs["attention_mask"] = masks
         if "cu_seq_lens_q" in batch and "flash" in str(getattr(self._hf_model().config, "_attn_implementation", "")):
             for key in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"):
                 model_inputs[key] = batch[key]

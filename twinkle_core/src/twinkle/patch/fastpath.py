@@ -252,6 +252,37 @@ def uses_fused_head(outputs: Any) -> bool:
     return isinstance(outputs, HiddenStatesOutput) and not outputs.logits_materialized
 
 
+def causal_masks(model: Any, seq_len: int) -> dict[str, None] | None:
+    """``{layer_type: None}`` for a batch of whole rows without padding, where the model takes that.
+
+    Without a mask, transformers builds one from ``position_ids``: it reads on the host whether
+    the rows are packed (a wait for the GPU in every forward), and while a CUDA graph is being
+    captured, where it cannot read, it materializes a ``[T, T]`` mask, which takes sdpa off its
+    causal flash kernel. Rows that are each one whole sequence need no mask at all: passing the
+    per-layer-type mapping of ``None`` (transformers' own "masks already prepared" form) gives
+    sdpa's and flash attention's ``is_causal``. ``None`` (build as usual) unless the attention is
+    sdpa or flash attention, every layer attends causally over ``seq_len`` tokens (full, or a
+    sliding window at least that long), and the decoder's module builds masks with
+    ``create_causal_mask`` (the models that accept the mapping).
+    """
+    import sys
+
+    config = getattr(model, "config", None)
+    types = getattr(config, "layer_types", None)
+    attn = str(getattr(config, "_attn_implementation", "") or "")
+    if not types or not (attn == "sdpa" or attn.startswith("flash_attention")):
+        return None
+    window = getattr(config, "sliding_window", None)
+    for kind in set(types):
+        if kind != "full_attention" and not (kind == "sliding_attention" and window and seq_len <= window):
+            return None
+    decoder = decoder_of(model)
+    module = sys.modules.get(type(decoder).__module__) if decoder is not None else None
+    if module is None or not hasattr(module, "create_causal_mask"):
+        return None
+    return dict.fromkeys(types)
+
+
 def run_model(model: Any, model_inputs: Mapping[str, Any]) -> ModelOutput:
     """Run the model: logits normally, :class:`HiddenStatesOutput` when ``FusedLinearCrossEntropy`` is on.
 
