@@ -13,6 +13,7 @@
 #   bash benchmarks/run_train_gpu.sh layer --shape 7b            # benchmarks/lora_layer.py only
 #   bash benchmarks/run_train_gpu.sh gemm                        # benchmarks/gemm_shapes.py only
 #   bash benchmarks/run_train_gpu.sh head                        # benchmarks/lm_head.py only
+#   bash benchmarks/run_train_gpu.sh overhead --row 7b-lora      # benchmarks/step_overhead.py only
 #
 # Logs and tables go to $OUT (default ./train-gpu-out).
 set -uo pipefail
@@ -51,6 +52,9 @@ if [[ "$PHASE" == gemm ]]; then
 fi
 if [[ "$PHASE" == head ]]; then
   "$PY" benchmarks/lm_head.py "$@" 2>&1 | tee "$OUT/lm-head.md" | tail -30
+fi
+if [[ "$PHASE" == overhead ]]; then
+  "$PY" benchmarks/step_overhead.py "$@" 2>&1 | tee -a "$OUT/step-overhead.md" | grep -v "^\[" | tail -20
 fi
 if [[ "$PHASE" == layer ]]; then
   "$PY" benchmarks/lora_layer.py "$@" 2>&1 | tee "$OUT/lora-layer.md" | tail -20
