@@ -105,27 +105,6 @@ def test_fused_mlp_equals_per_projection(monkeypatch, keep_merged, kernels):
     _assert_same(got, want)
 
 
-@needs_triton
-@pytest.mark.parametrize("fold", [0, 1, 2])
-def test_backward_kernel_folds(monkeypatch, fold):
-    # what the kernel backward folds into the SwiGLU backward: nothing (h written and read back),
-    # A_down's gradient (twinkle::swiglu_backward_da), or also gate/up's LoRA products
-    monkeypatch.setattr(triton_lora, "SWIGLU_BWD_FOLD", fold)
-    monkeypatch.setattr(triton_lora, "TARGET_PROGRAMS", 4)  # several programs both ways, partials summed
-    model = _lora_qwen2(grad_kernel=True)
-    ids = _ids()
-    want = forward_backward(model, ids)
-    used = []
-    for name in ("swiglu_backward", "swiglu_backward_da", "swiglu_lora_grads"):
-        op = getattr(torch.ops.twinkle, name)
-        monkeypatch.setattr(torch.ops.twinkle, name, lambda *a, _op=op, _n=name: used.append(_n) or _op(*a))
-    FusedLoraMLP(backward_kernel=True).apply(model)
-    got = forward_backward(model, ids)
-    layers = model.config.num_hidden_layers
-    assert used == [("swiglu_backward", "swiglu_backward_da", "swiglu_lora_grads")[fold]] * layers
-    _assert_same(got, want)
-
-
 def test_scalings_differ_between_projections(monkeypatch):
     # rank_pattern / alpha_pattern: gate, up and down with their own scaling (ranks of gate and up equal)
     model = _lora_qwen2(alpha_pattern={"gate_proj": 2, "up_proj": 16, "down_proj": 4})
@@ -247,43 +226,6 @@ def test_swiglu_backward_kernel_equals_autograd(tokens, cols, block, strided, mo
     torch.testing.assert_close(hidden, want_h.detach(), **exact)
     torch.testing.assert_close(d_gate_up[:, :cols], gate.grad, **exact)
     torch.testing.assert_close(d_gate_up[:, cols:], up.grad, **exact)
-
-
-@needs_triton
-@pytest.mark.parametrize(("tokens", "cols", "rank", "programs"), [(70, 200, 8, 264), (33, 130, 4, 3), (96, 384, 16, 1)])
-def test_swiglu_backward_da_equals_autograd(tokens, cols, rank, programs, monkeypatch):
-    monkeypatch.setattr(triton_lora, "TARGET_PROGRAMS", programs)  # several tiles per program both ways
-    triton_lora.register()
-    gen = torch.Generator().manual_seed(tokens + rank)
-    wide = torch.randn(tokens, 2 * cols + 24, generator=gen).to(DEVICE)
-    gate_up = wide[:, : 2 * cols]  # strided, as a GEMM writing into a wider buffer leaves it
-    grad_h = torch.randn(cols, tokens, generator=gen).to(DEVICE).t()  # any layout, as a compiled graph passes it
-    gb_d = torch.randn(tokens, rank, generator=gen).to(DEVICE)
-    d_gate_up, grad_a_d = torch.ops.twinkle.swiglu_backward_da(grad_h, gate_up, gb_d)
-    gate = gate_up[:, :cols].clone().requires_grad_(True)
-    up = gate_up[:, cols:].clone().requires_grad_(True)
-    want_h = torch.nn.functional.silu(gate) * up
-    want_h.backward(grad_h)
-    assert d_gate_up.shape == (tokens, 2 * cols) and grad_a_d.shape == (rank, cols)
-    assert grad_a_d.dtype == torch.float32
-    exact = dict(rtol=1e-5, atol=1e-6)  # the pointwise part: float32 on both sides, no tensor cores
-    torch.testing.assert_close(d_gate_up[:, :cols], gate.grad, **exact)
-    torch.testing.assert_close(d_gate_up[:, cols:], up.grad, **exact)
-    torch.testing.assert_close(grad_a_d, gb_d.t() @ want_h.detach(), **TOL)
-
-
-@needs_triton
-def test_swiglu_backward_da_bf16():
-    gen = torch.Generator().manual_seed(9)
-    gate_up = torch.randn(80, 2 * 200, generator=gen).to(DEVICE, torch.bfloat16)
-    grad_h = torch.randn(80, 200, generator=gen).to(DEVICE, torch.bfloat16)
-    gb_d = torch.randn(80, 8, generator=gen).to(DEVICE, torch.bfloat16)
-    d_gate_up, grad_a_d = triton_lora.swiglu_backward_da(grad_h, gate_up, gb_d)
-    want_d, hidden = triton_lora.swiglu_backward(grad_h, gate_up)  # the kernel that writes h
-    assert d_gate_up.dtype == torch.bfloat16
-    torch.testing.assert_close(d_gate_up, want_d, rtol=0, atol=0)  # the same arithmetic, bit for bit
-    # from h rounded to bf16, as cuBLAS over the written h: float32 sums in another order
-    torch.testing.assert_close(grad_a_d, gb_d.float().t() @ hidden.float(), rtol=1e-2, atol=5e-2)
 
 
 @needs_triton

@@ -169,27 +169,25 @@ def swiglu_backward_lora(
     BT: tl.constexpr,
     BC: tl.constexpr,
     BR: tl.constexpr,
-    FOLD_GU: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """The SwiGLU backward with the LoRA products of the MLP that read its tensors, in one pass.
+    """The SwiGLU backward with every LoRA product of the MLP that reads its tensors, in one pass.
 
     Reads ``GH`` (the gradient of ``h = silu(gate) * up``, ``[N_TOK, N_COL]`` contiguous) and
     ``GATE_UP`` (as for :func:`swiglu_forward_low`) once. Writes ``D`` (``[N_TOK, 2 * N_COL]``: the gate
-    gradient, then the up gradient, in the input dtype) but not ``h``. Per program, float32
-    partials it owns, the host summing over programs:
+    gradient, then the up gradient, in the input dtype). Per program, float32 partials it owns:
 
-    * ``PART_DA[pid_t]`` ``[BR, N_COL]``: ``GBD^T @ h``, the down projection's ``A`` gradient
-      (``GBD`` is ``s_down * grad_out @ B_down``, ``[N_TOK, RD]``), from ``h`` rebuilt here;
-    * with ``FOLD_GU``, also ``PART_DBG``/``PART_DBU[pid_t]`` ``[BR, N_COL]``: ``low_gate^T @ d_gate``,
-      ``low_up^T @ d_up`` (``LOW``: ``[N_TOK, 2R]`` with row stride ``stride_low``, the scaled
-      rank-r activations of gate, then up), their ``B`` gradients transposed; and
-      ``PART_GBG``/``PART_GBU[pid_c]`` ``[N_TOK, BR]``: ``d_gate @ B_gate``, ``d_up @ B_up``
+    * ``PART_DA[pid_t]`` ``[N_COL, BR]``: ``h^T @ GBD``, the down projection's ``A`` gradient
+      (transposed; ``GBD`` is ``s_down * grad_out @ B_down``, ``[N_TOK, RD]``), ``h`` recomputed
+      here rather than kept or written;
+    * ``PART_DBG``/``PART_DBU[pid_t]`` ``[N_COL, BR]``: ``d_gate^T @ low_gate``, ``d_up^T @ low_up``
+      (``LOW``: ``[N_TOK, 2R]`` with row stride ``stride_low``, the scaled rank-r activations of
+      gate, then up): their ``B`` gradients;
+    * ``PART_GBG``/``PART_GBU[pid_c]`` ``[N_TOK, BR]``: ``d_gate @ B_gate``, ``d_up @ B_up``
       (``BG``/``BU``: ``[N_COL, R]``), which give their ``A`` gradients.
 
-    Every product keeps the wide ``[BT, BC]`` tile in its natural layout and transposes only the
-    ``[BT, BR]`` rank-r tile, so no wide tile goes through a transpose. The products use ``h`` and
-    the gradients as rounded to the input dtype, as separate kernels reading them back would.
+    The products use the gradients as stored (rounded to the input dtype), as separate kernels
+    reading them back would.
     """
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -204,16 +202,15 @@ def swiglu_backward_lora(
     for c0 in range(c_begin, c_end, BC):
         c = c0 + tl.arange(0, BC)
         c_ok = c < c_end
-        acc_da = tl.zeros([BR, BC], dtype=tl.float32)
-        if FOLD_GU:
-            b_mask = c_ok[:, None] & r_ok[None, :]
-            bg = tl.load(BG + c[:, None] * R + r[None, :], mask=b_mask, other=0.0)
-            bu = tl.load(BU + c[:, None] * R + r[None, :], mask=b_mask, other=0.0)
-            if UPCAST:
-                bg = bg.to(tl.float32)
-                bu = bu.to(tl.float32)
-            acc_dbg = tl.zeros([BR, BC], dtype=tl.float32)
-            acc_dbu = tl.zeros([BR, BC], dtype=tl.float32)
+        b_mask = c_ok[:, None] & r_ok[None, :]
+        bg = tl.load(BG + c[:, None] * R + r[None, :], mask=b_mask, other=0.0)
+        bu = tl.load(BU + c[:, None] * R + r[None, :], mask=b_mask, other=0.0)
+        if UPCAST:
+            bg = bg.to(tl.float32)
+            bu = bu.to(tl.float32)
+        acc_da = tl.zeros([BC, BR], dtype=tl.float32)
+        acc_dbg = tl.zeros([BC, BR], dtype=tl.float32)
+        acc_dbu = tl.zeros([BC, BR], dtype=tl.float32)
         for t0 in range(t_begin, t_end, BT):
             t = t0 + tl.arange(0, BT)
             t_ok = t < t_end
@@ -230,36 +227,33 @@ def swiglu_backward_lora(
             d_offs = t[:, None] * (2 * N_COL) + c[None, :]
             tl.store(D + d_offs, d_gate, mask=mask)
             tl.store(D + N_COL + d_offs, d_up, mask=mask)
+            row_mask = t_ok[:, None] & r_ok[None, :]
             gbd = tl.load(GBD + t[:, None] * RD + r[None, :], mask=t_ok[:, None] & rd_ok[None, :], other=0.0)
+            low_g = tl.load(LOW + t[:, None] * stride_low + r[None, :], mask=row_mask, other=0.0)
+            low_u = tl.load(LOW + t[:, None] * stride_low + R + r[None, :], mask=row_mask, other=0.0)
             if UPCAST:
-                acc_da += tl.dot(tl.trans(gbd.to(tl.float32)), h.to(tl.float32))
-            else:
-                acc_da += tl.dot(tl.trans(gbd), h)
-            if FOLD_GU:
-                row_mask = t_ok[:, None] & r_ok[None, :]
-                low_g = tl.load(LOW + t[:, None] * stride_low + r[None, :], mask=row_mask, other=0.0)
-                low_u = tl.load(LOW + t[:, None] * stride_low + R + r[None, :], mask=row_mask, other=0.0)
-                if UPCAST:
-                    d_gate = d_gate.to(tl.float32)
-                    d_up = d_up.to(tl.float32)
-                    low_g = low_g.to(tl.float32)
-                    low_u = low_u.to(tl.float32)
-                acc_dbg += tl.dot(tl.trans(low_g), d_gate)
-                acc_dbu += tl.dot(tl.trans(low_u), d_up)
-                gbg = tl.dot(d_gate, bg)
-                gbu = tl.dot(d_up, bu)
-                gbg_ptr = PART_GBG + (pid_c * N_TOK + t[:, None]) * BR + r[None, :]
-                gbu_ptr = PART_GBU + (pid_c * N_TOK + t[:, None]) * BR + r[None, :]
-                if c0 != c_begin:
-                    gbg += tl.load(gbg_ptr, mask=t_ok[:, None], other=0.0)
-                    gbu += tl.load(gbu_ptr, mask=t_ok[:, None], other=0.0)
-                tl.store(gbg_ptr, gbg, mask=t_ok[:, None])
-                tl.store(gbu_ptr, gbu, mask=t_ok[:, None])
-        part = (pid_t * BR + r[:, None]) * N_COL + c[None, :]
-        tl.store(PART_DA + part, acc_da, mask=c_ok[None, :])
-        if FOLD_GU:
-            tl.store(PART_DBG + part, acc_dbg, mask=c_ok[None, :])
-            tl.store(PART_DBU + part, acc_dbu, mask=c_ok[None, :])
+                h = h.to(tl.float32)
+                d_up = d_up.to(tl.float32)
+                d_gate = d_gate.to(tl.float32)
+                gbd = gbd.to(tl.float32)
+                low_g = low_g.to(tl.float32)
+                low_u = low_u.to(tl.float32)
+            acc_da += tl.dot(tl.trans(h), gbd)
+            acc_dbg += tl.dot(tl.trans(d_gate), low_g)
+            acc_dbu += tl.dot(tl.trans(d_up), low_u)
+            gbg = tl.dot(d_gate, bg)
+            gbu = tl.dot(d_up, bu)
+            gbg_ptr = PART_GBG + (pid_c * N_TOK + t[:, None]) * BR + r[None, :]
+            gbu_ptr = PART_GBU + (pid_c * N_TOK + t[:, None]) * BR + r[None, :]
+            if c0 != c_begin:
+                gbg += tl.load(gbg_ptr, mask=t_ok[:, None], other=0.0)
+                gbu += tl.load(gbu_ptr, mask=t_ok[:, None], other=0.0)
+            tl.store(gbg_ptr, gbg, mask=t_ok[:, None])
+            tl.store(gbu_ptr, gbu, mask=t_ok[:, None])
+        part = (pid_t * N_COL + c[:, None]) * BR + r[None, :]
+        tl.store(PART_DA + part, acc_da, mask=c_ok[:, None])
+        tl.store(PART_DBG + part, acc_dbg, mask=c_ok[:, None])
+        tl.store(PART_DBU + part, acc_dbu, mask=c_ok[:, None])
 
 
 @triton.jit

@@ -115,7 +115,6 @@ class _FusedLoraMLPFunction:
         if cls._fn is None:
             import torch
 
-            from twinkle.patch import triton_lora
             from twinkle.patch.lora_fast import _low_rank_grads, _merge, _scale_columns
 
             def merged_weights(w_g, w_u, w_d, a_g, a_u, a_d, b_g, b_u, b_d, scalings, scale_b, kernel):
@@ -162,16 +161,13 @@ class _FusedLoraMLPFunction:
                     grad_h = g @ w_down
                     gb_d, grad_b_d = _low_rank_grads(g, low_d, b_d, ctx.grad_kernel)
                     gb_d = (gb_d * s_d).to(dtype)
-                    fold = triton_lora.SWIGLU_BWD_FOLD if ctx.swiglu == "backward" else 0
-                    if ctx.swiglu == "fused" or fold == 2:
+                    if ctx.swiglu == "fused":
                         d_gate_up, grad_a_d, grad_b_g, grad_b_u, gb_g, gb_u = torch.ops.twinkle.swiglu_lora_grads(
                             grad_h, gate_up, gb_d, low, b_g.contiguous(), b_u.contiguous()
                         )
                         grad_a_d, gb_gu = grad_a_d.t(), torch.cat([gb_g, gb_u], -1)
                     else:
-                        if fold == 1:  # one kernel: both gradients side by side, A_down's from h in registers
-                            d_gate_up, grad_a_d = torch.ops.twinkle.swiglu_backward_da(grad_h, gate_up, gb_d)
-                        elif ctx.swiglu == "backward":  # one kernel: h rebuilt, both gradients side by side
+                        if ctx.swiglu == "backward":  # one kernel: h rebuilt, both gradients side by side
                             d_gate_up, hidden = torch.ops.twinkle.swiglu_backward(grad_h, gate_up)
                         else:
                             # pointwise ops (inductor: two kernels). h is built from sigmoid here, F.silu in
@@ -184,8 +180,7 @@ class _FusedLoraMLPFunction:
                             gh = grad_h.float()
                             d_gate = gh * up * sig * (1.0 + gate * (1.0 - sig))
                             d_gate_up = torch.cat([d_gate.to(dtype), (gh * silu).to(dtype)], -1)
-                        if fold != 1:
-                            grad_a_d = gb_d.t() @ hidden  # [r, intermediate]
+                        grad_a_d = gb_d.t() @ hidden  # [r, intermediate]
                         gb_gu, grad_b_gu = _low_rank_grads(
                             d_gate_up, low, torch.block_diag(b_g, b_u), ctx.grad_kernel
                         )  # one pass over both gradients

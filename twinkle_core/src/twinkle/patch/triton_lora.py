@@ -43,15 +43,6 @@ MERGE_WARPS = int(os.environ.get("TWINKLE_LORA_MERGE_WARPS", "8"))
 SWIGLU_BLOCK_T = int(os.environ.get("TWINKLE_SWIGLU_BLOCK_T", "32"))
 SWIGLU_BLOCK_C = int(os.environ.get("TWINKLE_SWIGLU_BLOCK_C", "128"))
 SWIGLU_WARPS = int(os.environ.get("TWINKLE_SWIGLU_WARPS", "8"))
-#: Tiles and warps of the SwiGLU backward with LoRA products folded in (:func:`swiglu_backward_da`,
-#: :func:`swiglu_lora_grads`).
-SWIGLU_FOLD_BLOCK_T = int(os.environ.get("TWINKLE_SWIGLU_FOLD_BLOCK_T", "32"))
-SWIGLU_FOLD_BLOCK_C = int(os.environ.get("TWINKLE_SWIGLU_FOLD_BLOCK_C", "128"))
-SWIGLU_FOLD_WARPS = int(os.environ.get("TWINKLE_SWIGLU_FOLD_WARPS", "4"))
-#: What ``FusedLoraMLP``'s kernel backward folds into the SwiGLU backward: 0 nothing (``h`` written
-#: for ``A_down``'s gradient, :func:`swiglu_backward`), 1 ``A_down``'s gradient
-#: (:func:`swiglu_backward_da`), 2 that and gate/up's LoRA products (:func:`swiglu_lora_grads`).
-SWIGLU_BWD_FOLD = int(os.environ.get("TWINKLE_SWIGLU_BWD_FOLD", "1"))
 #: Columns and warps of one program of the SwiGLU backward (:func:`swiglu_backward`; one row each).
 SWIGLU_BWD_BLOCK = int(os.environ.get("TWINKLE_SWIGLU_BWD_BLOCK", "1024"))
 SWIGLU_BWD_WARPS = int(os.environ.get("TWINKLE_SWIGLU_BWD_WARPS", "4"))
@@ -169,7 +160,7 @@ def _op() -> Any:
 def _swiglu_ops() -> tuple[Any, Any]:
     import torch
 
-    from twinkle.patch._lora_kernels import swiglu_forward_low
+    from twinkle.patch._lora_kernels import swiglu_backward_lora, swiglu_forward_low
 
     Tensor = torch.Tensor
     f32 = torch.float32
@@ -226,51 +217,16 @@ def _swiglu_ops() -> tuple[Any, Any]:
     def swiglu_lora_grads_op(
         grad_h: Tensor, gate_up: Tensor, gb_down: Tensor, low: Tensor, weight_bg: Tensor, weight_bu: Tensor
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        rank = weight_bg.shape[1]
-        d_gate_up, part_da, part_dbg, part_dbu, part_gbg, part_gbu = _swiglu_fold(
-            grad_h, gate_up, gb_down, (low, weight_bg, weight_bu)
-        )
-        rank_d = gb_down.shape[1]
-        return (
-            d_gate_up,
-            part_da.sum(0)[:rank_d].t().contiguous(),  # as the fake op says (tiny: [intermediate, r])
-            part_dbg.sum(0)[:rank].t().contiguous(),
-            part_dbu.sum(0)[:rank].t().contiguous(),
-            part_gbg.sum(0)[:, :rank].contiguous(),
-            part_gbu.sum(0)[:, :rank].contiguous(),
-        )
-
-    return swiglu_low_op, swiglu_lora_grads_op
-
-
-def _swiglu_fold(grad_h: Any, gate_up: Any, gb_down: Any, lora_gu: tuple[Any, Any, Any] | None) -> tuple[Any, ...]:
-    """Launch ``swiglu_backward_lora``: ``d_gate_up`` and the float32 partials (``lora_gu``: ``(low, B_gate,
-    B_up)`` to fold gate/up's LoRA products in too; their partials are empty without)."""
-    import torch
-
-    from twinkle.patch._lora_kernels import swiglu_backward_lora
-
-    grad_h, gb_down = grad_h.contiguous(), gb_down.contiguous()
-    if gate_up.stride(1) != 1:
-        gate_up = gate_up.contiguous()
-    tokens, cols = grad_h.shape
-    rank_d = gb_down.shape[1]
-    rank = lora_gu[1].shape[1] if lora_gu is not None else rank_d
-    block_r = max(16, _next_pow2(max(rank, rank_d)))
-    tiles_t, tiles_c = -(-tokens // SWIGLU_FOLD_BLOCK_T), -(-cols // SWIGLU_FOLD_BLOCK_C)
-    along_t, along_c = _split(tiles_t, tiles_c)
-    progs_t, progs_c = -(-tiles_t // along_t), -(-tiles_c // along_c)
-    dev, f32 = gate_up.device, torch.float32
-    d_gate_up = torch.empty(tokens, 2 * cols, dtype=gate_up.dtype, device=dev)
-    part_da = torch.empty(progs_t, block_r, cols, dtype=f32, device=dev)
-    if lora_gu is not None:
-        low, weight_bg, weight_bu = (t.contiguous() for t in lora_gu)
-        part_dbg, part_dbu = (torch.empty(progs_t, block_r, cols, dtype=f32, device=dev) for _ in range(2))
+        tokens, cols = gate_up.shape[0], gate_up.shape[1] // 2
+        rank, rank_d = weight_bg.shape[1], gb_down.shape[1]
+        block_r = max(16, _next_pow2(max(rank, rank_d)))
+        tiles_t, tiles_c = -(-tokens // SWIGLU_BLOCK_T), -(-cols // SWIGLU_BLOCK_C)
+        along_t, along_c = _split(tiles_t, tiles_c)
+        progs_t, progs_c = -(-tiles_t // along_t), -(-tiles_c // along_c)
+        dev, f32 = gate_up.device, torch.float32
+        d_gate_up = torch.empty(tokens, 2 * cols, dtype=gate_up.dtype, device=dev)
+        part_da, part_dbg, part_dbu = (torch.empty(progs_t, cols, block_r, dtype=f32, device=dev) for _ in range(3))
         part_gbg, part_gbu = (torch.empty(progs_c, tokens, block_r, dtype=f32, device=dev) for _ in range(2))
-    else:  # not read: the kernel's FOLD_GU branch is compiled out
-        low = weight_bg = weight_bu = gb_down
-        part_dbg = part_dbu = part_gbg = part_gbu = part_da.new_empty(0)
-    if tokens:
         _launch(swiglu_backward_lora)[(progs_t, progs_c)](
             grad_h,
             gate_up,
@@ -290,33 +246,24 @@ def _swiglu_fold(grad_h: Any, gate_up: Any, gb_down: Any, lora_gu: tuple[Any, An
             cols,
             rank,
             rank_d,
-            along_t * SWIGLU_FOLD_BLOCK_T,
-            along_c * SWIGLU_FOLD_BLOCK_C,
-            BT=SWIGLU_FOLD_BLOCK_T,
-            BC=SWIGLU_FOLD_BLOCK_C,
+            along_t * SWIGLU_BLOCK_T,
+            along_c * SWIGLU_BLOCK_C,
+            BT=SWIGLU_BLOCK_T,
+            BC=SWIGLU_BLOCK_C,
             BR=block_r,
-            FOLD_GU=lora_gu is not None,
             UPCAST=_interpreting(),
-            num_warps=SWIGLU_FOLD_WARPS,
+            num_warps=SWIGLU_WARPS,
         )
-    return d_gate_up, part_da, part_dbg, part_dbu, part_gbg, part_gbu
+        return (
+            d_gate_up,
+            part_da.sum(0)[:, :rank_d],
+            part_dbg.sum(0)[:, :rank],
+            part_dbu.sum(0)[:, :rank],
+            part_gbg.sum(0)[:, :rank],
+            part_gbu.sum(0)[:, :rank],
+        )
 
-
-@functools.lru_cache(maxsize=1)
-def _swiglu_backward_da_op() -> Any:
-    import torch
-
-    Tensor = torch.Tensor
-
-    def fake(grad_h: Tensor, gate_up: Tensor, gb_down: Tensor) -> tuple[Tensor, Tensor]:
-        return _empty(gate_up.shape, gate_up), _empty((gb_down.shape[1], grad_h.shape[1]), gate_up, torch.float32)
-
-    @_define("twinkle::swiglu_backward_da", fake)
-    def swiglu_backward_da_op(grad_h: Tensor, gate_up: Tensor, gb_down: Tensor) -> tuple[Tensor, Tensor]:
-        d_gate_up, part_da, *_ = _swiglu_fold(grad_h, gate_up, gb_down, None)
-        return d_gate_up, part_da.sum(0)[: gb_down.shape[1]]
-
-    return swiglu_backward_da_op
+    return swiglu_low_op, swiglu_lora_grads_op
 
 
 @functools.lru_cache(maxsize=1)
@@ -483,28 +430,6 @@ def swiglu_backward(grad_h: Any, gate_up: Any) -> tuple[Any, Any]:
     return _swiglu_backward_op()(grad_h, gate_up)
 
 
-def swiglu_backward_da(grad_h: Any, gate_up: Any, gb_down: Any) -> tuple[Any, Any]:
-    """The SwiGLU backward with the down projection's ``A`` gradient, in one pass, ``h`` never written.
-
-    :func:`swiglu_backward` writes ``h`` (``[tokens, intermediate]``) only for ``gb_down^T @ h``, which
-    then reads it back; this kernel rebuilds ``h`` in registers and computes that product there.
-
-    Args:
-        grad_h: ``[tokens, intermediate]``, the gradient of ``h = silu(gate) * up``.
-        gate_up: ``[tokens, 2 * intermediate]``, ``gate`` then ``up`` (one GEMM's output).
-        gb_down: ``[tokens, r]``, ``s_down * grad_out @ B_down``.
-
-    Returns:
-        ``d_gate_up`` (``[tokens, 2 * intermediate]``, ``gate_up``'s dtype) and ``gb_down^T @ h``
-        (``[r, intermediate]``, float32; from ``h`` rounded to ``gate_up``'s dtype).
-
-    Example::
-
-        d_gate_up, grad_a_down = swiglu_backward_da(grad_out @ w_down, gate_up, gb_down)
-    """
-    return _swiglu_backward_da_op()(grad_h, gate_up, gb_down)
-
-
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -515,7 +440,6 @@ def register() -> None:
     _merge_op()
     _swiglu_ops()
     _swiglu_backward_op()
-    _swiglu_backward_da_op()
 
 
 def lora_grads(grad: Any, low: Any, weight_b: Any) -> tuple[Any, Any]:
