@@ -181,3 +181,36 @@ def test_gpu_only_patches_do_not_apply_on_cpu(tiny_config):
     assert model.fast_path_patches == []
     model.set_optimizer("AdamW", lr=1e-3)
     assert model.state_of().optimizer.defaults.get("fused") in (None, False)
+
+
+def test_whole_unpadded_rows_build_no_mask(tiny_config, monkeypatch):
+    # a dict batch without attention_mask or position_ids: transformers gets its "masks prepared"
+    # mapping of None (sdpa's is_causal; no host read of position_ids), and the loss is the same as
+    # with the positions given, where transformers builds the causal mask itself
+    import transformers.masking_utils as masking
+
+    from twinkle.patch.fastpath import causal_masks
+
+    model = _model(tiny_config, lora=False)
+    hf = model._hf_model()
+    assert causal_masks(hf, 64) == dict.fromkeys(hf.config.layer_types)
+    found = []
+    real = masking.find_packed_sequence_indices
+    monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda pos: found.append(pos) or real(pos))
+    ids = torch.randint(0, tiny_config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(3))
+    state = model._state(None)
+    plain = model._prepare(state, {"input_ids": ids, "labels": ids}, {})
+    positioned = dict(plain, position_ids=torch.arange(64).expand(2, 64))
+    with torch.no_grad():
+        loss = state.loss(plain, model._run(plain)).loss
+        assert not found  # no mask built
+        want = state.loss(positioned, model._run(positioned)).loss
+        assert found  # built from the positions
+    torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-6)
+    # where None would not be causal attention over every token, transformers builds the mask
+    hf.config._attn_implementation = "eager"
+    assert causal_masks(hf, 64) is None
+    hf.config._attn_implementation = "sdpa"
+    monkeypatch.setattr(hf.config, "layer_types", ["sliding_attention"] * len(hf.config.layer_types))
+    monkeypatch.setattr(hf.config, "sliding_window", 32)
+    assert causal_masks(hf, 64) is None and causal_masks(hf, 32) is not None
