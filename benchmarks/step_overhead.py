@@ -9,8 +9,9 @@ and times, in one process, on the same batches:
 * ``eager``: ``forward_backward`` + ``clip_grad_and_step``, what users run.
 * ``queued``: the same GPU work (forward, loss, backward, clip, AdamW) queued behind a GPU sleep,
   so the host is ahead of the GPU for the whole step; timed with CUDA events from the end of the
-  sleep. The difference to ``eager`` is what the GPU waits for the host (Python, launch
-  latency, the step's synchronizations).
+  sleep. The difference to ``eager`` bounds what the GPU waits for the host (Python, launch
+  latency, the step's synchronizations); the GPU also starts each of these steps rested (idle
+  for the sleep), which on a power-capped GPU is worth time of its own.
 * ``graph``: the same work captured once as a CUDA graph and replayed (no launches at all: what
   is left is kernels and the gaps between them inside the graph).
 
@@ -111,13 +112,14 @@ def main() -> None:
             if torch.is_tensor(value):
                 static[key].copy_(value, non_blocking=True)
         graph.replay()
-        losses.append(float(static_loss))
+        losses.append(float(static_loss.detach()))
     torch.cuda.synchronize()
     rows.append(("graph", 1e3 * (time.perf_counter() - t0) / args.steps))
 
     device = torch.cuda.get_device_name(0)
     print(f"# step_overhead: {args.row}, {args.steps} steps, {device}, torch {torch.__version__}")
-    print(f"host time to queue one step: {sum(host) / len(host):.1f} ms")
+    # not the host's launch cost alone: launches block once CUDA's queue is full behind the sleep
+    print(f"host time in a queued step: {sum(host) / len(host):.1f} ms")
     print(f"capture {capture_s:.1f} s; graph losses {losses[0]:.4f} .. {losses[-1]:.4f}; norm {float(static_norm):.4f}")
     print(f"peak allocated {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB\n")
     print("| mode | ms per step | vs eager |")
