@@ -54,7 +54,7 @@ if [[ "$PHASE" == head ]]; then
   "$PY" benchmarks/lm_head.py "$@" 2>&1 | tee "$OUT/lm-head.md" | tail -30
 fi
 if [[ "$PHASE" == overhead ]]; then
-  "$PY" benchmarks/step_overhead.py "$@" 2>&1 | tee -a "$OUT/step-overhead.md" | grep -v "^\[" | tail -20
+  "$PY" benchmarks/step_overhead.py "$@" 2>&1 | tee -a "$OUT/step-overhead.md" | tail -20
 fi
 if [[ "$PHASE" == layer ]]; then
   "$PY" benchmarks/lora_layer.py "$@" 2>&1 | tee "$OUT/lora-layer.md" | tail -20

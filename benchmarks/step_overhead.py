@@ -14,6 +14,9 @@ and times, in one process, on the same batches:
   for the sleep), which on a power-capped GPU is worth time of its own.
 * ``graph``: the same work captured once as a CUDA graph and replayed (no launches at all: what
   is left is kernels and the gaps between them inside the graph).
+* ``eager_rested`` / ``graph_rested`` (``--rested``): ``eager`` and ``graph`` with the GPU idle for
+  half a second before each step, timed per step. Against ``queued`` they tell the host's share
+  from a rested GPU's: a power-capped GPU runs a step faster when it starts cool.
 
 Prints ms per step for each and the differences.
 """
@@ -31,6 +34,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--row", default="7b-lora", choices=sorted({**tt.ROWS, **tt.SMOKE_ROWS}))
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--rested", action="store_true", help="also eager and graph after 0.5 s of idle GPU")
     args = parser.parse_args()
 
     import torch
@@ -62,6 +66,23 @@ def main() -> None:
         return loss, norm
 
     rows = []
+
+    def report(name, ms):
+        rows.append((name, ms))
+        print(f"[{name}] {ms:.1f} ms per step", file=sys.stderr, flush=True)
+
+    def rested(run):
+        """ms per step of ``run()``, each step started on a GPU idle for half a second."""
+        times = []
+        for s in range(args.steps):
+            torch.cuda.synchronize()
+            time.sleep(0.5)
+            t = time.perf_counter()
+            run(s)
+            torch.cuda.synchronize()
+            times.append(1e3 * (time.perf_counter() - t))
+        return sum(times) / len(times)
+
     for _ in range(3):
         eager(batches[0])
     torch.cuda.synchronize()
@@ -69,7 +90,9 @@ def main() -> None:
     for s in range(args.steps):
         eager(batches[s % 4])
     torch.cuda.synchronize()
-    rows.append(("eager", 1e3 * (time.perf_counter() - t0) / args.steps))
+    report("eager", 1e3 * (time.perf_counter() - t0) / args.steps)
+    if args.rested:
+        report("eager_rested", rested(lambda s: eager(batches[s % 4])))
 
     prepared = [model._prepare(state, {"input_ids": b, "labels": b}, {}) for b in batches]
     times, host = [], []
@@ -84,7 +107,7 @@ def main() -> None:
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
-    rows.append(("queued", sum(times) / len(times)))
+    report("queued", sum(times) / len(times))
 
     static = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in prepared[0].items()}
     side = torch.cuda.Stream()
@@ -105,16 +128,22 @@ def main() -> None:
     for _ in range(2):
         graph.replay()
     torch.cuda.synchronize()
-    t0 = time.perf_counter()
     losses = []
-    for s in range(args.steps):
+
+    def replay(s):
         for key, value in prepared[s % 4].items():
             if torch.is_tensor(value):
                 static[key].copy_(value, non_blocking=True)
         graph.replay()
         losses.append(float(static_loss.detach()))
+
+    t0 = time.perf_counter()
+    for s in range(args.steps):
+        replay(s)
     torch.cuda.synchronize()
-    rows.append(("graph", 1e3 * (time.perf_counter() - t0) / args.steps))
+    report("graph", 1e3 * (time.perf_counter() - t0) / args.steps)
+    if args.rested:
+        report("graph_rested", rested(replay))
 
     device = torch.cuda.get_device_name(0)
     print(f"# step_overhead: {args.row}, {args.steps} steps, {device}, torch {torch.__version__}")
