@@ -188,7 +188,6 @@ def test_whole_unpadded_rows_build_no_mask(tiny_config, monkeypatch):
     # mapping of None (sdpa's is_causal; no host read of position_ids), and the loss is the same as
     # with the positions given, where transformers builds the causal mask itself
     import transformers.masking_utils as masking
-
     from twinkle.patch.fastpath import causal_masks
 
     model = _model(tiny_config, lora=False)
