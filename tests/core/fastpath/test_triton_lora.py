@@ -19,23 +19,29 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.mark.parametrize(
-    ("tokens", "out_f", "rank", "programs"),
-    [(300, 200, 8, 264), (1024, 520, 24, 264), (64, 128, 16, 264), (700, 900, 8, 1), (2048, 384, 16, 4)],
+    ("tokens", "out_f", "rank", "programs", "scale"),
+    [
+        (300, 200, 8, 264, 1.0),
+        (1024, 520, 24, 264, 2.0),
+        (64, 128, 16, 264, 0.5),
+        (700, 900, 8, 1, 1.0),
+        (2048, 384, 16, 4, 4.0),
+    ],
 )
-def test_lora_grads_equal_the_two_products(tokens, out_f, rank, programs, monkeypatch):
+def test_lora_grads_equal_the_two_products(tokens, out_f, rank, programs, scale, monkeypatch):
     # programs=1 or 4: each program loops over several tiles both ways (partials kept per program)
     monkeypatch.setattr(triton_lora, "TARGET_PROGRAMS", programs)
     gen = torch.Generator().manual_seed(tokens + out_f)
     grad = torch.randn(tokens, out_f, generator=gen).to(DEVICE)
     low = torch.randn(tokens, rank, generator=gen).to(DEVICE)
     weight_b = torch.randn(out_f, rank, generator=gen).to(DEVICE)
-    gb, grad_b = triton_lora.lora_grads(grad, low, weight_b)
+    gb, grad_b = triton_lora.lora_grads(grad, low, weight_b, scale)
     assert gb.dtype == grad_b.dtype == torch.float32
     assert gb.shape == (tokens, rank) and grad_b.shape == (out_f, rank)
     # tf32 tensor cores on the GPU; exact float32 sums (in another order) in the interpreter
-    tol = dict(rtol=2e-2, atol=2e-1) if DEVICE == "cuda" else dict(rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(gb, grad @ weight_b, **tol)
-    torch.testing.assert_close(grad_b, grad.t() @ low, **tol)
+    tol = dict(rtol=2e-2, atol=2e-1 * scale) if DEVICE == "cuda" else dict(rtol=1e-5, atol=1e-4 * scale)
+    torch.testing.assert_close(gb, scale * (grad @ weight_b), **tol)
+    torch.testing.assert_close(grad_b, scale * (grad.t() @ low), **tol)
 
 
 def test_lora_grads_bf16_and_a_strided_gradient():
@@ -44,9 +50,10 @@ def test_lora_grads_bf16_and_a_strided_gradient():
     grad = wide[:, :300]  # rows 400 apart, as a slice of a group's gradient is
     low = torch.randn(512, 8, generator=gen).to(DEVICE, torch.bfloat16)
     weight_b = torch.randn(300, 8, generator=gen).to(DEVICE, torch.bfloat16)
-    gb, grad_b = triton_lora.lora_grads(grad, low, weight_b)
-    torch.testing.assert_close(gb, grad.float() @ weight_b.float(), rtol=1e-2, atol=5e-2)
-    torch.testing.assert_close(grad_b, grad.float().t() @ low.float(), rtol=1e-2, atol=5e-2)
+    gb, grad_b = triton_lora.lora_grads(grad, low, weight_b, 0.25)
+    assert gb.dtype == grad_b.dtype == torch.bfloat16  # summed in float32, scaled, rounded once
+    torch.testing.assert_close(gb.float(), 0.25 * (grad.float() @ weight_b.float()), rtol=1e-2, atol=2e-2)
+    torch.testing.assert_close(grad_b.float(), 0.25 * (grad.float().t() @ low.float()), rtol=1e-2, atol=2e-2)
 
 
 def _lora_mlp():
@@ -119,9 +126,9 @@ def test_lora_merge_equals_addmm(dtype):
 
     # two members stacked by rows, shapes off the 128 tile, ranks 8 and 4
     weights, bs, as_ = [rand(200, 72), rand(130, 72)], [rand(200, 8), rand(130, 4)], [rand(8, 72), rand(4, 72)]
-    got = triton_lora.lora_merge(weights, bs, as_)
+    got = triton_lora.lora_merge(weights, bs, as_, [2.0, 0.5])
     assert got.shape == (330, 72) and got.dtype == dtype
-    want = torch.cat([(w.double() + b.double() @ a.double()) for w, b, a in zip(weights, bs, as_)])
+    want = torch.cat([(w.double() + s * b.double() @ a.double()) for w, b, a, s in zip(weights, bs, as_, [2.0, 0.5])])
     if dtype == torch.float32 and DEVICE == "cpu":
         torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-5)
     else:  # one rounding of the float32 sum (tf32 products on a GPU for float32)

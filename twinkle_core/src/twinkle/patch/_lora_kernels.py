@@ -67,6 +67,48 @@ def lora_grad_partials(
 
 
 @triton.jit
+def _sum_partials(PART, N_PART, N_ROWS, OUT, R, SCALE, block, BROWS: tl.constexpr, BR: tl.constexpr):
+    """``OUT[rows] = SCALE * sum_p PART[p, rows, :R]`` for a block of ``BROWS`` rows, rounded once."""
+    rows = block * BROWS + tl.arange(0, BROWS)
+    r = tl.arange(0, BR)
+    ok = rows < N_ROWS
+    acc = tl.zeros([BROWS, BR], dtype=tl.float32)
+    for p in range(N_PART):
+        acc += tl.load(PART + (p * N_ROWS + rows[:, None]) * BR + r[None, :], mask=ok[:, None], other=0.0)
+    out = (acc * SCALE).to(OUT.dtype.element_ty)
+    tl.store(OUT + rows[:, None] * R + r[None, :], out, mask=ok[:, None] & (r[None, :] < R))
+
+
+@triton.jit
+def lora_grads_finish(
+    PART_GB,
+    PART_DB,
+    GB,
+    DB,
+    N_TOK,
+    N_OUT,
+    P_GB,
+    P_DB,
+    R,
+    SCALE,
+    BLOCKS_GB,
+    BROWS: tl.constexpr,
+    BR: tl.constexpr,
+):
+    """Both results of :func:`lora_grad_partials` from its partials, in one launch.
+
+    Programs below ``BLOCKS_GB`` sum ``PART_GB`` (``[P_GB, N_TOK, BR]``) into ``GB`` (``[N_TOK, R]``),
+    the others ``PART_DB`` (``[P_DB, N_OUT, BR]``) into ``DB`` (``[N_OUT, R]``); each times ``SCALE``
+    (LoRA's scaling, so the forward keeps ``x A^T`` unscaled) and rounded once to the outputs' dtype.
+    """
+    pid = tl.program_id(0)
+    if pid < BLOCKS_GB:
+        _sum_partials(PART_GB, P_GB, N_TOK, GB, R, SCALE, pid, BROWS, BR)
+    else:
+        _sum_partials(PART_DB, P_DB, N_OUT, DB, R, SCALE, pid - BLOCKS_GB, BROWS, BR)
+
+
+@triton.jit
 def swiglu_forward_low(
     GATE_UP,
     stride_gu,
@@ -266,17 +308,18 @@ def lora_merge_tile(
     N_OUT,
     N_IN,
     R,
+    SCALE,
     BO: tl.constexpr,
     BI: tl.constexpr,
     BR: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """``OUT[ROW0 + o, i] = W[o, i] + (B @ A)[o, i]`` for one ``[BO, BI]`` tile, in one pass over ``W``.
+    """``OUT[ROW0 + o, i] = W[o, i] + SCALE (B @ A)[o, i]`` for one ``[BO, BI]`` tile, in one pass over ``W``.
 
-    ``W``: ``[N_OUT, N_IN]``; ``B``: ``[N_OUT, R]`` (already scaled); ``A``: ``[R, N_IN]``; all
-    contiguous. The rank-r product is summed in float32 and added to ``W`` before the one rounding
-    to ``OUT``'s dtype, as cuBLAS's ``addmm`` does; ``OUT`` may hold several merged weights stacked
-    by rows (``ROW0``).
+    ``W``: ``[N_OUT, N_IN]``; ``B``: ``[N_OUT, R]``; ``A``: ``[R, N_IN]``; all contiguous;
+    ``SCALE``: LoRA's scaling. The rank-r product is summed and scaled in float32 and added to
+    ``W`` before the one rounding to ``OUT``'s dtype, as cuBLAS's ``addmm(W, B, A, alpha=SCALE)``
+    does; ``OUT`` may hold several merged weights stacked by rows (``ROW0``).
     """
     o = tl.program_id(0) * BO + tl.arange(0, BO)
     i = tl.program_id(1) * BI + tl.arange(0, BI)
@@ -290,6 +333,6 @@ def lora_merge_tile(
     if UPCAST:
         b = b.to(tl.float32)
         a = a.to(tl.float32)
-    merged = w.to(tl.float32) + tl.dot(b, a)
+    merged = w.to(tl.float32) + tl.dot(b, a) * SCALE
     out = OUT + (ROW0 + o[:, None]) * N_IN + i[None, :]
     tl.store(out, merged.to(OUT.dtype.element_ty), mask=o_ok[:, None] & i_ok[None, :])

@@ -220,7 +220,7 @@ def _merged_lora(
     bases = [m[0] for m in members]
     biases = [base.bias for base in bases]
     if not torch.is_grad_enabled():  # forward only (log-probs, eval): no x A^T to keep
-        merged = [_merge([base.weight], [b * s], [a], kernels[1]) for base, a, b, s in members]
+        merged = [_merge([base.weight], [b], [a], kernels[1], [s]) for base, a, b, s in members]
         if not stack or len(members) == 1:
             return tuple(torch.nn.functional.linear(x, w, bias) for w, bias in zip(merged, biases))
         out = torch.nn.functional.linear(x, _cat(merged), _stacked_bias(biases, [base.weight for base in bases]))
@@ -252,17 +252,20 @@ def _stacked_bias(biases: list[Any], weights: list[Any]) -> Any:
     return _cat([b if b is not None else w.new_zeros(w.shape[0]) for b, w in zip(biases, weights)])
 
 
-def _low_rank_grads(g: Any, low: Any, weight_b: Any, kernel: bool) -> tuple[Any, Any]:
-    """``(g @ B, g^T @ low)``, unscaled: ``[tokens, r]`` (float32 from the kernel) and ``[out, r]`` in ``g``'s dtype.
+def _low_rank_grads(g: Any, low: Any, weight_b: Any, kernel: bool, scale: float = 1.0) -> tuple[Any, Any]:
+    """``(s g @ B, s g^T @ low)``: ``[tokens, r]`` and ``[out, r]``, in ``g``'s dtype.
 
-    ``kernel``: one pass over ``g`` for both (``twinkle::lora_grads``); otherwise two cuBLAS calls.
+    ``low`` is the unscaled ``x A^T``; ``s`` LoRA's scaling, so the first is what ``A``'s gradient
+    multiplies ``x`` by and the second is ``B``'s gradient. ``kernel``: one pass over ``g`` for both
+    and a second launch that sums, scales and rounds them (``twinkle::lora_grads``); otherwise two
+    cuBLAS calls.
     """
     import torch
 
     if kernel:
-        gb, grad_b = torch.ops.twinkle.lora_grads(g.contiguous(), low.contiguous(), weight_b.contiguous())
-        return gb, grad_b.to(g.dtype)
-    return g @ weight_b, g.t() @ low
+        return torch.ops.twinkle.lora_grads(g.contiguous(), low.contiguous(), weight_b.contiguous(), float(scale))
+    gb, grad_b = g @ weight_b, g.t() @ low
+    return (gb, grad_b) if scale == 1.0 else (gb * scale, grad_b * scale)
 
 
 def _kernels(layer: Any) -> tuple[bool, bool]:
@@ -270,16 +273,28 @@ def _kernels(layer: Any) -> tuple[bool, bool]:
     return getattr(layer, _GRAD_KERNEL_ATTR, False), getattr(layer, _MERGE_KERNEL_ATTR, False)
 
 
-def _merge(weights: list[Any], weights_b: list[Any], weights_a: list[Any], kernel: bool) -> Any:
-    """``[W_1 + B_1 A_1; ...]`` stacked by rows (``B`` scaled by the caller): one pass over each ``W``
-    with ``kernel`` (``twinkle::lora_merge``), else ``addmm`` (which copies ``W`` into its output first)."""
+def _merge(
+    weights: list[Any], weights_b: list[Any], weights_a: list[Any], kernel: bool, scales: list[float] | None = None
+) -> Any:
+    """``[W_1 + s_1 B_1 A_1; ...]`` stacked by rows (``s_i``: ``scales``, default 1): one pass over
+    each ``W`` with ``kernel`` (``twinkle::lora_merge``, the scaling applied inside it), else
+    ``addmm`` (which copies ``W`` into its output first)."""
     import torch
 
+    scales = [1.0] * len(weights) if scales is None else [float(s) for s in scales]
     if kernel:
         return torch.ops.twinkle.lora_merge(
-            [w.contiguous() for w in weights], [b.contiguous() for b in weights_b], [a.contiguous() for a in weights_a]
+            [w.contiguous() for w in weights],
+            [b.contiguous() for b in weights_b],
+            [a.contiguous() for a in weights_a],
+            scales,
         )
-    return _cat([torch.addmm(w, b, a) for w, b, a in zip(weights, weights_b, weights_a)])
+    return _cat([torch.addmm(w, b, a, alpha=s) for w, b, a, s in zip(weights, weights_b, weights_a, scales)])
+
+
+def _uniform(scalings: tuple[float, ...]) -> float | None:
+    """The one scaling of a group's members, or ``None`` when they differ."""
+    return scalings[0] if len(set(scalings)) == 1 else None
 
 
 class _MergedLoraFunction:
@@ -318,16 +333,14 @@ class _MergedLoraFunction:
                     weights_a, weights_b = tensors[2 * n : 3 * n], tensors[3 * n :]
                     adapters = list(zip(weights, weights_a, weights_b, scalings))
                     if stack:
-                        merged = [
-                            _merge(list(weights), [b * s for _, _, b, s in adapters], list(weights_a), merge_kernel)
-                        ]
+                        merged = [_merge(list(weights), list(weights_b), list(weights_a), merge_kernel, scalings)]
                         outs = (torch.nn.functional.linear(x, merged[0], _stacked_bias(list(biases), list(weights))),)
                     else:
-                        merged = [_merge([w], [b * s], [a], merge_kernel) for w, a, b, s in adapters]
+                        merged = [_merge([w], [b], [a], merge_kernel, [s]) for w, a, b, s in adapters]
                         outs = tuple(torch.nn.functional.linear(x, w, bias) for w, bias in zip(merged, biases))
                     flat = x.reshape(-1, x.shape[-1])
                     ranks = tuple(a.shape[0] for a in weights_a)
-                    low = _scale_columns(flat @ _cat(list(weights_a)).t(), scalings, ranks)
+                    low = flat @ _cat(list(weights_a)).t()  # unscaled: backward applies s where it sums
                     ctx.scalings, ctx.ranks, ctx.stack = scalings, ranks, stack
                     ctx.grad_kernel, ctx.merge_kernel = grad_kernel, merge_kernel
                     ctx.x_shape, ctx.kept = x.shape, len(merged) if keep_merged else 0
@@ -353,10 +366,9 @@ class _MergedLoraFunction:
                     grad_x = None
                     if ctx.needs_input_grad[0]:
                         if not merged:
-                            # scaled on A here, on B in forward: otherwise a compiled graph
-                            # dedupes the two addmm's and keeps the forward's merged weight
-                            adapters = list(zip(weights, weights_a, weights_b, scalings))
-                            scaled_a = [a * s for _, a, _, s in adapters]
+                            # scaled on A here, inside the merge in forward: otherwise a compiled
+                            # graph dedupes the two merges and keeps the forward's merged weight
+                            scaled_a = [a * s for a, s in zip(weights_a, scalings)]
                             if ctx.stack:
                                 merged = [_merge(list(weights), list(weights_b), scaled_a, ctx.merge_kernel)]
                             else:
@@ -370,20 +382,24 @@ class _MergedLoraFunction:
                         grad_x = acc.view(ctx.x_shape)
                     if ctx.stack:
                         block_b = weights_b[0] if n == 1 else torch.block_diag(*weights_b)
-                        gb, grad_b = _low_rank_grads(gs[0], low, block_b, ctx.grad_kernel)
+                        scale = _uniform(scalings)
+                        gb, grad_b = _low_rank_grads(gs[0], low, block_b, ctx.grad_kernel, scale or 1.0)
                         # [sum(out), sum(r)]: member i's block on the diagonal
                         grads_b, row, col = [], 0, 0
-                        for w, r in zip(weights, ranks):
-                            grads_b.append(grad_b[row : row + w.shape[0], col : col + r])
+                        for w, r, s in zip(weights, ranks, scalings):
+                            block = grad_b[row : row + w.shape[0], col : col + r]
+                            grads_b.append(block if scale is not None else block * s)
                             row, col = row + w.shape[0], col + r
+                        if scale is None:
+                            gb = _scale_columns(gb, scalings, ranks)
                     else:
                         parts = [
-                            _low_rank_grads(g, piece, b, ctx.grad_kernel)
-                            for g, piece, b in zip(gs, low.split(list(ranks), -1), weights_b)
+                            _low_rank_grads(g, piece, b, ctx.grad_kernel, s)
+                            for g, piece, b, s in zip(gs, low.split(list(ranks), -1), weights_b, scalings)
                         ]
                         gb = _cat([part[0] for part in parts], -1)
                         grads_b = [part[1] for part in parts]
-                    grad_a = _scale_columns(gb, scalings, ranks).to(dtype).t() @ flat  # [sum(r), in]
+                    grad_a = gb.to(dtype).t() @ flat  # [sum(r), in]
                     grads_a = list(grad_a.split(list(ranks)))
                     return (grad_x, None, None, None, None, None, *([None] * (2 * n)), *grads_a, *grads_b)
 

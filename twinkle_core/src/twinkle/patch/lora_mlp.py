@@ -115,33 +115,35 @@ class _FusedLoraMLPFunction:
         if cls._fn is None:
             import torch
 
-            from twinkle.patch.lora_fast import _low_rank_grads, _merge, _scale_columns
+            from twinkle.patch.lora_fast import _low_rank_grads, _merge, _scale_columns, _uniform
 
-            def merged_weights(w_g, w_u, w_d, a_g, a_u, a_d, b_g, b_u, b_d, scalings, scale_b, kernel):
-                # forward scales B, a backward rebuild A: the same product, but a compiled graph
-                # would otherwise dedupe the two and keep the forward's merged weights alive
-                s_g, s_u, s_d = scalings if scale_b else (1.0, 1.0, 1.0)
-                t_g, t_u, t_d = (1.0, 1.0, 1.0) if scale_b else scalings
-                stacked = _merge([w_g, w_u], [b_g * s_g, b_u * s_u], [a_g * t_g, a_u * t_u], kernel)
-                return stacked, _merge([w_d], [b_d * s_d], [a_d * t_d], kernel)
+            def merged_weights(w_g, w_u, w_d, a_g, a_u, a_d, b_g, b_u, b_d, scalings, in_merge, kernel):
+                # forward scales inside the merge, a backward rebuild scales A first: the same
+                # product, but a compiled graph would otherwise dedupe the two and keep the
+                # forward's merged weights alive
+                s_g, s_u, s_d = scalings
+                if in_merge:
+                    stacked = _merge([w_g, w_u], [b_g, b_u], [a_g, a_u], kernel, [s_g, s_u])
+                    return stacked, _merge([w_d], [b_d], [a_d], kernel, [s_d])
+                stacked = _merge([w_g, w_u], [b_g, b_u], [a_g * s_g, a_u * s_u], kernel)
+                return stacked, _merge([w_d], [b_d], [a_d * s_d], kernel)
 
             class FusedLoraMLP(torch.autograd.Function):
                 @staticmethod
                 def forward(ctx, x, keep_merged, grad_kernel, merge_kernel, swiglu, scalings, *tensors):  # type: ignore[override]
                     w_g, w_u, w_d, a_g, a_u, a_d, b_g, b_u, b_d = tensors
-                    s_g, s_u, s_d = scalings
-                    rank, cols = a_g.shape[0], w_g.shape[0]
+                    cols = w_g.shape[0]
                     flat = x.reshape(-1, x.shape[-1])
                     w_gu, w_down = merged_weights(*tensors, scalings, True, merge_kernel)
                     gate_up = flat @ w_gu.t()  # [tokens, 2 * intermediate]: gate, then up
-                    low = _scale_columns(flat @ torch.cat([a_g, a_u]).t(), (s_g, s_u), (rank, rank))
+                    low = flat @ torch.cat([a_g, a_u]).t()  # unscaled, as low_d: backward applies s
                     if swiglu == "fused":
                         hidden, low_d = torch.ops.twinkle.swiglu_low(gate_up, a_d.contiguous())
-                        low_d = (low_d * s_d).to(x.dtype)
+                        low_d = low_d.to(x.dtype)
                     else:
                         gate, up = gate_up[:, :cols].float(), gate_up[:, cols:].float()
                         hidden = (torch.nn.functional.silu(gate) * up).to(x.dtype)
-                        low_d = (hidden @ a_d.t()) * s_d
+                        low_d = hidden @ a_d.t()
                     out = hidden @ w_down.t()
                     ctx.scalings, ctx.x_shape, ctx.cols = scalings, x.shape, cols
                     ctx.grad_kernel, ctx.merge_kernel, ctx.swiglu = grad_kernel, merge_kernel, swiglu
@@ -159,13 +161,15 @@ class _FusedLoraMLPFunction:
                         w_gu, w_down = merged_weights(*tensors, ctx.scalings, False, ctx.merge_kernel)
                     g = grad.reshape(-1, grad.shape[-1])
                     grad_h = g @ w_down
-                    gb_d, grad_b_d = _low_rank_grads(g, low_d, b_d, ctx.grad_kernel)
-                    gb_d = (gb_d * s_d).to(dtype)
+                    gb_d, grad_b_d = _low_rank_grads(g, low_d, b_d, ctx.grad_kernel, s_d)
+                    gb_d = gb_d.to(dtype)
                     if ctx.swiglu == "fused":
+                        scaled_low = _scale_columns(low, (s_g, s_u), (rank, rank))
                         d_gate_up, grad_a_d, grad_b_g, grad_b_u, gb_g, gb_u = torch.ops.twinkle.swiglu_lora_grads(
-                            grad_h, gate_up, gb_d, low, b_g.contiguous(), b_u.contiguous()
+                            grad_h, gate_up, gb_d, scaled_low, b_g.contiguous(), b_u.contiguous()
                         )
-                        grad_a_d, gb_gu = grad_a_d.t(), torch.cat([gb_g, gb_u], -1)
+                        grad_a_d = grad_a_d.t()
+                        gb_gu = _scale_columns(torch.cat([gb_g, gb_u], -1), (s_g, s_u), (rank, rank))
                     else:
                         if ctx.swiglu == "backward":  # one kernel: h rebuilt, both gradients side by side
                             d_gate_up, hidden = torch.ops.twinkle.swiglu_backward(grad_h, gate_up)
@@ -181,12 +185,16 @@ class _FusedLoraMLPFunction:
                             d_gate = gh * up * sig * (1.0 + gate * (1.0 - sig))
                             d_gate_up = torch.cat([d_gate.to(dtype), (gh * silu).to(dtype)], -1)
                         grad_a_d = gb_d.t() @ hidden  # [r, intermediate]
+                        scale = _uniform((s_g, s_u))
                         gb_gu, grad_b_gu = _low_rank_grads(
-                            d_gate_up, low, torch.block_diag(b_g, b_u), ctx.grad_kernel
+                            d_gate_up, low, torch.block_diag(b_g, b_u), ctx.grad_kernel, scale or 1.0
                         )  # one pass over both gradients
                         grad_b_g, grad_b_u = grad_b_gu[:cols, :rank], grad_b_gu[cols:, rank:]
+                        if scale is None:
+                            grad_b_g, grad_b_u = grad_b_g * s_g, grad_b_u * s_u
+                            gb_gu = _scale_columns(gb_gu, (s_g, s_u), (rank, rank))
                     grad_x = (d_gate_up @ w_gu).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
-                    grad_a_gu = _scale_columns(gb_gu, (s_g, s_u), (rank, rank)).to(dtype).t() @ flat  # one pass over x
+                    grad_a_gu = gb_gu.to(dtype).t() @ flat  # one pass over x
                     grads = (grad_a_gu[:rank], grad_a_gu[rank:], grad_a_d, grad_b_g, grad_b_u, grad_b_d)
                     return (grad_x, *([None] * 8), *(t.to(dtype) for t in grads))  # 5 flags, 3 frozen weights
 

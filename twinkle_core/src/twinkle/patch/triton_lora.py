@@ -36,6 +36,8 @@ BLOCK_O = int(os.environ.get("TWINKLE_LORA_GRAD_BLOCK_O", "128"))
 NUM_WARPS = int(os.environ.get("TWINKLE_LORA_GRAD_WARPS", "4"))
 #: Programs to aim for (about two per H200 SM).
 TARGET_PROGRAMS = 264
+#: Rows of one program of the kernel that sums the partials (:func:`lora_grads`).
+FINISH_ROWS = 64
 #: Square tile and warps of the merge kernel (:func:`lora_merge`).
 MERGE_BLOCK = int(os.environ.get("TWINKLE_LORA_MERGE_BLOCK", "128"))
 MERGE_WARPS = int(os.environ.get("TWINKLE_LORA_MERGE_WARPS", "8"))
@@ -114,16 +116,15 @@ def _empty(shape: tuple[int, ...], like: Any, dtype: Any = None) -> Any:
 def _op() -> Any:
     import torch
 
-    from twinkle.patch._lora_kernels import lora_grad_partials
+    from twinkle.patch._lora_kernels import lora_grad_partials, lora_grads_finish
 
     Tensor = torch.Tensor
-    f32 = torch.float32
 
-    def fake(grad: Tensor, low: Tensor, weight_b: Tensor) -> tuple[Tensor, Tensor]:
-        return _empty((grad.shape[0], low.shape[1]), grad, f32), _empty((grad.shape[1], low.shape[1]), grad, f32)
+    def fake(grad: Tensor, low: Tensor, weight_b: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+        return _empty((grad.shape[0], low.shape[1]), grad), _empty((grad.shape[1], low.shape[1]), grad)
 
     @_define("twinkle::lora_grads", fake)
-    def lora_grads_op(grad: Tensor, low: Tensor, weight_b: Tensor) -> tuple[Tensor, Tensor]:
+    def lora_grads_op(grad: Tensor, low: Tensor, weight_b: Tensor, scale: float) -> tuple[Tensor, Tensor]:
         tokens, out_f = grad.shape
         rank = low.shape[1]
         block_r = max(16, _next_pow2(rank))
@@ -151,7 +152,25 @@ def _op() -> Any:
             UPCAST=_interpreting(),
             num_warps=NUM_WARPS,
         )
-        return part_gb.sum(0)[:, :rank], part_db.sum(0)[:, :rank]
+        gb = _empty((tokens, rank), grad)
+        grad_b = _empty((out_f, rank), grad)
+        blocks_gb, blocks_db = -(-tokens // FINISH_ROWS), -(-out_f // FINISH_ROWS)
+        _launch(lora_grads_finish)[(blocks_gb + blocks_db,)](
+            part_gb,
+            part_db,
+            gb,
+            grad_b,
+            tokens,
+            out_f,
+            progs_o,
+            progs_t,
+            rank,
+            float(scale),
+            blocks_gb,
+            BROWS=FINISH_ROWS,
+            BR=block_r,
+        )
+        return gb, grad_b
 
     return lora_grads_op
 
@@ -309,15 +328,17 @@ def _merge_op() -> Any:
 
     Tensor = torch.Tensor
 
-    def fake(weights: list[Tensor], weights_b: list[Tensor], weights_a: list[Tensor]) -> Tensor:
+    def fake(weights: list[Tensor], weights_b: list[Tensor], weights_a: list[Tensor], scales: list[float]) -> Tensor:
         return _empty((sum(w.shape[0] for w in weights), weights[0].shape[1]), weights[0])
 
     @_define("twinkle::lora_merge", fake)
-    def lora_merge_op(weights: list[Tensor], weights_b: list[Tensor], weights_a: list[Tensor]) -> Tensor:
+    def lora_merge_op(
+        weights: list[Tensor], weights_b: list[Tensor], weights_a: list[Tensor], scales: list[float]
+    ) -> Tensor:
         n_in = weights[0].shape[1]
         out = torch.empty(sum(w.shape[0] for w in weights), n_in, dtype=weights[0].dtype, device=weights[0].device)
         row0 = 0
-        for weight, weight_b, weight_a in zip(weights, weights_b, weights_a):
+        for weight, weight_b, weight_a, scale in zip(weights, weights_b, weights_a, scales):
             n_out, rank = weight_b.shape
             grid = (-(-n_out // MERGE_BLOCK), -(-n_in // MERGE_BLOCK))
             _launch(lora_merge_tile)[grid](
@@ -329,6 +350,7 @@ def _merge_op() -> Any:
                 n_out,
                 n_in,
                 rank,
+                float(scale),
                 BO=MERGE_BLOCK,
                 BI=MERGE_BLOCK,
                 BR=max(16, _next_pow2(rank)),
@@ -341,24 +363,32 @@ def _merge_op() -> Any:
     return lora_merge_op
 
 
-def lora_merge(weights: list[Any], weights_b: list[Any], weights_a: list[Any]) -> Any:
-    """``[W_1 + B_1 A_1; W_2 + B_2 A_2; ...]``: merged LoRA weights stacked by rows, one pass over each ``W``.
+def lora_merge(
+    weights: list[Any], weights_b: list[Any], weights_a: list[Any], scales: list[float] | None = None
+) -> Any:
+    """``[W_1 + s_1 B_1 A_1; W_2 + s_2 B_2 A_2; ...]``: merged LoRA weights stacked by rows, one pass over each ``W``.
 
     ``torch.addmm(W, B, A)`` into a new tensor costs two passes in PyTorch (``W`` copied into the
     output, then cuBLAS reads and rewrites it to accumulate); this reads ``W`` once and writes the
-    merged weight once, with the rank-r product summed in float32 and one rounding (as ``addmm``).
+    merged weight once, with the rank-r product summed and scaled in float32 and one rounding (as
+    ``addmm(W, B, A, alpha=s)``).
 
     Args:
         weights: ``[out_i, in]`` frozen weights (one dtype and width).
-        weights_b: ``[out_i, r_i]``, LoRA ``B`` (scaled by the caller).
+        weights_b: ``[out_i, r_i]``, LoRA ``B``.
         weights_a: ``[r_i, in]``, LoRA ``A``.
+        scales: each adapter's scaling ``s_i`` (default 1.0 each), applied inside the kernel.
 
     Example::
 
-        merged = lora_merge([w_gate, w_up], [b_gate * s, b_up * s], [a_gate, a_up])  # [2 * inter, hidden]
+        merged = lora_merge([w_gate, w_up], [b_gate, b_up], [a_gate, a_up], [s, s])  # [2 * inter, hidden]
     """
+    scales = [1.0] * len(weights) if scales is None else [float(s) for s in scales]
     return _merge_op()(
-        [w.contiguous() for w in weights], [b.contiguous() for b in weights_b], [a.contiguous() for a in weights_a]
+        [w.contiguous() for w in weights],
+        [b.contiguous() for b in weights_b],
+        [a.contiguous() for a in weights_a],
+        scales,
     )
 
 
@@ -442,21 +472,25 @@ def register() -> None:
     _swiglu_backward_op()
 
 
-def lora_grads(grad: Any, low: Any, weight_b: Any) -> tuple[Any, Any]:
-    """``(grad @ weight_b, grad^T @ low)`` in float32, reading ``grad`` once.
+def lora_grads(grad: Any, low: Any, weight_b: Any, scale: float = 1.0) -> tuple[Any, Any]:
+    """``(s grad @ weight_b, s grad^T @ low)`` in ``grad``'s dtype, reading ``grad`` once.
+
+    One kernel takes a ``[tokens, out]`` block per program and writes float32 partials of both
+    products; a second sums them, multiplies by ``scale`` and rounds once.
 
     Args:
         grad: ``[tokens, out]`` (bf16/fp16/fp32, unit stride along ``out``).
-        low: ``[tokens, r]``, the rank-r activations ``x A^T`` (same dtype).
+        low: ``[tokens, r]``, the rank-r activations ``x A^T`` (same dtype; unscaled).
         weight_b: ``[out, r]``, LoRA's ``B`` (block-diagonal for a group of projections).
+        scale: LoRA's scaling ``s``.
 
     Returns:
-        ``[tokens, r]`` and ``[out, r]`` float32 tensors.
+        ``[tokens, r]`` and ``[out, r]`` tensors in ``grad``'s dtype.
 
     Example::
 
-        gb, grad_b = lora_grads(grad, x @ A.t() * scaling, B)  # grad_A = (gb * scaling).t() @ x
+        gb, grad_b = lora_grads(grad, x @ A.t(), B, scaling)  # grad_A = gb.t() @ x
     """
     if grad.stride(1) != 1:
         grad = grad.contiguous()
-    return _op()(grad, low.contiguous(), weight_b.contiguous())
+    return _op()(grad, low.contiguous(), weight_b.contiguous(), float(scale))
