@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -324,11 +325,15 @@ def worker(row: str, config_name: str, steps: int, warmup: int, profile_dir: str
         torch.cuda.synchronize()
     warmup_s = time.perf_counter() - t_warm
     t0 = time.perf_counter()
+    marks = [t0]
     for s in range(steps):
-        losses.append(step(batches[s % len(batches)]))
+        losses.append(step(batches[s % len(batches)]))  # each step reads its loss: the host waits there
+        marks.append(time.perf_counter())
     if cuda:
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
+    marks[-1] = t0 + elapsed
+    step_times = sorted(1e3 * (b - a) for a, b in zip(marks, marks[1:]))
     tokens = steps * batch_size * SEQ_LEN
     tok_s = tokens / elapsed
     result = {
@@ -336,6 +341,10 @@ def worker(row: str, config_name: str, steps: int, warmup: int, profile_dir: str
         "config": config_name,
         "tokens_per_s": tok_s,
         "step_ms": 1e3 * elapsed / steps,
+        # one slow step (a host hiccup) moves the mean: the spread says whether one did
+        "step_ms_median": statistics.median(step_times),
+        "step_ms_min": step_times[0],
+        "step_ms_max": step_times[-1],
         "mfu": tok_s * flops_per_token(shape, lora, SEQ_LEN) / (PEAK_TFLOPS * 1e12),
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0,
@@ -387,20 +396,24 @@ def run_worker(args: argparse.Namespace, row: str, config_name: str) -> dict:
 def format_table(results: list[dict]) -> str:
     by_key = {(r["row"], r["config"]): r for r in results}
     lines = [
-        "| row | config | tokens/s | step ms | MFU | peak GiB | vs liger | vs plain | first step s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| row | config | tokens/s | step ms | step ms min / median / max | MFU | peak GiB | vs liger | vs plain "
+        "| first step s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['row']} | {r['config']} | ERROR | | | | | | |")
+            lines.append(f"| {r['row']} | {r['config']} | ERROR | | | | | | | |")
             continue
         ratio = []
         for base in ("liger", "plain"):
             b = by_key.get((r["row"], base))
             ok = b is not None and "error" not in b
             ratio.append(f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}x" if ok else "-")
+        spread = "-"
+        if "step_ms_median" in r:
+            spread = f"{r['step_ms_min']:.0f} / {r['step_ms_median']:.0f} / {r['step_ms_max']:.0f}"
         lines.append(
-            f"| {r['row']} | {r['config']} | {r['tokens_per_s'] / 1e3:.1f}k | {r['step_ms']:.0f} | "
+            f"| {r['row']} | {r['config']} | {r['tokens_per_s'] / 1e3:.1f}k | {r['step_ms']:.0f} | {spread} | "
             f"{100 * r['mfu']:.1f}% | {r['peak_mem_gib']:.2f} | {ratio[0]} | {ratio[1]} | {r['warmup_s']:.1f} |"
         )
     return "\n".join(lines)
