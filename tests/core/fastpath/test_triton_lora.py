@@ -26,6 +26,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
         (64, 128, 16, 264, 0.5),
         (700, 900, 8, 1, 1.0),
         (2048, 384, 16, 4, 4.0),
+        (4096, 256, 8, 264, 2.0),  # 64 partials of the B gradient: summed 16 at a time
     ],
 )
 def test_lora_grads_equal_the_two_products(tokens, out_f, rank, programs, scale, monkeypatch):

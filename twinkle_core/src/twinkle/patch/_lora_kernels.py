@@ -67,14 +67,24 @@ def lora_grad_partials(
 
 
 @triton.jit
-def _sum_partials(PART, N_PART, N_ROWS, OUT, R, SCALE, block, BROWS: tl.constexpr, BR: tl.constexpr):
-    """``OUT[rows] = SCALE * sum_p PART[p, rows, :R]`` for a block of ``BROWS`` rows, rounded once."""
+def _sum_partials(
+    PART, N_PART, N_ROWS, OUT, R, SCALE, block, BP: tl.constexpr, BROWS: tl.constexpr, BR: tl.constexpr
+):
+    """``OUT[rows] = SCALE * sum_p PART[p, rows, :R]`` for a block of ``BROWS`` rows, rounded once.
+
+    ``BP`` partials are loaded at a time (one ``[BP, BROWS, BR]`` tile), so a long sum is a few
+    wide loads rather than ``N_PART`` dependent ones.
+    """
     rows = block * BROWS + tl.arange(0, BROWS)
     r = tl.arange(0, BR)
+    p = tl.arange(0, BP)
     ok = rows < N_ROWS
     acc = tl.zeros([BROWS, BR], dtype=tl.float32)
-    for p in range(N_PART):
-        acc += tl.load(PART + (p * N_ROWS + rows[:, None]) * BR + r[None, :], mask=ok[:, None], other=0.0)
+    for p0 in range(0, N_PART, BP):
+        parts = p0 + p
+        offs = (parts[:, None, None] * N_ROWS + rows[None, :, None]) * BR + r[None, None, :]
+        mask = (parts[:, None, None] < N_PART) & ok[None, :, None]
+        acc += tl.sum(tl.load(PART + offs, mask=mask, other=0.0), axis=0)
     out = (acc * SCALE).to(OUT.dtype.element_ty)
     tl.store(OUT + rows[:, None] * R + r[None, :], out, mask=ok[:, None] & (r[None, :] < R))
 
@@ -92,6 +102,7 @@ def lora_grads_finish(
     R,
     SCALE,
     BLOCKS_GB,
+    BP: tl.constexpr,
     BROWS: tl.constexpr,
     BR: tl.constexpr,
 ):
@@ -103,9 +114,9 @@ def lora_grads_finish(
     """
     pid = tl.program_id(0)
     if pid < BLOCKS_GB:
-        _sum_partials(PART_GB, P_GB, N_TOK, GB, R, SCALE, pid, BROWS, BR)
+        _sum_partials(PART_GB, P_GB, N_TOK, GB, R, SCALE, pid, BP, BROWS, BR)
     else:
-        _sum_partials(PART_DB, P_DB, N_OUT, DB, R, SCALE, pid - BLOCKS_GB, BROWS, BR)
+        _sum_partials(PART_DB, P_DB, N_OUT, DB, R, SCALE, pid - BLOCKS_GB, BP, BROWS, BR)
 
 
 @triton.jit

@@ -36,8 +36,9 @@ BLOCK_O = int(os.environ.get("TWINKLE_LORA_GRAD_BLOCK_O", "128"))
 NUM_WARPS = int(os.environ.get("TWINKLE_LORA_GRAD_WARPS", "4"))
 #: Programs to aim for (about two per H200 SM).
 TARGET_PROGRAMS = 264
-#: Rows of one program of the kernel that sums the partials (:func:`lora_grads`).
-FINISH_ROWS = 64
+#: Rows of one program of the kernel that sums the partials (:func:`lora_grads`), and partials it loads at once.
+FINISH_ROWS = 32
+FINISH_PARTS = 16
 #: Square tile and warps of the merge kernel (:func:`lora_merge`).
 MERGE_BLOCK = int(os.environ.get("TWINKLE_LORA_MERGE_BLOCK", "128"))
 MERGE_WARPS = int(os.environ.get("TWINKLE_LORA_MERGE_WARPS", "8"))
@@ -167,6 +168,7 @@ def _op() -> Any:
             rank,
             float(scale),
             blocks_gb,
+            BP=min(FINISH_PARTS, _next_pow2(max(progs_o, progs_t))),
             BROWS=FINISH_ROWS,
             BR=block_r,
         )
