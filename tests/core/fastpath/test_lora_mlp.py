@@ -105,16 +105,20 @@ def test_fused_mlp_equals_per_projection(monkeypatch, keep_merged, kernels):
     _assert_same(got, want)
 
 
-def test_scalings_differ_between_projections(monkeypatch):
-    # rank_pattern / alpha_pattern: gate, up and down with their own scaling (ranks of gate and up equal)
-    model = _lora_qwen2(alpha_pattern={"gate_proj": 2, "up_proj": 16, "down_proj": 4})
+@pytest.mark.parametrize("kernels", [None, pytest.param("backward", marks=needs_triton)])
+def test_scalings_differ_between_projections(monkeypatch, kernels):
+    # rank_pattern / alpha_pattern: gate, up and down with their own scaling (ranks of gate and up equal);
+    # with the kernels, lora_grads sums gate/up unscaled and each member's scaling is applied after
+    model = _lora_qwen2(
+        grad_kernel=kernels is not None, alpha_pattern={"gate_proj": 2, "up_proj": 16, "down_proj": 4}
+    )
     mlp = swiglu_mlps(model)[0]
     assert (
         len({mlp.gate_proj.scaling["default"], mlp.up_proj.scaling["default"], mlp.down_proj.scaling["default"]}) == 3
     )
     ids = _ids()
     want = forward_backward(model, ids)
-    FusedLoraMLP().apply(model)
+    FusedLoraMLP(backward_kernel=kernels is not None).apply(model)
     calls = _count_fused(monkeypatch)
     got = forward_backward(model, ids)
     assert calls

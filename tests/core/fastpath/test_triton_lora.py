@@ -57,7 +57,7 @@ def test_lora_grads_bf16_and_a_strided_gradient():
     torch.testing.assert_close(grad_b.float(), 0.25 * (grad.float().t() @ low.float()), rtol=1e-2, atol=2e-2)
 
 
-def _lora_mlp():
+def _lora_mlp(alpha_pattern=None):
     torch.manual_seed(0)
 
     class MLP(torch.nn.Module):
@@ -73,19 +73,33 @@ def _lora_mlp():
     model = peft.get_peft_model(
         MLP().requires_grad_(False),
         peft.LoraConfig(
-            r=8, lora_alpha=16, target_modules=["gate_proj", "up_proj", "down_proj"], init_lora_weights=False
+            r=8,
+            lora_alpha=16,
+            alpha_pattern=alpha_pattern or {},
+            target_modules=["gate_proj", "up_proj", "down_proj"],
+            init_lora_weights=False,
         ),
     )
     FusedLoraLinear().apply(model)
     return model.to(DEVICE)
 
 
-@pytest.mark.parametrize("grouped", [None, False, True])
-def test_merged_lora_backward_through_the_kernel(grouped):
+@pytest.mark.parametrize(
+    ("grouped", "alpha_pattern"),
+    [
+        (None, None),
+        (False, None),
+        (True, None),
+        # each projection its own scaling: the kernels sum unscaled, the scalings applied per member after
+        (None, {"gate_proj": 4, "up_proj": 32, "down_proj": 8}),
+        (True, {"gate_proj": 4, "up_proj": 32, "down_proj": 8}),
+    ],
+)
+def test_merged_lora_backward_through_the_kernel(grouped, alpha_pattern):
     x = torch.randn(4, 100, 32, generator=torch.Generator().manual_seed(1)).to(DEVICE)
 
     def grads(kernel):
-        model = _lora_mlp()
+        model = _lora_mlp(alpha_pattern)
         MergedLoraForward(grad_kernel=kernel, merge_kernel=kernel).apply(model)
         if grouped is not None:  # grouped: stacked or one GEMM per member
             GroupedLoraProjections(stack=grouped).apply(model)
