@@ -148,3 +148,17 @@ def test_lora_merge_equals_addmm(dtype):
         torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-5)
     else:  # one rounding of the float32 sum (tf32 products on a GPU for float32)
         torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=5e-2)
+
+
+def test_zero_scaling_gives_zero_lora_grads():
+    # lora_alpha 0 for gate and up (one group, one scaling: 0.0, which is not "no scaling")
+    x = torch.randn(2, 80, 32, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    model = _lora_mlp({"gate_proj": 0, "up_proj": 0})
+    MergedLoraForward(grad_kernel=True, merge_kernel=True).apply(model)
+    GroupedLoraProjections(stack=True).apply(model)
+    model(x).sin().sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    zero = [n for n in grads if "gate_proj" in n or "up_proj" in n]
+    assert len(zero) == 4
+    assert all(torch.count_nonzero(grads[n]) == 0 for n in zero)
+    assert all(torch.count_nonzero(grads[n]) > 0 for n in grads if "down_proj" in n)

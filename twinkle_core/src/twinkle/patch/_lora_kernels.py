@@ -67,9 +67,7 @@ def lora_grad_partials(
 
 
 @triton.jit
-def _sum_partials(
-    PART, N_PART, N_ROWS, OUT, R, SCALE, block, BP: tl.constexpr, BROWS: tl.constexpr, BR: tl.constexpr
-):
+def _sum_partials(PART, N_PART, N_ROWS, OUT, R, SCALE, block, BP: tl.constexpr, BROWS: tl.constexpr, BR: tl.constexpr):
     """``OUT[rows] = SCALE * sum_p PART[p, rows, :R]`` for a block of ``BROWS`` rows, rounded once.
 
     ``BP`` partials are loaded at a time (one ``[BP, BROWS, BR]`` tile), so a long sum is a few

@@ -382,8 +382,10 @@ class _MergedLoraFunction:
                         grad_x = acc.view(ctx.x_shape)
                     if ctx.stack:
                         block_b = weights_b[0] if n == 1 else torch.block_diag(*weights_b)
-                        scale = _uniform(scalings)
-                        gb, grad_b = _low_rank_grads(gs[0], low, block_b, ctx.grad_kernel, scale or 1.0)
+                        scale = _uniform(scalings)  # None: the members differ, scaled one by one below
+                        gb, grad_b = _low_rank_grads(
+                            gs[0], low, block_b, ctx.grad_kernel, 1.0 if scale is None else scale
+                        )
                         # [sum(out), sum(r)]: member i's block on the diagonal
                         grads_b, row, col = [], 0, 0
                         for w, r, s in zip(weights, ranks, scalings):

@@ -187,7 +187,7 @@ class _FusedLoraMLPFunction:
                         grad_a_d = gb_d.t() @ hidden  # [r, intermediate]
                         scale = _uniform((s_g, s_u))
                         gb_gu, grad_b_gu = _low_rank_grads(
-                            d_gate_up, low, torch.block_diag(b_g, b_u), ctx.grad_kernel, scale or 1.0
+                            d_gate_up, low, torch.block_diag(b_g, b_u), ctx.grad_kernel, 1.0 if scale is None else scale
                         )  # one pass over both gradients
                         grad_b_g, grad_b_u = grad_b_gu[:cols, :rank], grad_b_gu[cols:, rank:]
                         if scale is None:
