@@ -63,7 +63,13 @@ def test_lora_fast_path_matches_plain_fp32(tiny_config, monkeypatch):
     monkeypatch.setattr(lora_fast, "_merge_pays", counting_merge_pays)
     fast = _model(tiny_config)
     plain = _model(tiny_config, patches=[])
-    assert fast.fast_path_patches == ["FusedLoraLinear", "MergedLoraForward", "FusedLoraMLP", "FusedLinearCrossEntropy"]
+    assert fast.fast_path_patches == [
+        "VarlenAttention",
+        "FusedLoraLinear",
+        "MergedLoraForward",
+        "FusedLoraMLP",
+        "FusedLinearCrossEntropy",
+    ]
     assert plain.fast_path_patches == []
     for model in (fast, plain):
         model.set_optimizer("AdamW", lr=1e-2)
@@ -162,7 +168,7 @@ def test_patches_switch_off_by_name_and_env(tiny_config, monkeypatch):
     assert "FusedLinearCrossEntropy" not in model.fast_path_patches
     assert not get_flag(model.model, "fused_linear_ce", False)
     assert not isinstance(model.forward(make_rows(2)), HiddenStatesOutput)
-    monkeypatch.setenv("TWINKLE_DISABLED_PATCHES", "FusedLoraLinear, FusedLinearCrossEntropy")
+    monkeypatch.setenv("TWINKLE_DISABLED_PATCHES", "FusedLoraLinear, FusedLinearCrossEntropy,VarlenAttention")
     assert _model(tiny_config).fast_path_patches == []
 
 

@@ -14,6 +14,7 @@ dict lookup plus peft's ``set_adapter`` when the active adapter changes.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -303,6 +304,9 @@ class TransformersModel(TwinkleModel):
             if model_type is None:
                 raise ValueError("TransformersModel(config=dict): the dict needs a 'model_type' such as 'qwen2'")
             config = AutoConfig.for_model(model_type, **data)
+        else:
+            # the model's own copy: patches change its config (attention implementation), the caller's stays
+            config = copy.deepcopy(config)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             if dtype not in (None, "auto"):
@@ -658,9 +662,18 @@ class TransformersModel(TwinkleModel):
             masks = causal_masks(self._hf_model(), batch["input_ids"].shape[-1])
             if masks is not None:
                 model_inputs["attention_mask"] = masks
-        if "cu_seq_lens_q" in batch and "flash" in str(getattr(self._hf_model().config, "_attn_implementation", "")):
-            for key in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"):
-                model_inputs[key] = batch[key]
+        if "cu_seq_lens_q" in batch:
+            from twinkle.patch.fastpath import causal_masks
+            from twinkle.patch.varlen import IMPLEMENTATION
+
+            attn = str(getattr(self._hf_model().config, "_attn_implementation", ""))
+            if "flash" in attn or attn == IMPLEMENTATION:  # varlen attention over the packed sequences
+                for key in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"):
+                    model_inputs[key] = batch[key]
+            if attn == IMPLEMENTATION and "attention_mask" not in model_inputs:
+                masks = causal_masks(self._hf_model(), batch["max_length_q"])  # the boundaries replace the mask
+                if masks is not None:
+                    model_inputs["attention_mask"] = masks
         from twinkle.patch.fastpath import run_model  # logits, or hidden states for the fused loss
 
         if self._autocast is not None:

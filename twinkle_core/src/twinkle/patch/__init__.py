@@ -6,6 +6,7 @@ _BUILTIN: dict[str, dict[str, str]] = {
     "patch": {
         # The GPU fast path (twinkle.patch.fastpath lists what each does).
         "FusedLinearCrossEntropy": "twinkle.patch.fused_linear_ce:FusedLinearCrossEntropy",
+        "VarlenAttention": "twinkle.patch.varlen:VarlenAttention",
         "Bf16Adapters": "twinkle.patch.lora_fast:Bf16Adapters",
         "FusedLoraLinear": "twinkle.patch.lora_fast:FusedLoraLinear",
         "MergedLoraForward": "twinkle.patch.lora_fast:MergedLoraForward",

@@ -10,6 +10,7 @@ users switch off by name and plugins extend:
 patch                          default   what it does
 =============================  ========  ===============================================
 ``FusedLinearCrossEntropy``    on        LM head + cross-entropy in chunks, no full logits
+``VarlenAttention``            on        packed batches attend per sequence: no ``[T, T]`` mask
 ``Bf16Adapters``               on        LoRA weights in the base model's half dtype
 ``FusedLoraLinear``            on        lean LoRA forward: ``addmm`` epilogue, no dropout
 ``MergedLoraForward``          on        LoRA as one GEMM on ``W + s B A`` where that pays
@@ -270,7 +271,7 @@ def causal_masks(model: Any, seq_len: int) -> dict[str, None] | None:
     config = getattr(model, "config", None)
     types = getattr(config, "layer_types", None)
     attn = str(getattr(config, "_attn_implementation", "") or "")
-    if not types or not (attn == "sdpa" or attn.startswith("flash_attention")):
+    if not types or not (attn in ("sdpa", "twinkle_varlen") or attn.startswith("flash_attention")):
         return None
     window = getattr(config, "sliding_window", None)
     for kind in set(types):
