@@ -3,6 +3,7 @@
     python benchmarks/train_throughput.py                       # every row, every configuration
     python benchmarks/train_throughput.py --rows 0.5b-lora --configs liger,ours --steps 5
     python benchmarks/train_throughput.py --profile             # also one profiled step of ours/liger
+    python benchmarks/train_throughput.py --rows 0.5b-lora-packed --configs liger,liger_packed,ours,ours_masked
 
 Random-init Qwen2.5-shaped models built from a config (no downloads), batches of random
 2048-token sequences, LoRA r=8 on all linear layers (peft), AdamW, sdpa attention, no
@@ -23,6 +24,15 @@ transformers' classes globally; compiled code and the allocator stay separate):
   chunk compiled by inductor instead of the Triton kernel; ``ours_wgrad512m`` / ``ours_wgrad4g``
   with 512 MiB / 4 GiB loss chunks when the LM head trains; ``ours_swiglu_saved`` without
   ``RecomputeSwiGLU`` (the MLP's ``act(gate) * up`` saved for backward instead of recomputed).
+
+Packed rows (``--rows 0.5b-lora-packed,7b-lora-packed``, not in the default run): each step is the
+same ``batch * 2048`` tokens, in sequences of random lengths (log-uniform 32-2048, ~34 of them
+per 16k tokens). ``liger`` takes them right-padded (``[n, longest]`` with an attention mask, what
+transformers' default collator gives), ``liger_packed`` as one row with restarting
+``position_ids`` (``DataCollatorWithFlattening``; transformers builds a block-diagonal mask for
+sdpa), ``ours`` packed by ``PaddingFreeProcessor`` (the ``VarlenAttention`` patch),
+``ours_masked`` packed without that patch, ``ours_padded`` padded. Tokens/s count real tokens
+only, and MFU counts each sequence's own attention (``12*L*H*len`` per token).
 
 ``--memory`` adds, per configuration, what is allocated at the peak of one step (grouped by the
 code that allocated it), from ``torch.cuda.memory``'s allocation history.
@@ -62,14 +72,24 @@ ROWS = {
     "0.5b-full": (QWEN25_05B, False, 8),
     "7b-lora": (QWEN25_7B, True, 4),
 }
+#: Packed rows: each step is ``batch * 2048`` tokens of sequences of random lengths (log-uniform,
+#: 32-2048, seeded), the same sequences for every configuration; not part of the default run.
+PACKED_ROWS = {
+    "0.5b-lora-packed": (QWEN25_05B, True, 8),
+    "7b-lora-packed": (QWEN25_7B, True, 4),
+}
 #: Rows for checking the harness itself on any device (not part of the default run).
-SMOKE_ROWS = {"tiny-lora": (TINY, True, 2), "tiny-full": (TINY, False, 2)}
+SMOKE_ROWS = {"tiny-lora": (TINY, True, 2), "tiny-full": (TINY, False, 2), "tiny-lora-packed": (TINY, True, 2)}
+MIN_PACKED_LEN = 32
 DEVICE = os.environ.get("TWINKLE_BENCH_DEVICE", "cuda")
 CONFIGS = (
     "plain",
     "plain_bf16",
     "liger",
+    "liger_packed",
     "ours",
+    "ours_masked",
+    "ours_padded",
     "ours_eager",
     "ours_liger",
     "ours_cudagraphs",
@@ -84,6 +104,8 @@ CONFIGS = (
 #: Variants of ours for diagnosis: which patches they switch off / add.
 OURS_VARIANTS = {
     "ours": ((), (), {}),
+    "ours_masked": (("VarlenAttention",), (), {}),
+    "ours_padded": ((), (), {}),
     "ours_eager": (("CompileDecoderLayers",), (), {}),
     "ours_liger": (("CompileDecoderLayers",), ("LigerKernels",), {}),
     "ours_cudagraphs": ((), (), {"TWINKLE_COMPILE_MODE": "reduce-overhead"}),
@@ -96,6 +118,8 @@ OURS_VARIANTS = {
     "ours_swiglu_saved": (("RecomputeSwiGLU",), (), {}),
 }
 DEFAULT_CONFIGS = ("plain", "liger", "ours")
+#: Configurations that only make sense on packed rows (sequences of different lengths).
+PACKED_ONLY_CONFIGS = ("liger_packed", "ours_masked", "ours_padded")
 
 
 # ---------------------------------------------------------------------- shared helpers
@@ -114,6 +138,63 @@ def random_batch(batch_size: int, vocab: int, step: int) -> object:
     return torch.randint(0, vocab, (batch_size, SEQ_LEN), generator=gen)
 
 
+def packed_lengths(total: int, step: int) -> list[int]:
+    """Sequence lengths of one packed step: log-uniform in [32, 2048], summing to ``total`` exactly."""
+    import math
+    import random
+
+    rng = random.Random(2000 + step)
+    lengths: list[int] = []
+    while sum(lengths) < total:
+        lengths.append(int(math.exp(rng.uniform(math.log(MIN_PACKED_LEN), math.log(SEQ_LEN)))))
+    lengths[-1] -= sum(lengths) - total
+    if lengths[-1] < MIN_PACKED_LEN:  # fold a short tail into its neighbour (still at most 2048 + 32)
+        tail = lengths.pop()
+        lengths[-1] += tail
+    return lengths
+
+
+def packed_sequences(total: int, vocab: int, step: int) -> list[object]:
+    """One step of a packed row: random token sequences (int64 CPU tensors) of :func:`packed_lengths`."""
+    import torch
+
+    gen = torch.Generator().manual_seed(1000 + step)
+    return [torch.randint(0, vocab, (n,), generator=gen) for n in packed_lengths(total, step)]
+
+
+def packed_batch(config_name: str, seqs: list, device: str) -> dict:
+    """The step's batch as each configuration takes it, built before the timing (as a data loader would).
+
+    ``liger`` (and ``plain*``): the sequences right-padded into a ``[n, longest]`` batch with an
+    attention mask, pads ignored by the loss: what transformers' default collator gives.
+    ``liger_packed``: one ``[1, T]`` row with ``position_ids`` restarting at each sequence and the
+    first label of each sequence ignored (transformers' ``DataCollatorWithFlattening``); with sdpa,
+    transformers builds the block-diagonal mask from ``position_ids``. ``ours*``: the rows packed by
+    ``PaddingFreeProcessor`` (``ours_padded``: padded by the default ``InputProcessor``).
+    """
+    import torch
+
+    if config_name.startswith("ours"):
+        from twinkle.processor.base import InputProcessor
+
+        rows = [{"input_ids": s.tolist()} for s in seqs]
+        return InputProcessor(padding_free=config_name != "ours_padded")(rows, device=device)
+    if config_name == "liger_packed":
+        ids = torch.cat(seqs)[None]
+        pos = torch.cat([torch.arange(len(s)) for s in seqs])[None]
+        labels = ids.clone()
+        labels[pos == 0] = -100
+        return {"input_ids": ids.to(device), "position_ids": pos.to(device), "labels": labels.to(device)}
+    width = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = s
+        mask[i, : len(s)] = 1
+    labels = ids.masked_fill(mask == 0, -100)
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
 def lora_config() -> object:
     from peft import LoraConfig
 
@@ -126,7 +207,7 @@ def build_plain(config_name: str, shape: dict, lora: bool) -> tuple:
     import torch
     from transformers import AutoModelForCausalLM
 
-    if config_name == "liger":
+    if config_name in ("liger", "liger_packed"):
         from liger_kernel.transformers import apply_liger_kernel_to_qwen2
 
         apply_liger_kernel_to_qwen2(rope=True, rms_norm=True, swiglu=True, fused_linear_cross_entropy=True)
@@ -141,8 +222,8 @@ def build_plain(config_name: str, shape: dict, lora: bool) -> tuple:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
 
-    def step(ids: torch.Tensor) -> float:
-        out = model(input_ids=ids, labels=ids, use_cache=False)
+    def step(batch: dict) -> float:
+        out = model(**batch, use_cache=False)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -170,8 +251,8 @@ def build_ours(config_name: str, shape: dict, lora: bool) -> tuple:
     model.set_optimizer("AdamW", lr=1e-5)
     print(f"[ours] fast path: {model.fast_path_patches}", file=sys.stderr, flush=True)
 
-    def step(ids: torch.Tensor) -> float:
-        out = model.forward_backward(inputs={"input_ids": ids, "labels": ids})
+    def step(batch: dict) -> float:
+        out = model.forward_backward(inputs=batch)
         model.clip_grad_and_step(max_grad_norm=1.0)
         return float(out["loss"])
 
@@ -304,7 +385,7 @@ def memory_at_peak(step, ids, top: int = 14) -> dict:
 def worker(row: str, config_name: str, steps: int, warmup: int, profile_dir: str | None, memory: bool = False) -> dict:
     import torch
 
-    shape, lora, batch_size = {**ROWS, **SMOKE_ROWS}[row]
+    shape, lora, batch_size = {**ROWS, **PACKED_ROWS, **SMOKE_ROWS}[row]
     cuda = DEVICE == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -316,7 +397,22 @@ def worker(row: str, config_name: str, steps: int, warmup: int, profile_dir: str
             raise SystemExit("plain_bf16 only applies to LoRA rows")
         step, params = build_plain(config_name, shape, lora)
     build_s = time.perf_counter() - t_build
-    batches = [random_batch(batch_size, shape["vocab_size"], s).to(DEVICE) for s in range(4)]
+    packed = row.endswith("-packed")
+    if packed:
+        steps_seqs = [packed_sequences(batch_size * SEQ_LEN, shape["vocab_size"], s) for s in range(4)]
+        batches = [packed_batch(config_name, seqs, DEVICE) for seqs in steps_seqs]
+        # attention FLOPs of the sequences as they are (12 L H len per token of a len-long sequence)
+        pairs = statistics.fmean(sum(len(x) ** 2 for x in seqs) for seqs in steps_seqs)
+        step_flops = (
+            flops_per_token(shape, lora, 0) * batch_size * SEQ_LEN
+            + 12 * shape["num_hidden_layers"] * shape["hidden_size"] * pairs
+        )
+    else:
+        batches = []
+        for s in range(4):
+            ids = random_batch(batch_size, shape["vocab_size"], s).to(DEVICE)
+            batches.append({"input_ids": ids, "labels": ids})
+        step_flops = flops_per_token(shape, lora, SEQ_LEN) * batch_size * SEQ_LEN
     t_warm = time.perf_counter()
     losses = []
     for s in range(warmup):
@@ -345,7 +441,9 @@ def worker(row: str, config_name: str, steps: int, warmup: int, profile_dir: str
         "step_ms_median": statistics.median(step_times),
         "step_ms_min": step_times[0],
         "step_ms_max": step_times[-1],
-        "mfu": tok_s * flops_per_token(shape, lora, SEQ_LEN) / (PEAK_TFLOPS * 1e12),
+        "mfu": step_flops * steps / elapsed / (PEAK_TFLOPS * 1e12),
+        "sequences_per_step": statistics.fmean(len(s) for s in steps_seqs) if packed else batch_size,
+        "padded_tokens_per_step": int(batches[0]["input_ids"].numel()),
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0,
         "build_s": build_s,
@@ -396,16 +494,16 @@ def run_worker(args: argparse.Namespace, row: str, config_name: str) -> dict:
 def format_table(results: list[dict]) -> str:
     by_key = {(r["row"], r["config"]): r for r in results}
     lines = [
-        "| row | config | tokens/s | step ms | step ms min / median / max | MFU | peak GiB | vs liger | vs plain "
-        "| first step s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| row | config | tokens/s | step ms | step ms min / median / max | MFU | peak GiB | vs liger "
+        "| vs liger_packed | vs plain | first step s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['row']} | {r['config']} | ERROR | | | | | | | |")
+            lines.append(f"| {r['row']} | {r['config']} | ERROR | | | | | | | | |")
             continue
         ratio = []
-        for base in ("liger", "plain"):
+        for base in ("liger", "liger_packed", "plain"):
             b = by_key.get((r["row"], base))
             ok = b is not None and "error" not in b
             ratio.append(f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}x" if ok else "-")
@@ -414,7 +512,7 @@ def format_table(results: list[dict]) -> str:
             spread = f"{r['step_ms_min']:.0f} / {r['step_ms_median']:.0f} / {r['step_ms_max']:.0f}"
         lines.append(
             f"| {r['row']} | {r['config']} | {r['tokens_per_s'] / 1e3:.1f}k | {r['step_ms']:.0f} | {spread} | "
-            f"{100 * r['mfu']:.1f}% | {r['peak_mem_gib']:.2f} | {ratio[0]} | {ratio[1]} | {r['warmup_s']:.1f} |"
+            f"{100 * r['mfu']:.1f}% | {r['peak_mem_gib']:.2f} | {' | '.join(ratio)} | {r['warmup_s']:.1f} |"
         )
     return "\n".join(lines)
 
@@ -463,8 +561,8 @@ def main() -> None:
     rows = [r for r in args.rows.split(",") if r]
     configs = [c for c in args.configs.split(",") if c]
     for name in rows:
-        if name not in ROWS and name not in SMOKE_ROWS:
-            parser.error(f"unknown row {name!r}; choose from {', '.join(ROWS)}")
+        if name not in ROWS and name not in PACKED_ROWS and name not in SMOKE_ROWS:
+            parser.error(f"unknown row {name!r}; choose from {', '.join([*ROWS, *PACKED_ROWS])}")
     for name in configs:
         if name not in CONFIGS:
             parser.error(f"unknown configuration {name!r}; choose from {', '.join(CONFIGS)}")
@@ -481,7 +579,9 @@ def main() -> None:
     results = []
     for row in rows:
         for config_name in configs:
-            if config_name == "plain_bf16" and not {**ROWS, **SMOKE_ROWS}[row][1]:
+            if config_name == "plain_bf16" and not {**ROWS, **PACKED_ROWS, **SMOKE_ROWS}[row][1]:
+                continue
+            if config_name in PACKED_ONLY_CONFIGS and not row.endswith("-packed"):
                 continue
             result = run_worker(args, row, config_name)
             results.append(result)
