@@ -26,7 +26,7 @@ transformers' classes globally; compiled code and the allocator stay separate):
   ``RecomputeSwiGLU`` (the MLP's ``act(gate) * up`` saved for backward instead of recomputed).
 
 Packed rows (``--rows 0.5b-lora-packed,7b-lora-packed``, not in the default run): each step is the
-same ``batch * 2048`` tokens, in sequences of random lengths (log-uniform 32-2048, ~34 of them
+same ``batch * 2048`` tokens, in sequences of random lengths (log-uniform 32-2048, 26-47 of them
 per 16k tokens). ``liger`` takes them right-padded (``[n, longest]`` with an attention mask, what
 transformers' default collator gives), ``liger_packed`` as one row with restarting
 ``position_ids`` (``DataCollatorWithFlattening``; transformers builds a block-diagonal mask for
