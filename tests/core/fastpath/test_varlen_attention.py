@@ -51,7 +51,7 @@ def test_packed_attention_equals_the_block_masked_dense_attention(lengths):
     got = torch.autograd.grad(out, [q, k, v], grad)
     want = torch.autograd.grad(ref, [q, k, v], grad)
     for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # fp32; torch 2.11's CPU kernels differ by 1e-6
     # and the first sequence alone: nothing leaks in from the others
     first = lengths[0]
     alone = F.scaled_dot_product_attention(
@@ -172,7 +172,7 @@ def test_varlen_kernel_matches_per_sequence_attention_bf16_cuda():
     assert out.dtype == torch.bfloat16 and out.shape == q.shape
 
     def rel(a, b):
-        return float((a.float() - b.float()).norm() / b.float().norm())
+        return float((a.detach().float() - b.detach().float()).norm() / b.detach().float().norm())
 
     assert rel(out, ref) < 1e-2
     grad = torch.randn_like(ref)

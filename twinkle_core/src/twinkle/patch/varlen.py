@@ -44,7 +44,8 @@ def _varlen_kernel() -> tuple[Any, dict[str, Any], bool, bool] | None:
     """``(varlen_attn, causal keyword arguments, takes scale, takes enable_gqa)``, or ``None`` without it.
 
     Its keywords changed between torch releases (2.10: ``is_causal``; 2.11: ``window_size=(-1, 0)``
-    and ``scale``; 2.12: ``enable_gqa``), so they are read from its signature, once: at
+    and ``scale``; 2.12: ``enable_gqa``, which 2.11's flash kernel does without: given fewer key and
+    value heads it shares them, H200 test), so they are read from its signature, once: at
     :func:`register_attention`, outside any compiled code (a plain global read there).
     """
     global _kernel
@@ -111,12 +112,8 @@ def packed_attention(
             kwargs = dict(causal)
             if takes_scale and scaling is not None:
                 kwargs["scale"] = scaling
-            if groups > 1:
-                if takes_gqa:
-                    kwargs["enable_gqa"] = True
-                else:
-                    key = key.repeat_interleave(groups, dim=1)
-                    value = value.repeat_interleave(groups, dim=1)
+            if groups > 1 and takes_gqa:
+                kwargs["enable_gqa"] = True  # before 2.12 the flash kernel takes fewer key/value heads as they are
             cu = cu_seq_lens.to(device=query.device, dtype=torch.int32)
             return varlen_attn(query, key, value, cu, cu, int(max_length), int(max_length), **kwargs)
     # one sdpa call per sequence ([1, H, len, D] each): exact on any device and dtype
