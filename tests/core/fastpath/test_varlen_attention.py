@@ -78,6 +78,10 @@ def test_the_attention_function_leaves_unpacked_batches_to_sdpa():
     cu = torch.tensor([0, 3, 6], dtype=torch.int32)
     out, _ = varlen.varlen_attention_forward(module, q, k, v, mask, scaling=0.5, cu_seq_lens_q=cu, max_length_q=3)
     torch.testing.assert_close(out, want)
+    # a packed row whose sliding window would bind inside a sequence is refused, not attended wrongly
+    packed = [t[:1] for t in (q, k, v)]
+    with pytest.raises(ValueError, match="sliding window of 4 tokens"):
+        varlen.varlen_attention_forward(module, *packed, None, cu_seq_lens_q=cu, max_length_q=6, sliding_window=4)
 
 
 def _model(config, patches=None, lora=True, **kwargs):

@@ -160,6 +160,12 @@ def varlen_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
     max_length = kwargs.get("max_length_q") or query.shape[2]
+    window = kwargs.get("sliding_window")
+    if window is not None and window < max_length:
+        raise ValueError(
+            f"twinkle_varlen: a sliding window of {window} tokens binds inside a packed sequence of {max_length}; "
+            "switch VarlenAttention off for this model (disabled_patches=['VarlenAttention'])"
+        )
     out = packed_attention(
         query[0].transpose(0, 1),
         key[0].transpose(0, 1),
