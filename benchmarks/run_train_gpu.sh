@@ -14,6 +14,7 @@
 #   bash benchmarks/run_train_gpu.sh gemm                        # benchmarks/gemm_shapes.py only
 #   bash benchmarks/run_train_gpu.sh head                        # benchmarks/lm_head.py only
 #   bash benchmarks/run_train_gpu.sh overhead --row 7b-lora      # benchmarks/step_overhead.py only
+#   bash benchmarks/run_train_gpu.sh attention                   # benchmarks/varlen_attention.py only
 #
 # Logs and tables go to $OUT (default ./train-gpu-out).
 set -uo pipefail
@@ -40,7 +41,7 @@ tail -3 "$OUT/install.log"
 
 if [[ "$PHASE" == tests || "$PHASE" == all ]]; then
   # gpu-marked tests, plus the Triton kernel tests (they run on the GPU when there is one)
-  "$PY" -m pytest -q -rs -p no:cacheprovider tests/core/fastpath/test_triton_ce.py tests/core/fastpath/test_triton_lora.py tests/core/fastpath/test_lora_mlp.py -m "gpu or not gpu" \
+  "$PY" -m pytest -q -rs -p no:cacheprovider tests/core/fastpath/test_triton_ce.py tests/core/fastpath/test_triton_lora.py tests/core/fastpath/test_lora_mlp.py tests/core/fastpath/test_varlen_attention.py -m "gpu or not gpu" \
     2>&1 | tee "$OUT/gpu-tests.log" | tail -3
   "$PY" -m pytest -q -rs -m gpu -p no:cacheprovider tests/core 2>&1 | tee -a "$OUT/gpu-tests.log" | tail -15
 fi
@@ -55,6 +56,9 @@ if [[ "$PHASE" == head ]]; then
 fi
 if [[ "$PHASE" == overhead ]]; then
   "$PY" benchmarks/step_overhead.py "$@" 2>&1 | tee -a "$OUT/step-overhead.md" | tail -20
+fi
+if [[ "$PHASE" == attention ]]; then
+  "$PY" benchmarks/varlen_attention.py "$@" 2>&1 | tee "$OUT/varlen-attention.md" | grep -v Warning | tail -20
 fi
 if [[ "$PHASE" == layer ]]; then
   "$PY" benchmarks/lora_layer.py "$@" 2>&1 | tee "$OUT/lora-layer.md" | tail -20
