@@ -463,6 +463,8 @@ class TransformersModel(TwinkleModel):
         state = self._new_state(adapter_name, params, gradient_accumulation_steps)
         if previous is not None and previous.template is not None:
             state.template = previous.template
+        if previous is not None:  # set_processor before the adapter was added still holds
+            state.processor = previous.processor
         self._states.pop(FULL_MODEL, None)
         self._states[adapter_name] = state
         self._default = adapter_name

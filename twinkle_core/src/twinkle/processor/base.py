@@ -7,8 +7,12 @@ Two layouts:
 * **padding-free** (``padding_free=True``): every row concatenated into one ``[1, N]``
   sequence; ``position_ids`` restart at 0 for each sequence and ``cu_seq_lens_q/k``
   (int32 cumulative lengths) plus ``max_length_q/k`` are given for varlen attention
-  kernels (flash-attention); transformers' sdpa/eager paths detect the restarts in
-  ``position_ids`` and mask across sequences.
+  (``VarlenAttention`` on sdpa, flash-attention); transformers' eager path detects the
+  restarts in ``position_ids`` and masks across sequences.
+
+Rows that already hold several sequences (``position_ids`` restarting at 0, as
+``PackingDataset`` writes them) are laid out padding-free in either mode: a ``[B, T]``
+attention mask cannot keep the sequences of one row apart, the boundaries can.
 
 Both add ``shift_labels`` (the label predicted at each position; never crossing a
 sequence boundary) and ``row_ids`` (which input row each position came from, -1 on
@@ -30,7 +34,8 @@ class InputProcessor:
     """Collate encoded rows into model inputs, padded or packed.
 
     Args:
-        padding_free: pack all rows into one sequence (no padding) instead of padding.
+        padding_free: pack all rows into one sequence (no padding) instead of padding. Rows
+            that hold several sequences (restarting ``position_ids``) are packed either way.
         pad_token_id: the id used for padding ``input_ids`` (padded layout).
         pad_to_multiple_of: round the padded length up to a multiple of this.
 
@@ -69,7 +74,8 @@ class InputProcessor:
         if not rows:
             raise ValueError("InputProcessor: the batch is empty; give at least one encoded row")
         seqs = [self._read_row(i, row) for i, row in enumerate(rows)]
-        out = self._pack(seqs) if self.padding_free else self._pad(seqs)
+        packed_rows = any(len(s["starts"]) > 1 for s in seqs)  # only boundaries keep their sequences apart
+        out = self._pack(seqs) if self.padding_free or packed_rows else self._pad(seqs)
         return _to_tensors(out, device)
 
     # -- rows --------------------------------------------------------------------
