@@ -8,6 +8,7 @@ embedded default uses a larger rank, lr 2e-3 and several passes over the data
 (``data_slice`` oversamples). Afterwards it asks "who are you?" and prints the answer.
 
     python examples/sft_self_cognition.py
+    python examples/sft_self_cognition.py --packing 512   # sequences packed into 512-token rows, no padding
     python examples/sft_self_cognition.py --model-id ms://Qwen/Qwen2.5-0.5B-Instruct --lr 1e-4 --rows 1000
     TWINKLE_MODEL_ID=hf://Qwen/Qwen2.5-0.5B-Instruct python examples/sft_self_cognition.py
 """
@@ -22,7 +23,7 @@ from peft import LoraConfig
 from tqdm import tqdm
 from twinkle import DeviceGroup, assets
 from twinkle.dataloader import DataLoader
-from twinkle.dataset import Dataset, DatasetMeta
+from twinkle.dataset import Dataset, DatasetMeta, PackingDataset
 from twinkle.model import TransformersModel
 from twinkle.preprocessor import SelfCognitionProcessor
 
@@ -40,6 +41,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rows", type=int, default=1200, help="rows to train on (oversamples the 150 bundled rows)")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument(
+        "--packing",
+        type=int,
+        default=0,
+        help="pack the conversations into rows of this many tokens and train padding-free (0: padded batches)",
+    )
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     parser.add_argument("--output", default="last-checkpoint")
     return parser.parse_args(argv)
@@ -56,15 +63,23 @@ def train(args: argparse.Namespace) -> dict:
     device_group = [DeviceGroup(name="default", ranks=1, device_type=args.device)]
     twinkle.initialize(mode="local", groups=device_group, seed=42)
 
-    dataset = Dataset(dataset_meta=DatasetMeta(args.dataset_id, data_slice=range(args.rows)))
+    meta = DatasetMeta(args.dataset_id, data_slice=range(args.rows))
+    # Packed: PackingDataset bin-packs the encoded conversations into rows of up to --packing tokens
+    dataset = (
+        PackingDataset(dataset_meta=meta, packing_length=args.packing) if args.packing else Dataset(dataset_meta=meta)
+    )
     # Set template to prepare encoding
     dataset.set_template("Template", model_id=args.model_id)
     # Preprocess the dataset to standard format
     dataset.map(SelfCognitionProcessor(NAME, AUTHOR))
     # Encode dataset
     dataset.encode()
-    dataloader = DataLoader(dataset=dataset, batch_size=8, min_batch_size=8, shuffle=True)
+    batch_size = 1 if args.packing else 8  # a packed row holds about as many tokens as 8 padded conversations
+    dataloader = DataLoader(dataset=dataset, batch_size=batch_size, min_batch_size=batch_size, shuffle=True)
     model = TransformersModel(model_id=args.model_id, remote_group="default")
+    if args.packing:
+        # one row per batch, no padding; each conversation attends to itself only (VarlenAttention)
+        model.set_processor("PaddingFreeProcessor")
 
     lora_config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear")
     # Add a lora to model, with name `default`
