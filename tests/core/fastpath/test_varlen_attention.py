@@ -150,6 +150,39 @@ def test_packed_batches_train_like_the_block_mask(tiny_config):
         assert x == pytest.approx(y, rel=1e-4, abs=1e-5)
 
 
+def test_models_without_layer_types_take_the_varlen_path_too(monkeypatch):
+    """Llama builds one mask with create_causal_mask (no per-layer-type mapping): the mask function builds none."""
+    from transformers import LlamaConfig
+    from transformers.masking_utils import sdpa_mask
+
+    shape = dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    )
+    config = LlamaConfig(**shape, vocab_size=512, max_position_embeddings=256)
+    model = _model(config, lora=False)
+    plain = _model(config, patches=[], lora=False)
+    assert "VarlenAttention" in model.fast_path_patches
+    rows = make_rows(4, seed=8)
+    separate = plain.forward_only(rows)
+    calls, masks = [], []
+    real = varlen.packed_attention
+    monkeypatch.setattr(varlen, "packed_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr("transformers.masking_utils.sdpa_mask", lambda *a, **k: masks.append(1) or sdpa_mask(*a, **k))
+    model.set_processor("PaddingFreeProcessor")
+    packed = model.forward_only(rows)
+    assert len(calls) == config.num_hidden_layers and not masks
+    assert packed["loss"] == pytest.approx(separate["loss"], rel=1e-5)
+    masks.clear()
+    model.set_processor("InputProcessor")
+    assert model.forward_only(rows)["loss"] == pytest.approx(separate["loss"], rel=1e-5)
+    assert masks, "padded batches still get sdpa's masks"
+    # Mistral: a sliding window on every layer and no layer types: keeps sdpa and its masks
+    from transformers import MistralConfig
+
+    mistral = _model(MistralConfig(**shape, vocab_size=512, sliding_window=16), lora=False)
+    assert "VarlenAttention" not in mistral.fast_path_patches
+
+
 def test_the_patch_reverts_and_skips_models_it_cannot_serve(tiny_config):
     model = _model(tiny_config, lora=False)
     patch = varlen.VarlenAttention()

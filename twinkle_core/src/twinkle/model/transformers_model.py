@@ -664,24 +664,18 @@ class TransformersModel(TwinkleModel):
             masks = causal_masks(self._hf_model(), batch["input_ids"].shape[-1])
             if masks is not None:
                 model_inputs["attention_mask"] = masks
-        if "cu_seq_lens_q" in batch:
-            from twinkle.patch.fastpath import causal_masks
-            from twinkle.patch.varlen import IMPLEMENTATION
+        context = contextlib.nullcontext()
+        if "cu_seq_lens_q" in batch:  # packed sequences: varlen attention over their boundaries
+            from twinkle.patch.varlen import packed_inputs
 
-            attn = str(getattr(self._hf_model().config, "_attn_implementation", ""))
-            if "flash" in attn or attn == IMPLEMENTATION:  # varlen attention over the packed sequences
-                for key in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"):
-                    model_inputs[key] = batch[key]
-            if attn == IMPLEMENTATION and "attention_mask" not in model_inputs:
-                masks = causal_masks(self._hf_model(), batch["max_length_q"])  # the boundaries replace the mask
-                if masks is not None:
-                    model_inputs["attention_mask"] = masks
+            context = packed_inputs(self._hf_model(), batch, model_inputs)
         from twinkle.patch.fastpath import run_model  # logits, or hidden states for the fused loss
 
-        if self._autocast is not None:
-            with torch.autocast(self.device.type, dtype=self._autocast):
-                return run_model(self.model, model_inputs)
-        return run_model(self.model, model_inputs)
+        with context:
+            if self._autocast is not None:
+                with torch.autocast(self.device.type, dtype=self._autocast):
+                    return run_model(self.model, model_inputs)
+            return run_model(self.model, model_inputs)
 
     @remote(dispatch="slice_dp", collect="mean")
     def forward(self, inputs: Any, *, adapter_name: str | None = None, **kwargs: Any) -> ModelOutput:

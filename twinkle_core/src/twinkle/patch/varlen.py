@@ -26,8 +26,10 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import inspect
-from typing import Any
+from typing import Any, Iterator, Mapping
 
 from twinkle.patch.base import Patch
 
@@ -105,7 +107,13 @@ def packed_attention(
 
     groups = query.shape[1] // key.shape[1]
     kernel = _varlen_kernel()
-    if kernel is not None and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and not dropout:
+    if (
+        kernel is not None
+        and query.is_cuda
+        and query.dtype in (torch.float16, torch.bfloat16)
+        and value.shape[-1] == query.shape[-1]  # not e.g. DeepSeek's MLA, whose values are narrower
+        and not dropout
+    ):
         varlen_attn, causal, takes_scale, takes_gqa = kernel
         default_scale = query.shape[-1] ** -0.5
         if takes_scale or scaling is None or abs(scaling - default_scale) <= 1e-12 * default_scale:
@@ -178,25 +186,65 @@ def varlen_attention_forward(
     return out.unsqueeze(0), None
 
 
+#: Set while a packed batch runs on ``twinkle_varlen``: the mask function then builds nothing.
+_PACKED = contextvars.ContextVar("twinkle_varlen_packed", default=False)
+
+
+def _varlen_mask(*args: Any, **kwargs: Any) -> Any:
+    """sdpa's mask function, except during a packed forward, where the boundaries replace the mask."""
+    from transformers.masking_utils import sdpa_mask
+
+    return None if _PACKED.get() else sdpa_mask(*args, **kwargs)
+
+
 def register_attention() -> str:
     """Register :func:`varlen_attention_forward` (and sdpa's masks) as ``twinkle_varlen`` with transformers."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
     _varlen_kernel()  # looked up here, not while a layer is being compiled
     if IMPLEMENTATION not in AttentionInterface._global_mapping:
         AttentionInterface.register(IMPLEMENTATION, varlen_attention_forward)
     if IMPLEMENTATION not in ALL_MASK_ATTENTION_FUNCTIONS:
-        AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
+        AttentionMaskInterface.register(IMPLEMENTATION, _varlen_mask)
     return IMPLEMENTATION
 
 
-def uses_varlen(model: Any) -> bool:
-    """Whether ``model`` attends through ``twinkle_varlen`` (packed batches then need no mask)."""
-    from twinkle.patch.fastpath import unwrap
+@contextlib.contextmanager
+def _packed_forward() -> Iterator[None]:
+    token = _PACKED.set(True)
+    try:
+        yield
+    finally:
+        _PACKED.reset(token)
 
-    config = getattr(unwrap(model), "config", None)
-    return getattr(config, "_attn_implementation", None) == IMPLEMENTATION
+
+def packed_inputs(model: Any, batch: Mapping[str, Any], model_inputs: dict[str, Any]) -> Any:
+    """Route a packed batch (``cu_seq_lens_q`` in ``batch``) to varlen attention; returns the context to run in.
+
+    Flash-attention implementations and ``twinkle_varlen`` get the boundaries (``cu_seq_lens_q/k``,
+    ``max_length_q/k``) in ``model_inputs``. On ``twinkle_varlen`` no mask is built either: models
+    that take transformers' per-layer-type mapping get one of ``None`` (no host read of the
+    positions); for the others the returned context makes the mask function build nothing.
+
+    Example::
+
+        with packed_inputs(model, batch, model_inputs):
+            out = model(**model_inputs)
+    """
+    from twinkle.patch.fastpath import causal_masks, unwrap
+
+    attn = str(getattr(getattr(unwrap(model), "config", None), "_attn_implementation", "") or "")
+    if "flash" in attn or attn == IMPLEMENTATION:
+        for key in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"):
+            model_inputs[key] = batch[key]
+    if attn != IMPLEMENTATION or "attention_mask" in model_inputs:
+        return contextlib.nullcontext()
+    masks = causal_masks(model, batch["max_length_q"])
+    if masks is not None:
+        model_inputs["attention_mask"] = masks
+        return contextlib.nullcontext()
+    return _packed_forward()
 
 
 class VarlenAttention(Patch):
@@ -226,7 +274,10 @@ class VarlenAttention(Patch):
         config = getattr(base, "config", None)
         if config is None or getattr(config, "_attn_implementation", None) not in ("sdpa", IMPLEMENTATION):
             return False
-        if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ["full_attention"]):
+        types = getattr(config, "layer_types", None)
+        if types is not None and any(kind != "full_attention" for kind in types):
+            return False
+        if types is None and getattr(config, "sliding_window", None):  # e.g. Mistral's 4096 on every layer
             return False
         decoder = decoder_of(base)
         module = sys.modules.get(type(decoder).__module__) if decoder is not None else None
