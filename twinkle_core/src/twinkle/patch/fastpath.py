@@ -39,6 +39,7 @@ import os
 from typing import Any, Iterable, Mapping
 
 from twinkle.data_format.output import ModelOutput
+from twinkle.patch.varlen import IMPLEMENTATION as VARLEN
 
 logger = logging.getLogger("twinkle.patch")
 
@@ -271,7 +272,7 @@ def causal_masks(model: Any, seq_len: int) -> dict[str, None] | None:
     config = getattr(model, "config", None)
     types = getattr(config, "layer_types", None)
     attn = str(getattr(config, "_attn_implementation", "") or "")
-    if not types or not (attn in ("sdpa", "twinkle_varlen") or attn.startswith("flash_attention")):
+    if not types or not (attn in ("sdpa", VARLEN) or attn.startswith("flash_attention")):
         return None
     window = getattr(config, "sliding_window", None)
     for kind in set(types):
