@@ -80,6 +80,7 @@ PACKED_ROWS = {
 }
 #: Rows for checking the harness itself on any device (not part of the default run).
 SMOKE_ROWS = {"tiny-lora": (TINY, True, 2), "tiny-full": (TINY, False, 2), "tiny-lora-packed": (TINY, True, 2)}
+ALL_ROWS = {**ROWS, **PACKED_ROWS, **SMOKE_ROWS}
 MIN_PACKED_LEN = 32
 DEVICE = os.environ.get("TWINKLE_BENCH_DEVICE", "cuda")
 CONFIGS = (
@@ -385,7 +386,7 @@ def memory_at_peak(step, ids, top: int = 14) -> dict:
 def worker(row: str, config_name: str, steps: int, warmup: int, profile_dir: str | None, memory: bool = False) -> dict:
     import torch
 
-    shape, lora, batch_size = {**ROWS, **PACKED_ROWS, **SMOKE_ROWS}[row]
+    shape, lora, batch_size = ALL_ROWS[row]
     cuda = DEVICE == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -561,7 +562,7 @@ def main() -> None:
     rows = [r for r in args.rows.split(",") if r]
     configs = [c for c in args.configs.split(",") if c]
     for name in rows:
-        if name not in ROWS and name not in PACKED_ROWS and name not in SMOKE_ROWS:
+        if name not in ALL_ROWS:
             parser.error(f"unknown row {name!r}; choose from {', '.join([*ROWS, *PACKED_ROWS])}")
     for name in configs:
         if name not in CONFIGS:
@@ -579,7 +580,7 @@ def main() -> None:
     results = []
     for row in rows:
         for config_name in configs:
-            if config_name == "plain_bf16" and not {**ROWS, **PACKED_ROWS, **SMOKE_ROWS}[row][1]:
+            if config_name == "plain_bf16" and not ALL_ROWS[row][1]:
                 continue
             if config_name in PACKED_ONLY_CONFIGS and not row.endswith("-packed"):
                 continue
