@@ -15,6 +15,7 @@
 #   bash benchmarks/run_train_gpu.sh head                        # benchmarks/lm_head.py only
 #   bash benchmarks/run_train_gpu.sh overhead --row 7b-lora      # benchmarks/step_overhead.py only
 #   bash benchmarks/run_train_gpu.sh attention                   # benchmarks/varlen_attention.py only
+#   bash benchmarks/run_train_gpu.sh merge --sweep               # benchmarks/lora_merge.py only
 #
 # Logs and tables go to $OUT (default ./train-gpu-out).
 set -uo pipefail
@@ -59,6 +60,9 @@ if [[ "$PHASE" == overhead ]]; then
 fi
 if [[ "$PHASE" == attention ]]; then
   "$PY" benchmarks/varlen_attention.py "$@" 2>&1 | tee "$OUT/varlen-attention.md" | grep -v Warning | tail -20
+fi
+if [[ "$PHASE" == merge ]]; then
+  "$PY" benchmarks/lora_merge.py "$@" 2>&1 | tee "$OUT/lora-merge.md" | tail -40
 fi
 if [[ "$PHASE" == layer ]]; then
   "$PY" benchmarks/lora_layer.py "$@" 2>&1 | tee "$OUT/lora-layer.md" | tail -20

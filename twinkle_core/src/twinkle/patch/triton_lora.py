@@ -39,9 +39,12 @@ TARGET_PROGRAMS = 264
 #: Rows of one program of the kernel that sums the partials (:func:`lora_grads`), and partials it loads at once.
 FINISH_ROWS = 32
 FINISH_PARTS = 16
-#: Square tile and warps of the merge kernel (:func:`lora_merge`).
-MERGE_BLOCK = int(os.environ.get("TWINKLE_LORA_MERGE_BLOCK", "128"))
-MERGE_WARPS = int(os.environ.get("TWINKLE_LORA_MERGE_WARPS", "8"))
+#: Tile (rows x columns of ``W``) and warps of the merge kernel (:func:`lora_merge`). Wide, short
+#: tiles on 4 warps keep it at HBM speed: 142 us for a 7B ``[gate; up]`` against 209 with 128-square
+#: tiles on 8 warps and 130 for a plain copy (``benchmarks/lora_merge.py``, decision 0015).
+MERGE_BLOCK_O = int(os.environ.get("TWINKLE_LORA_MERGE_BLOCK_O", "32"))
+MERGE_BLOCK_I = int(os.environ.get("TWINKLE_LORA_MERGE_BLOCK_I", "256"))
+MERGE_WARPS = int(os.environ.get("TWINKLE_LORA_MERGE_WARPS", "4"))
 #: Tiles and warps of the fused SwiGLU kernels (:func:`swiglu_low`, :func:`swiglu_lora_grads`).
 SWIGLU_BLOCK_T = int(os.environ.get("TWINKLE_SWIGLU_BLOCK_T", "32"))
 SWIGLU_BLOCK_C = int(os.environ.get("TWINKLE_SWIGLU_BLOCK_C", "128"))
@@ -342,7 +345,7 @@ def _merge_op() -> Any:
         row0 = 0
         for weight, weight_b, weight_a, scale in zip(weights, weights_b, weights_a, scales):
             n_out, rank = weight_b.shape
-            grid = (-(-n_out // MERGE_BLOCK), -(-n_in // MERGE_BLOCK))
+            grid = (-(-n_out // MERGE_BLOCK_O), -(-n_in // MERGE_BLOCK_I))
             _launch(lora_merge_tile)[grid](
                 weight,
                 weight_b,
@@ -353,8 +356,8 @@ def _merge_op() -> Any:
                 n_in,
                 rank,
                 float(scale),
-                BO=MERGE_BLOCK,
-                BI=MERGE_BLOCK,
+                BO=MERGE_BLOCK_O,
+                BI=MERGE_BLOCK_I,
                 BR=max(16, _next_pow2(rank)),
                 UPCAST=_interpreting(),
                 num_warps=MERGE_WARPS,
