@@ -101,6 +101,8 @@ CONFIGS = (
     "ours_wgrad512m",
     "ours_wgrad4g",
     "ours_swiglu_saved",
+    "ours_tunableop",
+    "ours_cublaslt",
 )
 #: Variants of ours for diagnosis: which patches they switch off / add.
 OURS_VARIANTS = {
@@ -117,6 +119,8 @@ OURS_VARIANTS = {
     "ours_wgrad512m": ((), (), {"TWINKLE_LCE_WEIGHT_GRAD_CHUNK_BYTES": str(512 << 20)}),
     "ours_wgrad4g": ((), (), {"TWINKLE_LCE_WEIGHT_GRAD_CHUNK_BYTES": str(4 << 30)}),
     "ours_swiglu_saved": (("RecomputeSwiGLU",), (), {}),
+    "ours_tunableop": ((), (), {"PYTORCH_TUNABLEOP_ENABLED": "1", "PYTORCH_TUNABLEOP_TUNING": "1"}),
+    "ours_cublaslt": ((), (), {"TORCH_BLAS_PREFER_CUBLASLT": "1"}),
 }
 DEFAULT_CONFIGS = ("plain", "liger", "ours")
 #: Configurations that only make sense on packed rows (sequences of different lengths).
@@ -241,6 +245,11 @@ def build_ours(config_name: str, shape: dict, lora: bool) -> tuple:
 
     disabled, added, env = OURS_VARIANTS[config_name]
     os.environ.update(env)
+    if env.get("PYTORCH_TUNABLEOP_ENABLED") == "1":  # GEMM algorithms timed per shape during warm-up
+        torch.cuda.tunable.enable(True)
+        torch.cuda.tunable.tuning_enable(True)
+    if env.get("TORCH_BLAS_PREFER_CUBLASLT") == "1":
+        torch.backends.cuda.preferred_blas_library("cublaslt")
     patches = [p for p in resolve_patches(None, disabled)] + list(added)
     torch.manual_seed(0)
     with torch.device(DEVICE):
