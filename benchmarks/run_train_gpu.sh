@@ -16,6 +16,7 @@
 #   bash benchmarks/run_train_gpu.sh overhead --row 7b-lora      # benchmarks/step_overhead.py only
 #   bash benchmarks/run_train_gpu.sh attention                   # benchmarks/varlen_attention.py only
 #   bash benchmarks/run_train_gpu.sh merge --sweep               # benchmarks/lora_merge.py only
+#   bash benchmarks/run_train_gpu.sh fp8                         # benchmarks/fp8_headroom.py only
 #
 # Logs and tables go to $OUT (default ./train-gpu-out).
 set -uo pipefail
@@ -63,6 +64,9 @@ if [[ "$PHASE" == attention ]]; then
 fi
 if [[ "$PHASE" == merge ]]; then
   "$PY" benchmarks/lora_merge.py "$@" 2>&1 | tee "$OUT/lora-merge.md" | tail -40
+fi
+if [[ "$PHASE" == fp8 ]]; then
+  "$PY" benchmarks/fp8_headroom.py "$@" 2>&1 | tee "$OUT/fp8-headroom.md" | tail -20
 fi
 if [[ "$PHASE" == layer ]]; then
   "$PY" benchmarks/lora_layer.py "$@" 2>&1 | tee "$OUT/lora-layer.md" | tail -20
