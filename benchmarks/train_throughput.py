@@ -103,6 +103,7 @@ CONFIGS = (
     "ours_swiglu_saved",
     "ours_tunableop",
     "ours_cublaslt",
+    "ours_fp8",
 )
 #: Variants of ours for diagnosis: which patches they switch off / add.
 OURS_VARIANTS = {
@@ -121,6 +122,7 @@ OURS_VARIANTS = {
     "ours_swiglu_saved": (("RecomputeSwiGLU",), (), {}),
     "ours_tunableop": ((), (), {"PYTORCH_TUNABLEOP_ENABLED": "1", "PYTORCH_TUNABLEOP_TUNING": "1"}),
     "ours_cublaslt": ((), (), {"TORCH_BLAS_PREFER_CUBLASLT": "1"}),
+    "ours_fp8": ((), ("Fp8FrozenGemms",), {}),  # not exact: LoRA's frozen base GEMMs in FP8
 }
 DEFAULT_CONFIGS = ("plain", "liger", "ours")
 #: Configurations that only make sense on packed rows (sequences of different lengths).

@@ -17,6 +17,7 @@ _BUILTIN: dict[str, dict[str, str]] = {
         "RecomputeSwiGLU": "twinkle.patch.checkpointing:RecomputeSwiGLU",
         "CompileDecoderLayers": "twinkle.patch.compile:CompileDecoderLayers",
         "LigerKernels": "twinkle.patch.liger:LigerKernels",
+        "Fp8FrozenGemms": "twinkle.patch.fp8:Fp8FrozenGemms",
     }
 }
 

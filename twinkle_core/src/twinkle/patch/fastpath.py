@@ -21,6 +21,7 @@ patch                          default   what it does
 ``ActivationCheckpointing``    on        checkpointing only when activations would not fit
 ``RecomputeSwiGLU``            on (GPU)  ``act(gate) * up`` recomputed in backward, not kept
 ``LigerKernels``               off       Liger's RMSNorm/SwiGLU/RoPE (``pip install liger-kernel``)
+``Fp8FrozenGemms``             off       LoRA's frozen base GEMMs in FP8 (not exact; opt-in by name)
 =============================  ========  ===============================================
 
 Environment: ``TWINKLE_DISABLED_PATCHES=CompileDecoderLayers,Bf16Adapters`` switches patches

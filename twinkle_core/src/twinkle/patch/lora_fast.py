@@ -28,8 +28,10 @@ from types import MethodType
 from typing import Any
 
 from twinkle.patch.base import Patch
+from twinkle.patch.fp8 import fp8_linear
 
 _LEAN_ATTR = "_twinkle_lean_forward"
+_FP8_ATTR = "_twinkle_fp8"  # the layer's FP8 copies of its frozen weight (twinkle.patch.fp8.Fp8FrozenGemms)
 _MERGED_ATTR = "_twinkle_merged"
 _GRAD_KERNEL_ATTR = "_twinkle_lora_grad_kernel"  # backward through twinkle::lora_grads (triton_lora)
 _MERGE_KERNEL_ATTR = "_twinkle_lora_merge_kernel"  # merged weights through twinkle::lora_merge (triton_lora)
@@ -117,6 +119,7 @@ def _lean_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     """``y = x W^T + b + scaling * (x A^T) B^T`` in two calls; peft's forward for anything else.
 
     With :class:`MergedLoraForward` the product runs through the merged weight where that pays,
+    with :class:`~twinkle.patch.fp8.Fp8FrozenGemms` the base product in FP8,
     and with :class:`GroupedLoraProjections` the first layer of a group (``q_proj`` of q/k/v,
     ``gate_proj`` of gate/up) computes every member's output from the same input in one GEMM
     and leaves the others theirs (``_twinkle_group_out``), which they return when called next
@@ -150,7 +153,11 @@ def _lean_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
         if _merge_pays(x, [plain[0]], keep):
             return _merged_lora(x, [plain], keep, _kernels(self))[0]
     base, weight_a, weight_b, scaling = plain
-    result = torch.nn.functional.linear(x, base.weight, base.bias)
+    fp8 = getattr(self, _FP8_ATTR, None)
+    if fp8 is not None:
+        result = fp8_linear(x, fp8, base.bias)
+    else:
+        result = torch.nn.functional.linear(x, base.weight, base.bias)
     # scaling on the rank-r activations (r columns, not out_features); the add is left as a plain
     # add so that, in compiled layers, inductor fuses it into the consumer (RoPE, SiLU*up, residual)
     low_rank = torch.nn.functional.linear(x, weight_a) * scaling

@@ -1,0 +1,243 @@
+"""Fp8FrozenGemms: a LoRA model's frozen base GEMMs in FP8 (opt-in, not exact).
+
+A LoRA step spends most of its time in two GEMMs per projection: the forward ``x W^T`` and the
+input gradient ``g W``. ``W`` is frozen, so it has no weight gradient. In bf16 these GEMMs run at
+the H200's power cap. ``benchmarks/fp8_headroom.py`` measured a 7B layer's GEMMs at 11.55 ms in
+bf16, 6.77 ms in FP8 and 7.47 ms including the activation quantization (decision 0016).
+
+With this patch, each LoRA ``Linear`` whose base weight is frozen runs:
+
+* forward: ``y = dequant(quant(x) @ quant(W)^T) + b + s (x A^T) B^T``;
+* backward: ``grad_x = dequant(quant(g) @ quant(W))``, plus LoRA's bf16 term.
+
+The quantization is e4m3 with one float32 scale per row. The activation and gradient rows are
+tokens. The weight rows are output channels for the forward and input channels for the backward.
+The weight is quantized once, in both layouts, and again whenever it changes. The layer's output
+is the float32 accumulator times both scales, rounded to bf16 (``torch._scaled_mm``). The adapter
+itself stays in bf16, with peft's gradients (:class:`~twinkle.patch.lora_fast.FusedLoraLinear`'s
+unmerged path).
+
+**Not exact.** One FP8 GEMM is about 3.7e-2 off in relative error, against 1.7e-3 for bf16. That is
+why the patch is off by default and its name says FP8. Switch it on by name:
+
+    TransformersModel(..., torch_dtype="bfloat16", patches=[*default_patches(), "Fp8FrozenGemms"])
+
+It takes the layers over from ``MergedLoraForward`` and ``FusedLoraMLP``. Those need the bf16
+merged weight. Requirements:
+
+* bf16 weights;
+* both dimensions multiples of 16;
+* a CUDA device of compute capability 8.9 or newer (Ada, Hopper), or the CPU, where PyTorch
+  implements the same ``_scaled_mm``, which is how CI checks it.
+
+The FP8 copies take one byte per weight each, two in all: as much memory again as the bf16 base.
+They live beside the model and do not move with ``model.to(...)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twinkle.patch.base import Patch
+
+#: The largest finite e4m3 value: a row's largest magnitude is scaled to it.
+E4M3_MAX = 448.0
+
+
+def quantize_rows(t: Any) -> tuple[Any, Any]:
+    """``t`` (2-D) as e4m3 values and ``[rows, 1]`` float32 scales, ``t ~= values * scales``.
+
+    Each row's largest magnitude maps to 448, so nothing overflows. An all-zero row gets a tiny
+    scale and zeros.
+    """
+    import torch
+
+    amax = t.abs().amax(-1, keepdim=True).float().clamp(min=1e-12)
+    scale = amax / E4M3_MAX
+    values = (t.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return values, scale
+
+
+class Fp8Weight:
+    """The FP8 copies of one frozen ``[out, in]`` weight, rebuilt when the weight changes.
+
+    ``forward``: ``[out, in]`` e4m3 and ``[1, out]`` scales (the second operand of ``x @ W^T``).
+    ``backward``: ``[in, out]`` e4m3 and ``[1, in]`` scales (of ``g @ W``). Both are stored row-major,
+    so their transposes are the column-major operands ``_scaled_mm`` wants.
+    """
+
+    def __init__(self, weight: Any) -> None:
+        self.weight = weight
+        self.refresh(force=True)
+
+    def refresh(self, force: bool = False) -> bool:
+        """Quantize again if the weight changed (in place or replaced) since the last time."""
+        import torch
+
+        w = self.weight
+        stamp = (w.data_ptr(), w._version, w.device)
+        if not force and stamp == self._stamp:
+            return False
+        with torch.no_grad():
+            values, scale = quantize_rows(w.detach())
+            self.forward = (values, scale.reshape(1, -1))
+            values_t, scale_t = quantize_rows(w.detach().t())
+            self.backward = (values_t, scale_t.reshape(1, -1))
+        self._stamp = stamp
+        return True
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for pair in (self.forward, self.backward) for t in pair)
+
+
+class _Fp8LinearFunction:
+    """``x W^T`` and its input gradient ``g W`` as row-scaled FP8 GEMMs (torch on first use).
+
+    ``apply(x, w_values, w_scale, wt_values, wt_scale)``. It returns no gradient for the weight,
+    which is frozen.
+    """
+
+    _fn: Any = None
+
+    @classmethod
+    def get(cls) -> Any:
+        if cls._fn is None:
+            import torch
+
+            class Fp8Linear(torch.autograd.Function):
+                @staticmethod
+                def forward(ctx, x, w_values, w_scale, wt_values, wt_scale):  # type: ignore[override]
+                    flat = x.reshape(-1, x.shape[-1])
+                    x_values, x_scale = quantize_rows(flat)
+                    out = torch._scaled_mm(x_values, w_values.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=x.dtype)
+                    ctx.save_for_backward(wt_values, wt_scale)
+                    ctx.x_shape = x.shape
+                    return out.view(*x.shape[:-1], out.shape[-1])
+
+                @staticmethod
+                def backward(ctx, grad):  # type: ignore[override]
+                    wt_values, wt_scale = ctx.saved_tensors
+                    grad_x = None
+                    if ctx.needs_input_grad[0]:
+                        g_values, g_scale = quantize_rows(grad.reshape(-1, grad.shape[-1]))
+                        grad_x = torch._scaled_mm(
+                            g_values, wt_values.t(), scale_a=g_scale, scale_b=wt_scale, out_dtype=grad.dtype
+                        ).view(ctx.x_shape)
+                    return grad_x, None, None, None, None
+
+            cls._fn = Fp8Linear
+        return cls._fn
+
+
+def fp8_linear(x: Any, fp8: Fp8Weight, bias: Any = None) -> Any:
+    """``x W^T + b`` through ``fp8``'s copies of ``W`` (see the module docstring)."""
+    w_values, w_scale = fp8.forward
+    wt_values, wt_scale = fp8.backward
+    out = _Fp8LinearFunction.get().apply(x, w_values, w_scale, wt_values, wt_scale)
+    return out if bias is None else out + bias
+
+
+def _supported_device(device: Any) -> bool:
+    import torch
+
+    if device.type == "cpu":
+        return True
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 9)
+    return False
+
+
+class Fp8FrozenGemms(Patch):
+    """Frozen base GEMMs of LoRA layers in FP8 (see the module docstring). Off by default: not exact.
+
+    Example::
+
+        from twinkle.patch.fastpath import resolve_patches
+        TransformersModel(..., patches=[*resolve_patches(None), "Fp8FrozenGemms"])
+    """
+
+    name = "Fp8FrozenGemms"
+    enabled_by_default = False
+    order = 24  # after MergedLoraForward and FusedLoraMLP, whose layers it takes over
+
+    def layers(self, model: Any) -> list[Any]:
+        """Lean LoRA layers whose base is a frozen bf16 ``[out, in]`` weight, both multiples of 16."""
+        import torch
+
+        from twinkle.patch.lora_fast import _LEAN_ATTR, lora_linear_layers
+
+        found = []
+        for layer in lora_linear_layers(model):
+            base = layer.get_base_layer()
+            weight = getattr(base, "weight", None)
+            if not getattr(layer, _LEAN_ATTR, False) or type(base) is not torch.nn.Linear:
+                continue
+            if weight.requires_grad or weight.dtype != torch.bfloat16 or not _supported_device(weight.device):
+                continue
+            if weight.shape[0] % 16 or weight.shape[1] % 16:
+                continue
+            found.append(layer)
+        return found
+
+    def applies_to(self, model: Any) -> bool:
+        """Models with such layers (:class:`~twinkle.patch.lora_fast.FusedLoraLinear` applied)."""
+        return bool(self.layers(model))
+
+    def apply(self, model: Any) -> None:
+        """Give each such layer its FP8 copies; refresh them before every forward of the model."""
+        from twinkle.patch.fastpath import decoder_of, get_flag, set_flag, unwrap
+        from twinkle.patch.lora_fast import _FP8_ATTR, _MERGED_ATTR, lora_linear_layers
+
+        _Fp8LinearFunction.get()  # built here, not on first use inside a compiled layer
+        for layer in self.layers(model):
+            fp8 = getattr(layer, _FP8_ATTR, None)
+            weight = layer.get_base_layer().weight
+            if fp8 is None or fp8.weight is not weight:
+                setattr(layer, _FP8_ATTR, Fp8Weight(weight))
+            layer.__dict__.pop(_MERGED_ATTR, None)  # the merged path would bypass the FP8 weights
+        kept, copies = 0, []
+        for layer in lora_linear_layers(model):
+            if getattr(layer, _MERGED_ATTR, None) == "keep":
+                weight = layer.get_base_layer().weight
+                kept += weight.numel() * weight.element_size()
+            if getattr(layer, _FP8_ATTR, None) is not None:
+                copies.append(getattr(layer, _FP8_ATTR))
+        set_flag(model, "kept_merged_bytes", kept)  # ActivationCheckpointing's estimate
+        set_flag(model, "fp8_weights", copies)
+        if get_flag(model, "fp8_refresh_hook") is None:
+            # on the decoder: TransformersModel's fused head calls it directly; any other forward
+            # of the model runs it too (the top-level model when there is no plain decoder)
+            entry = decoder_of(model) or unwrap(model)
+            hook = entry.register_forward_pre_hook(lambda module, args: _refresh(model))
+            set_flag(model, "fp8_refresh_hook", hook)
+
+    def revert(self, model: Any) -> None:
+        """The bf16 path again (MergedLoraForward marks its layers on the next apply)."""
+        from twinkle.patch.fastpath import get_flag, set_flag
+        from twinkle.patch.lora_fast import _FP8_ATTR, lora_linear_layers
+
+        for layer in lora_linear_layers(model):
+            layer.__dict__.pop(_FP8_ATTR, None)
+        hook = get_flag(model, "fp8_refresh_hook")
+        if hook is not None:
+            hook.remove()
+        set_flag(model, "fp8_refresh_hook", None)
+        set_flag(model, "fp8_weights", [])
+
+
+def _refresh(model: Any) -> None:
+    """Before a forward: quantize again the weights that changed since their FP8 copies were made.
+
+    Skipped inside a graph that ``torch.compile`` traces (a whole compiled model): there, call
+    ``Fp8Weight.refresh`` yourself after changing a base weight. TransformersModel compiles decoder
+    layers one by one, so the hook runs eagerly before them.
+    """
+    import torch
+
+    from twinkle.patch.fastpath import get_flag
+
+    if torch.compiler.is_compiling():
+        return
+    for fp8 in get_flag(model, "fp8_weights", []):
+        fp8.refresh()
