@@ -57,15 +57,18 @@ def test_fp8_weight_quantizes_again_only_when_the_weight_changes():
     def close_to_weight(values, scale, w):  # within e4m3's 1/16, plus its subnormal step
         return bool(((values.float() * scale - w.float()).abs() <= w.float().abs() / 16 + scale * 2.0**-9).all())
 
-    assert close_to_weight(fp8.forward[0], fp8.forward[1].t(), weight)
+    # forward: W^T ([in, out], a scale per output channel); backward: W (a scale per input channel)
+    assert fp8.forward[0].shape == (16, 32) and fp8.backward[0].shape == (32, 16)
+    assert fp8.forward[0].stride() == (1, 16) and fp8.backward[0].stride() == (1, 32)  # column-major
+    assert close_to_weight(fp8.forward[0], fp8.forward[1], weight.t())
+    assert close_to_weight(fp8.backward[0], fp8.backward[1], weight)
     assert not fp8.refresh()
     with torch.no_grad():
         weight.mul_(3.0)  # in place: its version counter moves
-    assert not close_to_weight(fp8.forward[0], fp8.forward[1].t(), weight)
+    assert not close_to_weight(fp8.forward[0], fp8.forward[1], weight.t())
     assert fp8.refresh()
-    assert close_to_weight(fp8.forward[0], fp8.forward[1].t(), weight)
-    assert fp8.backward[0].shape == (16, 32)
-    assert close_to_weight(fp8.backward[0], fp8.backward[1].t(), weight.t())
+    assert close_to_weight(fp8.forward[0], fp8.forward[1], weight.t())
+    assert close_to_weight(fp8.backward[0], fp8.backward[1], weight)
     assert fp8.nbytes == 2 * 32 * 16 + 4 * (32 + 16)
 
 
@@ -134,6 +137,35 @@ def test_fp8_path_traces_whole_under_compile():
     torch.testing.assert_close(got[1], want[1])
     for g, w in zip(got[2], want[2]):
         torch.testing.assert_close(g, w)
+
+
+def test_compiled_graphs_give_scaled_mm_its_weights_as_column_major_inputs():
+    """CUDA's _scaled_mm needs a row-major first operand and a column-major second one (the CPU's
+    takes any layout, so this checks the strides themselves, on the graphs AOTAutograd hands the
+    compiler). The first H200 run failed on a row-major second operand in backward."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    seen = []
+
+    def inspect(gm, example_inputs):
+        for node in gm.graph.nodes:
+            if node.target is torch.ops.aten._scaled_mm.default:
+                mat1, mat2 = node.args[:2]
+                assert mat1.meta["val"].is_contiguous()
+                seen.append((mat2.op, tuple(mat2.meta["val"].stride())))
+        return make_boxed_func(gm.forward)
+
+    model = _peft_net()
+    Fp8FrozenGemms().apply(model)
+    x = torch.randn(2, 64, 32).bfloat16().requires_grad_(True)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=aot_autograd(fw_compiler=inspect, bw_compiler=inspect), fullgraph=True)
+    compiled(x).float().sum().backward()
+    torch._dynamo.reset()
+    assert len(seen) == 4  # two layers, forward and input gradient
+    for op, stride in seen:
+        assert op == "placeholder" and stride[0] == 1 and stride[1] > 1, (op, stride)
 
 
 def _model(patches, device="cpu", config=None):

@@ -45,25 +45,31 @@ E4M3_MAX = 448.0
 
 
 def quantize_rows(t: Any) -> tuple[Any, Any]:
-    """``t`` (2-D) as e4m3 values and ``[rows, 1]`` float32 scales, ``t ~= values * scales``.
+    """``t`` (2-D) as row-major e4m3 values and ``[rows, 1]`` float32 scales, ``t ~= values * scales``.
 
     Each row's largest magnitude maps to 448, so nothing overflows. An all-zero row gets a tiny
-    scale and zeros.
+    scale and zeros. The values are contiguous even when ``t`` is a transposed view: elementwise
+    ops keep their input's layout, and ``_scaled_mm`` on CUDA rejects a first operand that is not
+    row-major or a second that is not column-major.
     """
     import torch
 
     amax = t.abs().amax(-1, keepdim=True).float().clamp(min=1e-12)
     scale = amax / E4M3_MAX
     values = (t.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-    return values, scale
+    return values.contiguous(), scale
 
 
 class Fp8Weight:
     """The FP8 copies of one frozen ``[out, in]`` weight, rebuilt when the weight changes.
 
-    ``forward``: ``[out, in]`` e4m3 and ``[1, out]`` scales (the second operand of ``x @ W^T``).
-    ``backward``: ``[in, out]`` e4m3 and ``[1, in]`` scales (of ``g @ W``). Both are stored row-major,
-    so their transposes are the column-major operands ``_scaled_mm`` wants.
+    ``forward``: ``W^T`` as ``[in, out]`` e4m3 with ``[1, out]`` scales, the second operand of
+    ``x @ W^T``. ``backward``: ``W`` as ``[out, in]`` e4m3 with ``[1, in]`` scales, the second operand
+    of ``g @ W``. Both are column-major views, which is the layout ``_scaled_mm`` requires on CUDA.
+    They are made here, outside any compiled graph, so they reach ``_scaled_mm`` as graph inputs
+    with their strides fixed. (On the H200 the first version failed with ``mat2 must be col_major``:
+    it quantized ``W^T`` as a transposed view, whose values kept the view's layout, so transposing
+    them back gave a row-major operand; decision 0016. The CPU ``_scaled_mm`` accepts any layout.)
     """
 
     def __init__(self, weight: Any) -> None:
@@ -79,10 +85,10 @@ class Fp8Weight:
         if not force and stamp == self._stamp:
             return False
         with torch.no_grad():
-            values, scale = quantize_rows(w.detach())
-            self.forward = (values, scale.reshape(1, -1))
-            values_t, scale_t = quantize_rows(w.detach().t())
-            self.backward = (values_t, scale_t.reshape(1, -1))
+            values, scale = quantize_rows(w.detach())  # [out, in] row-major: a scale per output channel
+            self.forward = (values.t(), scale.reshape(1, -1))
+            values_t, scale_t = quantize_rows(w.detach().t())  # [in, out] row-major: per input channel
+            self.backward = (values_t.t(), scale_t.reshape(1, -1))
         self._stamp = stamp
         return True
 
@@ -94,8 +100,8 @@ class Fp8Weight:
 class _Fp8LinearFunction:
     """``x W^T`` and its input gradient ``g W`` as row-scaled FP8 GEMMs (torch on first use).
 
-    ``apply(x, w_values, w_scale, wt_values, wt_scale)``. It returns no gradient for the weight,
-    which is frozen.
+    ``apply(x, w_t, w_t_scale, w, w_scale)``: :class:`Fp8Weight`'s column-major operands and their
+    scales. It returns no gradient for the weight, which is frozen.
     """
 
     _fn: Any = None
@@ -107,23 +113,21 @@ class _Fp8LinearFunction:
 
             class Fp8Linear(torch.autograd.Function):
                 @staticmethod
-                def forward(ctx, x, w_values, w_scale, wt_values, wt_scale):  # type: ignore[override]
-                    flat = x.reshape(-1, x.shape[-1])
-                    x_values, x_scale = quantize_rows(flat)
-                    out = torch._scaled_mm(x_values, w_values.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=x.dtype)
-                    ctx.save_for_backward(wt_values, wt_scale)
+                def forward(ctx, x, w_t, w_t_scale, w, w_scale):  # type: ignore[override]
+                    x_values, x_scale = quantize_rows(x.reshape(-1, x.shape[-1]))
+                    out = torch._scaled_mm(x_values, w_t, scale_a=x_scale, scale_b=w_t_scale, out_dtype=x.dtype)
+                    ctx.save_for_backward(w, w_scale)
                     ctx.x_shape = x.shape
                     return out.view(*x.shape[:-1], out.shape[-1])
 
                 @staticmethod
                 def backward(ctx, grad):  # type: ignore[override]
-                    wt_values, wt_scale = ctx.saved_tensors
+                    w, w_scale = ctx.saved_tensors
                     grad_x = None
                     if ctx.needs_input_grad[0]:
                         g_values, g_scale = quantize_rows(grad.reshape(-1, grad.shape[-1]))
-                        grad_x = torch._scaled_mm(
-                            g_values, wt_values.t(), scale_a=g_scale, scale_b=wt_scale, out_dtype=grad.dtype
-                        ).view(ctx.x_shape)
+                        grad_x = torch._scaled_mm(g_values, w, scale_a=g_scale, scale_b=w_scale, out_dtype=grad.dtype)
+                        grad_x = grad_x.view(ctx.x_shape)
                     return grad_x, None, None, None, None
 
             cls._fn = Fp8Linear
@@ -132,9 +136,7 @@ class _Fp8LinearFunction:
 
 def fp8_linear(x: Any, fp8: Fp8Weight, bias: Any = None) -> Any:
     """``x W^T + b`` through ``fp8``'s copies of ``W`` (see the module docstring)."""
-    w_values, w_scale = fp8.forward
-    wt_values, wt_scale = fp8.backward
-    out = _Fp8LinearFunction.get().apply(x, w_values, w_scale, wt_values, wt_scale)
+    out = _Fp8LinearFunction.get().apply(x, *fp8.forward, *fp8.backward)
     return out if bias is None else out + bias
 
 
