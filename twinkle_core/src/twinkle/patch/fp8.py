@@ -28,7 +28,8 @@ merged weight. Requirements:
 * bf16 weights;
 * both dimensions multiples of 16;
 * a CUDA device of compute capability 8.9 or newer (Ada, Hopper), or the CPU, where PyTorch
-  implements the same ``_scaled_mm``, which is how CI checks it.
+  implements the same ``_scaled_mm``, which is how CI checks it;
+* plain tensors: weights sharded by FSDP2 (DTensors) keep bf16.
 
 The FP8 copies take one byte per weight each, two in all: as much memory again as the bf16 base.
 They live beside the model and do not move with ``model.to(...)``.
@@ -176,6 +177,8 @@ class Fp8FrozenGemms(Patch):
             if not getattr(layer, _LEAN_ATTR, False) or type(base) is not torch.nn.Linear:
                 continue
             if weight.requires_grad or weight.dtype != torch.bfloat16 or not _supported_device(weight.device):
+                continue
+            if type(weight.data) is not torch.Tensor:  # sharded (FSDP2's DTensor) or another subclass
                 continue
             if weight.shape[0] % 16 or weight.shape[1] % 16:
                 continue
