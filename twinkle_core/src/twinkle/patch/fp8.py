@@ -20,7 +20,8 @@ unmerged path).
 **Not exact.** One FP8 GEMM is about 3.7e-2 off in relative error, against 1.7e-3 for bf16. That is
 why the patch is off by default and its name says FP8. Switch it on by name:
 
-    TransformersModel(..., torch_dtype="bfloat16", patches=[*default_patches(), "Fp8FrozenGemms"])
+    from twinkle.patch.fastpath import resolve_patches  # the default patches
+    TransformersModel(..., torch_dtype="bfloat16", patches=[*resolve_patches(None), "Fp8FrozenGemms"])
 
 It takes the layers over from ``MergedLoraForward`` and ``FusedLoraMLP``. Those need the bf16
 merged weight. Requirements:
