@@ -72,6 +72,18 @@ def test_fp8_weight_quantizes_again_only_when_the_weight_changes():
     assert fp8.nbytes == 2 * 32 * 16 + 4 * (32 + 16)
 
 
+def test_fp8_weight_follows_a_replaced_weight_of_its_linear():
+    linear = torch.nn.Linear(16, 32, bias=False).bfloat16().requires_grad_(False)
+    fp8 = Fp8Weight(linear)
+    assert fp8.weight is linear.weight and not fp8.refresh()
+    linear.weight = torch.nn.Parameter(linear.weight.detach() * -2.0, requires_grad=False)  # e.g. load(assign=True)
+    assert fp8.weight is linear.weight
+    assert fp8.refresh()
+    back = fp8.backward[0].float() * fp8.backward[1]
+    bound = linear.weight.float().abs() / 16 + fp8.backward[1] * 2.0**-9
+    assert ((back - linear.weight.float()).abs() <= bound).all()
+
+
 def _peft_net(width: int = 64):
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(32, width), torch.nn.GELU(), torch.nn.Linear(width, 16))

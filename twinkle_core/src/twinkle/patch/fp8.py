@@ -33,7 +33,9 @@ merged weight. Requirements:
 * plain tensors: weights sharded by FSDP2 (DTensors) keep bf16.
 
 The FP8 copies take one byte per weight each, two in all: as much memory again as the bf16 base.
-They live beside the model and do not move with ``model.to(...)``.
+Before each forward of the model, the copies of a weight that changed are rebuilt. That covers a
+weight changed in place, replaced, or moved by ``model.to(...)``. The check is skipped when the
+whole model is one compiled graph.
 """
 
 from __future__ import annotations
@@ -74,16 +76,21 @@ class Fp8Weight:
     them back gave a row-major operand; decision 0016. The CPU ``_scaled_mm`` accepts any layout.)
     """
 
-    def __init__(self, weight: Any) -> None:
-        self.weight = weight
+    def __init__(self, source: Any) -> None:
+        """``source``: the frozen weight, or the ``Linear`` holding it (then a replaced weight is followed)."""
+        self.source = source
         self.refresh(force=True)
 
+    @property
+    def weight(self) -> Any:
+        return getattr(self.source, "weight", self.source)
+
     def refresh(self, force: bool = False) -> bool:
-        """Quantize again if the weight changed (in place or replaced) since the last time."""
+        """Quantize again if the weight changed (in place, moved or replaced) since the last time."""
         import torch
 
         w = self.weight
-        stamp = (w.data_ptr(), w._version, w.device)
+        stamp = (id(w), w.data_ptr(), w._version, w.device)
         if not force and stamp == self._stamp:
             return False
         with torch.no_grad():
@@ -198,9 +205,9 @@ class Fp8FrozenGemms(Patch):
         _Fp8LinearFunction.get()  # built here, not on first use inside a compiled layer
         for layer in self.layers(model):
             fp8 = getattr(layer, _FP8_ATTR, None)
-            weight = layer.get_base_layer().weight
-            if fp8 is None or fp8.weight is not weight:
-                setattr(layer, _FP8_ATTR, Fp8Weight(weight))
+            base = layer.get_base_layer()
+            if fp8 is None or fp8.source is not base:
+                setattr(layer, _FP8_ATTR, Fp8Weight(base))
             layer.__dict__.pop(_MERGED_ATTR, None)  # the merged path would bypass the FP8 weights
         kept, copies = 0, []
         for layer in lora_linear_layers(model):
