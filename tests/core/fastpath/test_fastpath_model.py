@@ -172,13 +172,35 @@ def test_patches_switch_off_by_name_and_env(tiny_config, monkeypatch):
     assert _model(tiny_config).fast_path_patches == []
 
 
-def test_unknown_patch_names_list_the_registered_ones(tiny_config):
+def test_patches_that_are_off_by_default_switch_on_by_name_and_env(tiny_config, monkeypatch):
+    from twinkle.patch.fastpath import resolve_patches
+
+    default = [p.name for p in resolve_patches(None)]
+    assert "Fp8FrozenGemms" not in default and "GroupedLoraProjections" not in default
+    model = _model(tiny_config, dtype="bfloat16", enabled_patches=["Fp8FrozenGemms"])
+    assert "Fp8FrozenGemms" in model.fast_path_patches
+    assert set(model.fast_path_patches) - {"Fp8FrozenGemms"} <= set(default)
+    # added to an explicit list too, once, and never past disabled_patches
+    names = [p.name for p in resolve_patches(["Bf16Adapters"], enabled=["Fp8FrozenGemms", "Bf16Adapters"])]
+    assert names == ["Bf16Adapters", "Fp8FrozenGemms"]
+    assert "Fp8FrozenGemms" not in [p.name for p in resolve_patches(None, ["Fp8FrozenGemms"], ["Fp8FrozenGemms"])]
+    monkeypatch.setenv("TWINKLE_ENABLED_PATCHES", "GroupedLoraProjections, Fp8FrozenGemms")
+    names = [p.name for p in resolve_patches(None)]
+    assert {"GroupedLoraProjections", "Fp8FrozenGemms"} <= set(names) and set(default) <= set(names)
+
+
+def test_unknown_patch_names_list_the_registered_ones(tiny_config, monkeypatch):
     from twinkle.registry import ComponentNotFoundError
 
     with pytest.raises(ComponentNotFoundError, match="FusedLinearCrossEntropy"):
         _model(tiny_config, disabled_patches=["FusedLinearCrossEntropyy"])
     with pytest.raises(ComponentNotFoundError):
         _model(tiny_config, patches=["NoSuchPatch"])
+    with pytest.raises(ComponentNotFoundError, match="Fp8FrozenGemms"):
+        _model(tiny_config, enabled_patches=["Fp8FrozenGemm"])
+    monkeypatch.setenv("TWINKLE_ENABLED_PATCHES", "NoSuchPatch")
+    with pytest.raises(ComponentNotFoundError):
+        _model(tiny_config)
 
 
 def test_gpu_only_patches_do_not_apply_on_cpu(tiny_config):

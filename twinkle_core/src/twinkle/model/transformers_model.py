@@ -172,6 +172,9 @@ class TransformersModel(TwinkleModel):
             every registered patch that is enabled by default (the GPU fast path, see
             :mod:`twinkle.patch.fastpath`).
         disabled_patches: patch names to switch off (also ``TWINKLE_DISABLED_PATCHES``).
+        enabled_patches: patches to apply on top of ``patches`` (or of the default ones), such as
+            those that are off by default (also ``TWINKLE_ENABLED_PATCHES``):
+            ``enabled_patches=["Fp8FrozenGemms"]``.
         **model_kwargs: passed to ``from_pretrained`` / ``from_config``.
 
     Raises:
@@ -203,6 +206,7 @@ class TransformersModel(TwinkleModel):
         trust_remote_code: bool = False,
         patches: Sequence[Any] | None = None,
         disabled_patches: Sequence[str] = (),
+        enabled_patches: Sequence[Any] = (),
         **model_kwargs: Any,
     ) -> None:
         import torch
@@ -230,7 +234,7 @@ class TransformersModel(TwinkleModel):
         # The fast path: registered `patch` components (twinkle.patch.fastpath), re-applied per adapter.
         from twinkle.patch.fastpath import apply_patches, resolve_patches
 
-        self._patches = resolve_patches(patches, disabled_patches)
+        self._patches = resolve_patches(patches, disabled_patches, enabled_patches)
         self.fast_path_patches = apply_patches(self.model, self._patches)
         self._base_param_names = [n for n, _ in self.model.named_parameters()]
         self._peft = None

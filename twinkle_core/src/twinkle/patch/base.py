@@ -12,7 +12,8 @@ class Patch:
     them (architecture, device, installed kernels) and make the change in :meth:`apply`;
     :meth:`revert` undoes it where that is possible. Register a patch with
     ``register("patch", "MyPatch", "pkg.mod:MyPatch")``; ``TransformersModel(patches=[...])``
-    applies the listed ones, ``disabled_patches=[...]`` switches named ones off.
+    applies the listed ones, ``disabled_patches=[...]`` switches named ones off and
+    ``enabled_patches=[...]`` adds ones that are off by default.
 
     Example::
 

@@ -25,7 +25,9 @@ patch                          default   what it does
 =============================  ========  ===============================================
 
 Environment: ``TWINKLE_DISABLED_PATCHES=CompileDecoderLayers,Bf16Adapters`` switches patches
-off for every model (same as ``TransformersModel(disabled_patches=[...])``).
+off for every model (same as ``TransformersModel(disabled_patches=[...])``), and
+``TWINKLE_ENABLED_PATCHES=Fp8FrozenGemms`` switches ones that are off by default on
+(``TransformersModel(enabled_patches=[...])``).
 
 Example::
 
@@ -143,22 +145,41 @@ def _registry() -> Any:
     return get_registry()
 
 
+def _names_from_env(variable: str) -> list[str]:
+    raw = os.environ.get(variable, "")
+    return [name.strip() for name in raw.split(",") if name.strip()]
+
+
 def disabled_from_env() -> set[str]:
     """Names in ``TWINKLE_DISABLED_PATCHES`` (comma separated)."""
-    raw = os.environ.get("TWINKLE_DISABLED_PATCHES", "")
-    return {name.strip() for name in raw.split(",") if name.strip()}
+    return set(_names_from_env("TWINKLE_DISABLED_PATCHES"))
 
 
-def resolve_patches(patches: Iterable[Any] | None = None, disabled: Iterable[str] = ()) -> list[Any]:
+def enabled_from_env() -> list[str]:
+    """Names in ``TWINKLE_ENABLED_PATCHES`` (comma separated): patches added to the chosen ones."""
+    return _names_from_env("TWINKLE_ENABLED_PATCHES")
+
+
+def _patch_name(instance: Any) -> str:
+    return getattr(instance, "name", "") or type(instance).__name__
+
+
+def resolve_patches(
+    patches: Iterable[Any] | None = None, disabled: Iterable[str] = (), enabled: Iterable[Any] = ()
+) -> list[Any]:
     """Patch instances to apply: ``patches`` (names, classes or instances) or every enabled-by-default one.
 
     Args:
         patches: an explicit list; ``None`` means every registered patch with
             ``enabled_by_default = True``.
         disabled: names to leave out (plus ``TWINKLE_DISABLED_PATCHES``).
+        enabled: patches to add to those (names, classes or instances; plus
+            ``TWINKLE_ENABLED_PATCHES``), for the ones that are off by default:
+            ``enabled=["Fp8FrozenGemms"]`` is the default fast path plus FP8.
 
     Raises:
-        ComponentNotFoundError: an unknown name in ``patches`` or ``disabled`` (lists the registered ones).
+        ComponentNotFoundError: an unknown name in ``patches``, ``disabled`` or ``enabled`` (lists
+            the registered ones).
     """
     registry = _registry()
     off = set(disabled) | disabled_from_env()
@@ -173,13 +194,14 @@ def resolve_patches(patches: Iterable[Any] | None = None, disabled: Iterable[str
             cls = registry.resolve("patch", name)
             if getattr(cls, "enabled_by_default", False):
                 chosen.append(cls())
-    else:
-        for item in patches:
-            if isinstance(item, str):
-                item = registry.resolve("patch", item)
-            instance = item() if isinstance(item, type) else item
-            if (getattr(instance, "name", "") or type(instance).__name__) not in off:
-                chosen.append(instance)
+        patches = ()
+    for item in [*patches, *enabled, *enabled_from_env()]:
+        if isinstance(item, str):
+            item = registry.resolve("patch", item)
+        instance = item() if isinstance(item, type) else item
+        name = _patch_name(instance)
+        if name not in off and name not in {_patch_name(p) for p in chosen}:
+            chosen.append(instance)
     chosen.sort(key=lambda p: getattr(p, "order", 100))
     return chosen
 

@@ -20,8 +20,8 @@ unmerged path).
 **Not exact.** One FP8 GEMM is about 3.7e-2 off in relative error, against 1.7e-3 for bf16. That is
 why the patch is off by default and its name says FP8. Switch it on by name:
 
-    from twinkle.patch.fastpath import resolve_patches  # the default patches
-    TransformersModel(..., torch_dtype="bfloat16", patches=[*resolve_patches(None), "Fp8FrozenGemms"])
+    TransformersModel(..., torch_dtype="bfloat16", enabled_patches=["Fp8FrozenGemms"])
+    # or for every model of a process: TWINKLE_ENABLED_PATCHES=Fp8FrozenGemms
 
 It takes the layers over from ``MergedLoraForward`` and ``FusedLoraMLP``. Those need the bf16
 merged weight. Requirements:
@@ -164,8 +164,7 @@ class Fp8FrozenGemms(Patch):
 
     Example::
 
-        from twinkle.patch.fastpath import resolve_patches
-        TransformersModel(..., patches=[*resolve_patches(None), "Fp8FrozenGemms"])
+        TransformersModel(..., torch_dtype="bfloat16", enabled_patches=["Fp8FrozenGemms"])
     """
 
     name = "Fp8FrozenGemms"

@@ -2,7 +2,7 @@
 
 Optional (``pip install liger-kernel``; CUDA only) and off by default: the fast path's
 ``CompileDecoderLayers`` already fuses these ops. Switch it on with
-``TransformersModel(patches=[..., "LigerKernels"])`` or use it without compilation
+``TransformersModel(enabled_patches=["LigerKernels"])`` or use it without compilation
 (``disabled_patches=["CompileDecoderLayers"]``). Liger's own fused linear cross-entropy is
 left off: ``FusedLinearCrossEntropy`` does that job inside the Loss protocol.
 

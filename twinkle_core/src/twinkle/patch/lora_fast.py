@@ -584,7 +584,7 @@ class GroupedLoraProjections(Patch):
 
     Example::
 
-        TransformersModel(..., patches=[..., "GroupedLoraProjections"])  # switch it on by name
+        TransformersModel(..., enabled_patches=["GroupedLoraProjections"])  # switch it on by name
     """
 
     name = "GroupedLoraProjections"
