@@ -105,11 +105,16 @@ def test_layers_with_a_dimension_not_a_multiple_of_16_keep_bf16():
 
 
 def test_fp8_takes_layers_over_from_the_merged_path_and_reverts():
+    from twinkle.patch.fastpath import get_flag
+
     model = _peft_net()
     MergedLoraForward().apply(model)
+    base_bytes = sum(layer.get_base_layer().weight.nbytes for layer in lora_linear_layers(model))
+    assert get_flag(model, "kept_merged_bytes") == base_bytes  # what ActivationCheckpointing budgets for
     patch = Fp8FrozenGemms()
     assert len(patch.layers(model)) == 2
     patch.apply(model)
+    assert get_flag(model, "kept_merged_bytes") == 0  # no merged weight is kept any more
     for layer in lora_linear_layers(model):
         assert isinstance(layer._twinkle_fp8, Fp8Weight)
         assert not hasattr(layer, "_twinkle_merged")

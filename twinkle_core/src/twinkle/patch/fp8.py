@@ -199,7 +199,7 @@ class Fp8FrozenGemms(Patch):
     def apply(self, model: Any) -> None:
         """Give each such layer its FP8 copies; refresh them before every forward of the model."""
         from twinkle.patch.fastpath import decoder_of, get_flag, set_flag, unwrap
-        from twinkle.patch.lora_fast import _FP8_ATTR, _MERGED_ATTR, lora_linear_layers
+        from twinkle.patch.lora_fast import _FP8_ATTR, _MERGED_ATTR, count_kept_merged, lora_linear_layers
 
         _Fp8LinearFunction.get()  # built here, not on first use inside a compiled layer
         for layer in self.layers(model):
@@ -208,14 +208,8 @@ class Fp8FrozenGemms(Patch):
             if fp8 is None or fp8.source is not base:
                 setattr(layer, _FP8_ATTR, Fp8Weight(base))
             layer.__dict__.pop(_MERGED_ATTR, None)  # the merged path would bypass the FP8 weights
-        kept, copies = 0, []
-        for layer in lora_linear_layers(model):
-            if getattr(layer, _MERGED_ATTR, None) == "keep":
-                weight = layer.get_base_layer().weight
-                kept += weight.numel() * weight.element_size()
-            if getattr(layer, _FP8_ATTR, None) is not None:
-                copies.append(getattr(layer, _FP8_ATTR))
-        set_flag(model, "kept_merged_bytes", kept)  # ActivationCheckpointing's estimate
+        count_kept_merged(model)  # fewer merged weights kept now
+        copies = [getattr(layer, _FP8_ATTR) for layer in lora_linear_layers(model) if hasattr(layer, _FP8_ATTR)]
         set_flag(model, "fp8_weights", copies)
         if get_flag(model, "fp8_refresh_hook") is None:
             # on the decoder: TransformersModel's fused head calls it directly; any other forward

@@ -477,6 +477,20 @@ def use_kernel(model: Any, choice: str | bool) -> bool:
     return True
 
 
+def count_kept_merged(model: Any) -> int:
+    """Record (and return) the bytes of the merged weights kept for backward: one copy of each base
+    weight on the kept merged path. ActivationCheckpointing counts them with the activations."""
+    from twinkle.patch.fastpath import set_flag
+
+    kept = 0
+    for layer in lora_linear_layers(model):
+        if getattr(layer, _MERGED_ATTR, None) == "keep":
+            weight = layer.get_base_layer().weight
+            kept += weight.numel() * weight.element_size()
+    set_flag(model, "kept_merged_bytes", kept)
+    return kept
+
+
 class MergedLoraForward(Patch):
     """LoRA through a merged weight: ``x (W + s B A)^T`` in one GEMM, LoRA's own low-rank gradients.
 
@@ -530,22 +544,16 @@ class MergedLoraForward(Patch):
 
     def apply(self, model: Any) -> None:
         """Mark each lean LoRA layer to merge (the choice is made per call)."""
-        from twinkle.patch.fastpath import set_flag
-
         mode = "keep" if self.keep_merged else "recompute"
         grad_kernel = use_kernel(model, self.grad_kernel)
         merge_kernel = use_kernel(model, self.merge_kernel)
         _MergedLoraFunction.get()  # built here, not on first use inside a compiled layer (a graph break)
-        kept = 0
         for layer in lora_linear_layers(model):
             if getattr(layer, _LEAN_ATTR, False):
                 setattr(layer, _MERGED_ATTR, mode)
                 setattr(layer, _GRAD_KERNEL_ATTR, grad_kernel)
                 setattr(layer, _MERGE_KERNEL_ATTR, merge_kernel)
-                weight = layer.get_base_layer().weight
-                kept += weight.numel() * weight.element_size() if self.keep_merged else 0
-        # ActivationCheckpointing counts the kept merged weights with the activations
-        set_flag(model, "kept_merged_bytes", kept)
+        count_kept_merged(model)
 
     def revert(self, model: Any) -> None:
         """Back to the unmerged LoRA product."""
