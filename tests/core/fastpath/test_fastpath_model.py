@@ -184,6 +184,7 @@ def test_patches_that_are_off_by_default_switch_on_by_name_and_env(tiny_config, 
     names = [p.name for p in resolve_patches(["Bf16Adapters"], enabled=["Fp8FrozenGemms", "Bf16Adapters"])]
     assert names == ["Bf16Adapters", "Fp8FrozenGemms"]
     assert "Fp8FrozenGemms" not in [p.name for p in resolve_patches(None, ["Fp8FrozenGemms"], ["Fp8FrozenGemms"])]
+    assert [p.name for p in resolve_patches(None, None, None)] == default  # None: nothing left out or added
     monkeypatch.setenv("TWINKLE_ENABLED_PATCHES", "GroupedLoraProjections, Fp8FrozenGemms")
     names = [p.name for p in resolve_patches(None)]
     assert {"GroupedLoraProjections", "Fp8FrozenGemms"} <= set(names) and set(default) <= set(names)

@@ -8,8 +8,11 @@ torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
 from fastpath_test_utils import make_rows, tiny_qwen2_config  # noqa: E402
-from twinkle.patch.fp8 import E4M3_MAX, Fp8FrozenGemms, Fp8Weight, fp8_linear, quantize_rows  # noqa: E402
+from twinkle.patch.fp8 import E4M3_MAX, Fp8FrozenGemms, Fp8Weight, _cpu_row_scaled_mm, fp8_linear, quantize_rows  # noqa: E402
 from twinkle.patch.lora_fast import FusedLoraLinear, MergedLoraForward, lora_linear_layers  # noqa: E402
+
+# torch 2.11's CPU _scaled_mm takes per-tensor scales only (the GPU image has it); 2.13 scales rows
+cpu_scaled_mm = pytest.mark.skipif(not _cpu_row_scaled_mm(), reason="CPU _scaled_mm without row scales")
 
 LORA = {"r": 8, "lora_alpha": 16, "target_modules": "all-linear", "lora_dropout": 0.0, "init_lora_weights": False}
 
@@ -33,6 +36,7 @@ def test_quantize_rows_keeps_every_value_within_e4m3_precision():
     assert torch.equal(values.float().abs().amax(-1)[rows], torch.full((31,), E4M3_MAX))
 
 
+@cpu_scaled_mm
 def test_fp8_linear_is_the_linear_map_within_fp8_error_not_bf16():
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(3, 40, 64, generator=gen).bfloat16().requires_grad_(True)
@@ -104,6 +108,7 @@ def test_layers_with_a_dimension_not_a_multiple_of_16_keep_bf16():
     assert not patch.applies_to(model)
 
 
+@cpu_scaled_mm
 def test_fp8_takes_layers_over_from_the_merged_path_and_reverts():
     from twinkle.patch.fastpath import get_flag
 
@@ -128,6 +133,7 @@ def test_fp8_takes_layers_over_from_the_merged_path_and_reverts():
     assert 1e-3 < _rel(fp8_out, bf16_out) < 0.1
 
 
+@cpu_scaled_mm
 def test_fp8_path_traces_whole_under_compile():
     model = _peft_net()
     Fp8FrozenGemms().apply(model)
@@ -156,6 +162,7 @@ def test_fp8_path_traces_whole_under_compile():
         torch.testing.assert_close(g, w)
 
 
+@cpu_scaled_mm
 def test_compiled_graphs_give_scaled_mm_its_weights_as_column_major_inputs():
     """CUDA's _scaled_mm needs a row-major first operand and a column-major second one (the CPU's
     takes any layout, so this checks the strides themselves, on the graphs AOTAutograd hands the
@@ -216,6 +223,7 @@ def _train(fast, plain, batches):
     return losses
 
 
+@cpu_scaled_mm
 def test_transformers_model_trains_lora_with_fp8_frozen_gemms():
     from twinkle.patch.fastpath import resolve_patches
 

@@ -165,14 +165,14 @@ def _patch_name(instance: Any) -> str:
 
 
 def resolve_patches(
-    patches: Iterable[Any] | None = None, disabled: Iterable[str] = (), enabled: Iterable[Any] = ()
+    patches: Iterable[Any] | None = None, disabled: Iterable[str] | None = (), enabled: Iterable[Any] | None = ()
 ) -> list[Any]:
     """Patch instances to apply: ``patches`` (names, classes or instances) or every enabled-by-default one.
 
     Args:
         patches: an explicit list; ``None`` means every registered patch with
             ``enabled_by_default = True``.
-        disabled: names to leave out (plus ``TWINKLE_DISABLED_PATCHES``).
+        disabled: names to leave out (plus ``TWINKLE_DISABLED_PATCHES``); ``None`` is none.
         enabled: patches to add to those (names, classes or instances; plus
             ``TWINKLE_ENABLED_PATCHES``), for the ones that are off by default:
             ``enabled=["Fp8FrozenGemms"]`` is the default fast path plus FP8.
@@ -182,6 +182,7 @@ def resolve_patches(
             the registered ones).
     """
     registry = _registry()
+    disabled, enabled = disabled or (), enabled or ()
     off = set(disabled) | disabled_from_env()
     for name in off:
         if ("patch", name) not in registry:

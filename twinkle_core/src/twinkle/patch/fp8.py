@@ -149,11 +149,31 @@ def fp8_linear(x: Any, fp8: Fp8Weight, bias: Any = None) -> Any:
     return out if bias is None else out + bias
 
 
+_CPU_ROW_SCALED: bool | None = None
+
+
+def _cpu_row_scaled_mm() -> bool:
+    """Whether this torch's CPU ``_scaled_mm`` takes row-wise scales (2.13 does; 2.11 asserts per-tensor)."""
+    global _CPU_ROW_SCALED
+    if _CPU_ROW_SCALED is None:
+        import torch
+
+        a = torch.ones(16, 16).to(torch.float8_e4m3fn)
+        b = torch.ones(16, 16).to(torch.float8_e4m3fn).t()
+        try:
+            torch._scaled_mm(a, b, scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.bfloat16)
+            _CPU_ROW_SCALED = True
+        except (RuntimeError, NotImplementedError):
+            _CPU_ROW_SCALED = False
+    return _CPU_ROW_SCALED
+
+
 def _supported_device(device: Any) -> bool:
+    """CUDA sm89+ (Ada, Hopper, Blackwell), or the CPU where its ``_scaled_mm`` scales rows."""
     import torch
 
     if device.type == "cpu":
-        return True
+        return _cpu_row_scaled_mm()
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device) >= (8, 9)
     return False
