@@ -139,6 +139,21 @@ def test_forward_only_logps_and_disabled_adapters(tiny_model_dir):
     assert total / base.num_tokens == pytest.approx(base.loss, rel=1e-5)
 
 
+def test_forward_only_takes_a_batch_of_tensors(tiny_model_dir):
+    """A collated {input_ids, labels} batch (no processor row ids): one sequence per row, as from rows."""
+    model = TransformersModel(model_id=tiny_model_dir)
+    rows = make_rows(2, seed=6)
+    length = min(len(r["input_ids"]) for r in rows)
+    ids = torch.tensor([r["input_ids"][:length] for r in rows])
+    out = model.forward_only({"input_ids": ids, "labels": ids.clone()})
+    want = model.forward_only([{"input_ids": r, "labels": r} for r in ids.tolist()])
+    assert [len(lp) for lp in out.logps] == [length, length]
+    assert out.logps == [pytest.approx(lp, abs=1e-5) for lp in want.logps]
+    assert out.loss == pytest.approx(want.loss, rel=1e-5) and out.num_tokens == want.num_tokens
+    masked = model.forward_only({"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)})
+    assert masked.logps == [pytest.approx(lp, abs=1e-5) for lp in want.logps]
+
+
 class RecordingLoss(Loss):
     """An advantage-weighted NLL that records what reached it."""
 

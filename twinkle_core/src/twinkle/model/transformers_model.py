@@ -205,8 +205,8 @@ class TransformersModel(TwinkleModel):
         gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
         patches: Sequence[Any] | None = None,
-        disabled_patches: Sequence[str] = (),
-        enabled_patches: Sequence[Any] = (),
+        disabled_patches: Sequence[str] | None = (),
+        enabled_patches: Sequence[Any] | None = (),
         **model_kwargs: Any,
     ) -> None:
         import torch
@@ -1474,8 +1474,12 @@ def _no_grad() -> Iterator[None]:
 
 def _per_row_logps(batch: Mapping[str, Any], logps: Any) -> list[list[float]]:
     """Per input row, the log-prob of each label (aligned with the row's labels; first position 0.0)."""
-    row_ids = batch["row_ids"]
     values = logps.detach().float().cpu()
+    row_ids = batch.get("row_ids")
+    if row_ids is None:  # a batch of tensors given as is: one sequence per row, right-padded if masked
+        mask = batch.get("attention_mask")
+        lengths = mask.sum(-1).tolist() if mask is not None else [values.shape[1]] * values.shape[0]
+        return [[0.0, *values[r, : int(n) - 1].tolist()] for r, n in enumerate(lengths)]
     rows = row_ids.cpu()
     result: list[list[float]] = []
     if rows.shape[0] == 1 and int(rows.max()) > 0:
