@@ -18,12 +18,13 @@ At the end the FP8-trained adapter is saved, loaded into a fresh bf16 model and 
 the question a user asks is whether an adapter trained in FP8 serves as well in bf16.
 
 Prints the training loss of both runs at a few steps, the eval losses, the mean and largest
-difference, and tokens/s; writes the table to ``--out`` as Markdown.
+differences, and tokens/s; writes the table to ``--out`` as Markdown and every step's losses as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -187,10 +188,14 @@ def table(args, chain: MarkovChain, runs: dict, fp8_in_bf16: float, torch) -> st
         lines.append(f"| {step} | {a:.4f} | {b:.4f} | {b - a:+.4f} |")
     diffs = [abs(a - b) for a, b in zip(bf16["losses"], fp8["losses"])]
     tail = diffs[-min(50, len(diffs)) :]
+    largest = sorted(range(len(diffs)), key=diffs.__getitem__)[-5:][::-1]
     lines += [
         "",
         f"train loss |fp8 - bf16|: mean {sum(diffs) / len(diffs):.4f}, largest {max(diffs):.4f}, "
         f"mean over the last {len(tail)} steps {sum(tail) / len(tail):.4f}",
+        "",
+        "largest differences (step: bf16 / fp8): "
+        + "; ".join(f"{i + 1}: {bf16['losses'][i]:.4f} / {fp8['losses'][i]:.4f}" for i in largest),
         "",
         "| eval after step | bf16 | fp8 | fp8 - bf16 |",
         "|---:|---:|---:|---:|",
@@ -210,7 +215,9 @@ def table(args, chain: MarkovChain, runs: dict, fp8_in_bf16: float, torch) -> st
     text = "\n".join(lines) + "\n"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"fp8_convergence-{time.strftime('%Y%m%d-%H%M%S')}-{args.shape}.md").write_text(text)
+    stem = out / f"fp8_convergence-{time.strftime('%Y%m%d-%H%M%S')}-{args.shape}"
+    stem.with_suffix(".md").write_text(text)
+    stem.with_suffix(".json").write_text(json.dumps({"args": vars(args), **runs, "fp8_in_bf16": fp8_in_bf16}))
     return text
 
 

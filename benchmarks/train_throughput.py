@@ -24,6 +24,8 @@ transformers' classes globally; compiled code and the allocator stay separate):
   chunk compiled by inductor instead of the Triton kernel; ``ours_wgrad512m`` / ``ours_wgrad4g``
   with 512 MiB / 4 GiB loss chunks when the LM head trains; ``ours_swiglu_saved`` without
   ``RecomputeSwiGLU`` (the MLP's ``act(gate) * up`` saved for backward instead of recomputed).
+* ``ours_fp8``: ours plus the opt-in ``Fp8FrozenGemms`` (not exact: LoRA's frozen GEMMs in FP8, on
+  layers of 1024+ features); ``ours_fp8_all`` the same on every layer of 16+ features.
 
 Packed rows (``--rows 0.5b-lora-packed,7b-lora-packed``, not in the default run): each step is the
 same ``batch * 2048`` tokens, in sequences of random lengths (log-uniform 32-2048, 26-47 of them
@@ -104,6 +106,7 @@ CONFIGS = (
     "ours_tunableop",
     "ours_cublaslt",
     "ours_fp8",
+    "ours_fp8_all",
 )
 #: Variants of ours for diagnosis: which patches they switch off / add.
 OURS_VARIANTS = {
@@ -123,6 +126,7 @@ OURS_VARIANTS = {
     "ours_tunableop": ((), (), {"PYTORCH_TUNABLEOP_ENABLED": "1", "PYTORCH_TUNABLEOP_TUNING": "1"}),
     "ours_cublaslt": ((), (), {"TORCH_BLAS_PREFER_CUBLASLT": "1"}),
     "ours_fp8": ((), ("Fp8FrozenGemms",), {}),  # not exact: LoRA's frozen base GEMMs in FP8
+    "ours_fp8_all": ((), ("Fp8FrozenGemms",), {"TWINKLE_FP8_MIN_FEATURES": "16"}),  # small layers too
 }
 DEFAULT_CONFIGS = ("plain", "liger", "ours")
 #: Configurations that only make sense on packed rows (sequences of different lengths).
@@ -252,6 +256,10 @@ def build_ours(config_name: str, shape: dict, lora: bool) -> tuple:
         torch.cuda.tunable.tuning_enable(True)
     if env.get("TORCH_BLAS_PREFER_CUBLASLT") == "1":
         torch.backends.cuda.preferred_blas_library("cublaslt")
+    if "TWINKLE_FP8_MIN_FEATURES" in env:
+        from twinkle.patch.fp8 import Fp8FrozenGemms
+
+        Fp8FrozenGemms.min_features = int(env["TWINKLE_FP8_MIN_FEATURES"])
     patches = [p for p in resolve_patches(None, disabled)] + list(added)
     torch.manual_seed(0)
     with torch.device(DEVICE):

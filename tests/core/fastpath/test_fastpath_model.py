@@ -177,6 +177,9 @@ def test_patches_that_are_off_by_default_switch_on_by_name_and_env(tiny_config, 
 
     default = [p.name for p in resolve_patches(None)]
     assert "Fp8FrozenGemms" not in default and "GroupedLoraProjections" not in default
+    from twinkle.patch.fp8 import Fp8FrozenGemms
+
+    monkeypatch.setattr(Fp8FrozenGemms, "min_features", 16)  # the tiny model's layers qualify
     model = _model(tiny_config, dtype="bfloat16", enabled_patches=["Fp8FrozenGemms"])
     assert "Fp8FrozenGemms" in model.fast_path_patches
     assert set(model.fast_path_patches) - {"Fp8FrozenGemms"} <= set(default)

@@ -101,11 +101,26 @@ def _peft_net(width: int = 64):
     return model
 
 
+@pytest.fixture(autouse=True)
+def _small_layers_qualify(monkeypatch):
+    """The test models are tiny; by default only layers of 1024+ features take FP8."""
+    monkeypatch.setattr(Fp8FrozenGemms, "min_features", 16)
+
+
 def test_layers_with_a_dimension_not_a_multiple_of_16_keep_bf16():
     model = _peft_net(width=40)  # [40, 32] and [16, 40]: neither layer qualifies
     patch = Fp8FrozenGemms()
     assert patch.layers(model) == []
     assert not patch.applies_to(model)
+
+
+def test_layers_smaller_than_min_features_keep_the_merged_path(monkeypatch):
+    model = _peft_net(width=48)  # [48, 32] and [16, 48]
+    assert len(Fp8FrozenGemms().layers(model)) == 2
+    monkeypatch.setattr(Fp8FrozenGemms, "min_features", 32)
+    assert [layer.get_base_layer().weight.shape[0] for layer in Fp8FrozenGemms().layers(model)] == [48]
+    monkeypatch.undo()
+    assert Fp8FrozenGemms.min_features == 1024  # the default: a 0.5B model (hidden 896) keeps bf16
 
 
 @cpu_scaled_mm
