@@ -496,7 +496,7 @@ def run_worker(args: argparse.Namespace, row: str, config_name: str) -> dict:
         "--warmup",
         str(args.warmup),
     ]
-    if args.profile and config_name in ("ours", "liger", "ours_eager"):
+    if args.profile and config_name in ("ours", "liger", "ours_eager", "ours_fp8"):
         cmd += ["--profile-dir", str(args.out)]
     if args.memory:
         cmd += ["--memory"]
@@ -571,7 +571,7 @@ def main() -> None:
     parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS))
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--profile", action="store_true", help="one profiled step of ours and liger per row")
+    parser.add_argument("--profile", action="store_true", help="one profiled step of ours, ours_fp8 and liger per row")
     parser.add_argument("--memory", action="store_true", help="what is allocated at the peak of one step")
     parser.add_argument("--profile-dir", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
