@@ -2,7 +2,7 @@
 
     python benchmarks/fp8_convergence.py                           # Qwen2.5-0.5B shape, 300 steps
     python benchmarks/fp8_convergence.py --shape 7b --batch 4 --steps 150
-    TWINKLE_BENCH_DEVICE=cpu python benchmarks/fp8_convergence.py --shape tiny --steps 20   # harness
+    TWINKLE_BENCH_DEVICE=cpu python benchmarks/fp8_convergence.py --shape tiny --steps 20 --fp8-min-features 16
 
 ``Fp8FrozenGemms`` (decision 0016) runs LoRA's frozen base GEMMs in row-scaled e4m3: each product
 is off by ~4e-2 relative instead of bf16's ~2e-3. Throughput says nothing about whether training
@@ -32,18 +32,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from model_shapes import QWEN25_05B, QWEN25_7B, qwen2_config
+from model_shapes import QWEN25_05B, QWEN25_7B, TINY, qwen2_config
 
-TINY = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=2048,
-    tie_word_embeddings=True,
-)
-SHAPES = {"0.5b": QWEN25_05B, "7b": QWEN25_7B, "tiny": TINY}
+SHAPES = {"0.5b": QWEN25_05B, "7b": QWEN25_7B, "tiny": {**TINY, "vocab_size": 2048}}  # the chain takes 1024 ids
 DEVICE = os.environ.get("TWINKLE_BENCH_DEVICE", "cuda")
 STATES = 1024
 SUCCESSOR_PROBS = (0.55, 0.25, 0.15, 0.05)
@@ -113,7 +104,10 @@ def train(name: str, model, args, chain: MarkovChain, eval_batches: list[dict]) 
 
     fast_path = model.fast_path_patches
     if name == "fp8" and "Fp8FrozenGemms" not in fast_path:
-        sys.exit(f"Fp8FrozenGemms did not apply on {DEVICE} (patches: {fast_path}); it needs sm89+ or row-scaled CPU")
+        sys.exit(
+            f"Fp8FrozenGemms took no layer on {DEVICE} (patches: {fast_path}): it needs sm89+ CUDA or a CPU "
+            "_scaled_mm with row-wise scales, and layers of --fp8-min-features or more"
+        )
     print(f"[{name}] fast path: {fast_path}", file=sys.stderr, flush=True)
     losses, evals, seconds = [], {}, 0.0
     for step in range(1, args.steps + 1):
@@ -144,10 +138,18 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--eval-batches", type=int, default=4)
+    parser.add_argument(
+        "--fp8-min-features", type=int, default=None, help="Fp8FrozenGemms.min_features (default: the patch's, 1024)"
+    )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
 
     import torch
+    from twinkle.patch.fp8 import Fp8FrozenGemms
+
+    if args.fp8_min_features is not None:
+        Fp8FrozenGemms.min_features = args.fp8_min_features
+    args.fp8_min_features = Fp8FrozenGemms.min_features
 
     shape = SHAPES[args.shape]
     chain = MarkovChain(shape["vocab_size"])
@@ -176,8 +178,9 @@ def table(args, chain: MarkovChain, runs: dict, fp8_in_bf16: float, torch) -> st
         f"# fp8_convergence {time.strftime('%Y%m%d-%H%M%S')}",
         "",
         f"{device}; torch {torch.__version__}; Qwen2.5-{args.shape} shape, random init; LoRA r={args.rank} on all "
-        f"linear layers, AdamW lr {args.lr}, clip 1.0; {args.steps} steps of {args.batch} x {args.seq} tokens "
-        f"from a Markov chain (best possible loss {chain.entropy:.3f}); eval on {args.eval_batches} held-out batches",
+        f"linear layers, AdamW lr {args.lr}, clip 1.0; FP8 on layers of {args.fp8_min_features}+ features; "
+        f"{args.steps} steps of {args.batch} x {args.seq} tokens from a Markov chain (best possible loss "
+        f"{chain.entropy:.3f}); eval on {args.eval_batches} held-out batches",
         "",
         "| step | bf16 train loss | fp8 train loss | fp8 - bf16 |",
         "|---:|---:|---:|---:|",

@@ -33,6 +33,16 @@ QWEN25_7B = dict(
     vocab_size=152064,
     tie_word_embeddings=False,
 )
+#: A shape for checking a benchmark's harness on any device.
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=1000,
+    tie_word_embeddings=True,
+)
 #: Fields of every Qwen2 configuration the benchmarks build (besides the shape).
 QWEN2_COMMON = dict(
     model_type="qwen2",

@@ -56,18 +56,9 @@ import sys
 import time
 from pathlib import Path
 
-from model_shapes import PEAK_TFLOPS, QWEN25_05B, QWEN25_7B, flops_per_token, qwen2_config
+from model_shapes import PEAK_TFLOPS, QWEN25_05B, QWEN25_7B, TINY, flops_per_token, qwen2_config
 
 SEQ_LEN = 2048
-TINY = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=1000,
-    tie_word_embeddings=True,
-)
 #: row name -> (model shape, LoRA?, micro-batch size)
 ROWS = {
     "0.5b-lora": (QWEN25_05B, True, 8),
