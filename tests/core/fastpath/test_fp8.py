@@ -123,6 +123,17 @@ def test_layers_smaller_than_min_features_keep_the_merged_path(monkeypatch):
     assert Fp8FrozenGemms.min_features == 1024  # the default: a 0.5B model (hidden 896) keeps bf16
 
 
+def test_asked_for_but_taking_no_layer_says_why_once(caplog, monkeypatch):
+    model = _peft_net(width=48)
+    monkeypatch.setattr(Fp8FrozenGemms, "min_features", 64)
+    with caplog.at_level("WARNING", logger="twinkle.patch"):
+        assert not Fp8FrozenGemms().applies_to(model)
+        assert not Fp8FrozenGemms().applies_to(model)
+    [record] = [r for r in caplog.records if "Fp8FrozenGemms" in r.getMessage()]
+    assert "none of the 2 LoRA layers" in record.getMessage() and "at least 64 features" in record.getMessage()
+    assert "(48, 32) bfloat16 on cpu" in record.getMessage()
+
+
 @cpu_scaled_mm
 def test_fp8_takes_layers_over_from_the_merged_path_and_reverts():
     from twinkle.patch.fastpath import get_flag

@@ -29,7 +29,7 @@ merged weight. Requirements:
 * bf16 weights;
 * both dimensions multiples of 16, and at least ``Fp8FrozenGemms.min_features`` (1024; env
   ``TWINKLE_FP8_MIN_FEATURES``): smaller GEMMs lose more to the quantization passes and the lost
-  merged path than FP8 saves (a 0.5B model ran 0.72x as fast with all its layers in FP8);
+  merged path than FP8 saves (a 0.5B LoRA step ran 0.84x as fast with all its layers in FP8);
 * a CUDA device of compute capability 8.9 or newer (Ada, Hopper), or the CPU, where PyTorch
   implements the same ``_scaled_mm``, which is how CI checks it;
 * plain tensors: weights sharded by FSDP2 (DTensors) keep bf16.
@@ -42,10 +42,14 @@ whole model is one compiled graph.
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 from typing import Any
 
 from twinkle.patch.base import Patch
+
+logger = logging.getLogger("twinkle.patch")
 
 #: The largest finite e4m3 value: a row's largest magnitude is scaled to it.
 E4M3_MAX = 448.0
@@ -152,23 +156,18 @@ def fp8_linear(x: Any, fp8: Fp8Weight, bias: Any = None) -> Any:
     return out if bias is None else out + bias
 
 
-_CPU_ROW_SCALED: bool | None = None
-
-
+@functools.cache
 def _cpu_row_scaled_mm() -> bool:
     """Whether this torch's CPU ``_scaled_mm`` takes row-wise scales (2.13 does; 2.11 asserts per-tensor)."""
-    global _CPU_ROW_SCALED
-    if _CPU_ROW_SCALED is None:
-        import torch
+    import torch
 
-        a = torch.ones(16, 16).to(torch.float8_e4m3fn)
-        b = torch.ones(16, 16).to(torch.float8_e4m3fn).t()
-        try:
-            torch._scaled_mm(a, b, scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.bfloat16)
-            _CPU_ROW_SCALED = True
-        except (RuntimeError, NotImplementedError):
-            _CPU_ROW_SCALED = False
-    return _CPU_ROW_SCALED
+    a = torch.ones(16, 16).to(torch.float8_e4m3fn)
+    b = torch.ones(16, 16).to(torch.float8_e4m3fn).t()
+    try:
+        torch._scaled_mm(a, b, scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.bfloat16)
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
 
 
 def _supported_device(device: Any) -> bool:
@@ -219,8 +218,31 @@ class Fp8FrozenGemms(Patch):
         return found
 
     def applies_to(self, model: Any) -> bool:
-        """Models with such layers (:class:`~twinkle.patch.lora_fast.FusedLoraLinear` applied)."""
-        return bool(self.layers(model))
+        """Models with such layers (:class:`~twinkle.patch.lora_fast.FusedLoraLinear` applied).
+
+        Asked for by name, the patch says once why a model with LoRA layers gets none in FP8.
+        """
+        from twinkle.patch.fastpath import get_flag, set_flag
+        from twinkle.patch.lora_fast import lora_linear_layers
+
+        if self.layers(model):
+            return True
+        lora = lora_linear_layers(model)
+        if lora and not get_flag(model, "fp8_none_warned"):
+            set_flag(model, "fp8_none_warned", True)
+            weight = lora[0].get_base_layer().weight
+            logger.warning(
+                "Fp8FrozenGemms takes none of the %d LoRA layers, so they stay exact bf16. It needs FusedLoraLinear "
+                "on, frozen bf16 weights on CUDA of compute capability 8.9+ (or a CPU whose _scaled_mm scales rows), "
+                "and layers of at least %d features (TWINKLE_FP8_MIN_FEATURES: smaller layers run faster exact). "
+                "First layer: %s %s on %s",
+                len(lora),
+                self.min_features,
+                tuple(weight.shape),
+                str(weight.dtype).replace("torch.", ""),
+                weight.device,
+            )
+        return False
 
     def apply(self, model: Any) -> None:
         """Give each such layer its FP8 copies; refresh them before every forward of the model."""
