@@ -43,6 +43,17 @@ ENV = {"UV_FIND_LINKS": TORCH_WHEELS} if os.path.isdir(TORCH_WHEELS) else {}
 PYTEST = ("pytest", "-q", "-ra", "--timeout=900", "-p", "no:cacheprovider")
 
 
+def pytest_args(session: nox.Session, default_path: str) -> tuple[str, ...]:
+    """pytest's command line: the session's test folder, or only the paths given after ``--``.
+
+    ``nox -s core -- tests/core/model/test_x.py -k name`` runs just that file; options alone
+    (``nox -s core -- -x``) still run the whole folder.
+    """
+    args = tuple(session.posargs)
+    has_path = any(not a.startswith("-") and (os.path.exists(a.split("::")[0])) for a in args)
+    return (*PYTEST, *args) if has_path else (*PYTEST, default_path, *args)
+
+
 def install(session: nox.Session, *specs: str) -> None:
     session.install(*specs, env=ENV)
 
@@ -58,7 +69,7 @@ def lint(session: nox.Session) -> None:
 def plugin_system(session: nox.Session) -> None:
     """The torch-free core: registry, plugins, runtime, mesh, CLI, on every Python."""
     install(session, "-e", "./twinkle_core", *TEST_DEPS)
-    session.run(*PYTEST, "tests/plugin_system", *session.posargs)
+    session.run(*pytest_args(session, "tests/plugin_system"))
 
 
 @nox.session(python=TORCH_PYTHON)
@@ -78,14 +89,14 @@ def core(session: nox.Session) -> None:
         "./plugins/twinkle-rewards",
         *TEST_DEPS,
     )
-    session.run(*PYTEST, "tests/core", *session.posargs)
+    session.run(*pytest_args(session, "tests/core"))
 
 
 @nox.session(python=TORCH_PYTHON)
 def rewards(session: nox.Session) -> None:
     """twinkle-rewards, installed alone with core."""
     install(session, "-e", "./twinkle_core", "-e", "./plugins/twinkle-rewards", *TEST_DEPS)
-    session.run(*PYTEST, "tests/rewards", *session.posargs)
+    session.run(*pytest_args(session, "tests/rewards"))
 
 
 @nox.session(python=TORCH_PYTHON)
@@ -94,7 +105,7 @@ def ray(session: nox.Session) -> None:
     plugin = ("-e", "./twinkle_core[torch]", "-e", "./plugins/twinkle-ray")
     install(session, *TORCH_STACK, "ray>=2.40", *plugin, *TEST_DEPS)
     env = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    session.run(*PYTEST, "tests/ray", *session.posargs, env=env)
+    session.run(*pytest_args(session, "tests/ray"), env=env)
 
 
 @nox.session(python=TORCH_PYTHON)
@@ -112,7 +123,7 @@ def vllm(session: nox.Session) -> None:
     # ray mode (tests/vllm/test_ray_grpo.py: model and VLLMSampler on separate actor groups)
     install(session, "ray>=2.40", "-e", "./plugins/twinkle-ray")
     env = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    session.run(*PYTEST, "tests/vllm", *session.posargs, env=env)
+    session.run(*pytest_args(session, "tests/vllm"), env=env)
 
 
 @nox.session(python=TORCH_PYTHON)
@@ -123,7 +134,7 @@ def megatron(session: nox.Session) -> None:
     optional), so the plugin's dependency range installs as is; GPU tests skip on CPU.
     """
     install(session, *TORCH_STACK, "-e", "./twinkle_core[torch]", "-e", "./plugins/twinkle-megatron", *TEST_DEPS)
-    session.run(*PYTEST, "tests/megatron", *session.posargs)
+    session.run(*pytest_args(session, "tests/megatron"))
 
 
 @nox.session(python=TORCH_PYTHON)
@@ -139,7 +150,7 @@ def http(session: nox.Session) -> None:
         "hypothesis>=6.100",
         *TEST_DEPS,
     )
-    session.run(*PYTEST, "tests/http", *session.posargs, env={"TINKER_TELEMETRY": "0"})
+    session.run(*pytest_args(session, "tests/http"), env={"TINKER_TELEMETRY": "0"})
 
 
 @nox.session(python=TORCH_PYTHON)
@@ -153,11 +164,11 @@ def integration(session: nox.Session) -> None:
     plugins = [f"./plugins/{name}" for name in ("twinkle-ray", "twinkle-vllm", "twinkle-megatron", "twinkle-rewards")]
     install(session, "--no-deps", *plugins)
     uv = shutil.which("uv") or os.path.join(os.path.dirname(sys.executable), "uv")
-    session.run(*PYTEST, "tests/integration", *session.posargs, env={"TWINKLE_TEST_UV": uv})
+    session.run(*pytest_args(session, "tests/integration"), env={"TWINKLE_TEST_UV": uv})
 
 
 @nox.session(python=TORCH_PYTHON)
 def trl_parity(session: nox.Session) -> None:
     """DPO and GRPO losses and gradients against TRL's own trainers on the same random inputs."""
     install(session, *TORCH_STACK, "trl>=1.0,<2", "-e", "./twinkle_core[torch]", *TEST_DEPS)
-    session.run(*PYTEST, "tests/trl_parity", *session.posargs)
+    session.run(*pytest_args(session, "tests/trl_parity"))
