@@ -1,6 +1,7 @@
 """Core's own components, registered through the same hook as any third-party plugin.
 
-Each public kind package (``twinkle/loss/__init__.py`` ...) lists its built-ins in a
+Each public kind package (``twinkle/loss/__init__.py`` ...; the packages are the ``module`` of
+the records in :data:`twinkle._kinds.KIND_TABLE`) lists its built-ins in a
 ``_BUILTIN = {kind: {name: "module:attr"}}`` table; importing those packages is cheap
 (they only define tables and a lazy ``__getattr__``).
 """
@@ -9,31 +10,13 @@ from __future__ import annotations
 
 import importlib
 
+from twinkle._kinds import kind_packages
 from twinkle.hookspecs import hookimpl
-
-#: Packages whose ``_BUILTIN`` tables core registers.
-BUILTIN_PACKAGES = (
-    "twinkle.model",
-    "twinkle.sampler",
-    "twinkle.loss",
-    "twinkle.metric",
-    "twinkle.reward",
-    "twinkle.advantage",
-    "twinkle.template",
-    "twinkle.preprocessor",
-    "twinkle.processor",
-    "twinkle.checkpoint_engine",
-    "twinkle.patch",
-    "twinkle.optim",
-    "twinkle.launcher",
-    "twinkle.dataset",
-    "twinkle.dataloader",
-)
 
 
 def builtin_tables() -> dict[str, dict[str, dict[str, str]]]:
     """package -> kind -> name -> target."""
-    return {package: getattr(importlib.import_module(package), "_BUILTIN", {}) for package in BUILTIN_PACKAGES}
+    return {package: getattr(importlib.import_module(package), "_BUILTIN", {}) for package in kind_packages()}
 
 
 @hookimpl

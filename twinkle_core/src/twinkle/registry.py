@@ -17,87 +17,20 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+from twinkle._kinds import KIND_BY_NAME, KINDS, install_hint, official_provider
 from twinkle._utils import close_matches, describe_target, import_target
 
-KINDS: tuple[str, ...] = (
-    "model",
-    "sampler",
-    "loss",
-    "metric",
-    "reward",
-    "advantage",
-    "template",
-    "preprocessor",
-    "filter",
-    "processor",
-    "checkpoint_engine",
-    "patch",
-    "optimizer",
-    "lr_scheduler",
-    "launcher",
-    "dataset",
-    "dataloader",
-)
-
-#: The public module each kind's names can be imported from.
-KIND_MODULES: dict[str, str] = {
-    "model": "twinkle.model",
-    "sampler": "twinkle.sampler",
-    "loss": "twinkle.loss",
-    "metric": "twinkle.metric",
-    "reward": "twinkle.reward",
-    "advantage": "twinkle.advantage",
-    "template": "twinkle.template",
-    "preprocessor": "twinkle.preprocessor",
-    "filter": "twinkle.preprocessor",
-    "processor": "twinkle.processor",
-    "checkpoint_engine": "twinkle.checkpoint_engine",
-    "patch": "twinkle.patch",
-    "optimizer": "twinkle.optim",
-    "lr_scheduler": "twinkle.optim",
-    "launcher": "twinkle.launcher",
-    "dataset": "twinkle.dataset",
-    "dataloader": "twinkle.dataloader",
-}
-
-#: Base class each kind's classes must subclass (checked when a name is first resolved).
-#: Kinds missing here accept any class or callable (optimizers and schedulers are torch's).
-KIND_BASES: dict[str, str] = {
-    "model": "twinkle.model.base:TwinkleModel",
-    "sampler": "twinkle.sampler.base:Sampler",
-    "loss": "twinkle.loss.base:Loss",
-    "metric": "twinkle.metric.base:Metric",
-    "reward": "twinkle.reward.base:Reward",
-    "advantage": "twinkle.advantage.base:Advantage",
-    "template": "twinkle.template.base:Template",
-    "preprocessor": "twinkle.preprocessor.base:Preprocessor",
-    "filter": "twinkle.preprocessor.base:Filter",
-    "processor": "twinkle.processor.base:InputProcessor",
-    "checkpoint_engine": "twinkle.checkpoint_engine.base:CheckpointEngine",
-    "patch": "twinkle.patch.base:Patch",
-    "launcher": "twinkle.launcher.base:Launcher",
-}
-
-#: Kinds whose components may also be plain functions (not only classes).
-FUNCTION_KINDS = frozenset({"reward", "advantage", "optimizer", "lr_scheduler", "filter", "metric"})
-
-#: Names that official plugins provide: (kind, name) -> distribution to pip install.
-OFFICIAL_PROVIDERS: dict[tuple[str, str], str] = {
-    ("model", "MegatronModel"): "twinkle-megatron",
-    ("sampler", "VLLMSampler"): "twinkle-vllm",
-    ("checkpoint_engine", "VLLMCheckpointEngine"): "twinkle-vllm",
-    ("checkpoint_engine", "DistributedCheckpointEngine"): "twinkle-vllm",
-    ("checkpoint_engine", "ObjectStoreCheckpointEngine"): "twinkle-vllm",
-    ("metric", "LogprobConsistency"): "twinkle-vllm",
-    ("launcher", "ray"): "twinkle-ray",
-    ("reward", "GSM8KAccuracyReward"): "twinkle-rewards",
-    ("reward", "MathAccuracyReward"): "twinkle-rewards",
-    ("reward", "FormatReward"): "twinkle-rewards",
-    ("reward", "LengthPenaltyReward"): "twinkle-rewards",
-    ("reward", "CountdownReward"): "twinkle-rewards",
-    ("reward", "CodeExecutionReward"): "twinkle-rewards",
-}
-
+__all__ = [
+    "KINDS",
+    "Registry",
+    "Registration",
+    "RegistryError",
+    "UnknownKindError",
+    "DuplicateComponentError",
+    "ComponentNotFoundError",
+    "ComponentLoadError",
+    "InvalidComponentError",
+]
 
 class RegistryError(Exception):
     """Base class of registry errors."""
@@ -258,9 +191,9 @@ class Registry:
     def _not_found_message(self, kind: str, name: str) -> str:
         known = self.names(kind)
         lines = [f"No {kind} named {name!r}."]
-        provider = OFFICIAL_PROVIDERS.get((kind, name))
+        provider = official_provider(kind, name)
         if provider is not None:
-            lines.append(f"It is provided by the official plugin {provider!r}: pip install {provider}")
+            lines.append(f"It is provided by the official plugin {provider!r}; install it: {install_hint(provider)}")
         hints = close_matches(name, known)
         if hints:
             lines.append(f"Did you mean: {', '.join(repr(h) for h in hints)}?")
@@ -272,7 +205,8 @@ class Registry:
 
 
 def _validate(kind: str, name: str, registration: Registration, obj: Any) -> None:
-    base_path = KIND_BASES.get(kind)
+    record = KIND_BY_NAME[kind]
+    base_path = record.base
     if inspect.isclass(obj):
         if base_path is None:
             return
@@ -286,9 +220,9 @@ def _validate(kind: str, name: str, registration: Registration, obj: Any) -> Non
                 f"which does not subclass {base_path.replace(':', '.')}. Subclass it so Twinkle can call it."
             )
         return
-    if callable(obj) and (kind in FUNCTION_KINDS or base_path is None):
+    if callable(obj) and (record.functions or base_path is None):
         return
     raise InvalidComponentError(
         f"{kind} {name!r} from plugin {registration.plugin!r} resolves to {registration.target_path} "
-        f"({type(obj).__name__}), which is not a class{' or function' if kind in FUNCTION_KINDS else ''}."
+        f"({type(obj).__name__}), which is not a class{' or function' if record.functions else ''}."
     )

@@ -1,6 +1,6 @@
 """Weight synchronization from a trained model into a sampler (``LocalCheckpointEngine`` in core)."""
 
-from twinkle._kinds import kind_module
+from typing import TYPE_CHECKING
 
 _BUILTIN: dict[str, dict[str, str]] = {
     "checkpoint_engine": {
@@ -8,6 +8,10 @@ _BUILTIN: dict[str, dict[str, str]] = {
     },
 }
 
-__getattr__, __dir__ = kind_module(
-    __name__, ("checkpoint_engine",), {"CheckpointEngine": "twinkle.checkpoint_engine.base:CheckpointEngine"}
-)
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names resolve lazily (PEP 562)
+    from twinkle.checkpoint_engine.base import CheckpointEngine as CheckpointEngine
+    from twinkle.checkpoint_engine.local import LocalCheckpointEngine as LocalCheckpointEngine
+else:
+    from twinkle._kinds import kind_module
+
+    __getattr__, __dir__ = kind_module(__name__)

@@ -1,6 +1,6 @@
 """Data loaders: ``from twinkle.dataloader import DataLoader``."""
 
-from twinkle._kinds import kind_module
+from typing import TYPE_CHECKING
 
 _BUILTIN: dict[str, dict[str, str]] = {
     "dataloader": {
@@ -8,11 +8,16 @@ _BUILTIN: dict[str, dict[str, str]] = {
     },
 }
 
-__getattr__, __dir__ = kind_module(
-    __name__,
-    ("dataloader",),
-    {
-        "RetrySampler": "twinkle.dataloader.sampler:RetrySampler",
-        "RowLoadError": "twinkle.dataloader.sampler:RowLoadError",
-    },
-)
+_EXPORTS = {
+    "RetrySampler": "twinkle.dataloader.sampler:RetrySampler",
+    "RowLoadError": "twinkle.dataloader.sampler:RowLoadError",
+}
+
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names resolve lazily (PEP 562)
+    from twinkle.dataloader.base import DataLoader as DataLoader
+    from twinkle.dataloader.sampler import RetrySampler as RetrySampler
+    from twinkle.dataloader.sampler import RowLoadError as RowLoadError
+else:
+    from twinkle._kinds import kind_module
+
+    __getattr__, __dir__ = kind_module(__name__, _EXPORTS)

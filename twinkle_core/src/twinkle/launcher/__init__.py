@@ -4,7 +4,7 @@
 (``local`` and ``http`` in core, ``ray`` from twinkle-ray) resolve through the registry.
 """
 
-from twinkle._kinds import kind_module
+from typing import TYPE_CHECKING
 
 _BUILTIN = {
     "launcher": {
@@ -13,11 +13,14 @@ _BUILTIN = {
     },
 }
 
-__getattr__, __dir__ = kind_module(
-    __name__,
-    ("launcher",),
-    {
-        "Launcher": "twinkle.launcher.base:Launcher",
-        "LocalLauncher": "twinkle.launcher.local:LocalLauncher",
-    },
-)
+_EXPORTS = {
+    "LocalLauncher": "twinkle.launcher.local:LocalLauncher",
+}
+
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names resolve lazily (PEP 562)
+    from twinkle.launcher.base import Launcher as Launcher
+    from twinkle.launcher.local import LocalLauncher as LocalLauncher
+else:
+    from twinkle._kinds import kind_module
+
+    __getattr__, __dir__ = kind_module(__name__, _EXPORTS)

@@ -1,6 +1,6 @@
 """Losses, resolved by name in ``model.set_loss("...")``."""
 
-from twinkle._kinds import kind_module
+from typing import TYPE_CHECKING
 
 _BUILTIN: dict[str, dict[str, str]] = {
     "loss": {
@@ -21,4 +21,20 @@ _BUILTIN: dict[str, dict[str, str]] = {
     },
 }
 
-__getattr__, __dir__ = kind_module(__name__, ("loss",), {"Loss": "twinkle.loss.base:Loss"})
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names resolve lazily (PEP 562)
+    from twinkle.loss.base import Loss as Loss
+    from twinkle.loss.cross_entropy import CrossEntropyLoss as CrossEntropyLoss
+    from twinkle.loss.distill import GKDLoss as GKDLoss
+    from twinkle.loss.preference import DPOLoss as DPOLoss
+    from twinkle.loss.preference import ORPOLoss as ORPOLoss
+    from twinkle.loss.preference import SimPOLoss as SimPOLoss
+    from twinkle.loss.rl import CISPOLoss as CISPOLoss
+    from twinkle.loss.rl import DAPOLoss as DAPOLoss
+    from twinkle.loss.rl import DrGRPOLoss as DrGRPOLoss
+    from twinkle.loss.rl import GRPOLoss as GRPOLoss
+    from twinkle.loss.rl import GSPOLoss as GSPOLoss
+    from twinkle.loss.rl import PPOLoss as PPOLoss
+else:
+    from twinkle._kinds import kind_module
+
+    __getattr__, __dir__ = kind_module(__name__)

@@ -1,6 +1,6 @@
 """Metrics for ``model.add_metric("...")``."""
 
-from twinkle._kinds import kind_module
+from typing import TYPE_CHECKING
 
 _BUILTIN: dict[str, dict[str, str]] = {
     "metric": {
@@ -8,4 +8,10 @@ _BUILTIN: dict[str, dict[str, str]] = {
     }
 }
 
-__getattr__, __dir__ = kind_module(__name__, ("metric",), {"Metric": "twinkle.metric.base:Metric"})
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names resolve lazily (PEP 562)
+    from twinkle.metric.accuracy import TokenAccuracy as TokenAccuracy
+    from twinkle.metric.base import Metric as Metric
+else:
+    from twinkle._kinds import kind_module
+
+    __getattr__, __dir__ = kind_module(__name__)

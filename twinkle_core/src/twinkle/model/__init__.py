@@ -1,6 +1,6 @@
 """Models: ``from twinkle.model import TransformersModel`` (and ``MegatronModel`` from twinkle-megatron)."""
 
-from twinkle._kinds import kind_module
+from typing import TYPE_CHECKING
 
 _BUILTIN: dict[str, dict[str, str]] = {
     "model": {
@@ -8,4 +8,10 @@ _BUILTIN: dict[str, dict[str, str]] = {
     },
 }
 
-__getattr__, __dir__ = kind_module(__name__, ("model",), {"TwinkleModel": "twinkle.model.base:TwinkleModel"})
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names resolve lazily (PEP 562)
+    from twinkle.model.base import TwinkleModel as TwinkleModel
+    from twinkle.model.transformers_model import TransformersModel as TransformersModel
+else:
+    from twinkle._kinds import kind_module
+
+    __getattr__, __dir__ = kind_module(__name__)

@@ -1,6 +1,6 @@
 """Preprocessors (raw rows -> Trajectory) and filters: ``dataset.map(...)``, ``dataset.filter(...)``."""
 
-from twinkle._kinds import kind_module
+from typing import TYPE_CHECKING
 
 _BUILTIN: dict[str, dict[str, str]] = {
     "preprocessor": {
@@ -17,12 +17,23 @@ _BUILTIN: dict[str, dict[str, str]] = {
     },
 }
 
-__getattr__, __dir__ = kind_module(
-    __name__,
-    ("preprocessor", "filter"),
-    {
-        "Preprocessor": "twinkle.preprocessor.base:Preprocessor",
-        "Filter": "twinkle.preprocessor.base:Filter",
-        "BadRowError": "twinkle.preprocessor.base:BadRowError",
-    },
-)
+_EXPORTS = {
+    "BadRowError": "twinkle.preprocessor.base:BadRowError",
+}
+
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names resolve lazily (PEP 562)
+    from twinkle.preprocessor.base import BadRowError as BadRowError
+    from twinkle.preprocessor.base import Filter as Filter
+    from twinkle.preprocessor.base import Preprocessor as Preprocessor
+    from twinkle.preprocessor.chat import AlpacaProcessor as AlpacaProcessor
+    from twinkle.preprocessor.chat import MessagesProcessor as MessagesProcessor
+    from twinkle.preprocessor.chat import SelfCognitionProcessor as SelfCognitionProcessor
+    from twinkle.preprocessor.filters import EmptyMessageFilter as EmptyMessageFilter
+    from twinkle.preprocessor.filters import LengthFilter as LengthFilter
+    from twinkle.preprocessor.math import CompetitionMathProcessor as CompetitionMathProcessor
+    from twinkle.preprocessor.math import GSM8KProcessor as GSM8KProcessor
+    from twinkle.preprocessor.preference import DPOProcessor as DPOProcessor
+else:
+    from twinkle._kinds import kind_module
+
+    __getattr__, __dir__ = kind_module(__name__, _EXPORTS)

@@ -1,6 +1,6 @@
 """Input processors: collate, pad or pack encoded rows into model inputs."""
 
-from twinkle._kinds import kind_module
+from typing import TYPE_CHECKING
 
 _BUILTIN: dict[str, dict[str, str]] = {
     "processor": {
@@ -9,6 +9,10 @@ _BUILTIN: dict[str, dict[str, str]] = {
     }
 }
 
-__getattr__, __dir__ = kind_module(
-    __name__, ("processor",), {"InputProcessor": "twinkle.processor.base:InputProcessor"}
-)
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names resolve lazily (PEP 562)
+    from twinkle.processor.base import InputProcessor as InputProcessor
+    from twinkle.processor.base import PaddingFreeProcessor as PaddingFreeProcessor
+else:
+    from twinkle._kinds import kind_module
+
+    __getattr__, __dir__ = kind_module(__name__)

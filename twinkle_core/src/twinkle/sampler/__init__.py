@@ -1,6 +1,6 @@
 """Samplers: ``from twinkle.sampler import TorchSampler`` (``VLLMSampler`` from twinkle-vllm)."""
 
-from twinkle._kinds import kind_module
+from typing import TYPE_CHECKING
 
 _BUILTIN: dict[str, dict[str, str]] = {
     "sampler": {
@@ -8,4 +8,10 @@ _BUILTIN: dict[str, dict[str, str]] = {
     },
 }
 
-__getattr__, __dir__ = kind_module(__name__, ("sampler",), {"Sampler": "twinkle.sampler.base:Sampler"})
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names resolve lazily (PEP 562)
+    from twinkle.sampler.base import Sampler as Sampler
+    from twinkle.sampler.torch_sampler import TorchSampler as TorchSampler
+else:
+    from twinkle._kinds import kind_module
+
+    __getattr__, __dir__ = kind_module(__name__)

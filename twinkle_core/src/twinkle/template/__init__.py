@@ -1,6 +1,6 @@
 """Templates turn Trajectories into tokens: ``dataset.set_template("Template", model_id=...)``."""
 
-from twinkle._kinds import kind_module
+from typing import TYPE_CHECKING
 
 _BUILTIN: dict[str, dict[str, str]] = {
     "template": {
@@ -8,12 +8,16 @@ _BUILTIN: dict[str, dict[str, str]] = {
     },
 }
 
-__getattr__, __dir__ = kind_module(
-    __name__,
-    ("template",),
-    {
-        "Template": "twinkle.template.base:Template",
-        "TemplateError": "twinkle.template.base:TemplateError",
-        "SequenceTooLongError": "twinkle.template.base:SequenceTooLongError",
-    },
-)
+_EXPORTS = {
+    "TemplateError": "twinkle.template.base:TemplateError",
+    "SequenceTooLongError": "twinkle.template.base:SequenceTooLongError",
+}
+
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names resolve lazily (PEP 562)
+    from twinkle.template.base import SequenceTooLongError as SequenceTooLongError
+    from twinkle.template.base import Template as Template
+    from twinkle.template.base import TemplateError as TemplateError
+else:
+    from twinkle._kinds import kind_module
+
+    __getattr__, __dir__ = kind_module(__name__, _EXPORTS)
