@@ -42,9 +42,12 @@ def test_duplicate_from_another_plugin_is_an_error_naming_both():
 
 
 def test_override_replaces_and_is_recorded():
+    from twinkle.registry import ComponentOverrideWarning
+
     registry = Registry()
     registry.register("optimizer", "Acc", "collections:Counter", plugin="first")
-    entry = registry.register("optimizer", "Acc", "collections:OrderedDict", plugin="second", override=True)
+    with pytest.warns(ComponentOverrideWarning, match="plugin 'second' replaces optimizer 'Acc' of plugin 'first'"):
+        entry = registry.register("optimizer", "Acc", "collections:OrderedDict", plugin="second", override=True)
     assert entry.overrides == "first"
     import collections
 

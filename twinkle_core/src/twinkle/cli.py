@@ -1,6 +1,7 @@
 """The ``twinkle`` command line.
 
 ``twinkle plugins [--json]``   plugins, versions, hooks, components and load errors.
+``twinkle plugins --check``    import every registered component; exit 1 if any is broken.
 Plugins may add subcommands later (e.g. ``twinkle serve`` from the http extra).
 """
 
@@ -15,6 +16,8 @@ from typing import Sequence
 def _plugins(args: argparse.Namespace) -> int:
     from twinkle.plugins import PluginSystem
 
+    if args.check:
+        return _check(PluginSystem().load(), args.json)
     report = PluginSystem().load().report()
     if args.json:
         json.dump(report, sys.stdout, indent=2)
@@ -39,6 +42,22 @@ def _plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check(system, as_json: bool) -> int:  # noqa: ANN001 - a PluginSystem
+    result = system.check()
+    if as_json:
+        json.dump(result, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        counts = ", ".join(f"{len(result[k])} {k}" for k in ("ok", "unavailable", "broken"))
+        print(f"checked {sum(len(v) for v in result.values())} components and plugins: {counts}")
+        for entry in result["unavailable"]:
+            print(f"  unavailable  {entry['kind']} {entry['name']!r} ({entry['plugin']}): {entry['error']}")
+        for entry in result["broken"]:
+            what = f"{entry['kind']} {entry['name']!r}" if entry["kind"] else "plugin"
+            print(f"  BROKEN  {what} ({entry['plugin']}, {entry['target']}): {entry['error']}")
+    return 1 if result["broken"] else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from twinkle import __version__
 
@@ -47,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("plugins", help="list plugins, their hooks, components and load errors")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--check", action="store_true", help="import every registered component; exit 1 if any is broken")
     p.set_defaults(func=_plugins)
     _add_serve(sub)
     return parser

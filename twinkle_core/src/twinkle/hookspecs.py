@@ -113,7 +113,8 @@ def twinkle_metrics_emitted(runtime: Runtime, source: str, step: int | None, met
 
     Args:
         runtime: the current runtime.
-        source: who emitted them, e.g. ``"TransformersModel/default"``.
+        source: who emitted them: ``model.calculate_metric()`` sends ``"train"`` / ``"eval"`` for
+            the full model and ``"train/<adapter>"`` / ``"eval/<adapter>"`` for a LoRA adapter.
         step: the optimizer step the metrics belong to, if known.
         metrics: name -> value (floats, ints or strings). Do not mutate.
     """

@@ -1,14 +1,24 @@
 """Discovering and loading plugins: the ``twinkle`` entry-point group, with env-var control.
 
-* ``TWINKLE_PLUGINS=a,b``          load only these entry points (core is always loaded).
-* ``TWINKLE_DISABLE_PLUGINS=a,b``  block these entry points.
+* ``TWINKLE_PLUGINS=a,b``          load only these plugins (core is always loaded).
+* ``TWINKLE_DISABLE_PLUGINS=a,b``  block these plugins.
 * ``TWINKLE_TRACE_PLUGINS=1``      print every hook call to stderr.
 
+Both lists take entry-point names (``rewards``) or distribution names (``twinkle-rewards``,
+every entry point of that distribution). A name that is neither, among the installed plugins,
+raises :class:`PluginSelectionError` listing them; so does disabling ``core``, which cannot be.
+
 Loading is lazy and idempotent: nothing is discovered at ``import twinkle``; a
-:class:`PluginSystem` loads once, at ``twinkle.initialize()`` or on first registry use. A
-plugin that fails to import, or whose registration hook raises, is recorded in
-:attr:`PluginSystem.plugins` with its traceback and reported by ``initialize()`` (a
+:class:`PluginSystem` loads once, at ``twinkle.initialize()`` or on first registry use. Load
+order: core first, then the entry points sorted by name, then in-process plugins
+(:meth:`PluginSystem.add_plugin`) in the order they are added. A plugin that fails to import,
+or whose registration hook raises (a name another plugin registered first included), is
+recorded in :attr:`PluginSystem.plugins` with its traceback and reported by ``initialize()`` (a
 warning) and ``twinkle plugins``; the other plugins load normally.
+
+Lifecycle hooks (``twinkle_runtime_started``, ``twinkle_metrics_emitted``, ...) go through
+:meth:`PluginSystem.notify`, one plugin at a time: a plugin whose hook raises is named in a
+:class:`PluginHookWarning` (once per plugin and hook) and the run and the other plugins go on.
 """
 
 from __future__ import annotations
@@ -36,6 +46,14 @@ class PluginLoadWarning(UserWarning):
     """A plugin failed to load; the others still work."""
 
 
+class PluginHookWarning(UserWarning):
+    """A plugin's lifecycle hook raised; the run and the other plugins go on."""
+
+
+class PluginSelectionError(ValueError):
+    """``TWINKLE_PLUGINS`` / ``TWINKLE_DISABLE_PLUGINS`` name something they cannot mean."""
+
+
 @dataclass
 class PluginInfo:
     """What is known about one plugin, loaded or not."""
@@ -48,6 +66,8 @@ class PluginInfo:
     hooks: list[str] = field(default_factory=list)
     error: str | None = None  # the full traceback when loading failed
     blocked: bool = False
+    blocked_by: str | None = None  # why: "TWINKLE_DISABLE_PLUGINS", "TWINKLE_PLUGINS", ...
+    hook_errors: dict[str, str] = field(default_factory=dict)  # lifecycle hook -> its last error
 
     @property
     def ok(self) -> bool:
@@ -68,7 +88,9 @@ class PluginInfo:
             "source": self.source,
             "hooks": self.hooks,
             "blocked": self.blocked,
+            "blocked_by": self.blocked_by,
             "error": self.error,
+            "hook_errors": dict(self.hook_errors),
         }
 
 
@@ -77,6 +99,40 @@ def _env_list(name: str) -> set[str] | None:
     if raw is None or not raw.strip():
         return None
     return {item.strip() for item in raw.split(",") if item.strip()}
+
+
+def _distribution_of(ep: metadata.EntryPoint) -> str | None:
+    dist = getattr(ep, "dist", None)
+    return dist.metadata["Name"] if dist is not None else None
+
+
+def _canonical(name: str) -> str:
+    """A distribution name the way pip compares them (PEP 503): ``Twinkle_Rewards`` == ``twinkle-rewards``."""
+    return "-".join(name.replace("_", "-").replace(".", "-").lower().split("-"))
+
+
+def _expand(
+    names: set[str], entry_points: list[metadata.EntryPoint], variable: str | None
+) -> tuple[set[str], list[str]]:
+    """Entry-point names meant by ``names`` (entry-point or distribution names), and the names that match none."""
+    by_dist: dict[str, set[str]] = {}
+    for ep in entry_points:
+        dist = _distribution_of(ep)
+        if dist:
+            by_dist.setdefault(_canonical(dist), set()).add(ep.name)
+    known = {ep.name for ep in entry_points}
+    result: set[str] = set()
+    unknown: list[str] = []
+    for name in sorted(names):
+        if name in known:
+            result.add(name)
+        elif _canonical(name) in by_dist:
+            result |= by_dist[_canonical(name)]
+        elif variable is None:
+            result.add(name)  # set from code (e.g. an in-process plugin's name): taken as given
+        else:
+            unknown.append(name)
+    return result, unknown
 
 
 class PluginSystem:
@@ -97,7 +153,10 @@ class PluginSystem:
         self.registry = Registry()
         self.plugins: dict[str, PluginInfo] = {}
         self._only = set(only) if only is not None else _env_list("TWINKLE_PLUGINS")
+        self._only_from = None if only is not None else "TWINKLE_PLUGINS"
         self._disabled = set(disabled) if disabled is not None else (_env_list("TWINKLE_DISABLE_PLUGINS") or set())
+        self._disabled_from = None if disabled is not None else "TWINKLE_DISABLE_PLUGINS"
+        self._warned_hooks: set[tuple[str, str]] = set()
         self._trace = trace if trace is not None else os.environ.get("TWINKLE_TRACE_PLUGINS", "") not in ("", "0")
         self._loaded = False
         if self._trace:
@@ -113,8 +172,9 @@ class PluginSystem:
         """Discover entry points and run their registration hooks. Idempotent."""
         if self._loaded:
             return self
-        self._loaded = True
         entry_points = list(metadata.entry_points(group=ENTRY_POINT_GROUP))
+        only, disabled = self._selection(entry_points)
+        self._loaded = True
         if not any(ep.name == CORE_PLUGIN for ep in entry_points):
             # Running from a source tree (no installed metadata): core still registers
             # through the same hook, just without an entry point.
@@ -132,11 +192,14 @@ class PluginSystem:
             info = PluginInfo(
                 ep.name, ep.value, dist.metadata["Name"] if dist else None, dist.version if dist else None
             )
-            if ep.name != CORE_PLUGIN and (
-                ep.name in self._disabled or (self._only is not None and ep.name not in self._only)
-            ):
+            if ep.name != CORE_PLUGIN and (ep.name in disabled or (only is not None and ep.name not in only)):
                 info.blocked = True
+                if ep.name in disabled:
+                    info.blocked_by = self._disabled_from or "disabled=..."
+                else:
+                    info.blocked_by = self._only_from or "only=..."
                 self.plugins[ep.name] = info
+                self.registry.blocked_plugins[ep.name] = (info.distribution, info.blocked_by)
                 continue
             try:
                 module = ep.load()
@@ -145,6 +208,40 @@ class PluginSystem:
                 continue
             self._add(ep.name, module, info)
         return self
+
+    def _selection(self, entry_points: list[metadata.EntryPoint]) -> tuple[set[str] | None, set[str]]:
+        """The entry-point names to load only (``None``: all) and to block; distribution names expanded.
+
+        Raises:
+            PluginSelectionError: a name in an environment variable is no installed plugin, or
+                ``TWINKLE_DISABLE_PLUGINS`` names core.
+        """
+        core_names = {CORE_PLUGIN, "twinkle-core"}
+        disabled, unknown_disabled = _expand(self._disabled, entry_points, self._disabled_from)
+        if self._disabled_from and ({_canonical(n) for n in self._disabled} & core_names):
+            raise PluginSelectionError(
+                f"{self._disabled_from}={','.join(sorted(self._disabled))} names core, which cannot be disabled: it "
+                "holds the registry, the hooks and the local launcher. To replace one of its components, register "
+                "yours with override=True."
+            )
+        only = None
+        unknown_only: list[str] = []
+        if self._only is not None:
+            wanted = {n for n in self._only if _canonical(n) not in core_names}
+            only, unknown_only = _expand(wanted, entry_points, self._only_from)
+        for variable, unknown in ((self._only_from, unknown_only), (self._disabled_from, unknown_disabled)):
+            if unknown:
+                installed = sorted(
+                    f"{ep.name} ({_distribution_of(ep)})" if _distribution_of(ep) else ep.name
+                    for ep in entry_points
+                    if ep.name != CORE_PLUGIN
+                )
+                raise PluginSelectionError(
+                    f"{variable} names {', '.join(repr(n) for n in unknown)}, which is no installed Twinkle plugin "
+                    f"(neither an entry-point name nor a distribution name). Installed plugins: "
+                    f"{', '.join(installed) or '(none besides core)'}. Run `twinkle plugins` to list them."
+                )
+        return only, disabled
 
     def add_plugin(self, plugin: ModuleType | object, name: str | None = None) -> PluginInfo:
         """Register an in-process plugin (a module or an object with hookimpls).
@@ -212,6 +309,44 @@ class PluginSystem:
         """The pluggy hook relay, for lifecycle hooks: ``system.hook.twinkle_runtime_started(...)``."""
         return self.pm.hook
 
+    def notify(self, hook_name: str, **kwargs: Any) -> None:
+        """Call lifecycle hook ``hook_name`` on every plugin, isolating each one.
+
+        Plugins are called in pluggy's order (the last registered first). A plugin whose hook
+        raises is recorded (``PluginInfo.hook_errors``, ``twinkle plugins``) and named in one
+        :class:`PluginHookWarning` per plugin and hook; the other plugins are still called and
+        the caller (``initialize()``, ``calculate_metric()``, ...) goes on.
+        """
+        caller = getattr(self.pm.hook, hook_name)
+        impls = caller.get_hookimpls()
+        if not impls:
+            caller(**kwargs)  # nothing to call; pluggy still traces the call (TWINKLE_TRACE_PLUGINS)
+            return
+        plugins = {impl.plugin_name: impl.plugin for impl in reversed(impls)}  # pluggy's call order
+        for plugin_name in plugins:
+            others = [p for n, p in plugins.items() if n != plugin_name]
+            try:
+                self.pm.subset_hook_caller(hook_name, others)(**kwargs) if others else caller(**kwargs)
+            except Exception as exc:  # noqa: BLE001 - one plugin's observer must not stop the run
+                self._hook_failed(hook_name, plugin_name, exc)
+
+    def _hook_failed(self, hook_name: str, plugin_name: str, exc: BaseException) -> None:
+        summary = f"{type(exc).__name__}: {exc}"
+        info = self.plugins.get(plugin_name)
+        if info is not None:
+            info.hook_errors[hook_name] = summary
+        if (plugin_name, hook_name) in self._warned_hooks:
+            return
+        self._warned_hooks.add((plugin_name, hook_name))
+        where = f" ({info.distribution or info.module})" if info is not None else ""
+        warnings.warn(
+            f"Twinkle plugin {plugin_name!r}{where} raised in {hook_name} and is skipped for this call: {summary}. "
+            f"The run goes on (this warning is shown once per plugin and hook); `twinkle plugins` lists the error. "
+            f"Block the plugin with TWINKLE_DISABLE_PLUGINS={plugin_name}.",
+            PluginHookWarning,
+            stacklevel=4,
+        )
+
     def failed(self) -> list[PluginInfo]:
         return [info for info in self.plugins.values() if info.error is not None]
 
@@ -224,6 +359,47 @@ class PluginSystem:
                 PluginLoadWarning,
                 stacklevel=3,
             )
+
+    def check(self) -> dict[str, list[dict[str, Any]]]:
+        """Import every registered target and validate it against its kind (``twinkle plugins --check``).
+
+        Returns:
+            ``{"ok": [...], "unavailable": [...], "broken": [...]}``, each a list of
+            registrations (:meth:`Registration.as_dict`) with an ``error`` line. ``unavailable``:
+            a module outside the plugin's own package is not installed (``torch`` for core's model
+            without the ``torch`` extra): installing it fixes the name. ``broken``: anything else
+            (a missing module or attribute inside the plugin's package, a class of the wrong
+            base, an exception at import), and every plugin that failed to load.
+        """
+        from twinkle.registry import ComponentLoadError
+
+        self.load()
+        result: dict[str, list[dict[str, Any]]] = {"ok": [], "unavailable": [], "broken": []}
+        for registration in list(self.registry):
+            entry = registration.as_dict()
+            try:
+                self.registry.resolve(registration.kind, registration.name)
+            except ComponentLoadError as exc:
+                cause = exc.__cause__
+                info = self.plugins.get(registration.plugin)
+                own_package = (info.module if info else registration.target_path).partition(":")[0].split(".")[0]
+                missing = getattr(cause, "name", None) if isinstance(cause, ModuleNotFoundError) else None
+                if missing and missing.split(".")[0] != own_package:
+                    entry["error"] = f"needs {missing!r}, which is not installed"
+                    result["unavailable"].append(entry)
+                else:
+                    entry["error"] = str(exc)
+                    result["broken"].append(entry)
+            except Exception as exc:  # noqa: BLE001 - reported, not raised
+                entry["error"] = f"{type(exc).__name__}: {exc}"
+                result["broken"].append(entry)
+            else:
+                result["ok"].append(entry)
+        for info in self.failed():
+            result["broken"].append(
+                {"kind": None, "name": None, "plugin": info.name, "target": info.module, "error": info.error_summary}
+            )
+        return result
 
     def report(self) -> dict[str, Any]:
         """Plugins, their hooks and components, and load errors, as plain data."""

@@ -7,13 +7,15 @@ imported on first use, so discovery stays cheap.
 
 Duplicate rule: registering a (kind, name) that another plugin already registered raises
 :class:`DuplicateComponentError`, unless the later registration passes ``override=True``;
-then it wins and ``Registration.overrides`` names the plugin it replaced. Registering the
+then it wins, ``Registration.overrides`` names the plugin it replaced and a
+:class:`ComponentOverrideWarning` naming both plugins is shown (once per process). Registering the
 same target again from the same plugin is a no-op (loading is idempotent).
 """
 
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -30,7 +32,17 @@ __all__ = [
     "ComponentNotFoundError",
     "ComponentLoadError",
     "InvalidComponentError",
+    "ComponentOverrideWarning",
 ]
+
+
+class ComponentOverrideWarning(UserWarning):
+    """A plugin replaced another plugin's component with ``override=True``."""
+
+
+#: (kind, name, replaced plugin, overriding plugin) already warned about in this process.
+_WARNED_OVERRIDES: set[tuple[str, str, str, str]] = set()
+
 
 class RegistryError(Exception):
     """Base class of registry errors."""
@@ -108,6 +120,8 @@ class Registry:
         self._entries: dict[str, dict[str, Registration]] = {kind: {} for kind in KINDS}
         #: plugin name -> one-line load error, to explain missing names.
         self.failed_plugins: dict[str, str] = {}
+        #: plugin name -> (its distribution, what blocked it), to explain missing names.
+        self.blocked_plugins: dict[str, tuple[str | None, str]] = {}
 
     # -- writing -----------------------------------------------------------------
     def register(
@@ -134,6 +148,16 @@ class Registry:
                     f"registration to replace it, or block one plugin with TWINKLE_DISABLE_PLUGINS={plugin}."
                 )
             overrides = existing.plugin
+            key = (kind, name, existing.plugin, plugin)
+            if key not in _WARNED_OVERRIDES:
+                _WARNED_OVERRIDES.add(key)
+                warnings.warn(
+                    f"plugin {plugin!r} replaces {kind} {name!r} of plugin {existing.plugin!r} "
+                    f"({existing.target_path} -> {describe_target(target)}) with override=True. If that is not "
+                    f"what you want, block it with TWINKLE_DISABLE_PLUGINS={plugin}.",
+                    ComponentOverrideWarning,
+                    stacklevel=3,
+                )
         registration = Registration(kind, name, target, plugin, doc, overrides)
         self._entries[kind][name] = registration
         return registration
@@ -192,7 +216,14 @@ class Registry:
         known = self.names(kind)
         lines = [f"No {kind} named {name!r}."]
         provider = official_provider(kind, name)
-        if provider is not None:
+        blocked = {dist: (plugin, why) for plugin, (dist, why) in self.blocked_plugins.items() if dist}
+        if provider is not None and provider in blocked:
+            plugin, why = blocked[provider]
+            lines.append(
+                f"It is provided by the official plugin {provider!r}, which is installed but blocked by {why} "
+                f"(entry point {plugin!r}); allow it to use {name!r}."
+            )
+        elif provider is not None:
             lines.append(f"It is provided by the official plugin {provider!r}; install it: {install_hint(provider)}")
         hints = close_matches(name, known)
         if hints:
@@ -200,7 +231,10 @@ class Registry:
         lines.append(f"Registered {kind} names: {', '.join(known) if known else '(none)'}.")
         if self.failed_plugins:
             failed = "; ".join(f"{p}: {e}" for p, e in self.failed_plugins.items())
-            lines.append(f"These plugins failed to load (run `twinkle plugins` for details): {failed}")
+            lines.append(f"These plugins failed to load (run `twinkle plugins` for details): {failed}.")
+        if self.blocked_plugins:
+            blocked_list = ", ".join(f"{p} (by {why})" for p, (_, why) in sorted(self.blocked_plugins.items()))
+            lines.append(f"Blocked plugins, not loaded: {blocked_list}.")
         return " ".join(lines)
 
 

@@ -70,12 +70,12 @@ class Runtime:
         """Resolve ``name`` of ``kind`` through the registry and instantiate it."""
         obj = self.registry.resolve(kind, name)(*args, **kwargs)
         if isinstance(name, str):
-            self.hook.twinkle_component_created(runtime=self, kind=kind, name=name, component=obj)
+            self.plugins.notify("twinkle_component_created", runtime=self, kind=kind, name=name, component=obj)
         return obj
 
     def emit_metrics(self, source: str, metrics: Mapping[str, Any], step: int | None = None) -> None:
-        """Tell lifecycle plugins about new metrics."""
-        self.hook.twinkle_metrics_emitted(runtime=self, source=source, step=step, metrics=metrics)
+        """Tell lifecycle plugins about new metrics (a plugin whose hook raises is warned about and skipped)."""
+        self.plugins.notify("twinkle_metrics_emitted", runtime=self, source=source, step=step, metrics=metrics)
 
     def seed_torch(self) -> None:
         """Seed torch with the runtime's seed (once; called by components that use torch)."""
@@ -94,7 +94,7 @@ class Runtime:
         try:
             self.launcher.shutdown()
         finally:
-            self.hook.twinkle_runtime_stopped(runtime=self)
+            self.plugins.notify("twinkle_runtime_stopped", runtime=self)
             with _current.lock:
                 if _current.runtime is self:
                     _current.runtime = (
@@ -181,7 +181,7 @@ def initialize(
     with _current.lock:
         runtime._previous = _current.runtime
         _current.runtime = runtime
-    runtime.hook.twinkle_runtime_started(runtime=runtime)
+    system.notify("twinkle_runtime_started", runtime=runtime)
     return runtime
 
 

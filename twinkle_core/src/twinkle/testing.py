@@ -43,12 +43,16 @@ def registered_plugin(
 ) -> Iterator[Runtime]:
     """Initialize a fresh runtime with ``plugin`` added, yield it, then tear both down.
 
-    An installed entry point of the same name is blocked for the duration, so a plugin's
-    own tests work whether or not the plugin is also pip-installed.
+    Installed entry points that load the same plugin (the same name, or any name whose target
+    is the plugin's module) are blocked for the duration, so a plugin's own tests work whether
+    or not the plugin is also pip-installed, under any entry-point name.
     """
     name = name or getattr(plugin, "__name__", None) or type(plugin).__name__
     disabled = {n.strip() for n in os.environ.get("TWINKLE_DISABLE_PLUGINS", "").split(",") if n.strip()}
-    system = PluginSystem(disabled=disabled | {name}).load()
+    system = PluginSystem(disabled=disabled | {name} | _entry_points_loading(plugin)).load()
+    previous = system.pm.get_name(plugin)
+    if previous is not None:  # already loaded under another name (e.g. imported by another entry point)
+        system.remove_plugin(previous)
     info = system.add_plugin(plugin, name=name)
     if info.error:
         raise RuntimeError(f"the in-test plugin {info.name!r} failed to register:\n{info.error}")
@@ -58,6 +62,21 @@ def registered_plugin(
     finally:
         runtime.shutdown()
         system.remove_plugin(info.name)
+
+
+def _entry_points_loading(plugin: Any) -> set[str]:
+    """Names of the installed ``twinkle`` entry points whose target lives in ``plugin``'s module."""
+    from importlib import metadata
+    from types import ModuleType
+
+    from twinkle.plugins import CORE_PLUGIN, ENTRY_POINT_GROUP
+
+    module = plugin.__name__ if isinstance(plugin, ModuleType) else type(plugin).__module__
+    return {
+        ep.name
+        for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)
+        if ep.name != CORE_PLUGIN and ep.value.partition(":")[0].strip() == module
+    }
 
 
 TINY_MODEL_SHAPE: dict[str, int] = dict(
