@@ -147,3 +147,37 @@ def test_the_type_check_file_imports_every_public_name():
             imported.setdefault(node.module, set()).update(alias.name for alias in node.names)
     for package in kind_packages():
         assert imported.get(package, set()) == set(expected_attributes(package)), package
+
+
+def test_install_hints_from_a_checkout_and_from_an_index(monkeypatch, tmp_path):
+    from twinkle import _kinds
+
+    root = _kinds.checkout_root()
+    assert root == REPO, "this test runs from a checkout: its plugins/ folder is found"
+    monkeypatch.chdir(REPO)
+    assert _kinds.install_hint("twinkle-rewards") == (
+        "pip install ./plugins/twinkle-rewards (this checkout; from a package index: pip install twinkle-rewards)."
+    )
+    monkeypatch.chdir(tmp_path)  # outside the checkout: an absolute path
+    assert _kinds.install_hint("twinkle-rewards").startswith(f"pip install {REPO / 'plugins' / 'twinkle-rewards'} ")
+    monkeypatch.setattr(_kinds, "checkout_root", lambda: None)  # an installed wheel
+    assert _kinds.install_hint("twinkle-rewards") == (
+        "pip install twinkle-rewards (from a checkout of Twinkle: pip install ./plugins/twinkle-rewards)."
+    )
+    assert _kinds.extra_hint("http") == (
+        "pip install 'twinkle-core[http]' (from a checkout of Twinkle: pip install -e './twinkle_core[http]')."
+    )
+
+
+def test_http_mode_without_its_extra_names_the_install_command(monkeypatch):
+    import sys
+
+    import twinkle
+    from twinkle._kinds import MissingExtraError
+
+    monkeypatch.setitem(sys.modules, "httpx", None)  # as if httpx were not installed
+    with pytest.raises(MissingExtraError, match=r"initialize\(mode='http'\) needs httpx") as err:
+        twinkle.initialize(mode="http", base_url="http://127.0.0.1:9", api_key="key")
+    assert "twinkle-core[http]" in str(err.value) and "pip install" in str(err.value)
+    assert isinstance(err.value, ImportError) and err.value.name == "httpx"
+    assert twinkle.current_runtime() is None

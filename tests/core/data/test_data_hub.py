@@ -90,3 +90,64 @@ def test_template_and_dataset_resolve_hub_ids_through_the_helper(hub_calls, tiny
     dataset = Dataset(dataset_meta=DatasetMeta("hf://tatsu-lab/alpaca", data_slice=range(3)))
     assert len(dataset) == 3 and dataset[2]["output"] == "2"
     assert [c[:2] for c in calls] == [("ms-model", "Qwen/Qwen2.5-7B-Instruct"), ("hf", "tatsu-lab/alpaca")]
+
+
+def test_offline_hf_id_names_the_cause_and_the_fix_not_the_hub_library_error(tmp_path):
+    """HF_HUB_OFFLINE=1 and an empty cache: the real huggingface_hub refuses; twinkle says what to do."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+from twinkle.hub import HubOfflineError, resolve_model_dir
+try:
+    resolve_model_dir("hf://Qwen/Qwen2.5-0.5B-Instruct")
+except HubOfflineError as exc:
+    print(type(exc.original).__name__)
+    print(exc)
+    sys.exit(0)
+sys.exit("no HubOfflineError")
+"""
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    original, message = result.stdout.split("\n", 1)
+    assert original == "LocalEntryNotFoundError"
+    assert "hf://Qwen/Qwen2.5-0.5B-Instruct is not in the local cache and HF_HUB_OFFLINE is set" in message
+    assert "hf download Qwen/Qwen2.5-0.5B-Instruct" in message and "Traceback" not in result.stderr
+
+
+def test_unreachable_modelscope_is_a_clear_error(monkeypatch):
+    import modelscope
+    import requests
+    from twinkle.hub import HubOfflineError
+
+    def no_network(repo_id, **kwargs):
+        raise requests.exceptions.ConnectionError("Max retries exceeded with url: /api/v1/models")
+
+    monkeypatch.setattr(modelscope, "snapshot_download", no_network)
+    with pytest.raises(HubOfflineError, match="ms://Qwen/Qwen2.5-7B-Instruct is not in the local cache") as err:
+        resolve_model_dir("ms://Qwen/Qwen2.5-7B-Instruct")
+    assert "modelscope download --model Qwen/Qwen2.5-7B-Instruct" in str(err.value)
+    assert err.value.__cause__ is None and isinstance(err.value.original, requests.exceptions.ConnectionError)
+
+
+def test_other_hub_errors_are_not_disguised_as_offline(monkeypatch):
+    import huggingface_hub
+
+    def denied(repo_id, **kwargs):
+        raise PermissionError("gated repository")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", denied)
+    with pytest.raises(PermissionError, match="gated"):
+        resolve_model_dir("hf://meta-llama/Llama-3-8B")
+
+
+def test_missing_hub_library_names_the_install_command(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # `import huggingface_hub` raises ImportError
+    with pytest.raises(HubError, match=r"needs the huggingface_hub library") as err:
+        resolve_model_dir("hf://Qwen/Qwen2.5-0.5B")
+    message = str(err.value)
+    assert "twinkle-core[hub]" in message and "pip install" in message

@@ -8,7 +8,9 @@
 * a bare ``org/name`` that is not a local path is looked up on ModelScope, as ms-swift does.
 
 The hub libraries are imported only when a hub id is resolved (``pip install
-'twinkle-core[hub]'``).
+'twinkle-core[hub]'``); without them, a hub id raises :class:`HubError` naming that command.
+A hub id that is neither cached nor reachable (no network, ``HF_HUB_OFFLINE=1``) raises
+:class:`HubOfflineError` saying so and how to get the files, not the hub library's own error.
 
 Example::
 
@@ -28,6 +30,35 @@ HF_PREFIX = "hf://"
 
 class HubError(ValueError):
     """An id that is neither a local path nor a valid hub id, or a missing hub library."""
+
+
+class HubOfflineError(HubError, ConnectionError):
+    """A hub id that is not in the local cache, while the hub cannot be reached."""
+
+    #: The hub library's own exception.
+    original: BaseException | None = None
+
+
+#: Exception class names (of huggingface_hub, modelscope, requests, httpx) that mean "no network
+#: and no cached copy"; matched by name so that no hub library is imported to check.
+_OFFLINE_ERRORS = (
+    "LocalEntryNotFoundError",
+    "OfflineModeIsEnabled",
+    "ConnectionError",
+    "ConnectError",
+    "ConnectTimeout",
+    "ReadTimeout",
+    "Timeout",
+    "TimeoutException",
+    "NewConnectionError",
+    "MaxRetryError",
+    "NameResolutionError",
+)
+
+
+def _is_offline_error(exc: BaseException) -> bool:
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    return bool(names & set(_OFFLINE_ERRORS)) or isinstance(exc, (ConnectionError, TimeoutError))
 
 
 def split_hub_id(model_id: str) -> tuple[str | None, str]:
@@ -77,7 +108,9 @@ def resolve_model_dir(model_id: str | os.PathLike, *, revision: str | None = Non
         The directory path.
 
     Raises:
-        HubError: not a local path and not a hub id, or the hub library is missing.
+        HubError: not a local path and not a hub id, or the hub library is missing (the
+            message names the install command).
+        HubOfflineError: a hub id that is not cached while the hub cannot be reached.
         FileNotFoundError: a path that looks local (``./x``, ``/x``, ``~/x``) does not exist.
 
     Example::
@@ -101,24 +134,56 @@ def _resolve(model_id: Any, repo_type: str, revision: str | None, download_kwarg
     if local is not None:
         return local  # never hand a local path to a hub: modelscope hangs on it
     if hub is None:
-        if repo.startswith((".", "/", "~")) or repo.count("/") != 1 or not _looks_like_repo(repo):
+        if repo.startswith((".", "/", "~")) or not _looks_like_repo(repo):
             raise FileNotFoundError(
                 f"{repo!r} is not an existing local path. Pass an existing file or directory, or a hub id: "
                 f"'ms://org/name' (ModelScope) or 'hf://org/name' (Hugging Face)."
             )
         hub = "ms"
-    if hub == "ms":
-        return _modelscope_download(repo, repo_type, revision, download_kwargs)
-    return _huggingface_download(repo, repo_type, revision, download_kwargs)
+    download = _modelscope_download if hub == "ms" else _huggingface_download
+    try:
+        return download(repo, repo_type, revision, download_kwargs)
+    except HubError:
+        raise
+    except Exception as exc:
+        if not _is_offline_error(exc):
+            raise
+        error = HubOfflineError(_offline_message(hub, repo, repo_type, exc))
+        error.original = exc  # the hub library's own exception, without its traceback in the user's face
+    raise error from None
+
+
+def _offline_message(hub: str, repo: str, repo_type: str, exc: BaseException) -> str:
+    detail = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else "no detail"
+    if hub == "hf":
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub cannot be reached"
+        kind = " --repo-type dataset" if repo_type == "dataset" else ""
+        fetch = f"`hf download {repo}{kind}` on a machine with network (same HF_HOME)"
+    else:
+        why = "ModelScope cannot be reached"
+        kind = " --dataset" if repo_type == "dataset" else " --model"
+        fetch = f"`modelscope download{kind} {repo}` on a machine with network (same MODELSCOPE_CACHE)"
+    return (
+        f"{hub}://{repo} is not in the local cache and {why} ({type(exc).__name__}: {detail}). "
+        f"Download it first with {fetch}, or pass the local directory that holds it."
+    )
+
+
+def _missing_hub_library(hub_id: str, library: str) -> HubError:
+    from twinkle._kinds import extra_hint
+
+    return HubError(
+        f"{hub_id} needs the {library} library, from twinkle-core's 'hub' extra, which is not installed. "
+        f"Install it: {extra_hint('hub')} Or pass a local directory."
+    )
 
 
 def _modelscope_download(repo: str, repo_type: str, revision: str | None, kwargs: dict[str, Any]) -> str:
     try:
         import modelscope
     except ImportError:
-        raise HubError(
-            f"ms://{repo} needs the modelscope library: pip install 'twinkle-core[hub]' (or pip install modelscope)"
-        ) from None
+        raise _missing_hub_library(f"ms://{repo}", "modelscope") from None
     if revision is not None:
         kwargs = {**kwargs, "revision": revision}
     if repo_type == "dataset":
@@ -130,10 +195,7 @@ def _huggingface_download(repo: str, repo_type: str, revision: str | None, kwarg
     try:
         import huggingface_hub
     except ImportError:
-        raise HubError(
-            f"hf://{repo} needs the huggingface_hub library: pip install 'twinkle-core[hub]' "
-            f"(or pip install huggingface_hub)"
-        ) from None
+        raise _missing_hub_library(f"hf://{repo}", "huggingface_hub") from None
     if revision is not None:
         kwargs = {**kwargs, "revision": revision}
     if repo_type == "dataset":

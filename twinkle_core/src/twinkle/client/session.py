@@ -24,9 +24,13 @@ class ClientSession:
 
     Raises:
         ValueError: no base_url or api_key.
+        MissingExtraError: httpx is not installed (the message names the install command).
     """
 
     def __init__(self, base_url: str, api_key: str, timeout: float = 600.0) -> None:
+        from twinkle._kinds import require_extra
+
+        require_extra("http", "httpx", feature="initialize(mode='http')")  # not a bare ModuleNotFoundError
         import httpx
 
         if not base_url:
