@@ -45,6 +45,7 @@ FAMILIES = {
     "qwen3_moe": dict(_COMMON, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
     "llama": dict(_COMMON),
     "glm4": dict(_COMMON, head_dim=16),
+    "glm": dict(_COMMON, head_dim=16),  # GLM-Edge (and glm-4-9b-chat-hf): half-dimension interleaved RoPE
     "deepseek_v2": dict(_DEEPSEEK_MLA),
     "deepseek_v3": dict(_DEEPSEEK_MLA),
 }
