@@ -43,7 +43,7 @@ ENV = {"UV_FIND_LINKS": TORCH_WHEELS} if os.path.isdir(TORCH_WHEELS) else {}
 PYTEST = ("pytest", "-q", "-ra", "--timeout=900", "-p", "no:cacheprovider")
 
 
-def pytest_args(session: nox.Session, default_path: str) -> tuple[str, ...]:
+def pytest_args(session: nox.Session, *default_paths: str) -> tuple[str, ...]:
     """pytest's command line: the session's test folder, or only the paths given after ``--``.
 
     ``nox -s core -- tests/core/model/test_x.py -k name`` runs just that file; options alone
@@ -51,7 +51,7 @@ def pytest_args(session: nox.Session, default_path: str) -> tuple[str, ...]:
     """
     args = tuple(session.posargs)
     has_path = any(not a.startswith("-") and (os.path.exists(a.split("::")[0])) for a in args)
-    return (*PYTEST, *args) if has_path else (*PYTEST, default_path, *args)
+    return (*PYTEST, *args) if has_path else (*PYTEST, *default_paths, *args)
 
 
 def install(session: nox.Session, *specs: str) -> None:
@@ -91,6 +91,35 @@ def core(session: nox.Session) -> None:
         *TEST_DEPS,
     )
     session.run(*pytest_args(session, "tests/core"))
+
+
+NUMERICS_TESTS = ("tests/core/fastpath", "tests/core/model/test_training.py", "tests/core/rl/test_rl_losses.py")
+
+
+def _cpu_has_avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "avx512f" in f.read()
+    except OSError:
+        return False
+
+
+@nox.session(python=TORCH_PYTHON)
+@nox.parametrize("capability", ["default", "avx2", "avx512"])
+@nox.parametrize("threads", ["1", "2"])
+def numerics(session: nox.Session, capability: str, threads: str) -> None:
+    """The numerics-sensitive tests under each of torch's CPU kernel sets and thread counts.
+
+    ``ATEN_CPU_CAPABILITY`` picks torch's CPU kernels (another SIMD width sums in another
+    order) and the thread count splits reductions differently: tolerances derived from the
+    arithmetic hold under every combination, tuned ones do not. avx512 is skipped on a CPU
+    without it. torch.compile tests are left to ``core`` (same numbers, minutes of compiling).
+    """
+    if capability == "avx512" and not _cpu_has_avx512():
+        session.skip("this CPU has no AVX-512")
+    install(session, *TORCH_STACK, "triton>=3.2", "-e", "./twinkle_core[torch]", *TEST_DEPS)
+    env = {"ATEN_CPU_CAPABILITY": capability, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    session.run(*pytest_args(session, *NUMERICS_TESTS), "-k", "not compile", env=env)
 
 
 @nox.session(python=TORCH_PYTHON)
