@@ -18,6 +18,16 @@ from twinkle.checkpoint_engine import (
     CheckpointEngine,
     LocalCheckpointEngine,
 )
+from twinkle.convert import (
+    ChatGLMConverter,
+    CheckpointConverter,
+    ConversionError,
+    InternLM2Converter,
+    find_converter,
+    load_converted,
+    read_state_dict,
+    save_original,
+)
 from twinkle.dataloader import (
     DataLoader,
     RetrySampler,
@@ -143,6 +153,8 @@ def kinds_resolve() -> list[object]:
     rlooadvantage: type[Advantage] = RLOOAdvantage
     reinforceadvantage: type[Advantage] = REINFORCEAdvantage
     localcheckpointengine: type[CheckpointEngine] = LocalCheckpointEngine
+    internlm2converter: type[CheckpointConverter] = InternLM2Converter
+    chatglmconverter: type[CheckpointConverter] = ChatGLMConverter
     crossentropyloss: type[Loss] = CrossEntropyLoss
     grpoloss: type[Loss] = GRPOLoss
     ppoloss: type[Loss] = PPOLoss
@@ -184,6 +196,8 @@ def kinds_resolve() -> list[object]:
         rlooadvantage,
         reinforceadvantage,
         localcheckpointengine,
+        internlm2converter,
+        chatglmconverter,
         crossentropyloss,
         grpoloss,
         ppoloss,
@@ -231,6 +245,14 @@ PUBLIC_NAMES: list[object] = [
     RLOOAdvantage,
     CheckpointEngine,
     LocalCheckpointEngine,
+    ChatGLMConverter,
+    CheckpointConverter,
+    ConversionError,
+    InternLM2Converter,
+    find_converter,
+    load_converted,
+    read_state_dict,
+    save_original,
     DataLoader,
     RetrySampler,
     RowLoadError,

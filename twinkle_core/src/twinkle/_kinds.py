@@ -174,6 +174,14 @@ KIND_TABLE: tuple[Kind, ...] = (
         "class attributes `name`, `enabled_by_default`",
     ),
     Kind(
+        "converter",
+        "twinkle.convert",
+        "twinkle.convert.base:CheckpointConverter",
+        interface="`matches(config) -> bool`, `target_config(config) -> dict`, `to_target(state_dict, config)`, "
+        "`to_original(state_dict, config)`: an original checkpoint layout (remote-code families) <-> a "
+        "transformers model, applied at load time",
+    ),
+    Kind(
         "optimizer",
         "twinkle.optim",
         functions=True,

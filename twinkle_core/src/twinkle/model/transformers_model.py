@@ -289,6 +289,12 @@ class TransformersModel(TwinkleModel):
                 f"TransformersModel: {self.model_dir!r} has no config.json; point model_id at a model directory "
                 f"(config.json plus weights) or a hub id such as 'ms://Qwen/Qwen2.5-0.5B-Instruct'"
             )
+        if config is None:  # a family in a remote-code layout: a registered converter maps it (twinkle.convert)
+            from twinkle.convert.base import load_converted
+
+            converted = load_converted(self.model_dir, dtype=dtype, seed=self.seed, **extra)
+            if converted is not None:
+                return converted
         if config is None and _has_weights(self.model_dir):
             return AutoModelForCausalLM.from_pretrained(
                 self.model_dir, dtype=dtype, trust_remote_code=trust_remote_code, **extra
@@ -1106,6 +1112,7 @@ class TransformersModel(TwinkleModel):
         save_tokenizer: bool = True,
         dataloader: Any = None,
         overwrite: bool = True,
+        original_layout: bool = False,
         **kwargs: Any,
     ) -> str:
         """Write a checkpoint atomically (a temp dir beside ``output_dir``, then a rename).
@@ -1123,6 +1130,9 @@ class TransformersModel(TwinkleModel):
             save_tokenizer: also write the tokenizer files.
             dataloader: a DataLoader whose ``state_dict()`` is stored for exact resume.
             overwrite: replace an existing directory (otherwise raise).
+            original_layout: for a model loaded through a converter (InternLM2, ChatGLM; see
+                :mod:`twinkle.convert`), write the full weights in the family's original layout
+                and ``config.json`` (with its other files) instead of the transformers layout.
 
         Returns:
             The checkpoint path.
@@ -1147,6 +1157,11 @@ class TransformersModel(TwinkleModel):
                 raise CheckpointError(f"save: cannot create the parent directory {parent}: {exc}") from exc
             if not os.access(parent, os.W_OK):
                 raise CheckpointError(f"save: {parent} is not writable; choose another output_dir")
+        if original_layout and self._peft is not None:
+            raise CheckpointError(
+                "save(original_layout=True) writes full weights; this model trains LoRA adapters, whose files are in "
+                "the transformers layout: save the adapter without original_layout, or train without adapters"
+            )
         weights = self.get_state_dict(adapter_name=state.name) if self._peft is not None else self._full_state_dict()
         optim_state = None
         if save_optimizer and state.optimizer is not None:
@@ -1157,8 +1172,13 @@ class TransformersModel(TwinkleModel):
         try:
             if self.rank == 0:
                 tmp.mkdir()
-                self._write_weights(tmp, state, weights)
-                if save_tokenizer:
+                if original_layout:
+                    from twinkle.convert.base import save_original
+
+                    save_original(self._hf_model(), tmp, weights)
+                else:
+                    self._write_weights(tmp, state, weights)
+                if save_tokenizer and not original_layout:  # the original layout copies the source's files
                     self._write_tokenizer(tmp)
                 if save_optimizer:
                     trainer_state = {
