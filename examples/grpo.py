@@ -21,7 +21,12 @@ import argparse
 import random
 import time
 
-import twinkle
+import twinkle.runtime
+
+# First, before torch loads: this example needs twinkle-rewards (its reward); without it, stop in
+# a second with the install command instead of after building the models.
+twinkle.runtime.require_components({"reward": ["GSM8KAccuracyReward"]}, exit=__name__ == "__main__")
+
 from twinkle import assets
 from twinkle.advantage import GRPOAdvantage
 from twinkle.checkpoint_engine import LocalCheckpointEngine

@@ -22,7 +22,14 @@ import random
 import time
 from typing import Any
 
-import twinkle
+import twinkle.runtime
+
+# First, before torch loads: this example needs twinkle-vllm (the sampler) and twinkle-rewards (the
+# reward); without them, stop in a second with the install commands instead of after building models.
+twinkle.runtime.require_components(
+    {"sampler": ["VLLMSampler"], "reward": ["GSM8KAccuracyReward"]}, exit=__name__ == "__main__"
+)
+
 from twinkle import assets
 from twinkle.advantage import GRPOAdvantage
 from twinkle.data_format import SamplingParams
@@ -83,6 +90,7 @@ def main(
     if ray_mode:
         from twinkle import DeviceGroup
 
+        twinkle.runtime.require_components({"launcher": ["ray"]}, exit=__name__ == "__main__")  # twinkle-ray
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, private cluster
         groups = [DeviceGroup(name=name, ranks=1, device_type="cpu") for name in ("model", "sampler")]
         twinkle.initialize(mode="ray", seed=seed, groups=groups)

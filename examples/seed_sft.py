@@ -1,4 +1,4 @@
-"""The seed's usage example (shared/spec/SEED.md), verbatim except for the ids and the run mode.
+"""The seed's usage example (docs/spec.md), verbatim except for the ids and the run mode.
 
 Changed: the model and data set ids point at the bundled tiny Qwen2 directory and the
 bundled self-cognition data set; mode='local' on one CPU process (no mesh). Everything

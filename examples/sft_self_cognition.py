@@ -1,4 +1,4 @@
-"""Self-cognition SFT: the seed's example (shared/spec/SEED.md) on an embedded default.
+"""Self-cognition SFT: the seed's example (docs/spec.md) on an embedded default.
 
 The structure and API calls are the seed's; only the ids and the training strength
 changed. By default it builds a tiny random-init Qwen2 from the bundled config and

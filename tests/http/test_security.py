@@ -134,7 +134,9 @@ def test_authentication_and_hashed_keys(server, tenant_a) -> None:
     assert tenant_a["key"].encode() not in raw
     from twinkle.server.store import hash_key
 
-    assert server.state.store.tenant_for_key(tenant_a["key"]) is not None
+    tenant = server.state.store.tenant_for_key(tenant_a["key"])  # found by the key's hash alone
+    assert tenant is not None and tenant.name.startswith("a-")
+    assert server.state.store.tenant_for_key(tenant_a["key"] + "x") is None
     assert hash_key(tenant_a["key"]).encode() in raw
 
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import twinkle
 from twinkle import hookspecs
-from twinkle.plugins import PluginSystem
 from twinkle.testing import registered_plugin
 
 REPO = Path(__file__).resolve().parents[2]
@@ -59,10 +58,19 @@ def test_every_hook_is_called():
 
 
 def test_registered_plugin_removes_everything_it_added():
+    """The same plugin system, checked after the block: its names, its hooks and its record are gone."""
     recorder = Recorder()
-    with registered_plugin(recorder, name="recorder"):
-        pass
-    assert "RecordedOptimizer" not in PluginSystem().load().registry.names("optimizer")
+    with registered_plugin(recorder, name="recorder", mode="recorded") as runtime:
+        system = runtime.plugins
+        assert "RecordedOptimizer" in system.registry.names("optimizer")
+        assert "recorded" in system.registry.names("launcher") and system.pm.has_plugin("recorder")
+    assert "RecordedOptimizer" not in system.registry.names("optimizer")
+    assert "recorded" not in system.registry.names("launcher")
+    assert "recorder" not in system.plugins and not system.pm.has_plugin("recorder")
+    calls = len(recorder.calls)
+    system.notify("twinkle_metrics_emitted", runtime=runtime, source="train", step=1, metrics={"loss": 1.0})
+    assert len(recorder.calls) == calls, "its lifecycle hooks are no longer called"
+    assert twinkle.current_runtime() is None
 
 
 def test_twinkle_plugin_fixture(twinkle_plugin):

@@ -181,3 +181,15 @@ def test_http_mode_without_its_extra_names_the_install_command(monkeypatch):
     assert "twinkle-core[http]" in str(err.value) and "pip install" in str(err.value)
     assert isinstance(err.value, ImportError) and err.value.name == "httpx"
     assert twinkle.current_runtime() is None
+
+
+def test_the_repository_cites_no_file_outside_it():
+    """Docstrings and docs cite docs/spec.md, not the shared spec folder of the machine it was written on."""
+    outside = "shared/" + "spec/"  # split so this file does not match itself
+    offenders = [
+        str(path.relative_to(REPO))
+        for pattern in ("*.py", "*.md", "*.toml")
+        for path in REPO.rglob(pattern)
+        if ".nox" not in path.parts and ".git" not in path.parts and outside in path.read_text(errors="ignore")
+    ]
+    assert offenders == []

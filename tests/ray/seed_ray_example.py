@@ -1,4 +1,4 @@
-"""The seed's Ray example (shared/spec/SEED.md), verbatim except for what CPU CI needs.
+"""The seed's Ray example (docs/spec.md), verbatim except for what CPU CI needs.
 
 Changed: ``device_type='cpu'`` instead of ``'cuda'``; the model and data set ids point at
 the bundled tiny Qwen2 directory and self-cognition data (set TWINKLE_MODEL_ID /

@@ -11,8 +11,13 @@ from twinkle.runtime import get_registry
 
 
 def test_registered():
-    for name in ("GRPOAdvantage", "RLOOAdvantage", "REINFORCEAdvantage"):
-        assert get_registry().resolve("advantage", name) is not None
+    names = ("GRPOAdvantage", "RLOOAdvantage", "REINFORCEAdvantage")
+    registered = {name: get_registry().resolve("advantage", name) for name in names}
+    assert registered == {
+        "GRPOAdvantage": GRPOAdvantage,
+        "RLOOAdvantage": RLOOAdvantage,
+        "REINFORCEAdvantage": REINFORCEAdvantage,
+    }
 
 
 def test_grpo_group_scaling_matches_torch():

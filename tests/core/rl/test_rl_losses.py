@@ -54,6 +54,9 @@ def reference_ppo(inputs, logits, eps_low, eps_high, beta, seq_level=False):
 
 
 def test_all_registered():
+    import twinkle.loss
+    from twinkle.loss.base import Loss
+
     for name in (
         "GRPOLoss",
         "PPOLoss",
@@ -66,7 +69,8 @@ def test_all_registered():
         "ORPOLoss",
         "GKDLoss",
     ):
-        assert get_registry().resolve("loss", name) is not None
+        assert get_registry().resolve("loss", name) is getattr(twinkle.loss, name)
+        assert issubclass(getattr(twinkle.loss, name), Loss)
 
 
 @pytest.mark.parametrize(

@@ -212,19 +212,26 @@ class Registry:
             registration._loaded = obj
         return registration._loaded
 
-    def _not_found_message(self, kind: str, name: str) -> str:
-        known = self.names(kind)
-        lines = [f"No {kind} named {name!r}."]
+    def provider_hint(self, kind: str, name: str) -> str | None:
+        """The sentence that says how to get an official name: install its plugin, or unblock it."""
         provider = official_provider(kind, name)
+        if provider is None:
+            return None
         blocked = {dist: (plugin, why) for plugin, (dist, why) in self.blocked_plugins.items() if dist}
-        if provider is not None and provider in blocked:
+        if provider in blocked:
             plugin, why = blocked[provider]
-            lines.append(
+            return (
                 f"It is provided by the official plugin {provider!r}, which is installed but blocked by {why} "
                 f"(entry point {plugin!r}); allow it to use {name!r}."
             )
-        elif provider is not None:
-            lines.append(f"It is provided by the official plugin {provider!r}; install it: {install_hint(provider)}")
+        return f"It is provided by the official plugin {provider!r}; install it: {install_hint(provider)}"
+
+    def _not_found_message(self, kind: str, name: str) -> str:
+        known = self.names(kind)
+        lines = [f"No {kind} named {name!r}."]
+        provider_hint = self.provider_hint(kind, name)
+        if provider_hint:
+            lines.append(provider_hint)
         hints = close_matches(name, known)
         if hints:
             lines.append(f"Did you mean: {', '.join(repr(h) for h in hints)}?")

@@ -11,12 +11,17 @@ Layers (each alone would be bypassable; together they cover the usual hostile sn
   (``RLIMIT_NPROC``);
 * when started as root: a new network namespace (no interfaces but a down loopback) via
   ``unshare(CLONE_NEWNET)`` and a drop to ``nobody`` (uid/gid 65534), so the code cannot
-  write anything the caller owns;
+  write anything the caller owns. When the namespace cannot be made (not root, or a container
+  without ``CAP_SYS_ADMIN``) a warning is logged once per reason (logger
+  ``twinkle_rewards.sandbox``) and :attr:`SandboxResult.network` says why; sockets are still
+  refused by the audit hook below;
 * a :func:`sys.addaudithook` hook (cannot be removed from Python code) that refuses
   sockets, process creation (fork, exec, spawn, subprocess, system), ``ctypes`` (which
   could call libc directly), writes/renames/deletes/links outside the temp directory and
   signals to other processes;
 * a wall-clock timeout in the parent that kills the child's whole process group.
+
+The child is :mod:`twinkle_rewards._sandbox_child`, run as a script with ``python -I -S``.
 
 This protects the caller's machine and files; it is not a defence against a policy
 that learns to fake the harness's result line by introspection.
@@ -25,6 +30,7 @@ that learns to fake the harness's result line by introspection.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -32,114 +38,13 @@ import signal
 import subprocess
 import sys
 import tempfile
-import textwrap
 from dataclasses import dataclass
 
-_HARNESS = r'''
-import json, os, resource, sys
-# Modules solutions commonly use, imported before privileges are dropped.
-import bisect, collections, copy, dataclasses, decimal, fractions, functools, heapq, itertools, math  # noqa
-import operator, random, re, statistics, string, typing  # noqa
+#: The child program (a module of this package, run as a script by the sandboxed interpreter).
+CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_child.py")
 
-def _world_readable(path):
-    """Can user nobody import from ``path`` (every ancestor searchable by others)?"""
-    import stat
-    path = os.path.realpath(path)
-    while True:
-        if not os.stat(path).st_mode & stat.S_IXOTH:
-            return False
-        parent = os.path.dirname(path)
-        if parent == path:
-            return True
-        path = parent
-
-def _setup(cfg):
-    tmp = os.path.realpath(cfg["tmp"])
-    if os.geteuid() == 0:
-        try:
-            import ctypes
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.unshare(0x40000000)  # CLONE_NEWNET: no network at all
-        except Exception:
-            pass
-        if _world_readable(os.path.dirname(os.__file__)):
-            os.chown(tmp, 65534, 65534)
-            os.setgroups([])
-            os.setgid(65534)
-            os.setuid(65534)
-    limits = [
-        (resource.RLIMIT_CPU, cfg["cpu_seconds"]),
-        (resource.RLIMIT_AS, cfg["memory_bytes"]),
-        (resource.RLIMIT_FSIZE, cfg["file_bytes"]),
-        (resource.RLIMIT_NOFILE, 64),
-        (resource.RLIMIT_CORE, 0),
-    ]
-    if os.geteuid() != 0 and hasattr(resource, "RLIMIT_NPROC"):
-        limits.append((resource.RLIMIT_NPROC, 0))
-    for which, value in limits:
-        try:
-            resource.setrlimit(which, (value, value))
-        except (ValueError, OSError):
-            pass
-    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-    blocked_prefixes = ("socket.", "subprocess.", "os.exec", "os.spawn", "os.posix_spawn", "ctypes.",
-                        "os.fork", "os.forkpty", "pty.", "os.kill", "os.killpg", "signal.pthread_kill")
-    blocked = {"os.system", "os.popen", "os.setuid", "os.chroot", "os.symlink", "os.link", "sys.addaudithook",
-               "os.chown", "os.chmod", "os.putenv", "os.unsetenv", "_posixsubprocess.fork_exec"}
-    path_events = {"os.remove", "os.rmdir", "os.mkdir", "os.truncate", "os.utime", "os.rename",
-                   "shutil.rmtree", "shutil.move", "shutil.copyfile", "os.listxattr"}
-
-    def inside(path):
-        if isinstance(path, int):
-            return True
-        if isinstance(path, bytes):
-            path = os.fsdecode(path)
-        real = os.path.realpath(path)
-        return real == tmp or real.startswith(tmp + os.sep)
-
-    def hook(event, args):
-        if event == "import" and args and str(args[0]).split(".")[0] in ("ctypes", "_ctypes"):
-            raise PermissionError("sandbox: ctypes is not allowed")
-        if event in blocked or event.startswith(blocked_prefixes):
-            raise PermissionError(f"sandbox: {event} is not allowed")
-        if event == "open":
-            path, mode, flags = (list(args) + [None, None, None])[:3]
-            writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
-                isinstance(flags, int) and flags & write_flags)
-            if writing and not inside(path):
-                raise PermissionError(f"sandbox: writing {path!r} outside the sandbox directory is not allowed")
-        elif event in path_events:
-            for path in args[:2]:
-                if isinstance(path, (str, bytes, os.PathLike)) and not inside(path):
-                    raise PermissionError(f"sandbox: {event} on {path!r} outside the sandbox directory")
-
-    sys.addaudithook(hook)
-
-def _main():
-    cfg = json.loads(sys.stdin.readline())
-    marker = cfg.pop("marker")
-    source = open(cfg["code_path"]).read()
-    tests = cfg["tests"]
-    _setup(cfg)
-    namespace = {"__name__": "__main__"}
-    passed = 0
-    error = None
-    try:
-        exec(compile(source, "solution.py", "exec"), namespace)
-    except BaseException as exc:  # the solution itself failed: every test fails
-        error = f"{type(exc).__name__}: {exc}"[:500]
-        tests = []
-    for test in tests:
-        try:
-            exec(compile(test, "test.py", "exec"), namespace)
-            passed += 1
-        except BaseException as exc:
-            error = error or f"{type(exc).__name__}: {exc}"[:500]
-    sys.stdout.flush()
-    os.write(1, ("\n" + marker + json.dumps({"passed": passed, "error": error}) + "\n").encode())
-
-_main()
-'''
+logger = logging.getLogger(__name__)
+_warned_network: set[str] = set()
 
 
 @dataclass
@@ -152,6 +57,7 @@ class SandboxResult:
         timed_out: the wall-clock limit killed it.
         error: the first exception, or why the run produced no result.
         stdout: the child's output (truncated), without the result line.
+        network: ``"isolated"`` (a new, empty network namespace), or why it was not possible.
     """
 
     passed: int
@@ -159,6 +65,7 @@ class SandboxResult:
     timed_out: bool = False
     error: str | None = None
     stdout: str = ""
+    network: str | None = None
 
 
 def run_sandboxed(
@@ -193,12 +100,8 @@ def run_sandboxed(
         code_path = os.path.join(tmp, "solution.py")
         with open(code_path, "w", encoding="utf-8") as f:
             f.write(code)
-        harness_path = os.path.join(tmp, "harness.py")
-        with open(harness_path, "w", encoding="utf-8") as f:
-            f.write(textwrap.dedent(_HARNESS))
         os.chmod(tmp, 0o755)
         os.chmod(code_path, 0o644)
-        os.chmod(harness_path, 0o644)
         work = os.path.join(tmp, "work")
         os.mkdir(work)
         os.chmod(work, 0o777)
@@ -215,7 +118,7 @@ def run_sandboxed(
         out_path = os.path.join(tmp, "stdout.txt")
         with open(out_path, "wb") as out_file:  # a file, not a pipe: output size is capped by RLIMIT_FSIZE
             proc = subprocess.Popen(
-                [python or sys.executable, "-I", "-S", harness_path],
+                [python or sys.executable, "-I", "-S", CHILD],
                 cwd=work,
                 env=env,
                 stdin=subprocess.PIPE,
@@ -241,9 +144,23 @@ def run_sandboxed(
             reason = "timed out" if timed_out else f"no result (exit code {proc.returncode})"
             return SandboxResult(0, len(tests), timed_out=timed_out, error=reason, stdout=text[-2000:])
         result = json.loads(tail.strip().splitlines()[0])
-        return SandboxResult(int(result["passed"]), len(tests), timed_out, result.get("error"), head[-2000:])
+        network = result.get("network")
+        _warn_network(network)
+        return SandboxResult(int(result["passed"]), len(tests), timed_out, result.get("error"), head[-2000:], network)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _warn_network(network: str | None) -> None:
+    if network in (None, "isolated") or network in _warned_network:
+        return
+    _warned_network.add(network)
+    logger.warning(
+        "twinkle-rewards sandbox: network-namespace isolation is unavailable (%s); untrusted code still cannot "
+        "open sockets (the audit hook refuses them), but it runs on the host's network stack. Run as root (or "
+        "with CAP_SYS_ADMIN) for a namespace without network.",
+        network,
+    )
 
 
 def _kill_group(pid: int) -> None:
