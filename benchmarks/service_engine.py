@@ -1,0 +1,234 @@
+"""The service's batched multi-adapter pass against ``TransformersModel``'s single-adapter fast path.
+
+    python benchmarks/service_engine.py                  # GPU, Qwen2.5-0.5B shape, 8 x 2048 tokens
+    python benchmarks/service_engine.py --tiny           # any device: the TINY shape, 8 x 128 tokens
+    python benchmarks/service_engine.py --configs fastpath,multi_1x8 --steps 5
+
+Random-init Qwen2-shaped model built from ``model_shapes.py`` (no downloads), LoRA r=8 on all
+linear layers, AdamW, one optimizer step per pass. Every configuration runs in its own process
+(compiled code, allocator and peak memory stay apart) and trains on the same token total
+(``rows x seq``, 8 x 2048 by default):
+
+* ``fastpath``: ``TransformersModel`` with its default fast path, one adapter, ``forward_backward``
+  + ``clip_grad_and_step`` on 8 whole rows (the reference of the ratios).
+* ``fastpath_eager``: the same without ``CompileDecoderLayers`` (the multi-adapter pass runs its
+  decoder layers eagerly, so this separates the kernel work from compilation).
+* ``multi_1x8``: ``twinkle.model.multi_adapter.forward_backward_multi``, one tenant with the 8 rows.
+* ``multi_8x1``: 8 tenants (8 adapters) with one row each, in one pass, then 8 optimizer steps.
+* ``multi_8x1_torch``: the same with the segmented LoRA on the torch path (a matmul pair per
+  segment) instead of the Triton segment kernel.
+* ``mixed_packed``: 8 tenants, rows of log-uniform lengths 32..seq (same token total, 26-47 rows
+  for 16k tokens) packed padding-free in one multi-adapter pass.
+* ``mixed_padded``: the same rows on the fast path with the default ``InputProcessor``: padded to
+  the longest row, as the old service engine laid them out (one adapter; tokens/s counts real tokens).
+
+Prints tokens/s (real tokens over the median step time), peak allocated GPU memory and the
+ratios of the issue's targets (``multi_1x8 / fastpath``, ``multi_8x1 / multi_1x8``,
+``mixed_packed / mixed_padded``) in one table; writes it (Markdown) and a JSON log to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from model_shapes import QWEN25_05B, TINY, qwen2_config  # noqa: E402
+
+CONFIGS = [
+    "fastpath",
+    "fastpath_eager",
+    "multi_1x8",
+    "multi_8x1",
+    "multi_8x1_torch",
+    "mixed_packed",
+    "mixed_padded",
+]
+TENANTS = 8
+LORA = {"r": 8, "lora_alpha": 16, "target_modules": "all-linear", "lora_dropout": 0.0}
+
+
+def mixed_lengths(total: int, longest: int, seed: int) -> list[int]:
+    """Log-uniform lengths in ``[32, longest]`` (``[8, longest]`` for short ``longest``) summing to ``total``."""
+    rng = random.Random(seed)
+    low = 32 if longest >= 256 else 8
+    lengths: list[int] = []
+    while sum(lengths) < total:
+        n = int(math.exp(rng.uniform(math.log(low), math.log(longest))))
+        lengths.append(min(n, total - sum(lengths)))
+    if lengths[-1] < 2:
+        lengths[-2] += lengths.pop()
+    return lengths
+
+
+def rows_of(lengths: list[int], vocab: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"input_ids": [rng.randrange(1, vocab) for _ in range(n)]} for n in lengths]
+
+
+def build(config: str, shape: dict, device: str, adapters: int) -> object:
+    from twinkle.model.transformers_model import TransformersModel
+
+    disabled = [] if config in ("fastpath", "mixed_padded") else ["CompileDecoderLayers"]
+    dtype = "bfloat16" if device == "cuda" else "float32"
+    model = TransformersModel(
+        config=qwen2_config(shape), torch_dtype=dtype, device=device, seed=0, disabled_patches=disabled
+    )
+    for i in range(adapters):
+        model.add_adapter_to_model(f"t{i}", dict(LORA))
+        model.set_optimizer("AdamW", lr=1e-4, adapter_name=f"t{i}")
+    return model
+
+
+def worker(config: str, shape: dict, device: str, rows: int, seq: int, steps: int, warmup: int) -> dict:
+    import torch
+    from twinkle.model.multi_adapter import forward_backward_multi
+
+    cuda = device == "cuda"
+    vocab = shape["vocab_size"]
+    total = rows * seq
+    if config.startswith("mixed"):
+        lengths = mixed_lengths(total, seq, seed=1)
+    else:
+        lengths = [seq] * rows
+    data = rows_of(lengths, vocab, seed=2)
+    adapters = TENANTS if config in ("multi_8x1", "multi_8x1_torch", "mixed_packed") else 1
+    model = build(config, shape, device, adapters)
+    names = model.adapter_names
+    if config in ("fastpath", "fastpath_eager", "mixed_padded"):
+
+        def step() -> None:
+            model.forward_backward(data, adapter_name=names[0])
+            model.clip_grad_and_step(adapter_name=names[0])
+
+    else:
+        kernel = "torch" if config.endswith("_torch") else None
+        groups = {name: data[i :: len(names)] for i, name in enumerate(names)}
+
+        def step() -> None:
+            forward_backward_multi(model, groups, kernel=kernel)
+            for name in names:
+                model.clip_grad_and_step(adapter_name=name)
+
+    for _ in range(warmup):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    median = statistics.median(times)
+    return {
+        "config": config,
+        "tenants": adapters,
+        "rows": len(lengths),
+        "tokens": sum(lengths),
+        "padded_tokens": len(lengths) * max(lengths) if config == "mixed_padded" else sum(lengths),
+        "step_s": median,
+        "tokens_per_s": sum(lengths) / median,
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+    }
+
+
+def format_table(results: list[dict], title: str) -> str:
+    by = {r["config"]: r for r in results if "tokens_per_s" in r}
+    base = by.get("fastpath")
+    lines = [
+        f"## {title}",
+        "",
+        "| configuration | tenants | rows | tokens | tokens/s | vs fastpath | peak GiB | vs fastpath |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        if "tokens_per_s" not in r:
+            lines.append(f"| {r['config']} | failed: {r.get('error', '?')[:120]} |||||||")
+            continue
+        speed = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
+        mem = f"{r['peak_mem_gib'] / base['peak_mem_gib']:.2f}x" if base and base["peak_mem_gib"] else "-"
+        lines.append(
+            f"| {r['config']} | {r['tenants']} | {r['rows']} | {r['tokens']} | {r['tokens_per_s']:,.0f} | {speed} | "
+            f"{r['peak_mem_gib']:.2f} | {mem} |"
+        )
+    lines += ["", "| target | ratio |", "|---|---:|"]
+    for label, a, b in (
+        ("single tenant: multi_1x8 / fastpath (target >= 0.9)", "multi_1x8", "fastpath"),
+        ("single tenant, eager layers: multi_1x8 / fastpath_eager", "multi_1x8", "fastpath_eager"),
+        ("8 tenants x 1 row: multi_8x1 / multi_1x8 (target >= 0.85)", "multi_8x1", "multi_1x8"),
+        ("Triton segment kernel vs torch path: multi_8x1 / multi_8x1_torch", "multi_8x1", "multi_8x1_torch"),
+        ("mixed lengths: mixed_packed / mixed_padded (target >= 1.8)", "mixed_packed", "mixed_padded"),
+    ):
+        if a in by and b in by:
+            lines.append(f"| {label} | {by[a]['tokens_per_s'] / by[b]['tokens_per_s']:.2f} |")
+    if base and "multi_1x8" in by and base["peak_mem_gib"]:
+        ratio = by["multi_1x8"]["peak_mem_gib"] / base["peak_mem_gib"]
+        lines.append(f"| peak memory: multi_1x8 / fastpath (target <= 1.2) | {ratio:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="the TINY shape and 128-token rows (any device)")
+    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--rows", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=None, help="tokens per row (default 2048, 128 with --tiny)")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    shape = TINY if args.tiny else QWEN25_05B
+    seq = args.seq or (128 if args.tiny else 2048)
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.worker:
+        result = worker(args.worker, shape, args.device, args.rows, seq, args.steps, args.warmup)
+        print("RESULT " + json.dumps(result))
+        return
+    results = []
+    for config in args.configs.split(","):
+        cmd = [sys.executable, __file__, "--worker", config, "--rows", str(args.rows), "--seq", str(seq)]
+        cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device]
+        if args.tiny:
+            cmd.append("--tiny")
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        if proc.returncode or not found:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            results.append({"config": config, "error": tail[0]})
+            print(f"{config}: failed ({tail[0]})", file=sys.stderr)
+            print(proc.stderr[-3000:], file=sys.stderr)
+        else:
+            results.append(json.loads(found[0][len("RESULT ") :]))
+        print(json.dumps(results[-1]), flush=True)
+    device = next((r["device"] for r in results if "device" in r), args.device)
+    title = f"service engine, {'TINY' if args.tiny else 'Qwen2.5-0.5B'} shape, {args.rows} x {seq} tokens, {device}"
+    table = format_table(results, title)
+    print(table)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"service_engine_{'tiny' if args.tiny else '05b'}_{args.device}"
+    (out / f"{stem}.md").write_text(table)
+    (out / f"{stem}.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
