@@ -15,12 +15,11 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from fastpath_test_utils import make_rows  # noqa: E402
+from fastpath_test_utils import gamma, make_rows  # noqa: E402
 from twinkle.model.multi_adapter import forward_backward_multi, forward_only_multi  # noqa: E402
 from twinkle.model.transformers_model import TransformersModel  # noqa: E402
 from twinkle.patch import multi_lora  # noqa: E402
 
-U = 2.0**-24  # float32 unit roundoff
 KERNELS = [
     "torch",
     pytest.param("triton", marks=pytest.mark.skipif(not multi_lora.triton_available(), reason="triton")),
@@ -32,11 +31,6 @@ TENANTS = [
     ("bob", {"r": 8, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]}),
     ("carol", {"r": 2, "lora_alpha": 4, "target_modules": ["o_proj", "up_proj"]}),
 ]
-
-
-def gamma(k: int) -> float:
-    """Higham's gamma_k = k u / (1 - k u): the relative error bound of a k-term float32 sum of products."""
-    return k * U / (1 - k * U)
 
 
 # ---------------------------------------------------------------------- the segment product
