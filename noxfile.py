@@ -40,6 +40,8 @@ TORCH_WHEELS = os.environ.get("TWINKLE_TORCH_FIND_LINKS", "/opt/wheels")
 TORCH_STACK = (TORCH, "transformers>=5.19,<5.20", "peft>=0.21", "tokenizers>=0.23", "datasets>=3", "accelerate")
 TEST_DEPS = ("pytest>=8", "pytest-timeout")
 ENV = {"UV_FIND_LINKS": TORCH_WHEELS} if os.path.isdir(TORCH_WHEELS) else {}
+#: Every official plugin (plugins/<name>); the integration session installs them all.
+OFFICIAL_PLUGINS = ("twinkle-ray", "twinkle-vllm", "twinkle-megatron", "twinkle-rewards", "twinkle-server")
 PYTEST = ("pytest", "-q", "-ra", "--timeout=900", "-p", "no:cacheprovider")
 
 
@@ -168,19 +170,21 @@ def megatron(session: nox.Session) -> None:
 
 
 @nox.session(python=TORCH_PYTHON)
-def http(session: nox.Session) -> None:
-    """`twinkle serve` over real HTTP on loopback, with the tinker SDK."""
+def server(session: nox.Session) -> None:
+    """twinkle-server: `twinkle serve` over real HTTP on loopback, with the tinker SDK; its engine's unit tests."""
     install(
         session,
         *TORCH_STACK,
         "-e",
         "./twinkle_core[torch,http]",
         "-e",
+        "./plugins/twinkle-server",
+        "-e",
         "./plugins/twinkle-rewards",  # the GRPO example's reward runs in the client process
         "hypothesis>=6.100",
         *TEST_DEPS,
     )
-    session.run(*pytest_args(session, "tests/http"), env={"TINKER_TELEMETRY": "0"})
+    session.run(*pytest_args(session, "tests/server"), env={"TINKER_TELEMETRY": "0"})
 
 
 @nox.session(python=TORCH_PYTHON)
@@ -191,7 +195,7 @@ def integration(session: nox.Session) -> None:
     exercised in their own sessions; here we test that the ecosystem fits together.
     """
     install(session, *TORCH_STACK, "-e", "./twinkle_core[torch,hub]", *TEST_DEPS)
-    plugins = [f"./plugins/{name}" for name in ("twinkle-ray", "twinkle-vllm", "twinkle-megatron", "twinkle-rewards")]
+    plugins = [f"./plugins/{name}" for name in OFFICIAL_PLUGINS]
     install(session, "--no-deps", *plugins)
     uv = shutil.which("uv") or os.path.join(os.path.dirname(sys.executable), "uv")
     session.run(*pytest_args(session, "tests/integration"), env={"TWINKLE_TEST_UV": uv})

@@ -60,7 +60,7 @@ def _datums(rows: int, seq_len: int, offset: int) -> list:
 
 
 def _engine_datums(datums: list) -> list:
-    from twinkle.server.engine import Datum
+    from twinkle_server.engine import Datum
 
     return [
         Datum(d.model_input.to_ints(), {"target_tokens": d.loss_fn_inputs["target_tokens"].to_numpy()}) for d in datums
@@ -69,7 +69,7 @@ def _engine_datums(datums: list) -> list:
 
 def in_process_step_s(engine, rows: int, seq_len: int, steps: int) -> float:
     """Seconds per step of the engine called directly (no server)."""
-    from twinkle.server.engine import BatchJob
+    from twinkle_server.engine import BatchJob
 
     slot = engine.create_slot(8)
     data = _engine_datums(_datums(rows, seq_len, 0))
@@ -273,9 +273,9 @@ def main() -> None:
     args = parser.parse_args()
     client_cores, server_cores = split_cores(args.server_threads) if args.pin else (None, None)
 
-    from twinkle.server.config import tiny_model_dir
-    from twinkle.server.engine import LoRAEngine
-    from twinkle.server.store import Store
+    from twinkle_server.config import tiny_model_dir
+    from twinkle_server.engine import LoRAEngine
+    from twinkle_server.store import Store
 
     state_dir = Path(tempfile.mkdtemp(prefix="twinkle-bench-"))
     store = Store(state_dir / "state.sqlite")  # tenants, as `twinkle serve --add-tenant` makes them

@@ -13,7 +13,15 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "twinkle-plugin-example"
-OFFICIAL = {"ray": "twinkle-ray", "vllm": "twinkle-vllm", "megatron": "twinkle-megatron", "rewards": "twinkle-rewards"}
+OFFICIAL = {
+    "ray": "twinkle-ray",
+    "vllm": "twinkle-vllm",
+    "megatron": "twinkle-megatron",
+    "rewards": "twinkle-rewards",
+    "server": "twinkle-server",
+}
+#: Official plugins that add commands rather than components.
+COMMANDS_ONLY = {"server"}
 
 
 def installer() -> list[str]:
@@ -28,7 +36,7 @@ def python(code: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
 
 
-def test_twinkle_plugins_lists_core_and_the_four_official_plugins():
+def test_twinkle_plugins_lists_core_and_every_official_plugin():
     result = subprocess.run([sys.executable, "-m", "twinkle.cli", "plugins", "--json"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     plugins = {p["name"]: p for p in json.loads(result.stdout)["plugins"]}
@@ -36,9 +44,31 @@ def test_twinkle_plugins_lists_core_and_the_four_official_plugins():
     for name, dist in OFFICIAL.items():
         assert plugins[name]["distribution"] == dist, f"{dist} is not installed or not discovered"
         assert plugins[name]["version"] and plugins[name]["error"] is None
-        assert plugins[name]["components"], f"{dist} registered nothing"
+        if name in COMMANDS_ONLY:
+            assert "twinkle_register_commands" in plugins[name]["hooks"], f"{dist} registers no command"
+        else:
+            assert plugins[name]["components"], f"{dist} registered nothing"
     kinds = {(c["kind"], c["name"]) for p in plugins.values() for c in p["components"]}
     assert {("launcher", "ray"), ("sampler", "VLLMSampler"), ("model", "MegatronModel")} <= kinds
+
+
+def test_twinkle_serve_comes_from_the_server_plugin():
+    """The command is the plugin's (installed here without its fastapi/uvicorn/tinker: --help still works)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "twinkle.cli", "serve", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--max-adapters" in result.stdout and "--state-dir" in result.stdout
+    listed = python("from twinkle.commands import plugin_commands; print(plugin_commands()['serve'].plugin)")
+    assert listed.stdout.strip() == "server", listed.stdout + listed.stderr
+    blocked = subprocess.run(
+        [sys.executable, "-m", "twinkle.cli", "serve"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "TWINKLE_DISABLE_PLUGINS": "server"},
+    )
+    assert blocked.returncode == 1 and "installed but blocked" in blocked.stderr, blocked.stderr
 
 
 RESOLVE_LOSS = """

@@ -28,6 +28,11 @@ class Recorder:
         register("recorded", "twinkle.launcher.local:LocalLauncher")
 
     @twinkle.hookimpl
+    def twinkle_register_commands(self, register):
+        self.calls.append("twinkle_register_commands")
+        register("recorded-cmd", lambda parser: parser.set_defaults(func=lambda args: 0), help="recorded")
+
+    @twinkle.hookimpl
     def twinkle_runtime_started(self, runtime):
         self.calls.append("twinkle_runtime_started")
 
@@ -51,6 +56,9 @@ def test_every_hook_is_called():
         assert "RecordedOptimizer" in runtime.registry.names("optimizer")
         runtime.create("optimizer", "RecordedOptimizer")
         runtime.emit_metrics("test/model", {"loss": 1.5}, step=7)
+        from twinkle.commands import plugin_commands
+
+        assert plugin_commands(runtime.plugins)["recorded-cmd"].plugin == "recorder"
     names = {c if isinstance(c, str) else c[0] for c in recorder.calls}
     assert names == set(HOOKS)
     assert ("twinkle_metrics_emitted", "test/model", 7, {"loss": 1.5}) in recorder.calls

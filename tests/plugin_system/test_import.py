@@ -6,7 +6,11 @@ import json
 
 from conftest import run_python
 
-HEAVY = ("torch", "transformers", "peft", "ray", "vllm", "megatron", "datasets", "numpy", "pydantic")
+HEAVY = (
+    *("torch", "transformers", "peft", "ray", "vllm", "megatron", "datasets"),
+    *("fastapi", "uvicorn", "tinker", "httpx"),  # the service is twinkle-server; http mode imports httpx on use
+    *("numpy", "pydantic"),
+)
 
 
 def test_import_twinkle_imports_nothing_heavy_and_writes_nothing(tmp_path):

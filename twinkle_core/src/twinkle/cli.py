@@ -2,7 +2,8 @@
 
 ``twinkle plugins [--json]``   plugins, versions, hooks, components and load errors.
 ``twinkle plugins --check``    import every registered component; exit 1 if any is broken.
-Plugins may add subcommands later (e.g. ``twinkle serve`` from the http extra).
+Plugins add subcommands through the ``twinkle_register_commands`` hook (``twinkle serve``
+comes from the twinkle-server plugin); see :mod:`twinkle.commands`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 
 
 def _plugins(args: argparse.Namespace) -> int:
@@ -58,8 +59,14 @@ def _check(system, as_json: bool) -> int:  # noqa: ANN001 - a PluginSystem
     return 1 if result["broken"] else 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The parser with core's and the plugins' commands (the one named in ``argv`` configured)."""
+    return _build(list(argv))[0]
+
+
+def _build(argv: list[str]) -> tuple[argparse.ArgumentParser, Callable[[], int] | None]:
     from twinkle import __version__
+    from twinkle.commands import add_commands
 
     parser = argparse.ArgumentParser(prog="twinkle", description="Twinkle: train large language models your way.")
     parser.add_argument("--version", action="version", version=f"twinkle {__version__}")
@@ -68,20 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--check", action="store_true", help="import every registered component; exit 1 if any is broken")
     p.set_defaults(func=_plugins)
-    _add_serve(sub)
-    return parser
-
-
-def _add_serve(sub: argparse._SubParsersAction) -> None:
-    try:
-        from twinkle.server.cli import add_serve_parser
-    except ImportError:
-        return
-    add_serve_parser(sub)
+    failure = add_commands(sub, argv)
+    return parser, failure
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, failure = _build(argv)
+    if failure is not None:  # a plugin command that is not installed or does not load
+        return failure()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -77,6 +77,30 @@ def twinkle_register_launchers(register: RegisterLauncher) -> None:
     """
 
 
+class RegisterCommand(Protocol):
+    """The callback handed to :func:`twinkle_register_commands`."""
+
+    def __call__(self, name: str, target: Any, *, help: str = "") -> None: ...
+
+
+@hookspec
+def twinkle_register_commands(register: RegisterCommand) -> None:
+    """Add subcommands to the ``twinkle`` command line (``twinkle serve`` comes from twinkle-server).
+
+    Args:
+        register: call ``register(name, target, help="...")`` once per command. ``target``
+            is a ``"module:attr"`` string (imported only when that command runs) or a
+            callable ``target(parser)`` that adds the command's options to ``parser`` (an
+            ``argparse.ArgumentParser``) and sets ``parser.set_defaults(func=run)``, where
+            ``run(args) -> int`` is the exit status. ``help`` is the line ``twinkle --help``
+            shows. A name core already has (``plugins``) or another plugin took first (by
+            plugin name order) is skipped with a warning naming both.
+
+    Called when the ``twinkle`` command builds its parser. An exception here skips only this
+    plugin's commands, with a warning.
+    """
+
+
 @hookspec
 def twinkle_runtime_started(runtime: Runtime) -> None:
     """Called after :func:`twinkle.initialize` built ``runtime`` and made it current.

@@ -30,9 +30,9 @@ from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable
 
-from twinkle.server.engine import BatchJob, EngineError, JobResult, LoRAEngine
+from twinkle_server.engine import BatchJob, EngineError, JobResult, LoRAEngine
 
-logger = logging.getLogger("twinkle.server")
+logger = logging.getLogger("twinkle_server")
 
 #: Job kinds that run as one batched multi-LoRA pass.
 BATCHED_KINDS = ("forward_backward", "forward")

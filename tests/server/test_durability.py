@@ -116,7 +116,7 @@ def test_sigkill_restart_keeps_checkpoints_and_resume_is_exact(tmp_path: Path) -
 
 
 def test_interrupted_checkpoint_writes_recover(tmp_path: Path) -> None:
-    from twinkle.server import checkpoints as ckpt
+    from twinkle_server import checkpoints as ckpt
 
     run = tmp_path / "tenant-x" / "run-1" / "training"
     good = run / "kept"

@@ -20,14 +20,14 @@ from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from twinkle.server import checkpoints as ckpt
-from twinkle.server.auth import current_state, current_tenant
-from twinkle.server.engine import BatchJob, JobResult
-from twinkle.server.losses import check_loss
-from twinkle.server.scheduler import UserError
-from twinkle.server.state import JSON, ServerState
-from twinkle.server.store import CheckpointRow, Run, Tenant
-from twinkle.server.wire import (
+from twinkle_server import checkpoints as ckpt
+from twinkle_server.auth import current_state, current_tenant
+from twinkle_server.engine import BatchJob, JobResult
+from twinkle_server.losses import check_loss
+from twinkle_server.scheduler import UserError
+from twinkle_server.state import JSON, ServerState
+from twinkle_server.store import CheckpointRow, Run, Tenant
+from twinkle_server.wire import (
     PROTO_CONTENT_TYPE,
     decode_forward_backward,
     encode_forward_backward_output,

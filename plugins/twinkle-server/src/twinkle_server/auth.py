@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from fastapi import HTTPException, Request
 
-from twinkle.server.state import ServerState
-from twinkle.server.store import Tenant
+from twinkle_server.state import ServerState
+from twinkle_server.store import Tenant
 
 
 def current_state(request: Request) -> ServerState:

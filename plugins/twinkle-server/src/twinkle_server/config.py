@@ -8,7 +8,9 @@ from pathlib import Path
 
 def tiny_model_dir() -> Path:
     """The bundled tiny Qwen2 model directory (config and tokenizer; weights are seeded)."""
-    return Path(__file__).resolve().parent.parent / "assets" / "tiny-qwen2"
+    import twinkle
+
+    return Path(twinkle.__file__).resolve().parent / "assets" / "tiny-qwen2"
 
 
 @dataclass

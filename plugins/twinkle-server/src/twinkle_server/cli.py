@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 
-def add_serve_parser(sub: Any) -> None:
-    """Register ``twinkle serve`` on the ``twinkle`` command's subparsers."""
-    p = sub.add_parser("serve", help="run the multi-tenant LoRA training server (Tinker API + twinkle http mode)")
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    """Give ``twinkle serve``'s parser its options (the target of the plugin's ``twinkle_register_commands``)."""
     p.add_argument(
         "--state-dir", default="./twinkle-state", help="SQLite state and checkpoints (default ./twinkle-state)"
     )
@@ -57,7 +56,7 @@ def add_serve_parser(sub: Any) -> None:
 
 
 def _config(args: argparse.Namespace) -> Any:
-    from twinkle.server.config import ServerConfig
+    from twinkle_server.config import ServerConfig
 
     kwargs: dict[str, Any] = {}
     if args.model:
@@ -84,7 +83,7 @@ def serve_main(args: argparse.Namespace) -> int:
     """Entry point of ``twinkle serve``."""
     config = _config(args)
     if args.add_tenant:
-        from twinkle.server.store import Store
+        from twinkle_server.store import Store
 
         store = Store(config.database)
         try:
@@ -104,16 +103,16 @@ def serve_main(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from twinkle.server.app import create_app
+        from twinkle_server.app import create_app
     except ImportError as exc:
-        print(f"error: twinkle serve needs the http extra ({exc.name} is missing): pip install 'twinkle-core[http]'")
+        print(f"error: twinkle serve needs {exc.name}, a dependency of twinkle-server: pip install twinkle-server")
         return 1
 
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    from twinkle.server.engine import EngineError
+    from twinkle_server.engine import EngineError
 
     try:
         app = create_app(config)

@@ -16,7 +16,7 @@ BASE = "twinkle/tiny-qwen2"
 def test_batched_pass_equals_separate_passes(engine) -> None:
     """Logprobs and gradients of each slot are the same batched or alone."""
     import torch
-    from twinkle.server.engine import BatchJob, Datum
+    from twinkle_server.engine import BatchJob, Datum
 
     slots = [engine.create_slot(4, seed=s) for s in (1, 2)]
     try:

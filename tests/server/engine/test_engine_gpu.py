@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from twinkle.server.engine import (  # noqa: E402
+from twinkle_server.engine import (  # noqa: E402
     ADAPTER_WEIGHTS,
     OPTIMIZER_STATE,
     BatchJob,

@@ -1,7 +1,7 @@
 """The server's state and the operations both APIs (Tinker and twinkle) share.
 
-:class:`ServerState` ties together the SQLite :class:`~twinkle.server.store.Store`, the
-:class:`~twinkle.server.engine.LoRAEngine` and the :class:`~twinkle.server.scheduler.Scheduler`.
+:class:`ServerState` ties together the SQLite :class:`~twinkle_server.store.Store`, the
+:class:`~twinkle_server.engine.LoRAEngine` and the :class:`~twinkle_server.scheduler.Scheduler`.
 Everything a tenant names (a run, a checkpoint, a sampler) is looked up with the tenant's
 id, so another tenant's objects are simply "not found".
 """
@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from twinkle.server import checkpoints as ckpt
-from twinkle.server.config import ServerConfig
-from twinkle.server.engine import ALL_TARGETS, TARGET_GROUPS, LoRAEngine
-from twinkle.server.scheduler import Job, Payload, Scheduler, UserError
-from twinkle.server.store import CheckpointRow, Store, Tenant
+from twinkle_server import checkpoints as ckpt
+from twinkle_server.config import ServerConfig
+from twinkle_server.engine import ALL_TARGETS, TARGET_GROUPS, LoRAEngine
+from twinkle_server.scheduler import Job, Payload, Scheduler, UserError
+from twinkle_server.store import CheckpointRow, Store, Tenant
 
 RESTART_MESSAGE = (
     "the server restarted before this request finished, and training runs lose their in-memory "

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from twinkle.server.losses import LOSS_INPUTS, LOSSES, OPTIONAL_INPUTS, check_loss
+from twinkle_server.losses import LOSS_INPUTS, LOSSES, OPTIONAL_INPUTS, check_loss
 
 #: Short module names per Tinker LoRA switch.
 TARGET_GROUPS: dict[str, tuple[str, ...]] = {

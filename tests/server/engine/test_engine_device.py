@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from twinkle.server.engine import BatchJob, Datum, EngineError, LoRAEngine, resolve_device  # noqa: E402
+from twinkle_server.engine import BatchJob, Datum, EngineError, LoRAEngine, resolve_device  # noqa: E402
 
 
 def _train_once(engine: LoRAEngine) -> tuple[list, list, list]:
@@ -91,7 +91,7 @@ def test_the_engine_imports_without_the_http_extra() -> None:
         "import sys\n"
         "for name in ('fastapi', 'uvicorn', 'tinker', 'pydantic'):\n"
         "    sys.modules[name] = None\n"
-        "import twinkle.server.engine, twinkle.server.config, twinkle.testing\n"
+        "import twinkle_server.engine, twinkle_server.config, twinkle.testing\n"
         "print('ok')\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -101,25 +101,21 @@ def test_the_engine_imports_without_the_http_extra() -> None:
 def test_serve_config_and_cli_carry_the_device() -> None:
     import argparse
 
-    from twinkle.server.cli import _config, add_serve_parser
-    from twinkle.server.config import ServerConfig
+    from twinkle_server.cli import _config, add_serve_arguments
+    from twinkle_server.config import ServerConfig
 
     assert ServerConfig(state_dir=".").device == "auto"
     parser = argparse.ArgumentParser()
-    add_serve_parser(parser.add_subparsers())
-    assert _config(parser.parse_args(["serve"])).device == "auto"
-    assert _config(parser.parse_args(["serve", "--device", "cuda:1"])).device == "cuda:1"
+    add_serve_arguments(parser)
+    assert _config(parser.parse_args([])).device == "auto"
+    assert _config(parser.parse_args(["--device", "cuda:1"])).device == "cuda:1"
 
 
 def test_twinkle_serve_with_a_bad_device_prints_an_error(tmp_path, capsys) -> None:
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
-    import argparse
 
-    from twinkle.server.cli import add_serve_parser
+    from twinkle.cli import main
 
-    parser = argparse.ArgumentParser()
-    add_serve_parser(parser.add_subparsers())
-    args = parser.parse_args(["serve", "--state-dir", str(tmp_path), "--device", "tpu9"])
-    assert args.func(args) == 1
+    assert main(["serve", "--state-dir", str(tmp_path), "--device", "tpu9"]) == 1
     assert "error: unknown device 'tpu9'" in capsys.readouterr().out

@@ -132,7 +132,7 @@ def test_authentication_and_hashed_keys(server, tenant_a) -> None:
     wal = server.state.config.database.with_name("state.sqlite-wal")
     raw += wal.read_bytes() if wal.exists() else b""
     assert tenant_a["key"].encode() not in raw
-    from twinkle.server.store import hash_key
+    from twinkle_server.store import hash_key
 
     tenant = server.state.store.tenant_for_key(tenant_a["key"])  # found by the key's hash alone
     assert tenant is not None and tenant.name.startswith("a-")

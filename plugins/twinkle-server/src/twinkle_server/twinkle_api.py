@@ -35,13 +35,13 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
-from twinkle.server import checkpoints as ckpt
-from twinkle.server.auth import current_state, current_tenant
-from twinkle.server.scheduler import UserError
-from twinkle.server.state import JSON, QuotaExceeded, ServerState
-from twinkle.server.store import Tenant
+from twinkle_server import checkpoints as ckpt
+from twinkle_server.auth import current_state, current_tenant
+from twinkle_server.scheduler import UserError
+from twinkle_server.state import JSON, QuotaExceeded, ServerState
+from twinkle_server.store import Tenant
 
-logger = logging.getLogger("twinkle.server")
+logger = logging.getLogger("twinkle_server")
 router = APIRouter(prefix="/twinkle/v1", tags=["twinkle"])
 StateDep = Annotated[ServerState, Depends(current_state)]
 TenantDep = Annotated[Tenant, Depends(current_tenant)]

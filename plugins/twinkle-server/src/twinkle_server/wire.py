@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from twinkle.server.engine import Datum, JobResult
+from twinkle_server.engine import Datum, JobResult
 
 PROTO_CONTENT_TYPE = "application/x-protobuf"
 

@@ -48,7 +48,7 @@ class RunningServer:
 def start_server(config: Any, engine: Any = None) -> RunningServer:
     """Start `create_app(config)` with uvicorn on 127.0.0.1, port chosen by the OS."""
     import uvicorn
-    from twinkle.server.app import create_app
+    from twinkle_server.app import create_app
 
     app = create_app(config, engine=engine)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
@@ -66,8 +66,8 @@ def start_server(config: Any, engine: Any = None) -> RunningServer:
 @pytest.fixture(scope="session")
 def engine() -> Any:
     """One tiny base model with a pool of LoRA slots, shared by the session's servers."""
-    from twinkle.server.config import tiny_model_dir
-    from twinkle.server.engine import LoRAEngine
+    from twinkle_server.config import tiny_model_dir
+    from twinkle_server.engine import LoRAEngine
 
     return LoRAEngine(tiny_model_dir(), max_adapters=64, max_rank=32)
 
@@ -75,7 +75,7 @@ def engine() -> Any:
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory, engine: Any) -> Iterator[RunningServer]:
     """The shared server (state in a temporary directory)."""
-    from twinkle.server.config import ServerConfig
+    from twinkle_server.config import ServerConfig
 
     config = ServerConfig(
         state_dir=tmp_path_factory.mktemp("serve"),
@@ -93,7 +93,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, engine: Any) -> Iterator[Ru
 @pytest.fixture(scope="session")
 def tiny_tokenizer() -> Any:
     from transformers import AutoTokenizer
-    from twinkle.server.config import tiny_model_dir
+    from twinkle_server.config import tiny_model_dir
 
     return AutoTokenizer.from_pretrained(tiny_model_dir())
 

@@ -22,12 +22,12 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from twinkle.server.config import ServerConfig
-from twinkle.server.engine import EngineError, LoRAEngine
-from twinkle.server.scheduler import UserError
-from twinkle.server.state import NotFound, QuotaExceeded, ServerState
+from twinkle_server.config import ServerConfig
+from twinkle_server.engine import EngineError, LoRAEngine
+from twinkle_server.scheduler import UserError
+from twinkle_server.state import NotFound, QuotaExceeded, ServerState
 
-logger = logging.getLogger("twinkle.server")
+logger = logging.getLogger("twinkle_server")
 
 
 class RequestTooLarge(HTTPException):
@@ -95,7 +95,8 @@ def create_app(config: ServerConfig, *, engine: LoRAEngine | None = None) -> Fas
         The FastAPI application; ``app.state.twinkle`` is its :class:`ServerState`.
     """
     from twinkle import __version__
-    from twinkle.server import tinker_api, twinkle_api
+
+    from twinkle_server import tinker_api, twinkle_api
 
     state = ServerState(config, engine=engine)
 

@@ -1,0 +1,44 @@
+"""``twinkle serve``: one base model, many tenants' LoRA adapters, over HTTP.
+
+Install with ``pip install 'twinkle-core[http]'``. Modules (each one job):
+
+* :mod:`~twinkle_server.config`: :class:`ServerConfig`.
+* :mod:`~twinkle_server.store`: SQLite state (tenants, hashed API keys, sessions, runs,
+  checkpoints, futures).
+* :mod:`~twinkle_server.engine`: the base model with a pool of LoRA slots; batched
+  multi-LoRA forward/backward, per-slot AdamW, sampling, adapter save/load.
+* :mod:`~twinkle_server.losses`: the Tinker losses.
+* :mod:`~twinkle_server.scheduler`: per-run ``seq_id`` ordering and cross-tenant batching.
+* :mod:`~twinkle_server.checkpoints`: safe names, ``tinker://`` paths, atomic writes.
+* :mod:`~twinkle_server.wire`: the Tinker protobuf wire format.
+* :mod:`~twinkle_server.tinker_api` / :mod:`~twinkle_server.twinkle_api`: the two HTTP APIs.
+* :mod:`~twinkle_server.app`: the FastAPI app (limits, errors); :mod:`~twinkle_server.cli`:
+  ``twinkle serve``.
+
+Example::
+
+    twinkle serve --state-dir ./state --add-tenant alice   # prints alice's API key
+    twinkle serve --state-dir ./state --port 8000
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_LAZY = {
+    "ServerConfig": "twinkle_server.config:ServerConfig",
+    "create_app": "twinkle_server.app:create_app",
+    "Store": "twinkle_server.store:Store",
+    "LoRAEngine": "twinkle_server.engine:LoRAEngine",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    target = _LAZY.get(name)
+    if target is None:
+        raise AttributeError(f"module 'twinkle_server' has no attribute {name!r}")
+    from twinkle._utils import import_target
+
+    return import_target(target)
