@@ -13,7 +13,10 @@ linear layers, AdamW, one optimizer step per pass. Every configuration runs in i
   + ``clip_grad_and_step`` on 8 whole rows (the reference of the ratios).
 * ``fastpath_eager``: the same without ``CompileDecoderLayers`` (the multi-adapter pass runs its
   decoder layers eagerly, so this separates the kernel work from compilation).
-* ``multi_1x8``: ``twinkle.model.multi_adapter.forward_backward_multi``, one tenant with the 8 rows.
+* ``multi_1x8``: ``twinkle.model.multi_adapter.forward_backward_multi``, one tenant with the 8 rows
+  (a pass of one tenant goes to the single-adapter fast path, as the engine does).
+* ``multi_1x8_segmented``: the same forced through the segmented path (``solo_fast_path=False``:
+  eager layers, base GEMM plus the Triton segment kernel): what one tenant costs inside a shared pass.
 * ``multi_8x1``: 8 tenants (8 adapters) with one row each, in one pass, then 8 optimizer steps.
 * ``multi_8x1_torch``: the same with the segmented LoRA on the torch path (a matmul pair per
   segment) instead of the Triton segment kernel.
@@ -48,6 +51,7 @@ CONFIGS = [
     "fastpath",
     "fastpath_eager",
     "multi_1x8",
+    "multi_1x8_segmented",
     "multi_8x1",
     "multi_8x1_torch",
     "mixed_packed",
@@ -78,7 +82,7 @@ def rows_of(lengths: list[int], vocab: int, seed: int) -> list[dict]:
 def build(config: str, shape: dict, device: str, adapters: int) -> object:
     from twinkle.model.transformers_model import TransformersModel
 
-    disabled = [] if config in ("fastpath", "mixed_padded") else ["CompileDecoderLayers"]
+    disabled = ["CompileDecoderLayers"] if config == "fastpath_eager" else []
     dtype = "bfloat16" if device == "cuda" else "float32"
     model = TransformersModel(
         config=qwen2_config(shape), torch_dtype=dtype, device=device, seed=0, disabled_patches=disabled
@@ -112,10 +116,11 @@ def worker(config: str, shape: dict, device: str, rows: int, seq: int, steps: in
 
     else:
         kernel = "torch" if config.endswith("_torch") else None
+        solo = not config.endswith("_segmented")
         groups = {name: data[i :: len(names)] for i, name in enumerate(names)}
 
         def step() -> None:
-            forward_backward_multi(model, groups, kernel=kernel)
+            forward_backward_multi(model, groups, kernel=kernel, solo_fast_path=solo)
             for name in names:
                 model.clip_grad_and_step(adapter_name=name)
 
@@ -167,7 +172,17 @@ def format_table(results: list[dict], title: str) -> str:
     lines += ["", "| target | ratio |", "|---|---:|"]
     for label, a, b in (
         ("single tenant: multi_1x8 / fastpath (target >= 0.9)", "multi_1x8", "fastpath"),
-        ("single tenant, eager layers: multi_1x8 / fastpath_eager", "multi_1x8", "fastpath_eager"),
+        ("one tenant through the segmented path: multi_1x8_segmented / fastpath", "multi_1x8_segmented", "fastpath"),
+        (
+            "the same against eager layers: multi_1x8_segmented / fastpath_eager",
+            "multi_1x8_segmented",
+            "fastpath_eager",
+        ),
+        (
+            "8 tenants x 1 row vs 1 tenant segmented: multi_8x1 / multi_1x8_segmented",
+            "multi_8x1",
+            "multi_1x8_segmented",
+        ),
         ("8 tenants x 1 row: multi_8x1 / multi_1x8 (target >= 0.85)", "multi_8x1", "multi_1x8"),
         ("Triton segment kernel vs torch path: multi_8x1 / multi_8x1_torch", "multi_8x1", "multi_8x1_torch"),
         ("mixed lengths: mixed_packed / mixed_padded (target >= 1.8)", "mixed_packed", "mixed_padded"),

@@ -275,7 +275,7 @@ def test_nan_in_one_tenant_never_changes_another_tenants_results(tiny_config, ke
 def test_adapter_with_dropout_is_refused(tiny_config):
     model = _model(tiny_config, [("alice", {"r": 4, "target_modules": ["q_proj"], "lora_dropout": 0.1})])
     with pytest.raises(ValueError, match="lora_dropout"):
-        forward_backward_multi(model, {"alice": make_rows(1)}, kernel="torch")
+        forward_backward_multi(model, {"alice": make_rows(1)}, kernel="torch", solo_fast_path=False)
 
 
 # ---------------------------------------------------------------------- GPU
@@ -316,3 +316,15 @@ def test_gpu_bf16_tenant_in_a_shared_pass_matches_it_alone(tiny_config):
         want = alone.forward_backward(rows[name], adapter_name=name)
         assert outs[name]["num_tokens"] == want["num_tokens"]
         assert outs[name]["loss"] == pytest.approx(want["loss"], rel=2.0**-6)
+
+
+def test_a_pass_of_one_adapter_takes_the_single_adapter_fast_path_or_the_segmented_one(tiny_config):
+    rows = make_rows(3, seed=4)
+    fast, segmented = _model(tiny_config, TENANTS[:1]), _model(tiny_config, TENANTS[:1])
+    a = forward_backward_multi(fast, {"alice": rows})["alice"]
+    b = forward_backward_multi(segmented, {"alice": rows}, kernel="torch", solo_fast_path=False)["alice"]
+    assert a["num_tokens"] == b["num_tokens"]
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    for (name, p), (_, q) in zip(fast.model.named_parameters(), segmented.model.named_parameters()):
+        if ".alice." in name:
+            assert _close_norm(q.grad, p.grad), name

@@ -145,6 +145,7 @@ def forward_backward_multi(
     *,
     extra: Mapping[str, Mapping[str, Sequence[Any]]] | None = None,
     kernel: str | None = None,
+    solo_fast_path: bool = True,
 ) -> dict[str, ModelOutput]:
     """forward + loss + backward for several adapters of ``model`` in one pass over the base weights.
 
@@ -154,6 +155,9 @@ def forward_backward_multi(
         extra: adapter name -> per-row loss fields (``{"advantages": [...]}``).
         kernel: the segmented LoRA implementation (``"torch"``, ``"triton"``, ``"auto"``; see
             :class:`twinkle.patch.multi_lora.SegmentPlan`).
+        solo_fast_path: a pass of one adapter runs as ``model.forward_backward`` (the single-adapter
+            fast path: compiled layers, LoRA through merged weights, the adapter's own processor);
+            ``False`` takes the segmented path for it too.
 
     Returns:
         adapter name -> ``ModelOutput(loss=<this micro-batch's loss / its tokens>, num_tokens=...)``,
@@ -168,6 +172,9 @@ def forward_backward_multi(
 
     if getattr(model, "world_size", 1) > 1:
         raise ValueError("forward_backward_multi runs in one process; shard tenants across processes instead")
+    if solo_fast_path and len(inputs) == 1:
+        ((name, rows),) = inputs.items()
+        return {name: model.forward_backward(list(rows), adapter_name=name, **dict((extra or {}).get(name) or {}))}
     started = time.perf_counter()
     states = {name: model.state_of(name) for name in inputs}
     for state in states.values():  # peft's set_adapter leaves only the active adapter trainable

@@ -394,15 +394,22 @@ def adapter_segments(
     # peft's adapters-disabled path runs the base layer only; set directly (peft's enable_adapters(False)
     # would also switch off every adapter's requires_grad)
     before = [layer._disable_adapters for layer in layers]
+    # compiled decoder layers (CompileDecoderLayers) run eagerly here: the segments are host data that a
+    # compiled layer would guard on and recompile for, pass after pass
+    compiled = [(m, m._compiled_call_impl) for m in model.modules() if getattr(m, "_compiled_call_impl", None)]
     token = _PLAN.set(plan)
     try:
         for layer in layers:
             layer._disable_adapters = True
+        for module, _ in compiled:
+            module._compiled_call_impl = None
         yield plan
     finally:
         _PLAN.reset(token)
         for layer, flag in zip(layers, before):
             layer._disable_adapters = flag
+        for module, impl in compiled:
+            module._compiled_call_impl = impl
 
 
 def active_plan() -> SegmentPlan | None:
