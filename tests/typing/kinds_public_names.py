@@ -141,6 +141,10 @@ from twinkle.sampler import (
     TorchSampler,
 )
 from twinkle.template import (
+    ChatGLM2Template,
+    ChatGLM3Template,
+    GLM4Template,
+    InternLM2Template,
     SequenceTooLongError,
     Template,
     TemplateError,
@@ -191,6 +195,10 @@ def kinds_resolve() -> list[object]:
     emptymessagefilter: type[Filter] = EmptyMessageFilter
     paddingfreeprocessor: type[InputProcessor] = PaddingFreeProcessor
     torchsampler: type[Sampler] = TorchSampler
+    chatglm2template: type[Template] = ChatGLM2Template
+    chatglm3template: type[Template] = ChatGLM3Template
+    glm4template: type[Template] = GLM4Template
+    internlm2template: type[Template] = InternLM2Template
     return [
         grpoadvantage,
         rlooadvantage,
@@ -234,6 +242,10 @@ def kinds_resolve() -> list[object]:
         emptymessagefilter,
         paddingfreeprocessor,
         torchsampler,
+        chatglm2template,
+        chatglm3template,
+        glm4template,
+        internlm2template,
     ]
 
 
@@ -341,6 +353,10 @@ PUBLIC_NAMES: list[object] = [
     Reward,
     Sampler,
     TorchSampler,
+    ChatGLM2Template,
+    ChatGLM3Template,
+    GLM4Template,
+    InternLM2Template,
     SequenceTooLongError,
     Template,
     TemplateError,

@@ -5,6 +5,10 @@ from typing import TYPE_CHECKING
 _BUILTIN: dict[str, dict[str, str]] = {
     "template": {
         "Template": "twinkle.template.base:Template",
+        "ChatGLM2Template": "twinkle.template.chat_formats:ChatGLM2Template",
+        "ChatGLM3Template": "twinkle.template.chat_formats:ChatGLM3Template",
+        "GLM4Template": "twinkle.template.chat_formats:GLM4Template",
+        "InternLM2Template": "twinkle.template.chat_formats:InternLM2Template",
     },
 }
 
@@ -17,6 +21,10 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names reso
     from twinkle.template.base import SequenceTooLongError as SequenceTooLongError
     from twinkle.template.base import Template as Template
     from twinkle.template.base import TemplateError as TemplateError
+    from twinkle.template.chat_formats import ChatGLM2Template as ChatGLM2Template
+    from twinkle.template.chat_formats import ChatGLM3Template as ChatGLM3Template
+    from twinkle.template.chat_formats import GLM4Template as GLM4Template
+    from twinkle.template.chat_formats import InternLM2Template as InternLM2Template
 else:
     from twinkle._kinds import kind_module
 
