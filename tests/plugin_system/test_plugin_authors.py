@@ -241,3 +241,10 @@ def test_cli_check_imports_every_target_and_reports_the_broken_ones(tmp_path):
     )
     assert healthy.returncode == 0, healthy.stdout + healthy.stderr
     assert " 0 broken" in healthy.stdout
+
+
+def test_cli_says_what_blocked_a_plugin(tmp_path):
+    result = run_python(
+        "from twinkle.cli import main; main(['plugins'])", site=make_site(tmp_path), env={"TWINKLE_PLUGINS": "rewards"}
+    )
+    assert "good  (twinkle-good 1.0, entry-point)  [blocked by TWINKLE_PLUGINS]" in result.stdout, result.stdout

@@ -27,7 +27,8 @@ def _plugins(args: argparse.Namespace) -> int:
     for plugin in report["plugins"]:
         where = plugin["distribution"] or plugin["module"]
         version = plugin["version"] or "-"
-        state = "blocked" if plugin["blocked"] else ("FAILED" if plugin["error"] else "ok")
+        blocked = f"blocked by {plugin['blocked_by']}" if plugin.get("blocked_by") else "blocked"
+        state = blocked if plugin["blocked"] else ("FAILED" if plugin["error"] else "ok")
         print(f"{plugin['name']}  ({where} {version}, {plugin['source']})  [{state}]")
         if plugin["hooks"]:
             print(f"  hooks: {', '.join(plugin['hooks'])}")
@@ -36,6 +37,8 @@ def _plugins(args: argparse.Namespace) -> int:
             by_kind.setdefault(component["kind"], []).append(component["name"])
         for kind, names in by_kind.items():
             print(f"  {kind}: {', '.join(sorted(names))}")
+        for hook, error in (plugin.get("hook_errors") or {}).items():
+            print(f"  {hook} raised: {error}")
         if plugin["error"]:
             print("  error:")
             for line in plugin["error"].rstrip().splitlines():
