@@ -414,3 +414,34 @@ def test_a_plugin_adds_a_family_through_the_converter_kind(tmp_path):
         back = read_state_dict(saved)
         assert sorted(back) == sorted(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
     assert find_converter(config) is None
+
+
+def test_bf16_bin_shards_load_with_their_dtype_and_round_trip(tmp_path):
+    """Older checkpoints come as ``pytorch_model-*.bin`` shards in bfloat16; ``torch_dtype='auto'`` keeps it."""
+    config, sd = internlm2_checkpoint()
+    sd = {k: v.to(torch.bfloat16) for k, v in sd.items()}
+    source = tmp_path / "bin"
+    source.mkdir()
+    (source / "config.json").write_text(json.dumps(config))
+    names = sorted(sd)
+    torch.save({n: sd[n] for n in names[::2]}, source / "pytorch_model-00001-of-00002.bin")
+    torch.save({n: sd[n] for n in names[1::2]}, source / "pytorch_model-00002-of-00002.bin")
+    model = TransformersModel(model_id=str(source), torch_dtype="auto", seed=0)
+    assert {p.dtype for p in model.model.parameters()} == {torch.bfloat16}
+    saved = read_state_dict(model.save(tmp_path / "saved", save_optimizer=False, original_layout=True))
+    assert sorted(saved) == names and all(
+        saved[n].dtype == torch.bfloat16 and torch.equal(saved[n], sd[n]) for n in names
+    )
+
+
+def test_an_unsupported_chatglm_variant_is_refused(tmp_path):
+    from twinkle.convert import ConversionError
+
+    config, sd = chatglm_checkpoint()
+    config["pre_seq_len"] = 16  # P-tuning v2 prefixes: not part of transformers' glm
+    with pytest.raises(ConversionError, match="pre_seq_len=16"):
+        TransformersModel(model_id=write_checkpoint(tmp_path / "p", config, sd))
+    config, sd = chatglm_checkpoint()
+    sd["transformer.prefix_encoder.embedding.weight"] = torch.zeros(4, 4)
+    with pytest.raises(ConversionError, match="unexpected tensor 'transformer.prefix_encoder"):
+        TransformersModel(model_id=write_checkpoint(tmp_path / "t", config, sd))

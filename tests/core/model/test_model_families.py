@@ -69,3 +69,31 @@ def test_family_lora_trains_and_round_trips(model_type, tmp_path):
     fresh.load(path)
     after = fresh.forward_only(rows)
     assert after.loss == pytest.approx(before.loss, rel=1e-5)
+
+
+def test_docs_family_table_names_only_tested_families():
+    """docs/model.md's family table: each row that loads as a transformers model_type has it in FAMILIES
+    (or is converted through a converter tested in test_converters.py); rows not supported give a reason."""
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[3] / "docs" / "model.md").read_text(encoding="utf-8")
+    section = doc[doc.index("## Model families") :]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| seed's row")]
+    rows = rows[: next(i for i, r in enumerate(rows) if r.startswith("| original"))]  # the converters table follows
+    assert len(rows) >= 12
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        loads_as, status, test = cells[2], cells[3], cells[4]
+        if status.startswith("not supported"):
+            assert len(test) > 40, f"a row that is not supported must say why: {row}"
+            continue
+        assert status.startswith("supported"), row
+        converted = re.fullmatch(r"`(\w+)` -> `(\w+)` through `(\w+)`", loads_as)
+        if converted:
+            assert "test_converters.py" in test, row
+            target = converted[2]
+        else:
+            target = re.fullmatch(r"`(\w+)`", loads_as)[1]
+            assert "family test" in test, row
+        assert target in FAMILIES, row
