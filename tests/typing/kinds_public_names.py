@@ -58,6 +58,7 @@ from twinkle.loss import (
     ORPOLoss,
     PPOLoss,
     SimPOLoss,
+    TinkerLoss,
 )
 from twinkle.metric import (
     Metric,
@@ -170,6 +171,7 @@ def kinds_resolve() -> list[object]:
     simpoloss: type[Loss] = SimPOLoss
     orpoloss: type[Loss] = ORPOLoss
     gkdloss: type[Loss] = GKDLoss
+    tinkerloss: type[Loss] = TinkerLoss
     tokenaccuracy: type[Metric] = TokenAccuracy
     transformersmodel: type[TwinkleModel] = TransformersModel
     fusedlinearcrossentropy: type[Patch] = FusedLinearCrossEntropy
@@ -217,6 +219,7 @@ def kinds_resolve() -> list[object]:
         simpoloss,
         orpoloss,
         gkdloss,
+        tinkerloss,
         tokenaccuracy,
         transformersmodel,
         fusedlinearcrossentropy,
@@ -288,6 +291,7 @@ PUBLIC_NAMES: list[object] = [
     ORPOLoss,
     PPOLoss,
     SimPOLoss,
+    TinkerLoss,
     Metric,
     TokenAccuracy,
     TransformersModel,

@@ -18,6 +18,8 @@ _BUILTIN: dict[str, dict[str, str]] = {
         "ORPOLoss": "twinkle.loss.preference:ORPOLoss",
         # distillation (loss/distill.py)
         "GKDLoss": "twinkle.loss.distill:GKDLoss",
+        # Tinker's losses (loss/tinker.py; the service's Tinker API uses the same functions)
+        "TinkerLoss": "twinkle.loss.tinker:TinkerLoss",
     },
 }
 
@@ -34,6 +36,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names reso
     from twinkle.loss.rl import GRPOLoss as GRPOLoss
     from twinkle.loss.rl import GSPOLoss as GSPOLoss
     from twinkle.loss.rl import PPOLoss as PPOLoss
+    from twinkle.loss.tinker import TinkerLoss as TinkerLoss
 else:
     from twinkle._kinds import kind_module
 

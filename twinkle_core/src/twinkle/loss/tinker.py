@@ -1,0 +1,181 @@
+"""Tinker's loss functions (``cross_entropy``, ``importance_sampling``, ``ppo``, ``cispo``, ``dro``) in core.
+
+One implementation per formula: the service's Tinker API (``twinkle_server.losses``) and the
+:class:`TinkerLoss` component (``model.set_loss("TinkerLoss", loss_fn="ppo")``) both call the
+functions here. Each takes the trained policy's log-probability of every target token
+(``logp``, shape ``(N,)``, differentiable), the per-token inputs as float tensors and the
+checked config, and returns the summed loss (Tinker's losses are sums over tokens: normalise
+with ``weights`` or ``advantages``) and the per-token outputs to send back.
+
+* ``cross_entropy``: ``-(weights * logp).sum()``; inputs ``target_tokens``, optional ``weights``.
+* ``importance_sampling``: ``-(exp(logp - q) * A).sum()``; inputs ``logprobs`` (q), ``advantages`` (A).
+* ``ppo``: ``-min(r * A, clip(r, lo, hi) * A).sum()`` with ``r = exp(logp - q)``; config
+  ``clip_low_threshold`` (0.8) and ``clip_high_threshold`` (1.2).
+* ``cispo``: ``-(stopgrad(clip(r, lo, hi)) * logp * A).sum()``; same config as ppo.
+* ``dro``: ``-(logp * A - beta / 2 * (logp - q) ** 2).sum()``; config ``beta`` (required).
+
+(:mod:`twinkle.loss.rl` holds the GRPO family, whose PPO/CISPO normalise per token or sequence
+and clip around 1 with ``epsilon``: other formulas, other components.)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+from twinkle.loss.base import Loss, LossOutput, token_logps
+
+LOSS_INPUTS: dict[str, tuple[str, ...]] = {
+    "cross_entropy": ("target_tokens",),
+    "importance_sampling": ("target_tokens", "logprobs", "advantages"),
+    "ppo": ("target_tokens", "logprobs", "advantages"),
+    "cispo": ("target_tokens", "logprobs", "advantages"),
+    "dro": ("target_tokens", "logprobs", "advantages"),
+}
+OPTIONAL_INPUTS: dict[str, tuple[str, ...]] = {"cross_entropy": ("weights",)}
+LOSS_CONFIG: dict[str, dict[str, float | None]] = {
+    "cross_entropy": {},
+    "importance_sampling": {},
+    "ppo": {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2},
+    "cispo": {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2},
+    "dro": {"beta": None},
+}
+
+
+class LossConfigError(ValueError):
+    """A loss name, input or config key that Tinker's losses do not support."""
+
+
+def check_loss(loss_fn: str, config: Mapping[str, Any] | None) -> dict[str, float]:
+    """Validate ``loss_fn`` and its config; returns the config with defaults filled in.
+
+    Raises:
+        LossConfigError: unknown loss, unknown config key, non-numeric value or missing required key.
+    """
+    if loss_fn not in LOSS_CONFIG:
+        raise LossConfigError(
+            f"loss_fn={loss_fn!r} is not supported by this server; supported: {', '.join(LOSS_CONFIG)}"
+        )
+    allowed = LOSS_CONFIG[loss_fn]
+    resolved: dict[str, float] = {}
+    for key, value in (config or {}).items():
+        if key not in allowed:
+            hint = f"it accepts {', '.join(allowed)}" if allowed else "it takes no loss_fn_config"
+            raise LossConfigError(f"loss_fn_config key {key!r} is not supported for {loss_fn!r}; {hint}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise LossConfigError(f"loss_fn_config[{key!r}] must be a number, got {value!r}")
+        resolved[key] = float(value)
+    for key, default in allowed.items():
+        if key not in resolved:
+            if default is None:
+                raise LossConfigError(f"loss_fn={loss_fn!r} needs loss_fn_config[{key!r}] (a number)")
+            resolved[key] = default
+    if "clip_low_threshold" in resolved and resolved["clip_low_threshold"] > resolved["clip_high_threshold"]:
+        raise LossConfigError("clip_low_threshold must not exceed clip_high_threshold")
+    return resolved
+
+
+def _ratio(logp: Any, inputs: Mapping[str, Any]) -> Any:
+    import torch
+
+    return torch.exp(logp - inputs["logprobs"])
+
+
+def cross_entropy(logp: Any, inputs: Mapping[str, Any], config: Mapping[str, float]) -> tuple[Any, dict[str, Any]]:
+    """Weighted negative log-likelihood, summed."""
+    import torch
+
+    weights = inputs.get("weights")
+    if weights is None:
+        weights = torch.ones_like(logp)
+    elementwise = -(weights * logp)
+    return elementwise.sum(), {"logprobs": logp, "elementwise_loss": elementwise}
+
+
+def importance_sampling(
+    logp: Any, inputs: Mapping[str, Any], config: Mapping[str, float]
+) -> tuple[Any, dict[str, Any]]:
+    """REINFORCE with an importance weight against the sampling policy."""
+    return -(_ratio(logp, inputs) * inputs["advantages"]).sum(), {"logprobs": logp}
+
+
+def ppo(logp: Any, inputs: Mapping[str, Any], config: Mapping[str, float]) -> tuple[Any, dict[str, Any]]:
+    """Token-level clipped PPO objective."""
+    import torch
+
+    ratio = _ratio(logp, inputs)
+    adv = inputs["advantages"]
+    clipped = torch.clamp(ratio, config["clip_low_threshold"], config["clip_high_threshold"])
+    return -torch.min(ratio * adv, clipped * adv).sum(), {"logprobs": logp}
+
+
+def cispo(logp: Any, inputs: Mapping[str, Any], config: Mapping[str, float]) -> tuple[Any, dict[str, Any]]:
+    """Clipped importance-sampling policy optimisation (the clipped weight is not differentiated)."""
+    import torch
+
+    weight = torch.clamp(_ratio(logp, inputs), config["clip_low_threshold"], config["clip_high_threshold"]).detach()
+    return -(weight * logp * inputs["advantages"]).sum(), {"logprobs": logp}
+
+
+def dro(logp: Any, inputs: Mapping[str, Any], config: Mapping[str, float]) -> tuple[Any, dict[str, Any]]:
+    """Direct reward optimisation with a quadratic penalty on the log-ratio."""
+    quadratic = (logp - inputs["logprobs"]) ** 2
+    objective = logp * inputs["advantages"] - 0.5 * config["beta"] * quadratic
+    return -objective.sum(), {"logprobs": logp}
+
+
+LOSSES: dict[str, Callable[..., tuple[Any, dict[str, Any]]]] = {
+    "cross_entropy": cross_entropy,
+    "importance_sampling": importance_sampling,
+    "ppo": ppo,
+    "cispo": cispo,
+    "dro": dro,
+}
+
+
+class TinkerLoss(Loss):
+    """One of Tinker's losses as a core component, on the trained (``shift_labels``) tokens of a batch.
+
+    Per-token inputs come from the rows given to ``forward_backward`` (the processor shifts
+    per-token lists like the labels): ``logprobs`` (the sampling policy's), ``advantages``
+    (a number per row, or per token) and, for ``cross_entropy``, optional ``weights``.
+
+    Args:
+        loss_fn: ``cross_entropy``, ``importance_sampling``, ``ppo``, ``cispo`` or ``dro``.
+        normalize: ``True`` (default): the model divides the summed loss by the window's trained
+            tokens, as every core loss; ``False``: the loss stays a sum, as Tinker's (the
+            normalizer is 1 per micro-batch).
+        **config: the ``loss_fn_config`` (``clip_low_threshold``, ``clip_high_threshold``, ``beta``).
+
+    Raises:
+        LossConfigError: an unknown loss or config key, a missing required key.
+
+    Example::
+
+        model.set_loss("TinkerLoss", loss_fn="ppo", clip_low_threshold=0.8, clip_high_threshold=1.2)
+        model.forward_backward(rows, logprobs=[...], advantages=[...])
+    """
+
+    def __init__(self, loss_fn: str = "cross_entropy", normalize: bool = True, **config: Any) -> None:
+        self.loss_fn = loss_fn
+        self.config = check_loss(loss_fn, config)
+        self.normalize = bool(normalize)
+
+    def __call__(self, inputs: Mapping[str, Any], outputs: Mapping[str, Any]) -> LossOutput:
+        """The summed loss over the trained tokens; normalizer: their count (or 1, ``normalize=False``)."""
+        mask = inputs["shift_labels"] != -100
+        logp = token_logps(inputs, outputs)[mask]
+        per_token = {}
+        for key in LOSS_INPUTS[self.loss_fn][1:] + OPTIONAL_INPUTS.get(self.loss_fn, ()):
+            value = inputs.get(key)
+            if value is None:
+                if key in OPTIONAL_INPUTS.get(self.loss_fn, ()):
+                    continue
+                raise ValueError(
+                    f"TinkerLoss({self.loss_fn!r}) needs the per-row field {key!r} in the inputs of forward_backward"
+                )
+            per_token[key] = value[mask].to(logp.dtype)
+        loss, _ = LOSSES[self.loss_fn](logp, per_token, self.config)
+        tokens = inputs.get("num_label_tokens")
+        if tokens is None:
+            tokens = int(mask.sum())
+        return LossOutput(loss=loss, num_tokens=tokens if self.normalize else 1)
