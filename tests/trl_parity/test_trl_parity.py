@@ -241,3 +241,153 @@ def test_grpo_matches_trl(tmp_path, tokenizer, trl_kwargs, loss):
 
     assert float(ours.detach()) == pytest.approx(float(trl_loss.detach()), rel=1e-5, abs=1e-8)
     assert_same_grads(grads(model), trl_grads)
+
+
+# ----------------------------------------------------------------- rollout correction (TRL 1.16 IS)
+PROMPTS = [[5, 9, 13, 200, 41], [77, 3, 8]]  # two prompts (one left-padded by TRL), 2 completions each
+COMPLETIONS = [[300, 17, 2], [44, 45, 46, 47, 48], [901, 2], [12, 13, 14, 15]]
+
+
+def fake_generate(trainer, sampling_logps):
+    """Replaces GRPOTrainer._generate: fixed completions and the sampler's per-token log-probs (as vLLM's)."""
+    prompt_ids = [PROMPTS[i // 2] for i in range(len(COMPLETIONS))]
+
+    def _generate(prompts):
+        texts = [trainer._tokenizer.decode(ids) for ids in COMPLETIONS]
+        return prompt_ids, COMPLETIONS, None, texts, sampling_logps, {}, None, None
+
+    return _generate
+
+
+ROLLOUT_CASES = [
+    # TRL's default: vllm_importance_sampling_correction=True, mode "sequence_mask", clip_max 3.0
+    ({}, {"rollout_correction": "sequence_mask"}),
+    ({"vllm_importance_sampling_mode": "token_truncate"}, {"rollout_correction": "token_truncate"}),
+    (
+        {"vllm_importance_sampling_mode": "token_mask", "vllm_importance_sampling_clip_min": 0.5},
+        {"rollout_correction": "token_mask", "rollout_clip_min": 0.5},
+    ),
+    (
+        {"vllm_importance_sampling_mode": "sequence_truncate", "vllm_importance_sampling_clip_max": 2.0},
+        {"rollout_correction": "sequence_truncate", "rollout_clip_max": 2.0},
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("trl_kwargs", "our_kwargs"), ROLLOUT_CASES, ids=[c[1]["rollout_correction"] for c in ROLLOUT_CASES]
+)
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_rollout_correction_matches_trl(tmp_path, tokenizer, trl_kwargs, our_kwargs, loss_type):
+    """TRL's own _generate_and_score_completions (vLLM generation replaced by fixed tokens and sampler
+    log-probs) computes its importance-sampling weights; _compute_loss applies them. Ours gets the same
+    tokens, the same advantages and the sampler log-probs as old_logps."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    model = tiny_model()
+    args = GRPOConfig(
+        output_dir=str(tmp_path),
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        per_device_train_batch_size=4,
+        num_generations=2,
+        max_completion_length=5,
+        beta=0.0,  # set after construction with a reference of our own (no hub download)
+        loss_type=loss_type,
+        **({"epsilon_high": 0.28} if loss_type == "dapo" else {}),
+        **trl_kwargs,
+    )
+    rewards = iter([[1.0, 0.0, 0.3, 0.9]])
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=[lambda completions, **kw: next(rewards)],
+        args=args,
+        train_dataset=Dataset.from_list([{"prompt": "hi"}] * 4),
+        processing_class=tokenizer,
+    )
+    assert trainer.vllm_importance_sampling_correction  # on by default in TRL
+    from trl.trainer.utils import add_fused_lm_head
+
+    trainer.beta, trainer.ref_model = 0.04, tiny_model(seed=1).eval()
+    add_fused_lm_head(trainer.ref_model)  # as TRL prepares its own reference model
+    trainer.use_vllm = True  # only the importance-sampling branches read it from here on
+    trainer.current_gradient_accumulation_steps = 1
+    model = trainer.model
+    model.train()
+
+    # the trainer's log-probs of the completions, then sampler log-probs that differ from them
+    input_ids, attention, shift = _rollout_layout(trainer)
+    with torch.no_grad():
+        trainer_logps = token_logps(
+            {"shift_labels": shift}, {"logits": model(input_ids=input_ids, attention_mask=attention).logits}
+        )
+    p = input_ids.shape[1] - max(len(c) for c in COMPLETIONS)
+    # sampler = trainer + noise: token ratios exp(-noise) above 3 and below 0.5, sequence ratios 4.5 and 2.5
+    noise = [[-1.3, 0.2, -0.4], [0.1, -0.2, 0.8, -0.3, 0.05], [0.3, -0.2], [-0.5, -0.4, 0.1, -0.1]]
+    sampler = trainer_logps.clone()
+    for i, row in enumerate(noise):
+        sampler[i, p - 1 : p - 1 + len(row)] += torch.tensor(row)
+    sampling_logps = [sampler[i, p - 1 : p - 1 + len(c)].tolist() for i, c in enumerate(COMPLETIONS)]
+    trainer._generate = fake_generate(trainer, sampling_logps)
+
+    batch = trainer._generate_and_score_completions([{"prompt": "hi"}] * 4)
+    trl_metrics = {k: v[-1] for k, v in trainer._metrics["train"].items() if k.startswith("sampling/")}
+    model.zero_grad()
+    trl_loss = trainer._compute_loss(model, batch)
+    trl_loss.backward()
+    trl_grads = grads(model)
+
+    mask = shift != -100
+    old = torch.zeros_like(sampler)
+    old[mask] = sampler[mask]
+    ref = torch.zeros_like(sampler)
+    comp_mask = batch["completion_mask"].bool()
+    ref[:, p - 1 : -1][comp_mask] = batch["ref_per_token_logps"][comp_mask]
+    b, t = shift.shape
+    inputs = {
+        "shift_labels": shift,
+        "old_logps": old,
+        "ref_logps": ref,
+        "advantages": batch["advantages"].unsqueeze(1).expand(b, t),
+        "row_ids": torch.arange(b).unsqueeze(1).expand(b, t),
+    }
+    loss_cls = DAPOLoss if loss_type == "dapo" else GRPOLoss
+    loss = loss_cls(beta=0.04, kl_ratio_correction=True, **our_kwargs)
+    model.zero_grad()
+    out = loss(inputs, {"logits": model(input_ids=input_ids, attention_mask=attention).logits})
+    ours = out.loss / out.num_tokens
+    ours.backward()
+
+    assert float(ours.detach()) == pytest.approx(float(trl_loss.detach()), rel=1e-5, abs=1e-8)
+    assert_same_grads(grads(model), trl_grads)
+    # TRL's sampling/* metrics are ours under other names
+    assert out.extra["rollout_logp_gap"] == pytest.approx(
+        trl_metrics["sampling/sampling_logp_difference/mean"], rel=1e-5
+    )
+    assert out.extra["rollout_logp_gap_max"] == pytest.approx(
+        trl_metrics["sampling/sampling_logp_difference/max"], rel=1e-5
+    )
+    for stat in ("min", "mean", "max"):
+        trl_value = trl_metrics[f"sampling/importance_sampling_ratio/{stat}"]
+        assert out.extra[f"rollout_is_{stat}"] == pytest.approx(trl_value, rel=1e-5, abs=1e-7)
+    # the thresholds bite: something was masked or truncated
+    share = out.extra.get("rollout_masked_fraction", out.extra.get("rollout_truncated_fraction"))
+    assert 0 < share < 1
+
+
+def _rollout_layout(trainer):
+    """Twinkle's layout of the fixed batch: prompts left-padded as TRL does, completions right-padded."""
+    pad = trainer._tokenizer.pad_token_id
+    p = max(len(x) for x in PROMPTS)
+    c = max(len(x) for x in COMPLETIONS)
+    ids, att, shift = [], [], []
+    for i, comp in enumerate(COMPLETIONS):
+        prompt = PROMPTS[i // 2]
+        row = [pad] * (p - len(prompt)) + prompt + comp + [pad] * (c - len(comp))
+        ids.append(row)
+        att.append([0] * (p - len(prompt)) + [1] * (len(prompt) + len(comp)) + [0] * (c - len(comp)))
+        labels = [-100] * (p + c)
+        labels[p - 1 : p - 1 + len(comp)] = comp
+        shift.append(labels)
+    return torch.tensor(ids), torch.tensor(att), torch.tensor(shift)

@@ -36,6 +36,14 @@ CISPO clips and detaches the importance weight and keeps every token's gradient:
 
     L_{i,t} = -sg(min(r_{i,t}, max_ratio)) * A_i * l_{i,t}
 
+Rollout correction (``rollout_correction=...``, see :mod:`twinkle.loss.rollout_correction`):
+``old_logps`` are then read as the *sampler's* log-probabilities, the PPO anchor becomes the
+trainer's ``proximal_logps`` (``model.forward_only`` on the rows before the update; missing =
+the current policy, detached: one update per batch), and the per-token policy loss is
+multiplied by the truncated (TIS) or masked (MIS) weight ``exp(proximal - old)``::
+
+    L_{i,t} = w_{i,t} * PPO_{i,t} + beta * KL3_{i,t}
+
 These match TRL's ``GRPOTrainer`` loss types ``grpo`` / ``dapo`` (on one micro-batch; TRL
 normalizes DAPO by the generation batch) / ``dr_grpo`` / GSPO / ``cispo`` (tested in
 ``tests/trl_parity``).
@@ -47,6 +55,7 @@ from typing import Any, Mapping
 
 from twinkle.loss._tokens import label_mask, per_sequence_count, per_sequence_sum, require, sequence_index
 from twinkle.loss.base import Loss, LossOutput, token_logps
+from twinkle.loss.rollout_correction import RolloutCorrection
 
 _AGGREGATIONS = ("sequence", "token", "fixed")
 _LEVELS = ("token", "sequence")
@@ -68,6 +77,11 @@ class GRPOLoss(Loss):
         delta: optional upper bound on the unclipped ratio (two-sided clipping); ``None`` disables it.
         kl_ratio_correction: multiply the k3 KL by the (differentiable) importance ratio, which makes its
             gradient the unbiased reverse-KL gradient (DeepSeek-V3.2; TRL's ``use_bias_correction_kl``).
+        rollout_correction: ``None`` (off), ``"token_truncate"``, ``"token_mask"``, ``"sequence_truncate"``
+            or ``"sequence_mask"``: importance weights for the trainer/sampler mismatch (see
+            :mod:`twinkle.loss.rollout_correction`); adds the ``rollout_*`` metrics.
+        rollout_clip_max: upper threshold of the correction weight (``None``: none). TRL's default 3.0.
+        rollout_clip_min: lower threshold (``None``: none); IcePop masks outside [0.5, 5].
 
     Raises:
         ValueError: bad options, or a needed field (``advantages``, ``ref_logps``) missing from the inputs.
@@ -89,6 +103,9 @@ class GRPOLoss(Loss):
         max_completion_length: int | None = None,
         delta: float | None = None,
         kl_ratio_correction: bool = False,
+        rollout_correction: str | None = None,
+        rollout_clip_max: float | None = 3.0,
+        rollout_clip_min: float | None = None,
     ) -> None:
         name = type(self).__name__
         if aggregation not in _AGGREGATIONS:
@@ -111,6 +128,11 @@ class GRPOLoss(Loss):
         self.max_completion_length = max_completion_length
         self.delta = delta
         self.kl_ratio_correction = kl_ratio_correction
+        self.rollout_correction = (
+            None
+            if rollout_correction is None
+            else RolloutCorrection(rollout_correction, rollout_clip_max, rollout_clip_min)
+        )
 
     # -- pieces ----------------------------------------------------------------------------
     def policy_term(self, coef: Any, advantages: Any, logps: Any) -> tuple[Any, dict[str, Any]]:
@@ -136,8 +158,25 @@ class GRPOLoss(Loss):
             inputs, "advantages", who, "add advantages=<float> to every row (e.g. from GRPOAdvantage)"
         ).to(logps)
         old = inputs.get("old_logps")
-        old = logps.detach() if old is None else old.to(logps)
+        old = None if old is None else old.to(logps)
         index, num_seqs = sequence_index(inputs, mask)
+        proximal = inputs.get("proximal_logps")
+        proximal = None if proximal is None else proximal.to(logps)
+        rollout_weight, rollout_metrics = None, {}
+        if self.rollout_correction is not None:
+            # old_logps are the sampler's; the PPO anchor is the trainer's proximal policy
+            sampler = require(
+                inputs,
+                "old_logps",
+                who,
+                "rollout_correction needs the sampler's log-probabilities (sample with logprobs)",
+            ).to(logps)
+            anchor = logps.detach() if proximal is None else proximal
+            rollout_weight, rollout_metrics = self.rollout_correction(anchor, sampler, mask, index, num_seqs)
+            old = anchor
+        elif proximal is not None:
+            old = proximal
+        old = logps.detach() if old is None else old
         log_ratio = (logps - old) * mask
         if self.importance_level == "sequence":
             counts = per_sequence_count(mask, index, num_seqs).clamp(min=1.0)
@@ -147,6 +186,8 @@ class GRPOLoss(Loss):
             log_w = log_ratio
         coef = torch.exp(log_w)
         per_token, metrics = self.policy_term(coef, advantages, logps)
+        if rollout_weight is not None:
+            per_token = per_token * rollout_weight
         if self.beta:
             ref = require(
                 inputs,
@@ -176,6 +217,7 @@ class GRPOLoss(Loss):
         n_tok = max(int(mask.sum()), 1)
         extra = {k: float((v * mask).sum()) / n_tok for k, v in metrics.items()}
         extra["ratio"] = float((coef.detach() * mask).sum()) / n_tok
+        extra.update(rollout_metrics)
         return LossOutput(loss=loss, num_tokens=normalizer, extra=extra)
 
 
