@@ -117,7 +117,15 @@ def test_hostile_completions_through_the_reward():
 
 
 def _count_processes() -> int:
-    return sum(1 for name in os.listdir("/proc") if name.isdigit())
+    """Processes whose working directory is a sandbox's (children inherit it), not every process on a busy box."""
+    count = 0
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                count += "twinkle-sandbox-" in os.readlink(f"/proc/{name}/cwd")
+            except OSError:  # gone, or not ours to read
+                pass
+    return count
 
 
 @pytest.fixture(autouse=True)
