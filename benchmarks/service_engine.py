@@ -49,13 +49,13 @@ from model_shapes import QWEN25_05B, TINY, qwen2_config  # noqa: E402
 
 CONFIGS = [
     "fastpath",
-    "fastpath_eager",
     "multi_1x8",
     "multi_1x8_segmented",
     "multi_8x1",
-    "multi_8x1_torch",
     "mixed_packed",
     "mixed_padded",
+    "fastpath_eager",
+    "multi_8x1_torch",
 ]
 TENANTS = 8
 LORA = {"r": 8, "lora_alpha": 16, "target_modules": "all-linear", "lora_dropout": 0.0}
