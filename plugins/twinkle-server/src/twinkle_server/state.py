@@ -21,6 +21,7 @@ from twinkle_server import checkpoints as ckpt
 from twinkle_server.config import ServerConfig
 from twinkle_server.engine import ALL_TARGETS, TARGET_GROUPS, LoRAEngine
 from twinkle_server.scheduler import Job, Payload, Scheduler, UserError
+from twinkle_server.stability import StabilityRecords
 from twinkle_server.store import CheckpointRow, Store, Tenant
 
 RESTART_MESSAGE = (
@@ -143,6 +144,8 @@ class ServerState:
         #: sampling session id -> snapshot slot (save_weights_and_get_sampling_client).
         self.snapshot_slots: dict[str, int] = {}
         self._snapshots_by_run: dict[str, list[str]] = {}
+        #: sampled sequences recorded for stable_reinforce (record_stability_info=True).
+        self.stability = StabilityRecords()
         self._lock = threading.RLock()
 
     # -- lifecycle -----------------------------------------------------------------

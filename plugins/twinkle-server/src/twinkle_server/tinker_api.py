@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import uuid
 from datetime import datetime, timezone
 from typing import Any, Literal, Optional, Union
 
@@ -475,6 +476,8 @@ async def forward_backward(
     config = check_loss(message.loss_fn, message.loss_config)
     if not message.datums:
         raise _bad("forward_backward needs at least one datum")
+    if message.loss_fn == "stable_reinforce":
+        _fill_stability(state, tenant, message)
     tokens = sum(len(d.tokens) for d in message.datums)
     state.charge(tenant, tokens)
     run_id = slot_check.id
@@ -492,6 +495,29 @@ async def forward_backward(
         tenant, kind, model_id=run_id, seq_id=message.seq_id, prepare=prepare, finish=finish, rows=len(message.datums)
     )
     return _future(future_id, run_id)
+
+
+def _fill_stability(state: ServerState, tenant: Tenant, message: Any) -> None:
+    """Give each stable_reinforce datum the sampler's recorded logprobs, from its provenance spans."""
+    for i, datum in enumerate(message.datums):
+        spans = message.spans[i] if message.spans else None
+        if spans is None:
+            if "logprobs" not in datum.inputs:
+                raise _bad(
+                    f"datum {i}: stable_reinforce needs provenance (Datum.with_provenance naming the sampled "
+                    "sequence_ids) or loss_fn_inputs['logprobs']"
+                )
+            continue
+        if "logprobs" in datum.inputs or "stability_mask" in datum.inputs:
+            raise _bad(f"datum {i}: with provenance spans the server supplies logprobs; do not send them")
+        target = datum.inputs.get("target_tokens")
+        length = len(target) if target is not None else len(datum.tokens)
+        try:
+            q, mask = state.stability.fill(tenant.id, spans, length)
+        except ValueError as exc:
+            raise _bad(f"datum {i}: {exc}") from None
+        datum.inputs["logprobs"] = q
+        datum.inputs["stability_mask"] = mask
 
 
 @router.post("/optim_step")
@@ -672,7 +698,6 @@ _UNSUPPORTED_SAMPLE = {
     "target_prompt_logprobs": lambda b: b.target_prompt_logprobs is not None,
     "prompt_alt_tokens_k": lambda b: b.prompt_alt_tokens_k > 0,
     "prompt_logprobs_last_n": lambda b: b.prompt_logprobs_last_n is not None,
-    "record_stability_info": lambda b: bool(b.record_stability_info),
 }
 
 
@@ -743,10 +768,16 @@ def asample(
             stop_strings=stop_strings,
             prompt_logprobs=bool(body.prompt_logprobs),
         )
+        if record:
+            for i, (_, logprobs, _) in enumerate(sequences):
+                state.stability.record(tenant.id, sequence_ids[i], logprobs)
         return PROTO_CONTENT_TYPE, encode_sample_response(sequences, prompt_lps)
 
+    record = bool(body.record_stability_info)
+    prefix = uuid.uuid4().hex
+    sequence_ids = [f"seq-{prefix}-{i}" for i in range(body.num_samples)]
     future_id = state.submit(tenant, "sample", run=run)
-    return {**_future(future_id), "sample_sequence_ids": [f"{future_id}:{i}" for i in range(body.num_samples)]}
+    return {**_future(future_id), "sample_sequence_ids": sequence_ids}
 
 
 # -- futures ----------------------------------------------------------------------------------

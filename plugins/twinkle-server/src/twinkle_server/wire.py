@@ -35,6 +35,9 @@ class ForwardBackwardMessage:
     loss_config: dict[str, float | str]
     datums: list[Datum]
     forward_only: bool
+    #: per datum, its ``loss_fn_input_spans`` as ``(kind, sequence_id, offset, length)``
+    #: (kind ``sampled`` or ``prompt``), or ``None`` without provenance.
+    spans: list[list[tuple[str, str, int, int]] | None] | None = None
 
 
 def _tensor(msg: Any, name: str) -> Any:
@@ -92,7 +95,19 @@ def decode_forward_backward(body: bytes) -> ForwardBackwardMessage:
     for k, v in msg.loss_fn_config_v2.items():
         config[k] = v.text if v.WhichOneof("value") == "text" else float(v.number)
     datums = []
+    spans: list[list[tuple[str, str, int, int]] | None] = []
     for i, d in enumerate(msg.data):
+        runs: list[tuple[str, str, int, int]] = []
+        for span in d.loss_fn_input_spans:
+            kind = span.WhichOneof("span")
+            if kind == "sampled_tokens":
+                arm, name = span.sampled_tokens, "sampled"
+            elif kind == "prompt_tokens":
+                arm, name = span.prompt_tokens, "prompt"
+            else:
+                raise WireError(f"datum {i}: a provenance span of unknown kind")
+            runs.append((name, arm.sequence_id, int(arm.offset), int(arm.length)))
+        spans.append(runs if len(d.loss_fn_input_spans) else None)
         tokens: list[Any] = []
         for chunk in d.model_input:
             kind = chunk.WhichOneof("chunk") if chunk.DESCRIPTOR.oneofs else None
@@ -105,7 +120,9 @@ def decode_forward_backward(body: bytes) -> ForwardBackwardMessage:
         flat = np.concatenate(tokens).astype(np.int64) if tokens else np.zeros(0, dtype=np.int64)
         inputs = {name: _tensor(t, name) for name, t in d.loss_fn_inputs.items()}
         datums.append(Datum(flat, inputs))
-    return ForwardBackwardMessage(msg.model_id, msg.seq_id or None, msg.loss_fn, config, datums, bool(msg.forward_only))
+    return ForwardBackwardMessage(
+        msg.model_id, msg.seq_id or None, msg.loss_fn, config, datums, bool(msg.forward_only), spans
+    )
 
 
 def encode_forward_backward_output(result: JobResult) -> bytes:

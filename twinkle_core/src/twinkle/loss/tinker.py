@@ -1,4 +1,5 @@
-"""Tinker's loss functions (``cross_entropy``, ``importance_sampling``, ``ppo``, ``cispo``, ``dro``) in core.
+"""Tinker's loss functions (``cross_entropy``, ``importance_sampling``, ``ppo``, ``cispo``, ``dro``,
+``gspo``, ``stable_reinforce``) in core.
 
 One implementation per formula: the service's Tinker API (``twinkle_server.losses``) and the
 :class:`TinkerLoss` component (``model.set_loss("TinkerLoss", loss_fn="ppo")``) both call the
@@ -13,6 +14,19 @@ with ``weights`` or ``advantages``) and the per-token outputs to send back.
   ``clip_low_threshold`` (0.8) and ``clip_high_threshold`` (1.2).
 * ``cispo``: ``-(stopgrad(clip(r, lo, hi)) * logp * A).sum()``; same config as ppo.
 * ``dro``: ``-(logp * A - beta / 2 * (logp - q) ** 2).sum()``; config ``beta`` (required).
+* ``gspo`` (GSPO-token, as Tinker documents it): one sequence log-ratio
+  ``l = mean((stopgrad(logp) - q)[M])`` over the tokens ``M`` that the optional
+  ``sequence_ratio_mask`` marks (all tokens without one); every token's ratio is
+  ``s_t = exp(l + logp - stopgrad(logp))`` (the sequence ratio's value, its own gradient) and the loss
+  is ppo's on ``s_t``: ``-min(s_t * A, clip(s_t, lo, hi) * A).sum()``. One call is one sequence.
+* ``stable_reinforce``: REINFORCE against the sampling policy ``q`` that the sampler recorded
+  (``record_stability_info=True``; the service fills ``logprobs`` from the sampled sequences the datum's
+  provenance names). Tinker does not publish its formula; this is ours, documented and tested:
+  ``r = exp(logp - q)``, ``-(stopgrad(min(r, clip_high_threshold)) * A * logp).sum()
+  + kl_coeff * (r - 1 - (logp - q)).sum()`` (a truncated importance weight, not differentiated, so a
+  stale or numerically different sampler cannot blow the step up; the k3 estimate of KL(q || p) as an
+  optional anchor), on the tokens of the optional ``stability_mask`` (tokens that were sampled).
+  Config ``clip_high_threshold`` (2.0), ``kl_coeff`` (0.0).
 
 (:mod:`twinkle.loss.rl` holds the GRPO family, whose PPO/CISPO normalise per token or sequence
 and clip around 1 with ``epsilon``: other formulas, other components.)
@@ -30,14 +44,24 @@ LOSS_INPUTS: dict[str, tuple[str, ...]] = {
     "ppo": ("target_tokens", "logprobs", "advantages"),
     "cispo": ("target_tokens", "logprobs", "advantages"),
     "dro": ("target_tokens", "logprobs", "advantages"),
+    "gspo": ("target_tokens", "logprobs", "advantages"),
+    "stable_reinforce": ("target_tokens", "logprobs", "advantages"),
 }
-OPTIONAL_INPUTS: dict[str, tuple[str, ...]] = {"cross_entropy": ("weights",)}
+OPTIONAL_INPUTS: dict[str, tuple[str, ...]] = {
+    "cross_entropy": ("weights",),
+    "gspo": ("sequence_ratio_mask",),
+    "stable_reinforce": ("stability_mask",),
+}
+# losses whose value couples a sequence's tokens: called once per sequence
+PER_SEQUENCE: frozenset[str] = frozenset({"gspo"})
 LOSS_CONFIG: dict[str, dict[str, float | None]] = {
     "cross_entropy": {},
     "importance_sampling": {},
     "ppo": {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2},
     "cispo": {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2},
     "dro": {"beta": None},
+    "gspo": {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2},
+    "stable_reinforce": {"clip_high_threshold": 2.0, "kl_coeff": 0.0},
 }
 
 
@@ -71,6 +95,8 @@ def check_loss(loss_fn: str, config: Mapping[str, Any] | None) -> dict[str, floa
             resolved[key] = default
     if "clip_low_threshold" in resolved and resolved["clip_low_threshold"] > resolved["clip_high_threshold"]:
         raise LossConfigError("clip_low_threshold must not exceed clip_high_threshold")
+    if loss_fn == "stable_reinforce" and (resolved["clip_high_threshold"] <= 0 or resolved["kl_coeff"] < 0):
+        raise LossConfigError("stable_reinforce needs clip_high_threshold > 0 and kl_coeff >= 0")
     return resolved
 
 
@@ -123,12 +149,49 @@ def dro(logp: Any, inputs: Mapping[str, Any], config: Mapping[str, float]) -> tu
     return -objective.sum(), {"logprobs": logp}
 
 
+def gspo(logp: Any, inputs: Mapping[str, Any], config: Mapping[str, float]) -> tuple[Any, dict[str, Any]]:
+    """GSPO-token on one sequence: the sequence ratio's value, each token's own gradient, clipped as ppo."""
+    import torch
+
+    log_ratio = logp.detach() - inputs["logprobs"]
+    mask = inputs.get("sequence_ratio_mask")
+    in_ratio = torch.ones_like(log_ratio, dtype=torch.bool) if mask is None else mask != 0
+    if bool(in_ratio.any()):
+        seq_log_ratio = log_ratio[in_ratio].mean()
+    else:
+        seq_log_ratio = log_ratio.new_zeros(())
+    ratio = torch.exp(seq_log_ratio + logp - logp.detach())
+    adv = inputs["advantages"]
+    clipped = torch.clamp(ratio, config["clip_low_threshold"], config["clip_high_threshold"])
+    return -torch.min(ratio * adv, clipped * adv).sum(), {"logprobs": logp}
+
+
+def stable_reinforce(
+    logp: Any, inputs: Mapping[str, Any], config: Mapping[str, float]
+) -> tuple[Any, dict[str, Any]]:
+    """REINFORCE with a truncated, non-differentiated importance weight and an optional k3 KL anchor."""
+    import torch
+
+    log_ratio = logp - inputs["logprobs"]
+    ratio = torch.exp(log_ratio)
+    weight = torch.clamp(ratio, max=config["clip_high_threshold"]).detach()
+    per_token = -(weight * inputs["advantages"] * logp)
+    if config["kl_coeff"]:
+        per_token = per_token + config["kl_coeff"] * (ratio - 1 - log_ratio)
+    mask = inputs.get("stability_mask")
+    if mask is not None:
+        per_token = per_token * (mask != 0).to(per_token.dtype)
+    return per_token.sum(), {"logprobs": logp}
+
+
 LOSSES: dict[str, Callable[..., tuple[Any, dict[str, Any]]]] = {
     "cross_entropy": cross_entropy,
     "importance_sampling": importance_sampling,
     "ppo": ppo,
     "cispo": cispo,
     "dro": dro,
+    "gspo": gspo,
+    "stable_reinforce": stable_reinforce,
 }
 
 
@@ -140,11 +203,13 @@ class TinkerLoss(Loss):
     (a number per row, or per token) and, for ``cross_entropy``, optional ``weights``.
 
     Args:
-        loss_fn: ``cross_entropy``, ``importance_sampling``, ``ppo``, ``cispo`` or ``dro``.
+        loss_fn: ``cross_entropy``, ``importance_sampling``, ``ppo``, ``cispo``, ``dro``, ``gspo`` or
+            ``stable_reinforce`` (here ``logprobs`` are the sampler's, given per row).
         normalize: ``True`` (default): the model divides the summed loss by the window's trained
             tokens, as every core loss; ``False``: the loss stays a sum, as Tinker's (the
             normalizer is 1 per micro-batch).
-        **config: the ``loss_fn_config`` (``clip_low_threshold``, ``clip_high_threshold``, ``beta``).
+        **config: the ``loss_fn_config`` (``clip_low_threshold``, ``clip_high_threshold``, ``beta``,
+            ``kl_coeff``).
 
     Raises:
         LossConfigError: an unknown loss or config key, a missing required key.
@@ -163,8 +228,9 @@ class TinkerLoss(Loss):
     def __call__(self, inputs: Mapping[str, Any], outputs: Mapping[str, Any]) -> LossOutput:
         """The summed loss over the trained tokens; normalizer: their count (or 1, ``normalize=False``)."""
         mask = inputs["shift_labels"] != -100
-        logp = token_logps(inputs, outputs)[mask]
-        per_token = {}
+        all_logp = token_logps(inputs, outputs)
+        logp = all_logp[mask]
+        fields = {}
         for key in LOSS_INPUTS[self.loss_fn][1:] + OPTIONAL_INPUTS.get(self.loss_fn, ()):
             value = inputs.get(key)
             if value is None:
@@ -173,8 +239,17 @@ class TinkerLoss(Loss):
                 raise ValueError(
                     f"TinkerLoss({self.loss_fn!r}) needs the per-row field {key!r} in the inputs of forward_backward"
                 )
-            per_token[key] = value[mask].to(logp.dtype)
-        loss, _ = LOSSES[self.loss_fn](logp, per_token, self.config)
+            fields[key] = value
+        if self.loss_fn in PER_SEQUENCE:  # one call per row: the loss couples a sequence's tokens
+            loss = all_logp.new_zeros(())
+            for row in range(mask.shape[0]):
+                row_mask = mask[row]
+                if bool(row_mask.any()):
+                    row_inputs = {k: v[row][row_mask].to(all_logp.dtype) for k, v in fields.items()}
+                    loss = loss + LOSSES[self.loss_fn](all_logp[row][row_mask], row_inputs, self.config)[0]
+        else:
+            per_token = {k: v[mask].to(logp.dtype) for k, v in fields.items()}
+            loss, _ = LOSSES[self.loss_fn](logp, per_token, self.config)
         tokens = inputs.get("num_label_tokens")
         if tokens is None:
             tokens = int(mask.sum())
