@@ -1,4 +1,4 @@
-"""Repository-wide test settings: the ``gpu`` marker.
+"""Repository-wide test settings: the ``gpu`` marker, a scratch run directory for trackers.
 
 Tests that need a CUDA GPU carry ``@pytest.mark.gpu``; on a machine without one (CI, this
 CPU box) they are skipped with that reason. Area conftests hold only their own fixtures.
@@ -16,11 +16,16 @@ from __future__ import annotations
 
 import glob
 import os
+import tempfile
 
 import pytest
 
 if not glob.glob("/dev/nvidia[0-9]*"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Trackers (JSONL by default) write under the run directory once a metric is emitted: keep the
+# runs of tests that do not pick their own out of the working tree (tests/**/test_tracking*.py do).
+os.environ.setdefault("TWINKLE_RUN_DIR", tempfile.mkdtemp(prefix="twinkle-test-run-"))
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -125,6 +125,14 @@ def numerics(session: nox.Session, capability: str, threads: str) -> None:
 
 
 @nox.session(python=TORCH_PYTHON)
+def trackers(session: nox.Session) -> None:
+    """Trackers with their real libraries (TensorBoard, W&B offline, MLflow file store) and
+    `twinkle plot` with matplotlib; torch-free, so it installs in seconds."""
+    install(session, "-e", "./twinkle_core[trackers,plot]", *TEST_DEPS)
+    session.run(*pytest_args(session, "tests/trackers"), env={"WANDB_SILENT": "true", "WANDB_MODE": "offline"})
+
+
+@nox.session(python=TORCH_PYTHON)
 def rewards(session: nox.Session) -> None:
     """twinkle-rewards, installed alone with core."""
     install(session, "-e", "./twinkle_core", "-e", "./plugins/twinkle-rewards", *TEST_DEPS)

@@ -20,12 +20,12 @@ import os
 
 import twinkle
 from peft import LoraConfig
-from tqdm import tqdm
 from twinkle import DeviceGroup, assets
 from twinkle.dataloader import DataLoader
 from twinkle.dataset import Dataset, DatasetMeta, PackingDataset
 from twinkle.model import TransformersModel
 from twinkle.preprocessor import SelfCognitionProcessor
+from twinkle.progress import progress
 
 NAME, AUTHOR = "twinkle大模型", "ModelScope社区"
 SYSTEM = "You are a helpful assistant."
@@ -91,16 +91,20 @@ def train(args: argparse.Namespace) -> dict:
         scheduler_cls="CosineWarmupScheduler", num_warmup_steps=5, num_training_steps=len(dataloader) // 2
     )
     losses = []
-    progress = tqdm(dataloader, desc="sft", unit="batch")
-    for step, batch in enumerate(progress):
+    # a bar with rate and ETA on a terminal, silent when the output is not one (logs, CI)
+    bar = progress(dataloader, desc="sft", unit="batch")
+    for step, batch in enumerate(bar):
         # Do forward and backward
         losses.append(model.forward_backward(inputs=batch).loss)
         # Step
         model.clip_grad_and_step()
-        progress.set_postfix(loss=f"{losses[-1]:.3f}")
-        if step % 20 == 0:
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if step % 2 == 1:
+            # metrics since the last call, every optimizer step (2 batches), to the trackers (metrics.jsonl);
+            # optimizer_step counts optimizer steps, micro_batches the batches
             metric = model.calculate_metric(is_training=True)
-            progress.write(f"Current is step {step} of {len(dataloader)}, metric: {metric}")
+            if step % 20 == 1:
+                bar.write(f"batch {step + 1} of {len(dataloader)}, metric: {metric}")
     model.save(args.output)
 
     model.set_template("Template", model_id=args.model_id)

@@ -14,17 +14,20 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
-def _no_current_runtime():
-    """Every test starts and ends with no current runtime and no plugin env vars."""
+def _no_current_runtime(tmp_path):
+    """Every test starts and ends with no current runtime and no plugin env vars (the run
+    directory of trackers is the test's own)."""
     import twinkle.runtime as rt
 
     saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("TWINKLE_")}
+    os.environ["TWINKLE_RUN_DIR"] = str(tmp_path / "run")
     rt.shutdown()
     rt.reset_default_plugins()
     yield
     while rt.current_runtime() is not None:
         rt.shutdown()
     rt.reset_default_plugins()
+    os.environ.pop("TWINKLE_RUN_DIR", None)
     os.environ.update(saved)
 
 

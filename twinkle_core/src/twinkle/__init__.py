@@ -26,6 +26,7 @@ _LAZY = {
     "get_runtime": "twinkle.runtime:get_runtime",
     "current_runtime": "twinkle.runtime:current_runtime",
     "get_registry": "twinkle.runtime:get_registry",
+    "log_metrics": "twinkle.runtime:log_metrics",
     "Runtime": "twinkle.runtime:Runtime",
     "DeviceGroup": "twinkle.mesh:DeviceGroup",
     "DeviceMesh": "twinkle.mesh:DeviceMesh",

@@ -13,6 +13,9 @@ import importlib
 from twinkle._kinds import kind_packages
 from twinkle.hookspecs import hookimpl
 
+# The trackers' feed: core observes metrics through the same lifecycle hooks as any plugin.
+from twinkle.tracker.hooks import twinkle_metrics_emitted, twinkle_runtime_stopped  # noqa: F401
+
 
 def builtin_tables() -> dict[str, dict[str, dict[str, str]]]:
     """package -> kind -> name -> target."""
@@ -33,3 +36,8 @@ def twinkle_register_components(register) -> None:  # noqa: ANN001 - the hookspe
 def twinkle_register_launchers(register) -> None:  # noqa: ANN001
     for mode, target in builtin_tables()["twinkle.launcher"]["launcher"].items():
         register(mode, target)
+
+
+@hookimpl
+def twinkle_register_commands(register) -> None:  # noqa: ANN001
+    register("plot", "twinkle.plot:configure_parser", help="plot loss, lr, reward and throughput of runs")

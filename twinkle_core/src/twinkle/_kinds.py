@@ -213,6 +213,14 @@ KIND_TABLE: tuple[Kind, ...] = (
         "twinkle.dataloader",
         interface="`DataLoader(dataset, batch_size=..., ...)`: iterates lists of rows (one batch per step)",
     ),
+    Kind(
+        "tracker",
+        "twinkle.tracker",
+        "twinkle.tracker.base:Tracker",
+        interface="`Tracker(run_dir, **options)`; `log(source, step, metrics) -> None` per metrics emission "
+        "(fed by `twinkle_metrics_emitted`), `close()`; selected by `initialize(trackers=[...])` / "
+        "`TWINKLE_TRACKERS`",
+    ),
 )
 
 #: kind name -> record.

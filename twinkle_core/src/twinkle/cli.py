@@ -2,6 +2,8 @@
 
 ``twinkle plugins [--json]``   plugins, versions, hooks, components and load errors.
 ``twinkle plugins --check``    import every registered component; exit 1 if any is broken.
+``twinkle plot RUN_DIR...``    loss, lr, reward and throughput curves (PNG, or ``--text``).
+``twinkle export ...``         merge a LoRA into its base and save a Hugging Face checkpoint.
 Plugins add subcommands through the ``twinkle_register_commands`` hook (``twinkle serve``
 comes from the twinkle-server plugin); see :mod:`twinkle.commands`.
 """

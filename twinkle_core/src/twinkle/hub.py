@@ -141,8 +141,11 @@ def _resolve(model_id: Any, repo_type: str, revision: str | None, download_kwarg
             )
         hub = "ms"
     download = _modelscope_download if hub == "ms" else _huggingface_download
+    from twinkle.progress import library_bars
+
     try:
-        return download(repo, repo_type, revision, download_kwargs)
+        with library_bars(libraries=("huggingface_hub.utils",), import_missing=True):  # download bars (rate, ETA) on a terminal only
+            return download(repo, repo_type, revision, download_kwargs)
     except HubError:
         raise
     except Exception as exc:

@@ -11,6 +11,7 @@ import os
 import random
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from twinkle.mesh import DeviceGroup, DeviceMesh, MeshError
@@ -19,6 +20,7 @@ from twinkle.plugins import PluginSystem
 if TYPE_CHECKING:  # pragma: no cover
     from twinkle.launcher.base import Launcher
     from twinkle.registry import Registry
+    from twinkle.tracker.base import Tracker
 
 
 class _Current:
@@ -44,6 +46,12 @@ class Runtime:
     nproc_per_node: int | None = None
     seed: int | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    #: Where trackers write (created on first write); see :mod:`twinkle.tracker.runs`.
+    run_dir: Path | None = None
+    #: The trackers fed by ``twinkle_metrics_emitted`` (see ``docs/tracking.md``).
+    trackers: list[Tracker] = field(default_factory=list)
+    #: Lengths of the DataLoaders asked ``len()`` in this run (to spot a schedule sized in batches).
+    dataloader_lengths: set[int] = field(default_factory=set)
     launcher: Launcher = field(init=False, repr=False)
     _previous: Runtime | None = field(default=None, init=False, repr=False)
     _closed: bool = field(default=False, init=False, repr=False)
@@ -75,7 +83,7 @@ class Runtime:
         return obj
 
     def emit_metrics(self, source: str, metrics: Mapping[str, Any], step: int | None = None) -> None:
-        """Tell lifecycle plugins about new metrics (a plugin whose hook raises is warned about and skipped)."""
+        """Tell lifecycle plugins (and so the trackers) about new metrics (a plugin whose hook raises is warned about and skipped)."""
         self.plugins.notify("twinkle_metrics_emitted", runtime=self, source=source, step=step, metrics=metrics)
 
     def seed_torch(self) -> None:
@@ -132,6 +140,9 @@ def initialize(
     seed: int | None = None,
     *,
     plugins: PluginSystem | None = None,
+    run_dir: str | Path | None = None,
+    trackers: Sequence[Any] | str | None = None,
+    tracker_options: Mapping[str, Mapping[str, Any]] | None = None,
     **mode_options: Any,
 ) -> Runtime:
     """Load plugins, build the runtime for ``mode`` and make it current.
@@ -144,6 +155,13 @@ def initialize(
         nproc_per_node: processes per node (ray mode: GPUs/CPUs per node).
         seed: seeds Python's ``random`` now, and torch when a component first uses it.
         plugins: a prepared :class:`PluginSystem` (tests); default: discover entry points.
+        run_dir: the run's directory for trackers (default ``$TWINKLE_RUN_DIR``, else
+            ``./twinkle_runs/<timestamp>``); created when the first metric is written.
+        trackers: tracker names (kind ``tracker``: ``"jsonl"``, ``"tensorboard"``,
+            ``"wandb"``, ``"mlflow"``, or a plugin's) or Tracker objects; default
+            ``$TWINKLE_TRACKERS`` (comma-separated), else ``["jsonl"]``; ``[]`` turns tracking off.
+        tracker_options: per tracker name, keyword arguments for it
+            (``{"wandb": {"project": "sft"}}``).
         **mode_options: passed to the launcher (``address=`` for ray, ``base_url=`` and
             ``api_key=`` for http).
 
@@ -152,7 +170,8 @@ def initialize(
 
     Raises:
         ComponentNotFoundError: no launcher for ``mode`` (the message names the plugin
-            that provides it).
+            that provides it), or an unknown tracker name.
+        ImportError: a selected tracker's library is missing (the message names the install).
         MeshError: invalid groups or a mesh that does not fit the processes.
 
     Example::
@@ -175,6 +194,10 @@ def initialize(
         seed=seed,
         options=dict(mode_options),
     )
+    from twinkle.tracker.runs import open_trackers, resolve_run_dir
+
+    runtime.run_dir = resolve_run_dir(run_dir)
+    runtime.trackers = open_trackers(runtime, trackers, tracker_options)
     if seed is not None:
         random.seed(seed)
     runtime.launcher = launcher_cls(runtime, **mode_options)
@@ -184,6 +207,16 @@ def initialize(
         _current.runtime = runtime
     system.notify("twinkle_runtime_started", runtime=runtime)
     return runtime
+
+
+def log_metrics(metrics: Mapping[str, Any], step: int | None = None, source: str = "user") -> None:
+    """Report metrics of your own loop (rewards, eval scores) to the trackers and plugins.
+
+    Example::
+
+        twinkle.log_metrics({"reward": mean_reward, "kl": kl}, step=step, source="rl")
+    """
+    get_runtime().emit_metrics(source, metrics, step=step)
 
 
 def current_runtime() -> Runtime | None:

@@ -136,7 +136,13 @@ class DataLoader(Component):
         """
         if self.streaming:
             raise TypeError("a DataLoader over a streaming IterableDataset has no length; count steps yourself")
-        return len(self._batch_sizes(len(self.dataset)))
+        length = len(self._batch_sizes(len(self.dataset)))
+        from twinkle.runtime import current_runtime
+
+        runtime = current_runtime()
+        if runtime is not None:  # set_lr_scheduler warns when a schedule is sized in batches
+            runtime.dataloader_lengths.add(length)
+        return length
 
     @property
     def skipped_rows(self) -> int:

@@ -198,6 +198,13 @@ class DatasetBase(Component):
             kwargs["load_from_cache_file"] = load_from_cache_file
         return kwargs
 
+    def _map(self, part: Any, fn: Any, **kwargs: Any) -> Any:
+        """``part.map(fn, **kwargs)``; datasets' own bar (rate, ETA) draws only on a terminal."""
+        from twinkle.progress import library_bars
+
+        with library_bars():
+            return part.map(fn, **kwargs)
+
     def _count(self, part: Any) -> int | None:
         return None if self.streaming else len(part)
 
@@ -241,7 +248,8 @@ class DatasetBase(Component):
         for key in self._selected(dataset_meta):
             part = self.parts[key]
             before = self._count(part)
-            part = part.map(
+            part = self._map(
+                part,
                 _PreprocessFn(fn),
                 batched=True,
                 batch_size=batch_size,
@@ -383,7 +391,8 @@ class DatasetBase(Component):
         for key in self._selected(dataset_meta):
             part = self.parts[key]
             before = self._count(part)
-            part = part.map(
+            part = self._map(
+                part,
                 fn,
                 batched=True,
                 batch_size=batch_size,

@@ -582,6 +582,9 @@ class TransformersModel(TwinkleModel):
             raise ValueError("set_lr_scheduler: call set_optimizer(...) first; the scheduler drives its lr")
         factory = self._registry().resolve("lr_scheduler", scheduler_cls)
         state.lr_scheduler = factory(state.optimizer, **kwargs)
+        from twinkle.optim.schedulers import check_schedule_length
+
+        check_schedule_length(state.lr_scheduler, kwargs, state.gradient_accumulation_steps)
 
     @remote(dispatch="all", collect="first")
     def set_template(self, template_cls: Any, *, adapter_name: str | None = None, **kwargs: Any) -> None:
@@ -1022,7 +1025,9 @@ class TransformersModel(TwinkleModel):
     def calculate_metric(self, is_training: bool = True, *, adapter_name: str | None = None, **kwargs: Any) -> dict:
         """Metrics since the last call, then reset them; also emitted to lifecycle plugins.
 
-        Training: ``step``, ``loss`` (token-weighted), ``grad_norm`` (last step), ``lr``,
+        Training: ``step`` (= ``optimizer_step``, optimizer steps taken), ``micro_batches``
+        (forward_backward calls in total), ``lr_schedule_progress`` (optimizer steps / the
+        schedule's length, when it has one), ``loss`` (token-weighted), ``grad_norm`` (last step), ``lr``,
         ``tokens_per_s`` (non-padding input tokens over all ranks / wall time),
         ``token_acc`` and the adapter's added metrics. Evaluation (``is_training=False``):
         ``loss`` and metrics of the forward_only calls.
@@ -1031,6 +1036,7 @@ class TransformersModel(TwinkleModel):
 
             metric = model.calculate_metric(is_training=True)
         """
+        from twinkle.optim.schedulers import step_keys
         from twinkle.runtime import current_runtime
 
         state = self._state(adapter_name)
@@ -1040,7 +1046,7 @@ class TransformersModel(TwinkleModel):
             if self.world_size > 1:
                 loss_sum, loss_tokens, input_tokens = self._all_reduce_floats([loss_sum, loss_tokens, input_tokens])
             elapsed = time.perf_counter() - state.report_started if state.report_started else 0.0
-            result: dict[str, Any] = {"step": state.global_step}
+            result: dict[str, Any] = {"step": state.global_step, **step_keys(state)}
             if loss_tokens:
                 result["loss"] = loss_sum / loss_tokens
             if state.last_grad_norm is not None:
@@ -1057,7 +1063,7 @@ class TransformersModel(TwinkleModel):
                 result.update(metric.compute())
         else:
             report = state.eval_report
-            result = {"step": state.global_step}
+            result = {"step": state.global_step, **step_keys(state)}
             if report["loss_tokens"]:
                 result["loss"] = report["loss_sum"] / report["loss_tokens"]
             for metric in state.eval_metrics:
