@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 
 import pytest
-
 from twinkle.progress import QuietBar, enabled, library_bars, progress
 
 

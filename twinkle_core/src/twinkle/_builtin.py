@@ -41,3 +41,8 @@ def twinkle_register_launchers(register) -> None:  # noqa: ANN001
 @hookimpl
 def twinkle_register_commands(register) -> None:  # noqa: ANN001
     register("plot", "twinkle.plot:configure_parser", help="plot loss, lr, reward and throughput of runs")
+    register(
+        "export",
+        "twinkle.model.export:configure_parser",
+        help="merge a LoRA into its base as a Hugging Face checkpoint (optionally push it to a hub)",
+    )

@@ -1212,6 +1212,29 @@ class TransformersModel(TwinkleModel):
         self._barrier()
         return str(target)
 
+    @remote(dispatch="all", collect="first")
+    def export(
+        self,
+        output_dir: str | os.PathLike,
+        *,
+        dtype: Any = "bfloat16",
+        merge: bool = True,
+        adapter_name: str | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """A Hugging Face checkpoint that plain transformers and vLLM load: the LoRA merged into
+        its base (``merge=True``), or the adapter alone; weights in ``dtype``. The live model is
+        unchanged. See :func:`twinkle.model.export.export_model` (``save_tokenizer``,
+        ``max_shard_size``, ``overwrite``) and ``push_to_hub`` there.
+
+        Example::
+
+            model.export("exported", dtype="bfloat16")
+        """
+        from twinkle.model.export import export_model
+
+        return export_model(self, output_dir, dtype=dtype, merge=merge, adapter_name=adapter_name, **kwargs)
+
     def _optimizer_state(self, state: AdapterState) -> dict[str, Any]:
         if self.world_size > 1 and self.device_mesh.fsdp > 1:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
