@@ -150,6 +150,16 @@ from twinkle.template import (
     Template,
     TemplateError,
 )
+from twinkle.tracker import (
+    JsonlTracker,
+    MLflowTracker,
+    TensorBoardTracker,
+    Tracker,
+    WandbTracker,
+    read_metrics,
+    resolve_run_dir,
+    tracker_names,
+)
 
 
 def kinds_resolve() -> list[object]:
@@ -201,6 +211,10 @@ def kinds_resolve() -> list[object]:
     chatglm3template: type[Template] = ChatGLM3Template
     glm4template: type[Template] = GLM4Template
     internlm2template: type[Template] = InternLM2Template
+    jsonltracker: type[Tracker] = JsonlTracker
+    tensorboardtracker: type[Tracker] = TensorBoardTracker
+    wandbtracker: type[Tracker] = WandbTracker
+    mlflowtracker: type[Tracker] = MLflowTracker
     return [
         grpoadvantage,
         rlooadvantage,
@@ -249,6 +263,10 @@ def kinds_resolve() -> list[object]:
         chatglm3template,
         glm4template,
         internlm2template,
+        jsonltracker,
+        tensorboardtracker,
+        wandbtracker,
+        mlflowtracker,
     ]
 
 
@@ -364,4 +382,12 @@ PUBLIC_NAMES: list[object] = [
     SequenceTooLongError,
     Template,
     TemplateError,
+    JsonlTracker,
+    MLflowTracker,
+    TensorBoardTracker,
+    Tracker,
+    WandbTracker,
+    read_metrics,
+    resolve_run_dir,
+    tracker_names,
 ]

@@ -217,6 +217,7 @@ KIND_TABLE: tuple[Kind, ...] = (
         "tracker",
         "twinkle.tracker",
         "twinkle.tracker.base:Tracker",
+        importable=False,  # names are 'jsonl', 'wandb'...: the submodules of twinkle.tracker; classes are exported
         interface="`Tracker(run_dir, **options)`; `log(source, step, metrics) -> None` per metrics emission "
         "(fed by `twinkle_metrics_emitted`), `close()`; selected by `initialize(trackers=[...])` / "
         "`TWINKLE_TRACKERS`",

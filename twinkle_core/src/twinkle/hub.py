@@ -144,7 +144,8 @@ def _resolve(model_id: Any, repo_type: str, revision: str | None, download_kwarg
     from twinkle.progress import library_bars
 
     try:
-        with library_bars(libraries=("huggingface_hub.utils",), import_missing=True):  # download bars (rate, ETA) on a terminal only
+        # huggingface_hub's download bars (rate, ETA) on a terminal only
+        with library_bars(libraries=("huggingface_hub.utils",), import_missing=True):
             return download(repo, repo_type, revision, download_kwargs)
     except HubError:
         raise

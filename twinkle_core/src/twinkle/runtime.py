@@ -83,7 +83,9 @@ class Runtime:
         return obj
 
     def emit_metrics(self, source: str, metrics: Mapping[str, Any], step: int | None = None) -> None:
-        """Tell lifecycle plugins (and so the trackers) about new metrics (a plugin whose hook raises is warned about and skipped)."""
+        """Tell lifecycle plugins (and so the trackers) about new metrics.
+
+        A plugin whose hook raises is warned about and skipped."""
         self.plugins.notify("twinkle_metrics_emitted", runtime=self, source=source, step=step, metrics=metrics)
 
     def seed_torch(self) -> None:
