@@ -164,3 +164,29 @@ def test_import_twinkle_tracker_stays_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
     assert Path(twinkle.tracker.__file__).exists()
+
+
+def test_http_client_metrics_reach_the_local_trackers(tmp_path):
+    """In http mode calculate_metric runs on the server; its result is tracked in the client's run too."""
+    from twinkle.client.codec import encode
+    from twinkle.client.proxy import RemoteComponent
+    from twinkle.dispatch import remote
+
+    class Model:
+        @remote(dispatch="all", collect="first")
+        def calculate_metric(self, is_training=True, *, adapter_name=None):
+            """server side"""
+
+    class Session:
+        base_url = "http://server"
+
+        def request(self, method, path, json=None):
+            return {"result": encode({"step": 4, "optimizer_step": 4, "micro_batches": 8, "loss": 1.25})}
+
+    with twinkle.initialize(run_dir=tmp_path) as _runtime:
+        proxy = RemoteComponent(Session(), Model, "obj-1")
+        assert proxy.calculate_metric(is_training=True, adapter_name="tenant")["loss"] == 1.25
+        proxy.calculate_metric(False)
+    records = read_metrics(tmp_path)
+    assert [(r["source"], r["step"]) for r in records] == [("train/tenant", 4), ("eval", 4)]
+    assert records[0]["metrics"]["micro_batches"] == 8

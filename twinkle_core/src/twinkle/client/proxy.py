@@ -47,7 +47,10 @@ class RemoteComponent:
         def call(*args: Any, **kwargs: Any) -> Any:
             body = {"method": name, "args": encode(list(args)), "kwargs": encode(kwargs)}
             result = self._session.request("POST", f"/twinkle/v1/objects/{self._object_id}/call", json=body)
-            return decode(result["result"])
+            value = decode(result["result"])
+            if name == "calculate_metric" and isinstance(value, dict):
+                _emit_locally(args, kwargs, value)
+            return value
 
         call.__name__ = name
         call.__doc__ = getattr(getattr(self._cls, name, None), "__doc__", None)
@@ -62,3 +65,18 @@ class RemoteComponent:
     def close(self) -> None:
         """Release the server-side object (and its adapters)."""
         self._session.request("DELETE", f"/twinkle/v1/objects/{self._object_id}")
+
+
+def _emit_locally(args: tuple, kwargs: dict, metrics: dict) -> None:
+    """A server-side model's metrics reach this process's trackers too (its run directory, its plugins)."""
+    from twinkle.runtime import current_runtime
+
+    runtime = current_runtime()
+    if runtime is None:
+        return
+    is_training = kwargs.get("is_training", args[0] if args else True)
+    source = "train" if is_training else "eval"
+    if kwargs.get("adapter_name"):
+        source = f"{source}/{kwargs['adapter_name']}"
+    step = metrics.get("optimizer_step", metrics.get("step"))
+    runtime.emit_metrics(source, metrics, step=step if isinstance(step, int) else None)
