@@ -79,6 +79,8 @@ def main(
             margin, acc = evaluate()
             margins.append(margin)
             accuracy.append(acc)
+            # to the run's trackers (metrics.jsonl; `twinkle plot --text RUN_DIR` summarizes it)
+            twinkle.log_metrics({"reward_margin": margin, "accuracy": acc}, step=step, source="eval")
             if verbose:
                 print(f"step {step:3d}  reward margin over all pairs {margin:+.4f}  accuracy {acc:.2f}")
         if step == steps:
@@ -87,6 +89,7 @@ def main(
         batch = [row for k in chosen for row in (rows[2 * k], rows[2 * k + 1])]  # pairs stay together
         out = model.forward_backward(inputs=batch)
         model.clip_grad_and_step(max_grad_norm=1.0)
+        twinkle.log_metrics({"loss": out["loss"], "reward_margin": out["reward_margin"]}, step=step + 1, source="train")
         if verbose:
             print(f"step {step:3d}  loss {out['loss']:.4f}  batch margin {out['reward_margin']:+.4f}")
     twinkle.shutdown()

@@ -33,6 +33,7 @@ from twinkle.checkpoint_engine import LocalCheckpointEngine
 from twinkle.data_format import SamplingParams
 from twinkle.data_format.sampling import build_input_feature
 from twinkle.model import TransformersModel
+from twinkle.progress import progress
 from twinkle.reward import Reward
 from twinkle.sampler import TorchSampler
 
@@ -103,7 +104,8 @@ def main(
     curve: list[float] = []
     sync_seconds: list[float] = []
     started = time.perf_counter()
-    for step in range(steps):
+    bar = progress(range(steps), desc="grpo", unit="step")  # rate and ETA on a terminal only
+    for step in bar:
         batch = problems(tokenizer)  # every problem, every step
         responses = sampler.sample(batch, SamplingParams(**params, seed=seed * 100_000 + step), adapter_name="default")
         # the group_size samples of one prompt are contiguous: [p0s0, p0s1, ..., p1s0, ...]
@@ -117,8 +119,12 @@ def main(
         model.clip_grad_and_step(max_grad_norm=1.0)
         sync_seconds.append(engine.sync(model, sampler, adapter_name="default")["sync_seconds"])
         curve.append(sum(rewards) / len(rewards))
+        # to the run's trackers (metrics.jsonl; `twinkle plot` draws the reward curve)
+        rl_metrics = {"reward": curve[-1], "loss": out["loss"], "kl": out.get("kl", 0.0), "sync_s": sync_seconds[-1]}
+        twinkle.log_metrics(rl_metrics, step=step + 1, source="rl")
         if verbose:
-            print(f"step {step:3d}  mean reward {curve[-1]:.3f}  loss {out['loss']:+.4f}  kl {out.get('kl', 0.0):.4f}")
+            kl = rl_metrics["kl"]
+            bar.write(f"step {step:3d}  mean reward {curve[-1]:.3f}  loss {out['loss']:+.4f}  kl {kl:.4f}")
     elapsed = time.perf_counter() - started
     twinkle.shutdown()
     window = max(1, steps // 5)

@@ -66,3 +66,20 @@ def test_no_warning_without_accumulation_or_an_unrelated_length(tiny_model_dir, 
         assert warned == []
         warned, _, _ = _train(tiny_model_dir, lambda n: 2 * n)  # two epochs' worth of optimizer steps
         assert warned == []
+
+
+def test_mfu_where_the_peak_is_known(tiny_model_dir, tmp_path, monkeypatch):
+    from twinkle.model.mfu import flops_per_token
+
+    with twinkle.initialize(run_dir=tmp_path):
+        _, metrics, model = _train(tiny_model_dir, lambda n: n // 2)
+        assert "mfu" not in metrics[-1]  # CPU: no known peak
+        monkeypatch.setenv("TWINKLE_PEAK_TFLOPS", "0.001")  # 1 GFLOP/s
+        model.forward_backward(inputs=make_rows(2))
+        metric = model.calculate_metric(is_training=True)
+    hf = model._hf_model()
+    assert hf.get_output_embeddings().weight is hf.get_input_embeddings().weight  # tied: the head's matmul counts
+    n = sum(p.numel() for name, p in hf.named_parameters() if ".lora_" not in name)
+    assert flops_per_token(hf, lora=False) == 6 * n
+    # the tiny model trains all parameters here (no adapter): 6 N FLOPs per token
+    assert metric["mfu"] == pytest.approx(metric["tokens_per_s"] * 6 * n / 1e9, rel=1e-12)

@@ -1028,6 +1028,7 @@ class TransformersModel(TwinkleModel):
         Training: ``step`` (= ``optimizer_step``, optimizer steps taken), ``micro_batches``
         (forward_backward calls in total), ``lr_schedule_progress`` (optimizer steps / the
         schedule's length, when it has one), ``loss`` (token-weighted), ``grad_norm`` (last step), ``lr``,
+        ``mfu`` (where the device's peak is known, :mod:`twinkle.model.mfu`),
         ``tokens_per_s`` (non-padding input tokens over all ranks / wall time),
         ``token_acc`` and the adapter's added metrics. Evaluation (``is_training=False``):
         ``loss`` and metrics of the forward_only calls.
@@ -1056,6 +1057,12 @@ class TransformersModel(TwinkleModel):
                 result["lr"] = lr
             if elapsed > 0:
                 result["tokens_per_s"] = input_tokens / elapsed
+                from twinkle.model.mfu import mfu
+
+                lora = state.name != FULL_MODEL
+                value = mfu(self._hf_model(), lora, result["tokens_per_s"], self.world_size, self.device)
+                if value is not None:  # a known accelerator peak (or TWINKLE_PEAK_TFLOPS)
+                    result["mfu"] = value
             for key in [k for k in report if k.startswith("extra:")]:
                 name = key[len("extra:") :]
                 result[name] = report[key] / report[f"extra_n:{name}"]
