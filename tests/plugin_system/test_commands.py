@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+
 from conftest import run_python, write_dist
 
 HELLO = {
@@ -87,7 +89,9 @@ def test_collisions_and_a_raising_hook_are_skipped_with_warnings_naming_both(tmp
     result = run_python(code, site=site)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0] == "['bad', 'hello', 'serve'] hello" or lines[0] == "['bad', 'hello'] hello"
+    listed, owner = lines[0].rsplit(" ", 1)
+    # core's own plot and export come through the same hook; serve when twinkle-server is installed
+    assert owner == "hello" and set(ast.literal_eval(listed)) - {"serve"} == {"bad", "hello", "plot", "export"}
     warned = "\n".join(lines[1:])
     assert "'hello' registers the command 'plugins', which core already has" in warned
     assert "'late' registers the command 'hello', which plugin 'hello' already has" in warned
