@@ -318,16 +318,27 @@ class ServerState:
 
     # -- checkpoints -------------------------------------------------------------------
     def save_checkpoint(
-        self, tenant: Tenant, run_id: str, kind: str, name: str, *, metadata: dict[str, Any] | None
+        self,
+        tenant: Tenant,
+        run_id: str,
+        kind: str,
+        name: str,
+        *,
+        metadata: dict[str, Any] | None,
+        ttl_seconds: float | None = None,
     ) -> ckpt.TinkerPath:
-        """(Worker) write the run's adapter (+ optimizer for ``training``) atomically and record it."""
+        """(Worker) write the run's adapter (+ optimizer for ``training``) atomically and record it.
+
+        ``ttl_seconds``: the checkpoint expires (is deleted) that long after this save; ``None``: never.
+        """
         slot = self.loaded_slot(tenant, run_id)
         dest = ckpt.checkpoint_dir(self.config.checkpoint_root, tenant.id, run_id, kind, name)
         with ckpt.atomic_directory(dest) as tmp:
             size = self.engine.save_slot(slot, tmp, optimizer=kind == "training", base_model=self.config.model_name)
-        self.store.put_checkpoint(
-            CheckpointRow(tenant.id, run_id, kind, name, time.time(), size, metadata, kind == "training")
-        )
+        now = time.time()
+        self.store.put_checkpoint(CheckpointRow(tenant.id, run_id, kind, name, now, size, metadata, kind == "training"))
+        expires = None if ttl_seconds is None else now + ttl_seconds
+        self.store.set_checkpoint_expiry(tenant.id, run_id, kind, name, expires)
         with self._lock:
             stale = self.sampler_slots.pop(self._sampler_key(tenant.id, run_id, kind, name), None)
             if stale is not None:
@@ -342,6 +353,7 @@ class ServerState:
             NotFound: no such checkpoint of this tenant.
         """
         parsed = ckpt.parse_tinker_path(path)
+        self.expire_checkpoints()
         row = self.store.checkpoint(tenant.id, parsed.run_id, parsed.kind, parsed.name)
         if row is None:
             raise NotFound(f"checkpoint {path} not found")
@@ -350,6 +362,16 @@ class ServerState:
     def checkpoint_files(self, tenant: Tenant, parsed: ckpt.TinkerPath) -> Any:
         """The directory of a resolved checkpoint."""
         return ckpt.checkpoint_dir(self.config.checkpoint_root, tenant.id, parsed.run_id, parsed.kind, parsed.name)
+
+    def expire_checkpoints(self, now: float | None = None) -> int:
+        """Delete every checkpoint whose TTL has passed (files, metadata, cached sampler); returns how many."""
+        expired = self.store.expired_checkpoints(time.time() if now is None else now)
+        for tenant_id, run_id, kind, name in expired:
+            ckpt.remove_directory(ckpt.checkpoint_dir(self.config.checkpoint_root, tenant_id, run_id, kind, name))
+            self.store.delete_checkpoint(tenant_id, run_id, kind, name)
+            key = self._sampler_key(tenant_id, run_id, kind, name)
+            self.scheduler.call_soon(lambda key=key: self._free_sampler(key))
+        return len(expired)
 
     def delete_checkpoint(self, tenant: Tenant, run_id: str, kind: str, name: str) -> None:
         """Delete a checkpoint of this tenant (files and metadata).

@@ -73,6 +73,14 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     has_optimizer INTEGER NOT NULL,
     PRIMARY KEY (run_id, kind, name)
 );
+CREATE TABLE IF NOT EXISTS checkpoint_expiry (
+    tenant_id TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    name TEXT NOT NULL,
+    expires REAL NOT NULL,
+    PRIMARY KEY (run_id, kind, name)
+);
 CREATE TABLE IF NOT EXISTS sampling_sessions (
     id TEXT PRIMARY KEY,
     tenant_id TEXT NOT NULL,
@@ -394,8 +402,32 @@ class Store:
         rows = self._rows(sql + " ORDER BY created LIMIT ? OFFSET ?", args + (limit, offset))
         return [self._ckpt(r) for r in rows]
 
+    def set_checkpoint_expiry(self, tenant_id: str, run_id: str, kind: str, name: str, expires: float | None) -> None:
+        """Set (epoch seconds) or clear (``None``) a checkpoint's expiry."""
+        if expires is None:
+            self._exec(
+                "DELETE FROM checkpoint_expiry WHERE tenant_id = ? AND run_id = ? AND kind = ? AND name = ?",
+                (tenant_id, run_id, kind, name),
+            )
+        else:
+            self._exec(
+                "INSERT OR REPLACE INTO checkpoint_expiry VALUES (?, ?, ?, ?, ?)",
+                (tenant_id, run_id, kind, name, float(expires)),
+            )
+
+    def checkpoint_expiries(self, tenant_id: str) -> dict[tuple[str, str, str], float]:
+        """``(run_id, kind, name) -> expiry`` of the tenant's checkpoints that have a TTL."""
+        rows = self._rows("SELECT run_id, kind, name, expires FROM checkpoint_expiry WHERE tenant_id = ?", (tenant_id,))
+        return {(r[0], r[1], r[2]): r[3] for r in rows}
+
+    def expired_checkpoints(self, now: float) -> list[tuple[str, str, str, str]]:
+        """``(tenant_id, run_id, kind, name)`` of every checkpoint whose expiry has passed."""
+        rows = self._rows("SELECT tenant_id, run_id, kind, name FROM checkpoint_expiry WHERE expires <= ?", (now,))
+        return [(r[0], r[1], r[2], r[3]) for r in rows]
+
     def delete_checkpoint(self, tenant_id: str, run_id: str, kind: str, name: str) -> bool:
         """Delete a checkpoint's metadata; False when the tenant has no such checkpoint."""
+        self.set_checkpoint_expiry(tenant_id, run_id, kind, name, None)
         cur = self._exec(
             "DELETE FROM checkpoints WHERE tenant_id = ? AND run_id = ? AND kind = ? AND name = ?",
             (tenant_id, run_id, kind, name),

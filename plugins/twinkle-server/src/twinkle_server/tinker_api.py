@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import time
 import uuid
 from datetime import datetime, timezone
 from typing import Any, Literal, Optional, Union
@@ -205,7 +206,7 @@ def _bad(message: str) -> HTTPException:
     return HTTPException(400, message)
 
 
-def _checkpoint_json(row: CheckpointRow) -> dict[str, Any]:
+def _checkpoint_json(row: CheckpointRow, expires: float | None = None) -> dict[str, Any]:
     path = ckpt.TinkerPath(row.run_id, row.kind, row.name)
     return {
         "checkpoint_id": path.checkpoint_id,
@@ -215,14 +216,22 @@ def _checkpoint_json(row: CheckpointRow) -> dict[str, Any]:
         "size_bytes": row.size_bytes,
         "public": False,
         "user_metadata": _str_dict(row.user_metadata),
-        "expires_at": None,
+        "expires_at": _iso(expires) if expires is not None else None,
     }
 
 
+def _checkpoints_json(state: ServerState, tenant: Tenant, rows: list[CheckpointRow]) -> list[dict[str, Any]]:
+    """Listed checkpoints with their expiry (expired ones were deleted before listing)."""
+    expiries = state.store.checkpoint_expiries(tenant.id)
+    return [_checkpoint_json(r, expiries.get((r.run_id, r.kind, r.name))) for r in rows]
+
+
 def _run_json(state: ServerState, tenant: Tenant, run: Run) -> dict[str, Any]:
+    state.expire_checkpoints()
     rows = state.store.checkpoints(tenant.id, run.id)
-    training = [r for r in rows if r.kind == "training"]
-    sampler = [r for r in rows if r.kind == "sampler"]
+    listed = _checkpoints_json(state, tenant, rows)
+    training = [c for r, c in zip(rows, listed) if r.kind == "training"]
+    sampler = [c for r, c in zip(rows, listed) if r.kind == "sampler"]
     return {
         "training_run_id": run.id,
         "base_model": run.base_model,
@@ -231,8 +240,8 @@ def _run_json(state: ServerState, tenant: Tenant, run: Run) -> dict[str, Any]:
         "corrupted": False,
         "lora_rank": run.lora["rank"],
         "last_request_time": _iso(run.last_request),
-        "last_checkpoint": _checkpoint_json(training[-1]) if training else None,
-        "last_sampler_checkpoint": _checkpoint_json(sampler[-1]) if sampler else None,
+        "last_checkpoint": training[-1] if training else None,
+        "last_sampler_checkpoint": sampler[-1] if sampler else None,
         "user_metadata": _str_dict(run.user_metadata),
     }
 
@@ -545,9 +554,16 @@ def optim_step(
     )
 
 
-def _reject_ttl(body: SaveWeightsBody) -> None:
-    if body.ttl_seconds is not None:
-        raise _bad("checkpoint TTLs are not supported by this server; omit ttl_seconds and delete checkpoints instead")
+#: Tinker's accepted checkpoint TTLs: one hour to ten years.
+TTL_RANGE_S = (3600, 10 * 365 * 24 * 3600)
+
+
+def _check_ttl(ttl_seconds: int | None) -> None:
+    if ttl_seconds is not None and not TTL_RANGE_S[0] <= ttl_seconds <= TTL_RANGE_S[1]:
+        raise _bad(
+            f"ttl_seconds must be between {TTL_RANGE_S[0]} (1 hour) and {TTL_RANGE_S[1]} (10 years), "
+            f"got {ttl_seconds}; None means no expiry"
+        )
 
 
 @router.post("/save_weights")
@@ -557,13 +573,16 @@ def save_weights(
     """Save adapter + optimizer as ``tinker://<run>/weights/<path>`` (atomically)."""
     _run_or_404(state, tenant, body.model_id)
     name = _check_name(body.path)
-    _reject_ttl(body)
+    _check_ttl(body.ttl_seconds)
+    state.expire_checkpoints()
     if not body.overwrite and state.store.checkpoint(tenant.id, body.model_id, "training", name) is not None:
         raise _bad(f"checkpoint weights/{name} exists; pass overwrite=True or choose another name")
     state.charge(tenant)
 
     def run() -> tuple[str, bytes]:
-        path = state.save_checkpoint(tenant, body.model_id, "training", name, metadata=body.user_metadata)
+        path = state.save_checkpoint(
+            tenant, body.model_id, "training", name, metadata=body.user_metadata, ttl_seconds=body.ttl_seconds
+        )
         return _json({"path": str(path), "type": "save_weights"})
 
     return _future(
@@ -577,7 +596,7 @@ def save_weights_for_sampler(
 ) -> Any:
     """Save sampler weights by name, or (no name) snapshot them into a new sampling session."""
     run = _run_or_404(state, tenant, body.model_id)
-    _reject_ttl(body)
+    _check_ttl(body.ttl_seconds)
     if body.kind != "snapshot":
         raise _bad(f"sampling client kind {body.kind!r} is not supported; use kind='snapshot'")
     state.charge(tenant)
@@ -585,7 +604,9 @@ def save_weights_for_sampler(
         name = _check_name(body.path)
 
         def run_named() -> tuple[str, bytes]:
-            path = state.save_checkpoint(tenant, body.model_id, "sampler", name, metadata=body.user_metadata)
+            path = state.save_checkpoint(
+                tenant, body.model_id, "sampler", name, metadata=body.user_metadata, ttl_seconds=body.ttl_seconds
+            )
             return _json({"path": str(path), "type": "save_weights_for_sampler"})
 
         fid = state.submit(
@@ -849,7 +870,8 @@ def list_checkpoints(
 ) -> Any:
     """A run's checkpoints, oldest first."""
     _run_or_404(state, tenant, run_id)
-    return {"checkpoints": [_checkpoint_json(r) for r in state.store.checkpoints(tenant.id, run_id)], "cursor": None}
+    state.expire_checkpoints()
+    return {"checkpoints": _checkpoints_json(state, tenant, state.store.checkpoints(tenant.id, run_id)), "cursor": None}
 
 
 @router.delete("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}", status_code=204)
@@ -869,6 +891,30 @@ def delete_checkpoint(
     return Response(status_code=204)
 
 
+class CheckpointTtlBody(_Body):
+    ttl_seconds: Optional[int] = None
+
+
+@router.put("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/ttl", status_code=204)
+def set_checkpoint_ttl(
+    run_id: str,
+    checkpoint_id: str,
+    body: CheckpointTtlBody,
+    state: ServerState = Depends(current_state),
+    tenant: Tenant = Depends(current_tenant),
+) -> Response:
+    """Set a checkpoint to expire ``ttl_seconds`` from now, or (``None``) never."""
+    kind, name = ckpt.parse_checkpoint_id(checkpoint_id)
+    _run_or_404(state, tenant, run_id)
+    _check_ttl(body.ttl_seconds)
+    state.expire_checkpoints()
+    if state.store.checkpoint(tenant.id, run_id, kind, name) is None:
+        raise HTTPException(404, f"checkpoint {checkpoint_id} of {run_id} not found")
+    expires = None if body.ttl_seconds is None else time.time() + body.ttl_seconds
+    state.store.set_checkpoint_expiry(tenant.id, run_id, kind, name, expires)
+    return Response(status_code=204)
+
+
 @router.get("/checkpoints")
 def list_user_checkpoints(
     limit: int = 100,
@@ -878,10 +924,11 @@ def list_user_checkpoints(
 ) -> Any:
     """All of the tenant's checkpoints."""
     limit, offset = max(0, min(limit, 1000)), max(0, offset)
+    state.expire_checkpoints()
     rows = state.store.checkpoints(tenant.id, None, limit, offset)
     total = len(state.store.checkpoints(tenant.id))
     return {
-        "checkpoints": [_checkpoint_json(r) for r in rows],
+        "checkpoints": _checkpoints_json(state, tenant, rows),
         "cursor": {"offset": offset, "limit": limit, "total_count": total},
     }
 
