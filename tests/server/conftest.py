@@ -100,3 +100,16 @@ def tiny_tokenizer() -> Any:
 
 def repo_root() -> Path:
     return Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def small_pool_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """A server of its own with a pool of 4 LoRA slots (eviction tests); its engine is built from the config."""
+    from twinkle_server.config import ServerConfig
+
+    config = ServerConfig(
+        state_dir=tmp_path_factory.mktemp("small-pool"), max_adapters=4, max_rank=8, long_poll_s=2.0, device="cpu"
+    )
+    running = start_server(config)
+    yield running
+    running.stop()

@@ -87,9 +87,7 @@ def test_tinker_loss_config_is_checked():
         TinkerLoss("stable_reinforce", kl_coeff=-1.0)
     with pytest.raises(LossConfigError, match="not supported for 'gspo'"):
         TinkerLoss("gspo", beta=1.0)
-    assert set(LOSSES) == {
-        "cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "gspo", "stable_reinforce"
-    }
+    assert set(LOSSES) == {"cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "gspo", "stable_reinforce"}
 
 
 def _gspo_by_hand(lps, qs, advs, mask, lo, hi):
@@ -127,8 +125,9 @@ def test_gspo_equals_tinkers_documented_formula_in_value_and_gradient(shift):
     assert logp.grad.tolist() == pytest.approx(grads, rel=1e-12)
     assert out["logprobs"] is logp
     # without a mask every token is in the ratio
-    loss_all, _ = LOSSES["gspo"](logp.detach(), {k: v for k, v in inputs.items() if k != "sequence_ratio_mask"},
-                                 check_loss("gspo", {}))
+    loss_all, _ = LOSSES["gspo"](
+        logp.detach(), {k: v for k, v in inputs.items() if k != "sequence_ratio_mask"}, check_loss("gspo", {})
+    )
     assert loss_all.item() == pytest.approx(_gspo_by_hand(lps, qs, advs, [1, 1, 1, 1], 0.8, 1.2)[0], rel=1e-12)
 
 
@@ -164,14 +163,17 @@ def test_gspo_component_takes_one_ratio_per_row():
     gen = torch.Generator().manual_seed(0)
     logps = model.forward_only(rows)["logps"]
     # sampler logprobs near the model's so some rows fall inside the clip range, others outside
-    olds = [[lp + 0.3 * (float(torch.rand(1, generator=gen)) - 0.5) * (i + 1) for lp in row_lps]
-            for i, row_lps in enumerate(logps)]
+    olds = [
+        [lp + 0.3 * (float(torch.rand(1, generator=gen)) - 0.5) * (i + 1) for lp in row_lps]
+        for i, row_lps in enumerate(logps)
+    ]
     advs = [0.5, -1.0, 2.0]
     want = 0.0
     for r, row in enumerate(rows):
         ts = [t for t in range(1, len(row["input_ids"])) if row["labels"][t] != -100]
-        want += _gspo_by_hand([logps[r][t] for t in ts], [olds[r][t] for t in ts], [advs[r]] * len(ts),
-                              [1] * len(ts), 0.8, 1.2)[0]
+        want += _gspo_by_hand(
+            [logps[r][t] for t in ts], [olds[r][t] for t in ts], [advs[r]] * len(ts), [1] * len(ts), 0.8, 1.2
+        )[0]
     model.set_loss("TinkerLoss", loss_fn="gspo", normalize=False)
     out = model.forward_backward(rows, logprobs=olds, advantages=advs)
     assert out["loss"] == pytest.approx(want, rel=1e-5, abs=1e-4)

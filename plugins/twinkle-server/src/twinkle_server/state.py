@@ -108,6 +108,10 @@ def lora_targets(train_attn: bool, train_mlp: bool, train_unembed: bool) -> tupl
     return tuple(chosen)
 
 
+#: A session that has not heartbeated for this long no longer protects its snapshots from eviction.
+SNAPSHOT_SESSION_IDLE_S = 300.0
+
+
 class ServerState:
     """Store + engine + scheduler, and the shared operations.
 
@@ -144,6 +148,8 @@ class ServerState:
         #: sampling session id -> snapshot slot (save_weights_and_get_sampling_client).
         self.snapshot_slots: dict[str, int] = {}
         self._snapshots_by_run: dict[str, list[str]] = {}
+        #: snapshot sampler id -> (tenant id, session id, last use): who references it, how recently.
+        self._snapshot_refs: dict[str, tuple[str, str, float]] = {}
         #: sampled sequences recorded for stable_reinforce (record_stability_info=True).
         self.stability = StabilityRecords()
         self._lock = threading.RLock()
@@ -262,13 +268,42 @@ class ServerState:
             )
 
     def _make_room(self) -> None:
+        """Free a slot when the pool is full: a cached checkpoint sampler first (reloadable from disk),
+        then the snapshot least worth keeping (see :meth:`_snapshot_victim`)."""
         while self.engine.free_slots <= 0 and (self.sampler_slots or self.snapshot_slots):
             if self.sampler_slots:
                 _, slot = self.sampler_slots.popitem(last=False)
             else:
-                sampler_id = next(iter(self.snapshot_slots))
+                sampler_id = self._snapshot_victim()
                 slot = self.snapshot_slots.pop(sampler_id)
+                self._snapshot_refs.pop(sampler_id, None)
             self.engine.free_slot(slot)
+
+    def _snapshot_victim(self) -> str:
+        """The snapshot to evict: unreferenced ones first (their session finished or stopped heartbeating
+        for ``SNAPSHOT_SESSION_IDLE_S``), then the least recently used. The SDK never says that a sampling
+        client was dropped, so a live session's snapshots stay evictable as a last resort, least recently
+        sampled first: a sampler used every step (DPO's reference) outlives one-off evaluation snapshots."""
+        now = time.time()
+
+        def rank(sampler_id: str) -> tuple[int, float]:
+            tenant_id, session_id, last_use = self._snapshot_refs.get(sampler_id, ("", "", 0.0))
+            session = self.store.session(tenant_id, session_id) if session_id else None
+            live = (
+                session is not None
+                and not session["finished"]
+                and now - session["last_heartbeat"] < SNAPSHOT_SESSION_IDLE_S
+            )
+            return (1 if live else 0, last_use)
+
+        return min(self.snapshot_slots, key=rank)
+
+    def touch_snapshot(self, sampler_id: str) -> None:
+        """Record a use of a snapshot sampler (its eviction rank is by last use)."""
+        with self._lock:
+            ref = self._snapshot_refs.get(sampler_id)
+            if ref is not None:
+                self._snapshot_refs[sampler_id] = (ref[0], ref[1], time.monotonic())
 
     def create_run_slot(self, tenant: Tenant, run_id: str, lora: dict[str, Any]) -> Payload:
         """(Worker) allocate the run's adapter."""
@@ -418,8 +453,14 @@ class ServerState:
             self.sampler_slots[key] = slot
             return slot
 
-    def snapshot(self, tenant: Tenant, run_id: str, sampler_id: str, keep: int = 2) -> None:
-        """(Worker) copy a run's current adapter into a sampling-only slot for ``sampler_id``."""
+    def snapshot(
+        self, tenant: Tenant, run_id: str, sampler_id: str, keep: int | None = None, session_id: str = ""
+    ) -> None:
+        """(Worker) copy a run's current adapter into a sampling-only slot for ``sampler_id``.
+
+        Snapshots stay until the pool needs their slot (:meth:`_make_room`) or their run is freed;
+        ``keep`` (default: no limit) caps a run's snapshots, oldest dropped first.
+        """
         import torch
 
         slot = self.engine.slot(self.loaded_slot(tenant, run_id))
@@ -432,9 +473,11 @@ class ServerState:
                     new.params[name][0].copy_(a)
                     new.params[name][1].copy_(b)
             self.snapshot_slots[sampler_id] = new_id
+            self._snapshot_refs[sampler_id] = (tenant.id, session_id, time.monotonic())
             history = self._snapshots_by_run.setdefault(run_id, [])
             history.append(sampler_id)
-            while len(history) > keep:
+            while keep is not None and len(history) > keep:
+                self._snapshot_refs.pop(history[0], None)
                 old = self.snapshot_slots.pop(history.pop(0), None)
                 if old is not None:
                     self.engine.free_slot(old)

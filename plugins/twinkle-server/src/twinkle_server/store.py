@@ -439,9 +439,11 @@ class Store:
         return CheckpointRow(r[0], r[1], r[2], r[3], r[4], r[5], _loads(r[6]), bool(r[7]))
 
     # -- sampling sessions ---------------------------------------------------------
-    def create_sampling_session(self, tenant_id: str, session_id: str, model_path: str | None, base_model: str) -> str:
-        """A new sampling session id."""
-        sid = new_id("sampler")
+    def create_sampling_session(
+        self, tenant_id: str, session_id: str, model_path: str | None, base_model: str, *, snapshot: bool = False
+    ) -> str:
+        """A new sampling session id (``snapshot-...`` for a weight snapshot, else ``sampler-...``)."""
+        sid = new_id("snapshot" if snapshot else "sampler")
         self._exec(
             "INSERT INTO sampling_sessions VALUES (?, ?, ?, ?, ?, ?, 1)",
             (sid, tenant_id, session_id, model_path, base_model, time.time()),

@@ -613,10 +613,12 @@ def save_weights_for_sampler(
             tenant, "save_weights_for_sampler", model_id=body.model_id, seq_id=body.seq_id, run=run_named
         )
         return _future(fid, body.model_id)
-    sampler_id = state.store.create_sampling_session(tenant.id, run.session_id, None, state.config.model_name)
+    sampler_id = state.store.create_sampling_session(
+        tenant.id, run.session_id, None, state.config.model_name, snapshot=True
+    )
 
     def run_snapshot() -> tuple[str, bytes]:
-        state.snapshot(tenant, body.model_id, sampler_id)
+        state.snapshot(tenant, body.model_id, sampler_id, session_id=run.session_id)
         return _json({"path": None, "sampling_session_id": sampler_id, "type": "save_weights_for_sampler"})
 
     fid = state.submit(tenant, "save_weights_for_sampler", model_id=body.model_id, seq_id=body.seq_id, run=run_snapshot)
@@ -752,7 +754,9 @@ def asample(
         if session is None:
             raise HTTPException(404, f"sampling session {body.sampling_session_id!r} not found")
         model_path = session["model_path"]
-        snapshot_of = body.sampling_session_id if model_path is None else None
+        # a snapshot's sampler has no checkpoint path; a base-model sampler has none either
+        is_snapshot = model_path is None and body.sampling_session_id.startswith("snapshot")
+        snapshot_of = body.sampling_session_id if is_snapshot else None
     elif model_path is None:
         if body.base_model is None:
             raise _bad("sample needs sampling_session_id, model_path or base_model")
@@ -769,9 +773,10 @@ def asample(
             slot = state.snapshot_slots.get(snapshot_of)
             if slot is None:
                 raise UserError(
-                    "this sampler's weight snapshot is no longer in memory (server restart, a newer snapshot "
-                    "replaced it, or its run was unloaded); create a new sampling client"
+                    "this sampler's weight snapshot is no longer in memory (server restart, its run was "
+                    "unloaded, or the adapter pool needed its slot for newer work); create a new sampling client"
                 )
+            state.touch_snapshot(snapshot_of)
         elif model_path is not None:
             slot = state.sampler_slot(tenant, model_path)
         else:

@@ -1,0 +1,77 @@
+"""Sampling clients through the official SDK: base-model samplers, and snapshots kept by use."""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import pytest
+
+tinker = pytest.importorskip("tinker")
+from tinker import types  # noqa: E402
+
+BASE = "twinkle/tiny-qwen2"
+
+
+def _fresh_policy_logprobs(tc, tokens: list[int]) -> np.ndarray:
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={"target_tokens": np.array(tokens[1:], dtype=np.int64)},
+    )
+    return tc.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy()
+
+
+def test_base_model_sampler_samples_and_scores(server, tiny_tokenizer) -> None:
+    key = server.add_tenant(f"base-{uuid.uuid4().hex[:6]}", max_adapters=4)
+    service = tinker.ServiceClient(base_url=server.url, api_key=key)
+    try:
+        sampler = service.create_sampling_client(base_model=BASE).result()
+        prompt = tiny_tokenizer.encode("The base model says:")
+        res = sampler.sample(types.ModelInput.from_ints(prompt), 2, types.SamplingParams(max_tokens=4, seed=5)).result()
+        assert len(res.sequences) == 2 and all(len(s.tokens) == 4 for s in res.sequences)
+        tokens = prompt + list(res.sequences[0].tokens)
+        scored = sampler.compute_logprobs(types.ModelInput.from_ints(tokens)).result()
+        assert scored[0] is None and len(scored) == len(tokens)
+        # a fresh LoRA (B = 0) is the base model: its forward gives the same logprobs
+        tc = service.create_lora_training_client(base_model=BASE, rank=2).result()
+        np.testing.assert_allclose(np.array(scored[1:]), _fresh_policy_logprobs(tc, tokens), atol=1e-4)
+        np.testing.assert_allclose(np.array(scored[len(prompt) :]), np.array(res.sequences[0].logprobs), atol=1e-4)
+    finally:
+        service.close(status="success")
+
+
+def test_a_sampler_in_use_survives_later_snapshots(small_pool_server, tiny_tokenizer) -> None:
+    """DPO's shape: a reference sampler used every step, evaluator snapshots taken and dropped.
+
+    The pool has 4 slots: one training run plus 3 snapshots. Six more snapshots come after the
+    reference; the reference, sampled between them, is never the least recently used, so it stays.
+    """
+    key = small_pool_server.add_tenant(f"dpo-{uuid.uuid4().hex[:6]}", max_adapters=2)
+    service = tinker.ServiceClient(base_url=small_pool_server.url, api_key=key)
+    try:
+        tc = service.create_lora_training_client(base_model=BASE, rank=4).result()
+        prompt = tiny_tokenizer.encode("Reference:")
+        reference = tc.save_weights_and_get_sampling_client().result()
+        first_score = reference.compute_logprobs(types.ModelInput.from_ints(prompt)).result()
+        evaluators = []
+        for step in range(6):
+            datum = types.Datum(
+                model_input=types.ModelInput.from_ints(prompt[:-1]),
+                loss_fn_inputs={"target_tokens": np.array(prompt[1:]), "weights": np.ones(len(prompt) - 1)},
+            )
+            tc.forward_backward([datum], "cross_entropy").result()
+            tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+            evaluator = tc.save_weights_and_get_sampling_client().result()
+            evaluator.sample(
+                types.ModelInput.from_ints(prompt), 1, types.SamplingParams(max_tokens=2, seed=step)
+            ).result()
+            evaluators.append(evaluator)
+            # the reference is used every step and still scores with the weights it was taken with
+            again = reference.compute_logprobs(types.ModelInput.from_ints(prompt)).result()
+            np.testing.assert_allclose(np.array(again[1:]), np.array(first_score[1:]), atol=1e-6)
+        # the oldest evaluator snapshots made room for the newer ones
+        with pytest.raises(Exception, match="no longer in memory"):
+            evaluators[0].sample(types.ModelInput.from_ints(prompt), 1, types.SamplingParams(max_tokens=1)).result()
+        evaluators[-1].sample(types.ModelInput.from_ints(prompt), 1, types.SamplingParams(max_tokens=1)).result()
+    finally:
+        service.close(status="success")
