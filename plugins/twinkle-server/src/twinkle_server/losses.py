@@ -16,8 +16,10 @@ from twinkle.loss.tinker import (
     cispo,
     cross_entropy,
     dro,
+    gspo,
     importance_sampling,
     ppo,
+    stable_reinforce,
 )
 
 __all__ = [
@@ -30,6 +32,8 @@ __all__ = [
     "cispo",
     "cross_entropy",
     "dro",
+    "gspo",
     "importance_sampling",
     "ppo",
+    "stable_reinforce",
 ]
