@@ -75,3 +75,37 @@ def test_a_sampler_in_use_survives_later_snapshots(small_pool_server, tiny_token
         evaluators[-1].sample(types.ModelInput.from_ints(prompt), 1, types.SamplingParams(max_tokens=1)).result()
     finally:
         service.close(status="success")
+
+
+def test_topk_prompt_logprobs(server, tiny_tokenizer) -> None:
+    key = server.add_tenant(f"topk-{uuid.uuid4().hex[:6]}", max_adapters=4)
+    service = tinker.ServiceClient(base_url=server.url, api_key=key)
+    try:
+        sampler = service.create_sampling_client(base_model=BASE).result()
+        prompt = tiny_tokenizer.encode("Top tokens of every prompt position")
+        res = sampler.sample(
+            types.ModelInput.from_ints(prompt),
+            1,
+            types.SamplingParams(max_tokens=1, seed=0),
+            include_prompt_logprobs=True,
+            topk_prompt_logprobs=3,
+        ).result()
+        topk, lps = res.topk_prompt_logprobs, res.prompt_logprobs
+        assert len(topk) == len(prompt) and topk[0] is None and lps[0] is None
+        for i in range(1, len(prompt)):
+            row = topk[i]
+            assert len(row) == 3 and len({t for t, _ in row}) == 3
+            values = [lp for _, lp in row]
+            assert values == sorted(values, reverse=True) and sum(np.exp(values)) <= 1 + 1e-5
+            # the prompt token's own logprob: equal to its entry when in the top 3, else below the third
+            given = dict(row).get(prompt[i])
+            if given is not None:
+                assert abs(given - lps[i]) < 1e-5
+            else:
+                assert lps[i] <= values[-1] + 1e-6
+        with pytest.raises(Exception, match="topk_prompt_logprobs must be between"):
+            sampler.sample(
+                types.ModelInput.from_ints(prompt), 1, types.SamplingParams(max_tokens=1), topk_prompt_logprobs=1000
+            ).result()
+    finally:
+        service.close(status="success")

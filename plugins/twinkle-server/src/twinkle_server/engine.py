@@ -745,6 +745,42 @@ class LoRAEngine:
         return slot_id
 
     # -- sampling ------------------------------------------------------------------------
+    def prompt_topk_logprobs(self, slot_id: int | None, prompt: Sequence[int], k: int) -> tuple[Any, Any]:
+        """The ``k`` most likely tokens and their log-probabilities at every prompt position (one prefill).
+
+        Returns:
+            ``(token_ids, logprobs)``: int32 and float32 arrays of shape ``(len(prompt), k)``; row ``i``
+            is the distribution that predicts prompt token ``i``; row 0 (nothing precedes it) is filled
+            with Tinker's sentinel (token 0, log-probability -99999).
+
+        Raises:
+            EngineError: bad prompt or ``k``.
+        """
+        import numpy as np
+        import torch
+
+        if slot_id is not None:
+            self.slot(slot_id)
+        prompt = [int(t) for t in prompt]
+        if not prompt or min(prompt) < 0 or max(prompt) >= self.vocab_size or len(prompt) > self.max_length:
+            raise EngineError(f"the prompt must be 1 to {self.max_length} token ids in [0, {self.vocab_size})")
+        if not 1 <= k <= self.vocab_size:
+            raise EngineError(f"top-k must be between 1 and {self.vocab_size}")
+        ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
+        self._router.groups = [(slot_id, 1)] if slot_id is not None else []
+        try:
+            with torch.no_grad():
+                logits = self.model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+                top = torch.topk(torch.log_softmax(logits, dim=-1), k, dim=-1)
+                top_lps, top_ids = top.values.cpu().numpy(), top.indices.cpu().numpy()
+        finally:
+            self._router.groups = []
+        token_ids = np.zeros((len(prompt), k), dtype=np.int32)
+        logprobs = np.full((len(prompt), k), -99999.0, dtype=np.float32)
+        token_ids[1:] = top_ids
+        logprobs[1:] = top_lps
+        return token_ids, logprobs
+
     def sample(
         self,
         slot_id: int | None,

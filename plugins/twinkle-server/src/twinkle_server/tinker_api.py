@@ -716,12 +716,15 @@ def get_sampler(
 
 
 _UNSUPPORTED_SAMPLE = {
-    "topk_prompt_logprobs": lambda b: b.topk_prompt_logprobs > 0,
     "topk_sample_logprobs": lambda b: b.topk_sample_logprobs > 0,
     "target_prompt_logprobs": lambda b: b.target_prompt_logprobs is not None,
     "prompt_alt_tokens_k": lambda b: b.prompt_alt_tokens_k > 0,
     "prompt_logprobs_last_n": lambda b: b.prompt_logprobs_last_n is not None,
 }
+
+
+#: The largest top-k of prompt logprobs served.
+MAX_TOPK = 64
 
 
 @router.post("/asample")
@@ -732,6 +735,8 @@ def asample(
     unsupported = [name for name, test in _UNSUPPORTED_SAMPLE.items() if test(body)]
     if unsupported:
         raise _bad(f"sampling options not supported by this server: {', '.join(unsupported)}")
+    if not 0 <= body.topk_prompt_logprobs <= MAX_TOPK:
+        raise _bad(f"topk_prompt_logprobs must be between 0 and {MAX_TOPK}")
     if any(c.type != "encoded_text" for c in body.prompt.chunks):
         raise _bad("only encoded_text prompt chunks are supported (no images or audio)")
     prompt = [t for c in body.prompt.chunks for t in c.tokens]
@@ -797,7 +802,10 @@ def asample(
         if record:
             for i, (_, logprobs, _) in enumerate(sequences):
                 state.stability.record(tenant.id, sequence_ids[i], logprobs)
-        return PROTO_CONTENT_TYPE, encode_sample_response(sequences, prompt_lps)
+        topk = None
+        if body.topk_prompt_logprobs > 0:
+            topk = state.engine.prompt_topk_logprobs(slot, prompt, body.topk_prompt_logprobs)
+        return PROTO_CONTENT_TYPE, encode_sample_response(sequences, prompt_lps, topk)
 
     record = bool(body.record_stability_info)
     prefix = uuid.uuid4().hex

@@ -150,9 +150,12 @@ def encode_forward_backward_output(result: JobResult) -> bytes:
 
 
 def encode_sample_response(
-    sequences: Sequence[tuple[Sequence[int], Sequence[float], str]], prompt_logprobs: Sequence[float] | None
+    sequences: Sequence[tuple[Sequence[int], Sequence[float], str]],
+    prompt_logprobs: Sequence[float] | None,
+    topk_prompt: tuple[Any, Any] | None = None,
 ) -> bytes:
-    """Encode sampled sequences as a protobuf ``SampleResponse``."""
+    """Encode sampled sequences as a protobuf ``SampleResponse`` (``topk_prompt``: ``(ids, logprobs)``, each
+    ``(len(prompt), k)``)."""
     import numpy as np
 
     pb = _pb()
@@ -164,4 +167,9 @@ def encode_sample_response(
         seq.logprobs = np.asarray(logprobs, dtype=np.float32).tobytes()
     if prompt_logprobs is not None:
         out.prompt_logprobs = np.asarray(prompt_logprobs, dtype=np.float32).tobytes()
+    if topk_prompt is not None:
+        ids, lps = (np.asarray(topk_prompt[0], dtype=np.int32), np.asarray(topk_prompt[1], dtype=np.float32))
+        out.topk_prompt_logprobs.length, out.topk_prompt_logprobs.k = ids.shape
+        out.topk_prompt_logprobs.token_ids = ids.tobytes()
+        out.topk_prompt_logprobs.logprobs = lps.tobytes()
     return out.SerializeToString()
