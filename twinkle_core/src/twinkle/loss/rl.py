@@ -44,6 +44,16 @@ multiplied by the truncated (TIS) or masked (MIS) weight ``exp(proximal - old)``
 
     L_{i,t} = w_{i,t} * PPO_{i,t} + beta * KL3_{i,t}
 
+On-policy distillation (``teacher_kl_coef > 0``; rows carry ``teacher_logps``, the teacher's
+log-probabilities of the student's own sampled tokens, e.g. from ``Sampler.compute_logps``): the
+per-token reverse KL ``KL(pi_theta || pi_teacher)``, estimated on the student's samples by
+``l_{i,t} - teacher_{i,t}``, enters as a per-token advantage (``advantages`` may then be omitted)::
+
+    A_{i,t} = A_i - teacher_kl_coef * (sg(l_{i,t}) - teacher_{i,t})
+
+so the policy gradient is ``coef * (l - teacher) * grad l``, the gradient of the reverse KL
+(as tinker-cookbook's on-policy distillation). Metric ``teacher_kl``: the mean of ``l - teacher``.
+
 These match TRL's ``GRPOTrainer`` loss types ``grpo`` / ``dapo`` (on one micro-batch; TRL
 normalizes DAPO by the generation batch) / ``dr_grpo`` / GSPO / ``cispo`` (tested in
 ``tests/trl_parity``).
@@ -82,6 +92,8 @@ class GRPOLoss(Loss):
             :mod:`twinkle.loss.rollout_correction`); adds the ``rollout_*`` metrics.
         rollout_clip_max: upper threshold of the correction weight (``None``: none). TRL's default 3.0.
         rollout_clip_min: lower threshold (``None``: none); IcePop masks outside [0.5, 5].
+        teacher_kl_coef: weight of the per-token reverse KL to a teacher (needs ``teacher_logps``); 0 disables
+            it. See the module docstring (on-policy distillation).
 
     Raises:
         ValueError: bad options, or a needed field (``advantages``, ``ref_logps``) missing from the inputs.
@@ -106,6 +118,7 @@ class GRPOLoss(Loss):
         rollout_correction: str | None = None,
         rollout_clip_max: float | None = 3.0,
         rollout_clip_min: float | None = None,
+        teacher_kl_coef: float = 0.0,
     ) -> None:
         name = type(self).__name__
         if aggregation not in _AGGREGATIONS:
@@ -128,6 +141,9 @@ class GRPOLoss(Loss):
         self.max_completion_length = max_completion_length
         self.delta = delta
         self.kl_ratio_correction = kl_ratio_correction
+        if teacher_kl_coef < 0:
+            raise ValueError(f"{name}: teacher_kl_coef must be >= 0, got {teacher_kl_coef}")
+        self.teacher_kl_coef = teacher_kl_coef
         self.rollout_correction = (
             None
             if rollout_correction is None
@@ -154,9 +170,23 @@ class GRPOLoss(Loss):
         who = type(self).__name__
         logps = token_logps(inputs, outputs)
         mask = label_mask(inputs)
-        advantages = require(
-            inputs, "advantages", who, "add advantages=<float> to every row (e.g. from GRPOAdvantage)"
-        ).to(logps)
+        teacher_kl = None
+        if self.teacher_kl_coef:
+            teacher = require(
+                inputs,
+                "teacher_logps",
+                who,
+                "add teacher_logps (per token, aligned with labels), e.g. teacher_sampler.compute_logps(rows), "
+                "or set teacher_kl_coef=0",
+            ).to(logps)
+            teacher_kl = (logps.detach() - teacher) * mask  # reverse KL estimate on the student's samples
+            advantages = inputs.get("advantages")
+            advantages = torch.zeros_like(logps) if advantages is None else advantages.to(logps)
+            advantages = advantages - self.teacher_kl_coef * teacher_kl
+        else:
+            advantages = require(
+                inputs, "advantages", who, "add advantages=<float> to every row (e.g. from GRPOAdvantage)"
+            ).to(logps)
         old = inputs.get("old_logps")
         old = None if old is None else old.to(logps)
         index, num_seqs = sequence_index(inputs, mask)
@@ -218,6 +248,8 @@ class GRPOLoss(Loss):
         extra = {k: float((v * mask).sum()) / n_tok for k, v in metrics.items()}
         extra["ratio"] = float((coef.detach() * mask).sum()) / n_tok
         extra.update(rollout_metrics)
+        if teacher_kl is not None:
+            extra["teacher_kl"] = float(teacher_kl.sum()) / n_tok
         return LossOutput(loss=loss, num_tokens=normalizer, extra=extra)
 
 

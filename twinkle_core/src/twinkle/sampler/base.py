@@ -42,8 +42,9 @@ if TYPE_CHECKING:
 class Sampler(Component):
     """Base of samplers (TorchSampler in core, VLLMSampler in twinkle-vllm).
 
-    Subclasses override every method below; the base implementations raise ``TypeError``
-    naming the missing method, so a half-written sampler fails loudly and clearly.
+    Subclasses override every method below (``compute_logps`` has a default built on
+    ``sample``); the base implementations raise ``TypeError`` naming the missing method, so a
+    half-written sampler fails loudly and clearly.
     """
 
     @remote(dispatch="slice_dp", collect="flatten")
@@ -69,6 +70,39 @@ class Sampler(Component):
                 given but no template is set; KeyError: unknown ``adapter_name``.
         """
         raise TypeError(f"{type(self).__name__} must implement Sampler.sample")
+
+    @remote(dispatch="slice_dp", collect="flatten")
+    def compute_logps(self, rows: list[Mapping[str, Any]], adapter_name: str | None = None) -> list[list[float]]:
+        """This sampler's log-probability of each labelled token of ``rows`` (a teacher's view of them).
+
+        What on-policy distillation needs: the teacher (another model, or another adapter of
+        this sampler) scores the tokens the student sampled. The default implementation asks
+        :meth:`sample` for ``prompt_logprobs`` of each whole row (one extra greedy token is
+        generated and dropped); samplers may override it with a forward-only pass.
+
+        Args:
+            rows: training rows with ``input_ids`` and ``labels`` (``SampledSequence.input_feature``).
+            adapter_name: the adapter to score with; ``None``: the base weights.
+
+        Returns:
+            Per row, a list as long as its ``input_ids``: the log-probability of the token at each
+            position whose label is not -100, 0.0 elsewhere (aligned like ``old_logps``).
+
+        Example::
+
+            teacher = teacher_sampler.compute_logps([seq.input_feature for seq in sequences])
+            rows = [dict(seq.input_feature, teacher_logps=t) for seq, t in zip(sequences, teacher)]
+        """
+        from twinkle.data_format.sampling import SamplingParams
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=False, prompt_logprobs=True)
+        responses = self.sample([{"input_ids": list(row["input_ids"])} for row in rows], params, adapter_name)
+        out = []
+        for row, response in zip(rows, responses):
+            labels = row.get("labels") or list(row["input_ids"])
+            scores = response.prompt_logprobs or []
+            out.append([float(s) if label != -100 and s is not None else 0.0 for label, s in zip(labels, scores)])
+        return out
 
     @remote(dispatch="all", collect="first")
     def set_template(self, template: Any, **kwargs: Any) -> None:

@@ -281,6 +281,40 @@ class TorchSampler(Sampler):
             for p in range(len(encoded))
         ]
 
+    @remote(dispatch="slice_dp", collect="flatten")
+    def compute_logps(self, rows: list[Mapping[str, Any]], adapter_name: str | None = None) -> list[list[float]]:
+        """Log-probabilities of the labelled tokens of ``rows``, forward only, ``max_batch_size`` rows a pass.
+
+        See :meth:`Sampler.compute_logps`. Example::
+
+            teacher_logps = sampler.compute_logps([seq.input_feature for seq in sequences], adapter_name="teacher")
+        """
+        import torch
+
+        if isinstance(rows, Mapping):
+            rows = [rows]
+        out: list[list[float]] = []
+        with self._use(adapter_name) as module, torch.no_grad():
+            pad_id = _pad_id(self.tokenizer, module)
+            for start in range(0, len(rows), self.max_batch_size):
+                chunk = rows[start : start + self.max_batch_size]
+                width = max(len(r["input_ids"]) for r in chunk)
+                ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+                attention = torch.zeros((len(chunk), width), dtype=torch.long)
+                for i, r in enumerate(chunk):  # right padding: positions start at 0 for every row
+                    ids[i, : len(r["input_ids"])] = torch.tensor(list(r["input_ids"]), dtype=torch.long)
+                    attention[i, : len(r["input_ids"])] = 1
+                ids, attention = ids.to(self.device), attention.to(self.device)
+                logits = module(input_ids=ids, attention_mask=attention, use_cache=False).logits.float()
+                lp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+                lp = torch.cat([torch.zeros_like(lp[:, :1]), lp], dim=1).tolist()
+                for r, scores in zip(chunk, lp):
+                    labels = r.get("labels") or list(r["input_ids"])
+                    out.append(
+                        [s if label != -100 and i > 0 else 0.0 for i, (label, s) in enumerate(zip(labels, scores))]
+                    )
+        return out
+
     def _generate(
         self, module: Any, prompt_ids: list[list[int]], params: SamplingParams
     ) -> list[tuple[list[int], list[float] | None, str, str]]:
