@@ -53,6 +53,7 @@ def main() -> None:
         raise SystemExit("ce_kernel.py needs a CUDA GPU")
     from twinkle.patch import triton_ce
     from twinkle.patch.fused_linear_ce import _ce_chunk
+    from twinkle.patch.kernel_config import kernel_settings
 
     compiled = torch.compile(_ce_chunk, dynamic=False)
     device = torch.cuda.get_device_name(0)
@@ -75,8 +76,8 @@ def main() -> None:
             block, warps = (int(v) for v in cfg.split("x"))
 
             def run(w, y, block=block, warps=warps, bufs=(loss_buf, pred_buf)):
-                triton_ce.BLOCK, triton_ce.NUM_WARPS = block, warps
-                triton_ce.ce_chunk_(w, y, 0.0, *bufs)
+                with kernel_settings(ce_block=block, ce_warps=warps):
+                    triton_ce.ce_chunk_(w, y, 0.0, *bufs)
                 return bufs[0].sum(), bufs[1]
 
             impls[f"triton {cfg}"] = run

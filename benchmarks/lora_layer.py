@@ -29,8 +29,8 @@ backward with CUDA events, in one process, for:
 * any variant with ``_autotune`` appended: its layers compiled with
   ``mode="max-autotune-no-cudagraphs"`` (inductor times Triton GEMM templates, which can take the
   LoRA add as an epilogue, against cuBLAS for every matmul shape; minutes of compile).
-* any variant with ``:NAME=VALUE`` settings appended (``lora:SWIGLU_BLOCK_T=64:SWIGLU_WARPS=4``):
-  those module constants of :mod:`twinkle.patch.triton_lora` for that variant (tile sweeps).
+* any variant with ``:NAME=VALUE`` settings appended (``lora:swiglu_block_t=64:swiglu_warps=4``):
+  those fields of :func:`twinkle.patch.kernel_config.kernel_config` for that variant (tile sweeps).
 
 ``--profile`` adds, per variant, the CUDA kernels of one profiled forward + backward.
 
@@ -101,19 +101,12 @@ def build(shape: dict, layers: int, variant: str):
 def time_variant(
     shape: dict, layers: int, batch: int, seq: int, variant: str, iters: int, profile: bool = False
 ) -> tuple[float, float, list]:
-    from twinkle.patch import triton_lora
+    from twinkle.patch.kernel_config import kernel_settings
 
     variant, *settings = variant.split(":")
-    saved = {}
-    for setting in settings:
-        name, value = setting.split("=")
-        saved[name] = getattr(triton_lora, name)
-        setattr(triton_lora, name, int(value))
-    try:
+    changes = {name.lower(): int(value) for name, value in (setting.split("=") for setting in settings)}
+    with kernel_settings(**changes):
         return _time(shape, layers, batch, seq, variant, iters, profile)
-    finally:
-        for name, value in saved.items():
-            setattr(triton_lora, name, value)
 
 
 def _time(shape: dict, layers: int, batch: int, seq: int, variant: str, iters: int, profile: bool):

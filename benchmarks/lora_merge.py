@@ -70,6 +70,7 @@ def measure(name: str, n_out: int, n_in: int, tiles: list, rank: int, iters: int
     """Print the rows of one projection shape: the copy, ``addmm`` and the kernel at each tiling."""
     import torch
     from twinkle.patch import triton_lora
+    from twinkle.patch.kernel_config import kernel_settings
 
     w = torch.randn(n_out, n_in, device="cuda", dtype=torch.bfloat16, generator=gen)
     b = torch.randn(n_out, rank, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.01
@@ -88,15 +89,11 @@ def measure(name: str, n_out: int, n_in: int, tiles: list, rank: int, iters: int
     row("addmm(W, B, A, alpha=s)", timed(lambda: torch.addmm(w, b, a, alpha=scale), iters))
     default = tiles[0]
     for block_o, block_i, warps in tiles:
-        saved = (triton_lora.MERGE_BLOCK_O, triton_lora.MERGE_BLOCK_I, triton_lora.MERGE_WARPS)
-        triton_lora.MERGE_BLOCK_O, triton_lora.MERGE_BLOCK_I, triton_lora.MERGE_WARPS = block_o, block_i, warps
-        try:
+        with kernel_settings(lora_merge_block_o=block_o, lora_merge_block_i=block_i, lora_merge_warps=warps):
             merged = triton_lora.lora_merge([w], [b], [a], [scale])
             # one bf16 rounding of values near |W| (about 4 here): at most 2^-5
             diff = (merged.float() - ref.float()).abs().max().item()
             us = timed(lambda: triton_lora.lora_merge([w], [b], [a], [scale]), iters)
-        finally:
-            triton_lora.MERGE_BLOCK_O, triton_lora.MERGE_BLOCK_I, triton_lora.MERGE_WARPS = saved
         mark = " (default)" if (block_o, block_i, warps) == default else ""
         row(f"lora_merge {block_o}x{block_i}, {warps} warps{mark}", us, f"{diff:.3g}")
 
@@ -112,9 +109,10 @@ def main() -> None:
 
     if not torch.cuda.is_available():
         sys.exit("lora_merge.py needs a CUDA GPU")
-    from twinkle.patch import triton_lora
+    from twinkle.patch.kernel_config import kernel_config
 
-    default = (triton_lora.MERGE_BLOCK_O, triton_lora.MERGE_BLOCK_I, triton_lora.MERGE_WARPS)
+    config = kernel_config()
+    default = (config.lora_merge_block_o, config.lora_merge_block_i, config.lora_merge_warps)
     tiles = [default] + [t for t in SWEEP if t != default] if args.sweep else [default]
     gen = torch.Generator(device="cuda").manual_seed(0)
     device = torch.cuda.get_device_name(0)

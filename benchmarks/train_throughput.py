@@ -239,18 +239,16 @@ def build_ours(config_name: str, shape: dict, lora: bool) -> tuple:
     import torch
     from twinkle.model.transformers_model import TransformersModel
     from twinkle.patch.fastpath import resolve_patches
+    from twinkle.patch.kernel_config import reset_kernel_config
 
     disabled, added, env = OURS_VARIANTS[config_name]
     os.environ.update(env)
+    reset_kernel_config()  # the kernel knobs of this variant's environment (TWINKLE_LCE_CHUNK_BYTES, ...)
     if env.get("PYTORCH_TUNABLEOP_ENABLED") == "1":  # GEMM algorithms timed per shape during warm-up
         torch.cuda.tunable.enable(True)
         torch.cuda.tunable.tuning_enable(True)
     if env.get("TORCH_BLAS_PREFER_CUBLASLT") == "1":
         torch.backends.cuda.preferred_blas_library("cublaslt")
-    if "TWINKLE_FP8_MIN_FEATURES" in env:
-        from twinkle.patch.fp8 import Fp8FrozenGemms
-
-        Fp8FrozenGemms.min_features = int(env["TWINKLE_FP8_MIN_FEATURES"])
     patches = [p for p in resolve_patches(None, disabled)] + list(added)
     torch.manual_seed(0)
     with torch.device(DEVICE):

@@ -100,14 +100,14 @@ def test_lora_fast_path_matches_plain_fp32(tiny_config, monkeypatch):
     from twinkle.patch import lora_fast
 
     merged_calls = []
-    real_merge_pays = lora_fast._merge_pays
+    real_merge_pays = lora_fast.merge_pays
 
     def counting_merge_pays(x, bases, keep, tokens=None):
         pays = real_merge_pays(x, bases, keep, tokens=tokens)
         merged_calls.append((len(bases), pays))
         return pays
 
-    monkeypatch.setattr(lora_fast, "_merge_pays", counting_merge_pays)
+    monkeypatch.setattr(lora_fast, "merge_pays", counting_merge_pays)
     fast = _model(tiny_config)
     plain = _model(tiny_config, patches=[])
     assert fast.fast_path_patches == [

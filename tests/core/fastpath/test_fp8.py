@@ -9,6 +9,7 @@ peft = pytest.importorskip("peft")
 
 from fastpath_test_utils import make_rows, tiny_qwen2_config  # noqa: E402
 from twinkle.patch.fp8 import E4M3_MAX, Fp8FrozenGemms, Fp8Weight, _cpu_row_scaled_mm, fp8_linear, quantize_rows  # noqa: E402
+from twinkle.patch.kernel_config import KernelConfig, kernel_settings  # noqa: E402
 from twinkle.patch.lora_fast import FusedLoraLinear, MergedLoraForward, lora_linear_layers  # noqa: E402
 
 # torch 2.11's CPU _scaled_mm takes per-tensor scales only (the GPU image has it); 2.13 scales rows
@@ -120,7 +121,13 @@ def test_layers_smaller_than_min_features_keep_the_merged_path(monkeypatch):
     monkeypatch.setattr(Fp8FrozenGemms, "min_features", 32)
     assert [layer.get_base_layer().weight.shape[0] for layer in Fp8FrozenGemms().layers(model)] == [48]
     monkeypatch.undo()
-    assert Fp8FrozenGemms.min_features == 1024  # the default: a 0.5B model (hidden 896) keeps bf16
+    # the default, read per call from the kernel config: a 0.5B model (hidden 896) keeps bf16
+    assert Fp8FrozenGemms.min_features is None and KernelConfig.from_env({}).fp8_min_features == 1024
+    monkeypatch.setattr(Fp8FrozenGemms, "min_features", None)
+    with kernel_settings(fp8_min_features=32):  # set after import: the next call sees it
+        assert Fp8FrozenGemms().features_needed() == 32
+        assert [layer.get_base_layer().weight.shape[0] for layer in Fp8FrozenGemms().layers(model)] == [48]
+    assert Fp8FrozenGemms(min_features=48).features_needed() == 48  # the patch's own argument wins
 
 
 def test_asked_for_but_taking_no_layer_says_why_once(caplog, monkeypatch):

@@ -16,6 +16,7 @@ pytest.importorskip("transformers")
 from fastpath_test_utils import forward_backward, tiny_qwen2_config  # noqa: E402
 from twinkle.patch import lora_mlp, triton_lora  # noqa: E402
 from twinkle.patch.checkpointing import RecomputeSwiGLU, swiglu_mlps  # noqa: E402
+from twinkle.patch.kernel_config import KernelConfig, kernel_config, kernel_settings  # noqa: E402
 from twinkle.patch.lora_fast import FusedLoraLinear, MergedLoraForward  # noqa: E402
 from twinkle.patch.lora_mlp import FusedLoraMLP  # noqa: E402
 
@@ -200,19 +201,22 @@ def test_swiglu_kernels_need_triton(monkeypatch):
 
 
 def test_backward_kernel_choice(monkeypatch):
-    monkeypatch.setenv("TWINKLE_SWIGLU_BACKWARD_KERNEL", "0")
-    assert FusedLoraMLP().backward_kernel is False
-    assert FusedLoraMLP(backward_kernel="auto").backward_kernel == "auto"
-    monkeypatch.setenv("TWINKLE_SWIGLU_BACKWARD_KERNEL", "sometimes")
-    with pytest.raises(ValueError, match="FusedLoraMLP: backward_kernel must be 'auto', True or False"):
-        FusedLoraMLP()
+    with kernel_settings(swiglu_backward_kernel="0"):
+        assert FusedLoraMLP().backward_kernel is False
+        assert FusedLoraMLP(backward_kernel="auto").backward_kernel == "auto"
+    with kernel_settings(swiglu_backward_kernel="sometimes"):
+        with pytest.raises(ValueError, match="FusedLoraMLP: backward_kernel must be 'auto', True or False"):
+            FusedLoraMLP()
+    monkeypatch.setenv("TWINKLE_SWIGLU_BACKWARD_KERNEL", "off")  # the environment sets the default
+    with kernel_settings(KernelConfig.from_env()):
+        assert FusedLoraMLP().backward_kernel is False
 
 
 @needs_triton
 @pytest.mark.parametrize(("tokens", "cols", "block"), [(37, 200, 64), (64, 128, 1024), (5, 1000, 256)])
 @pytest.mark.parametrize("strided", [False, True])
 def test_swiglu_backward_kernel_equals_autograd(tokens, cols, block, strided, monkeypatch):
-    monkeypatch.setattr(triton_lora, "SWIGLU_BWD_BLOCK", block)  # several column blocks, a ragged last one
+    monkeypatch.setattr(kernel_config(), "swiglu_bwd_block", block)  # several column blocks, a ragged last one
     triton_lora.register()
     gen = torch.Generator().manual_seed(tokens + cols)
     wide = torch.randn(tokens, 2 * cols + (24 if strided else 0), generator=gen).to(DEVICE)
@@ -252,7 +256,7 @@ def test_swiglu_backward_kernel_bf16_rounds_once():
     ("tokens", "cols", "rank", "programs"), [(70, 200, 8, 264), (256, 384, 16, 1), (33, 130, 4, 3)]
 )
 def test_swiglu_kernels_equal_torch(tokens, cols, rank, programs, monkeypatch):
-    monkeypatch.setattr(triton_lora, "TARGET_PROGRAMS", programs)  # several tiles per program both ways
+    monkeypatch.setattr(kernel_config(), "lora_target_programs", programs)  # several tiles per program both ways
     gen = torch.Generator().manual_seed(tokens)
 
     def rand(*shape):

@@ -7,7 +7,8 @@ import pytest
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
-from twinkle.patch.lora_fast import FusedLoraLinear, MergedLoraForward, _merge_pays, lora_linear_layers  # noqa: E402
+from twinkle.patch.lora_common import merge_pays as _merge_pays  # noqa: E402
+from twinkle.patch.lora_fast import FusedLoraLinear, MergedLoraForward, lora_linear_layers  # noqa: E402
 
 
 def _lora_net(bias: bool = True):

@@ -20,6 +20,7 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
 
 from twinkle.patch import triton_ce  # noqa: E402
 from twinkle.patch.fused_linear_ce import _ce_chunk, chunk_kernel, linear_cross_entropy  # noqa: E402
+from twinkle.patch.kernel_config import KernelConfig, kernel_config, kernel_settings  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -72,7 +73,7 @@ def test_an_id_outside_the_vocabulary_gives_nan_not_a_number_that_looks_right():
 
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 def test_linear_cross_entropy_on_the_kernel_matches_cross_entropy(monkeypatch, label_smoothing):
-    monkeypatch.setenv("TWINKLE_LCE_KERNEL", "triton")
+    monkeypatch.setattr(kernel_config(), "lce_kernel", "triton")
     assert chunk_kernel(DEVICE) == "triton"
     gen = torch.Generator().manual_seed(1)
     hidden = torch.randn(37, 16, generator=gen).to(DEVICE).requires_grad_(True)
@@ -93,11 +94,17 @@ def test_linear_cross_entropy_on_the_kernel_matches_cross_entropy(monkeypatch, l
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
 
 
-def test_kernel_choice_follows_the_environment(monkeypatch):
-    monkeypatch.setenv("TWINKLE_LCE_KERNEL", "auto")
-    assert chunk_kernel("cpu") == "eager"
-    monkeypatch.setenv("TWINKLE_LCE_KERNEL", "inductor")
-    assert chunk_kernel("cpu") == "eager"
-    monkeypatch.setenv("TWINKLE_LCE_KERNEL", "cuda-magic")
-    with pytest.raises(ValueError, match="TWINKLE_LCE_KERNEL='cuda-magic': choose one of auto, triton"):
-        chunk_kernel("cuda")
+def test_kernel_choice_follows_the_config(monkeypatch):
+    with kernel_settings(lce_kernel="auto"):
+        assert chunk_kernel("cpu") == "eager"
+        assert chunk_kernel("cuda") in ("triton", "inductor")
+    with kernel_settings(lce_kernel="auto", lce_compile=False):
+        assert chunk_kernel("cuda") == "eager"
+    with kernel_settings(lce_kernel="inductor"):
+        assert chunk_kernel("cpu") == "eager"
+    with kernel_settings(lce_kernel="cuda-magic"):
+        with pytest.raises(ValueError, match="TWINKLE_LCE_KERNEL='cuda-magic': choose one of auto, triton"):
+            chunk_kernel("cuda")
+    monkeypatch.setenv("TWINKLE_LCE_KERNEL", "inductor")  # the environment sets the default
+    with kernel_settings(KernelConfig.from_env()):
+        assert kernel_config().lce_kernel == "inductor"

@@ -13,6 +13,7 @@ peft = pytest.importorskip("peft")
 
 from fastpath_test_utils import FP32_UNIT_ROUNDOFF, TF32_UNIT_ROUNDOFF, matmul_bound  # noqa: E402
 from twinkle.patch import triton_lora  # noqa: E402
+from twinkle.patch.kernel_config import kernel_config  # noqa: E402
 from twinkle.patch.lora_fast import FusedLoraLinear, GroupedLoraProjections, MergedLoraForward  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not triton_lora.available(), reason="needs triton")
@@ -32,7 +33,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 )
 def test_lora_grads_equal_the_two_products(tokens, out_f, rank, programs, scale, monkeypatch):
     # programs=1 or 4: each program loops over several tiles both ways (partials kept per program)
-    monkeypatch.setattr(triton_lora, "TARGET_PROGRAMS", programs)
+    monkeypatch.setattr(kernel_config(), "lora_target_programs", programs)
     gen = torch.Generator().manual_seed(tokens + out_f)
     grad = torch.randn(tokens, out_f, generator=gen).to(DEVICE)
     low = torch.randn(tokens, rank, generator=gen).to(DEVICE)

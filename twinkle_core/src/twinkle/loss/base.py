@@ -12,7 +12,10 @@ Contract (shared by every backend and every loss, SFT or RL):
   0; per-row scalars (``advantages``, ``rewards``) are broadcast to ``[B, T]``.
   ``row_ids`` ``[B, T]`` says which input row each position belongs to (-1 = padding).
 * ``outputs``: a dict with ``logits`` ``[B, T, V]`` and, computed lazily through
-  :func:`token_logps`, the log-probabilities of ``shift_labels``.
+  :func:`token_logps`, the log-probabilities of ``shift_labels``. A
+  :class:`~twinkle.data_format.output.ModelOutput` may compute those (and the summed
+  cross-entropy) itself without full logits: its ``label_logps`` / ``label_cross_entropy_sum``
+  return them, or ``None`` when the logits are the way.
 
 ``LossOutput.loss`` is a **sum** over the micro-batch (a scalar tensor with a graph);
 ``LossOutput.num_tokens`` is what that sum should be divided by. The model backend adds
@@ -26,6 +29,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Mapping
+
+from twinkle.data_format.output import ModelOutput
 
 
 @dataclass
@@ -76,21 +81,22 @@ def token_logps(inputs: Mapping[str, Any], outputs: Any) -> Any:
     """Log-probability of each ``shift_labels`` token, ``[B, T]`` float32 (0 where the label is -100).
 
     Cached in ``outputs['token_logps']`` so several losses/metrics share one computation.
+    From the output's own :meth:`~twinkle.data_format.output.ModelOutput.label_logps` where it
+    has them (a backend's fast path without full logits), else from ``outputs['logits']``.
     """
     cached = outputs.get("token_logps") if hasattr(outputs, "get") else None
     if cached is not None:
         return cached
     import torch
 
-    from twinkle.patch.fastpath import token_logps_from_hidden
-
-    fused = token_logps_from_hidden(inputs, outputs)  # from hidden states in chunks (fast path)
+    labels = inputs["shift_labels"]
+    # the backend's own (the fast path: from hidden states in chunks, no full logits), if it has one
+    fused = outputs.label_logps(labels) if isinstance(outputs, ModelOutput) else None
     if fused is not None:
         if isinstance(outputs, dict):
             outputs["token_logps"] = fused
         return fused
     logits = outputs["logits"]
-    labels = inputs["shift_labels"]
     mask = labels != -100
     safe = labels.masked_fill(~mask, 0)
     logits32 = logits.float()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from twinkle.data_format.output import ModelOutput
 from twinkle.loss.base import Loss, LossOutput
 
 
@@ -31,13 +32,13 @@ class CrossEntropyLoss(Loss):
         """Sum of token losses of ``shift_labels`` given ``outputs['logits']``; normalizer: label-token count."""
         import torch.nn.functional as F
 
-        from twinkle.patch.fastpath import cross_entropy_sum
-
         labels = inputs["shift_labels"]
         num_tokens = inputs.get("num_label_tokens")  # counted by the model before its forward (no sync here)
         if num_tokens is None:
             num_tokens = int((labels != -100).sum())
-        fused = cross_entropy_sum(inputs, outputs, self.label_smoothing)  # LM head + CE in chunks (fast path)
+        fused = None
+        if isinstance(outputs, ModelOutput):  # the backend's own: LM head + CE in chunks (fast path)
+            fused = outputs.label_cross_entropy_sum(labels, self.label_smoothing, inputs.get("num_label_tokens"))
         if fused is not None:
             return LossOutput(loss=fused, num_tokens=num_tokens)
         logits = outputs["logits"]

@@ -379,9 +379,11 @@ class TransformersModel(TwinkleModel):
     def _apply_fsdp(self) -> None:
         from torch.distributed.fsdp import fully_shard
 
+        from twinkle.patch.model_walk import decoder_layers
+
         torch_mesh = self.device_mesh.to_torch(self.device.type)
         base = self._hf_model()
-        layers = _decoder_layers(base)
+        layers = decoder_layers(base)
         if not layers:
             raise ValueError(f"FSDP: could not find the decoder layers of {type(base).__name__}")
         for layer in layers:
@@ -1551,16 +1553,6 @@ def _per_row_logps(batch: Mapping[str, Any], logps: Any) -> list[list[float]]:
         n = int((rows[r] >= 0).sum())
         result.append([0.0, *values[r, : n - 1].tolist()])
     return result
-
-
-def _decoder_layers(model: Any) -> list[Any]:
-    import torch
-
-    for module in model.modules():
-        layers = getattr(module, "layers", None)
-        if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:
-            return list(layers)
-    return []
 
 
 def _untie(weights: dict[str, Any]) -> dict[str, Any]:

@@ -11,9 +11,13 @@ Once on, it stays on. ``TransformersModel(gradient_checkpointing=True)`` forces 
 from __future__ import annotations
 
 import logging
+from types import MethodType
 from typing import Any
 
 from twinkle.patch.base import Patch
+from twinkle.patch.lora_common import MLP_FALLBACK_ATTR, is_fused_mlp
+from twinkle.patch.model_walk import SWIGLU_MLPS as SWIGLU_MLPS  # where it was first defined
+from twinkle.patch.model_walk import decoder_of, get_flag, model_device, swiglu_mlps, unwrap
 
 logger = logging.getLogger("twinkle.patch")
 _HOOK_ATTR = "_twinkle_ckpt_hook"
@@ -74,8 +78,6 @@ class ActivationCheckpointing(Patch):
 
     def applies_to(self, model: Any) -> bool:
         """CUDA models that support transformers' gradient checkpointing."""
-        from twinkle.patch.fastpath import decoder_of, model_device, unwrap
-
         base = unwrap(model)
         return (
             model_device(model).type == "cuda"
@@ -85,8 +87,6 @@ class ActivationCheckpointing(Patch):
 
     def apply(self, model: Any) -> None:
         """Install a forward pre-hook on the decoder that decides per new largest batch."""
-        from twinkle.patch.fastpath import decoder_of, get_flag, unwrap
-
         base = unwrap(model)
         decoder = decoder_of(base)
         if getattr(decoder, _HOOK_ATTR, None) is not None:
@@ -131,8 +131,6 @@ class ActivationCheckpointing(Patch):
 
     def revert(self, model: Any) -> None:
         """Remove the hook (checkpointing already enabled stays on)."""
-        from twinkle.patch.fastpath import decoder_of, unwrap
-
         decoder = decoder_of(unwrap(model))
         handle = getattr(decoder, _HOOK_ATTR, None)
         if handle is not None:
@@ -140,8 +138,6 @@ class ActivationCheckpointing(Patch):
             setattr(decoder, _HOOK_ATTR, None)
 
 
-#: MLP classes whose forward is ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``.
-SWIGLU_MLPS = frozenset({"Qwen2MLP", "Qwen3MLP", "LlamaMLP", "MistralMLP", "Qwen2MoeMLP", "Qwen3MoeMLP", "Olmo2MLP"})
 _SWIGLU_ATTR = "_twinkle_swiglu_recompute"
 
 
@@ -161,13 +157,6 @@ def _swiglu_forward(self: Any, x: Any) -> Any:
     else:
         hidden = _act_mul(self, gate, up)
     return self.down_proj(hidden)
-
-
-def swiglu_mlps(model: Any) -> list[Any]:
-    """The SwiGLU MLP modules of ``model`` (:data:`SWIGLU_MLPS`)."""
-    from twinkle.patch.fastpath import unwrap
-
-    return [m for m in unwrap(model).modules() if type(m).__name__ in SWIGLU_MLPS]
 
 
 class RecomputeSwiGLU(Patch):
@@ -193,36 +182,26 @@ class RecomputeSwiGLU(Patch):
 
     def applies_to(self, model: Any) -> bool:
         """CUDA models with SwiGLU MLPs (:data:`SWIGLU_MLPS`)."""
-        from twinkle.patch.fastpath import model_device
-
         return model_device(model).type == "cuda" and bool(swiglu_mlps(model))
 
     def apply(self, model: Any) -> None:
         """Give each SwiGLU MLP the recomputing forward (idempotent)."""
-        from types import MethodType
-
-        from twinkle.patch.lora_mlp import FALLBACK_ATTR, is_fused
-
         for mlp in swiglu_mlps(model):
             if getattr(mlp, _SWIGLU_ATTR, False):
                 continue
             recompute = MethodType(_swiglu_forward, mlp)
-            if is_fused(mlp):  # FusedLoraMLP's forward stays; this becomes what it falls back to
-                setattr(mlp, FALLBACK_ATTR, recompute)
+            if is_fused_mlp(mlp):  # FusedLoraMLP's forward stays; this becomes what it falls back to
+                setattr(mlp, MLP_FALLBACK_ATTR, recompute)
             else:
                 mlp.forward = recompute
             setattr(mlp, _SWIGLU_ATTR, True)
 
     def revert(self, model: Any) -> None:
         """Keep the product again (the class's own forward)."""
-        from types import MethodType
-
-        from twinkle.patch.lora_mlp import FALLBACK_ATTR, is_fused
-
         for mlp in swiglu_mlps(model):
             if getattr(mlp, _SWIGLU_ATTR, False):
-                if is_fused(mlp):
-                    setattr(mlp, FALLBACK_ATTR, MethodType(type(mlp).forward, mlp))
+                if is_fused_mlp(mlp):
+                    setattr(mlp, MLP_FALLBACK_ATTR, MethodType(type(mlp).forward, mlp))
                 else:
                     del mlp.forward
                 setattr(mlp, _SWIGLU_ATTR, False)

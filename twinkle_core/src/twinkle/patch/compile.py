@@ -14,10 +14,11 @@ the bf16 input and the per-row scale. Numerics: inductor may reorder float32 red
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 from twinkle.patch.base import Patch
+from twinkle.patch.kernel_config import kernel_config
+from twinkle.patch.model_walk import decoder_layers, decoder_of, model_device
 
 logger = logging.getLogger("twinkle.patch")
 _COMPILED_ATTR = "_twinkle_compiled"
@@ -27,7 +28,8 @@ class CompileDecoderLayers(Patch):
     """``layer.compile()`` on each decoder layer of a model on CUDA.
 
     Args:
-        mode: ``torch.compile`` mode (default ``None``: inductor's default; ``TWINKLE_COMPILE_MODE``).
+        mode: ``torch.compile`` mode (default ``None``: inductor's default; ``kernel_config().compile_mode``,
+            env ``TWINKLE_COMPILE_MODE``).
         dynamic: ``torch.compile(dynamic=...)`` (default ``None``: static first, dynamic after
             a shape change, so padding-free batches of varying length compile twice at most).
 
@@ -41,13 +43,11 @@ class CompileDecoderLayers(Patch):
     order = 90
 
     def __init__(self, mode: str | None = None, dynamic: bool | None = None) -> None:
-        self.mode = mode if mode is not None else (os.environ.get("TWINKLE_COMPILE_MODE") or None)
+        self.mode = mode if mode is not None else (kernel_config().compile_mode or None)
         self.dynamic = dynamic
 
     def applies_to(self, model: Any) -> bool:
         """CUDA models with repeated decoder layers (CPU compile needs a C++ toolchain and long builds)."""
-        from twinkle.patch.fastpath import decoder_layers, model_device
-
         return model_device(model).type == "cuda" and bool(decoder_layers(model))
 
     def apply(self, model: Any) -> None:
@@ -73,8 +73,6 @@ class CompileDecoderLayers(Patch):
 def _compiled_modules(model: Any) -> list[Any]:
     """The decoder layers, then the decoder's final norm (``decoder.norm``) when it has one."""
     import torch
-
-    from twinkle.patch.fastpath import decoder_layers, decoder_of
 
     modules = decoder_layers(model)
     norm = getattr(decoder_of(model), "norm", None)

@@ -42,100 +42,44 @@ import os
 from typing import Any, Iterable, Mapping
 
 from twinkle.data_format.output import ModelOutput
-from twinkle.patch.varlen import IMPLEMENTATION as VARLEN
+from twinkle.patch.fused_linear_ce import linear_cross_entropy, linear_token_logps
+from twinkle.patch.model_walk import (
+    PLAIN_HEAD_MODEL_TYPES,
+    decoder_layers,
+    decoder_of,
+    get_flag,
+    lm_head_of,
+    model_device,
+    set_flag,
+    unwrap,
+)
+from twinkle.patch.varlen import causal_masks
 
 logger = logging.getLogger("twinkle.patch")
 
-#: Attribute on the (unwrapped) transformers model holding the fast-path flags.
-_FLAGS_ATTR = "_twinkle_fast_path"
-#: Model types whose causal-LM head is exactly ``lm_head(decoder(...).last_hidden_state)``.
-PLAIN_HEAD_MODEL_TYPES = frozenset(
-    {
-        "qwen2",
-        "qwen3",
-        "qwen2_moe",
-        "qwen3_moe",
-        "llama",
-        "mistral",
-        "mixtral",
-        "glm4",
-        "glm",
-        "deepseek_v2",
-        "deepseek_v3",
-        "phi3",
-        "olmo2",
-        "internlm3",
-    }
-)
-
-
-# ---------------------------------------------------------------------- model helpers
-def unwrap(model: Any) -> Any:
-    """The transformers model under a peft / DDP wrapper (the model itself otherwise)."""
-    seen = set()
-    while id(model) not in seen:
-        seen.add(id(model))
-        if hasattr(model, "get_base_model") and callable(model.get_base_model):
-            model = model.get_base_model()
-        elif hasattr(model, "module") and type(model).__name__ in ("DistributedDataParallel", "DataParallel"):
-            model = model.module
-    return model
-
-
-def set_flag(model: Any, name: str, value: Any) -> None:
-    """Record a fast-path flag on the unwrapped model (read with :func:`get_flag`)."""
-    base = unwrap(model)
-    flags = base.__dict__.setdefault(_FLAGS_ATTR, {})
-    flags[name] = value
-
-
-def get_flag(model: Any, name: str, default: Any = None) -> Any:
-    """A flag set by a patch (``None``/``default`` when unset)."""
-    return unwrap(model).__dict__.get(_FLAGS_ATTR, {}).get(name, default)
-
-
-def lm_head_of(model: Any) -> Any:
-    """The ``nn.Linear`` LM head of a plain causal LM (see :data:`PLAIN_HEAD_MODEL_TYPES`), else ``None``."""
-    import torch
-
-    base = unwrap(model)
-    config = getattr(base, "config", None)
-    if config is None or getattr(config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES:
-        return None
-    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logits_scaling", None):
-        return None
-    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    if not isinstance(head, torch.nn.Linear) or decoder_of(base) is None:
-        return None
-    return head
-
-
-def decoder_of(model: Any) -> Any:
-    """The decoder stack (``model.model`` for transformers causal LMs) or ``None``."""
-    base = unwrap(model)
-    prefix = getattr(base, "base_model_prefix", "model")
-    decoder = getattr(base, prefix, None)
-    return decoder if decoder is not None and decoder is not base else None
-
-
-def model_device(model: Any) -> Any:
-    """The device of the model's first parameter (CPU for a model without parameters)."""
-    import torch
-
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-def decoder_layers(model: Any) -> list[Any]:
-    """The repeated decoder layers (the first non-empty ``layers`` ModuleList)."""
-    import torch
-
-    for module in unwrap(model).modules():
-        layers = getattr(module, "layers", None)
-        if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:
-            return list(layers)
-    return []
+#: Names that live in :mod:`twinkle.patch.model_walk` (model walking) and :mod:`twinkle.patch.varlen`
+#: (``causal_masks``), kept importable from here.
+__all__ = [
+    "PLAIN_HEAD_MODEL_TYPES",
+    "HiddenStatesOutput",
+    "apply_patches",
+    "causal_masks",
+    "cross_entropy_sum",
+    "decoder_layers",
+    "decoder_of",
+    "disabled_from_env",
+    "enabled_from_env",
+    "get_flag",
+    "lm_head_of",
+    "model_device",
+    "optimizer_kwargs",
+    "resolve_patches",
+    "run_model",
+    "set_flag",
+    "token_logps_from_hidden",
+    "unwrap",
+    "uses_fused_head",
+]
 
 
 # ---------------------------------------------------------------------- patches
@@ -234,10 +178,14 @@ def apply_patches(model: Any, patches: Iterable[Any]) -> list[str]:
 class HiddenStatesOutput(ModelOutput):
     """Model outputs without materialized logits: ``hidden_states`` plus the LM head.
 
-    Losses that know the fused path (CrossEntropyLoss, :func:`twinkle.loss.base.token_logps`)
-    read ``hidden_states`` and ``lm_head_weight``; anything that asks for ``logits`` gets them
-    computed on first access (and cached), so every other loss and metric keeps working.
-    ``predictions`` (argmax ids) are filled by the fused cross-entropy for accuracy metrics.
+    Losses get what they need from the output object itself, never from this package: its
+    :meth:`label_logps` and :meth:`label_cross_entropy_sum` (declared by
+    :class:`~twinkle.data_format.output.ModelOutput`, where they return ``None``) compute the
+    token log-probabilities and the summed cross-entropy from ``hidden_states`` and
+    ``lm_head_weight`` in chunks (:mod:`twinkle.patch.fused_linear_ce`). Anything that asks for
+    ``logits`` gets them computed on first access (and cached), so every other loss and metric
+    keeps working. ``predictions`` (argmax ids) are filled by the fused cross-entropy for accuracy
+    metrics.
     """
 
     def _logits(self) -> Any:
@@ -272,41 +220,40 @@ class HiddenStatesOutput(ModelOutput):
         """Whether someone asked for the full logits."""
         return dict.get(self, "logits") is not None
 
+    def label_logps(self, labels: Any) -> Any:
+        """Per-token ``log_softmax(logits)[labels]`` ``[B, T]`` float32 from the hidden states, in chunks
+        (0 where the label is -100); ``None`` once the full logits exist (then they are cheaper)."""
+        if self.logits_materialized:
+            return None
+        return linear_token_logps(
+            dict.__getitem__(self, "hidden_states"),
+            dict.__getitem__(self, "lm_head_weight"),
+            labels,
+            bias=dict.get(self, "lm_head_bias"),
+        )
+
+    def label_cross_entropy_sum(self, labels: Any, label_smoothing: float = 0.0, num_labels: Any = None) -> Any:
+        """Summed token cross-entropy of ``labels`` from the hidden states, in chunks; ``None`` once the
+        full logits exist. Also stores ``self['predictions']`` (argmax ids, ``-1`` where ignored;
+        computed in the same pass) so accuracy metrics need no logits."""
+        if self.logits_materialized:
+            return None
+        loss, preds = linear_cross_entropy(
+            dict.__getitem__(self, "hidden_states"),
+            dict.__getitem__(self, "lm_head_weight"),
+            labels,
+            bias=dict.get(self, "lm_head_bias"),
+            label_smoothing=label_smoothing,
+            return_predictions=True,
+            num_labels=num_labels,
+        )
+        dict.__setitem__(self, "predictions", preds)
+        return loss
+
 
 def uses_fused_head(outputs: Any) -> bool:
     """Whether ``outputs`` carries hidden states and the LM head instead of computed logits."""
     return isinstance(outputs, HiddenStatesOutput) and not outputs.logits_materialized
-
-
-def causal_masks(model: Any, seq_len: int) -> dict[str, None] | None:
-    """``{layer_type: None}`` for a batch of whole rows without padding, where the model takes that.
-
-    Without a mask, transformers builds one from ``position_ids``: it reads on the host whether
-    the rows are packed (a wait for the GPU in every forward), and while a CUDA graph is being
-    captured, where it cannot read, it materializes a ``[T, T]`` mask, which takes sdpa off its
-    causal flash kernel. Rows that are each one whole sequence need no mask at all: passing the
-    per-layer-type mapping of ``None`` (transformers' own "masks already prepared" form) gives
-    sdpa's and flash attention's ``is_causal``. ``None`` (build as usual) unless the attention is
-    sdpa or flash attention, every layer attends causally over ``seq_len`` tokens (full, or a
-    sliding window at least that long), and the decoder's module builds masks with
-    ``create_causal_mask`` (the models that accept the mapping).
-    """
-    import sys
-
-    config = getattr(model, "config", None)
-    types = getattr(config, "layer_types", None)
-    attn = str(getattr(config, "_attn_implementation", "") or "")
-    if not types or not (attn in ("sdpa", VARLEN) or attn.startswith("flash_attention")):
-        return None
-    window = getattr(config, "sliding_window", None)
-    for kind in set(types):
-        if kind != "full_attention" and not (kind == "sliding_attention" and window and seq_len <= window):
-            return None
-    decoder = decoder_of(model)
-    module = sys.modules.get(type(decoder).__module__) if decoder is not None else None
-    if module is None or not hasattr(module, "create_causal_mask"):
-        return None
-    return dict.fromkeys(types)
 
 
 def run_model(model: Any, model_inputs: Mapping[str, Any]) -> ModelOutput:
@@ -332,8 +279,7 @@ def run_model(model: Any, model_inputs: Mapping[str, Any]) -> ModelOutput:
 def cross_entropy_sum(inputs: Mapping[str, Any], outputs: Any, label_smoothing: float = 0.0) -> Any:
     """Summed token cross-entropy from a :class:`HiddenStatesOutput` (``None`` if it has logits instead).
 
-    Also stores ``outputs['predictions']`` (argmax ids, ``-1`` where ignored; computed in
-    the same pass) so accuracy metrics need no logits.
+    The same as ``outputs.label_cross_entropy_sum(inputs["shift_labels"], ...)``, which losses call.
 
     Example::
 
@@ -341,33 +287,19 @@ def cross_entropy_sum(inputs: Mapping[str, Any], outputs: Any, label_smoothing: 
     """
     if not uses_fused_head(outputs):
         return None
-    from twinkle.patch.fused_linear_ce import linear_cross_entropy
-
-    loss, preds = linear_cross_entropy(
-        dict.__getitem__(outputs, "hidden_states"),
-        dict.__getitem__(outputs, "lm_head_weight"),
-        inputs["shift_labels"],
-        bias=dict.get(outputs, "lm_head_bias"),
-        label_smoothing=label_smoothing,
-        return_predictions=True,
-        num_labels=inputs.get("num_label_tokens"),
+    return outputs.label_cross_entropy_sum(
+        inputs["shift_labels"], label_smoothing=label_smoothing, num_labels=inputs.get("num_label_tokens")
     )
-    dict.__setitem__(outputs, "predictions", preds)
-    return loss
 
 
 def token_logps_from_hidden(inputs: Mapping[str, Any], outputs: Any) -> Any:
-    """Per-token label log-probs ``[B, T]`` from a :class:`HiddenStatesOutput` (``None`` if it has logits)."""
+    """Per-token label log-probs ``[B, T]`` from a :class:`HiddenStatesOutput` (``None`` if it has logits).
+
+    The same as ``outputs.label_logps(inputs["shift_labels"])``, which losses call.
+    """
     if not uses_fused_head(outputs):
         return None
-    from twinkle.patch.fused_linear_ce import linear_token_logps
-
-    return linear_token_logps(
-        dict.__getitem__(outputs, "hidden_states"),
-        dict.__getitem__(outputs, "lm_head_weight"),
-        inputs["shift_labels"],
-        bias=dict.get(outputs, "lm_head_bias"),
-    )
+    return outputs.label_logps(inputs["shift_labels"])
 
 
 # ---------------------------------------------------------------------- optimizer

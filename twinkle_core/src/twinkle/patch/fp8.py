@@ -27,9 +27,10 @@ It takes the layers over from ``MergedLoraForward`` and ``FusedLoraMLP``. Those 
 merged weight. Requirements:
 
 * bf16 weights;
-* both dimensions multiples of 16, and at least ``Fp8FrozenGemms.min_features`` (1024; env
-  ``TWINKLE_FP8_MIN_FEATURES``): smaller GEMMs lose more to the quantization passes and the lost
-  merged path than FP8 saves (a 0.5B LoRA step ran 0.84x as fast with all its layers in FP8);
+* both dimensions multiples of 16, and at least ``Fp8FrozenGemms.min_features`` (default
+  ``kernel_config().fp8_min_features``, 1024; env ``TWINKLE_FP8_MIN_FEATURES``): smaller GEMMs
+  lose more to the quantization passes and the lost merged path than FP8 saves (a 0.5B LoRA
+  step ran 0.84x as fast with all its layers in FP8);
 * a CUDA device of compute capability 8.9 or newer (Ada, Hopper), or the CPU, where PyTorch
   implements the same ``_scaled_mm``, which is how CI checks it;
 * plain tensors: weights sharded by FSDP2 (DTensors) keep bf16.
@@ -44,10 +45,12 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from typing import Any
 
 from twinkle.patch.base import Patch
+from twinkle.patch.kernel_config import kernel_config
+from twinkle.patch.lora_common import FP8_ATTR, LEAN_ATTR, MERGED_ATTR, count_kept_merged, lora_linear_layers
+from twinkle.patch.model_walk import decoder_of, get_flag, set_flag, unwrap
 
 logger = logging.getLogger("twinkle.patch")
 
@@ -194,25 +197,32 @@ class Fp8FrozenGemms(Patch):
     order = 24  # after MergedLoraForward and FusedLoraMLP, whose layers it takes over
     #: Layers with fewer input or output features keep the exact merged path: their GEMMs are too
     #: small for FP8 to win back the activation quantization and the lost merge (decision 0017).
-    min_features = int(os.environ.get("TWINKLE_FP8_MIN_FEATURES", "1024"))
+    #: ``None``: ``kernel_config().fp8_min_features`` (1024; env ``TWINKLE_FP8_MIN_FEATURES``), read per call.
+    min_features: int | None = None
+
+    def __init__(self, min_features: int | None = None) -> None:
+        if min_features is not None:
+            self.min_features = min_features
+
+    def features_needed(self) -> int:
+        """The smallest input/output width of a layer this patch takes (:attr:`min_features`)."""
+        return self.min_features if self.min_features is not None else kernel_config().fp8_min_features
 
     def layers(self, model: Any) -> list[Any]:
         """Lean LoRA layers of a frozen bf16 ``[out, in]`` base weight, both multiples of 16, >= min_features."""
         import torch
 
-        from twinkle.patch.lora_fast import _LEAN_ATTR, lora_linear_layers
-
-        found = []
+        found, minimum = [], self.features_needed()
         for layer in lora_linear_layers(model):
             base = layer.get_base_layer()
             weight = getattr(base, "weight", None)
-            if not getattr(layer, _LEAN_ATTR, False) or type(base) is not torch.nn.Linear:
+            if not getattr(layer, LEAN_ATTR, False) or type(base) is not torch.nn.Linear:
                 continue
             if weight.requires_grad or weight.dtype != torch.bfloat16 or not _supported_device(weight.device):
                 continue
             if type(weight.data) is not torch.Tensor:  # sharded (FSDP2's DTensor) or another subclass
                 continue
-            if weight.shape[0] % 16 or weight.shape[1] % 16 or min(weight.shape) < self.min_features:
+            if weight.shape[0] % 16 or weight.shape[1] % 16 or min(weight.shape) < minimum:
                 continue
             found.append(layer)
         return found
@@ -222,9 +232,6 @@ class Fp8FrozenGemms(Patch):
 
         Asked for by name, the patch says once why a model with LoRA layers gets none in FP8.
         """
-        from twinkle.patch.fastpath import get_flag, set_flag
-        from twinkle.patch.lora_fast import lora_linear_layers
-
         if self.layers(model):
             return True
         lora = lora_linear_layers(model)
@@ -237,7 +244,7 @@ class Fp8FrozenGemms(Patch):
                 "and layers of at least %d features (TWINKLE_FP8_MIN_FEATURES: smaller layers run faster exact). "
                 "First layer: %s %s on %s",
                 len(lora),
-                self.min_features,
+                self.features_needed(),
                 tuple(weight.shape),
                 str(weight.dtype).replace("torch.", ""),
                 weight.device,
@@ -246,18 +253,15 @@ class Fp8FrozenGemms(Patch):
 
     def apply(self, model: Any) -> None:
         """Give each such layer its FP8 copies; refresh them before every forward of the model."""
-        from twinkle.patch.fastpath import decoder_of, get_flag, set_flag, unwrap
-        from twinkle.patch.lora_fast import _FP8_ATTR, _MERGED_ATTR, count_kept_merged, lora_linear_layers
-
         _Fp8LinearFunction.get()  # built here, not on first use inside a compiled layer
         for layer in self.layers(model):
-            fp8 = getattr(layer, _FP8_ATTR, None)
+            fp8 = getattr(layer, FP8_ATTR, None)
             base = layer.get_base_layer()
             if fp8 is None or fp8.source is not base:
-                setattr(layer, _FP8_ATTR, Fp8Weight(base))
-            layer.__dict__.pop(_MERGED_ATTR, None)  # the merged path would bypass the FP8 weights
+                setattr(layer, FP8_ATTR, Fp8Weight(base))
+            layer.__dict__.pop(MERGED_ATTR, None)  # the merged path would bypass the FP8 weights
         count_kept_merged(model)  # fewer merged weights kept now
-        copies = [getattr(layer, _FP8_ATTR) for layer in lora_linear_layers(model) if hasattr(layer, _FP8_ATTR)]
+        copies = [getattr(layer, FP8_ATTR) for layer in lora_linear_layers(model) if hasattr(layer, FP8_ATTR)]
         set_flag(model, "fp8_weights", copies)
         if get_flag(model, "fp8_refresh_hook") is None:
             # on the decoder: TransformersModel's fused head calls it directly; any other forward
@@ -268,11 +272,8 @@ class Fp8FrozenGemms(Patch):
 
     def revert(self, model: Any) -> None:
         """The bf16 path again (MergedLoraForward marks its layers on the next apply)."""
-        from twinkle.patch.fastpath import get_flag, set_flag
-        from twinkle.patch.lora_fast import _FP8_ATTR, lora_linear_layers
-
         for layer in lora_linear_layers(model):
-            layer.__dict__.pop(_FP8_ATTR, None)
+            layer.__dict__.pop(FP8_ATTR, None)
         hook = get_flag(model, "fp8_refresh_hook")
         if hook is not None:
             hook.remove()
@@ -288,8 +289,6 @@ def _refresh(model: Any) -> None:
     layers one by one, so the hook runs eagerly before them.
     """
     import torch
-
-    from twinkle.patch.fastpath import get_flag
 
     if torch.compiler.is_compiling():
         return

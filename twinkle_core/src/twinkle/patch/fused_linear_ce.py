@@ -19,22 +19,22 @@ path (see :mod:`twinkle.patch.fastpath`).
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 from twinkle.data_format.features import IGNORE_INDEX
+from twinkle.patch import triton_ce
 from twinkle.patch.base import Patch
+from twinkle.patch.kernel_config import kernel_config
+from twinkle.patch.model_walk import lm_head_of, set_flag
 
-#: Bytes of float32 logits one chunk may hold (the chunk's rows follow from the vocab size):
-#: 512 MiB gives 512 tokens of a 152k vocabulary (a 0.16 GB bf16 buffer, rounded down to a
-#: power of two); on an H200 (0.5B LoRA, 16k tokens) it was as fast as 1 GiB (1024 tokens) and
-#: 0.3 GiB lighter at peak.
-CHUNK_BYTES = int(os.environ.get("TWINKLE_LCE_CHUNK_BYTES", str(1 << 29)))
-#: The same when the LM head itself trains (full fine-tuning): every chunk adds its weight
-#: gradient into one float32 ``[vocab, hidden]`` buffer, and at 512 rows that read-modify-write
-#: (1.1 GB for Qwen2.5-0.5B's head) took longer than the chunk's matmul. 2 GiB (2048 rows of a
-#: 152k vocabulary, a 0.6 GB bf16 buffer) does a quarter of those passes.
-WEIGHT_GRAD_CHUNK_BYTES = int(os.environ.get("TWINKLE_LCE_WEIGHT_GRAD_CHUNK_BYTES", str(1 << 31)))
+# How many rows one chunk holds: ``kernel_config().lce_chunk_bytes`` (512 MiB; env
+# TWINKLE_LCE_CHUNK_BYTES) of float32 logits. 512 MiB gives 512 tokens of a 152k vocabulary (a
+# 0.16 GB bf16 buffer, rounded down to a power of two); on an H200 (0.5B LoRA, 16k tokens) it was
+# as fast as 1 GiB (1024 tokens) and 0.3 GiB lighter at peak. When the LM head itself trains (full
+# fine-tuning) ``lce_weight_grad_chunk_bytes`` (2 GiB; TWINKLE_LCE_WEIGHT_GRAD_CHUNK_BYTES): every
+# chunk adds its weight gradient into one float32 ``[vocab, hidden]`` buffer, and at 512 rows that
+# read-modify-write (1.1 GB for Qwen2.5-0.5B's head) took longer than the chunk's matmul; 2048
+# rows of a 152k vocabulary (a 0.6 GB bf16 buffer) do a quarter of those passes.
 
 
 def _chunk_rows(num_rows: int, vocab: int, chunk_rows: int | None, weight_grad: bool = False) -> int:
@@ -42,7 +42,9 @@ def _chunk_rows(num_rows: int, vocab: int, chunk_rows: int | None, weight_grad: 
         if chunk_rows < 1:
             raise ValueError(f"linear_cross_entropy: chunk_rows must be >= 1, got {chunk_rows}")
         return chunk_rows
-    rows = max(1, (WEIGHT_GRAD_CHUNK_BYTES if weight_grad else CHUNK_BYTES) // (4 * vocab))
+    config = kernel_config()
+    budget = config.lce_weight_grad_chunk_bytes if weight_grad else config.lce_chunk_bytes
+    rows = max(1, budget // (4 * vocab))
     # Equal chunks (a power of two where possible) keep compiled kernels to one shape.
     rows = 1 << int(math.log2(rows))
     return min(rows, max(1, num_rows))
@@ -85,28 +87,27 @@ _KERNELS = ("auto", "triton", "inductor", "eager")
 def chunk_kernel(device_type: str) -> str:
     """Which implementation computes a chunk's loss and gradient: ``triton``, ``inductor`` or ``eager``.
 
-    ``TWINKLE_LCE_KERNEL`` picks one (default ``auto``: the Triton kernel of
-    :mod:`twinkle.patch.triton_ce` on CUDA when triton imports, else the chunk function compiled by
-    inductor on CUDA, eager on other devices). ``triton`` on CPU needs ``TRITON_INTERPRET=1``.
+    ``kernel_config().lce_kernel`` picks one (env ``TWINKLE_LCE_KERNEL``; default ``auto``: the
+    Triton kernel of :mod:`twinkle.patch.triton_ce` on CUDA when triton imports, else the chunk
+    function compiled by inductor on CUDA, eager on other devices; ``lce_compile=False`` makes
+    ``auto`` and ``inductor`` eager). ``triton`` on CPU needs ``TRITON_INTERPRET=1``.
     """
-    choice = os.environ.get("TWINKLE_LCE_KERNEL", "auto").strip().lower() or "auto"
+    config = kernel_config()
+    choice = str(config.lce_kernel).strip().lower() or "auto"
     if choice not in _KERNELS:
-        raise ValueError(f"TWINKLE_LCE_KERNEL={choice!r}: choose one of {', '.join(_KERNELS)}")
-    if os.environ.get("TWINKLE_LCE_COMPILE", "1") == "0" and choice in ("auto", "inductor"):
+        raise ValueError(
+            f"TWINKLE_LCE_KERNEL={choice!r}: choose one of {', '.join(_KERNELS)} (kernel_config().lce_kernel)"
+        )
+    if not config.lce_compile and choice in ("auto", "inductor"):
         return "eager"
     if choice == "auto":
-        from twinkle.patch import triton_ce
-
         if device_type != "cuda":
             return "eager"
         return "triton" if triton_ce.available() else "inductor"
     if choice == "inductor" and device_type != "cuda":
         return "eager"
-    if choice == "triton":
-        from twinkle.patch import triton_ce
-
-        if not triton_ce.available():
-            raise ValueError("TWINKLE_LCE_KERNEL=triton, but triton does not import: pip install triton, or unset it")
+    if choice == "triton" and not triton_ce.available():
+        raise ValueError("TWINKLE_LCE_KERNEL=triton, but triton does not import: pip install triton, or unset it")
     return choice
 
 
@@ -193,8 +194,7 @@ class _LinearCrossEntropyFunction:
                     preds = torch.empty(n, dtype=torch.long, device=hidden.device)
                     kernel = chunk_kernel(hidden.device.type)
                     if kernel == "triton":  # per-row losses, summed once at the end
-                        from twinkle.patch.triton_ce import ce_chunk_
-
+                        ce_chunk_ = triton_ce.ce_chunk_
                         losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
                     else:  # a running sum from the PyTorch chunk function
                         chunk, losses = _chunk_fn(kernel), None
@@ -274,9 +274,9 @@ def linear_cross_entropy(
         labels: ``[...]`` target ids, ``-100`` = ignored; same leading shape as ``hidden``.
         bias: optional ``[V]`` LM-head bias.
         label_smoothing: as in :func:`torch.nn.functional.cross_entropy`.
-        chunk_rows: tokens per chunk (default: as many as fit in ``TWINKLE_LCE_CHUNK_BYTES``
-            of float32 logits, 512 MiB; ``TWINKLE_LCE_WEIGHT_GRAD_CHUNK_BYTES``, 2 GiB, when
-            ``weight`` needs a gradient).
+        chunk_rows: tokens per chunk (default: as many as fit in ``kernel_config().lce_chunk_bytes``
+            of float32 logits, 512 MiB; ``lce_weight_grad_chunk_bytes``, 2 GiB, when ``weight``
+            needs a gradient; :mod:`twinkle.patch.kernel_config`).
         return_predictions: also return the argmax id of every token (``-1`` where the
             label is ignored), computed in the same pass, for accuracy metrics.
         num_labels: the number of labels that are not ``-100``, when the caller knows it
@@ -401,7 +401,7 @@ def linear_token_logps(
         weight: ``[V, H]`` LM-head weight.
         labels: ``[...]`` target ids (``-100`` = ignored).
         bias: optional ``[V]`` bias.
-        chunk_rows: tokens per chunk (default: from ``TWINKLE_LCE_CHUNK_BYTES``).
+        chunk_rows: tokens per chunk (default: from ``kernel_config().lce_chunk_bytes``).
 
     Returns:
         float32 ``[...]`` log-probabilities, differentiable (backward recomputes each chunk's logits).
@@ -425,8 +425,9 @@ class FusedLinearCrossEntropy(Patch):
     """Compute the LM head and the cross-entropy together, in chunks (:func:`linear_cross_entropy`).
 
     Applying it marks the model so that TransformersModel asks the decoder for the last
-    hidden states instead of logits, and the loss (through :func:`twinkle.patch.fastpath.cross_entropy_sum`
-    / ``outputs['hidden_states']``) never materializes ``[tokens, vocab]`` float32 logits.
+    hidden states instead of logits, and the loss (through the output's
+    :meth:`~twinkle.patch.fastpath.HiddenStatesOutput.label_cross_entropy_sum`) never
+    materializes ``[tokens, vocab]`` float32 logits.
     Exact: same matmul dtype, float32 softmax, per-token rows computed whole.
 
     Example::
@@ -439,18 +440,12 @@ class FusedLinearCrossEntropy(Patch):
 
     def applies_to(self, model: Any) -> bool:
         """Causal LMs with a linear ``lm_head`` (what :func:`lm_head_of` finds)."""
-        from twinkle.patch.fastpath import lm_head_of
-
         return lm_head_of(model) is not None
 
     def apply(self, model: Any) -> None:
         """Mark ``model`` so the forward returns hidden states for the fused loss."""
-        from twinkle.patch.fastpath import set_flag
-
         set_flag(model, "fused_linear_ce", True)
 
     def revert(self, model: Any) -> None:
         """Back to plain logits."""
-        from twinkle.patch.fastpath import set_flag
-
         set_flag(model, "fused_linear_ce", False)

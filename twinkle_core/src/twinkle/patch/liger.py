@@ -17,6 +17,7 @@ import importlib.util
 from typing import Any
 
 from twinkle.patch.base import Patch
+from twinkle.patch.model_walk import get_flag, model_device, set_flag, unwrap
 
 
 def liger_available() -> bool:
@@ -46,8 +47,6 @@ class LigerKernels(Patch):
 
     def applies_to(self, model: Any) -> bool:
         """liger-kernel installed, model on CUDA and of a type Liger supports."""
-        from twinkle.patch.fastpath import model_device, unwrap
-
         if not liger_available() or model_device(model).type != "cuda":
             return False
         from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
@@ -57,8 +56,6 @@ class LigerKernels(Patch):
     def apply(self, model: Any) -> None:
         """Patch the model instance (and its classes) with Liger's kernels."""
         from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
-
-        from twinkle.patch.fastpath import get_flag, set_flag, unwrap
 
         base = unwrap(model)
         if get_flag(base, "liger", False):

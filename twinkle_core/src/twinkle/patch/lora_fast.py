@@ -23,30 +23,35 @@ here remove that work:
 
 from __future__ import annotations
 
-import os
 from types import MethodType
 from typing import Any
 
 from twinkle.patch.base import Patch
 from twinkle.patch.fp8 import fp8_linear
+from twinkle.patch.kernel_config import kernel_choice
+from twinkle.patch.lora_common import (
+    FP8_ATTR,
+    GRAD_KERNEL_ATTR,
+    LEAN_ATTR,
+    MERGE_KERNEL_ATTR,
+    MERGED_ATTR,
+    cat,
+    count_kept_merged,
+    layer_kernels,
+    lora_linear_layers,
+    low_rank_grads,
+    merge,
+    merge_pays,
+    plain_adapter,
+    scale_columns,
+    uniform_scaling,
+    use_kernel,
+)
+from twinkle.patch.model_walk import set_flag
 
-_LEAN_ATTR = "_twinkle_lean_forward"
-_FP8_ATTR = "_twinkle_fp8"  # the layer's FP8 copies of its frozen weight (twinkle.patch.fp8.Fp8FrozenGemms)
-_MERGED_ATTR = "_twinkle_merged"
-_GRAD_KERNEL_ATTR = "_twinkle_lora_grad_kernel"  # backward through twinkle::lora_grads (triton_lora)
-_MERGE_KERNEL_ATTR = "_twinkle_lora_merge_kernel"  # merged weights through twinkle::lora_merge (triton_lora)
 _GROUP_ATTR = "_twinkle_group"  # on a group's first layer: the other layers that read its input
 _GROUP_OUT_ATTR = "_twinkle_group_out"  # on the others: (input, output) left by the first
 _GROUP_STACK_ATTR = "_twinkle_group_stack"  # on a group's first layer: one GEMM on the stacked weights
-
-
-def lora_linear_layers(model: Any) -> list[Any]:
-    """Every ``peft.tuners.lora.Linear`` module in ``model`` (empty without peft)."""
-    try:
-        from peft.tuners.lora.layer import Linear as LoraLinear
-    except ImportError:
-        return []
-    return [m for m in model.modules() if isinstance(m, LoraLinear)]
 
 
 class Bf16Adapters(Patch):
@@ -87,34 +92,6 @@ class Bf16Adapters(Patch):
                             param.data = param.data.to(dtype)
 
 
-def _plain_adapter(layer: Any, x: Any) -> tuple[Any, Any, Any, float] | None:
-    """``(base, A, B, scaling)`` when ``layer(x)`` is the plain LoRA case; ``None`` for peft's forward.
-
-    Plain: adapters enabled and not merged, one active vanilla adapter without dropout or LoRA
-    bias, an ``nn.Linear`` base, and ``x``, the base weight and the adapter in one dtype.
-    """
-    import torch
-
-    if layer.disable_adapters or layer.merged:
-        return None
-    active = layer.active_adapters
-    if len(active) != 1:
-        return None
-    name = active[0]
-    if name not in layer.lora_A or name in getattr(layer, "lora_variant", {}):
-        return None
-    if not isinstance(layer.lora_dropout[name], torch.nn.Identity):
-        return None
-    base = layer.get_base_layer()
-    if type(base) is not torch.nn.Linear or getattr(layer, "lora_bias", {}).get(name, False):
-        return None
-    weight_a = layer.lora_A[name].weight
-    weight_b = layer.lora_B[name].weight
-    if not (x.dtype == base.weight.dtype == weight_a.dtype == weight_b.dtype):
-        return None
-    return base, weight_a, weight_b, float(layer.scaling[name])
-
-
 def _lean_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     """``y = x W^T + b + scaling * (x A^T) B^T`` in two calls; peft's forward for anything else.
 
@@ -135,25 +112,25 @@ def _lean_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
         setattr(self, _GROUP_OUT_ATTR, None)
         if pending[0] is x:
             return pending[1]
-    plain = _plain_adapter(self, x)
+    plain = plain_adapter(self, x)
     if plain is None:
         return fallback(x)
-    merged = getattr(self, _MERGED_ATTR, None)
+    merged = getattr(self, MERGED_ATTR, None)
     if merged:
         keep = merged == "keep"
         followers = getattr(self, _GROUP_ATTR, None)
         if followers:
-            members = [plain, *(_plain_adapter(layer, x) for layer in followers)]
-            if all(m is not None for m in members) and _merge_pays(x, [m[0] for m in members], keep):
+            members = [plain, *(plain_adapter(layer, x) for layer in followers)]
+            if all(m is not None for m in members) and merge_pays(x, [m[0] for m in members], keep):
                 stack = getattr(self, _GROUP_STACK_ATTR, False)
-                outs = _merged_lora(x, members, keep, _kernels(self), stack)
+                outs = _merged_lora(x, members, keep, layer_kernels(self), stack)
                 for layer, out in zip(followers, outs[1:]):
                     setattr(layer, _GROUP_OUT_ATTR, (x, out))
                 return outs[0]
-        if _merge_pays(x, [plain[0]], keep):
-            return _merged_lora(x, [plain], keep, _kernels(self))[0]
+        if merge_pays(x, [plain[0]], keep):
+            return _merged_lora(x, [plain], keep, layer_kernels(self))[0]
     base, weight_a, weight_b, scaling = plain
-    fp8 = getattr(self, _FP8_ATTR, None)
+    fp8 = getattr(self, FP8_ATTR, None)
     if fp8 is not None:
         result = fp8_linear(x, fp8, base.bias)
     else:
@@ -162,49 +139,6 @@ def _lean_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     # add so that, in compiled layers, inductor fuses it into the consumer (RoPE, SiLU*up, residual)
     low_rank = torch.nn.functional.linear(x, weight_a) * scaling
     return result + torch.nn.functional.linear(low_rank, weight_b)
-
-
-def _merge_pays(x: Any, bases: list[Any], keep: bool, tokens: int | None = None) -> bool:
-    """Whether ``x (W + s B A)^T`` moves fewer bytes than ``x W^T + s (x A^T) B^T`` for this call.
-
-    ``bases`` are the base ``Linear`` layers that would share one merged GEMM (one layer, or a
-    group reading the same input), taken together as one ``[sum(out), in]`` weight. ``tokens``:
-    the rows of the call (default: ``x``'s, when ``x`` is the layers' input).
-
-    Unmerged, LoRA writes and re-reads a ``[tokens, out]`` product in forward and a
-    ``[tokens, in]`` one in backward; merged, it writes and reads an ``[out, in]`` weight once per
-    forward (and again in backward when the merged weight is not kept). So merging pays from
-    ``out * in / (out + in)`` tokens when training (about 1.8k-3k for a 7B layer), twice that
-    when the merged weight is recomputed, and from ``in`` tokens without gradients. The base
-    weights and biases must be frozen (the merged path gives no gradient for them).
-    """
-    import torch
-
-    for base in bases:
-        if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
-            return False
-    in_f = bases[0].weight.shape[1]
-    out_f = sum(base.weight.shape[0] for base in bases)
-    if tokens is None:
-        tokens = x.numel() // max(1, in_f)
-    if not torch.is_grad_enabled():
-        return tokens >= in_f
-    threshold = out_f * in_f / (out_f + in_f)
-    return tokens >= (threshold if keep else 2 * threshold)
-
-
-def _cat(tensors: list[Any], dim: int = 0) -> Any:
-    """``torch.cat`` that returns a single tensor as it is (no copy)."""
-    import torch
-
-    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim)
-
-
-def _scale_columns(low: Any, scalings: tuple[float, ...], ranks: tuple[int, ...]) -> Any:
-    """``low`` (``[tokens, sum(r)]``) with each member's ``r`` columns times its scaling."""
-    if len(set(scalings)) == 1:
-        return low * scalings[0]
-    return _cat([part * s for part, s in zip(low.split(list(ranks), -1), scalings)], -1)
 
 
 def _merged_lora(
@@ -216,7 +150,7 @@ def _merged_lora(
 ) -> tuple[Any, ...]:
     """Each member's ``x (W_i + s_i B_i A_i)^T + b_i`` on its merged weight, one output per member.
 
-    ``members`` are :func:`_plain_adapter` tuples of layers that read ``x``. ``stack``: one GEMM on
+    ``members`` are :func:`plain_adapter` tuples of layers that read ``x``. ``stack``: one GEMM on
     the stacked merged weights (the outputs are views of one ``[..., sum(out)]`` result); otherwise
     one GEMM per member, the low-rank work over ``x`` still shared. ``kernels``: ``(grad, merge)``,
     the low-rank gradients through ``twinkle::lora_grads`` and the merged weights through
@@ -227,10 +161,10 @@ def _merged_lora(
     bases = [m[0] for m in members]
     biases = [base.bias for base in bases]
     if not torch.is_grad_enabled():  # forward only (log-probs, eval): no x A^T to keep
-        merged = [_merge([base.weight], [b], [a], kernels[1], [s]) for base, a, b, s in members]
+        merged = [merge([base.weight], [b], [a], kernels[1], [s]) for base, a, b, s in members]
         if not stack or len(members) == 1:
             return tuple(torch.nn.functional.linear(x, w, bias) for w, bias in zip(merged, biases))
-        out = torch.nn.functional.linear(x, _cat(merged), _stacked_bias(biases, [base.weight for base in bases]))
+        out = torch.nn.functional.linear(x, cat(merged), _stacked_bias(biases, [base.weight for base in bases]))
     else:
         fn = _MergedLoraFunction.get()
         out = fn.apply(
@@ -256,52 +190,7 @@ def _stacked_bias(biases: list[Any], weights: list[Any]) -> Any:
 
     if all(b is None for b in biases):
         return None
-    return _cat([b if b is not None else w.new_zeros(w.shape[0]) for b, w in zip(biases, weights)])
-
-
-def _low_rank_grads(g: Any, low: Any, weight_b: Any, kernel: bool, scale: float = 1.0) -> tuple[Any, Any]:
-    """``(s g @ B, s g^T @ low)``: ``[tokens, r]`` and ``[out, r]``, in ``g``'s dtype.
-
-    ``low`` is the unscaled ``x A^T``; ``s`` LoRA's scaling, so the first is what ``A``'s gradient
-    multiplies ``x`` by and the second is ``B``'s gradient. ``kernel``: one pass over ``g`` for both
-    and a second launch that sums, scales and rounds them (``twinkle::lora_grads``); otherwise two
-    cuBLAS calls.
-    """
-    import torch
-
-    if kernel:
-        return torch.ops.twinkle.lora_grads(g.contiguous(), low.contiguous(), weight_b.contiguous(), float(scale))
-    gb, grad_b = g @ weight_b, g.t() @ low
-    return (gb, grad_b) if scale == 1.0 else (gb * scale, grad_b * scale)
-
-
-def _kernels(layer: Any) -> tuple[bool, bool]:
-    """``(grad, merge)``: whether ``layer`` uses ``twinkle::lora_grads`` and ``twinkle::lora_merge``."""
-    return getattr(layer, _GRAD_KERNEL_ATTR, False), getattr(layer, _MERGE_KERNEL_ATTR, False)
-
-
-def _merge(
-    weights: list[Any], weights_b: list[Any], weights_a: list[Any], kernel: bool, scales: list[float] | None = None
-) -> Any:
-    """``[W_1 + s_1 B_1 A_1; ...]`` stacked by rows (``s_i``: ``scales``, default 1): one pass over
-    each ``W`` with ``kernel`` (``twinkle::lora_merge``, the scaling applied inside it), else
-    ``addmm`` (which copies ``W`` into its output first)."""
-    import torch
-
-    scales = [1.0] * len(weights) if scales is None else [float(s) for s in scales]
-    if kernel:
-        return torch.ops.twinkle.lora_merge(
-            [w.contiguous() for w in weights],
-            [b.contiguous() for b in weights_b],
-            [a.contiguous() for a in weights_a],
-            scales,
-        )
-    return _cat([torch.addmm(w, b, a, alpha=s) for w, b, a, s in zip(weights, weights_b, weights_a, scales)])
-
-
-def _uniform(scalings: tuple[float, ...]) -> float | None:
-    """The one scaling of a group's members, or ``None`` when they differ."""
-    return scalings[0] if len(set(scalings)) == 1 else None
+    return cat([b if b is not None else w.new_zeros(w.shape[0]) for b, w in zip(biases, weights)])
 
 
 class _MergedLoraFunction:
@@ -340,14 +229,14 @@ class _MergedLoraFunction:
                     weights_a, weights_b = tensors[2 * n : 3 * n], tensors[3 * n :]
                     adapters = list(zip(weights, weights_a, weights_b, scalings))
                     if stack:
-                        merged = [_merge(list(weights), list(weights_b), list(weights_a), merge_kernel, scalings)]
+                        merged = [merge(list(weights), list(weights_b), list(weights_a), merge_kernel, scalings)]
                         outs = (torch.nn.functional.linear(x, merged[0], _stacked_bias(list(biases), list(weights))),)
                     else:
-                        merged = [_merge([w], [b], [a], merge_kernel, [s]) for w, a, b, s in adapters]
+                        merged = [merge([w], [b], [a], merge_kernel, [s]) for w, a, b, s in adapters]
                         outs = tuple(torch.nn.functional.linear(x, w, bias) for w, bias in zip(merged, biases))
                     flat = x.reshape(-1, x.shape[-1])
                     ranks = tuple(a.shape[0] for a in weights_a)
-                    low = flat @ _cat(list(weights_a)).t()  # unscaled: backward applies s where it sums
+                    low = flat @ cat(list(weights_a)).t()  # unscaled: backward applies s where it sums
                     ctx.scalings, ctx.ranks, ctx.stack = scalings, ranks, stack
                     ctx.grad_kernel, ctx.merge_kernel = grad_kernel, merge_kernel
                     ctx.x_shape, ctx.kept = x.shape, len(merged) if keep_merged else 0
@@ -377,10 +266,10 @@ class _MergedLoraFunction:
                             # graph dedupes the two merges and keeps the forward's merged weight
                             scaled_a = [a * s for a, s in zip(weights_a, scalings)]
                             if ctx.stack:
-                                merged = [_merge(list(weights), list(weights_b), scaled_a, ctx.merge_kernel)]
+                                merged = [merge(list(weights), list(weights_b), scaled_a, ctx.merge_kernel)]
                             else:
                                 merged = [
-                                    _merge([w], [b], [a], ctx.merge_kernel)
+                                    merge([w], [b], [a], ctx.merge_kernel)
                                     for w, b, a in zip(weights, weights_b, scaled_a)
                                 ]
                         acc = gs[0] @ merged[0]
@@ -389,8 +278,8 @@ class _MergedLoraFunction:
                         grad_x = acc.view(ctx.x_shape)
                     if ctx.stack:
                         block_b = weights_b[0] if n == 1 else torch.block_diag(*weights_b)
-                        scale = _uniform(scalings)  # None: the members differ, scaled one by one below
-                        gb, grad_b = _low_rank_grads(
+                        scale = uniform_scaling(scalings)  # None: the members differ, scaled one by one below
+                        gb, grad_b = low_rank_grads(
                             gs[0], low, block_b, ctx.grad_kernel, 1.0 if scale is None else scale
                         )
                         # [sum(out), sum(r)]: member i's block on the diagonal
@@ -400,13 +289,13 @@ class _MergedLoraFunction:
                             grads_b.append(block if scale is not None else block * s)
                             row, col = row + w.shape[0], col + r
                         if scale is None:
-                            gb = _scale_columns(gb, scalings, ranks)
+                            gb = scale_columns(gb, scalings, ranks)
                     else:
                         parts = [
-                            _low_rank_grads(g, piece, b, ctx.grad_kernel, s)
+                            low_rank_grads(g, piece, b, ctx.grad_kernel, s)
                             for g, piece, b, s in zip(gs, low.split(list(ranks), -1), weights_b, scalings)
                         ]
-                        gb = _cat([part[0] for part in parts], -1)
+                        gb = cat([part[0] for part in parts], -1)
                         grads_b = [part[1] for part in parts]
                     grad_a = gb.to(dtype).t() @ flat  # [sum(r), in]
                     grads_a = list(grad_a.split(list(ranks)))
@@ -435,60 +324,19 @@ class FusedLoraLinear(Patch):
     def apply(self, model: Any) -> None:
         """Give each LoRA Linear the lean forward (idempotent)."""
         for layer in lora_linear_layers(model):
-            if getattr(layer, _LEAN_ATTR, False):
+            if getattr(layer, LEAN_ATTR, False):
                 continue
             layer._twinkle_peft_forward = layer.forward
             layer.forward = MethodType(_lean_forward, layer)
-            setattr(layer, _LEAN_ATTR, True)
+            setattr(layer, LEAN_ATTR, True)
 
     def revert(self, model: Any) -> None:
         """Back to peft's forward."""
         for layer in lora_linear_layers(model):
-            if getattr(layer, _LEAN_ATTR, False):
+            if getattr(layer, LEAN_ATTR, False):
                 del layer.forward
                 del layer._twinkle_peft_forward
-                setattr(layer, _LEAN_ATTR, False)
-
-
-def _kernel_choice(name: str, value: str | bool | None, env: str, owner: str = "MergedLoraForward") -> str | bool:
-    """``"auto"``, ``True`` or ``False`` from an argument or, when it is ``None``, the variable ``env``."""
-    if value is None:
-        value = os.environ.get(env, "auto")
-    if isinstance(value, str):
-        choice = value.strip().lower()
-        if choice not in ("auto", "1", "0", "true", "false", "on", "off"):
-            raise ValueError(f"{owner}: {name} must be 'auto', True or False ({env}), got {value!r}")
-        return "auto" if choice == "auto" else choice in ("1", "true", "on")
-    return bool(value)
-
-
-def use_kernel(model: Any, choice: str | bool) -> bool:
-    """Whether to run a ``twinkle::`` kernel for ``model`` (registering them): ``"auto"`` on CUDA with triton."""
-    from twinkle.patch import triton_lora
-    from twinkle.patch.fastpath import model_device
-
-    if choice is False:
-        return False
-    if choice == "auto" and model_device(model).type != "cuda":
-        return False
-    if not triton_lora.available():
-        return False
-    triton_lora.register()
-    return True
-
-
-def count_kept_merged(model: Any) -> int:
-    """Record (and return) the bytes of the merged weights kept for backward: one copy of each base
-    weight on the kept merged path. ActivationCheckpointing counts them with the activations."""
-    from twinkle.patch.fastpath import set_flag
-
-    kept = 0
-    for layer in lora_linear_layers(model):
-        if getattr(layer, _MERGED_ATTR, None) == "keep":
-            weight = layer.get_base_layer().weight
-            kept += weight.numel() * weight.element_size()
-    set_flag(model, "kept_merged_bytes", kept)
-    return kept
+                setattr(layer, LEAN_ATTR, False)
 
 
 class MergedLoraForward(Patch):
@@ -501,7 +349,7 @@ class MergedLoraForward(Patch):
     ``out * in / (out + in)``) leaves one GEMM each way; the adapter's gradients are computed
     from ``x A^T`` and ``grad B`` exactly as before, never through the ``[out, in]`` weight
     gradient. Takes effect through :class:`FusedLoraLinear`'s forward, per call, only where it
-    pays (see :func:`_merge_pays`); small batches stay unmerged.
+    pays (see :func:`merge_pays`); small batches stay unmerged.
 
     Numerics: the merged weight is rounded to the model's dtype once, which moves the output by
     about one bf16 rounding step (the unmerged path rounds the base and LoRA products and their
@@ -516,11 +364,12 @@ class MergedLoraForward(Patch):
             tokens 14.77 ms kept, 15.50 rebuilt, 15.44 unmerged, 13.53 without adapters.
         grad_kernel: compute ``grad B`` and the ``B`` gradients in one pass over the output
             gradient (:mod:`twinkle.patch.triton_lora`) instead of two cuBLAS calls. ``"auto"``
-            (default; ``TWINKLE_LORA_GRAD_KERNEL``): on CUDA when triton imports; ``True`` also
-            elsewhere (CPU runs it under Triton's interpreter: tests only); ``False``: never.
+            (default: ``kernel_config().lora_grad_kernel``, env ``TWINKLE_LORA_GRAD_KERNEL``): on CUDA
+            when triton imports; ``True`` also elsewhere (CPU runs it under Triton's interpreter:
+            tests only); ``False``: never.
         merge_kernel: build each merged weight in one pass over ``W`` (``twinkle::lora_merge``)
             instead of ``addmm``, which copies ``W`` into its output and then rewrites it: half the
-            traffic of the merge. Same choices (``TWINKLE_LORA_MERGE_KERNEL``).
+            traffic of the merge. Same choices (``lora_merge_kernel``, ``TWINKLE_LORA_MERGE_KERNEL``).
 
     Example::
 
@@ -535,12 +384,12 @@ class MergedLoraForward(Patch):
         self, keep_merged: bool = True, grad_kernel: str | bool | None = None, merge_kernel: str | bool | None = None
     ) -> None:
         self.keep_merged = keep_merged
-        self.grad_kernel = _kernel_choice("grad_kernel", grad_kernel, "TWINKLE_LORA_GRAD_KERNEL")
-        self.merge_kernel = _kernel_choice("merge_kernel", merge_kernel, "TWINKLE_LORA_MERGE_KERNEL")
+        self.grad_kernel = kernel_choice("grad_kernel", grad_kernel, "lora_grad_kernel", "MergedLoraForward")
+        self.merge_kernel = kernel_choice("merge_kernel", merge_kernel, "lora_merge_kernel", "MergedLoraForward")
 
     def applies_to(self, model: Any) -> bool:
         """Models whose LoRA layers run :class:`FusedLoraLinear`'s forward."""
-        return any(getattr(layer, _LEAN_ATTR, False) for layer in lora_linear_layers(model))
+        return any(getattr(layer, LEAN_ATTR, False) for layer in lora_linear_layers(model))
 
     def apply(self, model: Any) -> None:
         """Mark each lean LoRA layer to merge (the choice is made per call)."""
@@ -549,20 +398,18 @@ class MergedLoraForward(Patch):
         merge_kernel = use_kernel(model, self.merge_kernel)
         _MergedLoraFunction.get()  # built here, not on first use inside a compiled layer (a graph break)
         for layer in lora_linear_layers(model):
-            if getattr(layer, _LEAN_ATTR, False):
-                setattr(layer, _MERGED_ATTR, mode)
-                setattr(layer, _GRAD_KERNEL_ATTR, grad_kernel)
-                setattr(layer, _MERGE_KERNEL_ATTR, merge_kernel)
+            if getattr(layer, LEAN_ATTR, False):
+                setattr(layer, MERGED_ATTR, mode)
+                setattr(layer, GRAD_KERNEL_ATTR, grad_kernel)
+                setattr(layer, MERGE_KERNEL_ATTR, merge_kernel)
         count_kept_merged(model)
 
     def revert(self, model: Any) -> None:
         """Back to the unmerged LoRA product."""
-        from twinkle.patch.fastpath import set_flag
-
         for layer in lora_linear_layers(model):
-            layer.__dict__.pop(_MERGED_ATTR, None)
-            layer.__dict__.pop(_GRAD_KERNEL_ATTR, None)
-            layer.__dict__.pop(_MERGE_KERNEL_ATTR, None)
+            layer.__dict__.pop(MERGED_ATTR, None)
+            layer.__dict__.pop(GRAD_KERNEL_ATTR, None)
+            layer.__dict__.pop(MERGE_KERNEL_ATTR, None)
         set_flag(model, "kept_merged_bytes", 0)
 
 
@@ -581,7 +428,7 @@ class GroupedLoraProjections(Patch):
     called with the same input tensor; anything else runs their own forward).
 
     Applies per call where every member is the plain LoRA case and merging the whole group pays
-    (:func:`_merge_pays` on the stacked weight); numerically the same products as the members'
+    (:func:`merge_pays` on the stacked weight); numerically the same products as the members'
     own merged GEMMs (CPU test: float64-equal to the unmerged path).
 
     Args:
@@ -610,7 +457,7 @@ class GroupedLoraProjections(Patch):
         for module in model.modules():
             for names in self.GROUPS:
                 members = [getattr(module, name, None) for name in names]
-                if not all(getattr(m, _MERGED_ATTR, None) and getattr(m, _LEAN_ATTR, False) for m in members):
+                if not all(getattr(m, MERGED_ATTR, None) and getattr(m, LEAN_ATTR, False) for m in members):
                     continue
                 bases = [m.get_base_layer() for m in members]
                 if len({b.weight.shape[1] for b in bases}) == 1 and len({b.weight.dtype for b in bases}) == 1:

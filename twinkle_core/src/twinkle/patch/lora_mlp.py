@@ -33,28 +33,45 @@ from __future__ import annotations
 from types import MethodType
 from typing import Any
 
+from twinkle.patch import triton_lora
 from twinkle.patch.base import Patch
+from twinkle.patch.kernel_config import kernel_choice
+from twinkle.patch.lora_common import (
+    FUSED_MLP_ATTR,
+    LEAN_ATTR,
+    MERGED_ATTR,
+    MLP_FALLBACK_ATTR,
+    is_fused_mlp,
+    layer_kernels,
+    low_rank_grads,
+    merge,
+    merge_pays,
+    plain_adapter,
+    scale_columns,
+    uniform_scaling,
+    use_kernel,
+)
+from twinkle.patch.model_walk import swiglu_mlps
 
-_FUSED_ATTR = "_twinkle_fused_lora_mlp"
 #: How the MLP's SwiGLU runs: "torch", "backward" (twinkle::swiglu_backward) or "fused" (see _FusedLoraMLPFunction).
 _SWIGLU_MODE_ATTR = "_twinkle_swiglu_mode"
 #: The forward the fused one falls back to (per call); RecomputeSwiGLU replaces it instead of ``forward``.
-FALLBACK_ATTR = "_twinkle_mlp_fallback"
+FALLBACK_ATTR = MLP_FALLBACK_ATTR
+#: Whether :class:`FusedLoraMLP` gave an MLP its forward (also :func:`twinkle.patch.lora_common.is_fused_mlp`).
+is_fused = is_fused_mlp
 
 
 def _fused_case(mlp: Any, x: Any) -> tuple[list[tuple[Any, Any, Any, float]], bool] | None:
     """``([gate, up, down] adapters, keep_merged)`` when ``mlp(x)`` can run fused, else ``None``."""
     import torch
 
-    from twinkle.patch.lora_fast import _MERGED_ATTR, _merge_pays, _plain_adapter
-
     if not torch.is_grad_enabled():
         return None
     layers = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-    modes = {getattr(layer, _MERGED_ATTR, None) for layer in layers}
+    modes = {getattr(layer, MERGED_ATTR, None) for layer in layers}
     if len(modes) != 1 or None in modes:
         return None
-    members = [_plain_adapter(layer, x) for layer in layers]
+    members = [plain_adapter(layer, x) for layer in layers]
     if any(m is None for m in members):
         return None
     (gate, a_g, b_g, _), (up, a_u, b_u, _), (down, _, _, _) = members
@@ -64,15 +81,13 @@ def _fused_case(mlp: Any, x: Any) -> tuple[list[tuple[Any, Any, Any, float]], bo
         return None
     keep = modes.pop() == "keep"
     tokens = x.numel() // x.shape[-1]
-    if not (_merge_pays(x, [gate, up], keep) and _merge_pays(x, [down], keep, tokens=tokens)):
+    if not (merge_pays(x, [gate, up], keep) and merge_pays(x, [down], keep, tokens=tokens)):
         return None
     return members, keep
 
 
 def _fused_forward(self: Any, x: Any) -> Any:
     """The MLP through :class:`_FusedLoraMLPFunction` where it applies; the previous forward otherwise."""
-    from twinkle.patch.lora_fast import _kernels
-
     case = _fused_case(self, x)
     if case is None:
         return getattr(self, FALLBACK_ATTR)(x)
@@ -81,7 +96,7 @@ def _fused_forward(self: Any, x: Any) -> Any:
     return _FusedLoraMLPFunction.get().apply(
         x,
         keep,
-        *_kernels(self.gate_proj),
+        *layer_kernels(self.gate_proj),
         getattr(self, _SWIGLU_MODE_ATTR, "torch"),
         (s_g, s_u, s_d),
         w_g.weight,
@@ -115,18 +130,16 @@ class _FusedLoraMLPFunction:
         if cls._fn is None:
             import torch
 
-            from twinkle.patch.lora_fast import _low_rank_grads, _merge, _scale_columns, _uniform
-
             def merged_weights(w_g, w_u, w_d, a_g, a_u, a_d, b_g, b_u, b_d, scalings, in_merge, kernel):
                 # forward scales inside the merge, a backward rebuild scales A first: the same
                 # product, but a compiled graph would otherwise dedupe the two and keep the
                 # forward's merged weights alive
                 s_g, s_u, s_d = scalings
                 if in_merge:
-                    stacked = _merge([w_g, w_u], [b_g, b_u], [a_g, a_u], kernel, [s_g, s_u])
-                    return stacked, _merge([w_d], [b_d], [a_d], kernel, [s_d])
-                stacked = _merge([w_g, w_u], [b_g, b_u], [a_g * s_g, a_u * s_u], kernel)
-                return stacked, _merge([w_d], [b_d], [a_d * s_d], kernel)
+                    stacked = merge([w_g, w_u], [b_g, b_u], [a_g, a_u], kernel, [s_g, s_u])
+                    return stacked, merge([w_d], [b_d], [a_d], kernel, [s_d])
+                stacked = merge([w_g, w_u], [b_g, b_u], [a_g * s_g, a_u * s_u], kernel)
+                return stacked, merge([w_d], [b_d], [a_d * s_d], kernel)
 
             class FusedLoraMLP(torch.autograd.Function):
                 @staticmethod
@@ -161,15 +174,15 @@ class _FusedLoraMLPFunction:
                         w_gu, w_down = merged_weights(*tensors, ctx.scalings, False, ctx.merge_kernel)
                     g = grad.reshape(-1, grad.shape[-1])
                     grad_h = g @ w_down
-                    gb_d, grad_b_d = _low_rank_grads(g, low_d, b_d, ctx.grad_kernel, s_d)
+                    gb_d, grad_b_d = low_rank_grads(g, low_d, b_d, ctx.grad_kernel, s_d)
                     gb_d = gb_d.to(dtype)
                     if ctx.swiglu == "fused":
-                        scaled_low = _scale_columns(low, (s_g, s_u), (rank, rank))
+                        scaled_low = scale_columns(low, (s_g, s_u), (rank, rank))
                         d_gate_up, grad_a_d, grad_b_g, grad_b_u, gb_g, gb_u = torch.ops.twinkle.swiglu_lora_grads(
                             grad_h, gate_up, gb_d, scaled_low, b_g.contiguous(), b_u.contiguous()
                         )
                         grad_a_d = grad_a_d.t()
-                        gb_gu = _scale_columns(torch.cat([gb_g, gb_u], -1), (s_g, s_u), (rank, rank))
+                        gb_gu = scale_columns(torch.cat([gb_g, gb_u], -1), (s_g, s_u), (rank, rank))
                     else:
                         if ctx.swiglu == "backward":  # one kernel: h rebuilt, both gradients side by side
                             d_gate_up, hidden = torch.ops.twinkle.swiglu_backward(grad_h, gate_up)
@@ -185,14 +198,14 @@ class _FusedLoraMLPFunction:
                             d_gate = gh * up * sig * (1.0 + gate * (1.0 - sig))
                             d_gate_up = torch.cat([d_gate.to(dtype), (gh * silu).to(dtype)], -1)
                         grad_a_d = gb_d.t() @ hidden  # [r, intermediate]
-                        scale = _uniform((s_g, s_u))
-                        gb_gu, grad_b_gu = _low_rank_grads(
+                        scale = uniform_scaling((s_g, s_u))
+                        gb_gu, grad_b_gu = low_rank_grads(
                             d_gate_up, low, torch.block_diag(b_g, b_u), ctx.grad_kernel, 1.0 if scale is None else scale
                         )  # one pass over both gradients
                         grad_b_g, grad_b_u = grad_b_gu[:cols, :rank], grad_b_gu[cols:, rank:]
                         if scale is None:
                             grad_b_g, grad_b_u = grad_b_g * s_g, grad_b_u * s_u
-                            gb_gu = _scale_columns(gb_gu, (s_g, s_u), (rank, rank))
+                            gb_gu = scale_columns(gb_gu, (s_g, s_u), (rank, rank))
                     grad_x = (d_gate_up @ w_gu).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
                     grad_a_gu = gb_gu.to(dtype).t() @ flat  # one pass over x
                     grads = (grad_a_gu[:rank], grad_a_gu[rank:], grad_a_d, grad_b_g, grad_b_u, grad_b_d)
@@ -205,7 +218,7 @@ class _FusedLoraMLPFunction:
 class FusedLoraMLP(Patch):
     """A LoRA SwiGLU MLP as one autograd function: three GEMMs each way (see the module docstring).
 
-    Applies to SwiGLU MLPs (:data:`~twinkle.patch.checkpointing.SWIGLU_MLPS`, SiLU activation)
+    Applies to SwiGLU MLPs (:data:`~twinkle.patch.model_walk.SWIGLU_MLPS`, SiLU activation)
     whose gate, up and down projections are LoRA layers on
     :class:`~twinkle.patch.lora_fast.MergedLoraForward`'s path; per call it runs where each of
     them would merge (and otherwise leaves the MLP its previous forward: unmerged LoRA, other
@@ -215,9 +228,10 @@ class FusedLoraMLP(Patch):
     Args:
         backward_kernel: the SwiGLU backward in one Triton pass (:func:`twinkle.patch.triton_lora.swiglu_backward`:
             ``h`` and both gradients from one read of ``gate``, ``up`` and ``grad_h``) instead of the
-            two kernels inductor makes of the same ops. ``"auto"`` (default;
-            ``TWINKLE_SWIGLU_BACKWARD_KERNEL``): on CUDA when triton imports; ``True`` also elsewhere
-            (CPU runs it under Triton's interpreter: tests only); ``False``: never.
+            two kernels inductor makes of the same ops. ``"auto"`` (default:
+            ``kernel_config().swiglu_backward_kernel``, env ``TWINKLE_SWIGLU_BACKWARD_KERNEL``): on
+            CUDA when triton imports; ``True`` also elsewhere (CPU runs it under Triton's
+            interpreter: tests only); ``False``: never.
         swiglu_kernels: the SwiGLU and the LoRA products over its tensors in two Triton kernels
             (:func:`twinkle.patch.triton_lora.swiglu_low`, :func:`~twinkle.patch.triton_lora.swiglu_lora_grads`)
             instead of pointwise torch ops that inductor fuses. Off by default: on the H200 they
@@ -234,40 +248,30 @@ class FusedLoraMLP(Patch):
     order = 23
 
     def __init__(self, swiglu_kernels: bool = False, backward_kernel: str | bool | None = None) -> None:
-        from twinkle.patch.lora_fast import _kernel_choice
-
         self.swiglu_kernels = bool(swiglu_kernels)
-        self.backward_kernel = _kernel_choice(
-            "backward_kernel", backward_kernel, "TWINKLE_SWIGLU_BACKWARD_KERNEL", "FusedLoraMLP"
+        self.backward_kernel = kernel_choice(
+            "backward_kernel", backward_kernel, "swiglu_backward_kernel", "FusedLoraMLP"
         )
 
     def mlps(self, model: Any) -> list[Any]:
         """The SwiGLU MLPs whose three projections are merged lean LoRA layers."""
-        from twinkle.patch.checkpointing import swiglu_mlps
-        from twinkle.patch.lora_fast import _LEAN_ATTR, _MERGED_ATTR
-
         found = []
         for mlp in swiglu_mlps(model):
             layers = [getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
             if not _is_silu(getattr(mlp, "act_fn", None)):
                 continue
-            if all(getattr(layer, _LEAN_ATTR, False) and getattr(layer, _MERGED_ATTR, None) for layer in layers):
+            if all(getattr(layer, LEAN_ATTR, False) and getattr(layer, MERGED_ATTR, None) for layer in layers):
                 found.append(mlp)
         return found
 
     def applies_to(self, model: Any) -> bool:
         """Such MLPs (and triton, for ``swiglu_kernels``)."""
-        from twinkle.patch import triton_lora
-
         if self.swiglu_kernels and not triton_lora.available():
             return False
         return bool(self.mlps(model))
 
     def apply(self, model: Any) -> None:
         """Give each such MLP the fused forward (idempotent); its previous forward stays the fallback."""
-        from twinkle.patch import triton_lora
-        from twinkle.patch.lora_fast import use_kernel
-
         if self.swiglu_kernels:
             triton_lora.register()
             swiglu = "fused"
@@ -276,25 +280,23 @@ class FusedLoraMLP(Patch):
         _FusedLoraMLPFunction.get()  # built here, not on first use inside a compiled layer (a graph break)
         for mlp in self.mlps(model):
             setattr(mlp, _SWIGLU_MODE_ATTR, swiglu)
-            if getattr(mlp, _FUSED_ATTR, False):
+            if getattr(mlp, FUSED_MLP_ATTR, False):
                 continue
             setattr(mlp, FALLBACK_ATTR, mlp.forward)
             mlp.forward = MethodType(_fused_forward, mlp)
-            setattr(mlp, _FUSED_ATTR, True)
+            setattr(mlp, FUSED_MLP_ATTR, True)
 
     def revert(self, model: Any) -> None:
         """The previous forward again."""
-        from twinkle.patch.checkpointing import swiglu_mlps
-
         for mlp in swiglu_mlps(model):
-            if getattr(mlp, _FUSED_ATTR, False):
+            if getattr(mlp, FUSED_MLP_ATTR, False):
                 fallback = mlp.__dict__.pop(FALLBACK_ATTR)
                 if getattr(fallback, "__func__", None) is type(mlp).forward:
                     del mlp.forward  # the class's own forward
                 else:
                     mlp.forward = fallback
                 mlp.__dict__.pop(_SWIGLU_MODE_ATTR, None)
-                setattr(mlp, _FUSED_ATTR, False)
+                setattr(mlp, FUSED_MLP_ATTR, False)
 
 
 def _is_silu(act: Any) -> bool:
@@ -305,8 +307,3 @@ def _is_silu(act: Any) -> bool:
         return True
     cls = type(act)
     return cls.__name__ == "SiLUActivation" and cls.__module__.startswith("transformers.")
-
-
-def is_fused(mlp: Any) -> bool:
-    """Whether :class:`FusedLoraMLP` gave ``mlp`` its forward."""
-    return bool(getattr(mlp, _FUSED_ATTR, False))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from twinkle.patch.base import Patch
+from twinkle.patch.model_walk import model_device, set_flag
 
 
 class FusedOptimizer(Patch):
@@ -27,18 +28,12 @@ class FusedOptimizer(Patch):
 
     def applies_to(self, model: Any) -> bool:
         """Models on a CUDA device."""
-        from twinkle.patch.fastpath import model_device
-
         return model_device(model).type == "cuda"
 
     def apply(self, model: Any) -> None:
         """Mark the model so set_optimizer adds ``fused=True``."""
-        from twinkle.patch.fastpath import set_flag
-
         set_flag(model, "fused_optimizer", True)
 
     def revert(self, model: Any) -> None:
         """Optimizers built afterwards use torch's defaults."""
-        from twinkle.patch.fastpath import set_flag
-
         set_flag(model, "fused_optimizer", False)

@@ -21,14 +21,13 @@ says whether it can). On CPU the kernel runs under Triton's interpreter
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 from twinkle.data_format.features import IGNORE_INDEX
+from twinkle.patch.kernel_config import kernel_config
 
-#: Vocabulary columns per loop iteration, and warps per program (one program per row).
-BLOCK = int(os.environ.get("TWINKLE_CE_BLOCK", "4096"))
-NUM_WARPS = int(os.environ.get("TWINKLE_CE_WARPS", "8"))
+# Vocabulary columns per loop iteration and warps per program (one program per row):
+# kernel_config().ce_block (4096; env TWINKLE_CE_BLOCK) and .ce_warps (8; TWINKLE_CE_WARPS), read per call.
 
 
 @functools.lru_cache(maxsize=1)
@@ -70,6 +69,7 @@ def ce_chunk_(logits: Any, labels: Any, label_smoothing: float, loss_out: Any, p
         raise ValueError("ce_chunk_: logits must have unit stride along the vocabulary")
     if n == 0:
         return
+    config = kernel_config()
     _kernel()[(n,)](
         logits,
         logits.stride(0),
@@ -79,7 +79,7 @@ def ce_chunk_(logits: Any, labels: Any, label_smoothing: float, loss_out: Any, p
         vocab,
         float(label_smoothing),
         IGNORE_INDEX,
-        BLOCK=BLOCK,
+        BLOCK=config.ce_block,
         SMOOTH=label_smoothing > 0.0,
-        num_warps=NUM_WARPS,
+        num_warps=config.ce_warps,
     )

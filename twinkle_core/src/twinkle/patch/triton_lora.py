@@ -30,36 +30,29 @@ import functools
 import os
 from typing import Any
 
-#: Rows (tokens) and columns (outputs) of one tile; warps per program.
-BLOCK_T = int(os.environ.get("TWINKLE_LORA_GRAD_BLOCK_T", "64"))
-BLOCK_O = int(os.environ.get("TWINKLE_LORA_GRAD_BLOCK_O", "128"))
-NUM_WARPS = int(os.environ.get("TWINKLE_LORA_GRAD_WARPS", "4"))
-#: Programs to aim for (about two per H200 SM).
-TARGET_PROGRAMS = 264
+from twinkle.patch import triton_ce
+from twinkle.patch.kernel_config import kernel_config
+
+# Tiles and warps are fields of :func:`~twinkle.patch.kernel_config.kernel_config`, read each time
+# an op runs (eagerly; a compiled graph keeps those it was traced with):
+#   lora_grad_block_t / _block_o / _warps (64, 128, 4): tokens x outputs per tile of lora_grads;
+#   lora_target_programs (264): programs to aim for (about two per H200 SM);
+#   lora_merge_block_o / _block_i / _warps (32, 256, 4): rows x columns of W per tile of lora_merge.
+#     Wide, short tiles on 4 warps keep it at HBM speed: 142 us for a 7B [gate; up] against 209
+#     with 128-square tiles on 8 warps and 130 for a plain copy (benchmarks/lora_merge.py,
+#     decision 0015);
+#   swiglu_block_t / _block_c / _warps (32, 128, 8): tiles of swiglu_low and swiglu_lora_grads;
+#   swiglu_bwd_block / _warps (1024, 4): columns of one program of swiglu_backward (one row each).
+
 #: Rows of one program of the kernel that sums the partials (:func:`lora_grads`), and partials it loads at once.
 FINISH_ROWS = 32
 FINISH_PARTS = 16
-#: Tile (rows x columns of ``W``) and warps of the merge kernel (:func:`lora_merge`). Wide, short
-#: tiles on 4 warps keep it at HBM speed: 142 us for a 7B ``[gate; up]`` against 209 with 128-square
-#: tiles on 8 warps and 130 for a plain copy (``benchmarks/lora_merge.py``, decision 0015).
-MERGE_BLOCK_O = int(os.environ.get("TWINKLE_LORA_MERGE_BLOCK_O", "32"))
-MERGE_BLOCK_I = int(os.environ.get("TWINKLE_LORA_MERGE_BLOCK_I", "256"))
-MERGE_WARPS = int(os.environ.get("TWINKLE_LORA_MERGE_WARPS", "4"))
-#: Tiles and warps of the fused SwiGLU kernels (:func:`swiglu_low`, :func:`swiglu_lora_grads`).
-SWIGLU_BLOCK_T = int(os.environ.get("TWINKLE_SWIGLU_BLOCK_T", "32"))
-SWIGLU_BLOCK_C = int(os.environ.get("TWINKLE_SWIGLU_BLOCK_C", "128"))
-SWIGLU_WARPS = int(os.environ.get("TWINKLE_SWIGLU_WARPS", "8"))
-#: Columns and warps of one program of the SwiGLU backward (:func:`swiglu_backward`; one row each).
-SWIGLU_BWD_BLOCK = int(os.environ.get("TWINKLE_SWIGLU_BWD_BLOCK", "1024"))
-SWIGLU_BWD_WARPS = int(os.environ.get("TWINKLE_SWIGLU_BWD_WARPS", "4"))
 
 
 @functools.lru_cache(maxsize=1)
 def available() -> bool:
     """Whether the kernel can run: triton imports (:func:`twinkle.patch.triton_ce.available`) and
     ``torch.library.triton_op`` exists."""
-    from twinkle.patch import triton_ce
-
     if not triton_ce.available():
         return False
     try:
@@ -69,9 +62,9 @@ def available() -> bool:
     return True
 
 
-def _split(tiles_t: int, tiles_o: int) -> tuple[int, int]:
-    """Tiles per program along tokens and outputs: about TARGET_PROGRAMS programs, blocks near square."""
-    per_prog = max(1, (tiles_t * tiles_o) // TARGET_PROGRAMS)
+def _split(tiles_t: int, tiles_o: int, target_programs: int) -> tuple[int, int]:
+    """Tiles per program along tokens and outputs: about ``target_programs`` programs, blocks near square."""
+    per_prog = max(1, (tiles_t * tiles_o) // target_programs)
     along_t = 1
     while along_t * along_t < per_prog and along_t < tiles_t:
         along_t *= 2
@@ -129,12 +122,14 @@ def _op() -> Any:
 
     @_define("twinkle::lora_grads", fake)
     def lora_grads_op(grad: Tensor, low: Tensor, weight_b: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+        config = kernel_config()
+        block_t, block_o = config.lora_grad_block_t, config.lora_grad_block_o
         tokens, out_f = grad.shape
         rank = low.shape[1]
         block_r = max(16, _next_pow2(rank))
-        tiles_t = -(-tokens // BLOCK_T)
-        tiles_o = -(-out_f // BLOCK_O)
-        along_t, along_o = _split(tiles_t, tiles_o)
+        tiles_t = -(-tokens // block_t)
+        tiles_o = -(-out_f // block_o)
+        along_t, along_o = _split(tiles_t, tiles_o, config.lora_target_programs)
         progs_t, progs_o = -(-tiles_t // along_t), -(-tiles_o // along_o)
         part_gb = torch.empty(progs_o, tokens, block_r, dtype=torch.float32, device=grad.device)
         part_db = torch.empty(progs_t, out_f, block_r, dtype=torch.float32, device=grad.device)
@@ -148,13 +143,13 @@ def _op() -> Any:
             tokens,
             out_f,
             rank,
-            along_t * BLOCK_T,
-            along_o * BLOCK_O,
-            BT=BLOCK_T,
-            BO=BLOCK_O,
+            along_t * block_t,
+            along_o * block_o,
+            BT=block_t,
+            BO=block_o,
             BR=block_r,
             UPCAST=_interpreting(),
-            num_warps=NUM_WARPS,
+            num_warps=config.lora_grad_warps,
         )
         gb = _empty((tokens, rank), grad)
         grad_b = _empty((out_f, rank), grad)
@@ -207,13 +202,15 @@ def _swiglu_ops() -> tuple[Any, Any]:
 
     @_define("twinkle::swiglu_low", fake_low)
     def swiglu_low_op(gate_up: Tensor, weight_a: Tensor) -> tuple[Tensor, Tensor]:
+        config = kernel_config()
+        block_t, block_c = config.swiglu_block_t, config.swiglu_block_c
         tokens, cols = gate_up.shape[0], gate_up.shape[1] // 2
         rank = weight_a.shape[0]
         block_r = max(16, _next_pow2(rank))
-        tiles_t, tiles_c = -(-tokens // SWIGLU_BLOCK_T), -(-cols // SWIGLU_BLOCK_C)
+        tiles_t, tiles_c = -(-tokens // block_t), -(-cols // block_c)
         # rows outermost: each program keeps its rows' low-rank sums in registers, so few
         # programs along the columns (their partials are what the host sums)
-        progs_c = max(1, min(tiles_c, TARGET_PROGRAMS // tiles_t))
+        progs_c = max(1, min(tiles_c, config.lora_target_programs // tiles_t))
         along_c = -(-tiles_c // progs_c)
         progs_c = -(-tiles_c // along_c)
         hidden = torch.empty(tokens, cols, dtype=gate_up.dtype, device=gate_up.device)
@@ -227,13 +224,13 @@ def _swiglu_ops() -> tuple[Any, Any]:
             tokens,
             cols,
             rank,
-            SWIGLU_BLOCK_T,
-            along_c * SWIGLU_BLOCK_C,
-            BT=SWIGLU_BLOCK_T,
-            BC=SWIGLU_BLOCK_C,
+            block_t,
+            along_c * block_c,
+            BT=block_t,
+            BC=block_c,
             BR=block_r,
             UPCAST=_interpreting(),
-            num_warps=SWIGLU_WARPS,
+            num_warps=config.swiglu_warps,
         )
         return hidden, part_low.sum(0)[:, :rank]
 
@@ -241,11 +238,13 @@ def _swiglu_ops() -> tuple[Any, Any]:
     def swiglu_lora_grads_op(
         grad_h: Tensor, gate_up: Tensor, gb_down: Tensor, low: Tensor, weight_bg: Tensor, weight_bu: Tensor
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        config = kernel_config()
+        block_t, block_c = config.swiglu_block_t, config.swiglu_block_c
         tokens, cols = gate_up.shape[0], gate_up.shape[1] // 2
         rank, rank_d = weight_bg.shape[1], gb_down.shape[1]
         block_r = max(16, _next_pow2(max(rank, rank_d)))
-        tiles_t, tiles_c = -(-tokens // SWIGLU_BLOCK_T), -(-cols // SWIGLU_BLOCK_C)
-        along_t, along_c = _split(tiles_t, tiles_c)
+        tiles_t, tiles_c = -(-tokens // block_t), -(-cols // block_c)
+        along_t, along_c = _split(tiles_t, tiles_c, config.lora_target_programs)
         progs_t, progs_c = -(-tiles_t // along_t), -(-tiles_c // along_c)
         dev, f32 = gate_up.device, torch.float32
         d_gate_up = torch.empty(tokens, 2 * cols, dtype=gate_up.dtype, device=dev)
@@ -270,13 +269,13 @@ def _swiglu_ops() -> tuple[Any, Any]:
             cols,
             rank,
             rank_d,
-            along_t * SWIGLU_BLOCK_T,
-            along_c * SWIGLU_BLOCK_C,
-            BT=SWIGLU_BLOCK_T,
-            BC=SWIGLU_BLOCK_C,
+            along_t * block_t,
+            along_c * block_c,
+            BT=block_t,
+            BC=block_c,
             BR=block_r,
             UPCAST=_interpreting(),
-            num_warps=SWIGLU_WARPS,
+            num_warps=config.swiglu_warps,
         )
         return (
             d_gate_up,
@@ -310,15 +309,16 @@ def _swiglu_backward_op() -> Any:
         d_gate_up = torch.empty(tokens, 2 * cols, dtype=gate_up.dtype, device=gate_up.device)
         hidden = torch.empty(tokens, cols, dtype=gate_up.dtype, device=gate_up.device)
         if tokens:
-            _launch(swiglu_backward)[(tokens, -(-cols // SWIGLU_BWD_BLOCK))](
+            config = kernel_config()
+            _launch(swiglu_backward)[(tokens, -(-cols // config.swiglu_bwd_block))](
                 grad_h,
                 gate_up,
                 gate_up.stride(0),
                 d_gate_up,
                 hidden,
                 cols,
-                BC=SWIGLU_BWD_BLOCK,
-                num_warps=SWIGLU_BWD_WARPS,
+                BC=config.swiglu_bwd_block,
+                num_warps=config.swiglu_bwd_warps,
             )
         return d_gate_up, hidden
 
@@ -342,10 +342,12 @@ def _merge_op() -> Any:
     ) -> Tensor:
         n_in = weights[0].shape[1]
         out = torch.empty(sum(w.shape[0] for w in weights), n_in, dtype=weights[0].dtype, device=weights[0].device)
+        config = kernel_config()
+        block_o, block_i = config.lora_merge_block_o, config.lora_merge_block_i
         row0 = 0
         for weight, weight_b, weight_a, scale in zip(weights, weights_b, weights_a, scales):
             n_out, rank = weight_b.shape
-            grid = (-(-n_out // MERGE_BLOCK_O), -(-n_in // MERGE_BLOCK_I))
+            grid = (-(-n_out // block_o), -(-n_in // block_i))
             _launch(lora_merge_tile)[grid](
                 weight,
                 weight_b,
@@ -356,11 +358,11 @@ def _merge_op() -> Any:
                 n_in,
                 rank,
                 float(scale),
-                BO=MERGE_BLOCK_O,
-                BI=MERGE_BLOCK_I,
+                BO=block_o,
+                BI=block_i,
                 BR=max(16, _next_pow2(rank)),
                 UPCAST=_interpreting(),
-                num_warps=MERGE_WARPS,
+                num_warps=config.lora_merge_warps,
             )
             row0 += n_out
         return out

@@ -29,9 +29,11 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import inspect
+import sys
 from typing import Any, Iterator, Mapping
 
 from twinkle.patch.base import Patch
+from twinkle.patch.model_walk import decoder_of, unwrap
 
 #: The name the attention function and its mask function are registered under in transformers.
 IMPLEMENTATION = "twinkle_varlen"
@@ -219,6 +221,35 @@ def _packed_forward() -> Iterator[None]:
         _PACKED.reset(token)
 
 
+def causal_masks(model: Any, seq_len: int) -> dict[str, None] | None:
+    """``{layer_type: None}`` for a batch of whole rows without padding, where the model takes that.
+
+    Without a mask, transformers builds one from ``position_ids``: it reads on the host whether
+    the rows are packed (a wait for the GPU in every forward), and while a CUDA graph is being
+    captured, where it cannot read, it materializes a ``[T, T]`` mask, which takes sdpa off its
+    causal flash kernel. Rows that are each one whole sequence need no mask at all: passing the
+    per-layer-type mapping of ``None`` (transformers' own "masks already prepared" form) gives
+    sdpa's and flash attention's ``is_causal``. ``None`` (build as usual) unless the attention is
+    sdpa or flash attention, every layer attends causally over ``seq_len`` tokens (full, or a
+    sliding window at least that long), and the decoder's module builds masks with
+    ``create_causal_mask`` (the models that accept the mapping).
+    """
+    config = getattr(model, "config", None)
+    types = getattr(config, "layer_types", None)
+    attn = str(getattr(config, "_attn_implementation", "") or "")
+    if not types or not (attn in ("sdpa", IMPLEMENTATION) or attn.startswith("flash_attention")):
+        return None
+    window = getattr(config, "sliding_window", None)
+    for kind in set(types):
+        if kind != "full_attention" and not (kind == "sliding_attention" and window and seq_len <= window):
+            return None
+    decoder = decoder_of(model)
+    module = sys.modules.get(type(decoder).__module__) if decoder is not None else None
+    if module is None or not hasattr(module, "create_causal_mask"):
+        return None
+    return dict.fromkeys(types)
+
+
 def packed_inputs(model: Any, batch: Mapping[str, Any], model_inputs: dict[str, Any]) -> Any:
     """Route a packed batch (``cu_seq_lens_q`` in ``batch``) to varlen attention; returns the context to run in.
 
@@ -232,8 +263,6 @@ def packed_inputs(model: Any, batch: Mapping[str, Any], model_inputs: dict[str, 
         with packed_inputs(model, batch, model_inputs):
             out = model(**model_inputs)
     """
-    from twinkle.patch.fastpath import causal_masks, unwrap
-
     attn = str(getattr(getattr(unwrap(model), "config", None), "_attn_implementation", "") or "")
     if "flash" in attn or attn == IMPLEMENTATION:
         for key in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"):
@@ -266,10 +295,6 @@ class VarlenAttention(Patch):
 
     def applies_to(self, model: Any) -> bool:
         """Models on sdpa (or already on this patch) whose layers all attend fully, with a mask-building decoder."""
-        import sys
-
-        from twinkle.patch.fastpath import decoder_of, unwrap
-
         base = unwrap(model)
         config = getattr(base, "config", None)
         if config is None or getattr(config, "_attn_implementation", None) not in ("sdpa", IMPLEMENTATION):
@@ -285,8 +310,6 @@ class VarlenAttention(Patch):
 
     def apply(self, model: Any) -> None:
         """Switch the model's attention to ``twinkle_varlen`` (idempotent)."""
-        from twinkle.patch.fastpath import unwrap
-
         base = unwrap(model)
         if base.config._attn_implementation == IMPLEMENTATION:
             return
@@ -298,8 +321,6 @@ class VarlenAttention(Patch):
 
     def revert(self, model: Any) -> None:
         """Back to the attention the model had before (sdpa)."""
-        from twinkle.patch.fastpath import unwrap
-
         base = unwrap(model)
         previous = base.__dict__.pop(_PREVIOUS_ATTR, None)
         if previous is not None and base.config._attn_implementation == IMPLEMENTATION:
