@@ -66,7 +66,12 @@ def _imports(module: str) -> list[Import]:
     path = MODULES[module]
     tree = ast.parse(path.read_text(), str(path))
     skipped = _type_checking_nodes(tree)
-    top = {id(node) for node in tree.body}
+    in_function = {
+        id(child)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+        for child in ast.walk(node)
+    }
     found = []
     for node in ast.walk(tree):
         if id(node) in skipped:
@@ -74,7 +79,7 @@ def _imports(module: str) -> list[Import]:
         if isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name.split(".")[0] == "twinkle":
-                    found.append(Import(module, alias.name, [], id(node) in top, node.lineno))
+                    found.append(Import(module, alias.name, [], id(node) not in in_function, node.lineno))
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
@@ -86,7 +91,9 @@ def _imports(module: str) -> list[Import]:
             names = [alias.name for alias in node.names]
             submodules = [f"{base}.{n}" for n in names if f"{base}.{n}" in MODULES]
             for target in submodules or [base]:
-                found.append(Import(module, target, names if not submodules else [], id(node) in top, node.lineno))
+                found.append(
+                    Import(module, target, names if not submodules else [], id(node) not in in_function, node.lineno)
+                )
     return found
 
 

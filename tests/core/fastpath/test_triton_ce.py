@@ -28,7 +28,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
     """Blocks much smaller than the vocabulary, so every row takes several (and a partial) block."""
-    monkeypatch.setattr(triton_ce, "BLOCK", 64)
+    monkeypatch.setattr(kernel_config(), "ce_block", 64)
 
 
 def _logits(n, vocab, dtype, seed=0):
