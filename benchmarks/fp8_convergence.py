@@ -149,7 +149,7 @@ def main() -> None:
 
     if args.fp8_min_features is not None:
         Fp8FrozenGemms.min_features = args.fp8_min_features
-    args.fp8_min_features = Fp8FrozenGemms.min_features
+    args.fp8_min_features = Fp8FrozenGemms().features_needed()
 
     shape = SHAPES[args.shape]
     chain = MarkovChain(shape["vocab_size"])
