@@ -97,7 +97,7 @@ def _copy_training_state(source, target):
 
 
 def test_lora_fast_path_matches_plain_fp32(tiny_config, monkeypatch):
-    from twinkle.patch import lora_fast
+    from twinkle.patch import lora_fast, lora_mlp
 
     merged_calls = []
     real_merge_pays = lora_fast.merge_pays
@@ -107,7 +107,8 @@ def test_lora_fast_path_matches_plain_fp32(tiny_config, monkeypatch):
         merged_calls.append((len(bases), pays))
         return pays
 
-    monkeypatch.setattr(lora_fast, "merge_pays", counting_merge_pays)
+    monkeypatch.setattr(lora_fast, "merge_pays", counting_merge_pays)  # the LoRA Linear's choice
+    monkeypatch.setattr(lora_mlp, "merge_pays", counting_merge_pays)  # and the fused MLP's (gate/up)
     fast = _model(tiny_config)
     plain = _model(tiny_config, patches=[])
     assert fast.fast_path_patches == [
