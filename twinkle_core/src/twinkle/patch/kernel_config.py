@@ -32,6 +32,7 @@ field (environment variable)       default       what it tunes
 ``swiglu_bwd_warps``               4             ``swiglu_backward``: warps per program
 ``fp8_min_features``               1024          Fp8FrozenGemms takes layers with at least this many features
 ``compile_mode``                   ``None``      ``torch.compile`` mode of CompileDecoderLayers
+``multi_lora_kernel``              ``auto``      a multi-adapter pass: ``auto``, ``torch``, ``triton`` (multi_lora)
 =================================  ============  ==========================================================
 
 The three ``*_kernel`` choices are ``"auto"`` (on CUDA when triton imports), ``True`` (also
@@ -85,6 +86,7 @@ class KernelConfig:
     swiglu_bwd_warps: int = 4
     fp8_min_features: int = 1024
     compile_mode: str | None = None
+    multi_lora_kernel: str = "auto"
 
     @staticmethod
     def env_name(field: str) -> str:

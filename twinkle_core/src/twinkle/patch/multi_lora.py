@@ -45,7 +45,8 @@ import functools
 import os
 from typing import Any, Iterator, Sequence
 
-from twinkle.patch.lora_fast import lora_linear_layers
+from twinkle.patch.kernel_config import kernel_config
+from twinkle.patch.lora_common import lora_linear_layers
 
 #: The marker attribute of a LoRA layer that carries the segment hook.
 _HOOK_ATTR = "_twinkle_multi_lora_hook"
@@ -66,7 +67,8 @@ class SegmentPlan:
             order and not overlapping; tokens outside every segment get no LoRA update.
         num_tokens: the tokens of the pass.
         kernel: ``"torch"``, ``"triton"`` or ``"auto"`` (Triton on CUDA when it imports,
-            else torch); ``TWINKLE_MULTI_LORA_KERNEL`` sets the default.
+            else torch); ``kernel_config().multi_lora_kernel`` (env ``TWINKLE_MULTI_LORA_KERNEL``)
+            sets the default.
 
     Raises:
         ValueError: segments out of order, overlapping, empty or past ``num_tokens``; an unknown kernel.
@@ -86,7 +88,7 @@ class SegmentPlan:
             pos = end
         self.segments = checked
         self.num_tokens = int(num_tokens)
-        kernel = (kernel or os.environ.get("TWINKLE_MULTI_LORA_KERNEL", "auto")).strip().lower()
+        kernel = (kernel or kernel_config().multi_lora_kernel).strip().lower()
         if kernel not in KERNELS:
             raise ValueError(f"multi-adapter LoRA kernel {kernel!r}: choose one of {', '.join(KERNELS)}")
         self.kernel = kernel
