@@ -64,6 +64,12 @@ def start_server(config: Any, engine: Any = None) -> RunningServer:
 
 
 @pytest.fixture(scope="session")
+def server_factory() -> Any:
+    """``start_server(config, engine=None)`` for tests that need a server of their own (stop it after)."""
+    return start_server
+
+
+@pytest.fixture(scope="session")
 def engine() -> Any:
     """One tiny base model with a pool of LoRA slots, shared by the session's servers."""
     from twinkle_server.config import tiny_model_dir

@@ -16,16 +16,19 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 from typing import Any, AsyncIterator
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from twinkle_server.auth import current_tenant
 from twinkle_server.config import ServerConfig
 from twinkle_server.engine import EngineError, LoRAEngine
 from twinkle_server.scheduler import UserError
 from twinkle_server.state import NotFound, QuotaExceeded, ServerState
+from twinkle_server.store import Tenant
 
 logger = logging.getLogger("twinkle_server")
 
@@ -114,8 +117,18 @@ def create_app(config: ServerConfig, *, engine: LoRAEngine | None = None) -> Fas
         version=__version__,
         description="Multi-tenant LoRA training service: the Tinker API and the twinkle http client API.",
         lifespan=lifespan,
+        # no /docs, /redoc (they load scripts from a CDN) and no open /openapi.json
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
     )
     app.state.twinkle = state
+    if config.api_docs:  # the schema only, behind an API key like every route but /healthz
+
+        @app.get("/openapi.json", include_in_schema=False)
+        def openapi(_: Tenant = Depends(current_tenant)) -> JSONResponse:
+            return JSONResponse(app.openapi())
+
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
     app.include_router(tinker_api.router)
     app.include_router(twinkle_api.router)
@@ -134,13 +147,21 @@ def create_app(config: ServerConfig, *, engine: LoRAEngine | None = None) -> Fas
 
     @app.exception_handler(QuotaExceeded)
     async def _quota(request: Request, exc: QuotaExceeded) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+        headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))} if exc.status in (429, 503) else None
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status, headers=headers)
 
     for error_type in (UserError, EngineError, ValueError):
 
         @app.exception_handler(error_type)
         async def _user(request: Request, exc: Exception) -> JSONResponse:
             return JSONResponse({"detail": str(exc)}, status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        headers = dict(exc.headers or {})
+        if exc.status_code in (429, 503):
+            headers.setdefault("Retry-After", "1")
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers or None)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:

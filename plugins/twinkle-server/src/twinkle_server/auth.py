@@ -33,7 +33,9 @@ def current_tenant(request: Request) -> Tenant:
         raise HTTPException(
             401, "missing API key: send it in the X-API-Key header (create one with `twinkle serve --add-tenant NAME`)"
         )
-    tenant = current_state(request).store.tenant_for_key(key)
+    state = current_state(request)
+    tenant = state.store.tenant_for_key(key)
     if tenant is None:
         raise HTTPException(401, "invalid API key")
+    state.charge_request(tenant)  # every authenticated route is rate-limited
     return tenant

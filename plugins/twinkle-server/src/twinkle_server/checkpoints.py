@@ -44,7 +44,7 @@ def check_name(name: str, what: str = "checkpoint name") -> str:
     Raises:
         CheckpointPathError: empty, too long, a separator, ``..`` or another unsafe character.
     """
-    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
         raise CheckpointPathError(
             f"{what} {name!r} is not allowed: use 1-128 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit (no '/', no '..')"
@@ -103,7 +103,7 @@ def parse_checkpoint_id(checkpoint_id: str) -> tuple[str, str]:
 
 def check_run_id(run_id: str) -> str:
     """Return ``run_id`` if it is a safe path component, else raise :class:`CheckpointPathError`."""
-    if not isinstance(run_id, str) or not _RUN.match(run_id) or ".." in run_id:
+    if not isinstance(run_id, str) or not _RUN.fullmatch(run_id) or ".." in run_id:
         raise CheckpointPathError(f"training run id {run_id!r} is malformed")
     return run_id
 

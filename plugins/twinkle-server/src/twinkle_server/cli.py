@@ -43,6 +43,24 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         default=250,
         help="longest a training pass waits for tenants between two steps (default 250, capped at half a pass)",
     )
+    p.add_argument(
+        "--run-idle-minutes",
+        type=float,
+        default=60,
+        help="unload training runs no request touched for this long (0: never; default 60)",
+    )
+    p.add_argument(
+        "--future-ttl-minutes", type=float, default=60, help="delete finished futures after this long (default 60)"
+    )
+    p.add_argument(
+        "--api-docs", action="store_true", help="serve the OpenAPI schema at /openapi.json (behind an API key)"
+    )
+    p.add_argument(
+        "--control-rpm",
+        type=int,
+        default=6000,
+        help="per-tenant rate of non-compute requests (sessions, lists, retrieve_future); default 6000",
+    )
     p.add_argument("--threads", type=int, help="torch CPU threads of the server (default: torch's choice)")
     p.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="uvicorn log level"
@@ -74,6 +92,10 @@ def _config(args: argparse.Namespace) -> Any:
         max_adapters_per_tenant=args.max_adapters_per_tenant,
         requests_per_minute=args.requests_per_minute,
         batch_window_s=args.batch_window_ms / 1000,
+        api_docs=args.api_docs,
+        run_idle_s=args.run_idle_minutes * 60,
+        future_ttl_s=args.future_ttl_minutes * 60,
+        control_requests_per_minute=args.control_rpm,
         stats_file=Path(args.stats_file).resolve() if args.stats_file else None,
         **kwargs,
     )

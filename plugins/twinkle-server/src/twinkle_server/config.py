@@ -39,6 +39,19 @@ class ServerConfig:
             (each gets a private copy of the base model; 0 allows LoRA on the shared base only).
         stats_file: when set, the scheduler's pass statistics (tenants per pass, wait times) are
             written here as JSON when the server stops (benchmarks read it).
+        seq_window: a training request may be at most this many ``seq_id``s ahead of its run's
+            next one (400 above): out-of-order requests hold their bodies until their turn.
+        seq_wait_s: a request waiting for an earlier ``seq_id`` fails after this many seconds.
+        run_idle_s: a training run no request touched for this long is unloaded (its slot freed,
+            its checkpoints kept and loadable); 0 keeps runs loaded until unloaded.
+        future_ttl_s: finished futures (and their results) are deleted this long after creation.
+        max_result_bytes: a result larger than this is not stored; its future fails with a
+            message (save a checkpoint instead of fetching large state).
+        api_docs: serve the OpenAPI schema at ``/openapi.json`` (behind an API key); off by
+            default. The HTML docs pages (``/docs``, ``/redoc``) are never served.
+        control_requests_per_minute: per-tenant rate of every other authenticated request
+            (sessions, lists, ``retrieve_future``...), at least ``requests_per_minute``; 429
+            with ``Retry-After`` above.
 
     Example::
 
@@ -61,6 +74,13 @@ class ServerConfig:
     batch_window_s: float = 0.25
     max_private_models_per_tenant: int = 1
     stats_file: Path | None = None
+    api_docs: bool = False
+    run_idle_s: float = 3600.0
+    future_ttl_s: float = 3600.0
+    max_result_bytes: int = 16 * 1024 * 1024
+    seq_window: int = 128
+    seq_wait_s: float = 600.0
+    control_requests_per_minute: int = 6000
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir)

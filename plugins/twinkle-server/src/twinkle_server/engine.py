@@ -624,20 +624,38 @@ class LoRAEngine:
         # gradient norms stay on the device until one transfer at the end
         norms: dict[int, Any] = {}
         for (lr, beta1, beta2, eps, weight_decay, clip), members in groups.items():
+            for i, slot in members:
+                grads = [p.grad for p in slot.parameters() if p.grad is not None]
+                if grads:
+                    norms[i] = torch.nn.utils.get_total_norm(grads, foreach=True)
+            # a slot whose gradients are not finite (a NaN or infinite loss) skips the step: its adapter
+            # and optimizer state stay as they were (one host read per group of slots)
+            finite = {i: True for i, _ in members}
+            if any(i in norms for i, _ in members):
+                checked = [i for i, _ in members if i in norms]
+                flags = torch.stack([norms[i].float() for i in checked]).isfinite().cpu().tolist()
+                finite.update(zip(checked, flags))
             params: list[Any] = []
+            stepping = []
             for i, slot in members:
                 own = slot.parameters()
+                if not finite[i]:
+                    for p in own:
+                        p.grad = None
+                    results[i] = {"grad_norm": 0.0, "skipped_non_finite": 1.0, "step": float(slot.steps)}
+                    continue
+                stepping.append((i, slot))
                 if slot.optimizer is None:
                     slot.optimizer = torch.optim.AdamW(own, lr=lr, foreach=True)
                 for group in slot.optimizer.param_groups:
                     group.update(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
-                grads = [p.grad for p in own if p.grad is not None]
-                if grads:
-                    norms[i] = torch.nn.utils.get_total_norm(grads, foreach=True)
-                    if clip > 0:
-                        torch.nn.utils.clip_grads_with_norm_(own, clip, norms[i], foreach=True)
+                if i in norms and clip > 0:
+                    torch.nn.utils.clip_grads_with_norm_(own, clip, norms[i], foreach=True)
                 results[i] = {"grad_norm": 0.0}
                 params.extend(own)
+            members = stepping
+            if not members:
+                continue
             # one optimizer over every member's tensors, holding the members' own state objects
             fused = torch.optim.AdamW(
                 params, lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay, foreach=True

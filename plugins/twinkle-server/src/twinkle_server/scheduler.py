@@ -76,6 +76,7 @@ class Job:
     finish: Callable[[JobResult], Payload] | None = None
     rows: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    queued_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -102,6 +103,10 @@ class Scheduler:
         max_batch_rows: datums per batched pass.
         batch_window_s: the longest a ``forward_backward`` pass waits for the runs that are
             between two training steps (see the module docstring); 0 never waits.
+        seq_window: a run's request may be at most this many ``seq_id``s ahead of the run's
+            next one (an out-of-order request holds its decoded body until its turn).
+        seq_wait_s: a request waiting for an earlier ``seq_id`` that never comes fails after
+            this long (its future answers the error; the body is released).
     """
 
     def __init__(
@@ -111,8 +116,12 @@ class Scheduler:
         *,
         max_batch_rows: int = 256,
         batch_window_s: float = 0.0,
+        seq_window: int = 128,
+        seq_wait_s: float = 600.0,
     ) -> None:
         self.engine = engine
+        self.seq_window = seq_window
+        self.seq_wait_s = seq_wait_s
         self.on_done = on_done
         self.max_batch_rows = max_batch_rows
         self.batch_window_s = batch_window_s
@@ -188,6 +197,11 @@ class Scheduler:
                         f"seq_id {job.seq_id} of {job.model_id} was already used; each request of a training "
                         "client needs the next seq_id"
                     )
+                if job.seq_id >= self._next_seq[job.model_id] + self.seq_window:
+                    raise UserError(
+                        f"seq_id {job.seq_id} of {job.model_id} is more than {self.seq_window} ahead of the run's "
+                        f"next seq_id {self._next_seq[job.model_id]}; send requests in order"
+                    )
                 queue[job.seq_id] = job
             else:
                 self._free.append(job)
@@ -240,16 +254,43 @@ class Scheduler:
         ready.extend(list(self._free)[:8])
         return ready
 
+    def _expire(self) -> list[tuple[Job, float]]:
+        """(With the lock) take out the requests that waited longer than ``seq_wait_s`` for an earlier seq_id."""
+        now = time.monotonic()
+        expired = []
+        for model_id, queue in self._ordered.items():
+            nxt = self._next_seq.get(model_id)
+            for seq, job in list(queue.items()):
+                if seq != nxt and now - job.queued_at > self.seq_wait_s:
+                    expired.append((queue.pop(seq), now - job.queued_at))
+        return expired
+
+    def _answer_expired(self, job: Job, waited: float) -> None:
+        message = (
+            f"seq_id {job.seq_id} of {job.model_id} waited {waited:.0f} s for seq_id "
+            f"{self._next_seq.get(job.model_id or '', '?')}, which never arrived; the request was dropped"
+        )
+        try:
+            self.on_done(job.future_id, None, message, "user")
+        except Exception:  # noqa: BLE001 - the worker must survive
+            logger.exception("answering an expired request failed")
+
     def _loop(self) -> None:
         gather_start: float | None = None
         while True:
             with self._cond:
-                ready = [] if self._paused else self._ready()
-                while not ready and self._running:
+                expired = self._expire()
+                ready = [] if self._paused or expired else self._ready()
+                while not ready and not expired and self._running:
                     self._cond.wait(timeout=0.5)
-                    ready = [] if self._paused else self._ready()
+                    expired = self._expire()
+                    ready = [] if self._paused or expired else self._ready()
                 if not self._running:
                     return
+            if expired:
+                for job, waited in expired:
+                    self._answer_expired(job, waited)
+                continue
             singles = [job for job in ready if job.kind not in BATCHED_KINDS]
             self._run_singles(singles)
             with self._cond:

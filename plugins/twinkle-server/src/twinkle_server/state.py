@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -38,9 +39,10 @@ class NotFound(LookupError):
 class QuotaExceeded(PermissionError):
     """A per-tenant or server limit was reached; ``status`` is the HTTP code to answer with."""
 
-    def __init__(self, message: str, status: int = 403) -> None:
+    def __init__(self, message: str, status: int = 403, retry_after: float = 1.0) -> None:
         super().__init__(message)
         self.status = status
+        self.retry_after = retry_after
 
 
 @dataclass
@@ -61,15 +63,20 @@ class RateLimiter:
 
     def take(self, tenant_id: str, per_minute: int) -> bool:
         """Spend one request; False when the tenant is over its rate."""
+        return self.wait(tenant_id, per_minute) == 0.0
+
+    def wait(self, tenant_id: str, per_minute: int) -> float:
+        """Spend one request and return 0, or return the seconds until one is available (nothing spent)."""
         now = time.monotonic()
+        per_minute = max(1, per_minute)
         with self._lock:
             tokens, last = self._buckets.get(tenant_id, (float(per_minute), now))
             tokens = min(float(per_minute), tokens + (now - last) * per_minute / 60.0)
             if tokens < 1.0:
                 self._buckets[tenant_id] = (tokens, now)
-                return False
+                return (1.0 - tokens) * 60.0 / per_minute
             self._buckets[tenant_id] = (tokens - 1.0, now)
-            return True
+            return 0.0
 
 
 class FutureWaiters:
@@ -137,7 +144,12 @@ class ServerState:
         self.waiters = FutureWaiters()
         self.rate = RateLimiter()
         self.scheduler = Scheduler(
-            self.engine, self._on_done, max_batch_rows=config.max_batch_rows, batch_window_s=config.batch_window_s
+            self.engine,
+            self._on_done,
+            max_batch_rows=config.max_batch_rows,
+            batch_window_s=config.batch_window_s,
+            seq_window=config.seq_window,
+            seq_wait_s=config.seq_wait_s,
         )
         #: run id -> engine slot of each loaded training run.
         self.run_slots: dict[str, int] = {}
@@ -153,15 +165,51 @@ class ServerState:
         #: sampled sequences recorded for stable_reinforce (record_stability_info=True).
         self.stability = StabilityRecords()
         self._lock = threading.RLock()
+        #: the quota ledger's lock: a check and the creation it allows happen under it together.
+        self.quota_lock = threading.RLock()
+        #: tenant id -> key -> units held through the twinkle API (objects and their adapters).
+        self._held: dict[str, dict[str, int]] = {}
+        #: training runs accepted but not yet given a slot (pool-full is answered at creation).
+        self.creating = 0
+        self._sweeping = threading.Event()
+        self._sweeper: threading.Thread | None = None
 
     # -- lifecycle -----------------------------------------------------------------
     def start(self) -> None:
-        """Warm the engine up and start the worker."""
+        """Warm the engine up and start the worker and the housekeeping thread."""
         self.engine.warmup()
         self.scheduler.start()
+        self._sweeping.clear()
+        self._sweeper = threading.Thread(target=self._sweep_loop, name="twinkle-sweeper", daemon=True)
+        self._sweeper.start()
+
+    def _sweep_loop(self) -> None:
+        period = max(0.2, min(60.0, self.config.run_idle_s / 4 or 60.0, self.config.future_ttl_s / 4 or 60.0))
+        while not self._sweeping.wait(period):
+            try:
+                self.sweep()
+            except Exception:  # noqa: BLE001 - housekeeping must not stop the server
+                logging.getLogger("twinkle_server").exception("housekeeping failed")
+
+    def sweep(self, now: float | None = None) -> dict[str, int]:
+        """Unload idle runs (``run_idle_s``) and delete old finished futures (``future_ttl_s``)."""
+        now = time.time() if now is None else now
+        unloaded = 0
+        if self.config.run_idle_s > 0:
+            for run_id, _ in self.store.idle_runs(now - self.config.run_idle_s):
+                self.scheduler.call_soon(lambda run_id=run_id: self._free_run(run_id))
+                for job in self.scheduler.forget_model(run_id):
+                    self._on_done(job.future_id, None, f"training run {run_id} was unloaded (idle)", "user")
+                self.store.set_run_state(run_id, "unloaded")
+                unloaded += 1
+        pruned = self.store.prune_futures(now - self.config.future_ttl_s) if self.config.future_ttl_s > 0 else 0
+        return {"unloaded": unloaded, "pruned": pruned}
 
     def stop(self) -> None:
         """Stop the worker, write the pass statistics (``config.stats_file``) and close the database."""
+        self._sweeping.set()
+        if self._sweeper is not None:
+            self._sweeper.join(timeout=30)
         self.scheduler.stop()
         if self.config.stats_file is not None:
             path = Path(self.config.stats_file)
@@ -171,6 +219,12 @@ class ServerState:
         self.store.close()
 
     def _on_done(self, future_id: str, payload: Payload | None, error: str | None, category: str | None) -> None:
+        if payload is not None and len(payload[1]) > self.config.max_result_bytes:
+            payload, category = None, "user"
+            error = (
+                f"the result is larger than this server keeps ({self.config.max_result_bytes} bytes); "
+                "save a checkpoint and load it instead of fetching large state"
+            )
         if error is not None:
             self.store.fail_future(future_id, error, category or "user")
         else:
@@ -201,11 +255,29 @@ class ServerState:
                 f"{limits.max_tokens_per_request} per request; split it into smaller batches",
                 413,
             )
-        if not self.rate.take(tenant.id, limits.requests_per_minute):
+        wait = self.rate.wait(tenant.id, limits.requests_per_minute)
+        if wait:
             raise QuotaExceeded(
                 f"tenant {tenant.name!r} is over its rate of {limits.requests_per_minute} requests per minute; "
-                "slow down and retry",
+                f"slow down and retry in {wait:.1f} s",
                 429,
+                retry_after=wait,
+            )
+
+    def charge_request(self, tenant: Tenant) -> None:
+        """Count one request of any kind (every authenticated route) against the tenant's control rate.
+
+        Raises:
+            QuotaExceeded: 429 (with the seconds to wait) over the rate.
+        """
+        per_minute = max(self.config.control_requests_per_minute, self.limits(tenant).requests_per_minute)
+        wait = self.rate.wait(f"{tenant.id}/all", per_minute)
+        if wait:
+            raise QuotaExceeded(
+                f"tenant {tenant.name!r} is over its rate of {per_minute} requests per minute (all routes); "
+                f"slow down and retry in {wait:.1f} s",
+                429,
+                retry_after=wait,
             )
 
     # -- futures -------------------------------------------------------------------
@@ -257,15 +329,61 @@ class ServerState:
             raise UserError(f"training run {run_id} is still being created; wait for create_model to finish")
         return slot
 
-    def check_adapter_quota(self, tenant: Tenant) -> None:
-        """Raise :class:`QuotaExceeded` when the tenant already has its maximum of loaded runs."""
+    # -- the quota ledger: one count for both APIs ------------------------------------------
+    def held(self, tenant_id: str) -> int:
+        """Adapter units the tenant holds: loaded Tinker runs plus twinkle objects and their adapters."""
+        with self.quota_lock:
+            return self.store.count_runs(tenant_id, "active") + sum(self._held.get(tenant_id, {}).values())
+
+    def check_adapter_quota(self, tenant: Tenant, units: int = 1, *, key: str | None = None) -> None:
+        """Raise :class:`QuotaExceeded` unless the tenant may hold ``units`` more (``key``'s own count replaced).
+
+        Call it with :attr:`quota_lock` held and create what it allows before releasing the lock, so
+        concurrent creations cannot all pass the same check.
+        """
         limit = self.limits(tenant).max_adapters
-        loaded = self.store.count_runs(tenant.id, "active")
-        if loaded >= limit:
-            raise QuotaExceeded(
-                f"tenant {tenant.name!r} already has {loaded} training runs loaded, its limit is {limit}; "
-                "unload one (unload_model) or save it and delete it"
-            )
+        with self.quota_lock:
+            held = self.held(tenant.id) - (self._held.get(tenant.id, {}).get(key, 0) if key else 0)
+            if held + units > limit:
+                raise QuotaExceeded(
+                    f"tenant {tenant.name!r} holds {held} adapters (training runs, remote models and their adapters, "
+                    f"both APIs together) and asks for {units} more; its limit is {limit}. Unload a run "
+                    "(unload_model), delete a remote model, or save and delete"
+                )
+
+    def reserve_slot(self) -> None:
+        """Count one training run being created against the pool; 503 (with a retry hint) when it is full.
+
+        Call with :attr:`quota_lock` held; :meth:`slot_created` when the creation finished (or failed).
+        Sampler and snapshot slots count as free: they are evicted for training runs.
+        """
+        with self.quota_lock:
+            free = self.engine.free_slots + len(self.sampler_slots) + len(self.snapshot_slots) - self.creating
+            if free <= 0:
+                raise QuotaExceeded(
+                    f"all {self.engine.max_adapters} LoRA slots of this server are in use; retry later "
+                    f"(runs idle for {self.config.run_idle_s:.0f} s are unloaded)",
+                    503,
+                    retry_after=30.0,
+                )
+            self.creating += 1
+
+    def slot_created(self) -> None:
+        """A creation counted by :meth:`reserve_slot` finished."""
+        with self.quota_lock:
+            self.creating = max(0, self.creating - 1)
+
+    def hold(self, tenant: Tenant, key: str, units: int) -> None:
+        """Set what ``key`` (a twinkle object) holds, after checking the tenant's limit (race-free)."""
+        with self.quota_lock:
+            if units > self._held.get(tenant.id, {}).get(key, 0):
+                self.check_adapter_quota(tenant, units, key=key)
+            self._held.setdefault(tenant.id, {})[key] = units
+
+    def release(self, tenant_id: str, key: str) -> None:
+        """Drop what ``key`` held."""
+        with self.quota_lock:
+            self._held.get(tenant_id, {}).pop(key, None)
 
     def _make_room(self) -> None:
         """Free a slot when the pool is full: a cached checkpoint sampler first (reloadable from disk),

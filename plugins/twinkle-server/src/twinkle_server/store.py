@@ -487,7 +487,19 @@ class Store:
         )
         return [r[0] for r in rows]
 
+    def idle_runs(self, before: float) -> list[tuple[str, str]]:
+        """``(run id, tenant id)`` of the active runs whose last request was before ``before``."""
+        return [
+            (r[0], r[1])
+            for r in self._rows("SELECT id, tenant_id FROM runs WHERE state = 'active' AND last_request < ?", (before,))
+        ]
+
     # -- futures ---------------------------------------------------------------------
+    def prune_futures(self, before: float) -> int:
+        """Delete finished futures created before ``before``; returns how many."""
+        cur = self._exec("DELETE FROM futures WHERE status != 'pending' AND created < ?", (before,))
+        return cur.rowcount
+
     def create_future(self, tenant_id: str, model_id: str | None, kind: str) -> str:
         """Record a pending future; returns its request id."""
         fid = new_id("req")
@@ -525,10 +537,4 @@ class Store:
         return self._exec(
             "UPDATE futures SET status = 'failed', error = ?, category = 'server' WHERE status = 'pending'",
             (message,),
-        ).rowcount
-
-    def prune_futures(self, older_than_s: float) -> int:
-        """Delete finished futures older than ``older_than_s`` seconds."""
-        return self._exec(
-            "DELETE FROM futures WHERE status != 'pending' AND created < ?", (time.time() - older_than_s,)
         ).rowcount

@@ -26,14 +26,17 @@ from twinkle_server import checkpoints as ckpt
 from twinkle_server.auth import current_state, current_tenant
 from twinkle_server.engine import BatchJob, JobResult
 from twinkle_server.losses import check_loss
+from twinkle_server.policy import finite_json
 from twinkle_server.scheduler import UserError
 from twinkle_server.state import JSON, ServerState
 from twinkle_server.store import CheckpointRow, Run, Tenant
 from twinkle_server.wire import (
     PROTO_CONTENT_TYPE,
-    decode_forward_backward,
+    ForwardBackwardMessage,
+    decode_datums,
     encode_forward_backward_output,
     encode_sample_response,
+    parse_forward_backward,
 )
 
 router = APIRouter(prefix="/api/v1", tags=["tinker"])
@@ -189,7 +192,7 @@ def _future(request_id: str, model_id: str | None = None) -> dict[str, Any]:
 
 
 def _json(obj: Any) -> tuple[str, bytes]:
-    return JSON, json.dumps(obj).encode()
+    return JSON, json.dumps(finite_json(obj), allow_nan=False).encode()
 
 
 def _iso(ts: float) -> str:
@@ -255,6 +258,8 @@ def _run_or_404(state: ServerState, tenant: Tenant, run_id: str) -> Run:
     run = state.store.run(tenant.id, run_id)
     if run is None:
         raise HTTPException(404, f"training run {run_id!r} not found")
+    if run.state == "active":
+        state.store.touch_run(run.id)  # a run in use is not idle (ServerConfig.run_idle_s)
     return run
 
 
@@ -412,10 +417,14 @@ def create_model(
     run_id = f"{body.session_id}:train:{body.model_seq_id}"
     if state.store.run(tenant.id, run_id) is not None:
         raise _bad(f"training run {run_id} already exists; use a new model_seq_id")
-    state.check_adapter_quota(tenant)
     state.charge(tenant)
     lora = body.lora_config.model_dump()
-    state.store.create_run(run_id, tenant.id, body.session_id, state.config.model_name, lora, body.user_metadata)
+    with state.quota_lock:  # the check and the creation together: concurrent creations cannot all pass
+        if state.store.run(tenant.id, run_id) is not None:
+            raise _bad(f"training run {run_id} already exists; use a new model_seq_id")
+        state.check_adapter_quota(tenant)
+        state.reserve_slot()
+        state.store.create_run(run_id, tenant.id, body.session_id, state.config.model_name, lora, body.user_metadata)
     state.scheduler.register_model(run_id)
 
     def run() -> tuple[str, bytes]:
@@ -424,6 +433,8 @@ def create_model(
         except Exception:
             state.store.set_run_state(run_id, "deleted")
             raise
+        finally:
+            state.slot_created()
 
     return _future(state.submit(tenant, "create_model", run=run), run_id)
 
@@ -480,15 +491,23 @@ async def forward_backward(
         raise HTTPException(415, "compressed request bodies are not accepted; send the protobuf uncompressed")
     if PROTO_CONTENT_TYPE not in request.headers.get("content-type", ""):
         raise HTTPException(415, f"forward_backward takes a protobuf body (Content-Type: {PROTO_CONTENT_TYPE})")
-    message = decode_forward_backward(await request.body())
-    slot_check = _run_or_404(state, tenant, message.model_id)
-    config = check_loss(message.loss_fn, message.loss_config)
-    if not message.datums:
+    body = await request.body()
+    # parsing and decoding run off the event loop (other requests and /healthz keep answering), the
+    # tensors only after the run lookup and the rate charge: a request for another tenant's or no run,
+    # or over the tenant's rate, costs no decoding
+    header = await asyncio.to_thread(parse_forward_backward, body)
+    del body
+    slot_check = _run_or_404(state, tenant, header.model_id)
+    config = check_loss(header.loss_fn, header.loss_config)
+    if not header.datums:
         raise _bad("forward_backward needs at least one datum")
+    state.charge(tenant, header.tokens)
+    datums, spans = await asyncio.to_thread(decode_datums, header)
+    message = ForwardBackwardMessage(
+        header.model_id, header.seq_id, header.loss_fn, header.loss_config, datums, header.forward_only, spans
+    )
     if message.loss_fn == "stable_reinforce":
         _fill_stability(state, tenant, message)
-    tokens = sum(len(d.tokens) for d in message.datums)
-    state.charge(tenant, tokens)
     run_id = slot_check.id
 
     def prepare() -> BatchJob:
@@ -647,9 +666,15 @@ def load_weights(
         run_id = f"{body.session_id}:train:{body.model_seq_id}"
         if state.store.run(tenant.id, run_id) is not None:
             raise _bad(f"training run {run_id} already exists; use a new model_seq_id")
-        state.check_adapter_quota(tenant)
         lora = _checkpoint_lora(state, tenant, body.path)
-        state.store.create_run(run_id, tenant.id, body.session_id, state.config.model_name, lora, body.user_metadata)
+        with state.quota_lock:
+            if state.store.run(tenant.id, run_id) is not None:
+                raise _bad(f"training run {run_id} already exists; use a new model_seq_id")
+            state.check_adapter_quota(tenant)
+            state.reserve_slot()
+            state.store.create_run(
+                run_id, tenant.id, body.session_id, state.config.model_name, lora, body.user_metadata
+            )
         state.scheduler.register_model(run_id)
 
         def run_new() -> tuple[str, bytes]:
@@ -658,6 +683,8 @@ def load_weights(
             except Exception:
                 state.store.set_run_state(run_id, "deleted")
                 raise
+            finally:
+                state.slot_created()
 
         return _future(state.submit(tenant, "load_weights", run=run_new), run_id)
     if body.model_id is None:
@@ -838,7 +865,7 @@ async def retrieve_future(
         return {"error": row.error, "category": row.category or "user"}
     if row.content_type == PROTO_CONTENT_TYPE:
         return Response(content=row.result, media_type=PROTO_CONTENT_TYPE)
-    return JSONResponse(json.loads(row.result or b"null"))
+    return JSONResponse(finite_json(json.loads(row.result or b"null")))
 
 
 # -- REST: runs and checkpoints ----------------------------------------------------------------

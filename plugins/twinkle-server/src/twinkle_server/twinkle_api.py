@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from twinkle_server import checkpoints as ckpt
 from twinkle_server.auth import current_state, current_tenant
+from twinkle_server.policy import check_adapter_options, check_finite_tree, finite_json, served_model_ids
 from twinkle_server.scheduler import UserError
 from twinkle_server.state import JSON, QuotaExceeded, ServerState
 from twinkle_server.store import Tenant
@@ -50,6 +51,18 @@ _ADAPTER = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _PATH_METHODS = {"save": "output_dir", "load": "checkpoint_dir", "resume_from_checkpoint": "checkpoint_dir"}
 #: methods that need no adapter.
 _NO_ADAPTER = {"add_adapter_to_model", "load", "resume_from_checkpoint"}
+#: methods whose arguments are settings (never data): non-finite numbers are refused.
+_CONFIG_METHODS = {
+    "add_adapter_to_model",
+    "set_optimizer",
+    "set_lr_scheduler",
+    "set_loss",
+    "set_processor",
+    "set_template",
+    "clip_grad_and_step",
+    "clip_grad_norm",
+    "step",
+}
 #: (kind, class) pairs a client may create.
 _HOSTED = {
     ("model", "TransformersModel"),
@@ -88,6 +101,7 @@ class HostedObject:
     kind: str = "model"
     instance: Any = None
     options: dict[str, Any] = field(default_factory=dict)
+    tenant: Tenant | None = None
 
 
 class _AdapterView:
@@ -235,6 +249,13 @@ class TwinkleHost:
         if "dataloader" in kwargs:
             raise UserError("dataloader= cannot be sent in http mode; the data loader stays in your process")
         args, kwargs = self.resolve(args, obj.tenant_id), self.resolve(kwargs, obj.tenant_id)
+        if method in _CONFIG_METHODS:  # NaN/Inf settings (a learning rate, a clip threshold) are refused
+            check_finite_tree(method, [args, kwargs])
+        if not (obj.kind == "sampler" and method == "set_template"):  # the sampler maps its own below
+            config = self.state.config
+            served = {config.model_name, str(config.model_dir)}
+            args = served_model_ids(args, served, str(config.model_dir), where=method)
+            kwargs = served_model_ids(kwargs, served, str(config.model_dir), where=method)
         if obj.kind == "model" and obj.instance is None and not obj.adapters and self._trains_base(obj, method, kwargs):
             self._private_model(obj)
         if obj.instance is not None:
@@ -242,7 +263,9 @@ class TwinkleHost:
                 args, kwargs = self._sampler_arguments(obj, method, args, kwargs)
             elif method in _PATH_METHODS:
                 args, kwargs = self._map_path(obj, method, args, kwargs)
-            result = getattr(obj.instance, method)(*args, **kwargs)
+            fn = getattr(obj.instance, method)
+            _bind(fn, method, args, kwargs)
+            result = fn(*args, **kwargs)
             return Path(str(result)).name if method == "save" else result
         model = self.model
         fn = getattr(model, method)
@@ -252,18 +275,26 @@ class TwinkleHost:
                 raise UserError("add_adapter_to_model needs an adapter name")
             name = args[0] if args else kwargs.pop("adapter_name")
             args = list(args[1:])
-            if not isinstance(name, str) or not _ADAPTER.match(name):
+            if not isinstance(name, str) or not _ADAPTER.fullmatch(name):
                 raise UserError(f"adapter name {name!r}: use 1-64 letters, digits, '_' or '-'")
             if name in obj.adapters:
                 raise UserError(f"this model already has an adapter named {name!r}")
+            if len(args) > 2:
+                raise UserError("add_adapter_to_model takes (adapter_name, config, gradient_accumulation_steps)")
             config = args[0] if args else kwargs.get("config")
-            bias = kwargs.get("bias", config.get("bias") if isinstance(config, dict) else getattr(config, "bias", None))
-            if bias not in (None, "none"):
-                raise UserError(
-                    f"LoraConfig(bias={bias!r}) would train the shared base model's biases; use bias='none'"
-                )
+            options = {k: v for k, v in kwargs.items() if k != "config"}
+            if len(args) > 1:
+                options["gradient_accumulation_steps"] = args[1]
+            check_adapter_options(config, options, max_rank=self.state.config.max_rank)
             scoped = f"{obj.id}_{name}"
-            model.add_adapter_to_model(scoped, *args, **kwargs)
+            _bind(model.add_adapter_to_model, method, [scoped, *args], kwargs)
+            # the object's first adapter is covered by the object itself; each further one is one more unit
+            self.state.hold(self._tenant(obj), obj.id, max(1, len(obj.adapters) + 1))
+            try:
+                model.add_adapter_to_model(scoped, *args, **kwargs)
+            except BaseException:
+                self.state.hold(self._tenant(obj), obj.id, max(1, len(obj.adapters)))
+                raise
             trained = self.state.engine.trainable_base_weights()
             if trained:  # any other option that unfroze base weights: undo it and refuse
                 for param in self.state.engine.base_parameters.values():
@@ -278,6 +309,18 @@ class TwinkleHost:
                 )
             obj.adapters[name] = scoped
             obj.current = name
+            return None
+        if method == "remove_adapter":
+            if len(args) > 1 or set(kwargs) - {"adapter_name"}:
+                raise UserError("remove_adapter takes one argument, the adapter name")
+            user_name = args[0] if args else kwargs.get("adapter_name")
+            if user_name not in obj.adapters:
+                raise UserError(f"no adapter named {user_name!r}; added: {', '.join(obj.adapters) or '(none)'}")
+            model.remove_adapter(obj.adapters[user_name])
+            del obj.adapters[user_name]
+            if obj.current == user_name:
+                obj.current = next(iter(obj.adapters), None)
+            self.state.hold(self._tenant(obj), obj.id, max(1, len(obj.adapters)))
             return None
         if method in _PATH_METHODS:
             args, kwargs = self._map_path(obj, method, args, kwargs)
@@ -307,10 +350,14 @@ class TwinkleHost:
                 else:
                     raise UserError(f"no adapter named {user_name!r}; added: {', '.join(obj.adapters) or '(none)'}")
             kwargs["adapter_name"] = obj.adapters[user_name]
+        _bind(fn, method, args, kwargs)
         result = fn(*args, **kwargs)
         if method == "save":
             return Path(str(result)).name
         return result
+
+    def _tenant(self, obj: HostedObject) -> Tenant:
+        return obj.tenant or Tenant(obj.tenant_id, obj.tenant_id)
 
     def _trains_base(self, obj: HostedObject, method: str, kwargs: dict[str, Any]) -> bool:
         """Whether ``method`` on an adapter-less model object trains the base and may get a private copy."""
@@ -388,6 +435,16 @@ class TwinkleHost:
                     continue
 
 
+def _bind(fn: Any, method: str, args: list[Any], kwargs: dict[str, Any]) -> None:
+    """Check the arguments fit ``fn``'s signature: a wrong call is the client's mistake (a 400)."""
+    try:
+        inspect.signature(fn).bind(*args, **kwargs)
+    except TypeError as exc:
+        raise UserError(f"{method}: {exc}") from None
+    except ValueError:  # no signature to check
+        pass
+
+
 def host(state: ServerState) -> TwinkleHost:
     """The state's :class:`TwinkleHost` (created on first use)."""
     existing = getattr(state, "twinkle_host", None)
@@ -414,7 +471,9 @@ async def _run(state: ServerState, tenant: Tenant, kind: str, fn: Any) -> Any:
             result = fn()
         except KeyError as exc:  # a missing adapter/name: the request's problem, not the server's
             raise UserError(str(exc.args[0]) if exc.args else "not found") from None
-        return JSON, json.dumps({"result": encode(result)}).encode()
+        except QuotaExceeded as exc:  # answered with its own status (403), not as a failed job
+            return JSON, json.dumps({"quota": str(exc), "status": exc.status}).encode()
+        return JSON, json.dumps(finite_json({"result": encode(result)}), allow_nan=False).encode()
 
     future_id = state.submit(tenant, f"twinkle.{kind}", run=run)
     while True:
@@ -431,7 +490,10 @@ async def _run(state: ServerState, tenant: Tenant, kind: str, fn: Any) -> Any:
             continue
     if row.status == "failed":
         raise HTTPException(400 if row.category == "user" else 500, row.error)
-    return json.loads(row.result or b"null")
+    data = json.loads(row.result or b"null")
+    if isinstance(data, dict) and "quota" in data:
+        raise QuotaExceeded(data["quota"], data["status"])
+    return data
 
 
 @router.get("/whoami")
@@ -471,13 +533,15 @@ async def create_object(body: CreateObjectBody, state: StateDep, tenant: TenantD
             400, f"options {sorted(kwargs) or args} cannot be set in http mode: the server owns the base model"
         )
     hosted = host(state)
-    mine = sum(1 for o in hosted.objects.values() if o.tenant_id == tenant.id and o.kind != "checkpoint_engine")
-    limit = state.limits(tenant).max_adapters
-    if mine >= limit:
-        raise QuotaExceeded(f"tenant {tenant.name!r} already has {mine} remote models, its limit is {limit}")
     state.charge(tenant)
-    obj = HostedObject(f"m{secrets.token_hex(6)}", tenant.id, kind=body.kind, options=options)
-    await _run(state, tenant, "create_object", lambda: hosted.build(obj, body.cls))
+    obj = HostedObject(f"m{secrets.token_hex(6)}", tenant.id, kind=body.kind, options=options, tenant=tenant)
+    # reserved before the first await: concurrent creations are counted against one ledger (both APIs)
+    state.hold(tenant, obj.id, 0 if body.kind == "checkpoint_engine" else 1)
+    try:
+        await _run(state, tenant, "create_object", lambda: hosted.build(obj, body.cls))
+    except BaseException:
+        state.release(tenant.id, obj.id)
+        raise
     hosted.objects[obj.id] = obj
     return {"object_id": obj.id}
 
@@ -506,7 +570,10 @@ async def delete_object(object_id: str, state: StateDep, tenant: TenantDep) -> d
     obj = _object(state, tenant, object_id)
     hosted = host(state)
     hosted.objects.pop(object_id, None)
-    await _run(state, tenant, "release", lambda: hosted.release(obj))
+    try:
+        await _run(state, tenant, "release", lambda: hosted.release(obj))
+    finally:
+        state.release(tenant.id, object_id)
     return {}
 
 

@@ -40,7 +40,12 @@ class ForwardBackwardMessage:
     spans: list[list[tuple[str, str, int, int]] | None] | None = None
 
 
-def _tensor(msg: Any, name: str) -> Any:
+#: a loss input may hold at most this many values per token of its datum (declared shapes are
+#: checked before anything is allocated: a sparse tensor's shape costs nothing to declare).
+MAX_VALUES_PER_TOKEN = 64
+
+
+def _tensor(msg: Any, name: str, max_values: int) -> Any:
     import numpy as np
 
     pb = _pb()
@@ -49,6 +54,14 @@ def _tensor(msg: Any, name: str) -> Any:
     if np_dtype is None:
         raise WireError(f"loss_fn_inputs[{name!r}] has an unsupported dtype {msg.dtype}")
     shape = list(msg.shape)
+    if any(d < 0 for d in shape) or len(shape) > 4:
+        raise WireError(f"loss_fn_inputs[{name!r}]: invalid shape {shape}")
+    declared = int(np.prod(shape, dtype=np.float64)) if shape else 0
+    if declared > max_values:
+        raise WireError(
+            f"loss_fn_inputs[{name!r}] declares shape {shape} ({declared} values), more than "
+            f"{MAX_VALUES_PER_TOKEN} per token of its datum ({max_values})"
+        )
     if msg.HasField("sparse_csr"):
         if len(shape) != 2:
             raise WireError(f"loss_fn_inputs[{name!r}]: a sparse tensor needs a 2-d shape")
@@ -56,32 +69,49 @@ def _tensor(msg: Any, name: str) -> Any:
         crow = np.frombuffer(msg.sparse_csr.crow_indices, dtype=np.int64)
         col = np.frombuffer(msg.sparse_csr.col_indices, dtype=np.int64)
         rows, cols = shape
-        if rows * cols > 50_000_000 or len(crow) != rows + 1 or len(col) != len(values):
+        if len(crow) != rows + 1 or len(col) != len(values):
             raise WireError(f"loss_fn_inputs[{name!r}]: malformed sparse tensor")
-        if len(col) and (col.min() < 0 or col.max() >= cols) or (np.diff(crow) < 0).any() or crow[-1] != len(col):
+        if len(col) and (col.min() < 0 or col.max() >= cols) or (np.diff(crow) < 0).any() or crow[0] != 0:
+            raise WireError(f"loss_fn_inputs[{name!r}]: sparse indices out of range")
+        if crow[-1] != len(col):
             raise WireError(f"loss_fn_inputs[{name!r}]: sparse indices out of range")
         dense = np.zeros((rows, cols), dtype=np_dtype)
-        for r in range(rows):
-            dense[r, col[crow[r] : crow[r + 1]]] = values[crow[r] : crow[r + 1]]
+        dense[np.repeat(np.arange(rows), np.diff(crow)), col] = values
         return dense
     try:
         arr = np.frombuffer(msg.dense, dtype=np_dtype)
     except ValueError:
         raise WireError(f"loss_fn_inputs[{name!r}]: byte length does not fit its dtype") from None
+    if arr.size > max_values:
+        raise WireError(f"loss_fn_inputs[{name!r}]: {arr.size} values, more than {max_values} for its datum")
     if shape:
-        if int(np.prod(shape)) != arr.size:
+        if declared != arr.size:
             raise WireError(f"loss_fn_inputs[{name!r}]: {arr.size} values do not fill shape {shape}")
         arr = arr.reshape(shape)
     return arr
 
 
-def decode_forward_backward(body: bytes) -> ForwardBackwardMessage:
-    """Decode a protobuf ``ForwardBackwardRequest``.
+@dataclass
+class ForwardBackwardHeader:
+    """A parsed ``ForwardBackwardRequest`` before its tensors are decoded: what the run lookup
+    and the rate charge need (:func:`parse_forward_backward`), and the message itself."""
+
+    model_id: str
+    seq_id: int | None
+    loss_fn: str
+    loss_config: dict[str, float | str]
+    forward_only: bool
+    tokens: int
+    datums: int
+    message: Any
+
+
+def parse_forward_backward(body: bytes) -> ForwardBackwardHeader:
+    """Parse a protobuf ``ForwardBackwardRequest`` and read its header (no tensor is built).
 
     Raises:
-        WireError: not a valid message, non-text input chunks, or malformed tensors.
+        WireError: not a valid message, or no ``model_id``.
     """
-    import numpy as np
     from google.protobuf.message import DecodeError
 
     msg = _pb().ForwardBackwardRequest()
@@ -94,9 +124,26 @@ def decode_forward_backward(body: bytes) -> ForwardBackwardMessage:
     config: dict[str, float | str] = {k: float(v) for k, v in msg.loss_fn_config.items()}
     for k, v in msg.loss_fn_config_v2.items():
         config[k] = v.text if v.WhichOneof("value") == "text" else float(v.number)
+    tokens = sum(len(chunk.encoded_text.tokens) // 4 for d in msg.data for chunk in d.model_input)
+    return ForwardBackwardHeader(
+        msg.model_id, msg.seq_id or None, msg.loss_fn, config, bool(msg.forward_only), tokens, len(msg.data), msg
+    )
+
+
+def decode_datums(
+    header: ForwardBackwardHeader,
+) -> tuple[list[Datum], list[list[tuple[str, str, int, int]] | None]]:
+    """Build the datums (and their provenance spans) of a parsed request, checking every tensor's
+    declared shape before allocating it.
+
+    Raises:
+        WireError: non-text input chunks, or malformed or oversized tensors.
+    """
+    import numpy as np
+
     datums = []
     spans: list[list[tuple[str, str, int, int]] | None] = []
-    for i, d in enumerate(msg.data):
+    for i, d in enumerate(header.message.data):
         runs: list[tuple[str, str, int, int]] = []
         for span in d.loss_fn_input_spans:
             kind = span.WhichOneof("span")
@@ -118,11 +165,21 @@ def decode_forward_backward(body: bytes) -> ForwardBackwardMessage:
                 raise WireError(f"datum {i}: token bytes are not int32")
             tokens.append(np.frombuffer(raw, dtype=np.int32))
         flat = np.concatenate(tokens).astype(np.int64) if tokens else np.zeros(0, dtype=np.int64)
-        inputs = {name: _tensor(t, name) for name, t in d.loss_fn_inputs.items()}
+        max_values = MAX_VALUES_PER_TOKEN * max(1, len(flat))
+        inputs = {name: _tensor(t, name, max_values) for name, t in d.loss_fn_inputs.items()}
         datums.append(Datum(flat, inputs))
-    return ForwardBackwardMessage(
-        msg.model_id, msg.seq_id or None, msg.loss_fn, config, datums, bool(msg.forward_only), spans
-    )
+    return datums, spans
+
+
+def decode_forward_backward(body: bytes) -> ForwardBackwardMessage:
+    """Decode a protobuf ``ForwardBackwardRequest`` (:func:`parse_forward_backward` then :func:`decode_datums`).
+
+    Raises:
+        WireError: not a valid message, non-text input chunks, or malformed tensors.
+    """
+    h = parse_forward_backward(body)
+    datums, spans = decode_datums(h)
+    return ForwardBackwardMessage(h.model_id, h.seq_id, h.loss_fn, h.loss_config, datums, h.forward_only, spans)
 
 
 def encode_forward_backward_output(result: JobResult) -> bytes:
