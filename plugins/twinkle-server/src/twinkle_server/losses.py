@@ -6,15 +6,13 @@ twinkle API call the same functions. See :mod:`twinkle.loss.tinker` for the form
 
 from __future__ import annotations
 
-import math
-from typing import Any
-
 from twinkle.loss.tinker import (
     LOSS_CONFIG,
     LOSS_INPUTS,
     LOSSES,
     OPTIONAL_INPUTS,
     LossConfigError,
+    check_loss,
     cispo,
     cross_entropy,
     dro,
@@ -23,21 +21,6 @@ from twinkle.loss.tinker import (
     ppo,
     stable_reinforce,
 )
-from twinkle.loss.tinker import check_loss as _check_loss
-
-
-def check_loss(loss_fn: str, config: dict[str, Any] | None) -> dict[str, float]:
-    """Core's :func:`twinkle.loss.tinker.check_loss`, refusing non-finite values first (a NaN clip
-    threshold would make every step NaN; tenants' configs never carry one to the engine).
-
-    Raises:
-        LossConfigError: a non-finite value, or what core's check raises.
-    """
-    for key, value in (config or {}).items():
-        if isinstance(value, float) and not math.isfinite(value):
-            raise LossConfigError(f"loss_fn_config[{key!r}]={value!r} is not a finite number")
-    return _check_loss(loss_fn, config)
-
 
 __all__ = [
     "LOSS_CONFIG",

@@ -34,6 +34,7 @@ and clip around 1 with ``epsilon``: other formulas, other components.)
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Mapping
 
 from twinkle.loss.base import Loss, LossOutput, token_logps
@@ -73,7 +74,8 @@ def check_loss(loss_fn: str, config: Mapping[str, Any] | None) -> dict[str, floa
     """Validate ``loss_fn`` and its config; returns the config with defaults filled in.
 
     Raises:
-        LossConfigError: unknown loss, unknown config key, non-numeric value or missing required key.
+        LossConfigError: unknown loss, unknown config key, non-numeric or non-finite value or
+            missing required key.
     """
     if loss_fn not in LOSS_CONFIG:
         raise LossConfigError(
@@ -87,6 +89,8 @@ def check_loss(loss_fn: str, config: Mapping[str, Any] | None) -> dict[str, floa
             raise LossConfigError(f"loss_fn_config key {key!r} is not supported for {loss_fn!r}; {hint}")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise LossConfigError(f"loss_fn_config[{key!r}] must be a number, got {value!r}")
+        if not math.isfinite(value):  # a NaN clip threshold makes every step NaN
+            raise LossConfigError(f"loss_fn_config[{key!r}]={value!r} is not a finite number")
         resolved[key] = float(value)
     for key, default in allowed.items():
         if key not in resolved:
