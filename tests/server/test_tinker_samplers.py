@@ -109,3 +109,54 @@ def test_topk_prompt_logprobs(server, tiny_tokenizer) -> None:
             ).result()
     finally:
         service.close(status="success")
+
+
+def test_batched_retrieve_futures(server, tiny_tokenizer) -> None:
+    """The SDK's session poller is used (the client config turns it on); the endpoint over raw HTTP."""
+    import httpx
+
+    key = server.add_tenant(f"poll-{uuid.uuid4().hex[:6]}", max_adapters=4)
+    service = tinker.ServiceClient(base_url=server.url, api_key=key)
+    prompt = tiny_tokenizer.encode("Polled:")
+    try:
+        sampler = service.create_sampling_client(base_model=BASE).result()
+        sampler.sample(types.ModelInput.from_ints(prompt), 1, types.SamplingParams(max_tokens=2)).result()
+        tenant_id = server.state.store.tenant_for_key(key).id
+        cursors = server.state.session_futures._cursor
+        assert any(t[0] == tenant_id and c >= 1 for t, c in cursors.items())  # reported through the poller
+    finally:
+        service.close(status="success")
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": key}, timeout=60) as http:
+        sid = http.post("/api/v1/create_session", json={"tags": [], "sdk_version": "test"}).json()["session_id"]
+        sampler_id = http.post(
+            "/api/v1/create_sampling_session",
+            json={"session_id": sid, "sampling_session_seq_id": 0, "base_model": BASE},
+        ).json()["sampling_session_id"]
+
+        def sample(max_tokens: int) -> str:
+            body = {
+                "num_samples": 1,
+                "prompt": {"chunks": [{"tokens": prompt, "type": "encoded_text"}]},
+                "sampling_params": {"max_tokens": max_tokens},
+                "sampling_session_id": sampler_id,
+                "seq_id": 1,
+            }
+            return http.post("/api/v1/asample", json=body).json()["request_id"]
+
+        ok, bad = sample(2), sample(100_000)  # the second is past the model's positions: it fails in the engine
+        target = {"type": "sampling_session", "sampling_session_id": sampler_id, "cloned_sampler_id": 0}
+        seen: dict[str, dict] = {}
+        cursor = 0
+        for _ in range(20):
+            reply = http.post("/api/v1/retrieve_futures", json={"target": target, "prev_cursor": cursor}).json()
+            seen.update({c["request_id"]: c for c in reply["completions"]})
+            cursor = reply["cursor"]
+            if len(seen) == 2:
+                break
+        assert seen[ok]["state"] == "finished" and seen[ok]["response_payload_uncompressed_size"] > 0
+        assert seen[bad]["state"] == "failed"
+        # seen completions are trimmed: the next poll (no wait) reports nothing new
+        again = http.post("/api/v1/retrieve_futures", json={"target": target, "prev_cursor": cursor, "timeout": 0})
+        assert again.json() == {"completions": [], "cursor": cursor}
+        gone = http.post("/api/v1/retrieve_futures", json={"target": {**target, "sampling_session_id": "sampler-nope"}})
+        assert gone.status_code == 404

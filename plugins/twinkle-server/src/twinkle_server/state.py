@@ -22,6 +22,7 @@ from twinkle_server import checkpoints as ckpt
 from twinkle_server.config import ServerConfig
 from twinkle_server.engine import ALL_TARGETS, TARGET_GROUPS, LoRAEngine
 from twinkle_server.scheduler import Job, Payload, Scheduler, UserError
+from twinkle_server.session_futures import SessionFutures
 from twinkle_server.stability import StabilityRecords
 from twinkle_server.store import CheckpointRow, Store, Tenant
 
@@ -164,6 +165,8 @@ class ServerState:
         self._snapshot_refs: dict[str, tuple[str, str, float]] = {}
         #: sampled sequences recorded for stable_reinforce (record_stability_info=True).
         self.stability = StabilityRecords()
+        #: sampling futures per (tenant, sampling session, clone), for the batched retrieve_futures.
+        self.session_futures = SessionFutures()
         self._lock = threading.RLock()
         #: the quota ledger's lock: a check and the creation it allows happen under it together.
         self.quota_lock = threading.RLock()

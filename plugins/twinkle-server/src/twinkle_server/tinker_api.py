@@ -28,6 +28,7 @@ from twinkle_server.engine import BatchJob, JobResult
 from twinkle_server.losses import check_loss
 from twinkle_server.policy import finite_json
 from twinkle_server.scheduler import UserError
+from twinkle_server.session_futures import wait_any
 from twinkle_server.state import JSON, ServerState
 from twinkle_server.store import CheckpointRow, Run, Tenant
 from twinkle_server.wire import (
@@ -322,7 +323,7 @@ def client_config(_: Tenant = Depends(current_tenant)) -> Any:
         "proto_compress_fwdbwd": False,
         "use_pyqwest_transport": False,
         "parallel_fwdbwd_chunks": True,
-        "sample_use_retrieve_futures": False,
+        "sample_use_retrieve_futures": True,
         "custom_loss_server_side": False,
         "sample_join_sampling_session": False,
     }
@@ -838,6 +839,9 @@ def asample(
     prefix = uuid.uuid4().hex
     sequence_ids = [f"seq-{prefix}-{i}" for i in range(body.num_samples)]
     future_id = state.submit(tenant, "sample", run=run)
+    if body.sampling_session_id is not None:
+        clone = (body.seq_id or 0) // 1_000_000_000
+        state.session_futures.add((tenant.id, body.sampling_session_id, clone), future_id)
     return {**_future(future_id), "sample_sequence_ids": sequence_ids}
 
 
@@ -866,6 +870,38 @@ async def retrieve_future(
     if row.content_type == PROTO_CONTENT_TYPE:
         return Response(content=row.result, media_type=PROTO_CONTENT_TYPE)
     return JSONResponse(finite_json(json.loads(row.result or b"null")))
+
+
+class FuturesTargetBody(_Body):
+    type: Literal["sampling_session"] = "sampling_session"
+    sampling_session_id: str = Field(max_length=200)
+    cloned_sampler_id: int = Field(0, ge=0)
+
+
+class RetrieveFuturesBody(_Body):
+    target: FuturesTargetBody
+    prev_cursor: int = Field(0, ge=0)
+    timeout: Optional[float] = Field(None, ge=0)
+    retrieved_request_ids: list[str] = Field(default_factory=list, max_length=10_000)
+
+
+@router.post("/retrieve_futures")
+async def retrieve_futures(
+    body: RetrieveFuturesBody, state: ServerState = Depends(current_state), tenant: Tenant = Depends(current_tenant)
+) -> Any:
+    """Long-poll a sampling session's completions after ``prev_cursor`` (the SDK's batched poller)."""
+    if state.store.sampling_session(tenant.id, body.target.sampling_session_id) is None:
+        raise HTTPException(404, f"sampling session {body.target.sampling_session_id!r} not found")
+    target = (tenant.id, body.target.sampling_session_id, body.target.cloned_sampler_id)
+    completions, cursor = state.session_futures.collect(state.store, target, body.prev_cursor)
+    wait = state.config.long_poll_s if body.timeout is None else min(body.timeout, state.config.long_poll_s)
+    if not completions and wait > 0:
+        events = [state.waiters.event(fid) for fid in state.session_futures.pending(target)]
+        completions, cursor = state.session_futures.collect(state.store, target, body.prev_cursor)
+        if not completions:
+            await wait_any(events, wait)
+            completions, cursor = state.session_futures.collect(state.store, target, body.prev_cursor)
+    return {"completions": completions, "cursor": cursor}
 
 
 # -- REST: runs and checkpoints ----------------------------------------------------------------
