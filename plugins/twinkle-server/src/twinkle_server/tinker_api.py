@@ -4,7 +4,7 @@ Training and sampling requests return a future (``{"request_id": ...}``) at once
 SDK long-polls ``/api/v1/retrieve_future`` for the result, which is protobuf for
 ``forward_backward``/``forward``/``sample`` and JSON otherwise. Requests of one training
 client carry ``seq_id`` and run in that order. Options this server does not implement
-(top-k logprobs, TTLs, inflight sampling, custom losses, non-Adam optimizers) are
+(top-k sample logprobs, inflight sampling, server-side custom losses, non-Adam optimizers) are
 rejected with a 400 that names them, never silently ignored.
 """
 
