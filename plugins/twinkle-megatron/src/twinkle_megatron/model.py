@@ -1,28 +1,29 @@
 """MegatronModel: the TwinkleModel protocol on megatron-core.
 
-It *is* a :class:`~twinkle.model.transformers_model.TransformersModel` as far as the user's
-loop is concerned: it inherits the loop-facing machinery (per-adapter state, loss and
-metric handling, token-normalized gradient accumulation, ``clip_grad_and_step``, atomic
-save / resume) so the numbers and the semantics are the same by construction, and replaces
-what touches the network itself:
+A backend of :class:`~twinkle.model.backend.BackendModel`, like TransformersModel: the
+shared base owns the loop-facing machinery (per-adapter state, loss and metric handling,
+token-normalized gradient accumulation, ``clip_grad_and_step``, atomic save / resume,
+generation), so the numbers and the semantics are the same by construction; this module
+implements the backend hooks for what touches the network itself:
 
-* the network is a megatron-core ``GPTModel`` converted from the Hugging Face checkpoint
-  (:mod:`twinkle_megatron.convert`), built on megatron's parallel state for the DeviceMesh
-  (:mod:`twinkle_megatron.parallel`);
-* LoRA adapters are :mod:`twinkle_megatron.lora` pairs, saved as PEFT adapters;
-* full weights are saved in transformers' format (``config.json`` + ``model.safetensors``);
-* gradient reductions run over megatron's data-parallel group, and the gradient norm
-  over the model-parallel group.
+* ``setup_distributed``: megatron's parallel state for the DeviceMesh
+  (:mod:`twinkle_megatron.parallel`) and, on CPU, the shims of :mod:`twinkle_megatron.compat`;
+* ``build_model``: a megatron-core ``GPTModel`` converted from the Hugging Face checkpoint
+  (:mod:`twinkle_megatron.convert`), or from the same seeded random init TransformersModel draws;
+* ``attach_adapter`` ...: LoRA adapters are :mod:`twinkle_megatron.lora` pairs, saved as PEFT adapters;
+* ``export_weights`` / ``load_*_weights``: weights in transformers' and peft's formats;
+* ``all_reduce_*``: reductions over megatron's data-parallel group; ``clip_gradients``: the
+  gradient norm over the model-parallel group;
+* ``build_optimizer``: any torch optimizer from the registry, or on CUDA megatron-core's own
+  (``set_optimizer('AdamW', ..., use_megatron_optimizer=True)``, see
+  :mod:`twinkle_megatron.megatron_optim`).
 
-Where a batch becomes a loss: ``forward_backward`` (inherited) -> ``_prepare`` (the
-InputProcessor) -> :meth:`MegatronModel._run` (causal/packed attention mask, ``GPTModel``,
-logits) -> the adapter's Loss -> ``backward``.
+Where a batch becomes a loss: ``forward_backward`` (shared) -> ``_prepare`` (the
+InputProcessor) -> :meth:`MegatronModel.run_forward` (causal/packed attention mask,
+``GPTModel``, logits) -> the adapter's Loss -> ``backward``.
 
 On CPU megatron-core needs the shims in :mod:`twinkle_megatron.compat`; they are applied
-while a MegatronModel exists (:meth:`MegatronModel.close` releases them). The optimizer is
-any torch optimizer from the registry (``set_optimizer('AdamW', lr=...)``); on CUDA,
-``set_optimizer('AdamW', ..., use_megatron_optimizer=True)`` uses megatron-core's optimizer
-(see :mod:`twinkle_megatron.megatron_optim`).
+while a MegatronModel exists (:meth:`MegatronModel.close` releases them).
 """
 
 from __future__ import annotations
@@ -30,23 +31,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping
 
 from twinkle.data_format.output import ModelOutput
-from twinkle.dispatch import remote
-from twinkle.model.transformers_model import (
-    FULL_MODEL,
-    CheckpointError,
-    TransformersModel,
-    _dtype,
-    resolve_model_dir,
-)
+from twinkle.model.backend import BackendModel
+from twinkle.model.checkpoint import CheckpointError
+from twinkle.model.state import FULL_MODEL, AdapterState
 
 logger = logging.getLogger("twinkle.megatron")
 
 
-class MegatronModel(TransformersModel):
+class MegatronModel(BackendModel):
     """A causal LM trained on megatron-core, with the same API and numbers as TransformersModel.
 
     Args:
@@ -64,6 +59,10 @@ class MegatronModel(TransformersModel):
         **kwargs: TransformersModel's ``attn_implementation`` and ``trust_remote_code`` are
             accepted (and have no effect: megatron's attention is its own) so a script can
             swap backends without edits; ``gradient_checkpointing=True`` is refused.
+
+    ``set_optimizer(..., use_megatron_optimizer=True)`` (CUDA only) uses megatron-core's
+    optimizer and DDP gradient buffers (``'AdamW'``, ``'Adam'``, ``'SGD'``; one trained
+    adapter or full training per model).
 
     Raises:
         ValueError: neither or both of ``model_id`` and ``config``; a bad dtype.
@@ -91,15 +90,6 @@ class MegatronModel(TransformersModel):
         device: Any = None,
         **kwargs: Any,
     ) -> None:
-        import torch
-        from twinkle.runtime import current_runtime
-
-        from twinkle_megatron import compat, parallel
-
-        if (model_id is None) == (config is None):
-            raise ValueError("MegatronModel needs exactly one of model_id=... (directory or hub id) or config=...")
-        if mixed_precision not in (None, "bf16", "fp16", "no"):
-            raise ValueError(f"mixed_precision={mixed_precision!r}; use 'bf16', 'fp16' or None")
         unknown = sorted(set(kwargs) - {"attn_implementation", "trust_remote_code", "gradient_checkpointing"})
         if unknown:
             raise TypeError(f"MegatronModel got unexpected keyword arguments {unknown}")
@@ -108,13 +98,29 @@ class MegatronModel(TransformersModel):
                 "MegatronModel: gradient_checkpointing=True is not available (megatron's activation recompute is "
                 "not wired in yet); use TransformersModel for it, or a smaller micro-batch"
             )
-        runtime = current_runtime()
-        if seed is None:
-            seed = runtime.seed if runtime is not None and runtime.seed is not None else 42
-        self.seed = seed
-        self.model_id = model_id
-        self.remote_group = remote_group
-        self._autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision or "")
+        self._trust_remote_code = bool(kwargs.get("trust_remote_code", False))
+        self._lora: Any = None
+        self._megatron_optim: dict[str, Any] = {}
+        self._shims_applied = False
+        super().__init__(
+            model_id,
+            config=config,
+            torch_dtype=torch_dtype,
+            mixed_precision=mixed_precision,
+            device_mesh=device_mesh,
+            remote_group=remote_group,
+            seed=seed,
+            device=device,
+        )
+
+    # ------------------------------------------------------------------ set-up
+    def setup_distributed(self, device_mesh: Any, device: Any, runtime: Any) -> None:
+        """Hook: the device, the CPU shims and megatron's parallel state for the mesh."""
+        import torch
+        from twinkle.mesh import DeviceMesh
+
+        from twinkle_megatron import compat, parallel
+
         if device is None:
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
@@ -123,74 +129,32 @@ class MegatronModel(TransformersModel):
         self._shims_applied = True
         mesh = device_mesh if device_mesh is not None else (runtime.global_device_mesh if runtime else None)
         self.parallel = parallel.init_megatron_parallel(mesh, self._device_type)
-        from twinkle.mesh import DeviceMesh
-
         self.device_mesh = mesh or DeviceMesh.from_sizes(world_size=self.parallel.world_size)
         self.rank, self.world_size = self.parallel.rank, self.parallel.world_size
-        self.model_dir = resolve_model_dir(model_id) if model_id is not None else None
-        dtype = _dtype(torch_dtype)
-        self.hf_config, hf_state = self._hf_weights(config, dtype, kwargs.get("trust_remote_code", False))
-        self.model = self._build_megatron(hf_state, dtype)
-        del hf_state
-        self.model.train()
-        self._lora = None
-        self._peft = None
-        self._active: str | None = None
-        self._wrapped = True
-        self._megatron_optim: dict[str, Any] = {}
-        self._base_param_names = [n for n, _ in self.model.named_parameters()]
-        self._states = {}
-        self._default = FULL_MODEL
-        self._states[FULL_MODEL] = self._new_state(FULL_MODEL, list(self.model.parameters()), 1)
 
-    # ------------------------------------------------------------------ set-up
-    def _hf_weights(self, config: Any, dtype: Any, trust_remote_code: bool) -> tuple[Any, dict[str, Any]]:
-        """The HF config and a full state dict: from the checkpoint, or a seeded random init."""
+    def build_model(self, config: Any, dtype: Any) -> Any:
+        """Hook: the HF weights (checkpoint or seeded random init), converted into a megatron ``GPTModel``."""
         import torch
-        from transformers import AutoConfig, AutoModelForCausalLM
-        from twinkle.model.transformers_model import _has_weights
-
-        from twinkle_megatron.convert import check_supported
-
-        if config is None:
-            if not os.path.isfile(os.path.join(self.model_dir, "config.json")):
-                raise FileNotFoundError(
-                    f"MegatronModel: {self.model_dir!r} has no config.json; point model_id at a model directory "
-                    f"(config.json plus weights) or a hub id such as 'ms://Qwen/Qwen2.5-0.5B-Instruct'"
-                )
-            config = AutoConfig.from_pretrained(self.model_dir, trust_remote_code=trust_remote_code)
-        elif isinstance(config, Mapping):
-            data = dict(config)
-            model_type = data.pop("model_type", None)
-            if model_type is None:
-                raise ValueError("MegatronModel(config=dict): the dict needs a 'model_type' such as 'qwen2'")
-            config = AutoConfig.for_model(model_type, **data)
-        check_supported(config)
-        load_dtype = dtype if dtype not in (None, "auto") else torch.float32
-        if self.model_dir is not None and _has_weights(self.model_dir):
-            hf = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=load_dtype)
-        else:
-            if self.model_dir is not None:
-                logger.warning(
-                    "MegatronModel: %s has a config.json but no weight files; initializing %s randomly from the "
-                    "config with seed %d",
-                    self.model_dir,
-                    config.model_type,
-                    self.seed,
-                )
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.seed)
-                hf = AutoModelForCausalLM.from_config(config, dtype=load_dtype)
-        self._hf_keys = list(hf.state_dict().keys())
-        self._hf_generation_config = getattr(hf, "generation_config", None)
-        return hf.config, hf.state_dict()
-
-    def _build_megatron(self, hf_state: Mapping[str, Any], dtype: Any) -> Any:
-        import torch
+        from twinkle.model.hf import build_causal_lm
 
         from twinkle_megatron import builder, compat, convert
 
-        spec = convert.megatron_spec_from_hf(self.hf_config, dtype if dtype not in (None, "auto") else torch.float32)
+        load_dtype = dtype if dtype not in (None, "auto") else torch.float32
+        hf = build_causal_lm(
+            self.model_dir,
+            config,
+            dtype=load_dtype,
+            seed=self.seed,
+            owner="MegatronModel",
+            trust_remote_code=self._trust_remote_code,
+            check=convert.check_supported,
+        )
+        self.hf_config = hf.config
+        self._hf_keys = list(hf.state_dict().keys())
+        self._hf_generation_config = getattr(hf, "generation_config", None)
+        hf_state = hf.state_dict()
+        del hf
+        spec = convert.megatron_spec_from_hf(self.hf_config, load_dtype)
         self._causal_mask_optional = builder.uses_sdpa(spec)
         with torch.random.fork_rng(devices=[]):
             compat.seed_model_parallel(self.seed, self._device_type)
@@ -198,10 +162,13 @@ class MegatronModel(TransformersModel):
         builder.load_full_state(model, convert.hf_to_megatron(hf_state, self.hf_config))
         return model.to(self.device)
 
-    def _new_state(self, name: str, params: list[Any], gradient_accumulation_steps: int) -> Any:
-        state = super()._new_state(name, params, gradient_accumulation_steps)
-        state.processor.pad_token_id = getattr(self.hf_config, "pad_token_id", None) or 0
-        return state
+    def model_config(self) -> Any:
+        """Hook: the transformers config the model was converted from."""
+        return self.hf_config
+
+    def generation_config(self) -> Any:
+        """Hook: the checkpoint's generation config (``None`` for a random init without one)."""
+        return self._hf_generation_config
 
     def close(self) -> None:
         """Release the CPU shims this model applied (idempotent). The model stays usable until then."""
@@ -211,86 +178,51 @@ class MegatronModel(TransformersModel):
             compat.restore()
             self._shims_applied = False
 
-    def _activate(self, state: Any) -> None:
-        if self._lora is not None and state.name != FULL_MODEL and self._active != state.name:
-            self._lora.set_active(state.name)
-            self._active = state.name
-
-    def _hf_model(self) -> Any:
-        raise TypeError("MegatronModel has no transformers model; use get_state_dict() or save() for HF weights")
-
     # ------------------------------------------------------------------ adapters
-    @remote(dispatch="all", collect="first")
-    def add_adapter_to_model(
-        self, adapter_name: str, config: Any, gradient_accumulation_steps: int = 1, **kwargs: Any
-    ) -> None:
-        """Add a named LoRA adapter on the megatron model and make it the default.
+    def attach_adapter(self, adapter_name: str, config: Any) -> list[Any]:
+        """Hook: a :class:`~twinkle_megatron.lora.MegatronLora` adapter; the first one freezes the base weights.
 
-        Args:
-            adapter_name: a new name (letters, digits, ``_`` and ``-``).
-            config: a ``peft.LoraConfig`` or a dict of its fields. ``target_modules`` is
-                ``'all-linear'`` or HF names (``q_proj`` ... ``down_proj``).
-            gradient_accumulation_steps: micro-batches per optimizer step for this adapter.
-            **kwargs: LoraConfig fields overriding ``config``.
+        ``target_modules`` is ``'all-linear'`` or HF names (``q_proj`` ... ``down_proj``).
 
         Raises:
-            ValueError: a duplicate or invalid name, unsupported LoRA options, or tp_size > 1.
-
-        Example::
-
-            model.add_adapter_to_model("default", LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+            ValueError: unsupported LoRA options, or tp_size > 1.
         """
-        import torch
-        from peft import LoraConfig
-
         from twinkle_megatron.lora import MegatronLora
 
-        if not isinstance(adapter_name, str) or not adapter_name.replace("_", "").replace("-", "").isalnum():
-            raise ValueError(f"adapter_name {adapter_name!r} must be letters, digits, '_' or '-'")
-        if adapter_name in self._states:
-            raise ValueError(f"an adapter named {adapter_name!r} already exists; pick another name")
-        if gradient_accumulation_steps < 1:
-            raise ValueError(f"gradient_accumulation_steps must be >= 1, got {gradient_accumulation_steps}")
-        if isinstance(config, Mapping):
-            config = LoraConfig(**{**config, **kwargs})
-        elif kwargs:
-            config = type(config)(**{**config.to_dict(), **kwargs})
         lora = self._lora if self._lora is not None else MegatronLora(self.model, self.hf_config)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed + sum(map(ord, adapter_name)))
-            params = lora.add(adapter_name, config)
+        params = lora.add(adapter_name, config)
         if self._lora is None:
             for name, p in self.model.named_parameters():
                 if ".lora_" not in name:
                     p.requires_grad_(False)
             self._lora = lora
-        self._peft = self._lora
-        for p in params:
-            p.requires_grad_(True)
-        previous = self._states.get(self._default)
-        state = self._new_state(adapter_name, params, gradient_accumulation_steps)
-        if previous is not None and previous.template is not None:
-            state.template = previous.template
-        self._states.pop(FULL_MODEL, None)
-        self._states[adapter_name] = state
-        self._default = adapter_name
-        self._active = None
-        self._activate(state)
+        return params
+
+    def activate_adapter(self, adapter_name: str) -> None:
+        """Hook: route the LoRA layers through ``adapter_name``."""
+        self._lora.set_active(adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Hook: not available: megatron LoRA layers keep their adapters.
+
+        Raises:
+            ValueError: always.
+        """
+        raise ValueError(f"MegatronModel cannot remove adapter {adapter_name!r} yet; use a new model instead")
 
     @contextlib.contextmanager
-    def adapters_disabled(self) -> Iterator[None]:
-        """A context in which forwards use the base model without any adapter (reference model)."""
-        if self._lora is None:
-            yield
-            return
+    def without_adapters(self) -> Iterator[None]:
+        """Hook: no adapter in the LoRA layers for the context; the active one afterwards."""
         self._lora.set_active(None)
-        previous, self._active = self._active, None
         try:
             yield
         finally:
-            if previous is not None:
-                self._lora.set_active(previous)
-            self._active = previous
+            if self.active_adapter is not None:
+                self._lora.set_active(self.active_adapter)
+
+    def adapter_config(self, adapter_name: str) -> Any:
+        """Hook: the peft ``LoraConfig`` of the adapter, in HF module names."""
+        return self._lora.peft_config(adapter_name, self.model_id)
 
     # ------------------------------------------------------------------ compute
     def _attention_mask(self, batch: Mapping[str, Any]) -> Any:
@@ -318,7 +250,8 @@ class MegatronModel(TransformersModel):
             blocked = blocked | pad[:, None, :]
         return blocked.expand(ids.shape[0], length, length)[:, None]
 
-    def _run(self, batch: Mapping[str, Any]) -> ModelOutput:
+    def run_forward(self, batch: Mapping[str, Any]) -> ModelOutput:
+        """Hook: the ``GPTModel`` on a prepared batch: logits, or hidden states and the head for the fused loss."""
         import torch
 
         ids = batch["input_ids"]
@@ -326,8 +259,8 @@ class MegatronModel(TransformersModel):
         if pos is None:
             pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
         mask = self._attention_mask(batch)
-        if self._autocast is not None:
-            with torch.autocast(self.device.type, dtype=self._autocast):
+        if self.autocast_dtype is not None:
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype):
                 logits = self.model(ids, pos, attention_mask=mask)
             return ModelOutput(logits=logits)
         if not self._fused_head():
@@ -364,47 +297,29 @@ class MegatronModel(TransformersModel):
 
         return ps.get_data_parallel_group()
 
-    def _all_reduce_floats(self, values: list[float]) -> list[float]:
-        import torch
-        import torch.distributed as dist
+    def all_reduce_floats(self, values: list[float]) -> list[float]:
+        """Hook: the sum over megatron's data-parallel group (tensor-parallel ranks hold the same numbers)."""
+        if self.parallel.dp == 1:
+            return [float(v) for v in values]
+        from twinkle.model.distributed import all_reduce_floats
 
-        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
-        if self.parallel.dp > 1:
-            dist.all_reduce(tensor, group=self._dp_group())
-        return tensor.tolist()
+        return all_reduce_floats(values, self.device, group=self._dp_group())
 
-    def _all_reduce_grads(self, grads: list[Any]) -> None:
-        import torch.distributed as dist
-        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
-        if not grads or self.parallel.dp == 1:
+    def all_reduce_grads(self, grads: list[Any]) -> None:
+        """Hook: sum gradients over megatron's data-parallel group."""
+        if self.parallel.dp == 1:
             return
-        flat = _flatten_dense_tensors(grads)
-        dist.all_reduce(flat, group=self._dp_group())
-        for grad, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
-            grad.copy_(synced)
+        from twinkle.model.distributed import all_reduce_grads
+
+        all_reduce_grads(grads, group=self._dp_group())
 
     # ------------------------------------------------------------------ optimization
-    @remote(dispatch="all", collect="first")
-    def set_optimizer(self, optimizer_cls: Any = "AdamW", *, adapter_name: str | None = None, **kwargs: Any) -> None:
-        """Build the optimizer of an adapter (or of the full model) over its trainable parameters.
-
-        Args:
-            optimizer_cls: any torch.optim name (``'AdamW'``, ``'SGD'``...), a class, or a
-                factory ``f(params, **kwargs)``.
-            adapter_name: which adapter (default: the current one).
-            use_megatron_optimizer: (CUDA only) use megatron-core's optimizer and DDP grad
-                buffers instead (``'AdamW'``, ``'Adam'``, ``'SGD'``); see
-                :mod:`twinkle_megatron.megatron_optim`.
-            **kwargs: optimizer arguments (``lr=1e-4``, ``weight_decay=0.01``).
+    def build_optimizer(self, state: AdapterState, optimizer_cls: Any, kwargs: dict[str, Any]) -> Any:
+        """Hook: a registry optimizer, or megatron-core's with ``use_megatron_optimizer=True`` (CUDA).
 
         Raises:
             ValueError: ``use_megatron_optimizer`` on CPU, with several adapters, or with an
-                optimizer megatron does not provide.
-
-        Example::
-
-            model.set_optimizer("AdamW", lr=1e-4)
+                optimizer megatron does not provide; a registry optimizer after megatron's.
         """
         use_megatron = bool(kwargs.pop("use_megatron_optimizer", False))
         if not use_megatron:
@@ -413,13 +328,12 @@ class MegatronModel(TransformersModel):
                     "this model already trains with use_megatron_optimizer=True (its gradients live in megatron's "
                     "buffers); pass use_megatron_optimizer=True here too"
                 )
-            super().set_optimizer(optimizer_cls, adapter_name=adapter_name, **kwargs)
-            return
+            return super().build_optimizer(state, optimizer_cls, kwargs)
         from twinkle_megatron import megatron_optim
 
-        state = self._state(adapter_name)
-        others = [n for n, st in self._states.items() if n != state.name and st.optimizer is not None]
-        if len(self._states) > 1 or others:
+        states = self.adapter_states
+        others = [n for n, st in states.items() if n != state.name and st.optimizer is not None]
+        if len(states) > 1 or others:
             raise ValueError(
                 "use_megatron_optimizer=True wraps the whole model in megatron's DDP; it supports one trained "
                 "adapter (or full training) per model"
@@ -427,76 +341,45 @@ class MegatronModel(TransformersModel):
         if not isinstance(optimizer_cls, str):
             raise ValueError("use_megatron_optimizer=True takes an optimizer name: 'AdamW', 'Adam' or 'SGD'")
         if state.name in self._megatron_optim:
-            state.optimizer = megatron_optim.rebuild(self._megatron_optim[state.name], optimizer_cls, kwargs)
+            optimizer = megatron_optim.rebuild(self._megatron_optim[state.name], optimizer_cls, kwargs)
         else:
-            state.optimizer = megatron_optim.build(self.model, optimizer_cls, kwargs, self._device_type)
-        self._megatron_optim[state.name] = state.optimizer
-        state.lr_scheduler = None
+            optimizer = megatron_optim.build(self.model, optimizer_cls, kwargs, self._device_type)
+        self._megatron_optim[state.name] = optimizer
+        return optimizer
 
-    @remote(dispatch="all", collect="first")
-    def set_lr_scheduler(self, scheduler_cls: Any, *, adapter_name: str | None = None, **kwargs: Any) -> None:
-        """Build the LR scheduler of an adapter on its optimizer (call :meth:`set_optimizer` first).
-
-        Args:
-            scheduler_cls: ``'CosineWarmupScheduler'``, ``'LinearWarmupScheduler'``, any
-                torch.optim.lr_scheduler name, a class, or a factory ``f(optimizer, **kwargs)``.
-            adapter_name: which adapter (default: the current one).
-            **kwargs: scheduler arguments (``num_warmup_steps=5, num_training_steps=100``).
-
-        Raises:
-            ValueError: no optimizer yet.
-        """
-        state = self._state(adapter_name)
-        megatron = self._megatron_optim.get(state.name)
-        if megatron is None or state.optimizer is not megatron:
-            super().set_lr_scheduler(scheduler_cls, adapter_name=adapter_name, **kwargs)
-            return
-        factory = self._registry().resolve("lr_scheduler", scheduler_cls)
-        state.lr_scheduler = factory(megatron.torch_optimizer, **kwargs)
-
-    def _megatron_of(self, state: Any) -> Any:
+    def _megatron_of(self, state: AdapterState) -> Any:
         megatron = self._megatron_optim.get(state.name)
         return megatron if megatron is not None and state.optimizer is megatron else None
 
-    def _finalize_grads(self, state: Any) -> None:
+    def scheduled_optimizer(self, state: AdapterState) -> Any:
+        """Hook: megatron's inner torch optimizer when megatron's optimizer drives the state."""
+        megatron = self._megatron_of(state)
+        return megatron.torch_optimizer if megatron is not None else state.optimizer
+
+    def reduce_gradients(self, state: AdapterState, tokens: float) -> float:
+        """Hook: megatron's optimizer finishes its own gradient buffers (reduce, then divide by ``tokens``)."""
         megatron = self._megatron_of(state)
         if megatron is None:
-            super()._finalize_grads(state)
-            return
-        if state.grads_final:
-            return
-        (tokens,) = self._all_reduce_floats([state.window_tokens])
+            return super().reduce_gradients(state, tokens)
         megatron.finish_window(tokens)
-        state.grads_final = True
+        return 1.0
 
-    @remote(dispatch="all", collect="none")
-    def step(self, *, adapter_name: str | None = None, **kwargs: Any) -> None:
-        """One optimizer step with the accumulated (finished) gradients.
-
-        Raises:
-            ValueError: no optimizer (call :meth:`set_optimizer`).
-        """
-        super().step(adapter_name=adapter_name, **kwargs)
-
-    @remote(dispatch="all", collect="none")
-    def zero_grad(self, *, adapter_name: str | None = None, **kwargs: Any) -> None:
-        """Drop gradients and start a new accumulation window."""
-        state = self._state(adapter_name)
+    def zero_gradients(self, state: AdapterState) -> None:
+        """Hook: also clear megatron's gradient buffers."""
         megatron = self._megatron_of(state)
         if megatron is not None:
             megatron.zero_grad()
-        super().zero_grad(adapter_name=adapter_name, **kwargs)
+        super().zero_gradients(state)
 
-    def _clip(self, state: Any, max_grad_norm: float, norm_type: float) -> Any:
-        """Finish and clip the window's gradients; the total norm before clipping.
+    def clip_gradients(self, state: AdapterState, max_grad_norm: float, norm_type: float) -> Any:
+        """Hook: finish and clip the window's gradients; the total norm before clipping.
 
         The norm covers the whole model: tensor-parallel shards are summed over the
-        model-parallel group, replicated parameters counted once. (``clip_grad_norm`` and
-        ``clip_grad_and_step`` of TransformersModel call this.)
+        model-parallel group, replicated parameters counted once.
         """
         import torch
 
-        self._finalize_grads(state)
+        self.finish_gradients(state)
         megatron = self._megatron_of(state)
         if megatron is not None:
             if norm_type != 2.0:
@@ -521,24 +404,17 @@ class MegatronModel(TransformersModel):
         hf = convert.megatron_to_hf(mg, self.hf_config, self._hf_keys)
         return {k: v.detach().to("cpu").contiguous() for k, v in hf.items()}
 
-    def _full_state_dict(self) -> dict[str, Any]:
-        if self._lora is not None:
-            raise ValueError("get_state_dict: this model trains LoRA adapters; pass adapter_name=... for its weights")
-        return self._full_hf_state()
+    def export_weights(self, state: AdapterState, *, merged: bool = False, **options: Any) -> dict[str, Any]:
+        """Hook: full weights in transformers names, an adapter's in peft names, or (``merged=True``) merged.
 
-    @remote(dispatch="all", collect="first")
-    def get_state_dict(self, *, adapter_name: str | None = None, merged: bool = False, **kwargs: Any) -> dict:
-        """The adapter's weights (PEFT key names) or the full model's (transformers names).
-
-        Args:
-            adapter_name: which adapter (default: the current one).
-            merged: with an adapter, the full transformers weights with the adapter merged in.
-
-        Returns:
-            ``{name: CPU tensor}``.
+        Raises:
+            ValueError: the full model's weights while adapters are trained.
         """
-        state = self._state(adapter_name)
         if state.name == FULL_MODEL:
+            if self._lora is not None:
+                raise ValueError(
+                    "get_state_dict: this model trains LoRA adapters; pass adapter_name=... for its weights"
+                )
             return self._full_hf_state()
         if merged:
             return self._merged_hf_state(state.name)
@@ -562,115 +438,23 @@ class MegatronModel(TransformersModel):
         merged = peft_model.merge_and_unload()
         return {k: v.detach().to("cpu").contiguous() for k, v in merged.state_dict().items()}
 
-    def _write_weights(self, directory: Path, state: Any, weights: dict[str, Any]) -> None:
-        from safetensors.torch import save_file
-        from twinkle.model.transformers_model import _untie
+    def load_adapter_weights(self, adapter_name: str, state_dict: dict[str, Any], path: Any) -> None:
+        """Hook: peft-named adapter weights into the megatron LoRA layers."""
+        try:
+            self._lora.load_peft_state_dict(adapter_name, state_dict)
+        except ValueError as exc:
+            raise CheckpointError(f"load: {path}: {exc}") from exc
 
-        if state.name == FULL_MODEL:
-            self.hf_config.save_pretrained(directory)
-            if self._hf_generation_config is not None:
-                self._hf_generation_config.save_pretrained(directory)
-            save_file(_untie(weights), str(directory / "model.safetensors"), metadata={"format": "pt"})
-            return
-        config = self._lora.peft_config(state.name, self.model_id)
-        config.save_pretrained(str(directory))
-        save_file(weights, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
-
-    @remote(dispatch="all", collect="first")
-    def load(self, checkpoint_dir: str | os.PathLike, *, adapter_name: str | None = None, **kwargs: Any) -> None:
-        """Load weights written by :meth:`save` (or by transformers / peft for a supported family).
-
-        An ``adapter_config.json`` loads a LoRA adapter (added under ``adapter_name``,
-        default the current adapter or ``'default'``, when missing); a directory with
-        ``*.safetensors`` full weights replaces the base weights.
-
-        Raises:
-            CheckpointError: the directory does not exist, holds neither format, or its
-                weights do not fit.
-        """
-        from safetensors.torch import load_file
-
+    def load_full_weights(self, state_dict: dict[str, Any], path: Any) -> None:
+        """Hook: transformers-named full weights, converted to megatron's layout."""
         from twinkle_megatron import builder, convert
 
-        path = Path(checkpoint_dir)
-        if not path.is_dir():
-            raise CheckpointError(f"load: {path} is not a directory; pass a directory written by model.save(...)")
-        if (path / "adapter_config.json").is_file():
-            from peft import PeftConfig
-
-            name = adapter_name or (self._default if self._default != FULL_MODEL else "default")
-            if name not in self._states:
-                self.add_adapter_to_model(name, PeftConfig.from_pretrained(str(path)))
-            weight_file = path / "adapter_model.safetensors"
-            if not weight_file.is_file():
-                raise CheckpointError(f"load: {path} has adapter_config.json but no adapter_model.safetensors")
-            try:
-                self._lora.load_peft_state_dict(name, load_file(str(weight_file)))
-            except ValueError as exc:
-                raise CheckpointError(f"load: {path}: {exc}") from exc
-            self._active = None
-            self._activate(self._states[name])
-            return
-        weight_files = sorted(path.glob("*.safetensors"))
-        if not weight_files:
-            raise CheckpointError(
-                f"load: {path} has neither adapter_config.json (a LoRA adapter) nor *.safetensors weights"
-            )
-        if self._lora is not None:
-            raise CheckpointError(f"load: {path} holds full weights but this model trains adapters")
-        hf_state: dict[str, Any] = {}
-        for file in weight_files:
-            hf_state.update(load_file(str(file)))
         if getattr(self.hf_config, "tie_word_embeddings", False):
-            hf_state.pop("lm_head.weight", None)
+            state_dict.pop("lm_head.weight", None)
         try:
-            builder.load_full_state(self.model, convert.hf_to_megatron(hf_state, self.hf_config))
+            builder.load_full_state(self.model, convert.hf_to_megatron(state_dict, self.hf_config))
         except ValueError as exc:
             raise CheckpointError(f"load: the weights in {path} do not fit this model: {exc}") from exc
-
-    # ------------------------------------------------------------------ generation
-    def generate(
-        self, prompts: Sequence[Any], *, max_new_tokens: int = 64, adapter_name: str | None = None, **kwargs: Any
-    ) -> list[str]:
-        """Greedy generation without a KV cache (for quick checks; use a Sampler for rollouts).
-
-        Args:
-            prompts: strings (user messages) or lists of chat messages.
-            max_new_tokens: tokens to generate per prompt.
-            adapter_name: which adapter (default: the current one).
-
-        Returns:
-            The decoded completions.
-        """
-        import torch
-
-        tokenizer = self.tokenizer
-        if tokenizer is None:
-            raise ValueError("generate: no tokenizer; call model.set_template('Template') first")
-        self._activate(self._state(adapter_name))
-        eos = {tokenizer.eos_token_id, getattr(self._hf_generation_config, "eos_token_id", None)} - {None}
-        answers: list[str] = []
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            for prompt in prompts:
-                messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-                ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-                if isinstance(ids, Mapping):
-                    ids = ids["input_ids"]
-                tokens = list(ids)
-                start = len(tokens)
-                with torch.no_grad():
-                    for _ in range(max_new_tokens):
-                        batch = {"input_ids": torch.tensor([tokens], device=self.device)}
-                        next_id = int(self._run(batch)["logits"][0, -1].argmax())
-                        tokens.append(next_id)
-                        if next_id in eos:
-                            break
-                answers.append(tokenizer.decode(tokens[start:], skip_special_tokens=True))
-        finally:
-            self.model.train(was_training)
-        return answers
 
 
 def _model_parallel_grad_norm(params: list[Any], norm_type: float) -> float:

@@ -244,7 +244,9 @@ def _to_cpu(value: Any) -> Any:
 
 
 def _has_weights(model_dir: Path) -> bool:
-    return any(model_dir.glob("*.safetensors")) or any(model_dir.glob("*.bin"))
+    from twinkle.model.files import has_weights
+
+    return has_weights(model_dir)
 
 
 class LoRAEngine:

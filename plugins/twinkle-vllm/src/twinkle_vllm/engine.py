@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 _COPIED_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -36,14 +35,6 @@ _COPIED_FILES = (
     "generation_config.json",
     "tokenizer.model",
 )
-
-
-def has_weights(model_dir: str | os.PathLike) -> bool:
-    """True when ``model_dir`` holds model weight files (not only an adapter)."""
-    return any(
-        name.endswith(_WEIGHT_SUFFIXES) and not name.startswith(("adapter_", "training_", "optimizer"))
-        for name in os.listdir(model_dir)
-    )
 
 
 def materialize_model_dir(model_dir: str | os.PathLike, seed: int, torch_dtype: str = "float32") -> str:

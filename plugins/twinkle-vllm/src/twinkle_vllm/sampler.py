@@ -26,9 +26,10 @@ from twinkle.data_format.sampling import (
     sampled_sequence,
 )
 from twinkle.dispatch import remote
+from twinkle.model.files import has_weights
 from twinkle.sampler.base import Sampler
 
-from twinkle_vllm.engine import default_engine_options, has_weights, materialize_model_dir, start_engine
+from twinkle_vllm.engine import default_engine_options, materialize_model_dir, start_engine
 from twinkle_vllm.lora import AdapterSlot, check_lora_names, lora_config_dict, stage_adapter, staging_root
 
 

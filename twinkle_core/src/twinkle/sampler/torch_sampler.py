@@ -94,11 +94,9 @@ class TorchSampler(Sampler):
         from transformers import AutoConfig, AutoModelForCausalLM
 
         dtype = getattr(torch, torch_dtype) if isinstance(torch_dtype, str) else torch_dtype
-        has_weights = any(
-            name.endswith((".safetensors", ".bin")) and not name.startswith("adapter_")
-            for name in os.listdir(model_dir)
-        )
-        if has_weights:
+        from twinkle.model.files import has_weights
+
+        if has_weights(model_dir):
             return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
         config = AutoConfig.from_pretrained(model_dir)
         with torch.random.fork_rng(devices=[]):
