@@ -78,6 +78,7 @@ def test_merged_fp32_export_matches_the_adapter_model(lora_model, tiny_model_dir
     valid = mask.bool()
     diff = (merged_logits - adapter_logits)[valid].abs().max().item()
     effect = (adapter_logits - base_logits)[valid].abs().max().item()
+    print(f"merged vs adapter max |logit diff| {diff:.3e}, adapter effect {effect:.3e}")
     assert diff < FP32_TOL, f"merged vs adapter logits differ by {diff:.3e}"
     assert effect > 1e-2, f"the adapter changes logits by only {effect:.3e}: the test would not see a bad merge"
     # the live model keeps training: still a peft model with its adapter

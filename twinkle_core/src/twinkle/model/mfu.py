@@ -62,4 +62,8 @@ def mfu(model: Any, lora: bool, tokens_per_s: float, world_size: int, device: An
     peak = peak_flops(device)
     if peak is None or tokens_per_s <= 0:
         return None
-    return tokens_per_s / max(1, world_size) * flops_per_token(model, lora) / peak
+    try:
+        flops = flops_per_token(model, lora)
+    except (AttributeError, TypeError, RuntimeError):  # a backend whose model is not a transformers module
+        return None
+    return tokens_per_s / max(1, world_size) * flops / peak
