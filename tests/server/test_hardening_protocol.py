@@ -416,3 +416,28 @@ def test_a_base_model_sampling_client_samples(server) -> None:
     out = sampler.sample(prompt, 2, types.SamplingParams(max_tokens=4, seed=1, temperature=0.0)).result()
     assert len(out.sequences) == 2 and all(len(s.tokens) == 4 for s in out.sequences)
     service.close(status="success")
+
+
+def test_idle_twinkle_objects_are_released_and_free_their_quota(small_pool) -> None:
+    from twinkle.client.codec import encode
+
+    with _http(small_pool, _key(small_pool, "idle-obj", max_adapters=1)) as http:
+        create = {"kind": "model", "cls": "TransformersModel", "kwargs": {"model_id": BASE}}
+        object_id = http.post("/twinkle/v1/objects", json=create).json()["object_id"]
+        add = {"method": "add_adapter_to_model", "args": encode(["a", {"r": 4}])}
+        assert http.post(f"/twinkle/v1/objects/{object_id}/call", json=add).status_code == 200
+        assert http.post("/twinkle/v1/objects", json=create).status_code == 403  # the limit is 1
+        time.sleep(3.5)  # idle past run_idle_s: released
+        gone = http.post(f"/twinkle/v1/objects/{object_id}/call", json={"method": "get_state_dict"})
+        assert gone.status_code == 404, gone.text
+        assert http.post("/twinkle/v1/objects", json=create).status_code == 200  # its unit came back
+
+
+def test_sampling_parameters_out_of_range_are_a_422_at_once(server) -> None:
+    with _http(server, _key(server, "params")) as http:
+        for params in ({"max_tokens": -1}, {"max_tokens": 0}, {"max_tokens": 2, "seed": 2**70}):
+            answer = http.post(
+                "/api/v1/asample",
+                json={"prompt": {"chunks": [{"tokens": [1, 2, 3]}]}, "base_model": BASE, "sampling_params": params},
+            )
+            assert answer.status_code == 422, (params, answer.text)

@@ -195,7 +195,8 @@ class ServerState:
                 logging.getLogger("twinkle_server").exception("housekeeping failed")
 
     def sweep(self, now: float | None = None) -> dict[str, int]:
-        """Unload idle runs (``run_idle_s``) and delete old finished futures (``future_ttl_s``)."""
+        """Unload idle runs and release idle twinkle objects (``run_idle_s``); delete old finished
+        futures (``future_ttl_s``)."""
         now = time.time() if now is None else now
         unloaded = 0
         if self.config.run_idle_s > 0:
@@ -205,6 +206,10 @@ class ServerState:
                     self._on_done(job.future_id, None, f"training run {run_id} was unloaded (idle)", "user")
                 self.store.set_run_state(run_id, "unloaded")
                 unloaded += 1
+        if self.config.run_idle_s > 0:
+            from twinkle_server.twinkle_api import expire_idle_objects
+
+            unloaded += expire_idle_objects(self, now - self.config.run_idle_s)
         pruned = self.store.prune_futures(now - self.config.future_ttl_s) if self.config.future_ttl_s > 0 else 0
         return {"unloaded": unloaded, "pruned": pruned}
 

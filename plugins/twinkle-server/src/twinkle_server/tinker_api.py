@@ -148,8 +148,8 @@ class ModelInputBody(_Body):
 
 class SamplingParamsBody(_Body):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
-    max_tokens: Optional[int] = None
-    seed: Optional[int] = None
+    max_tokens: Optional[int] = Field(None, ge=1)
+    seed: Optional[int] = Field(None, ge=-(2**63), le=2**63 - 1)
     stop: Union[str, list[str], list[int], None] = None
     temperature: float = 1.0
     top_k: int = -1

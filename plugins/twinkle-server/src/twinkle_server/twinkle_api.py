@@ -27,6 +27,7 @@ import logging
 import re
 import secrets
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -102,6 +103,8 @@ class HostedObject:
     instance: Any = None
     options: dict[str, Any] = field(default_factory=dict)
     tenant: Tenant | None = None
+    #: ``time.time()`` of the object's last request (idle objects are released like idle runs)
+    last_used: float = field(default_factory=time.time)
 
 
 class _AdapterView:
@@ -445,6 +448,20 @@ def _bind(fn: Any, method: str, args: list[Any], kwargs: dict[str, Any]) -> None
         pass
 
 
+def expire_idle_objects(state: ServerState, before: float) -> int:
+    """Release the objects whose last request was before ``before`` (their adapters leave the model,
+    their units leave the tenant's quota); returns how many."""
+    hosted = getattr(state, "twinkle_host", None)
+    if hosted is None:
+        return 0
+    idle = [obj for obj in list(hosted.objects.values()) if obj.last_used < before]
+    for obj in idle:
+        hosted.objects.pop(obj.id, None)
+        state.scheduler.call_soon(lambda obj=obj: hosted.release(obj))
+        state.release(obj.tenant_id, obj.id)
+    return len(idle)
+
+
 def host(state: ServerState) -> TwinkleHost:
     """The state's :class:`TwinkleHost` (created on first use)."""
     existing = getattr(state, "twinkle_host", None)
@@ -552,6 +569,7 @@ async def call_object(object_id: str, body: CallBody, state: StateDep, tenant: T
     from twinkle.client.codec import CodecError, decode
 
     obj = _object(state, tenant, object_id)
+    obj.last_used = time.time()
     hosted = host(state)
     if body.method not in hosted.methods(obj.kind):
         raise HTTPException(400, f"{body.method!r} is not a remote method of this {obj.kind}")
