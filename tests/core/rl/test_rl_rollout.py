@@ -148,3 +148,36 @@ def test_worker_keeps_every_consumed_sample_within_the_staleness_bound(chunk_tok
     versions = [r.version for r in consumed]
     assert versions == sorted(versions) and versions[-1] >= 2  # oldest first; sampling follows the trainer
     assert seen_groups[:4] == [0, 0, 1, 1]  # the samples of one prompt share a group id
+
+
+def test_worker_with_a_real_sampler_and_weight_syncs(rl_model_dir):
+    """TorchSampler in the worker thread, a LoRA trained and synced between chunks: versions advance,
+    partial rollouts span versions, and the trainer's steps see the rollout-correction metrics."""
+    from peft import LoraConfig
+    from twinkle.checkpoint_engine import LocalCheckpointEngine
+    from twinkle.model import TransformersModel
+    from twinkle.sampler import TorchSampler
+
+    model = TransformersModel(model_id=rl_model_dir, seed=1, device="cpu")
+    model.add_adapter_to_model("default", LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    model.set_optimizer("AdamW", lr=1e-2)
+    model.set_loss("GRPOLoss", rollout_correction="token_mask", rollout_clip_min=0.5, rollout_clip_max=5.0)
+    sampler = TorchSampler(model_id=rl_model_dir, device="cpu", seed=3)
+    engine = LocalCheckpointEngine()
+    engine.sync(model, sampler, adapter_name="default")
+    buffer = RolloutBuffer(batch_size=4, max_staleness=1)
+    params = SamplingParams(max_tokens=4, num_samples=2, ignore_eos=True, seed=5)
+    prompts = [{"input_ids": [5, 6, 7]}, {"input_ids": [8, 9]}]
+    worker = RolloutWorker(sampler, buffer, lambda: prompts, params, adapter_name="default", chunk_tokens=2).start()
+    token_versions = []
+    for _ in range(3):
+        batch = buffer.get(4, timeout=300)
+        assert all(r.staleness(buffer.version) <= 1 for r in batch)
+        token_versions += [r.token_versions for r in batch]
+        out = model.forward_backward(inputs=[r.row(advantages=a) for r, a in zip(batch, [1.0, -1.0, 0.5, -0.5])])
+        assert 0.0 <= out["rollout_masked_fraction"] <= 1.0
+        model.clip_grad_and_step()
+        worker.sync(lambda: engine.sync(model, sampler, adapter_name="default"))
+    worker.stop()
+    assert buffer.version == 3 and worker.batches >= 3
+    assert all(len(v) == 4 and v == sorted(v) for v in token_versions)
