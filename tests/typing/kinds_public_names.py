@@ -59,6 +59,7 @@ from twinkle.loss import (
     PPOLoss,
     SimPOLoss,
     TinkerLoss,
+    ValueLoss,
 )
 from twinkle.metric import (
     Metric,
@@ -182,6 +183,7 @@ def kinds_resolve() -> list[object]:
     orpoloss: type[Loss] = ORPOLoss
     gkdloss: type[Loss] = GKDLoss
     tinkerloss: type[Loss] = TinkerLoss
+    valueloss: type[Loss] = ValueLoss
     tokenaccuracy: type[Metric] = TokenAccuracy
     transformersmodel: type[TwinkleModel] = TransformersModel
     fusedlinearcrossentropy: type[Patch] = FusedLinearCrossEntropy
@@ -234,6 +236,7 @@ def kinds_resolve() -> list[object]:
         orpoloss,
         gkdloss,
         tinkerloss,
+        valueloss,
         tokenaccuracy,
         transformersmodel,
         fusedlinearcrossentropy,

@@ -16,6 +16,8 @@ _BUILTIN: dict[str, dict[str, str]] = {
         "DPOLoss": "twinkle.loss.preference:DPOLoss",
         "SimPOLoss": "twinkle.loss.preference:SimPOLoss",
         "ORPOLoss": "twinkle.loss.preference:ORPOLoss",
+        # PPO's critic (loss/value.py)
+        "ValueLoss": "twinkle.loss.value:ValueLoss",
         # distillation (loss/distill.py)
         "GKDLoss": "twinkle.loss.distill:GKDLoss",
         # Tinker's losses (loss/tinker.py; the service's Tinker API uses the same functions)
@@ -37,6 +39,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names reso
     from twinkle.loss.rl import GSPOLoss as GSPOLoss
     from twinkle.loss.rl import PPOLoss as PPOLoss
     from twinkle.loss.tinker import TinkerLoss as TinkerLoss
+    from twinkle.loss.value import ValueLoss as ValueLoss
 else:
     from twinkle._kinds import kind_module
 
