@@ -14,13 +14,15 @@ and list the module under the ``twinkle`` entry-point group; see ``docs/plugins.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from twinkle.hookspecs import hookimpl
+if TYPE_CHECKING:
+    from twinkle.hookspecs import hookimpl as hookimpl
 
 __version__ = "0.1.0"
 
 _LAZY = {
+    "hookimpl": "twinkle.hookspecs:hookimpl",  # pluggy is two thirds of a bare import's time
     "initialize": "twinkle.runtime:initialize",
     "shutdown": "twinkle.runtime:shutdown",
     "get_runtime": "twinkle.runtime:get_runtime",
@@ -36,7 +38,7 @@ _LAZY = {
     "PluginSystem": "twinkle.plugins:PluginSystem",
 }
 
-__all__ = ["__version__", "hookimpl", *_LAZY]
+__all__ = ["__version__", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:
