@@ -241,7 +241,21 @@ def _model(patches, device="cpu", config=None, enabled=()):
     return model
 
 
+def _fp8_grad_rtol(num_layers: int) -> float:
+    """How far (norm-wise, relative) a gradient through FP8 frozen GEMMs may stray from bf16's.
+
+    e4m3 keeps 3 mantissa bits: u = 2^-4. Row-scaled quantization rounds each operand element
+    with a relative error spread over +-u (std u/sqrt(3)); a product of two such operands errs
+    by about sqrt(2) u / sqrt(3) = 0.051 of its norm, independently per GEMM. A LoRA gradient
+    goes through the 7 frozen projections of each layer forward and again backward, 14 L
+    GEMMs whose errors add in quadrature. bf16's own rounding (2^-8) is an order below.
+    """
+    per_gemm = 2**0.5 * 2.0**-4 / 3**0.5
+    return (14 * num_layers) ** 0.5 * per_gemm
+
+
 def _train(fast, plain, batches):
+    grad_rtol = _fp8_grad_rtol(plain.model.config.num_hidden_layers)
     losses = []
     for step, batch in enumerate(batches):
         out_fast, out_plain = fast.forward_backward(inputs=batch), plain.forward_backward(inputs=batch)
@@ -250,7 +264,7 @@ def _train(fast, plain, batches):
             pairs = list(zip(fast.state_of().params, plain.state_of().params))
             assert pairs
             for a, b in pairs:
-                assert _rel(a.grad, b.grad) < 0.15
+                assert _rel(a.grad, b.grad) < grad_rtol
         fast.clip_grad_and_step(max_grad_norm=1.0)
         plain.clip_grad_and_step(max_grad_norm=1.0)
     return losses
