@@ -27,6 +27,8 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from twinkle.model.files import untie
+
 if TYPE_CHECKING:  # pragma: no cover
     from twinkle.model.transformers_model import TransformersModel
 
@@ -228,22 +230,11 @@ def _write_shards(directory: Path, weights: dict[str, Any], max_shard_size: str 
     with progress(total=total, desc="export", unit="B", unit_scale=True) as bar:
         for filename, names in split.filename_to_tensors.items():
             shard = {name: weights[name].contiguous() for name in names}
-            save_file(_untie(shard), str(directory / filename), metadata={"format": "pt"})
+            save_file(untie(shard), str(directory / filename), metadata={"format": "pt"})
             bar.update(sum(v.numel() * v.element_size() for v in shard.values()))
     if split.is_sharded:
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
         (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-
-
-def _untie(weights: dict[str, Any]) -> dict[str, Any]:
-    """safetensors refuses shared storage: clone tensors that share memory with an earlier one."""
-    seen: set[int] = set()
-    out = {}
-    for key, value in weights.items():
-        ptr = value.data_ptr()
-        out[key] = value.clone() if ptr in seen else value
-        seen.add(ptr)
-    return out
 
 
 def _tmp_dir(target: Path) -> Path:
