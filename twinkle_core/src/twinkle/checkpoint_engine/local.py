@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from twinkle.checkpoint_engine.base import CheckpointEngine, model_weights
+from twinkle.progress import progress
 
 
 class LocalCheckpointEngine(CheckpointEngine):
@@ -38,13 +39,18 @@ class LocalCheckpointEngine(CheckpointEngine):
         if not callable(getattr(sampler, "update_weights", None)):
             raise TypeError(f"{type(sampler).__name__} has no update_weights(); it is not a Sampler")
         start = time.perf_counter()
-        weights, peft_config = model_weights(model, adapter_name)
-        loaded = sampler.update_weights(weights, adapter_name=adapter_name, peft_config=peft_config)
+        with progress(total=2, desc="weight sync", unit="B", unit_scale=True) as bar:
+            weights, peft_config = model_weights(model, adapter_name)
+            size = sum(t.numel() * t.element_size() for t in weights.values())
+            bar.total = 2 * size  # gathered from the model, then loaded into the sampler
+            bar.update(size)
+            loaded = sampler.update_weights(weights, adapter_name=adapter_name, peft_config=peft_config)
+            bar.update(size)
         seconds = time.perf_counter() - start
         metrics = {
             "sync_seconds": seconds,
             "sync_tensors": float(loaded if isinstance(loaded, int) else len(weights)),
-            "sync_bytes": float(sum(t.numel() * t.element_size() for t in weights.values())),
+            "sync_bytes": float(size),
         }
         self.history.append(metrics)
         return metrics

@@ -25,12 +25,14 @@ from twinkle.model.files import (
     copy_tokenizer_files,
     json_default,
     load_weight_files,
+    nbytes,
     replace_dir,
     rng_state,
     save_weights,
     set_rng_state,
 )
 from twinkle.model.state import FULL_MODEL, AdapterState
+from twinkle.progress import QuietBar, progress
 
 #: The weight file of a peft adapter checkpoint.
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -128,6 +130,12 @@ class CheckpointMixin:
         tmp = parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
         if self.world_size > 1:
             tmp = broadcast_object(tmp)
+        weight_bytes, optim_bytes = nbytes(weights), nbytes(optim_state)
+        bar = (
+            progress(total=weight_bytes + optim_bytes, desc=f"save {target.name}", unit="B", unit_scale=True)
+            if self.rank == 0
+            else QuietBar()
+        )
         try:
             if self.rank == 0:
                 tmp.mkdir()
@@ -135,6 +143,7 @@ class CheckpointMixin:
                     self.write_original_layout(tmp, weights)
                 else:
                     self._write_weights(tmp, state, weights)
+                bar.update(weight_bytes)
                 if save_tokenizer and not original_layout:  # the original layout copies the source's files
                     self._write_tokenizer(tmp)
                 if save_optimizer:
@@ -148,6 +157,7 @@ class CheckpointMixin:
                     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2, default=json_default))
                     if optim_state is not None:
                         torch.save(optim_state, tmp / "optimizer.pt")
+                        bar.update(optim_bytes)
                     if state.lr_scheduler is not None:
                         torch.save(state.lr_scheduler.state_dict(), tmp / "scheduler.pt")
             if save_optimizer:
@@ -160,6 +170,8 @@ class CheckpointMixin:
             if self.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
+        finally:
+            bar.close()
         barrier(self.world_size)
         return str(target)
 

@@ -111,6 +111,17 @@ def untie(weights: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def nbytes(obj: Any) -> int:
+    """Bytes of every tensor in ``obj`` (a tensor, or dicts/lists/tuples of them, as in an optimizer state)."""
+    if hasattr(obj, "element_size") and hasattr(obj, "numel"):
+        return int(obj.numel() * obj.element_size())
+    if isinstance(obj, Mapping):
+        return sum(nbytes(value) for value in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(nbytes(value) for value in obj)
+    return 0
+
+
 def save_weights(directory: Path, weights: dict[str, Any], file_name: str) -> None:
     """Write ``weights`` as ``directory / file_name`` in safetensors format (tied tensors untied)."""
     from safetensors.torch import save_file
