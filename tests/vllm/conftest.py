@@ -1,8 +1,9 @@
 """Shared fixtures for twinkle-vllm: ONE vLLM engine per test session (the machine is small and shared).
 
-The model is the bundled tiny Qwen2 config with seeded random weights saved to a temp dir
+The model is the bundled tiny Qwen2 config with seeded random weights
 (``initializer_range=0.1`` so greedy continuations vary token by token and the greedy-equality
-test is discriminative). Tests that change the sampler's weights or adapters use the
+test is discriminative) and a random LoRA adapter merged into it by ``TransformersModel.export``:
+every test here runs vLLM on a checkpoint that twinkle's export wrote. Tests that change the sampler's weights or adapters use the
 ``fresh_sampler`` fixture, which restores the base weights and removes added adapters.
 """
 
@@ -38,10 +39,17 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.save_pretrained(target)
+    base = tmp_path_factory.mktemp("tiny-qwen2-base")
+    model.save_pretrained(base)
     for item in source.iterdir():
         if item.is_file() and item.name != "config.json":
-            shutil.copy2(item, target / item.name)
+            shutil.copy2(item, base / item.name)
+    from twinkle.model import TransformersModel
+
+    trained = TransformersModel(model_id=str(base), device="cpu", seed=0)
+    lora = {"r": 4, "lora_alpha": 8, "target_modules": "all-linear", "init_lora_weights": False}
+    trained.add_adapter_to_model("default", lora)  # random A and B: the merge changes every projection
+    trained.export(str(target), dtype="float32", overwrite=True)
     return str(target)
 
 
