@@ -3,8 +3,9 @@
 The model is the bundled tiny Qwen2 config with seeded random weights
 (``initializer_range=0.1`` so greedy continuations vary token by token and the greedy-equality
 test is discriminative) and a random LoRA adapter merged into it by ``TransformersModel.export``:
-every test here runs vLLM on a checkpoint that twinkle's export wrote. Tests that change the sampler's weights or adapters use the
-``fresh_sampler`` fixture, which restores the base weights and removes added adapters.
+every test here runs vLLM on a checkpoint that twinkle's export wrote. Tests that change the
+sampler's weights or adapters use the ``fresh_sampler`` fixture, which restores the base weights
+and removes added adapters.
 """
 
 from __future__ import annotations
