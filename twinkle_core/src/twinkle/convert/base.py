@@ -381,3 +381,34 @@ def require(config: Mapping[str, Any], key: str, converter: str) -> Any:
     if key not in config:
         raise ConversionError(f"{converter}: config.json has no {key!r}")
     return config[key]
+
+
+QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def gather_qkv(
+    state_dict: Mapping[str, Any], renames: Renames, family: str
+) -> tuple[dict[str, Any], dict[tuple[str, str], dict[str, Any]]]:
+    """The first step of writing a fused-QKV family back: every tensor but q/k/v renamed to the
+    original layout, and the q/k/v tensors grouped by ``(layer, suffix)`` for the caller to fuse.
+
+    Raises:
+        ConversionError: a tensor with no place in ``family``, or a layer missing one of q/k/v.
+    """
+    out: dict[str, Any] = {}
+    fused: dict[tuple[str, str], dict[str, Any]] = {}
+    for name, tensor in state_dict.items():
+        for proj in QKV:
+            found = layer_of(name, f"model.layers.{{i}}.self_attn.{proj}.{{s}}")
+            if found is not None:
+                fused.setdefault(found, {})[proj] = tensor
+                break
+        else:
+            original = renames.backward(name)
+            if original is None:
+                raise ConversionError(f"{family}: the model has a tensor {name!r} with no place in {family}")
+            out[original] = tensor
+    for (layer, suffix), parts in fused.items():
+        if set(parts) != set(QKV):
+            raise ConversionError(f"{family}: layer {layer} lacks one of q/k/v_proj.{suffix}")
+    return out, fused

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Mapping
 
-from twinkle.convert.base import CheckpointConverter, ConversionError, Renames, layer_of, require
+from twinkle.convert.base import QKV, CheckpointConverter, ConversionError, Renames, gather_qkv, layer_of, require
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ _RENAMES = Renames(
     }
 )
 _QKV_FUSED = "transformer.encoder.layers.{i}.self_attention.query_key_value.{s}"
-_QKV = ("q_proj", "k_proj", "v_proj")
+_QKV = QKV
 
 #: ChatGLM config fields the ``glm`` model has no counterpart for, and the value it computes.
 _FIXED = {
@@ -137,21 +137,7 @@ class ChatGLMConverter(CheckpointConverter):
     def to_original(self, state_dict: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
         import torch
 
-        out: dict[str, Any] = {}
-        fused: dict[tuple[str, str], dict[str, Any]] = {}
-        for name, tensor in state_dict.items():
-            for proj in _QKV:
-                found = layer_of(name, f"model.layers.{{i}}.self_attn.{proj}.{{s}}")
-                if found is not None:
-                    fused.setdefault(found, {})[proj] = tensor
-                    break
-            else:
-                original = _RENAMES.backward(name)
-                if original is None:
-                    raise ConversionError(f"ChatGLM: the model has a tensor {name!r} with no place in ChatGLM")
-                out[original] = tensor
+        out, fused = gather_qkv(state_dict, _RENAMES, "ChatGLM")
         for (layer, suffix), parts in fused.items():
-            if set(parts) != set(_QKV):
-                raise ConversionError(f"ChatGLM: layer {layer} lacks one of q/k/v_proj.{suffix}")
             out[_QKV_FUSED.format(i=layer, s=suffix)] = torch.cat([parts[p] for p in _QKV], dim=0)
         return out

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from twinkle.convert.base import CheckpointConverter, ConversionError, Renames, layer_of, require
+from twinkle.convert.base import QKV, CheckpointConverter, ConversionError, Renames, gather_qkv, layer_of, require
 
 _RENAMES = Renames(
     {
@@ -40,7 +40,7 @@ _RENAMES = Renames(
     }
 )
 _WQKV = "model.layers.{i}.attention.wqkv.{s}"
-_QKV = ("q_proj", "k_proj", "v_proj")
+_QKV = QKV
 
 
 class InternLM2Converter(CheckpointConverter):
@@ -126,22 +126,8 @@ class InternLM2Converter(CheckpointConverter):
         import torch
 
         kv_heads, q_per_kv, head_dim = self._heads(config)
-        out: dict[str, Any] = {}
-        fused: dict[tuple[str, str], dict[str, Any]] = {}
-        for name, tensor in state_dict.items():
-            for proj in _QKV:
-                found = layer_of(name, f"model.layers.{{i}}.self_attn.{proj}.{{s}}")
-                if found is not None:
-                    fused.setdefault(found, {})[proj] = tensor
-                    break
-            else:
-                original = _RENAMES.backward(name)
-                if original is None:
-                    raise ConversionError(f"InternLM2: the model has a tensor {name!r} with no place in InternLM2")
-                out[original] = tensor
+        out, fused = gather_qkv(state_dict, _RENAMES, "InternLM2")
         for (layer, suffix), parts in fused.items():
-            if set(parts) != set(_QKV):
-                raise ConversionError(f"InternLM2: layer {layer} lacks one of q/k/v_proj.{suffix}")
             rest = tuple(parts["q_proj"].shape[1:])
             q = parts["q_proj"].reshape(kv_heads, q_per_kv, head_dim, *rest)
             k = parts["k_proj"].reshape(kv_heads, 1, head_dim, *rest)
