@@ -87,7 +87,7 @@ def core(session: nox.Session) -> None:
         *TORCH_STACK,
         "triton>=3.2",
         "-e",
-        "./twinkle_core[torch,hub]",
+        "./twinkle_core[torch,hub,vision]",
         "-e",
         "./plugins/twinkle-rewards",
         *TEST_DEPS,

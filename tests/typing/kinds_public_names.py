@@ -146,10 +146,12 @@ from twinkle.template import (
     ChatGLM2Template,
     ChatGLM3Template,
     GLM4Template,
+    ImageLoadError,
     InternLM2Template,
     SequenceTooLongError,
     Template,
     TemplateError,
+    VisionTemplate,
 )
 from twinkle.tracker import (
     JsonlTracker,
@@ -213,6 +215,7 @@ def kinds_resolve() -> list[object]:
     chatglm3template: type[Template] = ChatGLM3Template
     glm4template: type[Template] = GLM4Template
     internlm2template: type[Template] = InternLM2Template
+    visiontemplate: type[Template] = VisionTemplate
     jsonltracker: type[Tracker] = JsonlTracker
     tensorboardtracker: type[Tracker] = TensorBoardTracker
     wandbtracker: type[Tracker] = WandbTracker
@@ -381,10 +384,12 @@ PUBLIC_NAMES: list[object] = [
     ChatGLM2Template,
     ChatGLM3Template,
     GLM4Template,
+    ImageLoadError,
     InternLM2Template,
     SequenceTooLongError,
     Template,
     TemplateError,
+    VisionTemplate,
     JsonlTracker,
     MLflowTracker,
     TensorBoardTracker,

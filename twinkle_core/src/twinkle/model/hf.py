@@ -52,6 +52,35 @@ def resolve_config(model_dir: str | None, config: Any, *, owner: str, trust_remo
     return copy.deepcopy(config)
 
 
+def auto_model_class(model_dir: str | None, config: Any = None) -> Any:
+    """``AutoModelForCausalLM``, or ``AutoModelForImageTextToText`` for a vision-language ``model_type``.
+
+    Vision-language families (Qwen2.5-VL, Qwen3-VL, GLM-4V, DeepSeek-VL) are not causal-LM
+    auto classes in transformers 5; their ``...ForConditionalGeneration`` class is the same
+    causal LM over text with images spliced in.
+    """
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    model_type = getattr(config, "model_type", None)
+    if model_type is None and model_dir is not None and os.path.isfile(os.path.join(model_dir, "config.json")):
+        with open(os.path.join(model_dir, "config.json")) as f:
+            model_type = json.load(f).get("model_type")
+    try:
+        from transformers.models.auto.modeling_auto import (
+            MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+            MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+        )
+    except ImportError:  # pragma: no cover - other transformers layouts
+        return AutoModelForCausalLM
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        from transformers import AutoModelForImageTextToText
+
+        return AutoModelForImageTextToText
+    return AutoModelForCausalLM
+
+
 def check_model_dir(model_dir: str | None, *, owner: str) -> None:
     """Raise ``FileNotFoundError`` (naming the fix) when ``model_dir`` has no ``config.json``."""
     if model_dir is None or not os.path.isfile(os.path.join(model_dir, "config.json")):
@@ -89,17 +118,18 @@ def build_causal_lm(
         ValueError: a config dict without ``model_type``.
     """
     import torch
-    from transformers import AutoModelForCausalLM
 
     if config is None:
         check_model_dir(model_dir, owner=owner)
     from_weights = config is None and has_weights(model_dir)
+    resolved = None
     if check is not None or not from_weights:
         resolved = resolve_config(model_dir, config, owner=owner, trust_remote_code=trust_remote_code)
         if check is not None:
             check(resolved)
+    auto_class = auto_model_class(model_dir, resolved)
     if from_weights:
-        return AutoModelForCausalLM.from_pretrained(
+        return auto_class.from_pretrained(
             model_dir, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs
         )
     if config is None:
@@ -114,4 +144,4 @@ def build_causal_lm(
         torch.manual_seed(seed)
         if dtype not in (None, "auto"):
             kwargs["dtype"] = dtype
-        return AutoModelForCausalLM.from_config(resolved, trust_remote_code=trust_remote_code, **kwargs)
+        return auto_class.from_config(resolved, trust_remote_code=trust_remote_code, **kwargs)

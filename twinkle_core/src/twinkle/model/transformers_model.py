@@ -24,6 +24,10 @@ from twinkle.model.backend import BackendModel
 from twinkle.model.checkpoint import CheckpointError
 from twinkle.model.files import resolve_model_dir
 from twinkle.model.state import FULL_MODEL, AdapterState
+from twinkle.processor.base import VISION_FIELDS, VISION_TOKEN_FIELDS
+
+#: Batch fields passed to the model as they are (vision-language models).
+VISION_INPUTS: tuple[str, ...] = (*VISION_FIELDS, *VISION_TOKEN_FIELDS)
 
 __all__ = ["FULL_MODEL", "AdapterState", "CheckpointError", "TransformersModel", "resolve_model_dir"]
 
@@ -56,6 +60,8 @@ class TransformersModel(BackendModel):
         enabled_patches: patches to apply on top of ``patches`` (or of the default ones), such as
             those that are off by default (also ``TWINKLE_ENABLED_PATCHES``):
             ``enabled_patches=["Fp8FrozenGemms"]``.
+        freeze_vision: on a vision-language model, keep the vision tower and projector frozen
+            (full training leaves them, LoRA skips them); ``False`` trains them too.
         **model_kwargs: passed to ``from_pretrained`` / ``from_config``.
 
     Raises:
@@ -88,10 +94,12 @@ class TransformersModel(BackendModel):
         patches: Sequence[Any] | None = None,
         disabled_patches: Sequence[str] | None = (),
         enabled_patches: Sequence[Any] | None = (),
+        freeze_vision: bool = True,
         **model_kwargs: Any,
     ) -> None:
         from twinkle.patch.fastpath import resolve_patches
 
+        self._freeze_vision = freeze_vision
         self._attn_implementation = attn_implementation
         self._trust_remote_code = trust_remote_code
         self._gradient_checkpointing = gradient_checkpointing
@@ -130,6 +138,10 @@ class TransformersModel(BackendModel):
                 self.model_dir, config, dtype=dtype, seed=self.seed, trust_remote_code=self._trust_remote_code, **extra
             )
         model.to(self.device)
+        if self._freeze_vision:  # vision-language models: train the language model (twinkle.model.vision)
+            from twinkle.model.vision import freeze_vision
+
+            freeze_vision(model)
         if self._gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
@@ -182,6 +194,10 @@ class TransformersModel(BackendModel):
             raise ValueError("add every adapter before the first forward when training with FSDP")
         if getattr(config, "task_type", None) is None:
             config.task_type = "CAUSAL_LM"
+        if self._freeze_vision:  # LoRA on the language model only, "all-linear" included
+            from twinkle.model.vision import exclude_vision
+
+            exclude_vision(config, self._hf_model())
         if self._peft is None:
             self._peft = get_peft_model(self.model, config, adapter_name=adapter_name)
             self.model = self._peft
@@ -231,6 +247,9 @@ class TransformersModel(BackendModel):
         import torch
 
         model_inputs = {"input_ids": batch["input_ids"], "position_ids": batch.get("position_ids"), "use_cache": False}
+        for key in VISION_INPUTS:  # vision-language models: images and their token types
+            if key in batch:
+                model_inputs[key] = batch[key]
         if "attention_mask" in batch:
             model_inputs["attention_mask"] = batch["attention_mask"]
         elif model_inputs["position_ids"] is None and "cu_seq_lens_q" not in batch:

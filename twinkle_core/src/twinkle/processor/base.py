@@ -19,6 +19,14 @@ sequence boundary) and ``row_ids`` (which input row each position came from, -1 
 padding), and carry extra numeric per-row fields for losses: a number (``advantages``)
 is broadcast over the row's positions, a list as long as ``input_ids`` (``old_logps``) is
 shifted like the labels. See :mod:`twinkle.loss.base` for the contract.
+
+Rows of vision-language models (:class:`~twinkle.template.vision.VisionTemplate`) carry
+per-image fields (``pixel_values``, ``image_grid_thw``, ``high_res_pixel_values``): they are
+concatenated over the batch's rows along their first dimension, in row order, which is the
+order the model meets the image tokens in; ``mm_token_type_ids`` (per token) is padded with 0.
+Such batches are padded (their multimodal RoPE positions come from the model, which computes
+them from ``input_ids``, the image grids and the attention mask), so no ``position_ids`` are
+given; packing them is refused.
 """
 
 from __future__ import annotations
@@ -26,8 +34,20 @@ from __future__ import annotations
 from numbers import Number
 from typing import Any, Mapping, Sequence
 
-#: Row fields that are not passed on as tensors.
-_STRUCTURAL = frozenset({"input_ids", "labels", "position_ids", "attention_mask", "length"})
+#: Per-image fields of vision rows: concatenated over the batch along dim 0 (twinkle.template.vision).
+VISION_FIELDS: tuple[str, ...] = (
+    "pixel_values",
+    "image_grid_thw",
+    "high_res_pixel_values",
+    "pixel_values_videos",
+    "video_grid_thw",
+)
+#: Per-token integer fields of vision rows: padded with 0, never shifted.
+VISION_TOKEN_FIELDS: tuple[str, ...] = ("mm_token_type_ids",)
+#: Row fields that are not passed on as float tensors.
+_STRUCTURAL = frozenset(
+    {"input_ids", "labels", "position_ids", "attention_mask", "length", *VISION_FIELDS, *VISION_TOKEN_FIELDS}
+)
 
 
 class InputProcessor:
@@ -75,8 +95,19 @@ class InputProcessor:
             raise ValueError("InputProcessor: the batch is empty; give at least one encoded row")
         seqs = [self._read_row(i, row) for i, row in enumerate(rows)]
         packed_rows = any(len(s["starts"]) > 1 for s in seqs)  # only boundaries keep their sequences apart
-        out = self._pack(seqs) if self.padding_free or packed_rows else self._pad(seqs)
-        return _to_tensors(out, device)
+        vision = _vision_fields(rows)
+        if vision and (self.padding_free or packed_rows):
+            raise ValueError(
+                "InputProcessor: rows with images (pixel_values) cannot be packed: the model computes their "
+                "multimodal positions per padded row. Use the padded InputProcessor (padding_free=False) and "
+                "no PackingDataset for vision-language data."
+            )
+        out = self._pad(seqs) if vision or not (self.padding_free or packed_rows) else self._pack(seqs)
+        tensors = _to_tensors(out, device)
+        if vision:
+            tensors.update(_collate_vision(rows, vision, tensors["input_ids"].shape[-1], device))
+            tensors.pop("position_ids", None)  # the model's own (multimodal) positions from the attention mask
+        return tensors
 
     # -- rows --------------------------------------------------------------------
     def _read_row(self, index: int, row: Mapping[str, Any]) -> dict[str, Any]:
@@ -197,6 +228,34 @@ class InputProcessor:
                 shift = shift.masked_fill(out["attention_mask"] == 0, -100)
             out["shift_labels"] = shift
         return out
+
+
+def _vision_fields(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The per-image fields present in any row (``[]`` for text-only batches)."""
+    return [k for k in VISION_FIELDS if any(isinstance(r, Mapping) and r.get(k) is not None for r in rows)]
+
+
+def _collate_vision(rows: Sequence[Mapping[str, Any]], fields: list[str], width: int, device: Any) -> dict[str, Any]:
+    """Per-image fields concatenated along dim 0 in row order; per-token type ids right-padded to ``width``."""
+    import numpy as np
+    import torch
+
+    out: dict[str, Any] = {}
+    for key in fields:
+        parts = [torch.as_tensor(np.asarray(r[key])) for r in rows if r.get(key) is not None]
+        parts = [p for p in parts if p.numel()]
+        if parts:
+            tensor = torch.cat(parts, dim=0)
+            out[key] = tensor.to(device=device, dtype=torch.long if key.endswith("grid_thw") else torch.float32)
+    for key in VISION_TOKEN_FIELDS:
+        if not any(r.get(key) is not None for r in rows):
+            continue
+        padded = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            values = _as_list(r[key]) if r.get(key) is not None else []
+            padded[i, : len(values)] = torch.tensor(values, dtype=torch.long)
+        out[key] = padded.to(device)
+    return out
 
 
 def _as_list(value: Any) -> list[Any]:

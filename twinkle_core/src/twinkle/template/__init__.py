@@ -9,12 +9,14 @@ _BUILTIN: dict[str, dict[str, str]] = {
         "ChatGLM3Template": "twinkle.template.chat_formats:ChatGLM3Template",
         "GLM4Template": "twinkle.template.chat_formats:GLM4Template",
         "InternLM2Template": "twinkle.template.chat_formats:InternLM2Template",
+        "VisionTemplate": "twinkle.template.vision:VisionTemplate",
     },
 }
 
 _EXPORTS = {
     "TemplateError": "twinkle.template.base:TemplateError",
     "SequenceTooLongError": "twinkle.template.base:SequenceTooLongError",
+    "ImageLoadError": "twinkle.template.vision:ImageLoadError",
 }
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names resolve lazily (PEP 562)
@@ -25,6 +27,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names reso
     from twinkle.template.chat_formats import ChatGLM3Template as ChatGLM3Template
     from twinkle.template.chat_formats import GLM4Template as GLM4Template
     from twinkle.template.chat_formats import InternLM2Template as InternLM2Template
+    from twinkle.template.vision import ImageLoadError as ImageLoadError
+    from twinkle.template.vision import VisionTemplate as VisionTemplate
 else:
     from twinkle._kinds import kind_module
 
