@@ -269,6 +269,7 @@ def kinds_resolve() -> list[object]:
         chatglm3template,
         glm4template,
         internlm2template,
+        visiontemplate,
         jsonltracker,
         tensorboardtracker,
         wandbtracker,

@@ -235,8 +235,24 @@ def _vision_fields(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return [k for k in VISION_FIELDS if any(isinstance(r, Mapping) and r.get(k) is not None for r in rows)]
 
 
-def _collate_vision(rows: Sequence[Mapping[str, Any]], fields: list[str], width: int, device: Any) -> dict[str, Any]:
-    """Per-image fields concatenated along dim 0 in row order; per-token type ids right-padded to ``width``."""
+def collate_vision(
+    rows: Sequence[Mapping[str, Any]], width: int, device: Any = None, *, left_padding: bool = False
+) -> dict[str, Any]:
+    """The vision inputs of ``rows``: per-image fields concatenated along dim 0 in row order, per-token
+    type ids padded to ``width`` (on the right, or the left for generation prompts); ``{}`` without images.
+
+    Example::
+
+        collate_vision(features, width=batch["input_ids"].shape[1])  # {'pixel_values': ..., 'image_grid_thw': ...}
+    """
+    fields = _vision_fields(rows)
+    return _collate_vision(rows, fields, width, device, left_padding=left_padding) if fields else {}
+
+
+def _collate_vision(
+    rows: Sequence[Mapping[str, Any]], fields: list[str], width: int, device: Any, *, left_padding: bool = False
+) -> dict[str, Any]:
+    """Per-image fields concatenated along dim 0 in row order; per-token type ids padded to ``width``."""
     import numpy as np
     import torch
 
@@ -253,7 +269,9 @@ def _collate_vision(rows: Sequence[Mapping[str, Any]], fields: list[str], width:
         padded = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):
             values = _as_list(r[key]) if r.get(key) is not None else []
-            padded[i, : len(values)] = torch.tensor(values, dtype=torch.long)
+            if values:
+                where = slice(width - len(values), width) if left_padding else slice(0, len(values))
+                padded[i, where] = torch.tensor(values, dtype=torch.long)
         out[key] = padded.to(device)
     return out
 

@@ -125,11 +125,15 @@ class Sampler(Component):
         """The Template that renders prompts (``None`` if unset)."""
         return getattr(self, "_template", None)
 
-    def _prompt_ids(self, prompts: list[Any]) -> list[tuple[list[int], dict[str, Any], dict[str, Any] | None]]:
+    def _prompt_ids(
+        self, prompts: list[Any], features: list[Any] | None = None
+    ) -> list[tuple[list[int], dict[str, Any], dict[str, Any] | None]]:
         """(token ids, user_data, trajectory or None) of each prompt, for subclasses' ``sample``.
 
         Trajectory prompts are rendered with the sampler's template (``self._template``) and a
-        generation prompt; InputFeature prompts give their ``input_ids`` as they are.
+        generation prompt; InputFeature prompts give their ``input_ids`` as they are. When
+        ``features`` is a list, each prompt's encoded feature (or the InputFeature prompt) is
+        appended to it: a vision template's rows carry ``pixel_values`` and image grids there.
 
         Raises:
             ValueError: a prompt that is not a dict, has neither ``messages`` nor ``input_ids``,
@@ -146,6 +150,8 @@ class Sampler(Component):
                 ids = prompt["input_ids"]
                 ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
                 out.append(([int(t) for t in ids], user_data, None))
+                if features is not None:
+                    features.append(prompt)
             elif prompt.get("messages") is not None:
                 if template is None:
                     raise ValueError(
@@ -154,6 +160,8 @@ class Sampler(Component):
                     )
                 feature = template.encode(prompt, add_generation_prompt=True)
                 out.append((list(feature["input_ids"]), user_data, dict(prompt)))
+                if features is not None:
+                    features.append(feature)
             else:
                 raise ValueError(
                     f"{name}.sample: prompt {i} has neither 'messages' (a Trajectory) nor 'input_ids' "

@@ -19,6 +19,7 @@ from twinkle.data_format.sampling import (
     sampled_sequence,
 )
 from twinkle.dispatch import remote
+from twinkle.processor.base import collate_vision
 from twinkle.sampler.base import Sampler
 
 
@@ -85,23 +86,27 @@ class TorchSampler(Sampler):
             self.set_template(template)
         elif self.model_dir is not None and os.path.isfile(os.path.join(self.model_dir, "tokenizer_config.json")):
             from twinkle.template.base import Template
+            from twinkle.template.vision import FAMILIES, VisionTemplate
 
-            self._template = Template(self.model_dir)
+            model_type = getattr(getattr(self.model, "config", None), "model_type", None)
+            self._template = VisionTemplate(self.model_dir) if model_type in FAMILIES else Template(self.model_dir)
 
     @staticmethod
     def _load(model_dir: str, torch_dtype: str, seed: int) -> Any:
         import torch
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoConfig
+
+        from twinkle.model.files import has_weights
+        from twinkle.model.hf import auto_model_class
 
         dtype = getattr(torch, torch_dtype) if isinstance(torch_dtype, str) else torch_dtype
-        from twinkle.model.files import has_weights
-
+        auto_class = auto_model_class(model_dir)  # vision-language families: AutoModelForImageTextToText
         if has_weights(model_dir):
-            return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+            return auto_class.from_pretrained(model_dir, dtype=dtype)
         config = AutoConfig.from_pretrained(model_dir)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+            return auto_class.from_config(config, dtype=dtype)
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -259,17 +264,23 @@ class TorchSampler(Sampler):
         params = as_sampling_params(sampling_params)
         if isinstance(prompts, Mapping):
             prompts = [prompts]
-        encoded = self._prompt_ids(list(prompts))
+        features: list[Any] = []
+        encoded = self._prompt_ids(list(prompts), features)
         jobs = [(p, s) for p in range(len(encoded)) for s in range(params.num_samples)]
         results: dict[tuple[int, int], SampledSequence] = {}
         with self._use(adapter_name) as module, torch.no_grad(), _seeded(params.seed, self.device):
             for start in range(0, len(jobs), self.max_batch_size):
                 chunk = jobs[start : start + self.max_batch_size]
-                seqs = self._generate(module, [encoded[p][0] for p, _ in chunk], params)
+                chunk_ids = [encoded[p][0] for p, _ in chunk]
+                seqs = self._generate(module, chunk_ids, params, [features[p] for p, _ in chunk])
                 for (p, s), (tokens, logprobs, reason, text) in zip(chunk, seqs):
                     ids, user_data, trajectory = encoded[p]
-                    results[(p, s)] = sampled_sequence(ids, tokens, logprobs, reason, text, user_data, trajectory)
-            prompt_lps = self._prompt_logprobs(module, [e[0] for e in encoded]) if params.prompt_logprobs else None
+                    seq = sampled_sequence(ids, tokens, logprobs, reason, text, user_data, trajectory)
+                    _carry_images(seq.input_feature, features[p], len(tokens))
+                    results[(p, s)] = seq
+            prompt_lps = None
+            if params.prompt_logprobs:
+                prompt_lps = self._prompt_logprobs(module, [e[0] for e in encoded], features)
         return [
             SampleResponse(
                 sequences=[results[(p, s)] for s in range(params.num_samples)],
@@ -303,7 +314,8 @@ class TorchSampler(Sampler):
                     ids[i, : len(r["input_ids"])] = torch.tensor(list(r["input_ids"]), dtype=torch.long)
                     attention[i, : len(r["input_ids"])] = 1
                 ids, attention = ids.to(self.device), attention.to(self.device)
-                logits = module(input_ids=ids, attention_mask=attention, use_cache=False).logits.float()
+                vision = collate_vision(chunk, width, self.device)  # images of vision-language rows
+                logits = module(input_ids=ids, attention_mask=attention, use_cache=False, **vision).logits.float()
                 lp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
                 lp = torch.cat([torch.zeros_like(lp[:, :1]), lp], dim=1).tolist()
                 for r, scores in zip(chunk, lp):
@@ -314,7 +326,7 @@ class TorchSampler(Sampler):
         return out
 
     def _generate(
-        self, module: Any, prompt_ids: list[list[int]], params: SamplingParams
+        self, module: Any, prompt_ids: list[list[int]], params: SamplingParams, features: list[Any] | None = None
     ) -> list[tuple[list[int], list[float] | None, str, str]]:
         import torch
 
@@ -346,6 +358,8 @@ class TorchSampler(Sampler):
             )
         if params.stop:
             kwargs["stopping_criteria"] = _stop_criteria(self, params.stop, width)
+        if features:  # vision-language prompts: their images (per-token type ids left-padded like the ids)
+            kwargs.update(collate_vision(features, width, self.device, left_padding=True))
         out = module.generate(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device), **kwargs)
         new = out.sequences[:, width:].cpu()
         logits = torch.stack(out.logits, dim=1).float() if params.logprobs and out.logits else None
@@ -373,16 +387,32 @@ class TorchSampler(Sampler):
             results.append((tokens, logprobs, reason, text))
         return results
 
-    def _prompt_logprobs(self, module: Any, prompt_ids: list[list[int]]) -> list[list[float | None]]:
+    def _prompt_logprobs(
+        self, module: Any, prompt_ids: list[list[int]], features: list[Any] | None = None
+    ) -> list[list[float | None]]:
         import torch
 
         out: list[list[float | None]] = []
-        for ids in prompt_ids:
+        for k, ids in enumerate(prompt_ids):
             x = torch.tensor([ids], dtype=torch.long, device=self.device)
-            logits = module(input_ids=x, use_cache=False).logits[0].float()
+            vision = collate_vision([features[k]], len(ids), self.device) if features else {}
+            logits = module(input_ids=x, use_cache=False, **vision).logits[0].float()
             lp = torch.log_softmax(logits[:-1], dim=-1).gather(-1, x[0, 1:].unsqueeze(-1)).squeeze(-1)
             out.append([None, *lp.tolist()])
         return out
+
+
+def _carry_images(input_feature: dict[str, Any], prompt: Mapping[str, Any], completion_length: int) -> None:
+    """Give a sampled row its prompt's images, so training and ``compute_logps`` see what sampling saw."""
+    from twinkle.processor.base import VISION_FIELDS, VISION_TOKEN_FIELDS
+
+    for key in VISION_FIELDS:
+        if prompt.get(key) is not None:
+            input_feature[key] = prompt[key]
+    for key in VISION_TOKEN_FIELDS:
+        if prompt.get(key) is not None:
+            values = prompt[key].tolist() if hasattr(prompt[key], "tolist") else list(prompt[key])
+            input_feature[key] = values + [0] * completion_length
 
 
 def _pad_id(tokenizer: Any, module: Any) -> int:
