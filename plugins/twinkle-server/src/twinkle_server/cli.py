@@ -61,6 +61,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         default=6000,
         help="per-tenant rate of non-compute requests (sessions, lists, retrieve_future); default 6000",
     )
+    p.add_argument(
+        "--sample-slice-ms",
+        type=float,
+        default=500,
+        help="decoding time a sampling request runs before other tenants' work goes between (0: whole; default 500)",
+    )
     p.add_argument("--threads", type=int, help="torch CPU threads of the server (default: torch's choice)")
     p.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="uvicorn log level"
@@ -96,6 +102,7 @@ def _config(args: argparse.Namespace) -> Any:
         run_idle_s=args.run_idle_minutes * 60,
         future_ttl_s=args.future_ttl_minutes * 60,
         control_requests_per_minute=args.control_rpm,
+        sample_slice_s=args.sample_slice_ms / 1000,
         stats_file=Path(args.stats_file).resolve() if args.stats_file else None,
         **kwargs,
     )

@@ -49,6 +49,9 @@ class ServerConfig:
             message (save a checkpoint instead of fetching large state).
         api_docs: serve the OpenAPI schema at ``/openapi.json`` (behind an API key); off by
             default. The HTML docs pages (``/docs``, ``/redoc``) are never served.
+        sample_slice_s: seconds of decoding a sampling request runs per turn on the worker; a
+            longer request resumes in later turns, with other tenants' work between them, so a
+            small training step waits behind at most one slice (0: run requests whole).
         control_requests_per_minute: per-tenant rate of every other authenticated request
             (sessions, lists, ``retrieve_future``...), at least ``requests_per_minute``; 429
             with ``Retry-After`` above.
@@ -81,6 +84,7 @@ class ServerConfig:
     seq_window: int = 128
     seq_wait_s: float = 600.0
     control_requests_per_minute: int = 6000
+    sample_slice_s: float = 0.5
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir)

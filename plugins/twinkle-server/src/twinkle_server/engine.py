@@ -801,7 +801,24 @@ class LoRAEngine:
         logprobs[1:] = top_lps
         return token_ids, logprobs
 
-    def sample(
+    def sample(self, slot_id: int | None, prompt: Sequence[int], **params: Any) -> Any:
+        """Sample completions of ``prompt`` with a slot's adapter (or the base), in one go.
+
+        Takes :meth:`start_sample`'s parameters; the scheduler runs long requests through
+        :meth:`start_sample` in slices instead (the same tokens for the same seed).
+
+        Returns:
+            ``([(tokens, logprobs, stop_reason), ...], prompt_logprobs or None)``; the first
+            prompt logprob is NaN (nothing precedes it).
+
+        Raises:
+            EngineError: bad prompt or parameters.
+        """
+        gen = self.start_sample(slot_id, prompt, **params)
+        gen.step(None)
+        return gen.result()
+
+    def start_sample(
         self,
         slot_id: int | None,
         prompt: Sequence[int],
@@ -815,26 +832,24 @@ class LoRAEngine:
         stop_token_ids: Sequence[int] | None = None,
         stop_strings: Sequence[str] = (),
         prompt_logprobs: bool = False,
-    ) -> tuple[list[tuple[list[int], list[float], str]], list[float] | None]:
-        """Sample ``num_samples`` completions of ``prompt`` with a slot's adapter (or the base).
+    ) -> Any:
+        """A resumable :class:`~twinkle_server.sampling.Generation` of ``num_samples`` completions of ``prompt``
+        with a slot's adapter (or the base); ``gen.step(budget_s)`` runs it in slices.
 
         Logprobs are the model's own (temperature 1) log-probabilities of the sampled tokens,
         so they match what training computes. ``stop_token_ids=None`` stops at EOS. ``seed``
         seeds a generator on the engine's device (one seed draws the same tokens again on the
-        same device; the CPU and CUDA draw different streams). Each step copies only the new
-        token ids to the host (for the stop checks); the logprobs come back in one copy at the end.
-
-        Returns:
-            ``([(tokens, logprobs, stop_reason), ...], prompt_logprobs or None)``; the first
-            prompt logprob is NaN (nothing precedes it).
+        same device; the CPU and CUDA draw different streams). A slot freed between two slices
+        fails the next one (``EngineError``).
 
         Raises:
             EngineError: bad prompt or parameters.
         """
-        import torch
+        from contextlib import contextmanager
 
-        if slot_id is not None:
-            self.slot(slot_id)
+        from twinkle_server.sampling import Generation
+
+        slot = self.slot(slot_id) if slot_id is not None else None
         prompt = [int(t) for t in prompt]
         if not prompt:
             raise EngineError("the prompt is empty")
@@ -849,61 +864,34 @@ class LoRAEngine:
             )
         if temperature < 0 or not 0 < top_p <= 1:
             raise EngineError("temperature must be >= 0 and top_p in (0, 1]")
-        stops = set(self.eos_token_ids) if stop_token_ids is None else {int(t) for t in stop_token_ids}
-        device = self.device
-        gen = torch.Generator(device=device).manual_seed(int(seed)) if seed is not None else None
-        ids = torch.tensor([prompt] * num_samples, dtype=torch.long, device=device)
-        self._router.groups = [(slot_id, num_samples)] if slot_id is not None else []
-        try:
-            with torch.no_grad():
-                out = self.model(input_ids=ids, use_cache=True)
-                prompt_lps = None
-                if prompt_logprobs:
-                    lp = torch.log_softmax(out.logits[0, :-1].float(), dim=-1)
-                    picked = lp.gather(-1, ids[0, 1:].unsqueeze(-1)).squeeze(-1)
-                    prompt_lps = [float("nan")] + picked.tolist()
-                past = out.past_key_values
-                logits = out.logits[:, -1].float()
-                tokens: list[list[int]] = [[] for _ in range(num_samples)]
-                step_logprobs: list[Any] = []  # per step: every sample's logprob of its token, on the device
-                reasons: list[str | None] = [None] * num_samples
-                for _ in range(max_tokens):
-                    lp = torch.log_softmax(logits, dim=-1)
-                    if temperature == 0:
-                        nxt = logits.argmax(dim=-1)
-                    else:
-                        scores = logits / temperature
-                        if top_k is not None and top_k > 0:
-                            kth = torch.topk(scores, min(top_k, scores.shape[-1]), dim=-1).values[:, -1:]
-                            scores = scores.masked_fill(scores < kth, float("-inf"))
-                        if top_p < 1.0:
-                            sorted_scores, order = torch.sort(scores, descending=True, dim=-1)
-                            cum = torch.softmax(sorted_scores, dim=-1).cumsum(dim=-1)
-                            remove = cum - torch.softmax(sorted_scores, dim=-1) > top_p
-                            sorted_scores = sorted_scores.masked_fill(remove, float("-inf"))
-                            scores = torch.full_like(scores, float("-inf")).scatter(-1, order, sorted_scores)
-                        nxt = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=gen).squeeze(-1)
-                    step_logprobs.append(lp.gather(-1, nxt.unsqueeze(-1)).squeeze(-1))
-                    new_tokens = nxt.tolist()  # the one host sync of a step
-                    for i in range(num_samples):
-                        if reasons[i] is not None:
-                            continue
-                        tok = new_tokens[i]
-                        tokens[i].append(tok)
-                        if tok in stops:
-                            reasons[i] = "stop"
-                        elif stop_strings:
-                            text = self.tokenizer.decode(tokens[i], skip_special_tokens=True)
-                            if any(s in text for s in stop_strings):
-                                reasons[i] = "stop"
-                    if all(r is not None for r in reasons):
-                        break
-                    out = self.model(input_ids=nxt.unsqueeze(-1), past_key_values=past, use_cache=True)
-                    past = out.past_key_values
-                    logits = out.logits[:, -1].float()
-        finally:
-            self._router.groups = []
-        # step t's logprob of sample i belongs to it while it ran: its first len(tokens[i]) steps
-        by_sample = torch.stack(step_logprobs, dim=1).cpu().tolist()
-        logprobs = [by_sample[i][: len(tokens[i])] for i in range(num_samples)]
-        return [(tokens[i], logprobs[i], reasons[i] or "length") for i in range(num_samples)], prompt_lps
+
+        @contextmanager
+        def adapter() -> Any:
+            if slot is not None and self.slots.get(slot.id) is not slot:
+                raise EngineError(
+                    "the sampler's adapter was unloaded while this request was sampling (its run was unloaded or "
+                    "the pool needed the slot); send the request again"
+                )
+            self._router.groups = [(slot.id, num_samples)] if slot is not None else []
+            try:
+                yield
+            finally:
+                self._router.groups = []
+
+        return Generation(
+            self.model,
+            prompt,
+            activate=adapter,
+            eos_token_ids=sorted(self.eos_token_ids),
+            tokenizer=self.tokenizer,
+            device=self.device,
+            num_samples=num_samples,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            stop_token_ids=stop_token_ids,
+            stop_strings=stop_strings,
+            prompt_logprobs=prompt_logprobs,
+        )

@@ -1,15 +1,24 @@
-"""The worker: runs requests in per-model ``seq_id`` order and batches tenants together.
+"""The worker: runs requests in per-model ``seq_id`` order, shares the device fairly between
+tenants, and batches tenants together.
 
 Requests become :class:`Job` objects. A job of a training run carries the run's
 ``seq_id``; it runs only after the run's previous ``seq_id`` finished (the order the
 tinker SDK numbers them in), whatever order they arrived in. Jobs without a ``seq_id``
-(model creation, sampling, twinkle-client calls) run in arrival order.
+(model creation, sampling, twinkle-client calls) run in arrival order within their tenant.
 
-Each round the worker takes at most one ready job per run, visiting runs in a rotating
-order, so a tenant with a long queue cannot starve the others. A round first runs its
-unbatched jobs (an ``optim_step``, a save, a sample), then all ready ``forward_backward``
-(or ``forward``) jobs of the round, up to ``max_batch_rows`` datums, as one batched
-multi-LoRA pass; each run keeps its own gradients and optimizer.
+Fair share. Every job belongs to a tenant. The worker charges each tenant the worker time
+its work took (a batched pass is split among its jobs by tokens) and always serves the
+tenant that has been charged least: its ready job runs next (for a ``forward_backward``,
+with every other ready one in one batched pass; for an ``optim_step``, with every other
+ready one in one fused step). A tenant that becomes busy after a pause starts at the least
+charge among the busy tenants (no credit is saved up while idle), so under contention every
+busy tenant gets about the same share of the device, however many runs or requests it
+queues. At most one of a tenant's arrival-order jobs is a candidate at a time.
+
+Slices. A sampling job (``start``) is a resumable generation: each turn runs one slice of
+about ``slice_s`` seconds of decoding (see :mod:`twinkle_server.sampling`), then the worker
+picks again, so another tenant's small training step waits behind at most one slice (plus
+whatever it waits for in its own turn), never behind a whole long request.
 
 Gathering: tenants step in lockstep only if each pass waits for the tenants that are
 between two steps. Before a ``forward_backward`` pass starts, the worker waits for the
@@ -44,6 +53,8 @@ Payload = tuple[str, bytes]
 EXPECTED_PASSES = 2
 #: the gather window is at most this fraction of the recent pass time.
 WINDOW_FRACTION = 0.5
+#: default seconds of decoding per sampling slice.
+DEFAULT_SLICE_S = 0.5
 
 
 class UserError(ValueError):
@@ -63,8 +74,11 @@ class Job:
         run: for jobs run alone: does the work and returns the payload.
         prepare: for batched jobs: builds the :class:`BatchJob`; for ``optim_step`` jobs:
             returns ``(slot, AdamParams fields)`` (at execution time).
-        finish: turns the :class:`JobResult` (batched) or the step's metrics (``optim_step``)
-            into the payload.
+        finish: turns the :class:`JobResult` (batched), the step's metrics (``optim_step``) or
+            the finished resumable (``start``) into the payload.
+        tenant: who the job's time is charged to (None: the server's own work, charged to nobody).
+        start: for sliced jobs: builds the resumable work (an object with ``step(budget_s) -> done``,
+            such as :class:`twinkle_server.sampling.Generation`) on the job's first turn.
     """
 
     future_id: str
@@ -77,6 +91,10 @@ class Job:
     rows: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
     queued_at: float = field(default_factory=time.monotonic)
+    tenant: str | None = None
+    start: Callable[[], Any] | None = None
+    #: the resumable work of a sliced job between its turns.
+    resumable: Any = None
 
 
 @dataclass
@@ -92,6 +110,8 @@ class PassRecord:
     seconds: float
     waited_s: float
     after_s: float = 0.0
+    #: the tenants of the pass's jobs.
+    tenant_ids: list[str] = field(default_factory=list)
 
 
 class Scheduler:
@@ -107,6 +127,8 @@ class Scheduler:
             next one (an out-of-order request holds its decoded body until its turn).
         seq_wait_s: a request waiting for an earlier ``seq_id`` that never comes fails after
             this long (its future answers the error; the body is released).
+        slice_s: seconds of decoding per turn of a sampling job (a longer request is resumed
+            in later turns, other tenants' work between them); None runs each request whole.
     """
 
     def __init__(
@@ -118,8 +140,10 @@ class Scheduler:
         batch_window_s: float = 0.0,
         seq_window: int = 128,
         seq_wait_s: float = 600.0,
+        slice_s: float | None = DEFAULT_SLICE_S,
     ) -> None:
         self.engine = engine
+        self.slice_s = slice_s
         self.seq_window = seq_window
         self.seq_wait_s = seq_wait_s
         self.on_done = on_done
@@ -144,6 +168,10 @@ class Scheduler:
         self.batches: deque[int] = deque(maxlen=10_000)
         self.passes: deque[PassRecord] = deque(maxlen=10_000)
         self.completed: deque[str] = deque(maxlen=10_000)
+        #: tenant -> worker seconds charged (the fair-share ledger); see the module docstring.
+        self.usage: dict[str, float] = {}
+        #: sampling slices run (for tests and benchmarks).
+        self.slices = 0
 
     def start(self) -> None:
         """Start the worker thread."""
@@ -190,6 +218,8 @@ class Scheduler:
             UserError: the ``seq_id`` was already used or queued for this run.
         """
         with self._cond:
+            if job.tenant is not None and not self._busy(job.tenant):
+                self._catch_up(job.tenant)
             if job.model_id is not None and job.seq_id is not None and job.model_id in self._next_seq:
                 queue = self._ordered[job.model_id]
                 if job.seq_id < self._next_seq[job.model_id] or job.seq_id in queue:
@@ -240,8 +270,45 @@ class Scheduler:
             "records": [asdict(r) for r in records],
         }
 
+    def shares(self) -> dict[str, float]:
+        """Worker seconds charged to each tenant so far (the fair-share ledger, for tests and benchmarks)."""
+        with self._cond:
+            return dict(self.usage)
+
+    # -- fair share -------------------------------------------------------------------
+    def _busy(self, tenant: str) -> bool:
+        """(With the lock) whether the tenant has a job queued."""
+        return any(job.tenant == tenant for job in self._free) or any(
+            job.tenant == tenant for queue in self._ordered.values() for job in queue.values()
+        )
+
+    def _catch_up(self, tenant: str) -> None:
+        """(With the lock) a tenant becoming busy starts at the least charge of the busy tenants (no saved credit)."""
+        busy = {job.tenant for job in self._free} | {
+            job.tenant for queue in self._ordered.values() for job in queue.values()
+        }
+        floor = min((self.usage.get(t, 0.0) for t in busy if t is not None), default=None)
+        if floor is not None:
+            self.usage[tenant] = max(self.usage.get(tenant, 0.0), floor)
+
+    def _charge(self, jobs: list[Job], seconds: float, weights: list[float] | None = None) -> None:
+        """Charge ``seconds`` of worker time to the jobs' tenants (split by ``weights``, default evenly)."""
+        if not jobs or seconds <= 0:
+            return
+        weights = weights if weights is not None and sum(weights) > 0 else [1.0] * len(jobs)
+        total = sum(weights)
+        with self._cond:
+            for job, weight in zip(jobs, weights):
+                if job.tenant is not None:
+                    self.usage[job.tenant] = self.usage.get(job.tenant, 0.0) + seconds * weight / total
+
     # -- the loop -------------------------------------------------------------------
     def _ready(self) -> list[Job]:
+        """(With the lock) the jobs that may run now, least-charged tenant first.
+
+        One job per run (its next ``seq_id``), and per tenant its oldest arrival-order job;
+        the server's own jobs (no tenant) come first.
+        """
         ready: list[Job] = []
         models = list(self._ordered)
         if models:
@@ -251,7 +318,18 @@ class Scheduler:
                 job = self._ordered[model_id].get(self._next_seq[model_id])
                 if job is not None:
                     ready.append(job)
-        ready.extend(list(self._free)[:8])
+        seen: set[str] = set()
+        internal = 0
+        for job in self._free:
+            if job.tenant is None:
+                if internal < 8:
+                    ready.append(job)
+                    internal += 1
+            elif job.tenant not in seen:
+                seen.add(job.tenant)
+                ready.append(job)
+        # a stable sort: within one charge, runs keep their rotation and jobs their arrival order
+        ready.sort(key=lambda job: -1.0 if job.tenant is None else self.usage.get(job.tenant, 0.0))
         return ready
 
     def _expire(self) -> list[tuple[Job, float]]:
@@ -291,14 +369,18 @@ class Scheduler:
                 for job, waited in expired:
                     self._answer_expired(job, waited)
                 continue
-            singles = [job for job in ready if job.kind not in BATCHED_KINDS]
-            self._run_singles(singles)
+            first = ready[0]
+            if first.kind not in BATCHED_KINDS:
+                # the least-charged tenant's turn: one job (one slice of a sampling job), or every
+                # ready optim_step fused into one step
+                if first.kind == OPTIM_KIND and first.prepare is not None:
+                    turn = [job for job in ready if job.kind == OPTIM_KIND and job.prepare is not None]
+                else:
+                    turn = [first]
+                self._run_singles(turn)
+                continue
             with self._cond:
-                if singles:  # they took time: collect what became ready meanwhile
-                    ready = [] if self._paused else self._ready()
-                batched = [job for job in ready if job.kind in BATCHED_KINDS]
-                if not batched:
-                    continue
+                batched = [job for job in ready if job.kind == first.kind]
                 if gather_start is None:
                     gather_start = time.monotonic()
                 gathered = self._gather(batched, gather_start)
@@ -326,8 +408,9 @@ class Scheduler:
     def _gather(self, ready: list[Job], start: float) -> list[Job] | None:
         """Wait (bounded) for the runs between two training steps to send their ``forward_backward``.
 
-        Returns the jobs of the pass, or None when an unbatched job became ready meanwhile
-        (the loop runs it and gathers on, with the same ``start``).
+        Returns the jobs of the pass, or None when an unbatched job of a tenant charged less
+        than the pass's first became ready meanwhile (the loop runs it and gathers on, with the
+        same ``start``).
         """
         window = self.batch_window_s
         if self._pass_s > 0:
@@ -347,7 +430,7 @@ class Scheduler:
                 return ready
             self._cond.wait(timeout=window - self._waited_s)
             fresh = self._ready()
-            if any(job.kind not in BATCHED_KINDS for job in fresh):
+            if fresh and fresh[0].kind not in BATCHED_KINDS:  # a less-charged tenant's other job goes first
                 return None
             ready = fresh
 
@@ -410,10 +493,17 @@ class Scheduler:
         """Run unbatched jobs: ``optim_step`` jobs together in one engine call, the rest one by one."""
         steps = [job for job in jobs if job.kind == OPTIM_KIND and job.prepare is not None]
         if steps:
+            clock = time.monotonic()
             self._run_optim_steps(steps)
+            self._charge(steps, time.monotonic() - clock)
         for job in jobs:
             if job not in steps:
-                self._run_single(job)
+                clock = time.monotonic()
+                if job.start is not None:
+                    self._run_slice(job)
+                else:
+                    self._run_single(job)
+                self._charge([job], time.monotonic() - clock)
 
     def _prepare_jobs(self, jobs: list[Job]) -> list[tuple[Job, Any]]:
         """``(job, job.prepare())`` of each job; a job whose ``prepare`` raises is failed and left out."""
@@ -464,6 +554,24 @@ class Scheduler:
             return
         self._complete(job, payload, None, None)
 
+    def _run_slice(self, job: Job) -> None:
+        """One turn of a sliced job: start it on its first turn, run a slice, finish it when done."""
+        try:
+            if job.resumable is None:
+                assert job.start is not None
+                job.resumable = job.start()
+            done = job.resumable.step(self.slice_s)
+            with self._cond:
+                self.slices += 1
+        except Exception as exc:  # noqa: BLE001 - reported to the client
+            job.resumable = None
+            self._fail(job, exc)
+            return
+        if not done:  # it stays queued at its place; its tenant's next turn resumes it
+            return
+        resumable, job.resumable = job.resumable, None
+        self._finish_jobs([(job, None, resumable)])
+
     def _run_batch(self, jobs: list[Job]) -> PassRecord | None:
         prepared: list[tuple[Job, BatchJob]] = self._prepare_jobs(jobs)
         if not prepared:
@@ -478,10 +586,18 @@ class Scheduler:
         finished = self._pass_end = time.monotonic()
         seconds = finished - clock
         kind = jobs[0].kind
+        tokens = [float(sum(len(d.tokens) for d in b.datums)) for _, b in prepared]
+        self._charge([job for job, _ in prepared], seconds, tokens)
         with self._cond:
             self.batches.append(len(prepared))
             record = PassRecord(
-                started, kind, len(prepared), sum(len(b.datums) for _, b in prepared), seconds, self._waited_s
+                started,
+                kind,
+                len(prepared),
+                sum(len(b.datums) for _, b in prepared),
+                seconds,
+                self._waited_s,
+                tenant_ids=[job.tenant or "" for job, _ in prepared],
             )
             self.passes.append(record)
             if kind == "forward_backward":

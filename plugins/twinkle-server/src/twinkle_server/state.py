@@ -151,6 +151,7 @@ class ServerState:
             batch_window_s=config.batch_window_s,
             seq_window=config.seq_window,
             seq_wait_s=config.seq_wait_s,
+            slice_s=config.sample_slice_s if config.sample_slice_s > 0 else None,
         )
         #: run id -> engine slot of each loaded training run.
         self.run_slots: dict[str, int] = {}
@@ -300,10 +301,25 @@ class ServerState:
         prepare: Callable[[], Any] | None = None,
         finish: Callable[[Any], Payload] | None = None,
         rows: int = 0,
+        start: Callable[[], Any] | None = None,
     ) -> str:
-        """Record a pending future and queue its job; returns the request id."""
+        """Record a pending future and queue its job (charged to ``tenant``'s fair share); returns the request id.
+
+        ``start`` makes it a sliced job (a resumable generation; ``finish`` turns it into the payload).
+        """
         future_id = self.store.create_future(tenant.id, model_id, kind)
-        job = Job(future_id, model_id, seq_id, kind, run=run, prepare=prepare, finish=finish, rows=rows)
+        job = Job(
+            future_id,
+            model_id,
+            seq_id,
+            kind,
+            run=run,
+            prepare=prepare,
+            finish=finish,
+            rows=rows,
+            tenant=tenant.id,
+            start=start,
+        )
         try:
             self.scheduler.submit(job)
         except UserError as exc:

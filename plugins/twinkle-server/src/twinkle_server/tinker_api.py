@@ -801,7 +801,10 @@ def asample(
             raise HTTPException(404, f"checkpoint {model_path} not found") from None
     state.charge(tenant, (len(prompt) + max_tokens) * body.num_samples)
 
-    def run() -> tuple[str, bytes]:
+    used: list[int | None] = []
+
+    def start() -> Any:
+        # the worker runs the generation in slices (Scheduler.slice_s), other tenants' work between them
         if snapshot_of is not None:
             slot = state.snapshot_slots.get(snapshot_of)
             if slot is None:
@@ -814,7 +817,8 @@ def asample(
             slot = state.sampler_slot(tenant, model_path)
         else:
             slot = None
-        sequences, prompt_lps = state.engine.sample(
+        used.append(slot)
+        return state.engine.start_sample(
             slot,
             prompt,
             num_samples=body.num_samples,
@@ -827,18 +831,21 @@ def asample(
             stop_strings=stop_strings,
             prompt_logprobs=bool(body.prompt_logprobs),
         )
+
+    def finish(generation: Any) -> tuple[str, bytes]:
+        sequences, prompt_lps = generation.result()
         if record:
             for i, (_, logprobs, _) in enumerate(sequences):
                 state.stability.record(tenant.id, sequence_ids[i], logprobs)
         topk = None
         if body.topk_prompt_logprobs > 0:
-            topk = state.engine.prompt_topk_logprobs(slot, prompt, body.topk_prompt_logprobs)
+            topk = state.engine.prompt_topk_logprobs(used[0], prompt, body.topk_prompt_logprobs)
         return PROTO_CONTENT_TYPE, encode_sample_response(sequences, prompt_lps, topk)
 
     record = bool(body.record_stability_info)
     prefix = uuid.uuid4().hex
     sequence_ids = [f"seq-{prefix}-{i}" for i in range(body.num_samples)]
-    future_id = state.submit(tenant, "sample", run=run)
+    future_id = state.submit(tenant, "sample", start=start, finish=finish)
     if body.sampling_session_id is not None:
         clone = (body.seq_id or 0) // 1_000_000_000
         state.session_futures.add((tenant.id, body.sampling_session_id, clone), future_id)
