@@ -4,7 +4,7 @@ Training and sampling requests return a future (``{"request_id": ...}``) at once
 SDK long-polls ``/api/v1/retrieve_future`` for the result, which is protobuf for
 ``forward_backward``/``forward``/``sample`` and JSON otherwise. Requests of one training
 client carry ``seq_id`` and run in that order. Options this server does not implement
-(top-k sample logprobs, inflight sampling, server-side custom losses, non-Adam optimizers) are
+(top-k sample logprobs, inflight sampling, non-Adam optimizers) are
 rejected with a 400 that names them, never silently ignored.
 """
 
@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from twinkle_server import checkpoints as ckpt
+from twinkle_server import tinker_custom_loss
 from twinkle_server.auth import current_state, current_tenant
 from twinkle_server.engine import BatchJob, JobResult
 from twinkle_server.losses import check_loss
@@ -324,7 +325,7 @@ def client_config(_: Tenant = Depends(current_tenant)) -> Any:
         "use_pyqwest_transport": False,
         "parallel_fwdbwd_chunks": True,
         "sample_use_retrieve_futures": True,
-        "custom_loss_server_side": False,
+        "custom_loss_server_side": True,
         "sample_join_sampling_session": False,
     }
 
@@ -499,11 +500,14 @@ async def forward_backward(
     header = await asyncio.to_thread(parse_forward_backward, body)
     del body
     slot_check = _run_or_404(state, tenant, header.model_id)
+    custom = tinker_custom_loss.bind(state, tenant, slot_check, header) if header.loss_fn == "custom" else None
     config = check_loss(header.loss_fn, header.loss_config)
     if not header.datums:
         raise _bad("forward_backward needs at least one datum")
     state.charge(tenant, header.tokens)
     datums, spans = await asyncio.to_thread(decode_datums, header)
+    if custom is not None:
+        custom.prepare_datums(datums)
     message = ForwardBackwardMessage(
         header.model_id, header.seq_id, header.loss_fn, header.loss_config, datums, header.forward_only, spans
     )
@@ -517,6 +521,8 @@ async def forward_backward(
         return BatchJob(slot, message.datums, message.loss_fn, config, message.forward_only)
 
     def finish(result: JobResult) -> tuple[str, bytes]:
+        if custom is not None:
+            custom.finish(result)
         return PROTO_CONTENT_TYPE, encode_forward_backward_output(result)
 
     kind = "forward" if message.forward_only else "forward_backward"

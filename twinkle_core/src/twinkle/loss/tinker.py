@@ -79,7 +79,8 @@ def check_loss(loss_fn: str, config: Mapping[str, Any] | None) -> dict[str, floa
     """
     if loss_fn not in LOSS_CONFIG:
         raise LossConfigError(
-            f"loss_fn={loss_fn!r} is not supported by this server; supported: {', '.join(LOSS_CONFIG)}"
+            f"loss_fn={loss_fn!r} is not supported by this server; supported: "
+            f"{', '.join(k for k in LOSS_CONFIG if ':' not in k)}"
         )
     allowed = LOSS_CONFIG[loss_fn]
     resolved: dict[str, float] = {}
