@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import pytest
@@ -97,6 +98,17 @@ def test_gradients_mid_window_are_paged_too(tiny_model_dir):
         assert model.clip_grad_and_step(adapter_name="t1")["stepped"]
     for x, y in zip(_snapshot(plain, "t1"), _snapshot(paged, "t1")):
         assert torch.equal(x, y)
+
+
+def test_adding_an_adapter_leaves_paged_adapters_in_host_memory(tiny_model_dir):
+    model = _model(tiny_model_dir)
+    _step(model, "t1", make_rows(2))
+    pager = AdapterPager(model, copy_on_cpu=True)
+    pager.page_out("t1")
+    block = pager.host_block("t1")
+    start, end = block.data_ptr(), block.data_ptr() + block.numel()
+    model.add_adapter_to_model("t2", LORA)
+    assert all(start <= p.data_ptr() < end for p in model.state_of("t1").params)
 
 
 def test_on_a_cpu_model_paging_is_bookkeeping_by_default(tiny_model_dir):
@@ -253,6 +265,48 @@ def test_idle_adapters_are_unloaded_and_reloaded_on_use(tiny_model_dir, tmp_path
         assert torch.equal(x, y)
 
 
+@pytest.mark.parametrize("copy_on_cpu", [True, False], ids=["copying", "bookkeeping"])
+def test_spilled_adapters_come_back_exactly_and_keep_training(tiny_model_dir, tmp_path, copy_on_cpu):
+    rows = make_rows(3, seed=6)
+    plain = _model(tiny_model_dir, names=("t1", "t2"))
+    model = _model(tiny_model_dir, names=("t1", "t2"))
+    clock = [0.0]
+    pool = AdapterPool(
+        model,
+        slots=1,
+        host_bytes_budget=1 << 30,
+        idle_ttl_s=10,
+        spill_dir=tmp_path / "spill",
+        pager=AdapterPager(model, copy_on_cpu=copy_on_cpu),
+        clock=lambda: clock[0],
+    )
+    pool.add("t1")
+    pool.add("t2")
+    for m in (plain, model):
+        m.state_of("t1").gradient_accumulation_steps = 2
+    for m, p in ((plain, None), (model, pool)):
+        with pool.use(["t1"]) if p else contextlib.nullcontext():
+            for _ in range(3):  # one step of two micro-batches, then gradients pending mid-window
+                m.forward_backward(inputs=rows, adapter_name="t1")
+                m.clip_grad_and_step(adapter_name="t1")
+    used = pool.capacity()["host_bytes_used"]
+    clock[0] = 20
+    pool.touch("t2")
+    assert pool.reap_idle() == ["t1"]
+    assert pool.status("t1") == "unloaded" and "t1" in model.adapter_names  # still in the model
+    assert len(list((tmp_path / "spill").iterdir())) == 1
+    assert pool.capacity()["host_bytes_used"] < used
+    assert all(p.untyped_storage().nbytes() <= 4 for p in model.state_of("t1").params)  # placeholders only
+    with pool.use(["t1"]):
+        assert pool.status("t1") == "resident" and pool.stats["reloads"] == 1
+        assert not list((tmp_path / "spill").iterdir())
+        for m in (plain, model):
+            m.forward_backward(inputs=rows, adapter_name="t1")
+            assert m.clip_grad_and_step(adapter_name="t1")["stepped"]
+    for x, y in zip(_snapshot(plain, "t1"), _snapshot(model, "t1")):
+        assert torch.equal(x, y)
+
+
 def test_a_failing_save_keeps_the_adapter(tiny_model_dir):
     model = _model(tiny_model_dir, names=("t1", "t2"))
 
@@ -265,6 +319,7 @@ def test_a_failing_save_keeps_the_adapter(tiny_model_dir):
         host_bytes_budget=1 << 30,
         idle_ttl_s=1,
         save=save,
+        load=lambda name: None,
         pager=AdapterPager(model, copy_on_cpu=True),
         clock=lambda: 100.0 if pool_ready else 0.0,
     )
@@ -325,6 +380,8 @@ def test_cuda_paging_uses_pinned_blocks_and_is_exact(tiny_model_dir):
     assert pager.host_block("t1").is_pinned()
     assert all(p.device.type == "cpu" for p in model.state_of("t1").params)
     assert torch.cuda.memory_allocated() <= free_before - moved // 2
+    model.add_adapter_to_model("t2", LORA)  # adding an adapter must not pull paged ones back to the GPU
+    assert all(p.device.type == "cpu" for p in model.state_of("t1").params)
     start = time.perf_counter()
     pager.page_in("t1")
     torch.cuda.synchronize()

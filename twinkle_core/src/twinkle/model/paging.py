@@ -50,9 +50,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 __all__ = [
@@ -150,6 +152,7 @@ class _Item:
     shape: tuple[int, ...]
     dtype: Any
     offset: int  # element offset in its dtype section
+    host: bool = False  # kept on the host even while resident (AdamW's step counts); spill files only
 
 
 @dataclass
@@ -162,6 +165,7 @@ class _Record:
     items: list[_Item] = field(default_factory=list)
     sections: dict[Any, tuple[int, int]] = field(default_factory=dict)  # dtype -> (byte offset, numel)
     event: Any = None  # CUDA event recorded after the page-out copies
+    spilled: str | None = None  # the file holding the adapter's tensors while it is spilled
 
 
 class AdapterPager:
@@ -257,10 +261,13 @@ class AdapterPager:
         if record is not None and record.block is not None:
             self._wait(record)
             record.block.free()
+        if record is not None and record.spilled is not None:
+            Path(record.spilled).unlink(missing_ok=True)
 
     # -- moving -----------------------------------------------------------------------------
-    def _tensors(self, name: str) -> list[tuple[_Item, Any]]:
-        """The adapter's device tensors in a fixed order: parameters, gradients, optimizer state."""
+    def _tensors(self, name: str, any_device: bool = False) -> list[tuple[_Item, Any]]:
+        """The adapter's device tensors in a fixed order: parameters, gradients, optimizer state
+        (``any_device``: also optimizer-state tensors kept on the host, such as AdamW's step counts)."""
         import torch
 
         state = self.model.state_of(name)
@@ -279,7 +286,7 @@ class AdapterPager:
         if optimizer is not None:
             for i, p in enumerate(state.params):
                 for key, value in sorted(optimizer.state.get(p, {}).items()):
-                    if torch.is_tensor(value) and value.device == p.device and value.numel() > 0:
+                    if torch.is_tensor(value) and (any_device or value.device == p.device) and value.numel() > 0:
                         add("optim", i, key, value)
         return out
 
@@ -358,6 +365,76 @@ class AdapterPager:
         self._point_at(name, record, [fresh[i] for i in range(len(record.items))])
         record.items, record.sections = [], {}
         return end
+
+    def spill(self, name: str, path: str | os.PathLike) -> int:
+        """Write the adapter's tensors (parameters, gradients, optimizer state) to ``path`` and free
+        both its device and its host memory; returns the bytes written.
+
+        The adapter stays in the model (peft modules, :class:`AdapterState`, optimizer object):
+        its tensors are replaced by one-element placeholders of the same shape, which must not be
+        used until :meth:`unspill`. Works from any state (resident, paged, bookkeeping-only).
+        """
+        import torch
+
+        record = self._records.setdefault(name, _Record())
+        if record.spilled is not None:
+            return 0
+        if record.paged and self.moves:
+            self._wait(record)
+        tensors = self._tensors(name, any_device=True)
+        if record.paged and self.moves:  # what is not in the block stays on the host when resident
+            in_block = {(it.kind, it.index, it.key) for it in record.items}
+            for item, _ in tensors:
+                item.host = (item.kind, item.index, item.key) not in in_block
+        else:
+            for item, t in tensors:
+                item.host = t.device.type != self.device.type
+        items = [item for item, _ in tensors]
+        nbytes = 0
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".tmp")
+        with open(tmp, "wb") as out:
+            for _, t in tensors:
+                data = t.detach().reshape(-1).contiguous()
+                raw = data.cpu().view(torch.uint8) if data.numel() else data.cpu().new_empty(0).view(torch.uint8)
+                out.write(raw.numpy().tobytes())
+                nbytes += raw.numel()
+        os.replace(tmp, target)
+        record.items = items
+        self._point_at(name, record, [torch.empty((), dtype=it.dtype).expand(it.shape) for it in items])
+        if record.block is not None:
+            record.block.free()
+            record.block = None
+        record.paged, record.sections, record.event, record.reserved = False, {}, None, 0
+        record.spilled = str(target)
+        return nbytes
+
+    def unspill(self, name: str) -> int:
+        """Read a spilled adapter back onto the device (removing its file); returns the bytes read."""
+        import torch
+
+        record = self._records.get(name)
+        if record is None or record.spilled is None:
+            return 0
+        path = Path(record.spilled)
+        raw = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+        tensors = []
+        offset = 0
+        for item in record.items:
+            size = _numel(item.shape) * _itemsize(item.dtype)
+            t = raw[offset : offset + size].view(item.dtype).reshape(item.shape).clone()
+            tensors.append(t if item.host or self.device.type == "cpu" else t.to(self.device))
+            offset += size
+        self._point_at(name, record, tensors)
+        record.items, record.spilled = [], None
+        path.unlink(missing_ok=True)
+        return offset
+
+    def is_spilled(self, name: str) -> bool:
+        """Whether the adapter's tensors are in a spill file (:meth:`spill`)."""
+        record = self._records.get(name)
+        return bool(record and record.spilled is not None)
 
     def materialize(self, name: str) -> None:
         """Give a paged adapter's tensors their own host storage (off the block), so they can be
@@ -518,6 +595,10 @@ class AdapterPool:
             state), called when it is next acquired.
         drop: ``drop(name)`` removes an adapter from the model after ``save`` (default:
             ``model.remove_adapter(name)``).
+        spill_dir: without ``save``/``load``: unload by spilling the adapter's tensors to a file in
+            this directory (:meth:`AdapterPager.spill`): the adapter stays in the model with its
+            settings and optimizer object, holding no device or host memory, and is read back
+            exactly on use. With neither, adapters are never unloaded.
         pager: the :class:`AdapterPager` (default: one on ``model``).
         clock: the time source of ``last_used`` and :meth:`reap_idle` (default ``time.monotonic``).
 
@@ -540,6 +621,7 @@ class AdapterPool:
         save: Callable[[str], Any] | None = None,
         load: Callable[[str], Any] | None = None,
         drop: Callable[[str], Any] | None = None,
+        spill_dir: str | os.PathLike | None = None,
         pager: AdapterPager | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -554,6 +636,9 @@ class AdapterPool:
         self._save = save
         self._load = load
         self._drop = drop or (lambda name: model.remove_adapter(name))
+        self.spill_dir = Path(spill_dir) if spill_dir is not None else None
+        if (save is None) != (load is None):
+            raise ValueError("AdapterPool: give both save and load callbacks, or neither")
         self.pager = pager or AdapterPager(model)
         self.clock = clock
         self._entries: dict[str, _Entry] = {}
@@ -787,11 +872,14 @@ class AdapterPool:
             self._page_out(name, self._entries[name])
 
     def _reload(self, name: str, entry: _Entry, keep: set[str]) -> None:
-        if self._load is None:
-            raise PoolError(f"adapter {name!r} was unloaded and this pool has no load callback")
         self.check_admit(nbytes=entry.reserved)
         self._make_room(1, keep=keep)
-        self._load(name)
+        if self.pager.is_spilled(name):
+            self.stats["bytes_in"] += self.pager.unspill(name)
+        elif self._load is not None:
+            self._load(name)
+        else:
+            raise PoolError(f"adapter {name!r} was unloaded and this pool has no load callback")
         self.pager.reserve(name, entry.reserved)
         entry.state = RESIDENT
         entry.reserved = self.pager.reserved_bytes(name)
@@ -811,42 +899,76 @@ class AdapterPool:
             ]
             return [n for _, n in sorted(old)]
 
-    def reap_idle(self, now: float | None = None) -> list[str]:
-        """Unload adapters idle past ``idle_ttl_s``: ``save(name)``, then ``drop(name)``; their host
-        blocks are freed. They stay in the pool as unloaded and :meth:`acquire` reloads them
-        through ``load(name)``. Returns the unloaded names.
+    @property
+    def can_unload(self) -> bool:
+        """Whether the pool can unload adapters (save/load callbacks, or a spill directory)."""
+        return self._save is not None or self.spill_dir is not None
 
-        An adapter whose ``save`` raises stays loaded (the error propagates after the others).
+    def unload(self, name: str) -> bool:
+        """Unload one adapter now (idle or not, unless pinned by :meth:`use`): through ``save`` and
+        ``drop``, or spilled to ``spill_dir``; its host block is freed and :meth:`acquire` reloads it.
+
+        Returns:
+            True when unloaded; False when it is pinned, already unloaded or not in the pool.
 
         Raises:
-            PoolError: adapters are idle but the pool has no save callback.
+            PoolError: the pool has neither callbacks nor a spill directory.
+            Exception: whatever ``save``/``drop`` raised (the adapter then stays loaded).
         """
         with self._lock:
-            names = self.idle(now)
-            if names and self._save is None:
-                raise PoolError("reap_idle: this pool has no save callback; idle adapters stay loaded")
-            unloaded: list[str] = []
-            failure: BaseException | None = None
-            for name in names:
-                entry = self._entries[name]
+            entry = self._entries.get(name)
+            if entry is None or entry.state == UNLOADED or entry.pins:
+                return False
+            if not self.can_unload:
+                raise PoolError("this pool has no save callback nor spill directory; adapters stay loaded")
+            if self._save is None:
+                assert self.spill_dir is not None
+                self.stats["bytes_out"] += self.pager.spill(name, self.spill_dir / f"{_file_name(name)}.bin")
+            else:
                 if entry.state == PAGED:
                     self.pager.materialize(name)  # its own host tensors: readable and savable
                 try:
-                    assert self._save is not None
                     self._save(name)
                     self._drop(name)
-                except Exception as exc:  # noqa: BLE001 - keep it loaded, report after the others
+                except Exception:
                     if entry.state == PAGED:
                         self.pager.page_out(name)  # back into its block from the materialized tensors
-                    failure = failure or exc
-                    continue
+                    raise
                 self.pager._free(name)
-                entry.state = UNLOADED
-                self.stats["unloads"] += 1
-                unloaded.append(name)
+            entry.state = UNLOADED
+            self.stats["unloads"] += 1
+            return True
+
+    def reap_idle(self, now: float | None = None) -> list[str]:
+        """Unload the adapters idle past ``idle_ttl_s`` (:meth:`unload`); returns their names.
+
+        They stay in the pool as unloaded and :meth:`acquire` reloads them. An adapter whose
+        ``save`` raises stays loaded (the first error propagates after the others were tried).
+
+        Raises:
+            PoolError: adapters are idle but the pool cannot unload (no callbacks, no spill directory).
+        """
+        with self._lock:
+            names = self.idle(now)
+            if names and not self.can_unload:
+                raise PoolError("reap_idle: this pool has no save callback nor spill directory; idle adapters stay")
+            unloaded: list[str] = []
+            failure: BaseException | None = None
+            for name in names:
+                try:
+                    if self.unload(name):
+                        unloaded.append(name)
+                except Exception as exc:  # noqa: BLE001 - keep it loaded, report after the others
+                    failure = failure or exc
             if failure is not None:
                 raise failure
             return unloaded
+
+
+def _file_name(name: str) -> str:
+    """A file-name-safe spelling of an adapter name (letters, digits, ``_``, ``-`` kept)."""
+    safe = "".join(c if c.isalnum() or c in "_-" else f"%{ord(c):02x}" for c in name)
+    return safe or "_"
 
 
 def _mib(n: int) -> str:

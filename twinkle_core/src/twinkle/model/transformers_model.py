@@ -198,14 +198,20 @@ class TransformersModel(BackendModel):
             from twinkle.model.vision import exclude_vision
 
             exclude_vision(config, self._hf_model())
-        if self._peft is None:
+        first = self._peft is None
+        if first:
             self._peft = get_peft_model(self.model, config, adapter_name=adapter_name)
             self.model = self._peft
         else:
             self._peft.add_adapter(adapter_name, config)
-        self.model.to(self.device)
         marker = f".{adapter_name}."
         params = [p for n, p in self.model.named_parameters() if marker in n]
+        if first:
+            self.model.to(self.device)
+        else:  # only the new adapter: the others may be paged to host memory (twinkle.model.paging)
+            for p in params:
+                if p.device != self.device:
+                    p.data = p.data.to(self.device)
         for p in params:
             p.requires_grad_(True)
         if params:
