@@ -73,7 +73,8 @@ def test_family_lora_trains_and_round_trips(model_type, tmp_path):
 
 def test_docs_family_table_names_only_tested_families():
     """docs/model.md's family table: each row that loads as a transformers model_type has it in FAMILIES
-    (or is converted through a converter tested in test_converters.py); rows not supported give a reason."""
+    (or is converted through a converter tested in test_converters.py, or is a vision-language family of
+    test_vlm.py); rows not supported give a reason."""
     import re
     from pathlib import Path
 
@@ -90,6 +91,11 @@ def test_docs_family_table_names_only_tested_families():
             continue
         assert status.startswith("supported"), row
         converted = re.fullmatch(r"`(\w+)` -> `(\w+)` through `(\w+)`", loads_as)
+        if "VLM test" in test:  # vision-language families: tests/core/model/test_vlm.py
+            from twinkle.template.tiny_vlm import TINY_VLM_FAMILIES
+
+            assert "test_vlm.py" in test and re.fullmatch(r"`(\w+)`", loads_as)[1] in TINY_VLM_FAMILIES, row
+            continue
         if converted:
             assert "test_converters.py" in test, row
             target = converted[2]
