@@ -6,10 +6,12 @@
 
 Builds only the adapter (no base model): the LoRA ``A``/``B`` parameters of every linear layer of
 the shape (Qwen2.5-7B: 28 layers, hidden 3584, intermediate 18944, 28 query / 4 key-value heads of
-128; q, k, v, o, gate, up, down), float32 as peft keeps them, one AdamW step taken so the optimizer
-holds its two moments. Then :class:`twinkle.model.paging.AdapterPager` pages it out (into its
-pinned host block, reserved beforehand as an ``AdapterPool`` does at admission) and in, each
-timed to completion (``synchronize``), for two cases:
+128; q, k, v, o, gate, up, down), in float32 (peft's default) and in bfloat16 (what the service's
+CUDA fast path casts LoRA weights to), one AdamW step taken so the optimizer holds its two moments
+(fused AdamW on CUDA, as the fast path builds it: its step counters live on the device too).
+Then :class:`twinkle.model.paging.AdapterPager` pages it out (into its pinned host block,
+reserved beforehand as an ``AdapterPool`` does at admission) and in, each timed to completion
+(``synchronize``), for two cases:
 
 * ``idle``: parameters + AdamW state (between steps: the gradients were dropped at ``zero_grad``);
 * ``mid-window``: parameters + gradients + AdamW state (paged between forward_backward and step).
@@ -49,7 +51,7 @@ def lora_shapes(shape: dict) -> list[tuple[int, int]]:
 class AdapterOnly:
     """The part of a ``TransformersModel`` the pager touches: ``device`` and ``state_of(name)``."""
 
-    def __init__(self, shape: dict, rank: int, device, fused: bool) -> None:
+    def __init__(self, shape: dict, rank: int, device, fused: bool, dtype) -> None:
         import torch
 
         self.device = torch.device(device)
@@ -57,7 +59,7 @@ class AdapterOnly:
         params = []
         for fan_in, fan_out in lora_shapes(shape):
             for size in ((rank, fan_in), (fan_out, rank)):
-                t = torch.randn(size, generator=gen).to(self.device)
+                t = torch.randn(size, generator=gen).to(self.device, dtype)
                 params.append(torch.nn.Parameter(t))
         kwargs = {"fused": True} if fused else {"foreach": True}
         optimizer = torch.optim.AdamW(params, lr=1e-4, **kwargs)
@@ -93,7 +95,7 @@ def _checksum(model: AdapterOnly) -> list:
     return out
 
 
-def measure(model: AdapterOnly, grads: bool, repeats: int, warmup: int) -> dict:
+def measure(model: AdapterOnly, grads: bool, repeats: int, warmup: int, label: str) -> dict:
     import torch
     from twinkle.model.paging import AdapterPager
 
@@ -121,7 +123,7 @@ def measure(model: AdapterOnly, grads: bool, repeats: int, warmup: int) -> dict:
     exact = len(before) == len(after) and all(torch.equal(x, y) for x, y in zip(before, after))
     out_ms, in_ms = statistics.median(outs), statistics.median(ins)
     return {
-        "case": "mid-window" if grads else "idle",
+        "case": f"{label}, {'mid-window' if grads else 'idle'}",
         "bytes": nbytes,
         "pinned": bool(pager.host_block("tenant") is not None and pager.pins),
         "reserve_ms": reserve_ms,
@@ -140,7 +142,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--fused", action="store_true", help="fused AdamW (its step counters on the device)")
+    parser.add_argument(
+        "--dtypes",
+        default="float32,bfloat16",
+        help="adapter dtypes to time (peft keeps float32; the service's CUDA fast path casts LoRA to bfloat16)",
+    )
+    parser.add_argument(
+        "--fused",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="fused AdamW, step counters on the device (auto: on CUDA, as the fast path builds it)",
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads (a loaded CPU machine: 1)")
     parser.add_argument("--out", help="also write the table to this file")
     args = parser.parse_args(argv)
@@ -150,14 +162,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = AdapterOnly(SHAPES[args.shape], args.rank, device, args.fused)
-    params = sum(p.numel() for p in model.state.params)
-    rows = [measure(model, grads, args.repeats, args.warmup) for grads in (False, True)]
+    fused = args.fused == "on" or (args.fused == "auto" and device.type == "cuda")
+    rows = []
+    params = 0
+    for dtype_name in args.dtypes.split(","):
+        model = AdapterOnly(SHAPES[args.shape], args.rank, device, fused, getattr(torch, dtype_name.strip()))
+        params = sum(p.numel() for p in model.state.params)
+        rows += [measure(model, grads, args.repeats, args.warmup, dtype_name.strip()) for grads in (False, True)]
+        del model
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     lines = [
-        f"# adapter paging: {args.shape} shape, LoRA r={args.rank} all-linear, {params / 1e6:.2f}M parameters "
-        f"(float32), AdamW{' fused' if args.fused else ''}; device {name}, torch {torch.__version__}; "
-        f"median of {args.repeats}",
+        f"# adapter paging: {args.shape} shape, LoRA r={args.rank} all-linear, {params / 1e6:.2f}M parameters, "
+        f"AdamW{' fused' if fused else ''}; device {name}, torch {torch.__version__}; median of {args.repeats}",
         "",
         "| case | bytes | pinned | reserve ms (once) | out ms | in ms | round trip ms | GB/s | exact | <= 50 ms |",
         "|---|---:|---|---:|---:|---:|---:|---:|---|---|",
