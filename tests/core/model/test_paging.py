@@ -218,6 +218,11 @@ def test_admission_is_bounded_by_the_host_budget(tiny_model_dir):
     pool.remove("t2")
     pool.add("t3")
     assert pool.capacity()["host_bytes_used"] == 2 * one
+    assert not pool.can_admit(nbytes=1, pending=0, pending_bytes=one)  # creations in flight count too
+    pool.max_live = 2
+    pool.host_bytes_budget = 100 * one
+    with pytest.raises(PoolFull, match=r"2 live adapters, the pool's limit \(max_live\) is 2"):
+        pool.check_admit(4, "all-linear")
 
 
 def test_idle_adapters_are_unloaded_and_reloaded_on_use(tiny_model_dir, tmp_path):

@@ -599,6 +599,8 @@ class AdapterPool:
             this directory (:meth:`AdapterPager.spill`): the adapter stays in the model with its
             settings and optimizer object, holding no device or host memory, and is read back
             exactly on use. With neither, adapters are never unloaded.
+        max_live: live (resident or paged) adapters at most, whatever their size (``None``: only
+            the host budget bounds them).
         pager: the :class:`AdapterPager` (default: one on ``model``).
         clock: the time source of ``last_used`` and :meth:`reap_idle` (default ``time.monotonic``).
 
@@ -622,6 +624,7 @@ class AdapterPool:
         load: Callable[[str], Any] | None = None,
         drop: Callable[[str], Any] | None = None,
         spill_dir: str | os.PathLike | None = None,
+        max_live: int | None = None,
         pager: AdapterPager | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -637,6 +640,7 @@ class AdapterPool:
         self._load = load
         self._drop = drop or (lambda name: model.remove_adapter(name))
         self.spill_dir = Path(spill_dir) if spill_dir is not None else None
+        self.max_live = max_live
         if (save is None) != (load is None):
             raise ValueError("AdapterPool: give both save and load callbacks, or neither")
         self.pager = pager or AdapterPager(model)
@@ -693,34 +697,56 @@ class AdapterPool:
         """Host bytes an adapter of ``rank`` on ``targets`` would reserve (:func:`estimate_lora_bytes`)."""
         return estimate_lora_bytes(self.model, rank, targets)
 
-    def can_admit(self, rank: int | None = None, targets: Any = "all-linear", *, nbytes: int | None = None) -> bool:
-        """Whether an adapter of ``rank`` on ``targets`` (or of ``nbytes``) fits in the host budget now."""
+    def can_admit(
+        self, rank: int | None = None, targets: Any = "all-linear", *, nbytes: int | None = None, **pending: int
+    ) -> bool:
+        """Whether an adapter of ``rank`` on ``targets`` (or of ``nbytes``) can be added now (:meth:`check_admit`)."""
         try:
-            self.check_admit(rank, targets, nbytes=nbytes)
+            self.check_admit(rank, targets, nbytes=nbytes, **pending)
         except PoolFull:
             return False
         return True
 
-    def check_admit(self, rank: int | None = None, targets: Any = "all-linear", *, nbytes: int | None = None) -> int:
+    def check_admit(
+        self,
+        rank: int | None = None,
+        targets: Any = "all-linear",
+        *,
+        nbytes: int | None = None,
+        pending: int = 0,
+        pending_bytes: int = 0,
+    ) -> int:
         """The bytes the adapter would reserve, or :class:`PoolFull` naming the limit it hits.
 
+        Args:
+            rank, targets: the adapter's LoRA rank and target modules (:meth:`estimate`), or
+            nbytes: its bytes.
+            pending, pending_bytes: admissions granted but not yet :meth:`add`-ed (a service's
+                creations in flight), counted as live.
+
         Raises:
-            PoolFull: the host budget cannot take the adapter (message: the budget, what is used,
-                what it needs, when idle adapters are unloaded).
+            PoolFull: ``max_live`` adapters are live, or the host budget cannot take the adapter
+                (the message names the limit, what is used, what it needs, when idle adapters
+                are unloaded).
         """
         if nbytes is None:
             if rank is None:
                 raise ValueError("check_admit: give rank (and targets) or nbytes")
             nbytes = self.estimate(rank, targets)
         with self._lock:
-            used = self.host_bytes_used
-            if used + nbytes > self.host_bytes_budget:
-                live = len(self._entries) - self._count(UNLOADED)
-                hint = (
-                    f"; adapters idle for {self.idle_ttl_s:.0f} s are unloaded, retry later"
-                    if self.idle_ttl_s
-                    else "; remove an adapter or retry later"
+            live = len(self._entries) - self._count(UNLOADED) + pending
+            used = self.host_bytes_used + pending_bytes
+            hint = (
+                f"; adapters idle for {self.idle_ttl_s:.0f} s are unloaded, retry later"
+                if self.idle_ttl_s
+                else "; remove an adapter or retry later"
+            )
+            if self.max_live is not None and live + 1 > self.max_live:
+                raise PoolFull(
+                    f"adapter pool full: {live} live adapters, the pool's limit (max_live) is {self.max_live}{hint}",
+                    retry_after=self._retry_after(),
                 )
+            if used + nbytes > self.host_bytes_budget:
                 raise PoolFull(
                     f"adapter pool full: {live} live adapters hold {_mib(used)} of the {_mib(self.host_bytes_budget)} "
                     f"host-memory budget and this adapter needs {_mib(nbytes)}{hint}",
