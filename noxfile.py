@@ -87,7 +87,7 @@ def core(session: nox.Session) -> None:
         *TORCH_STACK,
         "triton>=3.2",
         "-e",
-        "./twinkle_core[torch,hub,vision]",
+        "./twinkle_core[torch,hub,vision,family-tokenizers]",
         "-e",
         "./plugins/twinkle-rewards",
         *TEST_DEPS,

@@ -125,11 +125,10 @@ class Template:
     def tokenizer(self) -> Any:
         """The Hugging Face tokenizer (loaded on first use)."""
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
             from twinkle.hub import resolve_model_dir
+            from twinkle.template.family_tokenizers import load_tokenizer  # remote-code families: rebuilt
 
-            self._tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(self.model_id), **self._tokenizer_kwargs)
+            self._tokenizer = load_tokenizer(resolve_model_dir(self.model_id), **self._tokenizer_kwargs)
         if self._uses_generation_tags is None:
             chat_template = getattr(self._tokenizer, "chat_template", None)
             if not chat_template:

@@ -68,13 +68,10 @@ class ChatFormatTemplate(Template):
     def tokenizer(self) -> Any:
         if not self._formatted:
             if self._tokenizer is None:
-                from transformers import AutoTokenizer
-
                 from twinkle.hub import resolve_model_dir
+                from twinkle.template.family_tokenizers import load_tokenizer  # no remote code
 
-                self._tokenizer = AutoTokenizer.from_pretrained(
-                    resolve_model_dir(self.model_id), **self._tokenizer_kwargs
-                )
+                self._tokenizer = load_tokenizer(resolve_model_dir(self.model_id), **self._tokenizer_kwargs)
             vocab = self._tokenizer.get_vocab()
             needed = (*self.role_tokens, *([self.eos_token] if self.eos_token else []))
             missing = [t for t in needed if t not in vocab]
