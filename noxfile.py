@@ -142,7 +142,7 @@ def rewards(session: nox.Session) -> None:
 @nox.session(python=TORCH_PYTHON)
 def ray(session: nox.Session) -> None:
     """twinkle-ray on a local Ray cluster (CPU actors, gloo)."""
-    plugin = ("-e", "./twinkle_core[torch]", "-e", "./plugins/twinkle-ray")
+    plugin = ("-e", "./twinkle_core[torch,vision]", "-e", "./plugins/twinkle-ray")
     install(session, *TORCH_STACK, "ray>=2.40", *plugin, *TEST_DEPS)
     env = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     session.run(*pytest_args(session, "tests/ray"), env=env)
