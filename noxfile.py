@@ -190,6 +190,7 @@ def server(session: nox.Session) -> None:
         "-e",
         "./plugins/twinkle-rewards",  # the GRPO example's reward runs in the client process
         "hypothesis>=6.100",
+        "pyrage>=1.4",  # age-encrypted external weights (the cookbook's weights.download asks for them)
         *TEST_DEPS,
     )
     session.run(*pytest_args(session, "tests/server"), env={"TINKER_TELEMETRY": "0"})

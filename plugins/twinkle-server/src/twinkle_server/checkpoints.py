@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Iterator
 
 #: tinker path segment -> checkpoint kind.
-SEGMENT_KIND = {"weights": "training", "sampler_weights": "sampler"}
+SEGMENT_KIND = {"weights": "training", "sampler_weights": "sampler", "external_weights": "external"}
 KIND_SEGMENT = {v: k for k, v in SEGMENT_KIND.items()}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _RUN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9:._-]{0,199}$")
@@ -96,7 +96,8 @@ def parse_checkpoint_id(checkpoint_id: str) -> tuple[str, str]:
     segment, _, name = checkpoint_id.partition("/")
     if segment not in SEGMENT_KIND:
         raise CheckpointPathError(
-            f"checkpoint id {checkpoint_id!r} must look like weights/<name> or sampler_weights/<name>"
+            f"checkpoint id {checkpoint_id!r} must look like weights/<name>, sampler_weights/<name> "
+            "or external_weights/<name>"
         )
     return SEGMENT_KIND[segment], check_name(name)
 

@@ -52,6 +52,8 @@ class ServerConfig:
         sample_slice_s: seconds of decoding a sampling request runs per turn on the worker; a
             longer request resumes in later turns, with other tenants' work between them, so a
             small training step waits behind at most one slice (0: run requests whole).
+        external_weights: the format of ``save_weights_external``: ``"adapter"`` (the PEFT adapter,
+            what Tinker exports) or ``"merged"`` (a full Hugging Face model, base plus adapter).
         control_requests_per_minute: per-tenant rate of every other authenticated request
             (sessions, lists, ``retrieve_future``...), at least ``requests_per_minute``; 429
             with ``Retry-After`` above.
@@ -85,6 +87,7 @@ class ServerConfig:
     seq_wait_s: float = 600.0
     control_requests_per_minute: int = 6000
     sample_slice_s: float = 0.5
+    external_weights: str = "adapter"
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir)

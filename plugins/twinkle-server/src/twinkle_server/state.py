@@ -530,6 +530,10 @@ class ServerState:
             NotFound: no such checkpoint of this tenant.
         """
         parsed = ckpt.parse_tinker_path(path)
+        if parsed.kind == "external":
+            raise ckpt.CheckpointPathError(
+                f"{path}: external weights are for download; load weights/ or sampler_weights/"
+            )
         self.expire_checkpoints()
         row = self.store.checkpoint(tenant.id, parsed.run_id, parsed.kind, parsed.name)
         if row is None:
