@@ -184,7 +184,7 @@ def server(session: nox.Session) -> None:
         session,
         *TORCH_STACK,
         "-e",
-        "./twinkle_core[torch,http]",
+        "./twinkle_core[torch,http,vision]",
         "-e",
         "./plugins/twinkle-server",
         "-e",

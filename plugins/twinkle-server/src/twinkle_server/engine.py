@@ -275,7 +275,8 @@ class LoRAEngine:
         self, model_dir: str | Path, *, max_adapters: int = 8, max_rank: int = 64, seed: int = 0, device: Any = "auto"
     ) -> None:
         import torch
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
+        from twinkle.model.hf import auto_model_class
 
         self.model_dir = Path(model_dir)
         if not (self.model_dir / "config.json").is_file():
@@ -285,12 +286,13 @@ class LoRAEngine:
         self.max_adapters = max_adapters
         self.max_rank = max_rank
         config = AutoConfig.from_pretrained(self.model_dir)
+        auto_class = auto_model_class(str(self.model_dir), config)  # vision-language bases: image-text-to-text
         if _has_weights(self.model_dir):
-            model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
+            model = auto_class.from_pretrained(self.model_dir, dtype=torch.float32)
         else:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+                model = auto_class.from_config(config, dtype=torch.float32)
         model.to(target)
         model.eval()
         for p in model.parameters():
@@ -298,11 +300,12 @@ class LoRAEngine:
         self.model = model
         self.config = config
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        self.vocab_size = int(config.vocab_size)
-        self.max_length = int(getattr(config, "max_position_embeddings", 4096))
-        eos = config.eos_token_id if config.eos_token_id is not None else self.tokenizer.eos_token_id
+        text = config.get_text_config()  # the config itself, or a vision-language model's text part
+        self.vocab_size = int(text.vocab_size)
+        self.max_length = int(getattr(text, "max_position_embeddings", 4096))
+        eos = text.eos_token_id if text.eos_token_id is not None else self.tokenizer.eos_token_id
         self.eos_token_ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
-        self.pad_token_id = int(config.pad_token_id or 0)
+        self.pad_token_id = int(text.pad_token_id or 0)
         #: the base weights by their Hugging Face names (before the LoRA wrappers), tied ones under each name.
         self.base_parameters: dict[str, Any] = dict(model.named_parameters(remove_duplicate=False))
         self._router = _Router()
