@@ -196,6 +196,45 @@ def server(session: nox.Session) -> None:
     session.run(*pytest_args(session, "tests/server"), env={"TINKER_TELEMETRY": "0"})
 
 
+#: tinker-cookbook 0.6.1's requirements but tml-renderers (not on the index; it is imported only for two
+#: model families), plus the math_rl extra's graders.
+COOKBOOK_DEPS = (
+    "aiohttp>=3.9",
+    "anyio>=4",
+    "blobfile>=3",
+    "chz>=0.4",
+    "cloudpickle>=3",
+    "pillow>=10",
+    "pyrage>=1.4",
+    "rich>=13",
+    "safetensors>=0.4",
+    "termcolor>=2",
+    "tiktoken>=0.12",
+    "tqdm>=4.60",
+    "math-verify>=0.5",
+    "pylatexenc>=2",
+    "sympy>=1.12",
+)
+
+
+@nox.session(python=TORCH_PYTHON)
+def cookbook(session: nox.Session) -> None:
+    """tinker-cookbook 0.6.1's recipes, unmodified but for model name, renderer and data paths,
+    against a real `twinkle serve` on the bundled tiny model (tests/cookbook: a few steps each)."""
+    install(
+        session,
+        *TORCH_STACK,
+        "-e",
+        "./twinkle_core[torch,http]",
+        "-e",
+        "./plugins/twinkle-server",
+        *COOKBOOK_DEPS,
+        *TEST_DEPS,
+    )
+    install(session, "--no-deps", "tinker-cookbook==0.6.1")
+    session.run(*pytest_args(session, "tests/cookbook"), env={"TINKER_TELEMETRY": "0"})
+
+
 @nox.session(python=TORCH_PYTHON)
 def integration(session: nox.Session) -> None:
     """Core with every official plugin installed: discovery, the CLI, third-party install/uninstall.
