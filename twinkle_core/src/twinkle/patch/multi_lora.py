@@ -10,21 +10,52 @@ already holds the adapters (``TransformersModel.add_adapter_to_model`` for each 
   **segments** ``(adapter, start, end)``;
 * inside :func:`adapter_segments`, every peft ``lora.Linear`` runs its frozen base layer only
   (peft's ``disable_adapters`` path: one GEMM over all tokens) and a forward hook adds, to each
-  segment, that segment's adapter's ``scaling * (x A^T) B^T`` (**segmented LoRA**). Adapters
-  of different ranks and different target modules share a pass: a layer that an adapter does
-  not target leaves its segments' rows unchanged.
+  segment, that segment's adapter's ``((x A^T) s) B^T`` (**segmented LoRA**).
 
-Two implementations of the segmented update, same arithmetic (per token: ``x A_a^T`` then
-``(. * s_a) B_a^T``, float32 accumulation):
+**Compiled layers, no recompiles.** The segmented update is two calls of one custom op,
+``twinkle::segment_matmul`` (with ``register_fake`` and ``register_autograd``; its backward
+calls it again and ``twinkle::segment_weight_grad``). Everything that describes a pass reaches
+it as tensors, set on each LoRA layer at :func:`adapter_segments` entry:
 
-* ``torch``: one pair of matmuls per segment; works everywhere, and for a few long segments
-  these are the best GEMMs there are;
-* ``triton``: Punica's SGMV / S-LoRA shape of kernel (:func:`segment_matmul`): the adapters'
-  ``A`` (and ``s B``) stacked, rank-padded with zeros, into ``[n, r_max, in]``
-  (``[n, out, r_max]``), and one launch per product over a table of token tiles, each tile
-  inside one segment and so multiplying by one adapter's weight. Backward: the input gradient
-  is the same kernel on the transposed stack; the weight gradients are one GEMM per segment.
-  It runs on CUDA and, for tests, on CPU under ``TRITON_INTERPRET=1``.
+* the adapters' ``A`` stacked into ``[n_cap, r_cap, in]``, their ``B`` into ``[n_cap, out, r_cap]``,
+  and their scalings into a float32 ``[n_cap]`` (slot ``i`` is the pass's ``i``-th adapter);
+* the layout: int32 tables of segments ``(slot, start, end)``, of ``BLOCK_T``-token tiles
+  covering every token, of ``CHUNK_T``-token chunks of the segments (weight gradients) sorted
+  by slot, and each slot's range of chunks.
+
+Their shapes depend only on the pass's token count ``T`` and two buckets, ``n_cap`` (adapters,
+next power of two, at least 8) and ``r_cap`` (largest rank, next power of two, at least 8); the
+table sizes are ``ceil(T / BLOCK_T) + 2 s_cap + 1`` and ``ceil(T / CHUNK_T) + s_cap`` with
+``s_cap`` the segment bucket (next power of two, at least 8). So a compiled decoder layer
+(``CompileDecoderLayers``) traces the pass once and replays it for any layout of the same
+bucket: other segment boundaries, other tenants, other ranks within ``r_cap`` (test:
+``torch._dynamo`` counts no recompile over three layouts). A pass of another total length
+changes ``T``: ``torch.compile``'s automatic dynamic shapes then recompile the layer once with
+``T`` symbolic, after which no length recompiles (the same as the single-adapter path's
+padding-free batches). The first multi-adapter pass after single-adapter ones compiles the
+layer once more (the adapters-disabled branch and the hook's state are guarded), and the two
+graphs are then both cached.
+
+**Ranks and target sets.** Adapters of different ranks share a pass: each is padded with zero
+rows of ``A`` and zero columns of ``B`` to ``r_cap`` (exact: the padded rank columns of the low-rank
+activations meet zero columns of ``B``, and their gradients are dropped by the pad's backward).
+An adapter that does not target a layer gets slot ``-1`` in that layer's tables: its tokens get
+no update there (exactly zero, ``x`` is not read).
+
+**Tenant isolation.** Each token is multiplied by its own adapter's weights only, and each
+adapter's weight gradient sums over its own tokens only (no dense masked product that would
+multiply another tenant's NaN by 0), so a NaN or inf in one tenant's rows or weights never
+reaches another tenant's outputs or gradients (test).
+
+Two implementations of the op, same arithmetic (float32 accumulation):
+
+* ``torch`` (CPU; ``kernel="torch"``): a matmul per segment, looping over the segment table
+  on the host (on CUDA that reads the table back: a sync per call, a fallback only);
+* ``triton``: one launch per product over the tile table (Punica's SGMV shape: each tile of
+  ``BLOCK_T`` tokens lies in one segment and multiplies by one adapter's weight), and for the
+  weight gradients float32 partials per chunk (:func:`~twinkle.patch._multi_lora_kernels.segment_outer`)
+  summed per slot in chunk order (deterministic, no atomics). It runs on CUDA and, for tests,
+  on CPU under ``TRITON_INTERPRET=1``.
 
 Token log-probabilities and losses come from the hidden states in chunks
 (:func:`twinkle.patch.fused_linear_ce.linear_token_logps` / ``linear_cross_entropy`` through
@@ -50,17 +81,100 @@ from twinkle.patch.lora_common import lora_linear_layers
 
 #: The marker attribute of a LoRA layer that carries the segment hook.
 _HOOK_ATTR = "_twinkle_multi_lora_hook"
-#: Tokens per tile and output columns per program of the segment kernel.
+#: The per-pass state of a LoRA layer: ``None``, or the tensors of :func:`_segmented_delta`.
+_STATE_ATTR = "_twinkle_multi_lora_state"
+#: The token count of the pass a layer's state was built for (checked eagerly, not read when compiled).
+_TOKENS_ATTR = "_twinkle_multi_lora_tokens"
+#: Tokens per tile of the segment kernel, and output columns / reduction depth per program.
 BLOCK_T = 64
 BLOCK_O = 64
 BLOCK_K = 64
+#: Tokens per chunk of a weight gradient (one float32 partial each), and elements per program of their sum.
+CHUNK_T = 512
+REDUCE_BLOCK = 1024
+#: The smallest buckets of adapters, ranks and segments (see the module docstring).
+MIN_SLOTS = 8
+MIN_RANK = 8
+MIN_SEGMENTS = 8
 KERNELS = ("auto", "torch", "triton")
 
 _PLAN: contextvars.ContextVar[Any] = contextvars.ContextVar("twinkle_multi_lora_plan", default=None)
 
 
+def _bucket(n: int, least: int) -> int:
+    """The next power of two ``>= max(n, least)``."""
+    return _next_pow2(max(int(n), least))
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _layout_rows(
+    segments: Sequence[tuple[int, int, int]], num_tokens: int, slots: int
+) -> tuple[list[list[int]], list[list[int]], list[list[int]], list[list[int]]]:
+    """The four tables of a layout as Python rows: segments, tiles, chunks, per-slot chunk ranges.
+
+    ``segments``: ``(slot, start, end)`` in order (slot ``-1``: no update). Sizes are padded to
+    the buckets of the module docstring, so they depend on ``num_tokens`` and ``len(segments)``'s
+    bucket only.
+    """
+    s_cap = _bucket(len(segments), MIN_SEGMENTS)
+    segs = [list(seg) for seg in segments] + [[-1, 0, 0]] * (s_cap - len(segments))
+    tiles: list[list[int]] = []
+    pos = 0
+    pieces = []
+    for slot, start, end in segments:
+        if start > pos:
+            pieces.append((-1, pos, start))
+        pieces.append((slot, start, end))
+        pos = end
+    if pos < num_tokens:
+        pieces.append((-1, pos, num_tokens))
+    for slot, start, end in pieces:
+        for t0 in range(start, end, BLOCK_T):
+            tiles.append([slot, t0, min(t0 + BLOCK_T, end)])
+    tile_cap = -(-num_tokens // BLOCK_T) + 2 * s_cap + 1
+    tiles += [[-1, 0, 0]] * (tile_cap - len(tiles))
+    chunks = []
+    for slot, start, end in sorted((seg for seg in segments if seg[0] >= 0), key=lambda seg: seg[0]):
+        for t0 in range(start, end, CHUNK_T):
+            chunks.append([slot, t0, min(t0 + CHUNK_T, end)])
+    ranges = [[0, 0] for _ in range(slots)]
+    for i, (slot, _, _) in enumerate(chunks):
+        if ranges[slot][1] == 0:
+            ranges[slot][0] = i
+        ranges[slot][1] = i + 1
+    chunk_cap = -(-num_tokens // CHUNK_T) + s_cap
+    chunks += [[0, 0, 0]] * (chunk_cap - len(chunks))
+    return segs, tiles, chunks, ranges
+
+
+def _layout_tensors(
+    segments: Sequence[tuple[int, int, int]], num_tokens: int, slots: int, device: Any
+) -> tuple[Any, Any, Any, Any]:
+    """``(segs [3, s_cap], tiles [3, tile_cap], chunks [3, chunk_cap], ranges [2, slots])``, int32 on ``device``."""
+    import torch
+
+    segs, tiles, chunks, ranges = _layout_rows(segments, num_tokens, slots)
+    # one host-to-device copy of the four tables, then separate contiguous tensors
+    flat = torch.tensor(
+        [v for rows in (segs, tiles, chunks) for col in range(3) for v in (r[col] for r in rows)]
+        + [v for col in range(2) for v in (r[col] for r in ranges)],
+        dtype=torch.int32,
+    ).to(device)
+    sizes = [3 * len(segs), 3 * len(tiles), 3 * len(chunks), 2 * len(ranges)]
+    parts = flat.split(sizes)
+    return (
+        parts[0].view(3, -1).clone(),
+        parts[1].view(3, -1).clone(),
+        parts[2].view(3, -1).clone(),
+        parts[3].view(2, -1).clone(),
+    )
+
+
 class SegmentPlan:
-    """The segments of one pass, and per set of adapters the tile table of the Triton kernel.
+    """The segments of one pass, and per set of adapters present in a layer its layout tensors.
 
     Args:
         segments: ``(adapter_name, start, end)`` over the flattened tokens of the pass, in
@@ -92,38 +206,36 @@ class SegmentPlan:
         if kernel not in KERNELS:
             raise ValueError(f"multi-adapter LoRA kernel {kernel!r}: choose one of {', '.join(KERNELS)}")
         self.kernel = kernel
-        self._tiles: dict[tuple[Any, ...], Any] = {}
+        self._layouts: dict[tuple[Any, ...], Any] = {}
 
     @property
     def adapters(self) -> list[str]:
-        """The adapters of the pass, in order of first appearance."""
+        """The adapters of the pass, in order of first appearance (their slots in the stacked weights)."""
         return list(dict.fromkeys(name for name, _, _ in self.segments))
 
+    @property
+    def slots(self) -> int:
+        """``n_cap``: the adapter slots of the stacked weights (the adapters' bucket)."""
+        return _bucket(len(self.adapters), MIN_SLOTS)
+
     def kernel_for(self, x: Any) -> str:
-        """The implementation for input ``x``: the plan's choice, ``auto`` resolved by device."""
+        """The implementation for tensor ``x`` (or a device): the plan's choice, ``auto`` resolved by device."""
         if self.kernel != "auto":
             return self.kernel
-        return "triton" if x.is_cuda and triton_available() else "torch"
+        cuda = getattr(x, "is_cuda", None)
+        if cuda is None:
+            cuda = getattr(x, "type", str(x)) == "cuda"
+        return "triton" if cuda and triton_available() else "torch"
 
-    def tiles(self, present: tuple[str, ...], device: Any) -> tuple[Any, bool]:
-        """``(int32 [3, tiles] table of (adapter index, start, end), covers every token)`` for these adapters."""
+    def layout(self, present: tuple[bool, ...], device: Any) -> tuple[Any, Any, Any, Any]:
+        """The layout tensors (see :func:`_layout_tensors`) for a layer holding the adapters flagged in ``present``."""
         key = (present, str(device))
-        cached = self._tiles.get(key)
+        cached = self._layouts.get(key)
         if cached is None:
-            import torch
-
-            index = {name: i for i, name in enumerate(present)}
-            rows: list[tuple[int, int, int]] = []
-            covered = 0
-            for name, start, end in self.segments:
-                if name not in index:
-                    continue
-                covered += end - start
-                for t0 in range(start, end, BLOCK_T):
-                    rows.append((index[name], t0, min(t0 + BLOCK_T, end)))
-            table = torch.tensor(rows, dtype=torch.int32).t().contiguous().to(device)
-            cached = (table, covered == self.num_tokens)
-            self._tiles[key] = cached
+            index = {name: i for i, name in enumerate(self.adapters)}
+            segments = [(index[n] if present[index[n]] else -1, s, e) for n, s, e in self.segments]
+            cached = _layout_tensors(segments, self.num_tokens, self.slots, device)
+            self._layouts[key] = cached
         return cached
 
 
@@ -142,21 +254,16 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
-def _launch_segment_matmul(x: Any, weights: Any, table: Any, out: Any) -> None:
-    """``out[t] = x[t] @ weights[a(t)]^T`` for the tokens of ``table``'s tiles (see :func:`segment_matmul`)."""
+# ---------------------------------------------------------------------- the custom ops
+def _launch_matmul(x: Any, weights: Any, scale: Any, tiles: Any, out: Any) -> None:
+    """``out[t] = s_a x[t] @ weights[a]^T`` over ``tiles`` (``weights``: ``[n, N, K]``, any strides)."""
     import torch
 
     from twinkle.patch._multi_lora_kernels import segment_matmul
 
     n_out, k = weights.shape[1], weights.shape[2]
-    block_o = max(16, min(BLOCK_O, _next_pow2(n_out)))
-    block_k = max(16, min(BLOCK_K, _next_pow2(k)))
-    grid = (table.shape[1], -(-n_out // block_o))
-    if grid[0] == 0:
+    grid = (tiles.shape[1], -(-n_out // max(16, min(BLOCK_O, _next_pow2(n_out)))))
+    if grid[0] == 0 or n_out == 0:
         return
     segment_matmul[grid](
         x,
@@ -166,66 +273,163 @@ def _launch_segment_matmul(x: Any, weights: Any, table: Any, out: Any) -> None:
         weights.stride(0),
         weights.stride(1),
         weights.stride(2),
+        scale if scale is not None else x,
         out,
         out.stride(0),
         out.stride(1),
-        table[0],
-        table[1],
-        table[2],
+        tiles[0],
+        tiles[1],
+        tiles[2],
         n_out,
         k,
         BT=BLOCK_T,
-        BO=block_o,
-        BK=block_k,
+        BO=max(16, min(BLOCK_O, _next_pow2(n_out))),
+        BK=max(16, min(BLOCK_K, _next_pow2(k))),
+        HAS_SCALE=scale is not None,
         UPCAST=_interpreting(),
         IEEE=x.dtype == torch.float32,
     )
 
 
-class _SegmentMatmulFunction:
-    """``torch.autograd.Function`` built lazily (torch is imported only when used)."""
+def _launch_weight_grad(p: Any, q: Any, scale: Any, chunks: Any, ranges: Any, slots: int) -> Any:
+    """``[slots, N, K]`` float32: per slot ``s_a sum p[t]^T q[t]`` over its chunks (two launches)."""
+    import torch
 
-    _fn: Any = None
+    from twinkle.patch._multi_lora_kernels import reduce_chunks, segment_outer
 
-    @classmethod
-    def get(cls) -> Any:
-        if cls._fn is None:
-            import torch
+    n, k = p.shape[1], q.shape[1]
+    part = torch.empty(chunks.shape[1], n, k, dtype=torch.float32, device=p.device)
+    block_n = max(16, min(BLOCK_O, _next_pow2(n)))
+    block_k = max(16, min(BLOCK_K, _next_pow2(k)))
+    segment_outer[(chunks.shape[1], -(-n // block_n), -(-k // block_k))](
+        p,
+        p.stride(0),
+        p.stride(1),
+        q,
+        q.stride(0),
+        q.stride(1),
+        part,
+        chunks[1],
+        chunks[2],
+        n,
+        k,
+        BT=BLOCK_T,
+        BN=block_n,
+        BK=block_k,
+        UPCAST=_interpreting(),
+        IEEE=p.dtype == torch.float32,
+    )
+    out = torch.empty(slots, n, k, dtype=torch.float32, device=p.device)
+    reduce_chunks[(slots, -(-(n * k) // REDUCE_BLOCK))](
+        part,
+        out,
+        scale if scale is not None else part,
+        ranges[0],
+        ranges[1],
+        n * k,
+        BLOCK=REDUCE_BLOCK,
+        HAS_SCALE=scale is not None,
+    )
+    return out
 
-            class SegmentMatmul(torch.autograd.Function):
-                @staticmethod
-                def forward(ctx, x, weights, table, covers, segments):  # type: ignore[override]
-                    alloc = torch.empty if covers else torch.zeros
-                    out = alloc(x.shape[0], weights.shape[1], dtype=x.dtype, device=x.device)
-                    _launch_segment_matmul(x, weights, table, out)
-                    ctx.save_for_backward(x, weights, table)
-                    ctx.covers = covers
-                    ctx.segments = segments
-                    return out
 
-                @staticmethod
-                def backward(ctx, grad):  # type: ignore[override]
-                    x, weights, table = ctx.saved_tensors
-                    grad = grad.contiguous()
-                    dx = dw = None
-                    if ctx.needs_input_grad[0]:
-                        alloc = torch.empty if ctx.covers else torch.zeros
-                        dx = alloc(x.shape, dtype=x.dtype, device=x.device)
-                        _launch_segment_matmul(grad, weights.transpose(1, 2), table, dx)
-                    if ctx.needs_input_grad[1]:
-                        dw = torch.zeros(weights.shape, dtype=torch.float32, device=weights.device)
-                        for index, start, end in ctx.segments:
-                            dw[index] += (grad[start:end].t() @ x[start:end]).float()
-                        dw = dw.to(weights.dtype)
-                    return dx, dw, None, None, None
-
-            cls._fn = SegmentMatmul
-        return cls._fn
+def _torch_matmul(x: Any, weights: Any, scale: Any, segs: Any) -> Any:
+    out = x.new_zeros(x.shape[0], weights.shape[1])
+    for slot, start, end in segs.t().tolist():
+        if slot < 0 or end <= start:
+            continue
+        if end > x.shape[0]:
+            raise ValueError(f"multi-adapter LoRA: a segment ends at token {end} of a {x.shape[0]}-token input")
+        y = x[start:end] @ weights[slot].t()
+        out[start:end] = y * scale[slot] if scale is not None else y
+    return out
 
 
-def segment_matmul(
-    x: Any, weights: Any, segments: Sequence[tuple[int, int, int]], *, kernel: str = "torch", table: Any = None
-) -> Any:
+def _torch_weight_grad(p: Any, q: Any, scale: Any, segs: Any, slots: int) -> Any:
+    import torch
+
+    out = torch.zeros(slots, p.shape[1], q.shape[1], dtype=torch.float32, device=p.device)
+    for slot, start, end in segs.t().tolist():
+        if slot < 0 or end <= start:
+            continue
+        out[slot] += p[start:end].t().float() @ q[start:end].float()
+    if scale is not None:
+        out *= scale[:, None, None]
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _ops() -> tuple[Any, Any]:
+    """Register ``twinkle::segment_matmul`` and ``twinkle::segment_weight_grad`` (once; torch only, triton on use)."""
+    import torch
+
+    def matmul(
+        x: Any, weights: Any, scale: Any, segs: Any, tiles: Any, chunks: Any, ranges: Any, transpose: bool, kernel: str
+    ) -> Any:
+        w = weights.transpose(1, 2) if transpose else weights
+        if kernel == "triton":
+            out = torch.empty(x.shape[0], w.shape[1], dtype=x.dtype, device=x.device)
+            _launch_matmul(x, w, scale, tiles, out)
+            return out
+        return _torch_matmul(x, w, scale, segs)
+
+    matmul_op = torch.library.custom_op(
+        "twinkle::segment_matmul",
+        matmul,
+        mutates_args=(),
+        schema=(
+            "(Tensor x, Tensor weights, Tensor? scale, Tensor segs, Tensor tiles, Tensor chunks, Tensor ranges, "
+            "bool transpose, str kernel) -> Tensor"
+        ),
+    )
+
+    @matmul_op.register_fake
+    def _(x, weights, scale, segs, tiles, chunks, ranges, transpose, kernel):  # type: ignore[no-untyped-def]
+        return x.new_empty(x.shape[0], weights.shape[2] if transpose else weights.shape[1])
+
+    def weight_grad(p: Any, q: Any, scale: Any, segs: Any, chunks: Any, ranges: Any, slots: int, kernel: str) -> Any:
+        if kernel == "triton":
+            return _launch_weight_grad(p, q, scale, chunks, ranges, slots)
+        return _torch_weight_grad(p, q, scale, segs, slots)
+
+    grad_op = torch.library.custom_op(
+        "twinkle::segment_weight_grad",
+        weight_grad,
+        mutates_args=(),
+        schema=(
+            "(Tensor p, Tensor q, Tensor? scale, Tensor segs, Tensor chunks, Tensor ranges, int slots, str kernel) "
+            "-> Tensor"
+        ),
+    )
+
+    @grad_op.register_fake
+    def _(p, q, scale, segs, chunks, ranges, slots, kernel):  # type: ignore[no-untyped-def]
+        return p.new_empty(slots, p.shape[1], q.shape[1], dtype=torch.float32)
+
+    def setup_context(ctx, inputs, output):  # type: ignore[no-untyped-def]
+        x, weights, scale, segs, tiles, chunks, ranges, transpose, kernel = inputs
+        ctx.save_for_backward(x, weights, scale, segs, tiles, chunks, ranges)
+        ctx.transpose = transpose
+        ctx.kernel = kernel
+
+    def backward(ctx, grad):  # type: ignore[no-untyped-def]
+        x, weights, scale, segs, tiles, chunks, ranges = ctx.saved_tensors
+        grad = grad.contiguous()
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            # y = s x W^T -> dx = s grad W (and the transposed form the other way round)
+            dx = matmul_op(grad, weights, scale, segs, tiles, chunks, ranges, not ctx.transpose, ctx.kernel)
+        if ctx.needs_input_grad[1]:
+            # dW_a = s_a sum grad^T x over the adapter's tokens ([N, K]); transposed W_a is [K, N]
+            p, q = (x, grad) if ctx.transpose else (grad, x)
+            dw = grad_op(p, q, scale, segs, chunks, ranges, weights.shape[0], ctx.kernel).to(weights.dtype)
+        return dx, dw, None, None, None, None, None, None, None
+
+    matmul_op.register_autograd(backward, setup_context=setup_context)
+    return matmul_op, grad_op
+
+
+def segment_matmul(x: Any, weights: Any, segments: Sequence[tuple[int, int, int]], *, kernel: str = "torch") -> Any:
     """``y[t] = x[t] @ weights[a]^T`` for every token ``t`` of a segment ``(a, start, end)``; 0 elsewhere.
 
     Args:
@@ -234,34 +438,17 @@ def segment_matmul(
         segments: ``(adapter index, start, end)``, in order, not overlapping.
         kernel: ``"torch"`` (a matmul per segment) or ``"triton"`` (one SGMV launch; CUDA, or
             CPU under ``TRITON_INTERPRET=1``).
-        table: the tile table for ``"triton"`` (default: built from ``segments``).
 
     Returns:
-        ``[T, N]``, differentiable in ``x`` and ``weights``.
+        ``[T, N]``, differentiable in ``x`` and ``weights`` (through ``twinkle::segment_matmul``).
 
     Example::
 
         y = segment_matmul(x, torch.stack([w0, w1]), [(0, 0, 5), (1, 5, 12)])
     """
-    import torch
-
-    covered = sum(end - start for _, start, end in segments)
-    if kernel == "triton":
-        if table is None:
-            rows = [(a, t0, min(t0 + BLOCK_T, end)) for a, start, end in segments for t0 in range(start, end, BLOCK_T)]
-            table = torch.tensor(rows, dtype=torch.int32).reshape(-1, 3).t().contiguous().to(x.device)
-        segs = tuple((int(a), int(s), int(e)) for a, s, e in segments)
-        return _SegmentMatmulFunction.get().apply(x, weights, table, covered == x.shape[0], segs)
-    pieces = []
-    pos = 0
-    for a, start, end in segments:
-        if start > pos:
-            pieces.append(x.new_zeros(start - pos, weights.shape[1]))
-        pieces.append(x[start:end] @ weights[a].t())
-        pos = end
-    if pos < x.shape[0]:
-        pieces.append(x.new_zeros(x.shape[0] - pos, weights.shape[1]))
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    matmul_op, _ = _ops()
+    segs, tiles, chunks, ranges = _layout_tensors(list(segments), x.shape[0], weights.shape[0], x.device)
+    return matmul_op(x, weights, None, segs, tiles, chunks, ranges, False, kernel)
 
 
 # ---------------------------------------------------------------------- the LoRA layers
@@ -281,70 +468,103 @@ def _adapter_weights(layer: Any, name: str) -> tuple[Any, Any, float]:
     return layer.lora_A[name].weight, layer.lora_B[name].weight, float(layer.scaling[name])
 
 
-def lora_delta(layer: Any, x: Any, plan: SegmentPlan) -> Any:
-    """The segmented low-rank update of ``layer`` for ``x`` (``[..., in]``); ``None`` if no pass adapter targets it.
-
-    Per token of a segment of adapter ``a``: ``((x A_a^T) * s_a) B_a^T``; zero for other tokens.
-    """
+def _layer_state(layer: Any, plan: SegmentPlan, rank_cap: int, cache: dict[Any, Any]) -> tuple[Any, ...] | None:
+    """The tensors of ``layer``'s segmented update in this pass (see the module docstring), or ``None``."""
     import torch
 
-    present = tuple(name for name in plan.adapters if name in layer.lora_A)
-    if not present:
+    names = plan.adapters
+    present = tuple(name in layer.lora_A for name in names)
+    if not any(present):
         return None
-    flat = x.reshape(-1, x.shape[-1])
-    if flat.shape[0] != plan.num_tokens:
-        raise ValueError(
-            f"multi-adapter LoRA: a layer got {flat.shape[0]} tokens in a pass planned for {plan.num_tokens}; "
-            "pack the pass as one row (PaddingFreeProcessor)"
+    weights = {name: _adapter_weights(layer, name) for name, here in zip(names, present) if here}
+    first_a = next(iter(weights.values()))[0]
+    dtype, device = first_a.dtype, first_a.device
+    in_f, out_f = first_a.shape[1], layer.lora_B[next(iter(weights))].weight.shape[0]
+    key = ("zeros", in_f, out_f, dtype, str(device))
+    if key not in cache:
+        cache[key] = (
+            torch.zeros(rank_cap, in_f, dtype=dtype, device=device),
+            torch.zeros(out_f, rank_cap, dtype=dtype, device=device),
         )
-    weights = [_adapter_weights(layer, name) for name in present]
-    dtype = weights[0][0].dtype
-    if flat.dtype != dtype:  # peft's float32 adapters on a half model: compute in the adapters' dtype
-        flat = flat.to(dtype)
-    index = {name: i for i, name in enumerate(present)}
-    segments = [(index[name], start, end) for name, start, end in plan.segments if name in index]
-    kernel = plan.kernel_for(flat)
-    if kernel == "torch":
-        pieces = []
-        pos = 0
-        for a, start, end in segments:
-            if start > pos:
-                pieces.append(flat.new_zeros(start - pos, layer.out_features))
-            weight_a, weight_b, scaling = weights[a]
-            low = torch.nn.functional.linear(flat[start:end], weight_a) * scaling
-            pieces.append(torch.nn.functional.linear(low, weight_b))
-            pos = end
-        if pos < flat.shape[0]:
-            pieces.append(flat.new_zeros(flat.shape[0] - pos, layer.out_features))
-        delta = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-    else:
-        rank = max(w[0].shape[0] for w in weights)
-        stack_a = torch.stack([torch.nn.functional.pad(a, (0, 0, 0, rank - a.shape[0])) for a, _, _ in weights])
-        stack_b = torch.stack([torch.nn.functional.pad(b * s, (0, rank - b.shape[1])) for _, b, s in weights])
-        table, _ = plan.tiles(present, flat.device)
-        low = segment_matmul(flat, stack_a, segments, kernel="triton", table=table)
-        delta = segment_matmul(low, stack_b, segments, kernel="triton", table=table)
+    zero_a, zero_b = cache[key]
+    stack_a, stack_b, scalings = [], [], []
+    for name in names:
+        if name not in weights:
+            stack_a.append(zero_a)
+            stack_b.append(zero_b)
+            scalings.append(0.0)
+            continue
+        weight_a, weight_b, scaling = weights[name]
+        rank = weight_a.shape[0]
+        weight_a, weight_b = weight_a.to(dtype), weight_b.to(dtype)
+        if rank < rank_cap:  # zero rows of A and columns of B: exact, and their gradients are dropped
+            weight_a = torch.nn.functional.pad(weight_a, (0, 0, 0, rank_cap - rank))
+            weight_b = torch.nn.functional.pad(weight_b, (0, rank_cap - rank))
+        stack_a.append(weight_a)
+        stack_b.append(weight_b)
+        scalings.append(scaling)
+    pad = plan.slots - len(names)
+    stack_a += [zero_a] * pad
+    stack_b += [zero_b] * pad
+    scalings += [0.0] * pad
+    scale_key = ("scale", tuple(scalings), str(device))
+    if scale_key not in cache:
+        cache[scale_key] = torch.tensor(scalings, dtype=torch.float32).to(device)
+    segs, tiles, chunks, ranges = plan.layout(present, device)
+    return (
+        torch.stack(stack_a),
+        torch.stack(stack_b),
+        cache[scale_key],
+        segs,
+        tiles,
+        chunks,
+        ranges,
+        plan.kernel_for(device),
+    )
+
+
+def _segmented_delta(x: Any, state: tuple[Any, ...]) -> Any:
+    """``((x A_a^T) s_a) B_a^T`` per token of adapter slot ``a``'s segments, 0 elsewhere (two op calls)."""
+    import torch
+
+    stack_a, stack_b, scale, segs, tiles, chunks, ranges, kernel = state
+    flat = x.reshape(-1, x.shape[-1])
+    if flat.dtype != stack_a.dtype:  # peft's float32 adapters on a half model: compute in the adapters' dtype
+        flat = flat.to(stack_a.dtype)
+    op = torch.ops.twinkle.segment_matmul
+    low = op(flat, stack_a, scale, segs, tiles, chunks, ranges, False, kernel)
+    delta = op(low, stack_b, None, segs, tiles, chunks, ranges, False, kernel)
     return delta.reshape(*x.shape[:-1], delta.shape[-1])
 
 
 def _segment_hook(module: Any, args: tuple[Any, ...], output: Any) -> Any:
-    plan = _PLAN.get()
-    if plan is None or not args:
+    state = getattr(module, _STATE_ATTR, None)
+    if state is None or not args:
         return None
-    delta = lora_delta(module, args[0], plan)
-    if delta is None:
-        return None
-    return output + delta.to(output.dtype)
+    import torch
+
+    if not torch.compiler.is_compiling():
+        x = args[0]
+        tokens = x.numel() // x.shape[-1]
+        if tokens != getattr(module, _TOKENS_ATTR, tokens):
+            raise ValueError(
+                f"multi-adapter LoRA: a layer got {tokens} tokens in a pass planned for "
+                f"{getattr(module, _TOKENS_ATTR)}; pack the pass as one row (PaddingFreeProcessor)"
+            )
+    return output + _segmented_delta(args[0], state).to(output.dtype)
 
 
 def install(model: Any) -> int:
     """Give every peft LoRA ``Linear`` of ``model`` the segment hook (idempotent); returns the layers hooked now.
 
-    The hook does nothing outside :func:`adapter_segments`, so single-adapter training keeps its path.
+    The hook does nothing outside :func:`adapter_segments` (its state is ``None``), so
+    single-adapter training keeps its path.
     """
+    _ops()  # registered here, not on first use inside a compiled layer
     added = 0
     for layer in lora_linear_layers(model):
         if getattr(layer, _HOOK_ATTR, None) is None:
+            setattr(layer, _STATE_ATTR, None)
             setattr(layer, _HOOK_ATTR, layer.register_forward_hook(_segment_hook))
             added += 1
     return added
@@ -356,6 +576,8 @@ def uninstall(model: Any) -> None:
         handle = layer.__dict__.pop(_HOOK_ATTR, None)
         if handle is not None:
             handle.remove()
+        layer.__dict__.pop(_STATE_ATTR, None)
+        layer.__dict__.pop(_TOKENS_ATTR, None)
 
 
 @contextlib.contextmanager
@@ -377,10 +599,14 @@ def adapter_segments(
 
     Inside, LoRA layers run their base layer once for all tokens (peft's adapters-disabled
     path; the adapters' ``requires_grad`` is left as it is) and the segment hook adds each
-    segment's own low-rank update. Gradients reach each adapter's weights from its own tokens only.
+    segment's own low-rank update. The adapters' weights are stacked at entry (under the grad
+    mode of the caller: enter it with gradients on to train), so change no adapter weight
+    inside. Compiled decoder layers stay compiled. Gradients reach each adapter's weights from
+    its own tokens only.
 
     Raises:
-        ValueError: bad segments; an adapter that the model does not hold.
+        ValueError: bad segments; an adapter that the model does not hold; a LoRA variant,
+            LoRA bias or dropout.
     """
     plan = segments if isinstance(segments, SegmentPlan) else None
     if plan is None:
@@ -393,25 +619,26 @@ def adapter_segments(
     if missing:
         raise ValueError(f"multi-adapter LoRA: the model holds no adapter named {', '.join(map(repr, missing))}")
     install(model)
+    ranks = [layer.lora_A[name].weight.shape[0] for layer in layers for name in plan.adapters if name in layer.lora_A]
+    rank_cap = _bucket(max(ranks, default=1), MIN_RANK)
+    cache: dict[Any, Any] = {}
+    states = [_layer_state(layer, plan, rank_cap, cache) for layer in layers]
     # peft's adapters-disabled path runs the base layer only; set directly (peft's enable_adapters(False)
     # would also switch off every adapter's requires_grad)
     before = [layer._disable_adapters for layer in layers]
-    # compiled decoder layers (CompileDecoderLayers) run eagerly here: the segments are host data that a
-    # compiled layer would guard on and recompile for, pass after pass
-    compiled = [(m, m._compiled_call_impl) for m in model.modules() if getattr(m, "_compiled_call_impl", None)]
     token = _PLAN.set(plan)
     try:
-        for layer in layers:
+        for layer, state in zip(layers, states):
             layer._disable_adapters = True
-        for module, _ in compiled:
-            module._compiled_call_impl = None
+            setattr(layer, _STATE_ATTR, state)
+            setattr(layer, _TOKENS_ATTR, plan.num_tokens)
         yield plan
     finally:
         _PLAN.reset(token)
         for layer, flag in zip(layers, before):
             layer._disable_adapters = flag
-        for module, impl in compiled:
-            module._compiled_call_impl = impl
+            setattr(layer, _STATE_ATTR, None)
+            layer.__dict__.pop(_TOKENS_ATTR, None)
 
 
 def active_plan() -> SegmentPlan | None:
