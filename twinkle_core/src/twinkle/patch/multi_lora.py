@@ -165,12 +165,17 @@ def _layout_tensors(
     ).to(device)
     sizes = [3 * len(segs), 3 * len(tiles), 3 * len(chunks), 2 * len(ranges)]
     parts = flat.split(sizes)
-    return (
+    segs, tiles, chunks, ranges = (
         parts[0].view(3, -1).clone(),
         parts[1].view(3, -1).clone(),
         parts[2].view(3, -1).clone(),
         parts[3].view(2, -1).clone(),
     )
+    # the tile and chunk counts follow the token count in steps of BLOCK_T / CHUNK_T tokens: symbolic from
+    # the first trace, so that a new token count recompiles once (x's length), not again at the next step
+    torch._dynamo.maybe_mark_dynamic(tiles, 1)
+    torch._dynamo.maybe_mark_dynamic(chunks, 1)
+    return segs, tiles, chunks, ranges
 
 
 class SegmentPlan:
