@@ -230,9 +230,10 @@ def test_gpu_compiled_decoder_layers_do_not_recompile_across_layouts(tiny_config
     model = TransformersModel(config=tiny_config, torch_dtype="bfloat16", device="cuda", seed=3)
     for name, lora in TENANTS:
         model.add_adapter_to_model(name, {**lora, "init_lora_weights": False})
-    # warm-up: two layouts of different longest rows (the varlen max length becomes dynamic)
-    forward_backward_multi(model, {"alice": _rows([60, 4], 1), "bob": _rows([30], 2), "carol": _rows([34], 3)})  # 128
-    forward_backward_multi(model, {"alice": _rows([8], 4), "bob": _rows([90, 10], 5), "carol": _rows([20], 6)})  # 128
+    # warm-up: two layouts of 128 tokens with other longest rows and sequence counts (the varlen max
+    # length and the boundaries' count become dynamic: that is attention's, not the segments')
+    forward_backward_multi(model, {"alice": _rows([60, 4], 1), "bob": _rows([30], 2), "carol": _rows([34], 3)})
+    forward_backward_multi(model, {"alice": _rows([8], 4), "bob": _rows([70, 10, 20], 5), "carol": _rows([20], 6)})
     before = counters["stats"]["unique_graphs"]
     for seed in range(3):
         rng = random.Random(seed)

@@ -183,14 +183,16 @@ def forward_backward_multi(
     batch, spans = pack_rows(model, inputs, extra)
     plan = SegmentPlan([(name, s, e) for name, s, e, _, _ in spans], batch["input_ids"].shape[-1], kernel)
     results: dict[str, tuple[dict[str, Any], Any, Any]] = {}
+    # sliced before the forward is queued: slicing reads boundaries and label counts on the host
+    sub_batches = {name: _slice_batch(batch, start, end, first_row) for name, start, end, first_row, _ in spans}
     with adapter_segments(model.model, plan):  # the backward too: checkpointed layers recompute inside it
         outputs = _run(model, batch)
         total = None
-        for name, start, end, first_row, _ in spans:
+        for name, start, end, _, _ in spans:
             state = states[name]
             if state.report_started is None:
                 state.report_started = started
-            sub_batch = _slice_batch(batch, start, end, first_row)
+            sub_batch = sub_batches[name]
             sub_out = _slice_outputs(outputs, start, end)
             result = state.loss(sub_batch, sub_out)
             if not isinstance(result, LossOutput):

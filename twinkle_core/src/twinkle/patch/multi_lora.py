@@ -150,6 +150,15 @@ def _layout_rows(
     return segs, tiles, chunks, ranges
 
 
+def _to_device(tensor: Any, device: Any) -> Any:
+    """A small host tensor on ``device`` (to CUDA through pinned memory: the copy does not wait for the GPU)."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def _layout_tensors(
     segments: Sequence[tuple[int, int, int]], num_tokens: int, slots: int, device: Any
 ) -> tuple[Any, Any, Any, Any]:
@@ -162,7 +171,8 @@ def _layout_tensors(
         [v for rows in (segs, tiles, chunks) for col in range(3) for v in (r[col] for r in rows)]
         + [v for col in range(2) for v in (r[col] for r in ranges)],
         dtype=torch.int32,
-    ).to(device)
+    )
+    flat = _to_device(flat, device)
     sizes = [3 * len(segs), 3 * len(tiles), 3 * len(chunks), 2 * len(ranges)]
     parts = flat.split(sizes)
     segs, tiles, chunks, ranges = (
@@ -514,7 +524,7 @@ def _layer_state(layer: Any, plan: SegmentPlan, rank_cap: int, cache: dict[Any, 
     scalings += [0.0] * pad
     scale_key = ("scale", tuple(scalings), str(device))
     if scale_key not in cache:
-        cache[scale_key] = torch.tensor(scalings, dtype=torch.float32).to(device)
+        cache[scale_key] = _to_device(torch.tensor(scalings, dtype=torch.float32), device)
     segs, tiles, chunks, ranges = plan.layout(present, device)
     return (
         torch.stack(stack_a),
