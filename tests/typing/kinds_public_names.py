@@ -41,6 +41,21 @@ from twinkle.dataset import (
     PackingDataset,
     pack_bins,
 )
+from twinkle.env import (
+    Environment,
+    Episode,
+    GLMToolCallParser,
+    HermesToolCallParser,
+    InternLM2ToolCallParser,
+    ParsedTurn,
+    SandboxedPythonTool,
+    StepResult,
+    ToolCall,
+    ToolCallParser,
+    ToolEnvironment,
+    run_episodes,
+    tool_call_parser_for,
+)
 from twinkle.launcher import (
     Launcher,
     LocalLauncher,
@@ -220,6 +235,7 @@ def kinds_resolve() -> list[object]:
     tensorboardtracker: type[Tracker] = TensorBoardTracker
     wandbtracker: type[Tracker] = WandbTracker
     mlflowtracker: type[Tracker] = MLflowTracker
+    toolenvironment: type[Environment] = ToolEnvironment
     return [
         grpoadvantage,
         rlooadvantage,
@@ -274,6 +290,7 @@ def kinds_resolve() -> list[object]:
         tensorboardtracker,
         wandbtracker,
         mlflowtracker,
+        toolenvironment,
     ]
 
 
@@ -399,4 +416,16 @@ PUBLIC_NAMES: list[object] = [
     read_metrics,
     resolve_run_dir,
     tracker_names,
+    Environment,
+    Episode,
+    GLMToolCallParser,
+    HermesToolCallParser,
+    InternLM2ToolCallParser,
+    ParsedTurn,
+    SandboxedPythonTool,
+    StepResult,
+    ToolCall,
+    ToolCallParser,
+    run_episodes,
+    tool_call_parser_for,
 ]

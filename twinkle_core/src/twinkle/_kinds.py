@@ -127,6 +127,13 @@ KIND_TABLE: tuple[Kind, ...] = (
         "prompt contiguous); a subclass implements `compute(groups: list[list[float]]) -> list[float]`",
     ),
     Kind(
+        "environment",
+        "twinkle.env",
+        "twinkle.env.base:Environment",
+        interface="`reset(task) -> Trajectory` (the opening messages), `step(action: str) -> StepResult` "
+        "(`messages` for the model, per-turn `reward`, `done`, `final_reward`); driven by `run_episodes`",
+    ),
+    Kind(
         "template",
         "twinkle.template",
         "twinkle.template.base:Template",
