@@ -181,3 +181,83 @@ def test_worker_with_a_real_sampler_and_weight_syncs(rl_model_dir):
     worker.stop()
     assert buffer.version == 3 and worker.batches >= 3
     assert all(len(v) == 4 and v == sorted(v) for v in token_versions)
+
+
+class SeedRecordingSampler(CountingSampler):
+    def __init__(self):
+        super().__init__(stop_after=2)
+        self.seeds: list[int | None] = []
+        self.loaded: list[tuple[dict, str | None]] = []
+
+    def sample(self, prompts, sampling_params=None, adapter_name=None):
+        self.seeds.append(as_sampling_params(sampling_params).seed)
+        return super().sample(prompts, sampling_params, adapter_name)
+
+    def update_weights(self, weights, adapter_name=None, peft_config=None):
+        self.loaded.append((dict(weights), adapter_name))
+        return len(weights)
+
+
+def test_worker_seeds_batch_k_with_seed_plus_k():
+    sampler = SeedRecordingSampler()
+    buffer = RolloutBuffer(batch_size=2, max_staleness=2)
+    worker = RolloutWorker(sampler, buffer, lambda: [{"input_ids": [1, 2, 3]}], {"max_tokens": 2, "num_samples": 2,
+                                                                                 "seed": 100}).start()
+    buffer.get(2, timeout=30)
+    buffer.get(2, timeout=30)
+    worker.stop()
+    assert sampler.seeds[:3] == [100, 101, 102]  # not the same stream every batch
+
+
+class FakeModel:
+    def __init__(self):
+        self.calls = 0
+
+    def get_state_dict(self, adapter_name=None):
+        self.calls += 1
+        return {"w": self.calls}
+
+
+def test_sync_weights_gathers_then_loads_between_sample_calls_and_bumps_the_version():
+    sampler = SeedRecordingSampler()
+    buffer = RolloutBuffer(batch_size=2, max_staleness=1)
+    worker = RolloutWorker(sampler, buffer, lambda: [{"input_ids": [1, 2, 3]}], {"max_tokens": 2, "num_samples": 2})
+    model = FakeModel()
+    metrics = worker.sync_weights(model, adapter_name="default")  # no worker thread: loads at once
+    assert sampler.loaded == [({"w": 1}, "default")] and buffer.version == 1
+    assert 0 <= metrics["sync_pause_seconds"] <= metrics["sync_seconds"]
+
+
+def test_a_waiting_sync_goes_before_the_next_chunk():
+    """The worker re-takes the sampler right after a chunk; a sync that waits must still get in first."""
+    entered, release = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    class Blocking(SeedRecordingSampler):
+        def sample(self, prompts, sampling_params=None, adapter_name=None):
+            order.append("sample")
+            if len(order) == 1:
+                entered.set()
+                release.wait(30)
+            return super().sample(prompts, sampling_params, adapter_name)
+
+        def update_weights(self, weights, adapter_name=None, peft_config=None):
+            order.append("sync")
+            return super().update_weights(weights, adapter_name, peft_config)
+
+    sampler = Blocking()
+    sampler.stop_after = 6
+    buffer = RolloutBuffer(batch_size=1, max_staleness=3)
+    worker = RolloutWorker(sampler, buffer, lambda: [{"input_ids": [1, 2, 3]}], {"max_tokens": 6, "num_samples": 1},
+                           chunk_tokens=2).start()
+    assert entered.wait(30)
+    sync = threading.Thread(target=worker.sync_weights, args=(FakeModel(),))
+    sync.start()
+    while not worker._syncs_waiting:
+        threading.Event().wait(0.005)
+    release.set()
+    sync.join(30)
+    (rollout,) = buffer.get(1, timeout=30)
+    worker.stop()
+    assert order[:3] == ["sample", "sync", "sample"]
+    assert rollout.token_versions == [0, 0, 1, 1, 1, 1]

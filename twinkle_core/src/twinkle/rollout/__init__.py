@@ -25,17 +25,18 @@ Example::
         rollouts = buffer.get(32)                      # at most 1 version behind
         rows = [r.row(advantages=a) for r, a in zip(rollouts, advantages_of(rollouts))]
         model.forward_backward(inputs=rows); model.clip_grad_and_step()
-        worker.sync(lambda: engine.sync(model, sampler, adapter_name="default"))   # version + 1
+        worker.sync_weights(model, adapter_name="default")   # version + 1
     worker.stop()
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 
 @dataclass
@@ -330,6 +331,9 @@ class RolloutWorker:
         postprocess: called in the worker thread on each prompt batch's rollouts (e.g. rewards and
             group advantages into ``Rollout.extra``) before they enter the buffer.
 
+    With a ``seed`` in ``sampling_params``, prompt batch ``k`` (0, 1, ...) samples with ``seed + k``: a
+    reproducible stream that does not repeat itself.
+
     Example::
 
         worker = RolloutWorker(sampler, buffer, lambda: problems, SamplingParams(num_samples=8)).start()
@@ -359,6 +363,8 @@ class RolloutWorker:
         self.chunk_tokens = chunk_tokens
         self.postprocess = postprocess
         self._lock = threading.Lock()  # held while the sampler samples or receives weights
+        self._turn = threading.Condition()  # a waiting sync goes before the next sample call
+        self._syncs_waiting = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
@@ -372,10 +378,70 @@ class RolloutWorker:
 
     def sync(self, update: Callable[[], Any]) -> Any:
         """Run ``update`` (a weight sync) while the sampler is idle, then bump the policy version."""
-        with self._lock:
+        with self._sync_turn():
             result = update()
             self.buffer.set_version(self.buffer.version + 1)
         return result
+
+    @contextlib.contextmanager
+    def _sync_turn(self) -> Iterator[None]:
+        """Hold the sampler for a sync: the worker's next sample call (or chunk) waits for it."""
+        with self._turn:
+            self._syncs_waiting += 1
+        try:
+            with self._lock:
+                yield
+        finally:
+            with self._turn:
+                self._syncs_waiting -= 1
+                self._turn.notify_all()
+
+    @contextlib.contextmanager
+    def _sample_turn(self) -> Iterator[None]:
+        """Hold the sampler for one sample call, after any sync that is waiting."""
+        with self._turn:
+            while self._syncs_waiting:
+                self._turn.wait()
+        with self._lock:
+            yield
+
+    def sync_weights(self, model: Any, adapter_name: str | None = None, *, peft_config: Any = None) -> dict[str, float]:
+        """Send ``model``'s weights to the sampler, pausing sampling only while they load; then bump the version.
+
+        The weights are gathered from the trainer while the sampler keeps sampling, and loaded
+        between two sample calls (or chunks). In ray mode (``model`` and ``sampler`` are proxies of
+        separate groups) the weights stay in Ray's object store: the sampler's actor fetches them
+        from the trainer's without a round trip through this process.
+
+        Args:
+            model: the trained model (``get_state_dict(adapter_name=...)``).
+            adapter_name: sync only this LoRA adapter (the sampler must have it already, e.g. from a
+                first ``engine.sync(model, sampler, adapter_name=...)``, unless ``peft_config`` is given);
+                ``None``: the full weights.
+            peft_config: the adapter's ``LoraConfig``, for a sampler that lacks the adapter.
+
+        Returns:
+            ``sync_seconds`` (the whole sync) and ``sync_pause_seconds`` (how long sampling paused).
+
+        Example::
+
+            worker.sync_weights(model, adapter_name="default")
+        """
+        start = time.perf_counter()
+        kwargs = {} if adapter_name is None else {"adapter_name": adapter_name}
+        gather = model.get_state_dict
+        if callable(getattr(gather, "remote", None)):  # ray mode: keep the weights in the object store
+            weights = gather.remote(**kwargs)
+            while not weights.ready():
+                time.sleep(0.001)
+        else:
+            weights = gather(**kwargs)
+        with self._sync_turn():
+            paused = time.perf_counter()
+            self.sampler.update_weights(weights, adapter_name=adapter_name, peft_config=peft_config)
+            self.buffer.set_version(self.buffer.version + 1)
+            end = time.perf_counter()
+        return {"sync_seconds": end - start, "sync_pause_seconds": end - paused}
 
     def stop(self, timeout: float = 60.0) -> None:
         """Stop the thread (after its current chunk) and close the buffer; re-raises a worker error."""
@@ -409,10 +475,13 @@ class RolloutWorker:
             self.buffer.close()
 
     def _sample(self, prompts: list[Any]) -> list[list[Rollout]]:
+        params = self.params
+        if params.seed is not None:
+            params = params.model_copy(update={"seed": params.seed + self.batches})
         if self.chunk_tokens is None:
-            with self._lock:
+            with self._sample_turn():
                 version = self.buffer.version
-                responses = self.sampler.sample(prompts, self.params, adapter_name=self.adapter_name)
+                responses = self.sampler.sample(prompts, params, adapter_name=self.adapter_name)
             return [
                 [
                     Rollout(seq, version=version, token_versions=[version] * len(seq.tokens), group=p)
@@ -426,7 +495,7 @@ class RolloutWorker:
             version = 0
 
             def sample(self, *args: Any, **kwargs: Any) -> Any:
-                with worker._lock:
+                with worker._sample_turn():
                     self.version = worker.buffer.version
                     return worker.sampler.sample(*args, **kwargs)
 
@@ -434,7 +503,7 @@ class RolloutWorker:
         return sample_partial(
             locked,
             prompts,
-            self.params,
+            params,
             chunk_tokens=self.chunk_tokens,
             version=lambda: locked.version,
             adapter_name=self.adapter_name,
