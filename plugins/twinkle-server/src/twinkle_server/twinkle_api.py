@@ -158,6 +158,8 @@ class TwinkleHost:
                 model = TransformersModel(
                     model_id=str(self.state.config.model_dir), seed=self.state.config.seed, device=engine.device
                 )
+            # a step whose loss or gradient norm is not finite is skipped and reported, the adapter unchanged
+            model.skip_nonfinite_steps = True
             if model.device != engine.device:
                 logger.warning(
                     "twinkle serve: the twinkle API's model runs on %s and the Tinker engine on %s; each keeps its "
@@ -220,6 +222,7 @@ class TwinkleHost:
             obj.instance = TransformersModel(
                 model_id=str(self.state.config.model_dir), device=self.state.engine.device, **obj.options
             )
+        obj.instance.skip_nonfinite_steps = True
         return obj.instance
 
     def resolve(self, value: Any, tenant_id: str) -> Any:

@@ -12,15 +12,29 @@ the LR scheduler (``clip_grad_and_step``), and the metrics of the period
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
 from twinkle.dispatch import remote
 from twinkle.model.state import FULL_MODEL, AdapterState, by_device_and_dtype
 
+logger = logging.getLogger(__name__)
+
 
 class TrainingMixin:
-    """Gradient finishing, clipping, optimizer/scheduler steps and metrics of the TwinkleModel protocol."""
+    """Gradient finishing, clipping, optimizer/scheduler steps and metrics of the TwinkleModel protocol.
+
+    Attributes:
+        skip_nonfinite_steps: when True, a step whose window has a non-finite loss or gradient
+            norm is skipped: the gradients are dropped, the adapter, its optimizer state and
+            its LR schedule stay as they were, ``clip_grad_and_step`` answers
+            ``{"stepped": False, "skipped": <reason>}`` and ``calculate_metric`` counts it in
+            ``skipped_steps``. It costs one device sync per step (the check), so it is off by
+            default; ``twinkle serve`` turns it on (one tenant's NaN must not poison its adapter).
+    """
+
+    skip_nonfinite_steps: bool = False
 
     def finish_gradients(self, state: AdapterState, *, apply_scale: bool = True) -> float:
         """Average gradients over data ranks and divide by the window's total token count (once per window).
@@ -106,8 +120,47 @@ class TrainingMixin:
                 f"adapter {state.name!r} has no optimizer; call model.set_optimizer('AdamW', lr=1e-4) before stepping"
             )
         self.finish_gradients(state)
+        if self.skip_nonfinite_steps:
+            reason = self._nonfinite_reason(state, None)
+            if reason is not None:
+                self._skip_step(state, reason)
+                return
         state.optimizer.step()
         state.global_step += 1
+
+    def _nonfinite_reason(self, state: AdapterState, norm: float | None) -> str | None:
+        """Why the window's step must be skipped (a non-finite loss or gradient), or None."""
+        import math
+
+        if norm is not None and not math.isfinite(norm):  # the norm is over all ranks: every rank agrees
+            return f"the gradient norm is {norm} (not finite)"
+        loss = state.last_loss[0]
+        bad_loss = not math.isfinite(loss)
+        bad_grad = False
+        if norm is None:
+            import torch
+
+            grads = [p.grad for p in state.params if p.grad is not None]
+            bad_grad = bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        if self.world_size > 1:  # one rank's verdict is every rank's, or their parameters would part
+            bad_loss_f, bad_grad_f = self.all_reduce_floats([float(bad_loss), float(bad_grad)])
+            bad_loss, bad_grad = bad_loss_f > 0, bad_grad_f > 0
+        if bad_loss:
+            return f"the loss is {loss} (not finite)" if not math.isfinite(loss) else "a rank's loss is not finite"
+        if bad_grad:
+            return "a gradient is not finite"
+        return None
+
+    def _skip_step(self, state: AdapterState, reason: str) -> str:
+        """Drop the window's gradients without stepping; returns the message reported to the caller."""
+        message = (
+            f"adapter {state.name!r}: step skipped, {reason}; the adapter and its optimizer state are unchanged "
+            "(check the batch and the learning rate)"
+        )
+        logger.warning(message)
+        self.zero_grad(adapter_name=state.name)
+        state.report["skipped_steps"] = state.report.get("skipped_steps", 0.0) + 1
+        return message
 
     @remote(dispatch="all", collect="none")
     def zero_grad(self, *, adapter_name: str | None = None, **kwargs: Any) -> None:
@@ -135,13 +188,21 @@ class TrainingMixin:
         ``gradient_accumulation_steps`` micro-batches have been accumulated.
 
         Returns:
-            ``{"stepped": False}`` mid-window, else ``{"stepped": True, "grad_norm", "lr", "step"}``.
+            ``{"stepped": False}`` mid-window, else ``{"stepped": True, "grad_norm", "lr", "step"}``;
+            with :attr:`skip_nonfinite_steps` a window with a non-finite loss or gradient norm
+            answers ``{"stepped": False, "skipped": <message>, "grad_norm", "step"}`` (nothing changed).
         """
         state = self._state(adapter_name)
         if state.micro_step < state.gradient_accumulation_steps:
             return {"stepped": False, "step": state.global_step}
         lr = self._lr(state)
         norm = self._clip(state, max_grad_norm, norm_type)
+        if self.skip_nonfinite_steps:
+            value = float(norm)
+            reason = self._nonfinite_reason(state, value)
+            if reason is not None:
+                message = self._skip_step(state, reason)
+                return {"stepped": False, "skipped": message, "grad_norm": value, "step": state.global_step}
         self.step(adapter_name=state.name)
         self.zero_grad(adapter_name=state.name)
         self.lr_step(adapter_name=state.name)
@@ -198,6 +259,8 @@ class TrainingMixin:
                 value = mfu(self.model, lora, result["tokens_per_s"], self.world_size, self.device)
                 if value is not None:  # a known accelerator peak (or TWINKLE_PEAK_TFLOPS)
                     result["mfu"] = value
+            if report.get("skipped_steps"):
+                result["skipped_steps"] = int(report["skipped_steps"])
             for key in [k for k in report if k.startswith("extra:")]:
                 name = key[len("extra:") :]
                 result[name] = report[key] / report[f"extra_n:{name}"]
