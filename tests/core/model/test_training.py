@@ -262,3 +262,42 @@ def test_one_pass_scale_and_clip_equals_torch_two_passes(tiny_model_dir, max_gra
     assert result["grad_norm"] == pytest.approx(want_norm, rel=1e-6)
     for got, expected in zip(model.state_of().params, want):
         torch.testing.assert_close(got.detach(), expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("how", ["clip_grad_and_step", "step"])
+def test_skip_nonfinite_steps_leaves_adapter_optimizer_and_schedule_unchanged(tiny_model_dir, how):
+    """With skip_nonfinite_steps a NaN gradient drops the window and changes nothing; without it the NaN lands."""
+    rows = make_rows(4, seed=2)
+    model = TransformersModel(model_id=tiny_model_dir, seed=0)
+    model.add_adapter_to_model("default", LORA)
+    model.set_optimizer("AdamW", lr=1e-2)
+    model.skip_nonfinite_steps = True
+    model.forward_backward(inputs=rows)
+    assert model.clip_grad_and_step()["stepped"]
+    state = model.state_of()
+    before = _trainable(model)
+    moments = {k: v.clone() for k, v in state.optimizer.state[state.params[0]].items()}
+    model.forward_backward(inputs=rows)
+    state.params[0].grad[0, 0] = float("nan")  # one poisoned gradient entry
+    if how == "clip_grad_and_step":
+        out = model.clip_grad_and_step()
+        assert out["stepped"] is False and "not finite" in out["skipped"] and out["step"] == 1
+    else:
+        model.step()
+        model.zero_grad()
+    for name, value in _trainable(model).items():
+        torch.testing.assert_close(value, before[name], rtol=0, atol=0)
+    for name, value in moments.items():
+        torch.testing.assert_close(state.optimizer.state[state.params[0]][name], value, rtol=0, atol=0)
+    metric = model.calculate_metric()
+    assert metric["step"] == 1 and metric["skipped_steps"] == 1
+    # the next window trains normally
+    model.forward_backward(inputs=rows)
+    assert model.clip_grad_and_step()["stepped"]
+    assert all(torch.isfinite(v).all() for v in _trainable(model).values())
+
+    model.skip_nonfinite_steps = False  # the default: the step is taken and the NaN reaches the adapter
+    model.forward_backward(inputs=rows)
+    state.params[0].grad[0, 0] = float("nan")
+    assert model.clip_grad_and_step()["stepped"]
+    assert not all(torch.isfinite(v).all() for v in _trainable(model).values())
