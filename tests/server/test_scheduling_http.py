@@ -43,7 +43,11 @@ def sliced(tmp_path_factory, engine, server_factory) -> Iterator[Any]:
     )
     running = server_factory(config, engine)
     yield running
+    state = running.state
     running.stop()
+    # the engine is the session's: give its slots back for the modules after this one
+    for slot in [*state.run_slots.values(), *state.snapshot_slots.values(), *state.sampler_slots.values()]:
+        engine.free_slot(slot)
 
 
 def _service(server, prefix: str) -> Any:
