@@ -128,7 +128,8 @@ def test_estimate_matches_a_real_adapter(tiny_model_dir):
     model = _model(tiny_model_dir)
     params = model.state_of("t1").params
     param_bytes = sum(p.numel() * p.element_size() for p in params)
-    assert estimate_lora_bytes(model, 4, "all-linear", copies=1) == pytest.approx(param_bytes, abs=64)
+    slack = 64 * len(params)  # per tensor: a fused optimizer's step count, alignment
+    assert estimate_lora_bytes(model, 4, "all-linear", copies=1) == pytest.approx(param_bytes + slack, abs=64)
     assert estimate_lora_bytes(model, 4, ["q_proj", "v_proj"], copies=1) < param_bytes
     # page-out of a stepped AdamW adapter moves parameters + two moments (+ CPU step counters)
     _step(model, "t1", make_rows(2))

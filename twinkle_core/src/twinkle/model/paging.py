@@ -68,6 +68,9 @@ __all__ = [
 
 #: Alignment of each dtype's section in a host block (bytes).
 _ALIGN = 64
+#: Bytes a live adapter reserves per parameter tensor beyond its data: a fused optimizer's step
+#: count on the device, and the alignment of the block's sections.
+_SLACK = 64
 #: What a live adapter reserves per parameter byte by default: the parameter, its gradient and
 #: two optimizer moments (AdamW).
 DEFAULT_COPIES = 4
@@ -556,10 +559,11 @@ def estimate_lora_bytes(
 
     ``rank x (in + out)`` elements per wrapped linear layer, ``dtype_bytes`` each (peft keeps
     LoRA weights in float32 by default), times ``copies`` (parameter, gradient and AdamW's two
-    moments: 4).
+    moments: 4), plus 64 bytes per tensor (a fused AdamW's step counts, section alignment).
     """
-    elements = sum(rank * (i + o) for i, o in lora_target_shapes(model, targets))
-    return _aligned(elements * dtype_bytes * copies)
+    shapes = lora_target_shapes(model, targets)
+    elements = sum(rank * (i + o) for i, o in shapes)
+    return _aligned(elements * dtype_bytes * copies + _SLACK * 2 * len(shapes))
 
 
 # ---------------------------------------------------------------------- the pool
@@ -781,7 +785,7 @@ class AdapterPool:
                 raise PoolError(f"adapter {name!r} is already in the pool")
             if nbytes is None:
                 params = self.model.state_of(name).params
-                nbytes = _aligned(sum(p.numel() * p.element_size() for p in params) * DEFAULT_COPIES)
+                nbytes = sum(p.numel() * p.element_size() for p in params) * DEFAULT_COPIES + _SLACK * len(params)
             nbytes = _aligned(nbytes)
             self.check_admit(nbytes=nbytes)
             self._make_room(1, keep={name})
