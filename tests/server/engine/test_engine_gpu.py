@@ -1,4 +1,9 @@
-"""On a CUDA GPU the Tinker engine trains, samples, saves and shares its base like the CPU engine.
+"""On a CUDA GPU the engine (a bf16 core ``TransformersModel``) trains, samples and saves like the CPU engine (fp32).
+
+CUDA-vs-CPU comparisons allow bf16's error: 8 mantissa bits (one rounding 2**-8 ~ 4e-3 relative),
+compounded over the 4 layers forward and back, stays within ~2e-2 for logprobs, losses and norms;
+adapters after an Adam step are compared as whole tensors (an element whose gradient is near zero
+may take the other sign's lr-sized step).
 
 Every test carries the ``gpu`` marker (skipped where torch sees no GPU). Nothing here imports
 fastapi, uvicorn or tinker: GPU images may lack the http extra, and the engine does not need it.
@@ -24,6 +29,8 @@ pytestmark = pytest.mark.gpu
 
 #: Adam's eps large enough that a gradient differing in its last bits between devices cannot flip an update's sign.
 HYPER = {"learning_rate": 1e-2, "eps": 1e-6}
+#: see the module docstring.
+BF16_RTOL = 2e-2
 
 
 def _jobs(first: int, second: int) -> list[BatchJob]:
@@ -58,7 +65,7 @@ def _engine(model_dir: str, device: str) -> tuple[LoRAEngine, int, int]:
 
 @pytest.fixture(scope="module")
 def trained(model_dir: str) -> dict[str, tuple]:
-    """A CUDA engine and a CPU engine (same seed, float32), each after one batched pass of two slots and a step."""
+    """A CUDA engine (bf16 base) and a CPU engine (fp32), same seed, each after one pass of two slots and a step."""
     out = {}
     for device in ("cuda", "cpu"):
         engine, first, second = _engine(model_dir, device)
@@ -72,7 +79,7 @@ def test_cuda_engine_puts_base_adapters_and_optimizer_state_on_the_gpu(trained) 
     engine, first, second, _, _ = trained["cuda"]
     assert engine.device == torch.device("cuda", torch.cuda.current_device())
     assert all(p.device == engine.device for p in engine.base_parameters.values())
-    assert all(p.dtype == torch.float32 for p in engine.base_parameters.values())
+    assert all(p.dtype == torch.bfloat16 for p in engine.base_parameters.values())
     for slot_id in (first, second):
         slot = engine.slot(slot_id)
         assert slot.parameters() and all(t.device == engine.device for t in slot.parameters())
@@ -85,16 +92,16 @@ def test_cuda_and_cpu_engines_agree_on_one_batched_step_of_two_slots(trained) ->
     _, _, _, cpu_results, cpu_steps = trained["cpu"]
     for gpu, cpu in zip(gpu_results, cpu_results, strict=True):
         assert gpu.error is None and cpu.error is None
-        np.testing.assert_allclose(gpu.metrics["loss:sum"], cpu.metrics["loss:sum"], rtol=1e-3)
+        np.testing.assert_allclose(gpu.metrics["loss:sum"], cpu.metrics["loss:sum"], rtol=BF16_RTOL)
         for g, c in zip(gpu.outputs, cpu.outputs, strict=True):
             assert g.keys() == c.keys() and "logprobs" in g
             for key in g:
                 assert isinstance(g[key], np.ndarray) and g[key].dtype == np.float32
-                np.testing.assert_allclose(g[key], c[key], rtol=1e-3, atol=1e-4, err_msg=key)
+                np.testing.assert_allclose(g[key], c[key], rtol=BF16_RTOL, atol=BF16_RTOL, err_msg=key)
     for gpu, cpu in zip(gpu_steps, cpu_steps, strict=True):
         assert gpu["step"] == cpu["step"] == 1.0
         assert isinstance(gpu["grad_norm"], float) and gpu["grad_norm"] > 0
-        np.testing.assert_allclose(gpu["grad_norm"], cpu["grad_norm"], rtol=1e-3)
+        np.testing.assert_allclose(gpu["grad_norm"], cpu["grad_norm"], rtol=BF16_RTOL)
 
 
 def test_cuda_and_cpu_adapters_agree_after_the_step(trained) -> None:
@@ -104,7 +111,8 @@ def test_cuda_and_cpu_adapters_agree_after_the_step(trained) -> None:
         gpu_params, cpu_params = gpu_engine.slot(g).parameters(), cpu_engine.slot(c).parameters()
         assert len(gpu_params) == len(cpu_params)
         for gp, cp in zip(gpu_params, cpu_params):
-            torch.testing.assert_close(gp.detach().cpu(), cp.detach(), rtol=1e-3, atol=1e-4)
+            diff = (gp.detach().cpu().double() - cp.detach().double()).norm() / cp.detach().double().norm()
+            assert float(diff) < 5e-2
     # the step moved B away from zero (the comparison above is not of two untouched initialisations)
     assert any(bool(b.detach().abs().sum() > 0) for _, b in gpu_engine.slot(g1).params.values())
 
@@ -159,7 +167,7 @@ def test_sampling_on_cuda_returns_valid_tokens_and_is_seeded(trained) -> None:
     # prompt logprobs need no random draw: they match the CPU engine's
     _, cpu_prompt_lps = cpu_engine.sample(cpu_first, prompt, max_tokens=1, prompt_logprobs=True)
     assert np.isnan(prompt_lps[0]) and np.isnan(cpu_prompt_lps[0])
-    np.testing.assert_allclose(prompt_lps[1:], cpu_prompt_lps[1:], rtol=1e-3)
+    np.testing.assert_allclose(prompt_lps[1:], cpu_prompt_lps[1:], rtol=BF16_RTOL)
     # a stop token ends a sample early and is kept
     greedy, _ = engine.sample(first, prompt, max_tokens=6, temperature=0, stop_token_ids=[])
     stop = greedy[0][0][0]
@@ -167,27 +175,20 @@ def test_sampling_on_cuda_returns_valid_tokens_and_is_seeded(trained) -> None:
     assert (tokens, reason) == ([stop], "stop") and len(logprobs) == 1
 
 
-def test_share_base_weights_of_a_cuda_transformers_model_shares_every_base_weight(model_dir: str) -> None:
-    pytest.importorskip("peft")
-    from twinkle.model.transformers_model import TransformersModel
-
+def test_the_engines_core_model_is_the_bf16_base_on_cuda(model_dir: str) -> None:
     engine = LoRAEngine(model_dir, max_adapters=2, max_rank=8, seed=0)  # "auto": CUDA here
-    # the twinkle API's model picks its own device (no device=): it must be the engine's
-    model = TransformersModel(model_id=model_dir, seed=0)
-    assert model.device == engine.device
-    names = [name for name, _ in model.model.named_parameters(remove_duplicate=False)]
-    assert engine.share_base_weights(model.model) == len(names)
-    for name, param in model.model.named_parameters(remove_duplicate=False):
-        assert param is engine.base_parameters[name], name
-    both = {p.data_ptr() for p in engine.base_parameters.values()} | {p.data_ptr() for p in model.model.parameters()}
-    assert both == {p.data_ptr() for p in engine.base_parameters.values()}
+    assert engine.core.device == engine.device
+    hf = engine.core.model.get_base_model()
+    for name, param in hf.named_parameters(remove_duplicate=False):
+        if "lora_" not in name:
+            assert param.dtype == torch.bfloat16 and param.device == engine.device, name
+    assert engine.trainable_base_weights() == []
 
 
-def test_a_cuda_transformers_model_trains_an_adapter_on_the_shared_base_and_leaves_it_alone(model_dir: str) -> None:
-    # what the twinkle API does on a GPU server: its model shares the engine's base, then trains adapters on it
+def test_a_twinkle_adapter_on_the_cuda_core_model_trains_and_leaves_the_base_alone(model_dir: str) -> None:
+    # what the twinkle API does on a GPU server: its objects' adapters live on the engine's model
     pytest.importorskip("peft")
     from peft import LoraConfig
-    from twinkle.model.transformers_model import TransformersModel
     from twinkle.testing import random_token_rows
 
     engine = LoRAEngine(model_dir, max_adapters=2, max_rank=8, seed=0, device="cuda")
@@ -196,13 +197,12 @@ def test_a_cuda_transformers_model_trains_an_adapter_on_the_shared_base_and_leav
     [before] = engine.forward_backward([BatchJob(slot, job.datums, forward_only=True)])
     base_before = {name: p.detach().clone() for name, p in engine.base_parameters.items()}
 
-    model = TransformersModel(model_id=model_dir, seed=0)
-    assert engine.share_base_weights(model.model) == len(list(model.model.named_parameters(remove_duplicate=False)))
+    model = engine.core
     model.add_adapter_to_model("mine", LoraConfig(r=4, lora_alpha=32, target_modules="all-linear"))
-    model.set_optimizer("AdamW", lr=1e-2)
+    model.set_optimizer("AdamW", lr=1e-2, adapter_name="mine")
     for _ in range(2):
-        model.forward_backward(inputs=random_token_rows(4, seed=5))
-        model.clip_grad_and_step()
+        model.forward_backward(inputs=random_token_rows(4, seed=5), adapter_name="mine")
+        model.clip_grad_and_step(adapter_name="mine")
 
     assert engine.trainable_base_weights() == []
     for name, param in engine.base_parameters.items():

@@ -1,17 +1,28 @@
-"""One base model, many LoRA adapters: batched multi-LoRA training and sampling.
+"""The service's one training engine: every tenant is a named adapter of one core ``TransformersModel``.
 
-The engine loads the base model once (frozen) and wraps its linear layers in
-:class:`MultiLoRALinear`. Each tenant's adapter lives in a *slot*: its own low-rank
-``A``/``B`` tensors and its own AdamW optimizer. A batch may hold rows of several slots:
-the base matmul runs once for every row, and each slot's low-rank update is added to its
-own rows only, so one forward/backward pass trains several tenants' adapters at once and
-each gradient reaches only its own tenant's tensors.
+The server builds one :class:`~twinkle.model.TransformersModel` on its base model at start
+(bf16 on CUDA, fp32 on the CPU; the base is frozen and never trained). Every Tinker training
+run, every sampler checkpoint and weight snapshot, and every twinkle-API model object is a
+named LoRA adapter of that model, so the process holds one set of base weights and trains
+through one code path: core's.
 
-The engine runs on one device (``device="auto"``: CUDA when torch sees a GPU, else the
-CPU): the base model and every slot's tensors and optimizer state live there, request data
-is copied there in one transfer per tensor, and results come back in one transfer per pass.
+* ``forward_backward`` of several runs is one padding-free packed pass
+  (:func:`twinkle.model.multi_adapter.forward_backward_multi`): the frozen base runs once for
+  every row, each run's token segment gets its own adapter's low-rank update (segmented LoRA),
+  and each run's loss is core's :class:`~twinkle.loss.tinker.TinkerLoss` on its segment. A
+  Tinker datum's ``target_tokens`` are unshifted (``target_tokens[i]`` follows
+  ``model_input[i]``): the row becomes ``input_ids = tokens + [last target]`` with
+  ``labels = [-100] + targets`` so that core's shifted labels are exactly the targets, and the
+  appended token is never trained (it only sees earlier tokens: causal attention).
+* ``optim_step`` steps the adapter's core optimizer (AdamW, one per adapter) with the request's
+  hyperparameters written into its param groups; a run whose gradients are not finite skips the
+  step. Tinker's losses are sums and its gradients add up over ``forward_backward`` calls, so
+  the accumulation window's normalizer is 1.
+* checkpoints are core's (``save`` / ``load_adapter_weights`` / the optimizer state dict), in
+  the peft layout; sampling runs the same model with the adapter active
+  (:mod:`twinkle_server.sampling`).
 
-Not thread-safe: the server drives an engine from one worker thread.
+Not thread-safe: the server drives the engine from its one worker thread.
 
 Example::
 
@@ -23,14 +34,27 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import itertools
 import json
-import math
 import os
-from dataclasses import dataclass, field
+import threading
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
-from twinkle_server.losses import LOSS_INPUTS, LOSSES, OPTIONAL_INPUTS, check_loss
+from twinkle_server.tinker_rows import (
+    BatchJob,
+    Datum,
+    EngineError,
+    JobResult,
+    check_adam_params,
+    datum_outputs,
+    job_rows,
+)
+
+__all__ = ["BatchJob", "Datum", "EngineError", "JobResult", "LoRAEngine", "Slot", "check_adam_params", "resolve_device"]
 
 #: Short module names per Tinker LoRA switch.
 TARGET_GROUPS: dict[str, tuple[str, ...]] = {
@@ -42,146 +66,39 @@ ALL_TARGETS = tuple(name for group in TARGET_GROUPS.values() for name in group)
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 OPTIMIZER_STATE = "optimizer.pt"
-
-
-class EngineError(ValueError):
-    """A request the engine cannot serve, with the reason and the fix (shown to the user)."""
-
-
-@dataclass
-class Datum:
-    """One training sequence: input tokens and per-token loss inputs (numpy arrays or lists)."""
-
-    tokens: Sequence[int]
-    inputs: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class BatchJob:
-    """One request's part of a batched pass: the slot, its datums and its loss."""
-
-    slot: int
-    datums: list[Datum]
-    loss_fn: str = "cross_entropy"
-    loss_config: dict[str, Any] | None = None
-    forward_only: bool = False
-
-
-@dataclass
-class JobResult:
-    """Per-datum outputs (name -> float32 numpy array) and metrics of one job, or its error."""
-
-    outputs: list[dict[str, Any]] = field(default_factory=list)
-    metrics: dict[str, float] = field(default_factory=dict)
-    error: Exception | None = None
+#: the engine's own rank-1 adapter (B = 0: the base itself). peft cannot drop a model's last adapter,
+#: so this one stays while tenants come and go; it is never trained and never in a pass.
+IDLE_ADAPTER = "engine_idle"
 
 
 @dataclass
 class Slot:
-    """One adapter: rank, scaling, targeted modules, tensors and optimizer."""
+    """One Tinker adapter on the shared model: its name there, LoRA shape and core training state.
+
+    ``params`` maps each adapted module (Hugging Face name) to its ``(lora_A, lora_B)`` weights.
+    """
 
     id: int
+    adapter: str
     rank: int
     alpha: float
     targets: tuple[str, ...]
     params: dict[str, tuple[Any, Any]]
-    optimizer: Any = None
-    steps: int = 0
+    state: Any
 
     def parameters(self) -> list[Any]:
-        """The trainable tensors in a fixed order (module name, then A before B)."""
-        return [t for name in sorted(self.params) for t in self.params[name]]
+        """The trainable tensors in the order the adapter's optimizer holds them."""
+        return list(self.state.params)
 
+    @property
+    def optimizer(self) -> Any:
+        """The adapter's core optimizer (AdamW)."""
+        return self.state.optimizer
 
-class _Router:
-    """Which rows of the current batch belong to which slot (read by every MultiLoRALinear).
-
-    ``groups`` lists ``(slot, rows)`` for consecutive runs of rows in batch order; a single
-    group covers the whole batch (``rows`` is then ignored).
-    """
-
-    def __init__(self) -> None:
-        self.groups: list[tuple[int, int]] = []
-
-
-def _multi_lora_linear_class() -> type:
-    import torch
-
-    class MultiLoRALinear(torch.nn.Module):
-        """A frozen ``nn.Linear`` plus per-slot low-rank updates applied to each slot's rows.
-
-        The batch is split into each slot's consecutive rows (views, no copies), each part gets
-        its own slot's ``x A^T B^T * scale``, and one concatenation adds all updates to the base
-        output at once: the cost over the base matmul is the low-rank products alone, however
-        many slots share the batch.
-        """
-
-        def __init__(self, base: torch.nn.Linear, router: _Router) -> None:
-            super().__init__()
-            self.base = base
-            self.router = router
-            self.adapters: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
-
-        @property
-        def weight(self) -> torch.Tensor:
-            return self.base.weight
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            out = self.base(x)
-            groups = self.router.groups
-            if not groups:
-                return out
-            if len(groups) == 1:
-                adapter = self.adapters.get(groups[0][0])
-                if adapter is None:
-                    return out
-                a, b, scale = adapter
-                return out + (x @ a.t()) @ b.t() * scale
-            if not any(slot in self.adapters for slot, _ in groups):
-                return out
-            deltas = []
-            for (slot, _), part in zip(groups, x.split([rows for _, rows in groups], dim=0)):
-                adapter = self.adapters.get(slot)
-                if adapter is None:
-                    deltas.append(part.new_zeros(*part.shape[:-1], out.shape[-1]))
-                    continue
-                a, b, scale = adapter
-                deltas.append((part @ a.t()) @ b.t() * scale)
-            return out + torch.cat(deltas, dim=0)
-
-    return MultiLoRALinear
-
-
-def _adam_hyperparameters(hyper: dict[str, float]) -> tuple[float, float, float, float, float, float]:
-    """``(lr, beta1, beta2, eps, weight_decay, grad_clip_norm)`` from AdamParams fields, checked.
-
-    Raises:
-        EngineError: an unknown field or a value out of range.
-    """
-    defaults = {
-        "learning_rate": 1e-4,
-        "beta1": 0.9,
-        "beta2": 0.95,
-        "eps": 1e-12,
-        "weight_decay": 0.0,
-        "grad_clip_norm": 0.0,
-    }
-    unknown = sorted(set(hyper) - set(defaults))
-    if unknown:
-        raise EngineError(f"unknown AdamParams {unknown}; this server takes {sorted(defaults)}")
-    values = {k: float(hyper.get(k, v)) for k, v in defaults.items()}
-    checks = {
-        "learning_rate": values["learning_rate"] >= 0,
-        "beta1": 0 <= values["beta1"] < 1,
-        "beta2": 0 <= values["beta2"] < 1,
-        "eps": values["eps"] >= 0,
-        "weight_decay": values["weight_decay"] >= 0,
-        "grad_clip_norm": values["grad_clip_norm"] >= 0,
-    }
-    bad = [k for k, ok in checks.items() if not ok]
-    if bad:
-        raise EngineError(f"AdamParams out of range: {', '.join(bad)}")
-    return tuple(values.values())  # type: ignore[return-value]
+    @property
+    def steps(self) -> int:
+        """Optimizer steps taken."""
+        return self.state.global_step
 
 
 def resolve_device(device: Any = "auto") -> Any:
@@ -230,38 +147,29 @@ def resolve_device(device: Any = "auto") -> Any:
     return resolved
 
 
-def _to_cpu(value: Any) -> Any:
-    """``value`` (nested dicts/lists/tuples of tensors, e.g. an optimizer state dict) with every tensor on the CPU."""
-    import torch
+def _locked(method: Any) -> Any:
+    """Run ``method`` under the engine's lock (servers in one process may share an engine: tests do)."""
 
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu()
-    if isinstance(value, dict):
-        return {k: _to_cpu(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_cpu(v) for v in value)
-    return value
+    @functools.wraps(method)
+    def run(self: LoRAEngine, *args: Any, **kwargs: Any) -> Any:
+        with self.lock:
+            return method(self, *args, **kwargs)
 
-
-def _has_weights(model_dir: Path) -> bool:
-    from twinkle.model.files import has_weights
-
-    return has_weights(model_dir)
+    return run
 
 
 class LoRAEngine:
-    """The base model with a pool of LoRA slots.
+    """The shared base model (one core ``TransformersModel``) and the Tinker adapters on it.
 
     Args:
         model_dir: a local Hugging Face model directory. Without weight files the model is
             built from its ``config.json`` with weights seeded by ``seed`` (deterministic, so
             adapters saved before a restart fit the same base after it).
-        max_adapters: slots in the pool (training adapters and loaded sampler adapters).
+        max_adapters: Tinker adapters (training runs, loaded samplers, snapshots) at a time.
         max_rank: the largest LoRA rank accepted.
         seed: seed of the random base weights (only used without weight files).
-        device: where the base model, the adapters and their optimizer state live: ``"auto"``
-            (default: CUDA when available, else the CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
-            The weights are built on the CPU first, so every device starts from the same values.
+        device: ``"auto"`` (default: CUDA when available, else the CPU), ``"cpu"``, ``"cuda"``
+            or ``"cuda:N"``. The base is bf16 on CUDA and fp32 on the CPU.
 
     Raises:
         EngineError: ``model_dir`` is not a model directory, or ``device`` is unknown or absent.
@@ -269,14 +177,16 @@ class LoRAEngine:
     Example::
 
         engine = LoRAEngine(tiny_model_dir(), max_adapters=4, device="cuda")
+        engine.core.add_adapter_to_model("tenant_a", LoraConfig(r=8))  # a twinkle-API tenant
     """
 
     def __init__(
         self, model_dir: str | Path, *, max_adapters: int = 8, max_rank: int = 64, seed: int = 0, device: Any = "auto"
     ) -> None:
-        import torch
-        from transformers import AutoConfig, AutoTokenizer
-        from twinkle.model.hf import auto_model_class
+        from peft import LoraConfig
+        from transformers import AutoTokenizer
+        from twinkle.launcher.http import build_locally
+        from twinkle.model.transformers_model import TransformersModel
 
         self.model_dir = Path(model_dir)
         if not (self.model_dir / "config.json").is_file():
@@ -285,78 +195,49 @@ class LoRAEngine:
         self._device = target
         self.max_adapters = max_adapters
         self.max_rank = max_rank
-        config = AutoConfig.from_pretrained(self.model_dir)
-        auto_class = auto_model_class(str(self.model_dir), config)  # vision-language bases: image-text-to-text
-        if _has_weights(self.model_dir):
-            model = auto_class.from_pretrained(self.model_dir, dtype=torch.float32)
-        else:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                model = auto_class.from_config(config, dtype=torch.float32)
-        model.to(target)
-        model.eval()
-        for p in model.parameters():
+        with build_locally():  # a server-side object, whatever mode a client in this process set up
+            self.core = TransformersModel(
+                model_id=str(self.model_dir),
+                torch_dtype="bfloat16" if target.type == "cuda" else "float32",
+                device=target,
+                seed=seed,
+            )
+        hf_model = self.core.model
+        for p in hf_model.parameters():
             p.requires_grad_(False)
-        self.model = model
-        self.config = config
+        #: the base weights by their Hugging Face names, tied ones under each name (peft keeps these tensors).
+        self.base_parameters: dict[str, Any] = dict(hf_model.named_parameters(remove_duplicate=False))
+        self.core.add_adapter_to_model(IDLE_ADAPTER, LoraConfig(r=1, lora_alpha=1, target_modules=["q_proj"]))
+        for p in self.core.state_of(IDLE_ADAPTER).params:
+            p.requires_grad_(False)
+        self.config = self.core.model_config()
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        text = config.get_text_config()  # the config itself, or a vision-language model's text part
+        text = self.config.get_text_config()  # the config itself, or a vision-language model's text part
         self.vocab_size = int(text.vocab_size)
         self.max_length = int(getattr(text, "max_position_embeddings", 4096))
         eos = text.eos_token_id if text.eos_token_id is not None else self.tokenizer.eos_token_id
         self.eos_token_ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
         self.pad_token_id = int(text.pad_token_id or 0)
-        #: the base weights by their Hugging Face names (before the LoRA wrappers), tied ones under each name.
-        self.base_parameters: dict[str, Any] = dict(model.named_parameters(remove_duplicate=False))
-        self._router = _Router()
-        self.modules: dict[str, Any] = {}
-        wrapper_cls = _multi_lora_linear_class()
-        for name, module in list(model.named_modules()):
-            short = name.rsplit(".", 1)[-1]
-            if short in ALL_TARGETS and isinstance(module, torch.nn.Linear):
-                parent_name, _, child = name.rpartition(".")
-                parent = model.get_submodule(parent_name) if parent_name else model
-                wrapper = wrapper_cls(module, self._router)
-                setattr(parent, child, wrapper)
-                self.modules[name] = wrapper
         self.slots: dict[int, Slot] = {}
+        #: held by every engine operation, and by the twinkle API's calls on :attr:`core`.
+        self.lock = threading.RLock()
+        self._names = itertools.count()
 
     @property
     def device(self) -> Any:
         """The ``torch.device`` of the base weights, the adapters and their optimizer state."""
         return self._device
 
-    def share_base_weights(self, model: Any) -> int:
-        """Make ``model`` use this engine's base tensors instead of its own copies.
-
-        ``model`` is another instance of the same architecture (the twinkle API's
-        ``TransformersModel`` of the same base): each of its parameters whose name, shape,
-        dtype and device match a base weight here is replaced by that very tensor, frozen,
-        so the process holds one set of base weights. Call it before adapters are added.
-
-        Returns:
-            How many of ``model``'s parameters now are this engine's tensors.
-
-        Example::
-
-            hf_model = AutoModelForCausalLM.from_config(engine.config)
-            engine.share_base_weights(hf_model) == len(list(hf_model.named_parameters(remove_duplicate=False)))
-        """
-        shared = 0
-        for prefix, module in model.named_modules(remove_duplicate=False):
-            for name, param in list(module.named_parameters(recurse=False)):
-                mine = self.base_parameters.get(f"{prefix}.{name}" if prefix else name)
-                if mine is None or (mine.shape, mine.dtype, mine.device) != (param.shape, param.dtype, param.device):
-                    continue
-                if mine is not param:
-                    setattr(module, name, mine)
-                shared += 1
-        return shared
+    @property
+    def model(self) -> Any:
+        """The transformers model under the adapters (its architecture is what clients are told)."""
+        return self.core._hf_model()
 
     def trainable_base_weights(self) -> list[str]:
         """Names of base weights that would receive gradients (empty when the base is frozen, as it must be)."""
         return [name for name, param in self.base_parameters.items() if param.requires_grad]
 
+    @_locked
     def warmup(self) -> None:
         """Run one throw-away training step and a short generation (first calls are slow in torch)."""
         if self.free_slots <= 0:
@@ -371,19 +252,20 @@ class LoRAEngine:
     # -- slots ---------------------------------------------------------------------
     @property
     def free_slots(self) -> int:
-        """How many more adapters fit in the pool."""
+        """How many more Tinker adapters fit in the pool."""
         return self.max_adapters - len(self.slots)
 
+    @_locked
     def create_slot(
         self, rank: int, *, alpha: float | None = None, targets: Sequence[str] = ALL_TARGETS, seed: int | None = None
     ) -> int:
-        """Allocate a fresh adapter (``A`` random, ``B`` zero, so it starts as the base model).
+        """Add a fresh adapter to the shared model (``A`` random, ``B`` zero, so it starts as the base model).
 
         Args:
             rank: LoRA rank (1..max_rank).
             alpha: scaling numerator (update = B A x * alpha / rank); default 32.
             targets: short module names to adapt (``q_proj``, ..., ``lm_head``).
-            seed: seeds ``A``'s initialisation.
+            seed: seeds ``A``'s initialisation (drawn on the CPU: the same on every device).
 
         Returns:
             The slot id.
@@ -391,7 +273,13 @@ class LoRAEngine:
         Raises:
             EngineError: the pool is full, the rank is out of range or a target is unknown.
         """
+        import math
+
         import torch
+        from peft import LoraConfig
+        from twinkle.processor.base import PaddingFreeProcessor
+
+        from twinkle_server.policy import check_adapter_options
 
         if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= self.max_rank:
             raise EngineError(f"LoRA rank {rank!r} is out of range; this server accepts ranks 1..{self.max_rank}")
@@ -406,34 +294,55 @@ class LoRAEngine:
                 "unload a training run or try again later"
             )
         slot_id = next(i for i in range(self.max_adapters + len(self.slots) + 1) if i not in self.slots)
-        gen = torch.Generator().manual_seed(seed if seed is not None else slot_id * 7919 + 17)
+        name = f"tinker{next(self._names)}"
+        fields = {
+            "r": rank,
+            "lora_alpha": float(alpha if alpha is not None else 32.0),
+            "lora_dropout": 0.0,
+            "bias": "none",
+            "target_modules": sorted(set(targets)),
+        }
+        check_adapter_options(fields, {}, max_rank=self.max_rank)  # the same allow-list as twinkle-API tenants
+        self.core.add_adapter_to_model(name, LoraConfig(**fields))
+        state = self.core.state_of(name)
+        # a Tinker run trains with nothing inherited from the adapter added before it
+        state.template = None
+        state.processor = PaddingFreeProcessor(pad_token_id=self.pad_token_id)
+        state.train_metrics, state.eval_metrics = [], []
         params: dict[str, tuple[Any, Any]] = {}
-        for name, module in self.modules.items():
-            if name.rsplit(".", 1)[-1] not in targets:
+        marker = f".{name}.weight"
+        for full, param in self.core.model.named_parameters():
+            if not full.endswith(marker):
                 continue
-            base = module.base
-            bound = 1.0 / math.sqrt(base.in_features)
-            # drawn on the CPU (the same values on every device), then moved to the engine's device
-            a = ((torch.rand(rank, base.in_features, generator=gen) * 2 - 1) * bound).to(self.device)
-            b = torch.zeros(base.out_features, rank, device=self.device)
-            params[name] = (a.requires_grad_(True), b.requires_grad_(True))
-        slot = Slot(slot_id, rank, float(alpha if alpha is not None else 32.0), tuple(sorted(set(targets))), params)
-        self._attach(slot)
+            module, kind = full[: -len(marker)].rsplit(".", 1)
+            module = module.replace("base_model.model.", "", 1)
+            pair = params.setdefault(module, [None, None])  # type: ignore[arg-type]
+            pair[0 if kind == "lora_A" else 1] = param
+        gen = torch.Generator().manual_seed(seed if seed is not None else slot_id * 7919 + 17)
+        with torch.no_grad():
+            for module in sorted(params):
+                a, b = params[module]
+                bound = 1.0 / math.sqrt(a.shape[1])
+                a.copy_((torch.rand(a.shape, generator=gen) * 2 - 1) * bound)
+                b.zero_()
+        self.core.set_optimizer("AdamW", adapter_name=name, lr=1e-4, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
+        self.slots[slot_id] = Slot(
+            slot_id,
+            name,
+            rank,
+            fields["lora_alpha"],
+            tuple(fields["target_modules"]),
+            {k: (v[0], v[1]) for k, v in sorted(params.items())},
+            state,
+        )
         return slot_id
 
-    def _attach(self, slot: Slot) -> None:
-        self.slots[slot.id] = slot
-        scale = slot.alpha / slot.rank
-        for name, (a, b) in slot.params.items():
-            self.modules[name].adapters[slot.id] = (a, b, scale)
-
+    @_locked
     def free_slot(self, slot_id: int) -> None:
-        """Release a slot and its tensors (no error when already free)."""
+        """Remove a slot's adapter from the shared model (no error when already free)."""
         slot = self.slots.pop(slot_id, None)
-        if slot is None:
-            return
-        for name in slot.params:
-            self.modules[name].adapters.pop(slot_id, None)
+        if slot is not None:
+            self.core.remove_adapter(slot.adapter)
 
     def slot(self, slot_id: int) -> Slot:
         """The slot with this id."""
@@ -442,144 +351,104 @@ class LoRAEngine:
         except KeyError:
             raise EngineError(f"adapter slot {slot_id} is not loaded") from None
 
-    # -- training --------------------------------------------------------------------
-    def _prepare(self, job: BatchJob) -> tuple[list[tuple[Any, dict[str, Any]]], dict[str, float]]:
-        """Check a job; returns its rows as ``(token ids, {input name: array})`` numpy pairs, and its loss config."""
-        import numpy as np
+    @contextlib.contextmanager
+    def adapter_active(self, slot_id: int | None) -> Iterator[Any]:
+        """The shared model (eval mode, no gradients) with a slot's adapter active, or the bare base for None.
 
-        self.slot(job.slot)
-        config = check_loss(job.loss_fn, job.loss_config)
-        if not job.datums:
-            raise EngineError("a forward_backward request needs at least one datum")
-        required = LOSS_INPUTS[job.loss_fn]
-        allowed = set(required) | set(OPTIONAL_INPUTS.get(job.loss_fn, ()))
-        rows = []
-        for i, datum in enumerate(job.datums):
-            tokens = np.asarray(datum.tokens, dtype=np.int64).reshape(-1)
-            n = tokens.shape[0]
-            if n == 0:
-                raise EngineError(f"datum {i} has an empty model_input")
-            if n > self.max_length:
-                raise EngineError(f"datum {i} has {n} tokens; the base model takes at most {self.max_length}")
-            if tokens.min() < 0 or tokens.max() >= self.vocab_size:
-                raise EngineError(f"datum {i} has token ids outside the vocabulary [0, {self.vocab_size})")
-            missing = [k for k in required if k not in datum.inputs]
-            if missing:
-                raise EngineError(f"datum {i}: loss {job.loss_fn!r} needs loss_fn_inputs {missing}")
-            extra = sorted(set(datum.inputs) - allowed)
-            if extra:
-                raise EngineError(
-                    f"datum {i}: loss_fn_inputs {extra} are not used by {job.loss_fn!r} (it takes {sorted(allowed)})"
-                )
-            inputs: dict[str, Any] = {}
-            for key, value in datum.inputs.items():
-                arr = np.asarray(value).reshape(-1)
-                if arr.shape[0] != n:
-                    raise EngineError(
-                        f"datum {i}: loss_fn_inputs[{key!r}] has {arr.shape[0]} entries but model_input has {n} tokens"
-                    )
-                if key == "target_tokens":
-                    arr = arr.astype(np.int64)
-                    if arr.min() < 0 or arr.max() >= self.vocab_size:
-                        raise EngineError(f"datum {i}: target_tokens outside the vocabulary [0, {self.vocab_size})")
-                    inputs[key] = arr
-                else:
-                    floats = arr.astype(np.float32)
-                    if not np.isfinite(floats).all():
-                        raise EngineError(f"datum {i}: loss_fn_inputs[{key!r}] holds NaN or infinity")
-                    inputs[key] = floats
-            rows.append((tokens, inputs))
-        return rows, config
-
-    def forward_backward(self, jobs: Sequence[BatchJob]) -> list[JobResult]:
-        """Run several requests (of different slots) as one padded batch.
-
-        Jobs must all be ``forward_only`` or all not. A job with invalid input gets its
-        error in its :class:`JobResult` and does not disturb the others. Gradients
-        accumulate in each slot until :meth:`optim_step`.
-
-        The batch goes to the engine's device in one transfer per input (padded to the
-        longest row), and all outputs and losses come back in one transfer.
-
-        Returns:
-            One :class:`JobResult` per job, in order.
+        Yields the (peft-wrapped) torch module to run, for :mod:`twinkle_server.sampling`.
         """
-        import numpy as np
         import torch
 
+        core = self.core
+        was_training = core.model.training
+        core.model.eval()
+        try:
+            with torch.no_grad():
+                if slot_id is None:
+                    with core.adapters_disabled():
+                        yield core.model
+                else:
+                    core._activate(core.state_of(self.slot(slot_id).adapter))
+                    yield core.model
+        finally:
+            core.model.train(was_training)
+
+    # -- training --------------------------------------------------------------------
+    @_locked
+    def forward_backward(self, jobs: Sequence[BatchJob]) -> list[JobResult]:
+        """Run several requests (of different slots) as one packed multi-adapter pass.
+
+        A job with invalid input gets its error in its :class:`JobResult` and does not disturb
+        the others. ``forward_only`` jobs run without gradients. Gradients accumulate in each
+        slot until :meth:`optim_step`. Two jobs of one slot run in consecutive passes.
+
+        Returns:
+            One :class:`JobResult` per job, in order: per datum ``logprobs`` (and
+            ``elementwise_loss`` for ``cross_entropy``), and the metric ``loss:sum``.
+        """
         results = [JobResult() for _ in jobs]
-        prepared: list[tuple[int, list[tuple[Any, dict[str, Any]]], dict[str, float]]] = []
+        prepared: list[tuple[int, list[dict[str, Any]], list[int]]] = []
         for j, job in enumerate(jobs):
             try:
-                rows, config = self._prepare(job)
+                self.slot(job.slot)
+                rows, lengths = job_rows(job, vocab_size=self.vocab_size, max_length=self.max_length)
             except (EngineError, ValueError) as exc:
                 results[j].error = exc
                 continue
-            prepared.append((j, rows, config))
-        if not prepared:
-            return results
-        forward_only = all(jobs[j].forward_only for j, _, _ in prepared)
-        all_rows = [row for _, rows, _ in prepared for row in rows]
-        longest = max(tokens.shape[0] for tokens, _ in all_rows)
-        ids_np = np.full((len(all_rows), longest), self.pad_token_id, dtype=np.int64)
-        mask_np = np.zeros((len(all_rows), longest), dtype=np.int64)
-        # every loss input of every row, padded: one host-to-device copy per input name
-        padded_np: dict[str, Any] = {}
-        for r, (tokens, inputs) in enumerate(all_rows):
-            n = tokens.shape[0]
-            ids_np[r, :n] = tokens
-            mask_np[r, :n] = 1
-            for key, arr in inputs.items():
-                if key not in padded_np:
-                    padded_np[key] = np.zeros((len(all_rows), longest), dtype=arr.dtype)
-                padded_np[key][r, :n] = arr
-        device = self.device
-        ids = torch.from_numpy(ids_np).to(device)
-        mask = torch.from_numpy(mask_np).to(device)
-        padded = {key: torch.from_numpy(arr).to(device) for key, arr in padded_np.items()}
-        targets = padded["target_tokens"]
-        self._router.groups = [(jobs[j].slot, len(rows)) for j, rows, _ in prepared]
-        try:
-            with torch.set_grad_enabled(not forward_only):
-                logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-                logp_all = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-                total = None
-                r = 0
-                # what is sent back, in order: per job, per datum its {name: shape} outputs, then the job's loss
-                layout: list[tuple[int, list[dict[str, tuple[int, ...]]]]] = []
-                tensors: list[Any] = []
-                for j, rows, config in prepared:
-                    job_loss = None
-                    shapes: list[dict[str, tuple[int, ...]]] = []
-                    for tokens, inputs in rows:
-                        n = tokens.shape[0]
-                        row_inputs = {key: padded[key][r, :n] for key in inputs}
-                        loss, out = LOSSES[jobs[j].loss_fn](logp_all[r, :n], row_inputs, config)
-                        job_loss = loss if job_loss is None else job_loss + loss
-                        shapes.append({key: tuple(value.shape) for key, value in out.items()})
-                        tensors.extend(value.detach().float().reshape(-1) for value in out.values())
-                        r += 1
-                    tensors.append(job_loss.detach().float().reshape(-1))
-                    layout.append((j, shapes))
-                    total = job_loss if total is None else total + job_loss
-                if not forward_only and total is not None and total.requires_grad:
-                    total.backward()
-        finally:
-            self._router.groups = []
-        # one device-to-host copy of every output and loss, split back per datum and job
-        flat = torch.cat(tensors).cpu().numpy()
-        offset = 0
-        for j, shapes in layout:
-            for datum_shapes in shapes:
-                outputs = {}
-                for key, shape in datum_shapes.items():
-                    size = math.prod(shape)
-                    outputs[key] = flat[offset : offset + size].reshape(shape).copy()
-                    offset += size
-                results[j].outputs.append(outputs)
-            results[j].metrics = {"loss:sum": float(flat[offset])}
-            offset += 1
+            prepared.append((j, rows, lengths))
+        for forward_only in (False, True):
+            pending = [p for p in prepared if jobs[p[0]].forward_only == forward_only]
+            while pending:  # one pass holds each slot once
+                taken: dict[int, tuple[int, list[dict[str, Any]], list[int]]] = {}
+                for item in pending:
+                    taken.setdefault(jobs[item[0]].slot, item)
+                pending = [p for p in pending if p not in taken.values()]
+                self._pass(jobs, list(taken.values()), results, forward_only)
         return results
+
+    def _pass(
+        self,
+        jobs: Sequence[BatchJob],
+        prepared: list[tuple[int, list[dict[str, Any]], list[int]]],
+        results: list[JobResult],
+        forward_only: bool,
+    ) -> None:
+        """One packed pass over ``prepared`` (distinct slots); fills their results."""
+        import torch
+        from twinkle.loss.tinker import TinkerLoss
+        from twinkle.model.multi_adapter import forward_backward_multi, forward_loss_multi
+
+        inputs: dict[str, list[dict[str, Any]]] = {}
+        losses: dict[str, Any] = {}
+        for j, rows, _ in prepared:
+            job = jobs[j]
+            name = self.slot(job.slot).adapter
+            loss = TinkerLoss(job.loss_fn, normalize=False, **(job.loss_config or {}))
+            loss.keep_token_logps = True
+            self.core.state_of(name).loss = loss
+            losses[name] = loss
+            inputs[name] = rows
+        if forward_only:
+            sums = {name: out.loss for name, out in forward_loss_multi(self.core, inputs).items()}
+        else:
+            outs = forward_backward_multi(self.core, inputs)
+            sums = {name: out["loss"] for name, out in outs.items()}
+        # per-token logprobs of every job's targets: one device-to-host copy
+        picked = []
+        for j, _, _ in prepared:
+            logp, mask, row_ids = losses[self.slot(jobs[j].slot).adapter].last_token_logps
+            picked.append((logp[mask].float(), row_ids[mask]))
+        flat = torch.cat([lp for lp, _ in picked]).cpu()
+        flat_rows = torch.cat([r for _, r in picked]).cpu()
+        offset = 0
+        for (j, rows, lengths), (lp, _) in zip(prepared, picked):
+            values = flat[offset : offset + lp.shape[0]].numpy()
+            owners = flat_rows[offset : offset + lp.shape[0]].numpy()
+            offset += lp.shape[0]
+            per_datum = [values[owners == r] for r in range(len(lengths))]
+            results[j].outputs = datum_outputs(jobs[j].loss_fn, rows, per_datum)
+        for (j, _, _), name in zip(prepared, inputs):
+            results[j].metrics = {"loss:sum": float(sums[name])}
 
     def optim_step(self, slot_id: int, **hyper: float) -> dict[str, float]:
         """One AdamW step of a slot, then clear its gradients (:meth:`optim_steps` for one slot).
@@ -600,12 +469,13 @@ class LoRAEngine:
             raise result
         return result
 
+    @_locked
     def optim_steps(self, requests: Sequence[tuple[int, dict[str, float]]]) -> list[dict[str, float] | Exception]:
-        """AdamW steps of several slots at once (each with its own hyperparameters and state).
+        """Optimizer steps of several slots, each with its own core AdamW, state and hyperparameters.
 
-        Slots with equal hyperparameters step together in one multi-tensor (``foreach``)
-        update: the same arithmetic as one optimizer per slot, without a round of small
-        kernels per slot. Each slot keeps its own optimizer state (saved with its checkpoints).
+        A slot whose gradients are not finite (a NaN or infinite loss) skips its step: its
+        adapter and optimizer state stay as they were (``skipped_non_finite: 1``). The
+        gradient norms are read in one host transfer.
 
         Args:
             requests: ``(slot id, hyperparameters)`` pairs (see :meth:`optim_step`); a slot at most once.
@@ -614,116 +484,69 @@ class LoRAEngine:
             Per request, in order: the metrics (``grad_norm`` before clipping, ``step``), or the
             :class:`EngineError` that request failed with (the others still step).
         """
+        import math
+
         import torch
 
         results: list[dict[str, float] | Exception] = [{} for _ in requests]
-        groups: dict[tuple[float, ...], list[tuple[int, Slot]]] = {}
+        checked: list[tuple[int, Slot, tuple[float, ...]]] = []
         for i, (slot_id, hyper) in enumerate(requests):
             try:
-                slot = self.slot(slot_id)
-                key = _adam_hyperparameters(hyper)
+                checked.append((i, self.slot(slot_id), check_adam_params(hyper)))
             except EngineError as exc:
                 results[i] = exc
-                continue
-            groups.setdefault(key, []).append((i, slot))
-        # gradient norms stay on the device until one transfer at the end
         norms: dict[int, Any] = {}
-        for (lr, beta1, beta2, eps, weight_decay, clip), members in groups.items():
-            for i, slot in members:
-                grads = [p.grad for p in slot.parameters() if p.grad is not None]
-                if grads:
-                    norms[i] = torch.nn.utils.get_total_norm(grads, foreach=True)
-            # a slot whose gradients are not finite (a NaN or infinite loss) skips the step: its adapter
-            # and optimizer state stay as they were (one host read per group of slots)
-            finite = {i: True for i, _ in members}
-            if any(i in norms for i, _ in members):
-                checked = [i for i, _ in members if i in norms]
-                flags = torch.stack([norms[i].float() for i in checked]).isfinite().cpu().tolist()
-                finite.update(zip(checked, flags))
-            params: list[Any] = []
-            stepping = []
-            for i, slot in members:
-                own = slot.parameters()
-                if not finite[i]:
-                    for p in own:
-                        p.grad = None
-                    results[i] = {"grad_norm": 0.0, "skipped_non_finite": 1.0, "step": float(slot.steps)}
-                    continue
-                stepping.append((i, slot))
-                if slot.optimizer is None:
-                    slot.optimizer = torch.optim.AdamW(own, lr=lr, foreach=True)
-                for group in slot.optimizer.param_groups:
-                    group.update(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
-                if i in norms and clip > 0:
-                    torch.nn.utils.clip_grads_with_norm_(own, clip, norms[i], foreach=True)
-                results[i] = {"grad_norm": 0.0}
-                params.extend(own)
-            members = stepping
-            if not members:
+        for i, slot, _ in checked:
+            grads = [p.grad for p in slot.parameters() if p.grad is not None]
+            if grads:
+                norms[i] = torch.nn.utils.get_total_norm(grads, foreach=True).float()
+        values = dict(zip(norms, torch.stack(list(norms.values())).cpu().tolist())) if norms else {}
+        for i, slot, (lr, beta1, beta2, eps, weight_decay, clip) in checked:
+            name, state = slot.adapter, slot.state
+            norm = values.get(i, 0.0)
+            if not math.isfinite(norm):
+                self.core.zero_grad(adapter_name=name)
+                results[i] = {"grad_norm": 0.0, "skipped_non_finite": 1.0, "step": float(state.global_step)}
                 continue
-            # one optimizer over every member's tensors, holding the members' own state objects
-            fused = torch.optim.AdamW(
-                params, lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay, foreach=True
-            )
-            for _, slot in members:
-                for p in slot.parameters():
-                    if p in slot.optimizer.state:
-                        fused.state[p] = slot.optimizer.state[p]
-            fused.step()
-            for i, slot in members:
-                for p in slot.parameters():
-                    if p in fused.state:
-                        slot.optimizer.state[p] = fused.state[p]
-                    p.grad = None
-                slot.steps += 1
-                results[i]["step"] = float(slot.steps)
-        if norms:
-            values = torch.stack([norm.float() for norm in norms.values()]).cpu().tolist()
-            for i, value in zip(norms, values):
-                results[i]["grad_norm"] = value  # type: ignore[index]
+            for group in state.optimizer.param_groups:
+                group.update(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
+            if i in norms and clip > 0:
+                torch.nn.utils.clip_grads_with_norm_(slot.parameters(), clip, norms[i], foreach=True)
+            # Tinker's losses are sums and gradients add up over forward_backward calls: normalizer 1
+            state.window_tokens, state.grads_final = 1.0, False
+            self.core.step(adapter_name=name)
+            self.core.zero_grad(adapter_name=name)
+            state.last_grad_norm = norm
+            results[i] = {"grad_norm": norm, "step": float(state.global_step)}
         return results
 
     # -- checkpoints -------------------------------------------------------------------
+    @_locked
     def save_slot(self, slot_id: int, directory: str | Path, *, optimizer: bool, base_model: str) -> int:
-        """Write an adapter (peft layout) and optionally its optimizer into ``directory``.
+        """Write an adapter (peft layout) and optionally its optimizer into ``directory`` (core's ``save``).
 
         The directory must exist and be private to this write (the caller renames it into
         place afterwards). The files hold CPU tensors whatever the engine's device, so a
         checkpoint loads on any device. Returns the bytes written.
         """
-        import torch
-        from safetensors.torch import save_file
-
         slot = self.slot(slot_id)
         directory = Path(directory)
-        tensors = {}
-        for name, (a, b) in slot.params.items():
-            tensors[f"base_model.model.{name}.lora_A.weight"] = a.detach().contiguous().cpu()
-            tensors[f"base_model.model.{name}.lora_B.weight"] = b.detach().contiguous().cpu()
-        save_file(tensors, str(directory / ADAPTER_WEIGHTS))
-        config = {
-            "peft_type": "LORA",
-            "task_type": "CAUSAL_LM",
-            "r": slot.rank,
-            "lora_alpha": slot.alpha,
-            "lora_dropout": 0.0,
-            "bias": "none",
-            "target_modules": list(slot.targets),
-            "base_model_name_or_path": base_model,
-            "twinkle_steps": slot.steps,
-        }
-        (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
-        if optimizer and slot.optimizer is not None:
-            torch.save(_to_cpu(slot.optimizer.state_dict()), directory / OPTIMIZER_STATE)
+        self.core.adapter_config(slot.adapter).base_model_name_or_path = base_model
+        self.core.save(
+            directory, adapter_name=slot.adapter, save_optimizer=optimizer, save_tokenizer=False, overwrite=True
+        )
+        config_path = directory / ADAPTER_CONFIG
+        config = json.loads(config_path.read_text())
+        config["twinkle_steps"] = slot.steps
+        config_path.write_text(json.dumps(config, indent=2))
         for path in directory.iterdir():
             with open(path, "rb") as fh:
                 os.fsync(fh.fileno())
         return sum(p.stat().st_size for p in directory.iterdir())
 
+    @_locked
     def load_slot(self, directory: str | Path, *, optimizer: bool) -> int:
         """Load an adapter (and optionally its optimizer state) into a new slot; returns its id.
-
-        The tensors go straight to the engine's device (a checkpoint saved on another device loads too).
 
         Raises:
             EngineError: the files are missing or do not fit this base model.
@@ -734,76 +557,63 @@ class LoRAEngine:
         directory = Path(directory)
         try:
             config = json.loads((directory / ADAPTER_CONFIG).read_text())
-            tensors = load_file(str(directory / ADAPTER_WEIGHTS), device=str(self.device))
-        except (OSError, ValueError) as exc:
+            tensors = load_file(str(directory / ADAPTER_WEIGHTS))
+            rank, alpha, targets = int(config["r"]), float(config["lora_alpha"]), config["target_modules"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
             raise EngineError(f"the checkpoint's adapter files are unreadable: {exc}") from None
-        slot_id = self.create_slot(
-            int(config["r"]), alpha=float(config["lora_alpha"]), targets=config["target_modules"]
-        )
+        slot_id = self.create_slot(rank, alpha=alpha, targets=targets)
         slot = self.slots[slot_id]
         try:
-            for name, (a, b) in slot.params.items():
-                new_a = tensors[f"base_model.model.{name}.lora_A.weight"]
-                new_b = tensors[f"base_model.model.{name}.lora_B.weight"]
-                if new_a.shape != a.shape or new_b.shape != b.shape:
-                    raise EngineError(f"checkpoint tensor shapes for {name} do not fit this base model")
-                with torch.no_grad():
-                    a.copy_(new_a)
-                    b.copy_(new_b)
-            slot.steps = int(config.get("twinkle_steps", 0))
+            expected = {
+                f"base_model.model.{name}.lora_{kind}.weight": t
+                for name, pair in slot.params.items()
+                for kind, t in zip("AB", pair)
+            }
+            missing = sorted(set(expected) - set(tensors))
+            if missing:
+                raise EngineError(f"checkpoint is missing tensor {missing[0]!r}")
+            if any(tensors[k].shape != t.shape for k, t in expected.items()):
+                raise EngineError("checkpoint tensor shapes do not fit this base model")
+            self.core.load_adapter_weights(slot.adapter, tensors, directory)
+            trainer_state = directory / "trainer_state.json"
+            steps = int(config.get("twinkle_steps", 0))
+            if trainer_state.is_file():
+                steps = int(json.loads(trainer_state.read_text()).get("global_step", steps))
+            slot.state.global_step = steps
             if optimizer:
                 opt_path = directory / OPTIMIZER_STATE
                 if not opt_path.is_file():
                     raise EngineError("this checkpoint has no optimizer state; load it without the optimizer")
-                slot.optimizer = torch.optim.AdamW(slot.parameters(), lr=1e-4)
-                # read on the CPU: load_state_dict moves the moments to the adapter's device and keeps
-                # ``step`` on the CPU, as a fresh AdamW holds it
-                slot.optimizer.load_state_dict(torch.load(opt_path, weights_only=True, map_location="cpu"))
-        except KeyError as exc:
-            self.free_slot(slot_id)
-            raise EngineError(f"checkpoint is missing tensor {exc}") from None
+                # read on the CPU: load_state_dict moves the moments to the adapter's device
+                self.core.load_optimizer_state_dict(
+                    slot.state, torch.load(opt_path, weights_only=True, map_location="cpu")
+                )
         except Exception:
             self.free_slot(slot_id)
             raise
         return slot_id
 
     # -- sampling ------------------------------------------------------------------------
+    @_locked
     def prompt_topk_logprobs(self, slot_id: int | None, prompt: Sequence[int], k: int) -> tuple[Any, Any]:
         """The ``k`` most likely tokens and their log-probabilities at every prompt position (one prefill).
 
-        Returns:
-            ``(token_ids, logprobs)``: int32 and float32 arrays of shape ``(len(prompt), k)``; row ``i``
-            is the distribution that predicts prompt token ``i``; row 0 (nothing precedes it) is filled
-            with Tinker's sentinel (token 0, log-probability -99999).
+        See :func:`twinkle_server.sampling.prompt_topk_logprobs`.
 
         Raises:
             EngineError: bad prompt or ``k``.
         """
-        import numpy as np
-        import torch
+        from twinkle_server.sampling import prompt_topk_logprobs
 
-        if slot_id is not None:
-            self.slot(slot_id)
         prompt = [int(t) for t in prompt]
         if not prompt or min(prompt) < 0 or max(prompt) >= self.vocab_size or len(prompt) > self.max_length:
             raise EngineError(f"the prompt must be 1 to {self.max_length} token ids in [0, {self.vocab_size})")
         if not 1 <= k <= self.vocab_size:
             raise EngineError(f"top-k must be between 1 and {self.vocab_size}")
-        ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
-        self._router.groups = [(slot_id, 1)] if slot_id is not None else []
-        try:
-            with torch.no_grad():
-                logits = self.model(input_ids=ids, use_cache=False).logits[0, :-1].float()
-                top = torch.topk(torch.log_softmax(logits, dim=-1), k, dim=-1)
-                top_lps, top_ids = top.values.cpu().numpy(), top.indices.cpu().numpy()
-        finally:
-            self._router.groups = []
-        token_ids = np.zeros((len(prompt), k), dtype=np.int32)
-        logprobs = np.full((len(prompt), k), -99999.0, dtype=np.float32)
-        token_ids[1:] = top_ids
-        logprobs[1:] = top_lps
-        return token_ids, logprobs
+        with self.adapter_active(slot_id) as model:
+            return prompt_topk_logprobs(model, prompt, k, device=self.device)
 
+    @_locked
     def sample(self, slot_id: int | None, prompt: Sequence[int], **params: Any) -> Any:
         """Sample completions of ``prompt`` with a slot's adapter (or the base), in one go.
 
@@ -837,7 +647,7 @@ class LoRAEngine:
         prompt_logprobs: bool = False,
     ) -> Any:
         """A resumable :class:`~twinkle_server.sampling.Generation` of ``num_samples`` completions of ``prompt``
-        with a slot's adapter (or the base); ``gen.step(budget_s)`` runs it in slices.
+        with a slot's adapter (or the base) active on the shared model; ``gen.step(budget_s)`` runs it in slices.
 
         Logprobs are the model's own (temperature 1) log-probabilities of the sampled tokens,
         so they match what training computes. ``stop_token_ids=None`` stops at EOS. ``seed``
@@ -848,8 +658,6 @@ class LoRAEngine:
         Raises:
             EngineError: bad prompt or parameters.
         """
-        from contextlib import contextmanager
-
         from twinkle_server.sampling import Generation
 
         slot = self.slot(slot_id) if slot_id is not None else None
@@ -868,21 +676,18 @@ class LoRAEngine:
         if temperature < 0 or not 0 < top_p <= 1:
             raise EngineError("temperature must be >= 0 and top_p in (0, 1]")
 
-        @contextmanager
-        def adapter() -> Any:
+        @contextlib.contextmanager
+        def adapter() -> Iterator[None]:
             if slot is not None and self.slots.get(slot.id) is not slot:
                 raise EngineError(
                     "the sampler's adapter was unloaded while this request was sampling (its run was unloaded or "
                     "the pool needed the slot); send the request again"
                 )
-            self._router.groups = [(slot.id, num_samples)] if slot is not None else []
-            try:
+            with self.lock, self.adapter_active(slot_id):
                 yield
-            finally:
-                self._router.groups = []
 
         return Generation(
-            self.model,
+            self.core.model,
             prompt,
             activate=adapter,
             eos_token_ids=sorted(self.eos_token_ids),

@@ -204,3 +204,28 @@ class Generation:
         out = self.model(input_ids=nxt.unsqueeze(-1), past_key_values=self._past, use_cache=True)
         self._past = out.past_key_values
         self._logits = out.logits[:, -1].float()
+
+
+#: Tinker's sentinel for the first prompt position's top-k (nothing precedes it).
+TOPK_SENTINEL_LOGPROB = -99999.0
+
+
+def prompt_topk_logprobs(model: Any, prompt: Sequence[int], k: int, *, device: Any) -> tuple[Any, Any]:
+    """The ``k`` most likely tokens and their log-probabilities at every prompt position (one prefill).
+
+    Returns:
+        ``(token_ids, logprobs)``: int32 and float32 arrays of shape ``(len(prompt), k)``; row ``i``
+        is the distribution that predicts prompt token ``i``; row 0 (nothing precedes it) is filled
+        with Tinker's sentinel (token 0, log-probability -99999).
+    """
+    import numpy as np
+    import torch
+
+    ids = torch.tensor([list(prompt)], dtype=torch.long, device=device)
+    logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+    top = torch.topk(torch.log_softmax(logits, dim=-1), k, dim=-1)
+    token_ids = np.zeros((len(prompt), k), dtype=np.int32)
+    logprobs = np.full((len(prompt), k), TOPK_SENTINEL_LOGPROB, dtype=np.float32)
+    token_ids[1:] = top.indices.cpu().numpy()
+    logprobs[1:] = top.values.cpu().numpy()
+    return token_ids, logprobs

@@ -3,8 +3,8 @@
 A client's ``TransformersModel(...)``, ``TorchSampler(...)`` or ``LocalCheckpointEngine()``
 becomes an *object* here, owned by the tenant that created it.
 
-* Models: the server hosts one ``TransformersModel`` on its base model; every object's
-  adapters live on it under tenant-scoped names, so a tenant's calls
+* Models: every object's adapters live on the engine's one ``TransformersModel`` (the
+  Tinker runs' adapters are on it too) under tenant-scoped names, so a tenant's calls
   (``add_adapter_to_model``, ``set_optimizer``, ``forward_backward``, ``save``...) touch only
   its own adapters, optimizers and metrics, with the same semantics as in local mode. An
   object that trains before adding an adapter (a full-parameter warm-up) gets a private
@@ -141,43 +141,15 @@ class TwinkleHost:
 
     @property
     def model(self) -> Any:
-        """The hosted model, built on first use (on the worker thread).
+        """The shared model: the engine's core ``TransformersModel`` (:class:`~twinkle_server.engine.LoRAEngine`).
 
-        It is built on the Tinker engine's device (``ServerConfig.device``: the GPU on a GPU
-        server unless told otherwise) and its base weights are the engine's tensors
-        (:meth:`LoRAEngine.share_base_weights`): the server holds one set of base weights,
-        whichever API a tenant trains through. Should the devices still differ, the model
-        keeps its own copy of the base weights, with a warning.
+        Every model object's adapters live on it under tenant-scoped names, beside the Tinker
+        runs' adapters: one set of base weights and one training engine for both APIs.
         """
         if self._model is None:
-            from twinkle.launcher.http import build_locally
-            from twinkle.model.transformers_model import FULL_MODEL, TransformersModel
-
-            engine = self.state.engine
-            with build_locally():
-                model = TransformersModel(
-                    model_id=str(self.state.config.model_dir), seed=self.state.config.seed, device=engine.device
-                )
+            model = self.state.engine.core
             # a step whose loss or gradient norm is not finite is skipped and reported, the adapter unchanged
             model.skip_nonfinite_steps = True
-            if model.device != engine.device:
-                logger.warning(
-                    "twinkle serve: the twinkle API's model runs on %s and the Tinker engine on %s; each keeps its "
-                    "own base weights",
-                    model.device,
-                    engine.device,
-                )
-                self._model = model
-                return model
-            shared = engine.share_base_weights(model.model)
-            expected = len(list(model.model.named_parameters(remove_duplicate=False)))
-            if shared != expected:
-                raise RuntimeError(
-                    f"the twinkle API model shares {shared} of its {expected} base weights with the Tinker engine; "
-                    "both must load the same base model"
-                )
-            # the full-model state listed the copies just replaced: point it at the shared tensors (frees the copies)
-            model.state_of(FULL_MODEL).params = list(model.model.parameters())
             self._model = model
         return self._model
 
@@ -252,6 +224,10 @@ class TwinkleHost:
 
     def call(self, obj: HostedObject, method: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
         """(Worker) run one method of ``obj`` (on its own instance, or for its adapters on the shared model)."""
+        with self.state.engine.lock:
+            return self._call(obj, method, args, kwargs)
+
+    def _call(self, obj: HostedObject, method: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
         if "dataloader" in kwargs:
             raise UserError("dataloader= cannot be sent in http mode; the data loader stays in your process")
         args, kwargs = self.resolve(args, obj.tenant_id), self.resolve(kwargs, obj.tenant_id)
@@ -296,11 +272,13 @@ class TwinkleHost:
             _bind(model.add_adapter_to_model, method, [scoped, *args], kwargs)
             # the object's first adapter is covered by the object itself; each further one is one more unit
             self.state.hold(self._tenant(obj), obj.id, max(1, len(obj.adapters) + 1))
+            own = model.state_of(obj.adapters[obj.current]) if obj.current in obj.adapters else None
             try:
                 model.add_adapter_to_model(scoped, *args, **kwargs)
             except BaseException:
                 self.state.hold(self._tenant(obj), obj.id, max(1, len(obj.adapters)))
                 raise
+            _inherit_settings(model, scoped, own)
             trained = self.state.engine.trainable_base_weights()
             if trained:  # any other option that unfroze base weights: undo it and refuse
                 for param in self.state.engine.base_parameters.values():
@@ -426,6 +404,10 @@ class TwinkleHost:
 
     def release(self, obj: HostedObject) -> None:
         """(Worker) drop an object's adapters from the hosted model (or its private instance)."""
+        with self.state.engine.lock:
+            self._release(obj)
+
+    def _release(self, obj: HostedObject) -> None:
         if obj.instance is not None:
             obj.instance = None
             return
@@ -439,6 +421,22 @@ class TwinkleHost:
                     remover(scoped)
                 except (KeyError, ValueError):
                     continue
+
+
+def _inherit_settings(model: Any, scoped: str, own: Any) -> None:
+    """A new adapter takes its template and processor from the object's current adapter, never another tenant's.
+
+    (Core copies them from the model's previous default adapter, which on the shared model may
+    be any tenant's or a Tinker run's.)
+    """
+    from twinkle.processor.base import InputProcessor
+
+    state = model.state_of(scoped)
+    if own is not None:
+        state.template, state.processor = own.template, own.processor
+    else:
+        state.template = None
+        state.processor = InputProcessor(pad_token_id=getattr(model.model_config(), "pad_token_id", None) or 0)
 
 
 def _bind(fn: Any, method: str, args: list[Any], kwargs: dict[str, Any]) -> None:

@@ -229,11 +229,23 @@ class TinkerLoss(Loss):
         self.loss_fn = loss_fn
         self.config = check_loss(loss_fn, config)
         self.normalize = bool(normalize)
+        #: keep the last call's ``(token logps [B, T] detached, trained-token mask, row_ids)`` in
+        #: :attr:`last_token_logps` (the service sends every datum's logprobs back).
+        self.keep_token_logps = False
+        self.last_token_logps: tuple[Any, Any, Any] | None = None
 
     def __call__(self, inputs: Mapping[str, Any], outputs: Mapping[str, Any]) -> LossOutput:
         """The summed loss over the trained tokens; normalizer: their count (or 1, ``normalize=False``)."""
+        import torch
+
         mask = inputs["shift_labels"] != -100
         all_logp = token_logps(inputs, outputs)
+        # which sequence each position belongs to: a packed batch holds several in one row
+        row_ids = inputs.get("row_ids")
+        owners = row_ids if row_ids is not None else torch.arange(mask.shape[0], device=mask.device)[:, None]
+        owners = owners.expand_as(mask)
+        if self.keep_token_logps:
+            self.last_token_logps = (all_logp.detach(), mask, owners)
         logp = all_logp[mask]
         fields = {}
         for key in LOSS_INPUTS[self.loss_fn][1:] + OPTIONAL_INPUTS.get(self.loss_fn, ()):
@@ -245,13 +257,13 @@ class TinkerLoss(Loss):
                     f"TinkerLoss({self.loss_fn!r}) needs the per-row field {key!r} in the inputs of forward_backward"
                 )
             fields[key] = value
-        if self.loss_fn in PER_SEQUENCE:  # one call per row: the loss couples a sequence's tokens
+        if self.loss_fn in PER_SEQUENCE:  # one call per sequence: the loss couples a sequence's tokens
             loss = all_logp.new_zeros(())
-            for row in range(mask.shape[0]):
-                row_mask = mask[row]
-                if bool(row_mask.any()):
-                    row_inputs = {k: v[row][row_mask].to(all_logp.dtype) for k, v in fields.items()}
-                    loss = loss + LOSSES[self.loss_fn](all_logp[row][row_mask], row_inputs, self.config)[0]
+            for r in range(int(owners.max()) + 1):
+                selected = mask & (owners == r)
+                if bool(selected.any()):
+                    seq_inputs = {k: v[selected].to(all_logp.dtype) for k, v in fields.items()}
+                    loss = loss + LOSSES[self.loss_fn](all_logp[selected], seq_inputs, self.config)[0]
         else:
             per_token = {k: v[mask].to(logp.dtype) for k, v in fields.items()}
             loss, _ = LOSSES[self.loss_fn](logp, per_token, self.config)

@@ -284,3 +284,42 @@ def forward_only_multi(
     finally:
         model.model.train(was_training)
     return answers
+
+
+def forward_loss_multi(
+    model: Any,
+    inputs: Mapping[str, Sequence[Mapping[str, Any]]],
+    *,
+    extra: Mapping[str, Mapping[str, Sequence[Any]]] | None = None,
+    kernel: str | None = None,
+) -> dict[str, ModelOutput]:
+    """Each adapter's own ``Loss`` on its rows, in one packed pass without gradients or bookkeeping.
+
+    The evaluation twin of :func:`forward_backward_multi` (the service's Tinker ``forward``): the
+    same packing, segments and losses, no backward, no counters or reports touched.
+
+    Returns:
+        adapter name -> ``ModelOutput(loss=<the loss sum / its normalizer>, num_tokens=<normalizer>)``.
+    """
+    import torch
+
+    from twinkle.patch.multi_lora import SegmentPlan, adapter_segments
+
+    batch, spans = pack_rows(model, inputs, extra)
+    plan = SegmentPlan([(name, s, e) for name, s, e, _, _ in spans], batch["input_ids"].shape[-1], kernel)
+    was_training = model.model.training
+    model.model.eval()
+    answers: dict[str, ModelOutput] = {}
+    try:
+        with torch.no_grad(), adapter_segments(model.model, plan):
+            outputs = _run(model, batch)
+            for name, start, end, first_row, _ in spans:
+                result = model.state_of(name).loss(
+                    _slice_batch(batch, start, end, first_row), _slice_outputs(outputs, start, end)
+                )
+                tokens = float(result.num_tokens)
+                loss = float(result.loss)
+                answers[name] = ModelOutput(loss=loss / tokens if tokens else 0.0, num_tokens=tokens)
+    finally:
+        model.model.train(was_training)
+    return answers
