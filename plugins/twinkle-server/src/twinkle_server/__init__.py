@@ -5,9 +5,12 @@ Install with ``pip install 'twinkle-core[http]'``. Modules (each one job):
 * :mod:`~twinkle_server.config`: :class:`ServerConfig`.
 * :mod:`~twinkle_server.store`: SQLite state (tenants, hashed API keys, sessions, runs,
   checkpoints, futures).
-* :mod:`~twinkle_server.engine`: the base model with a pool of LoRA slots; batched
-  multi-LoRA forward/backward, per-slot AdamW, sampling, adapter save/load.
-* :mod:`~twinkle_server.losses`: the Tinker losses.
+* :mod:`~twinkle_server.engine`: the one engine: a core ``TransformersModel`` whose named
+  adapters are the tenants (both APIs); batched multi-adapter passes, per-adapter AdamW,
+  adapter save/load.
+* :mod:`~twinkle_server.tinker_rows`: Tinker datums as core rows, their checks and outputs.
+* :mod:`~twinkle_server.sampling`: KV-cache generation and prompt top-k on the shared model.
+* :mod:`~twinkle_server.losses`: the Tinker losses (core's).
 * :mod:`~twinkle_server.scheduler`: per-run ``seq_id`` ordering and cross-tenant batching.
 * :mod:`~twinkle_server.checkpoints`: safe names, ``tinker://`` paths, atomic writes.
 * :mod:`~twinkle_server.wire`: the Tinker protobuf wire format.
