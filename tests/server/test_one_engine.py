@@ -187,7 +187,9 @@ def test_twinkle_objects_are_adapters_of_the_engines_model(server) -> None:
         model.set_optimizer("AdamW", lr=1e-2)
         model.forward_backward(inputs=[{"input_ids": list(range(7, 27))}])
         model.clip_grad_and_step()
-    assert host(server.state).model is engine.core
-    scoped = [name for name in engine.core.adapter_names if name.endswith("_mine")]
-    assert scoped, engine.core.adapter_names
-    assert engine.core.state_of(scoped[-1]).global_step == 1
+        # (inside the session: leaving it deletes the client's objects, and their adapters)
+        assert host(server.state).model is engine.core
+        scoped = [name for name in engine.core.adapter_names if name.endswith("_mine")]
+        assert len(scoped) == 1, engine.core.adapter_names
+        assert engine.core.state_of(scoped[0]).global_step == 1
+    assert not [name for name in engine.core.adapter_names if name == scoped[0]]

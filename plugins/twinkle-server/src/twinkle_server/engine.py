@@ -506,7 +506,7 @@ class LoRAEngine:
             norm = values.get(i, 0.0)
             if not math.isfinite(norm):
                 self.core.zero_grad(adapter_name=name)
-                results[i] = {"grad_norm": 0.0, "skipped_non_finite": 1.0, "step": float(state.global_step)}
+                results[i] = {"grad_norm": norm, "skipped_non_finite": 1.0, "step": float(state.global_step)}
                 continue
             for group in state.optimizer.param_groups:
                 group.update(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
@@ -529,12 +529,20 @@ class LoRAEngine:
         place afterwards). The files hold CPU tensors whatever the engine's device, so a
         checkpoint loads on any device. Returns the bytes written.
         """
+        from safetensors.torch import load_file, save_file
+
         slot = self.slot(slot_id)
         directory = Path(directory)
         self.core.adapter_config(slot.adapter).base_model_name_or_path = base_model
         self.core.save(
             directory, adapter_name=slot.adapter, save_optimizer=optimizer, save_tokenizer=False, overwrite=True
         )
+        # peft adds the base LM head to an adapter that targets it ("embedding layers"): a tenant's
+        # checkpoint holds its adapter only (and a load can never write the shared base)
+        weights_path = directory / ADAPTER_WEIGHTS
+        tensors = load_file(str(weights_path))
+        if any(".lora_" not in key for key in tensors):
+            save_file({k: v for k, v in tensors.items() if ".lora_" in k}, str(weights_path), metadata={"format": "pt"})
         config_path = directory / ADAPTER_CONFIG
         config = json.loads(config_path.read_text())
         config["twinkle_steps"] = slot.steps
@@ -574,7 +582,7 @@ class LoRAEngine:
                 raise EngineError(f"checkpoint is missing tensor {missing[0]!r}")
             if any(tensors[k].shape != t.shape for k, t in expected.items()):
                 raise EngineError("checkpoint tensor shapes do not fit this base model")
-            self.core.load_adapter_weights(slot.adapter, tensors, directory)
+            self.core.load_adapter_weights(slot.adapter, {k: tensors[k] for k in expected}, directory)
             trainer_state = directory / "trainer_state.json"
             steps = int(config.get("twinkle_steps", 0))
             if trainer_state.is_file():
