@@ -177,3 +177,22 @@ def test_gspo_component_takes_one_ratio_per_row():
     model.set_loss("TinkerLoss", loss_fn="gspo", normalize=False)
     out = model.forward_backward(rows, logprobs=olds, advantages=advs)
     assert out["loss"] == pytest.approx(want, rel=1e-5, abs=1e-4)
+
+
+def test_gspo_component_takes_one_ratio_per_sequence_of_a_packed_row():
+    """Packed padding-free (the service's passes): one row holds every sequence; row_ids tell them apart."""
+    rows = random_token_rows(3, 7, vocab=512, min_len=6, max_len=12)
+    gen = torch.Generator().manual_seed(0)
+    olds = [[-6.0 + 0.3 * float(torch.rand(1, generator=gen)) for _ in row["input_ids"]] for row in rows]
+    advs = [0.5, -1.0, 2.0]
+    losses = []
+    for processor in ("InputProcessor", "PaddingFreeProcessor"):
+        model = TransformersModel(config=CONFIG, device="cpu", seed=1)
+        model.add_adapter_to_model("tenant", {"r": 4, "target_modules": "all-linear"})
+        model.set_processor(processor)
+        model.set_loss("TinkerLoss", loss_fn="gspo", normalize=False)
+        losses.append(model.forward_backward(rows, logprobs=olds, advantages=advs)["loss"])
+    padded, packed = losses
+    # the same per-sequence sums either way (fp32, a few dozen terms: ~1e-6 relative); one ratio
+    # over the whole packed row would differ by O(1)
+    assert packed == pytest.approx(padded, rel=1e-5)
