@@ -437,6 +437,7 @@ def _register(stored: StoredLoss) -> None:
     core.LOSSES[stored.key] = _engine_loss(stored)
     core.LOSS_INPUTS[stored.key] = ("target_tokens", *(n for n, _ in stored.inputs[1:]))
     core.LOSS_CONFIG[stored.key] = {"job": None}
+    core.PER_SEQUENCE.add(stored.key)  # one call per datum, as Tinker calls a custom loss
 
 
 # -- routes ------------------------------------------------------------------------------------

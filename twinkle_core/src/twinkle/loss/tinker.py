@@ -53,8 +53,9 @@ OPTIONAL_INPUTS: dict[str, tuple[str, ...]] = {
     "gspo": ("sequence_ratio_mask",),
     "stable_reinforce": ("stability_mask",),
 }
-# losses whose value couples a sequence's tokens: called once per sequence
-PER_SEQUENCE: frozenset[str] = frozenset({"gspo"})
+# losses whose value couples a sequence's tokens: called once per sequence (a server registers its
+# tenants' custom losses here too: Tinker calls those per datum)
+PER_SEQUENCE: set[str] = {"gspo"}
 LOSS_CONFIG: dict[str, dict[str, float | None]] = {
     "cross_entropy": {},
     "importance_sampling": {},
