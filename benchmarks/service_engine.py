@@ -27,6 +27,10 @@ issue's targets; ``--configs all`` adds the diagnostic ones (marked *):
 * ``mixed_padded``: the same rows on the fast path with the default ``InputProcessor``, in
   micro-batches of ``--rows`` rows each padded to its longest row, as the old service engine laid
   them out (one adapter, one optimizer step per pass; tokens/s counts real tokens).
+* ``engine_1x8`` / ``engine_8x1``: the service's engine itself (``twinkle_server.engine.LoRAEngine``:
+  Tinker datums, ``TinkerLoss``, per-datum logprobs back to the host, ``optim_steps``) with one
+  tenant of 8 rows / 8 tenants of one row (LoRA on attention and MLP, as ``all-linear``); needs
+  the twinkle-server plugin importable (no http extra).
 
 Prints tokens/s (real tokens over the median step time), peak allocated GPU memory and the
 ratios of the issue's targets (``multi_1x8 / fastpath``, ``multi_8x1 / multi_1x8``,
@@ -45,12 +49,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from model_shapes import QWEN25_05B, TINY, qwen2_config  # noqa: E402
 
-CONFIGS = ["fastpath", "multi_1x8", "multi_8x1", "mixed_packed", "mixed_padded"]
+CONFIGS = ["fastpath", "multi_1x8", "multi_8x1", "mixed_packed", "mixed_padded", "engine_1x8", "engine_8x1"]
 DIAGNOSTIC = ["multi_1x8_segmented", "fastpath_eager", "multi_8x1_torch"]
 TENANTS = 8
 LORA = {"r": 8, "lora_alpha": 16, "target_modules": "all-linear", "lora_dropout": 0.0}
@@ -88,6 +93,29 @@ def build(config: str, shape: dict, device: str, adapters: int) -> object:
     return model
 
 
+def engine_step(shape: dict, device: str, data: list[dict], tenants: int) -> Any:
+    """The service's engine on a random-init model of ``shape``: a function running one pass + steps."""
+    import tempfile
+
+    from twinkle.testing import write_tiny_model_dir
+    from twinkle_server.engine import BatchJob, Datum, LoRAEngine
+
+    directory = write_tiny_model_dir(tempfile.mkdtemp(prefix="service-engine-"))  # the bundled tokenizer
+    # this shape's config.json over the tiny one
+    (Path(directory) / "config.json").write_text(json.dumps(qwen2_config(shape)))
+    engine = LoRAEngine(directory, max_adapters=tenants, max_rank=8, device=device)
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    slots = [engine.create_slot(8, alpha=16, targets=targets) for _ in range(tenants)]
+    datums = [Datum(row["input_ids"][:-1], {"target_tokens": row["input_ids"][1:]}) for row in data]
+    jobs = [BatchJob(slot, datums[i :: len(slots)]) for i, slot in enumerate(slots)]
+
+    def step() -> None:
+        engine.forward_backward(jobs)
+        engine.optim_steps([(slot, {"learning_rate": 1e-4}) for slot in slots])
+
+    return step
+
+
 def worker(config: str, shape: dict, device: str, rows: int, seq: int, steps: int, warmup: int) -> dict:
     import torch
     from twinkle.model.multi_adapter import forward_backward_multi
@@ -100,10 +128,15 @@ def worker(config: str, shape: dict, device: str, rows: int, seq: int, steps: in
     else:
         lengths = [seq] * rows
     data = rows_of(lengths, vocab, seed=2)
-    adapters = TENANTS if config in ("multi_8x1", "multi_8x1_torch", "mixed_packed") else 1
-    model = build(config, shape, device, adapters)
-    names = model.adapter_names
-    if config in ("fastpath", "fastpath_eager"):
+    adapters = TENANTS if config in ("multi_8x1", "multi_8x1_torch", "mixed_packed", "engine_8x1") else 1
+    if config.startswith("engine"):
+        step = engine_step(shape, device, data, adapters)
+    else:
+        model = build(config, shape, device, adapters)
+        names = model.adapter_names
+    if config.startswith("engine"):
+        pass
+    elif config in ("fastpath", "fastpath_eager"):
 
         def step() -> None:
             model.forward_backward(data, adapter_name=names[0])
@@ -192,6 +225,8 @@ def format_table(results: list[dict], title: str) -> str:
         ("compilation on the single-adapter path: fastpath / fastpath_eager", "fastpath", "fastpath_eager"),
         ("Triton segment kernel vs torch path: multi_8x1 / multi_8x1_torch", "multi_8x1", "multi_8x1_torch"),
         ("mixed lengths: mixed_packed / mixed_padded (target >= 1.8)", "mixed_packed", "mixed_padded"),
+        ("the service's engine, 1 tenant: engine_1x8 / fastpath (target >= 0.9)", "engine_1x8", "fastpath"),
+        ("the service's engine, 8 tenants: engine_8x1 / engine_1x8 (target >= 0.85)", "engine_8x1", "engine_1x8"),
     ):
         if a in by and b in by:
             lines.append(f"| {label} | {by[a]['tokens_per_s'] / by[b]['tokens_per_s']:.2f} |")
