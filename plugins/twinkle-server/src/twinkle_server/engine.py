@@ -529,6 +529,7 @@ class LoRAEngine:
         place afterwards). The files hold CPU tensors whatever the engine's device, so a
         checkpoint loads on any device. Returns the bytes written.
         """
+        import torch
         from safetensors.torch import load_file, save_file
 
         slot = self.slot(slot_id)
@@ -543,6 +544,9 @@ class LoRAEngine:
         tensors = load_file(str(weights_path))
         if any(".lora_" not in key for key in tensors):
             save_file({k: v for k, v in tensors.items() if ".lora_" in k}, str(weights_path), metadata={"format": "pt"})
+        optimizer_path = directory / OPTIMIZER_STATE
+        if optimizer_path.is_file():  # CPU tensors, whatever the device: the checkpoint loads anywhere
+            torch.save(torch.load(optimizer_path, map_location="cpu", weights_only=True), optimizer_path)
         config_path = directory / ADAPTER_CONFIG
         config = json.loads(config_path.read_text())
         config["twinkle_steps"] = slot.steps
