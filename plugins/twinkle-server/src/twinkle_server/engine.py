@@ -514,10 +514,13 @@ class LoRAEngine:
                 torch.nn.utils.clip_grads_with_norm_(slot.parameters(), clip, norms[i], foreach=True)
             # Tinker's losses are sums and gradients add up over forward_backward calls: normalizer 1
             state.window_tokens, state.grads_final = 1.0, False
-            self.core.step(adapter_name=name)
+            before = state.global_step
+            self.core.step(adapter_name=name)  # the shared model may skip a non-finite loss's step itself
             self.core.zero_grad(adapter_name=name)
             state.last_grad_norm = norm
             results[i] = {"grad_norm": norm, "step": float(state.global_step)}
+            if state.global_step == before:
+                results[i]["skipped_non_finite"] = 1.0
         return results
 
     # -- checkpoints -------------------------------------------------------------------
