@@ -55,7 +55,7 @@ def test_async_grpo_with_sampler_and_trainer_on_separate_groups(ray_runtime, tmp
     from twinkle.rollout import RolloutBuffer, RolloutWorker
     from twinkle.testing import write_tiny_model_dir
 
-    model_dir = write_tiny_model_dir(tmp_path / "model")
+    model_dir = write_tiny_model_dir(tmp_path)
     runtime = ray_runtime(groups=groups(), seed=SEED)
     model, sampler = build(model_dir)
     trainer_pids, sampler_pids = (set(c.pids) for c in runtime.launcher.components)
@@ -125,10 +125,11 @@ def test_async_grpo_with_sampler_and_trainer_on_separate_groups(ray_runtime, tmp
 def test_partial_rollouts_in_ray_mode_record_the_version_of_each_token(ray_runtime, tmp_path):
     """A weight update between chunks: the sequence continues under the new weights, versions per token."""
     from twinkle.data_format import SamplingParams
+    from twinkle.data_format.sampling import build_input_feature
     from twinkle.rollout import RolloutBuffer, RolloutWorker
     from twinkle.testing import write_tiny_model_dir
 
-    model_dir = write_tiny_model_dir(tmp_path / "model")
+    model_dir = write_tiny_model_dir(tmp_path)
     ray_runtime(groups=groups(), seed=SEED)
     model, sampler = build(model_dir)
     buffer = RolloutBuffer(batch_size=len(prompts()) * 2, max_staleness=2)
@@ -153,7 +154,7 @@ def test_partial_rollouts_in_ray_mode_record_the_version_of_each_token(ray_runti
     worker = RolloutWorker(Gate(), buffer, prompts, params, adapter_name="default", chunk_tokens=3).start()
     try:
         assert chunk_done.wait(120)
-        rows = [{"input_ids": [1, 2, 3, 4, 5], "labels": [-100, -100, -100, 4, 5], "advantages": 1.0}]
+        rows = [dict(build_input_feature([1, 2, 3], [4, 5], logprobs=[-1.0, -1.0]), advantages=1.0)]
         model.forward_backward(inputs=rows)
         model.clip_grad_and_step()
         sync = threading.Thread(target=worker.sync_weights, args=(model,), kwargs={"adapter_name": "default"})
