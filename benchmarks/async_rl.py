@@ -262,7 +262,8 @@ def main() -> None:
         )
         results.append(result)
     load = os.getloadavg()[0]
-    device = f"{os.cpu_count()} CPU cores shared with other jobs (1-min load average {load:.1f} at the end), mode {args.mode}"
+    device = f"{os.cpu_count()} CPU cores shared with other jobs (1-min load average {load:.1f} at the end)"
+    device += f", mode {args.mode}"
     text = report(results, args, device)
     print(text)
     out = (

@@ -13,9 +13,11 @@ light ends as the user asked, else 0; a turn with a malformed call costs 0.1 (pe
 Stage 1 is a short SFT warm-up of the *formats* only: a third of the conversations just say
 "Done." (the light stays as it was: wrong), two thirds call a random one of the two tools, read
 its result and say "Done.". After it the policy is right about a third of the time. Stage 2 is
-GRPO on a LoRA adapter: it learns to call the tool the request names.
+GRPO on a LoRA adapter over the episodes' tokens. Measured with seed 0 (20 steps): the tool-call
+rate rises from 0.85 to 0.95 (first vs last 4 steps: a direct "Done." never pays), while the final
+reward stays at 0.375: choosing the switch the request names needs more steps than CI affords.
 
-    python examples/agent_tools.py            # a few minutes on 2 idle CPU cores
+    python examples/agent_tools.py            # a few minutes on 2 idle CPU cores (16 on a busy machine)
     python examples/agent_tools.py --steps 30
 """
 
