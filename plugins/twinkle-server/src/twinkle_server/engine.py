@@ -673,23 +673,18 @@ class LoRAEngine:
         Raises:
             EngineError: bad prompt or parameters.
         """
-        from twinkle_server.sampling import Generation
+        from twinkle_server.sampling import Generation, check_sample_request
 
         slot = self.slot(slot_id) if slot_id is not None else None
-        prompt = [int(t) for t in prompt]
-        if not prompt:
-            raise EngineError("the prompt is empty")
-        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
-            raise EngineError(f"prompt token ids must be in [0, {self.vocab_size})")
-        if not 1 <= num_samples <= 64:
-            raise EngineError("num_samples must be between 1 and 64")
-        if max_tokens < 1 or len(prompt) + max_tokens > self.max_length:
-            raise EngineError(
-                f"max_tokens={max_tokens} with a {len(prompt)}-token prompt exceeds the model's "
-                f"{self.max_length} positions (or is below 1)"
-            )
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise EngineError("temperature must be >= 0 and top_p in (0, 1]")
+        prompt = check_sample_request(
+            prompt,
+            vocab_size=self.vocab_size,
+            max_length=self.max_length,
+            num_samples=num_samples,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+        )
 
         @contextlib.contextmanager
         def adapter() -> Iterator[None]:

@@ -229,3 +229,37 @@ def prompt_topk_logprobs(model: Any, prompt: Sequence[int], k: int, *, device: A
     token_ids[1:] = top.indices.cpu().numpy()
     logprobs[1:] = top.values.cpu().numpy()
     return token_ids, logprobs
+
+
+def check_sample_request(
+    prompt: Sequence[int],
+    *,
+    vocab_size: int,
+    max_length: int,
+    num_samples: int,
+    max_tokens: int,
+    temperature: float,
+    top_p: float,
+) -> list[int]:
+    """The prompt as a list of ints, after checking the request against the model.
+
+    Raises:
+        EngineError: an empty or out-of-vocabulary prompt, too many samples or tokens, a bad temperature/top_p.
+    """
+    from twinkle_server.tinker_rows import EngineError
+
+    prompt = [int(t) for t in prompt]
+    if not prompt:
+        raise EngineError("the prompt is empty")
+    if min(prompt) < 0 or max(prompt) >= vocab_size:
+        raise EngineError(f"prompt token ids must be in [0, {vocab_size})")
+    if not 1 <= num_samples <= 64:
+        raise EngineError("num_samples must be between 1 and 64")
+    if max_tokens < 1 or len(prompt) + max_tokens > max_length:
+        raise EngineError(
+            f"max_tokens={max_tokens} with a {len(prompt)}-token prompt exceeds the model's "
+            f"{max_length} positions (or is below 1)"
+        )
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise EngineError("temperature must be >= 0 and top_p in (0, 1]")
+    return prompt
