@@ -4,7 +4,7 @@ Training and sampling requests return a future (``{"request_id": ...}``) at once
 SDK long-polls ``/api/v1/retrieve_future`` for the result, which is protobuf for
 ``forward_backward``/``forward``/``sample`` and JSON otherwise. Requests of one training
 client carry ``seq_id`` and run in that order. Options this server does not implement
-(top-k sample logprobs, inflight sampling, non-Adam optimizers) are
+(top-k sample logprobs, non-Adam optimizers) are
 rejected with a 400 that names them, never silently ignored.
 """
 
@@ -188,6 +188,10 @@ class FinishSessionBody(_Body):
     detail: Optional[str] = None
 
 
+#: the ``model_path`` recorded for an inflight sampling session (``kind="inflight"``): the run it reads
+INFLIGHT_PREFIX = "inflight://"
+
+
 # -- helpers -------------------------------------------------------------------------
 def _future(request_id: str, model_id: str | None = None) -> dict[str, Any]:
     return {"request_id": request_id, "model_id": model_id}
@@ -326,7 +330,7 @@ def client_config(_: Tenant = Depends(current_tenant)) -> Any:
         "parallel_fwdbwd_chunks": True,
         "sample_use_retrieve_futures": True,
         "custom_loss_server_side": True,
-        "sample_join_sampling_session": False,
+        "sample_join_sampling_session": True,
     }
 
 
@@ -543,8 +547,10 @@ def _fill_stability(state: ServerState, tenant: Tenant, message: Any) -> None:
                     "sequence_ids) or loss_fn_inputs['logprobs']"
                 )
             continue
-        if "logprobs" in datum.inputs or "stability_mask" in datum.inputs:
-            raise _bad(f"datum {i}: with provenance spans the server supplies logprobs; do not send them")
+        if "stability_mask" in datum.inputs:
+            raise _bad(f"datum {i}: with provenance spans the server supplies stability_mask; do not send it")
+        # the cookbook also sends the logprobs it saw; the sampler's record (what stable_reinforce is
+        # defined against) takes their place
         target = datum.inputs.get("target_tokens")
         length = len(target) if target is not None else len(datum.tokens)
         try:
@@ -623,8 +629,10 @@ def save_weights_for_sampler(
     """Save sampler weights by name, or (no name) snapshot them into a new sampling session."""
     run = _run_or_404(state, tenant, body.model_id)
     _check_ttl(body.ttl_seconds)
-    if body.kind != "snapshot":
-        raise _bad(f"sampling client kind {body.kind!r} is not supported; use kind='snapshot'")
+    if body.kind not in ("snapshot", "inflight"):
+        raise _bad(f"sampling client kind {body.kind!r} is not supported; use 'snapshot' or 'inflight'")
+    if body.kind == "inflight" and body.path is not None:
+        raise _bad("kind='inflight' makes a sampling client, not a named checkpoint; send no path")
     state.charge(tenant)
     if body.path is not None:
         name = _check_name(body.path)
@@ -637,6 +645,20 @@ def save_weights_for_sampler(
 
         fid = state.submit(
             tenant, "save_weights_for_sampler", model_id=body.model_id, seq_id=body.seq_id, run=run_named
+        )
+        return _future(fid, body.model_id)
+    if body.kind == "inflight":
+        # samples read the run's live adapter: the weights of this save or newer (Tinker's contract)
+        sampler_id = state.store.create_sampling_session(
+            tenant.id, run.session_id, INFLIGHT_PREFIX + body.model_id, state.config.model_name
+        )
+
+        def run_inflight() -> tuple[str, bytes]:
+            state.loaded_slot(tenant, body.model_id)  # in seq_id order: after the steps before this save
+            return _json({"path": None, "sampling_session_id": sampler_id, "type": "save_weights_for_sampler"})
+
+        fid = state.submit(
+            tenant, "save_weights_for_sampler", model_id=body.model_id, seq_id=body.seq_id, run=run_inflight
         )
         return _future(fid, body.model_id)
     sampler_id = state.store.create_sampling_session(
@@ -788,11 +810,17 @@ def asample(
         raise _bad("temperature must be a finite number >= 0")
     model_path = body.model_path
     snapshot_of: str | None = None
+    inflight_run: str | None = None
     if body.sampling_session_id is not None:
         session = state.store.sampling_session(tenant.id, body.sampling_session_id)
         if session is None:
             raise HTTPException(404, f"sampling session {body.sampling_session_id!r} not found")
         model_path = session["model_path"]
+        if model_path is not None and model_path.startswith(INFLIGHT_PREFIX):
+            inflight_run = model_path[len(INFLIGHT_PREFIX) :]
+            model_path = None
+            if state.store.run(tenant.id, inflight_run) is None:
+                raise HTTPException(404, f"the training run {inflight_run!r} of this inflight sampler is gone")
         # a snapshot's sampler has no checkpoint path; a base-model sampler has none either
         is_snapshot = model_path is None and body.sampling_session_id.startswith("snapshot")
         snapshot_of = body.sampling_session_id if is_snapshot else None
@@ -811,7 +839,9 @@ def asample(
 
     def start() -> Any:
         # the worker runs the generation in slices (Scheduler.slice_s), other tenants' work between them
-        if snapshot_of is not None:
+        if inflight_run is not None:
+            slot = state.loaded_slot(tenant, inflight_run)
+        elif snapshot_of is not None:
             slot = state.snapshot_slots.get(snapshot_of)
             if slot is None:
                 raise UserError(
