@@ -15,10 +15,13 @@ alternating rounds:
    Goal: the 8-tenant aggregate tokens/s at least 0.8x the single tenant's. The table also
    shows how many tenants each pass of the 8-tenant runs held (from the server's
    ``--stats-file``).
+3. The 8 concurrent SDK clients against the engine itself stepping the same 8 tenants in one
+   pass per step (the best the server's batching can do). Goal on a GPU: >= 0.7x.
 
     python benchmarks/http_service.py                  # defaults: 8 tenants, 4 rows x 64 tokens, 3 rounds
     python benchmarks/http_service.py --steps 20 --seq-len 128 --rounds 5
     python benchmarks/http_service.py --no-pin         # clients and server on every core
+    python benchmarks/http_service.py --shape 0.5b --rows 1 --seq-len 2048 --steps 5   # GPU: Qwen2.5-0.5B shape
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from typing import Iterator
 
 os.environ.setdefault("TINKER_TELEMETRY", "0")
 
-BASE = "twinkle/tiny-qwen2"
+BASE = "twinkle/tiny-qwen2"  # the model name clients use (``--model-name`` of the server)
 
 
 def _datums(rows: int, seq_len: int, offset: int) -> list:
@@ -84,6 +87,71 @@ def in_process_step_s(engine, rows: int, seq_len: int, steps: int) -> float:
         return (time.perf_counter() - start) / steps
     finally:
         engine.free_slot(slot)
+
+
+def in_process_tokens_per_s(engine, tenants: int, rows: int, seq_len: int, steps: int) -> float:
+    """Aggregate trained tokens/s of ``tenants`` slots stepped together through the engine itself (no server).
+
+    What the server's batching does at best: each step is one packed pass holding every
+    tenant's ``rows`` datums (``forward_backward`` with one job per slot), then the slots'
+    optimizer steps together (``optim_steps``).
+    """
+    from twinkle_server.engine import BatchJob
+
+    slots = [engine.create_slot(8) for _ in range(tenants)]
+    data = [_engine_datums(_datums(rows, seq_len, i)) for i in range(tenants)]
+    hyper = {"learning_rate": 1e-4}
+    try:
+
+        def step() -> None:
+            engine.forward_backward([BatchJob(slot, d) for slot, d in zip(slots, data)])
+            engine.optim_steps([(slot, hyper) for slot in slots])
+
+        for _ in range(3):
+            step()
+        _synchronize(engine)
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        _synchronize(engine)
+        return tenants * rows * seq_len * steps / (time.perf_counter() - start)
+    finally:
+        for slot in slots:
+            engine.free_slot(slot)
+
+
+def _synchronize(engine) -> None:
+    import torch
+
+    if str(engine.device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def shaped_model_dir(shape: str, root: Path) -> Path:
+    """A model directory of ``shape`` without weights (the server seeds random ones): ``tiny`` is the bundled model.
+
+    The other shapes take their config from ``model_shapes.py`` and the bundled tokenizer (the
+    benchmark's token ids stay below its vocabulary).
+    """
+    from twinkle_server.config import tiny_model_dir
+
+    tiny = tiny_model_dir()
+    if shape == "tiny":
+        return tiny
+    import shutil
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from model_shapes import QWEN25_05B, QWEN25_7B, qwen2_config
+
+    target = root / f"qwen2-{shape}"
+    target.mkdir(parents=True, exist_ok=True)
+    for item in tiny.iterdir():
+        if item.name != "config.json" and item.is_file():
+            shutil.copy(item, target / item.name)
+    config = json.loads((tiny / "config.json").read_text())
+    config.update(qwen2_config({"0.5b": QWEN25_05B, "7b": QWEN25_7B}[shape]))
+    (target / "config.json").write_text(json.dumps(config, indent=1))
+    return target
 
 
 def _training_client(url: str, key: str):
@@ -197,7 +265,9 @@ def split_cores(server_threads: int) -> tuple[set[int] | None, set[int] | None]:
 class ServeProcess:
     """``twinkle serve`` in a subprocess on an ephemeral loopback port."""
 
-    def __init__(self, state_dir: Path, adapters: int, threads: int, cores: set[int] | None = None) -> None:
+    def __init__(
+        self, state_dir: Path, adapters: int, threads: int, cores: set[int] | None = None, model: Path | None = None
+    ) -> None:
         self.state_dir = state_dir
         self.stats_file = state_dir / "stats.json"
         port_file = state_dir / "port"
@@ -230,6 +300,8 @@ class ServeProcess:
             "--stats-file",
             str(self.stats_file),
         ]
+        if model is not None:
+            cmd += ["--model", str(model), "--model-name", BASE]
         pin = (lambda: os.sched_setaffinity(0, cores)) if cores else None
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=pin)
         deadline = time.monotonic() + 300
@@ -270,10 +342,15 @@ def main() -> None:
         default=True,
         help="clients on the first core, the server on the others (clients standing in for other machines)",
     )
+    parser.add_argument(
+        "--shape",
+        choices=["tiny", "0.5b", "7b"],
+        default="tiny",
+        help="base model: the bundled tiny model, or a Qwen2.5 shape with seeded random weights (GPU)",
+    )
     args = parser.parse_args()
     client_cores, server_cores = split_cores(args.server_threads) if args.pin else (None, None)
 
-    from twinkle_server.config import tiny_model_dir
     from twinkle_server.engine import LoRAEngine
     from twinkle_server.store import Store
 
@@ -287,14 +364,22 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.server_threads)  # the in-process baseline gets the server's threads
-    engine = LoRAEngine(tiny_model_dir(), max_adapters=4, max_rank=16)
+    model_dir = shaped_model_dir(args.shape, state_dir)
+    engine = LoRAEngine(model_dir, max_adapters=args.tenants + 1, max_rank=16)
     engine.warmup()
     # every run of the benchmark keeps its adapter loaded: size the pool for all of them
-    server = ServeProcess(state_dir, args.rounds * (args.tenants + 2) + 4, args.server_threads, server_cores)
+    server = ServeProcess(
+        state_dir,
+        args.rounds * (args.tenants + 2) + 4,
+        args.server_threads,
+        server_cores,
+        None if args.shape == "tiny" else model_dir,
+    )
     windows: dict[str, list[tuple[float, float]]] = {"1 tenant": [], f"{args.tenants} tenants": []}
     try:
-        locals_, remotes, singles, multis = [], [], [], []
+        locals_, remotes, singles, multis, directs = [], [], [], [], []
         for r in range(args.rounds):
+            directs.append(in_process_tokens_per_s(engine, args.tenants, args.rows, args.seq_len, args.steps))
             locals_.append(in_process_step_s(engine, args.rows, args.seq_len, args.steps))
             with pinned(client_cores):
                 remotes.append(http_step_s(server.url, overhead_keys[r], args.rows, args.seq_len, args.steps))
@@ -326,9 +411,10 @@ def main() -> None:
 
     local, remote = statistics.median(locals_), statistics.median(remotes)
     single, multi = statistics.median(singles), statistics.median(multis)
+    direct = statistics.median(directs)
 
     print(
-        f"tiny-qwen2 LoRA r=8, {args.rows} rows x {args.seq_len} tokens per tenant-step, {args.steps} steps, "
+        f"{args.shape} Qwen2 LoRA r=8 on {engine.device}, {args.rows} rows x {args.seq_len} tokens per tenant-step, {args.steps} steps, "
         f"{args.rounds} alternating rounds (medians); server: `twinkle serve` subprocess, "
         f"{args.server_threads} torch thread(s)"
         + (
@@ -347,6 +433,11 @@ def main() -> None:
     print(
         f"| aggregate tokens/s, {total_rows} rows per step | 1 tenant {single:,.0f} | "
         f"{args.tenants} tenants {multi:,.0f} | {multi / single:.2f}x (goal >= 0.8x) |"
+    )
+    print(
+        f"| aggregate tokens/s, {args.tenants} tenants x {args.rows} rows | engine direct (one pass per step) "
+        f"{direct:,.0f} | tinker SDK, {args.tenants} concurrent clients {multi:,.0f} | {multi / direct:.2f}x "
+        "(goal >= 0.7x) |"
     )
     print()
     print(
