@@ -44,6 +44,8 @@ from typing import Iterator
 os.environ.setdefault("TINKER_TELEMETRY", "0")
 
 BASE = "twinkle/tiny-qwen2"  # the model name clients use (``--model-name`` of the server)
+#: LoRA on attention and MLP, as the SDK clients ask (``train_unembed=False``) on both sides.
+BODY_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def _datums(rows: int, seq_len: int, offset: int) -> list:
@@ -74,7 +76,7 @@ def in_process_step_s(engine, rows: int, seq_len: int, steps: int) -> float:
     """Seconds per step of the engine called directly (no server)."""
     from twinkle_server.engine import BatchJob
 
-    slot = engine.create_slot(8)
+    slot = engine.create_slot(8, targets=BODY_TARGETS)
     data = _engine_datums(_datums(rows, seq_len, 0))
     try:
         for _ in range(3):
@@ -98,7 +100,7 @@ def in_process_tokens_per_s(engine, tenants: int, rows: int, seq_len: int, steps
     """
     from twinkle_server.engine import BatchJob
 
-    slots = [engine.create_slot(8) for _ in range(tenants)]
+    slots = [engine.create_slot(8, targets=BODY_TARGETS) for _ in range(tenants)]
     data = [_engine_datums(_datums(rows, seq_len, i)) for i in range(tenants)]
     hyper = {"learning_rate": 1e-4}
     try:
@@ -158,7 +160,7 @@ def _training_client(url: str, key: str):
     import tinker
 
     service = tinker.ServiceClient(base_url=url, api_key=key)
-    return service, service.create_lora_training_client(base_model=BASE, rank=8).result()
+    return service, service.create_lora_training_client(base_model=BASE, rank=8, train_unembed=False).result()
 
 
 def http_step_s(url: str, key: str, rows: int, seq_len: int, steps: int) -> float:
