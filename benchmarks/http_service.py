@@ -416,7 +416,8 @@ def main() -> None:
     direct = statistics.median(directs)
 
     print(
-        f"{args.shape} Qwen2 LoRA r=8 on {engine.device}, {args.rows} rows x {args.seq_len} tokens per tenant-step, {args.steps} steps, "
+        f"{args.shape} Qwen2 LoRA r=8 on {engine.device}, {args.rows} rows x {args.seq_len} tokens per "
+        f"tenant-step, {args.steps} steps, "
         f"{args.rounds} alternating rounds (medians); server: `twinkle serve` subprocess, "
         f"{args.server_threads} torch thread(s)"
         + (
