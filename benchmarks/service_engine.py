@@ -4,6 +4,7 @@
     python benchmarks/service_engine.py --tiny --steps 1 --warmup 1   # any device: the TINY shape, 8 x 128 tokens
     python benchmarks/service_engine.py --configs fastpath,multi_1x8 --steps 5
     python benchmarks/service_engine.py --configs all    # also the diagnostic configurations
+    python benchmarks/service_engine.py --profile multi_8x1   # where one step goes (torch.profiler)
 
 Random-init Qwen2-shaped model built from ``model_shapes.py`` (no downloads), LoRA r=8 on all
 linear layers, AdamW, one optimizer step per pass. Every configuration runs in its own process
@@ -35,6 +36,11 @@ issue's targets; ``--configs all`` adds the diagnostic ones (marked *):
 Prints tokens/s (real tokens over the median step time), peak allocated GPU memory and the
 ratios of the issue's targets (``multi_1x8 / fastpath``, ``multi_8x1 / multi_1x8``,
 ``mixed_packed / mixed_padded``) in one table; writes it (Markdown) and a JSON log to ``--out``.
+
+``--profile CONFIG`` runs one configuration in this process instead: after ``--warmup`` steps it
+times ``--steps`` steps split into forward+backward and optimizer (device-synchronized between
+them), then profiles ``--steps`` more with ``torch.profiler`` and prints (and writes to ``--out``)
+the top ``--top`` device kernels by total time and the top CPU ops by self time.
 """
 
 from __future__ import annotations
@@ -94,7 +100,7 @@ def build(config: str, shape: dict, device: str, adapters: int) -> object:
 
 
 def engine_step(shape: dict, device: str, data: list[dict], tenants: int) -> Any:
-    """The service's engine on a random-init model of ``shape``: a function running one pass + steps."""
+    """The service's engine on a random-init model of ``shape``: (pass, optimizer steps) functions."""
     import tempfile
 
     from twinkle.testing import write_tiny_model_dir
@@ -109,18 +115,19 @@ def engine_step(shape: dict, device: str, data: list[dict], tenants: int) -> Any
     datums = [Datum(row["input_ids"][:-1], {"target_tokens": row["input_ids"][1:]}) for row in data]
     jobs = [BatchJob(slot, datums[i :: len(slots)]) for i, slot in enumerate(slots)]
 
-    def step() -> None:
+    def fb() -> None:
         engine.forward_backward(jobs)
+
+    def opt() -> None:
         engine.optim_steps([(slot, {"learning_rate": 1e-4}) for slot in slots])
 
-    return step
+    return fb, opt
 
 
-def worker(config: str, shape: dict, device: str, rows: int, seq: int, steps: int, warmup: int) -> dict:
-    import torch
+def setup(config: str, shape: dict, device: str, rows: int, seq: int) -> tuple[Any, Any, list[int], int]:
+    """``(fb, opt, lengths, adapters)``: the pass and the optimizer step(s) of ``config``, run in turn."""
     from twinkle.model.multi_adapter import forward_backward_multi
 
-    cuda = device == "cuda"
     vocab = shape["vocab_size"]
     total = rows * seq
     if config.startswith("mixed"):
@@ -130,35 +137,46 @@ def worker(config: str, shape: dict, device: str, rows: int, seq: int, steps: in
     data = rows_of(lengths, vocab, seed=2)
     adapters = TENANTS if config in ("multi_8x1", "multi_8x1_torch", "mixed_packed", "engine_8x1") else 1
     if config.startswith("engine"):
-        step = engine_step(shape, device, data, adapters)
-    else:
-        model = build(config, shape, device, adapters)
-        names = model.adapter_names
-    if config.startswith("engine"):
-        pass
-    elif config in ("fastpath", "fastpath_eager"):
+        fb, opt = engine_step(shape, device, data, adapters)
+        return fb, opt, lengths, adapters
+    model = build(config, shape, device, adapters)
+    names = model.adapter_names
+    if config in ("fastpath", "fastpath_eager"):
 
-        def step() -> None:
+        def fb() -> None:
             model.forward_backward(data, adapter_name=names[0])
-            model.clip_grad_and_step(adapter_name=names[0])
 
     elif config == "mixed_padded":
         micro = [data[i : i + rows] for i in range(0, len(data), rows)]
 
-        def step() -> None:
+        def fb() -> None:
             for batch in micro:
                 model.forward_backward(batch, adapter_name=names[0])
-            model.clip_grad_and_step(adapter_name=names[0])
 
     else:
         kernel = "torch" if config.endswith("_torch") else None
         solo = not config.endswith("_segmented")
         groups = {name: data[i :: len(names)] for i, name in enumerate(names)}
 
-        def step() -> None:
+        def fb() -> None:
             forward_backward_multi(model, groups, kernel=kernel, solo_fast_path=solo)
-            for name in names:
-                model.clip_grad_and_step(adapter_name=name)
+
+    def opt() -> None:
+        for name in names:
+            model.clip_grad_and_step(adapter_name=name)
+
+    return fb, opt, lengths, adapters
+
+
+def worker(config: str, shape: dict, device: str, rows: int, seq: int, steps: int, warmup: int) -> dict:
+    import torch
+
+    cuda = device == "cuda"
+    fb, opt, lengths, adapters = setup(config, shape, device, rows, seq)
+
+    def step() -> None:
+        fb()
+        opt()
 
     for _ in range(warmup):
         step()
@@ -188,6 +206,102 @@ def worker(config: str, shape: dict, device: str, rows: int, seq: int, steps: in
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
         "device": torch.cuda.get_device_name() if cuda else "cpu",
     }
+
+
+def profile(config: str, shape: dict, device: str, rows: int, seq: int, steps: int, warmup: int, top: int) -> str:
+    """Where one step of ``config`` goes: forward+backward vs optimizer, top device kernels, top CPU ops.
+
+    After ``warmup`` steps, ``steps`` steps are timed with a device synchronization between the pass
+    and the optimizer step(s) (medians), then ``steps`` more run under ``torch.profiler``.
+    """
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, record_function
+
+    cuda = device == "cuda"
+    fb, opt, lengths, adapters = setup(config, shape, device, rows, seq)
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    def step() -> None:
+        with record_function("## forward_backward"):
+            fb()
+        with record_function("## optimizer"):
+            opt()
+
+    for _ in range(warmup):
+        step()
+    sync()
+    fb_times, opt_times = [], []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fb()
+        sync()
+        t1 = time.perf_counter()
+        opt()
+        sync()
+        t2 = time.perf_counter()
+        fb_times.append(t1 - t0)
+        opt_times.append(t2 - t1)
+    fb_s, opt_s = statistics.median(fb_times), statistics.median(opt_times)
+    # the pass without a synchronization before the optimizer: what the benchmark's step measures
+    t0 = time.perf_counter()
+    step()
+    sync()
+    whole_s = time.perf_counter() - t0
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync()
+    averages = prof.key_averages()
+
+    def device_self(e: Any) -> float:
+        return float(getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0) or 0)
+
+    kernels = sorted((e for e in averages if e.device_type != DeviceType.CPU), key=device_self, reverse=True)
+    cpu_ops = sorted(
+        (e for e in averages if e.device_type == DeviceType.CPU), key=lambda e: e.self_cpu_time_total, reverse=True
+    )
+    kernel_total = sum(device_self(e) for e in kernels)
+    device_name = torch.cuda.get_device_name() if cuda else "cpu"
+    lines = [
+        f"## profile: {config}, {adapters} adapter(s), {len(lengths)} rows, {sum(lengths)} tokens, {device_name}",
+        "",
+        f"step split (medians of {steps}, device-synchronized): forward+backward {fb_s * 1e3:.1f} ms, "
+        f"optimizer {opt_s * 1e3:.1f} ms, sum {(fb_s + opt_s) * 1e3:.1f} ms; one unsynchronized step "
+        f"{whole_s * 1e3:.1f} ms ({sum(lengths) / whole_s:,.0f} tokens/s)",
+        "",
+        f"### top {top} device kernels over {steps} profiled steps (device time of all kernels "
+        f"{kernel_total / 1e3 / steps:.1f} ms per step)",
+        "",
+        "| kernel | calls/step | total ms/step | share | mean us |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for e in kernels[:top]:
+        t = device_self(e)
+        lines.append(
+            f"| `{e.key[:110]}` | {e.count / steps:.1f} | {t / 1e3 / steps:.2f} | "
+            f"{t / max(kernel_total, 1e-9):.1%} | {t / max(e.count, 1):.1f} |"
+        )
+    if not kernels:
+        lines.append("| (no device kernels: CPU run) |||||")
+    lines += [
+        "",
+        f"### top {top} CPU ops by self time over {steps} profiled steps",
+        "",
+        "| op | calls/step | self CPU ms/step | total CPU ms/step |",
+        "|---|---:|---:|---:|",
+    ]
+    for e in cpu_ops[:top]:
+        lines.append(
+            f"| `{e.key[:110]}` | {e.count / steps:.1f} | {e.self_cpu_time_total / 1e3 / steps:.2f} | "
+            f"{e.cpu_time_total / 1e3 / steps:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def format_table(results: list[dict], title: str) -> str:
@@ -247,6 +361,13 @@ def main() -> None:
     parser.add_argument("--config-timeout", type=float, default=150.0, help="seconds per configuration's process")
     parser.add_argument("--device", default=None)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument(
+        "--profile",
+        default=None,
+        metavar="CONFIG",
+        help="run CONFIG in this process under torch.profiler: step split, top kernels and CPU ops",
+    )
+    parser.add_argument("--top", type=int, default=30, help="rows of the --profile tables")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     shape = TINY if args.tiny else QWEN25_05B
@@ -255,6 +376,14 @@ def main() -> None:
         import torch
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.profile:
+        report = profile(args.profile, shape, args.device, args.rows, seq, args.steps, args.warmup, args.top)
+        print(report)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        name = f"service_engine_profile_{args.profile}_{'tiny' if args.tiny else '05b'}_{args.device}.md"
+        (out / name).write_text(report)
+        return
     if args.worker:
         result = worker(args.worker, shape, args.device, args.rows, seq, args.steps, args.warmup)
         print("RESULT " + json.dumps(result))
