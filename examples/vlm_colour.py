@@ -8,8 +8,8 @@ the language model (the vision tower stays frozen: ``TransformersModel``'s defau
 accuracy on held-out images is measured by which of the three answers the model scores
 highest (chance: 1/3), and a TorchSampler names the colour of a few new images.
 
-    python examples/vlm_colour.py                      # qwen2_5_vl, about a minute on CPU
-    python examples/vlm_colour.py --family glm4v --steps 60
+    python examples/vlm_colour.py                      # qwen2_5_vl: accuracy 0.33 -> 0.83, about a minute on CPU
+    python examples/vlm_colour.py --family glm4v           # GLM-4V: 0.33 -> 0.67 with the defaults
     python examples/vlm_colour.py --model-id /path/to/Qwen2.5-VL-3B-Instruct --device cuda --lr 1e-4
 """
 
