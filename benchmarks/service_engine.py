@@ -20,9 +20,12 @@ issue's targets; ``--configs all`` adds the diagnostic ones (marked *):
   (a pass of one tenant goes to the single-adapter fast path, as the engine does).
 * ``multi_1x8_segmented`` (*): the same forced through the segmented path (``solo_fast_path=False``:
   compiled layers, base GEMM plus the Triton segment kernels): what one tenant costs inside a shared pass.
-* ``multi_8x1``: 8 tenants (8 adapters) with one row each, in one pass, then 8 optimizer steps.
+* ``multi_8x1``: 8 tenants (8 adapters) with one row each, in one pass, then their 8 optimizer steps
+  (``clip_grad_and_step_multi``: one gradient-norm kernel and one host sync for all 8).
 * ``multi_8x1_torch`` (*): the same with the segmented LoRA on the torch path (a matmul pair per
   segment, reading the segment table back to the host) instead of the Triton segment kernels.
+* ``multi_8x1_loopstep`` (*): ``multi_8x1`` with one ``clip_grad_and_step`` per adapter (a host sync
+  each) instead of ``clip_grad_and_step_multi``.
 * ``mixed_packed``: 8 tenants, rows of log-uniform lengths 32..seq (same token total, 26-47 rows
   for 16k tokens) packed padding-free in one multi-adapter pass.
 * ``mixed_padded``: the same rows on the fast path with the default ``InputProcessor``, in
@@ -62,7 +65,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model_shapes import QWEN25_05B, TINY, qwen2_config  # noqa: E402
 
 CONFIGS = ["fastpath", "multi_1x8", "multi_8x1", "mixed_packed", "mixed_padded", "engine_1x8", "engine_8x1"]
-DIAGNOSTIC = ["multi_1x8_segmented", "fastpath_eager", "multi_8x1_torch"]
+DIAGNOSTIC = ["multi_1x8_segmented", "fastpath_eager", "multi_8x1_torch", "multi_8x1_loopstep"]
+MULTI_TENANT = ("multi_8x1", "multi_8x1_torch", "multi_8x1_loopstep", "mixed_packed", "engine_8x1")
 TENANTS = 8
 LORA = {"r": 8, "lora_alpha": 16, "target_modules": "all-linear", "lora_dropout": 0.0}
 
@@ -126,7 +130,7 @@ def engine_step(shape: dict, device: str, data: list[dict], tenants: int) -> Any
 
 def setup(config: str, shape: dict, device: str, rows: int, seq: int) -> tuple[Any, Any, list[int], int]:
     """``(fb, opt, lengths, adapters)``: the pass and the optimizer step(s) of ``config``, run in turn."""
-    from twinkle.model.multi_adapter import forward_backward_multi
+    from twinkle.model.multi_adapter import clip_grad_and_step_multi, forward_backward_multi
 
     vocab = shape["vocab_size"]
     total = rows * seq
@@ -135,7 +139,7 @@ def setup(config: str, shape: dict, device: str, rows: int, seq: int) -> tuple[A
     else:
         lengths = [seq] * rows
     data = rows_of(lengths, vocab, seed=2)
-    adapters = TENANTS if config in ("multi_8x1", "multi_8x1_torch", "mixed_packed", "engine_8x1") else 1
+    adapters = TENANTS if config in MULTI_TENANT else 1
     if config.startswith("engine"):
         fb, opt = engine_step(shape, device, data, adapters)
         return fb, opt, lengths, adapters
@@ -161,9 +165,16 @@ def setup(config: str, shape: dict, device: str, rows: int, seq: int) -> tuple[A
         def fb() -> None:
             forward_backward_multi(model, groups, kernel=kernel, solo_fast_path=solo)
 
-    def opt() -> None:
-        for name in names:
-            model.clip_grad_and_step(adapter_name=name)
+    if len(names) > 1 and not config.endswith("_loopstep"):
+
+        def opt() -> None:  # one multi-tensor norm and one host sync for all adapters
+            clip_grad_and_step_multi(model, names)
+
+    else:
+
+        def opt() -> None:
+            for name in names:
+                model.clip_grad_and_step(adapter_name=name)
 
     return fb, opt, lengths, adapters
 
@@ -338,6 +349,7 @@ def format_table(results: list[dict], title: str) -> str:
         ("8 tenants x 1 row against the fast path: multi_8x1 / fastpath", "multi_8x1", "fastpath"),
         ("compilation on the single-adapter path: fastpath / fastpath_eager", "fastpath", "fastpath_eager"),
         ("Triton segment kernel vs torch path: multi_8x1 / multi_8x1_torch", "multi_8x1", "multi_8x1_torch"),
+        ("batched optimizer steps: multi_8x1 / multi_8x1_loopstep", "multi_8x1", "multi_8x1_loopstep"),
         ("mixed lengths: mixed_packed / mixed_padded (target >= 1.8)", "mixed_packed", "mixed_padded"),
         ("the service's engine, 1 tenant: engine_1x8 / fastpath (target >= 0.9)", "engine_1x8", "fastpath"),
         ("the service's engine, 8 tenants: engine_8x1 / engine_1x8 (target >= 0.85)", "engine_8x1", "engine_1x8"),
