@@ -63,7 +63,7 @@ def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     url = f"http://127.0.0.1:{port}"
     import httpx
 
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 600  # a loaded CI machine imports torch slowly
     while True:
         try:
             if httpx.get(f"{url}/api/v1/healthz", timeout=2).status_code == 200:
