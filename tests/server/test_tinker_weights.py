@@ -216,3 +216,17 @@ def test_merged_export_is_a_full_model_with_the_runs_logprobs(server_factory, tm
         client.close(status="success")
     finally:
         running.stop()
+
+
+def test_serve_flag_picks_the_export_format(tmp_path) -> None:
+    import argparse
+
+    from twinkle_server.cli import _config, add_serve_arguments
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    assert _config(parser.parse_args(["--state-dir", str(tmp_path)])).external_weights == "adapter"
+    merged = parser.parse_args(["--state-dir", str(tmp_path), "--external-weights", "merged"])
+    assert _config(merged).external_weights == "merged"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--external-weights", "zip"])

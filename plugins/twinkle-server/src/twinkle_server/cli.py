@@ -67,6 +67,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         default=500,
         help="decoding time a sampling request runs before other tenants' work goes between (0: whole; default 500)",
     )
+    p.add_argument(
+        "--external-weights",
+        default="adapter",
+        choices=["adapter", "merged"],
+        help="format of Tinker's save_weights_external: the PEFT adapter (default) or a merged full model",
+    )
     p.add_argument("--threads", type=int, help="torch CPU threads of the server (default: torch's choice)")
     p.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="uvicorn log level"
@@ -98,6 +104,7 @@ def _config(args: argparse.Namespace) -> Any:
         max_adapters_per_tenant=args.max_adapters_per_tenant,
         requests_per_minute=args.requests_per_minute,
         batch_window_s=args.batch_window_ms / 1000,
+        external_weights=args.external_weights,
         api_docs=args.api_docs,
         run_idle_s=args.run_idle_minutes * 60,
         future_ttl_s=args.future_ttl_minutes * 60,
