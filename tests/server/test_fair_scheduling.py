@@ -98,14 +98,17 @@ def test_big_and_small_jobs_share_worker_time_not_job_counts() -> None:
     """Tenant a sends 8-row jobs, tenant b 1-row jobs: b gets about 8 passes per pass of a's."""
     rec = Recorder()
     sched = _scheduler(rec, max_batch_rows=8)  # a's job fills a pass alone
+    # 40 ms per row: the worker's own time per job (charged too, a few ms on a loaded machine)
+    # stays small beside a 1-row job, so equal charges mean about equal rows
+    tokens = 80
     try:
         sched.pause()
         sched.register_model("a-1")
         sched.register_model("b-1")
         for seq in range(1, 41):
-            sched.submit(_fb("a", "a-1", seq, rows=8, tokens=16))
+            sched.submit(_fb("a", "a-1", seq, rows=8, tokens=tokens))
         for seq in range(1, 121):
-            sched.submit(_fb("b", "b-1", seq, rows=1, tokens=16))
+            sched.submit(_fb("b", "b-1", seq, rows=1, tokens=tokens))
         sched.resume()
         deadline = time.monotonic() + 60
         while len(rec.done) < 72 and time.monotonic() < deadline:
