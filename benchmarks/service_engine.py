@@ -370,7 +370,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=None, help="tokens per row (default 2048, 128 with --tiny)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--config-timeout", type=float, default=150.0, help="seconds per configuration's process")
+    parser.add_argument("--config-timeout", type=float, default=240.0, help="seconds per configuration's process")
     parser.add_argument("--device", default=None)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     parser.add_argument(

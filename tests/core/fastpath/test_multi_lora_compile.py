@@ -243,3 +243,44 @@ def test_gpu_compiled_decoder_layers_do_not_recompile_across_layouts(tiny_config
         rng.shuffle(order)
         forward_backward_multi(model, {name: _rows([n], seed) for (name, _), n in zip(order, lengths)})
     assert counters["stats"]["unique_graphs"] == before
+
+
+# ---------------------------------------------------------------------- the kernel's launch configurations
+def _configs_case(device, dtype):
+    gen = torch.Generator().manual_seed(5)
+    tokens, k, n, slots = 300, 96, 40, 8
+    x = torch.randn(tokens, k, generator=gen).to(device, dtype)
+    w = (torch.randn(slots, n, k, generator=gen) * 0.05).to(device, dtype)
+    scale = torch.tensor([2.0, 0.5, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0], device=device)
+    # a gap of no adapter (slot -1: zeros), segments shorter than a sub-tile, one over several tiles
+    segments = [(0, 0, 7), (-1, 7, 20), (3, 20, 21), (1, 21, 250), (2, 250, 300)]
+    _, tiles, _, _ = multi_lora._layout_tensors(segments, tokens, slots, x.device)
+    outs = []
+    for config in range(len(multi_lora.MATMUL_CONFIGS)):
+        out = torch.full((tokens, n), float("nan"), dtype=dtype, device=device)
+        multi_lora._matmul_with(config, x, w, scale, tiles, out)
+        outs.append(out)
+    return x, w, scale, segments, outs
+
+
+@pytest.mark.skipif(not multi_lora.triton_available(), reason="triton")
+def test_segment_kernel_sub_tiles_cover_every_token_once():
+    # under the interpreter: each configuration's sub-tiles write every token (none left NaN) and
+    # give the per-segment product
+    x, w, scale, segments, outs = _configs_case("cpu", torch.float32)
+    ref = torch.zeros(outs[0].shape, dtype=torch.float64)
+    for slot, start, end in segments:
+        if slot >= 0:
+            ref[start:end] = float(scale[slot]) * (x[start:end].double() @ w[slot].double().t())
+    for out in outs[:3]:  # sub-tiles of 64, 32 and 16 tokens (the others differ in warps and stages only)
+        assert not out.isnan().any()
+        assert (out[7:20] == 0).all()
+        assert torch.allclose(out.double(), ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_every_launch_configuration_gives_the_same_bits(dtype):
+    _, _, _, _, outs = _configs_case("cuda", dtype)
+    for out in outs[1:]:
+        assert torch.equal(out, outs[0])

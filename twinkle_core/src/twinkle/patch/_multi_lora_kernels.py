@@ -35,6 +35,7 @@ def segment_matmul(
     TILE_END,
     N_OUT,
     K,
+    TILE: tl.constexpr,
     BT: tl.constexpr,
     BO: tl.constexpr,
     BK: tl.constexpr,
@@ -44,8 +45,11 @@ def segment_matmul(
 ):
     """``Y[t, o] = s_a sum_k X[t, k] W[a, o, k]`` for one tile of tokens of one segment (SGMV).
 
-    Program ``(i, j)`` takes tile ``i`` of the tile table (adapter slot, first and one past last
-    token; a tile never crosses a segment) and output columns ``j * BO ...``. A tile of slot
+    Program ``(i, j)`` takes sub-tile ``i % (TILE // BT)`` (``BT`` tokens) of tile ``i // (TILE // BT)``
+    of the tile table (adapter slot, first and one past last token; a tile of at most ``TILE``
+    tokens never crosses a segment) and output columns ``j * BO ...``. The sub-tile size, ``BO``,
+    warps and stages only split the work: every output element is the same sum in the same
+    order whatever they are (the tuner of :mod:`twinkle.patch.multi_lora` picks them). A tile of slot
     ``-1`` (tokens of no adapter of this layer) stores zeros without reading ``X``, so a NaN
     there reaches no product; padding tiles (``start == end``) store nothing. ``UPCAST``: float32
     dots (Triton's CPU interpreter multiplies bf16 tiles wrongly); ``IEEE``: float32 products
@@ -53,9 +57,10 @@ def segment_matmul(
     """
     pid = tl.program_id(0)
     pid_o = tl.program_id(1)
-    a = tl.load(TILE_ADAPTER + pid)
-    start = tl.load(TILE_START + pid)
-    end = tl.load(TILE_END + pid)
+    tile = pid // (TILE // BT)
+    a = tl.load(TILE_ADAPTER + tile)
+    start = tl.load(TILE_START + tile) + (pid % (TILE // BT)) * BT
+    end = tl.minimum(tl.load(TILE_END + tile), start + BT)
     a64 = tl.maximum(a, 0).to(tl.int64)
     t = start + tl.arange(0, BT)
     t_in = t < end

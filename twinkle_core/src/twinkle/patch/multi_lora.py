@@ -270,16 +270,63 @@ def _interpreting() -> bool:
 
 
 # ---------------------------------------------------------------------- the custom ops
+#: Candidate ``(sub-tile tokens, output columns per program, warps, stages)`` of the segment kernel on
+#: CUDA (the first is the untuned default). None changes the arithmetic: each output element is
+#: the same float32 sum over ``K`` in ``BLOCK_K`` steps, so the choice never changes a result.
+MATMUL_CONFIGS = (
+    (64, 64, 4, 3),
+    (32, 64, 4, 3),
+    (16, 64, 4, 3),
+    (32, 64, 4, 4),
+    (64, 128, 8, 3),
+    (16, 64, 2, 4),
+)
+#: Tuned choices: (out columns, K, dtype, weight strides' order, scaled) -> index into MATMUL_CONFIGS.
+_TUNED: dict[tuple[Any, ...], int] = {}
+
+
+def _autotune_enabled() -> bool:
+    """Whether the segment kernel's launch is tuned on CUDA (env ``TWINKLE_MULTI_LORA_AUTOTUNE=0`` turns it off)."""
+    return os.environ.get("TWINKLE_MULTI_LORA_AUTOTUNE", "1") != "0" and not _interpreting()
+
+
 def _launch_matmul(x: Any, weights: Any, scale: Any, tiles: Any, out: Any) -> None:
-    """``out[t] = s_a x[t] @ weights[a]^T`` over ``tiles`` (``weights``: ``[n, N, K]``, any strides)."""
+    """``out[t] = s_a x[t] @ weights[a]^T`` over ``tiles`` (``weights``: ``[n, N, K]``, any strides).
+
+    On CUDA the first launch of each shape times :data:`MATMUL_CONFIGS` and keeps the fastest
+    (results are the same for all of them); on CPU (Triton's interpreter) the default runs.
+    """
+    n_out = weights.shape[1]
+    if tiles.shape[1] == 0 or n_out == 0:
+        return
+    if not (_autotune_enabled() and x.is_cuda):
+        _matmul_with(0, x, weights, scale, tiles, out)
+        return
+    key = (n_out, weights.shape[2], x.dtype, weights.stride(1) > weights.stride(2), scale is not None, x.device)
+    choice = _TUNED.get(key)
+    if choice is None:
+        from triton.testing import do_bench
+
+        times = []
+        for i in range(len(MATMUL_CONFIGS)):
+            try:
+                times.append(do_bench(lambda i=i: _matmul_with(i, x, weights, scale, tiles, out), warmup=5, rep=20))
+            except Exception:  # a configuration that does not fit this device (shared memory, registers)
+                times.append(float("inf"))
+        choice = _TUNED[key] = min(range(len(times)), key=times.__getitem__)
+    _matmul_with(choice, x, weights, scale, tiles, out)
+
+
+def _matmul_with(config: int, x: Any, weights: Any, scale: Any, tiles: Any, out: Any) -> None:
+    """One launch of the segment kernel with :data:`MATMUL_CONFIGS` ``[config]``."""
     import torch
 
     from twinkle.patch._multi_lora_kernels import segment_matmul
 
+    sub, block_o, warps, stages = MATMUL_CONFIGS[config]
     n_out, k = weights.shape[1], weights.shape[2]
-    grid = (tiles.shape[1], -(-n_out // max(16, min(BLOCK_O, _next_pow2(n_out)))))
-    if grid[0] == 0 or n_out == 0:
-        return
+    block_o = max(16, min(block_o, _next_pow2(n_out)))
+    grid = (tiles.shape[1] * (BLOCK_T // sub), -(-n_out // block_o))
     segment_matmul[grid](
         x,
         x.stride(0),
@@ -297,12 +344,15 @@ def _launch_matmul(x: Any, weights: Any, scale: Any, tiles: Any, out: Any) -> No
         tiles[2],
         n_out,
         k,
-        BT=BLOCK_T,
-        BO=max(16, min(BLOCK_O, _next_pow2(n_out))),
+        TILE=BLOCK_T,
+        BT=sub,
+        BO=block_o,
         BK=max(16, min(BLOCK_K, _next_pow2(k))),
         HAS_SCALE=scale is not None,
         UPCAST=_interpreting(),
         IEEE=x.dtype == torch.float32,
+        num_warps=warps,
+        num_stages=stages,
     )
 
 
