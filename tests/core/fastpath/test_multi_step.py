@@ -24,16 +24,18 @@ TENANTS = [
     ("carol", {"r": 2, "lora_alpha": 4, "target_modules": ["o_proj", "up_proj"]}),
     ("dave", {"r": 4, "lora_alpha": 4, "target_modules": ["k_proj"]}),
 ]
-LRS = {"alice": 1e-3, "bob": 3e-3, "carol": 1e-2, "dave": 2e-4}
+#: alice and carol share lr and weight decay: one fused AdamW call for both (with fused=True)
+LRS = {"alice": 1e-3, "bob": 3e-3, "carol": 1e-3, "dave": 2e-4}
 BOUNDS = {"alice": 1.0, "bob": 1e3, "carol": 0.01}  # dave: the default max_grad_norm
 
 
-def _model(config, device="cpu", dtype=None, skip_nonfinite=False):
+def _model(config, device="cpu", dtype=None, skip_nonfinite=False, fused=None):
     model = TransformersModel(config=config, device=device, seed=3, torch_dtype=dtype)
     model.skip_nonfinite_steps = skip_nonfinite
+    extra = {} if fused is None else {"fused": fused}
     for name, lora in TENANTS:
         model.add_adapter_to_model(name, {**lora, "init_lora_weights": False})
-        model.set_optimizer("AdamW", lr=LRS[name], weight_decay=0.01 * len(name), adapter_name=name)
+        model.set_optimizer("AdamW", lr=LRS[name], weight_decay=0.01 * len(name), adapter_name=name, **extra)
     return model
 
 
@@ -94,8 +96,12 @@ def _assert_same_answers(got, want):
                 assert x == y or (isinstance(x, float) and math.isnan(x) and math.isnan(y)), (name, key, x, y)
 
 
-def test_batched_step_is_bit_identical_to_per_adapter_steps(tiny_config):
-    alone, batched = _model(tiny_config), _model(tiny_config)
+@pytest.mark.parametrize("fused", [None, True])
+def test_batched_step_is_bit_identical_to_per_adapter_steps(tiny_config, fused, monkeypatch):
+    calls = []
+    real = torch._fused_adamw_
+    monkeypatch.setattr(torch, "_fused_adamw_", lambda *a, **k: calls.append(len(a[0])) or real(*a, **k))
+    alone, batched = _model(tiny_config, fused=fused), _model(tiny_config, fused=fused)
     _assert_same(_snapshot(alone), _snapshot(batched))
     want = _run(alone, batched=False)
     got = _run(batched, batched=True)
@@ -108,6 +114,10 @@ def test_batched_step_is_bit_identical_to_per_adapter_steps(tiny_config):
         state = batched.state_of(name)
         assert state.global_step == 3 and state.micro_step == 0 and state.window_tokens == 0.0
         assert all(p.grad is None for p in state.params)
+    if fused:  # steps 2 and 3 of the batched model: alice + carol in one call, bob and dave one each
+        sizes = {name: len(batched.state_of(name).params) for name, _ in TENANTS}
+        batched_calls = calls[-6:]
+        assert sorted(batched_calls[:3]) == sorted([sizes["alice"] + sizes["carol"], sizes["bob"], sizes["dave"]])
 
 
 def test_batched_step_skips_a_non_finite_adapter_and_steps_the_others(tiny_config):

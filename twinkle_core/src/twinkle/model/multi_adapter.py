@@ -415,9 +415,11 @@ def clip_grad_and_step_multi(
                 "grad_norm": values[state.name],
                 "step": state.global_step,
             }
+    rest = _fused_adamw_steps(stepping)
     for state in stepping:
         # TrainingMixin.step without its non-finite re-check: the norm above already decided it
-        state.optimizer.step()
+        if state in rest:
+            state.optimizer.step()
         state.global_step += 1
         model.zero_grad(adapter_name=state.name)
         model.lr_step(adapter_name=state.name)
@@ -470,6 +472,75 @@ def _clip_many(model: Any, states: Sequence[Any], bounds: Mapping[str, float], n
             torch._foreach_mul_(group, factor.to(group[0].device))
         norms[name] = norm
     return norms
+
+
+def _fused_adamw_steps(states: Sequence[Any]) -> list[Any]:
+    """One ``torch._fused_adamw_`` call per set of adapters with the same AdamW hyperparameters.
+
+    Takes the adapters whose optimizer is ``torch.optim.AdamW(fused=True)`` (the fast path's on
+    CUDA) with one parameter group, scalar hyperparameters, no amsgrad/maximize/capturable, no
+    step hooks and state from an earlier step: the fused kernel updates each tensor on its own
+    (its own step count), so one call over several adapters' tensors is what each adapter's
+    ``optimizer.step()`` computes, with one launch and one Python pass instead of one each.
+
+    Returns:
+        The states left for their own ``optimizer.step()``.
+    """
+    import torch
+    from torch.optim import optimizer as optim_module
+
+    if optim_module._global_optimizer_pre_hooks or optim_module._global_optimizer_post_hooks:
+        return list(states)
+    rest = []
+    calls: dict[tuple[Any, ...], list[list[Any]]] = {}
+    for state in states:
+        opt = state.optimizer
+        groups = getattr(opt, "param_groups", ())
+        group = groups[0] if len(groups) == 1 else {}
+        usable = (
+            type(opt) is torch.optim.AdamW
+            and group.get("fused")
+            and not group.get("amsgrad")
+            and not group.get("maximize")
+            and not group.get("capturable")
+            and not group.get("differentiable")
+            and not opt._optimizer_step_pre_hooks
+            and not opt._optimizer_step_post_hooks
+            and all(isinstance(group[k], float) for k in ("lr", "eps", "weight_decay"))
+        )
+        params = [p for p in group.get("params", ()) if p.grad is not None] if usable else []
+        if not params or any("step" not in opt.state.get(p, {}) for p in params):
+            rest.append(state)  # the first step (lazy state) and anything unusual: the optimizer's own
+            continue
+        beta1, beta2 = group["betas"]
+        for p in params:
+            key = (group["lr"], float(beta1), float(beta2), group["eps"], group["weight_decay"], p.device, p.dtype)
+            lists = calls.setdefault(key, [[], [], [], [], []])
+            st = opt.state[p]
+            for i, t in enumerate((p, p.grad, st["exp_avg"], st["exp_avg_sq"], st["step"])):
+                lists[i].append(t)
+        opt._opt_called = True  # what the LR scheduler's step wrapper records
+    with torch.no_grad():
+        for (lr, beta1, beta2, eps, weight_decay, _, _), (ps, gs, ms, vs, steps) in calls.items():
+            torch._foreach_add_(steps, 1)
+            torch._fused_adamw_(
+                ps,
+                gs,
+                ms,
+                vs,
+                [],
+                steps,
+                amsgrad=False,
+                lr=lr,
+                beta1=beta1,
+                beta2=beta2,
+                weight_decay=weight_decay,
+                eps=eps,
+                maximize=False,
+                grad_scale=None,
+                found_inf=None,
+            )
+    return rest
 
 
 def _read_norms(norms: Mapping[str, Any]) -> dict[str, float]:
