@@ -75,7 +75,9 @@ def engine() -> Any:
     from twinkle_server.config import tiny_model_dir
     from twinkle_server.engine import LoRAEngine
 
-    return LoRAEngine(tiny_model_dir(), max_adapters=64, max_rank=32)
+    # every adapter counts against the pool (Tinker runs and the twinkle API's objects alike), and
+    # the session's modules share this engine: room for all of them
+    return LoRAEngine(tiny_model_dir(), max_adapters=256, max_rank=32)
 
 
 @pytest.fixture(scope="session")

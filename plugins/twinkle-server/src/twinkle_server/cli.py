@@ -4,6 +4,8 @@ twinkle serve --state-dir ./twinkle-state                       # tiny model, 12
 twinkle serve --state-dir ./twinkle-state --add-tenant alice     # prints alice's API key
 twinkle serve --model /models/Qwen2.5-0.5B --model-name Qwen/Qwen2.5-0.5B --max-adapters 16
 twinkle serve --state-dir ./twinkle-state --device cpu          # stay on the CPU on a GPU machine
+twinkle serve --device-slots 8 --adapter-host-gb 64 --idle-unload-s 1800   # adapters paged, idle ones unloaded
+twinkle serve --status --port 8000 --api-key tml-...            # a running server's adapter capacity
 """
 
 from __future__ import annotations
@@ -31,7 +33,19 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="where the base model and adapters live: auto (CUDA when available, else cpu), cpu, cuda, cuda:N",
     )
-    p.add_argument("--max-adapters", type=int, default=8, help="LoRA slots in the pool")
+    p.add_argument(
+        "--max-adapters", type=int, default=64, help="live LoRA adapters at most, on the device or paged (default 64)"
+    )
+    p.add_argument(
+        "--device-slots",
+        type=int,
+        help="adapters resident on the device at once; the others are paged to host memory (default min(max, 8))",
+    )
+    p.add_argument(
+        "--adapter-host-gb",
+        type=float,
+        help="host memory for live adapters and their optimizer state, GiB (default: a quarter of RAM)",
+    )
     p.add_argument("--max-rank", type=int, default=64, help="largest LoRA rank")
     p.add_argument("--max-body-mb", type=float, default=32, help="largest request body in MiB")
     p.add_argument("--max-tokens-per-request", type=int, default=1_000_000, help="default per-tenant limit")
@@ -48,6 +62,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         default=60,
         help="unload training runs no request touched for this long (0: never; default 60)",
+    )
+    p.add_argument(
+        "--idle-unload-s",
+        type=float,
+        help="unload runs and objects no request touched for this many seconds; reloaded on use "
+        "(overrides --run-idle-minutes; 0: never)",
     )
     p.add_argument(
         "--future-ttl-minutes", type=float, default=60, help="delete finished futures after this long (default 60)"
@@ -78,6 +98,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="uvicorn log level"
     )
     p.add_argument("--stats-file", help="write the batching statistics here as JSON when the server stops")
+    p.add_argument(
+        "--status",
+        action="store_true",
+        help="print the adapter capacity of the server at --host/--port (needs --api-key) and exit",
+    )
+    p.add_argument("--api-key", help="with --status: a tenant's API key (default: $TWINKLE_API_KEY)")
     p.add_argument("--add-tenant", metavar="NAME", help="create a tenant, print its API key and exit")
     p.add_argument("--tenant-max-adapters", type=int, help="with --add-tenant: this tenant's loaded-run limit")
     p.add_argument("--tenant-max-tokens", type=int, help="with --add-tenant: this tenant's tokens-per-request limit")
@@ -98,6 +124,8 @@ def _config(args: argparse.Namespace) -> Any:
         seed=args.seed,
         device=args.device,
         max_adapters=args.max_adapters,
+        device_slots=args.device_slots,
+        adapter_host_bytes=int(args.adapter_host_gb * (1 << 30)) if args.adapter_host_gb is not None else None,
         max_rank=args.max_rank,
         max_body_bytes=int(args.max_body_mb * 1024 * 1024),
         max_tokens_per_request=args.max_tokens_per_request,
@@ -106,7 +134,7 @@ def _config(args: argparse.Namespace) -> Any:
         batch_window_s=args.batch_window_ms / 1000,
         external_weights=args.external_weights,
         api_docs=args.api_docs,
-        run_idle_s=args.run_idle_minutes * 60,
+        run_idle_s=args.idle_unload_s if args.idle_unload_s is not None else args.run_idle_minutes * 60,
         future_ttl_s=args.future_ttl_minutes * 60,
         control_requests_per_minute=args.control_rpm,
         sample_slice_s=args.sample_slice_ms / 1000,
@@ -115,8 +143,57 @@ def _config(args: argparse.Namespace) -> Any:
     )
 
 
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def format_capacity(cap: dict[str, Any]) -> str:
+    """The lines ``twinkle serve --status`` prints for a capacity answer (``GET /api/v1/capacity``)."""
+    lines = [
+        f"device slots      {cap['resident']} of {cap['slots']} in use ({cap['free']} free)",
+        f"paged to host     {cap['paged']} adapters",
+        f"unloaded (idle)   {cap['unloaded']} adapters, reloaded on use",
+        f"live adapters     {cap['live']} of {cap['max_adapters']}",
+        f"host memory       {_mib(cap['host_bytes_used'])} of {_mib(cap['host_bytes_budget'])}",
+        f"idle unload after {cap['idle_unload_s']:.0f} s" if cap.get("idle_unload_s") else "idle unload       off",
+    ]
+    tenant = cap.get("tenant")
+    if tenant:
+        lines.append(f"tenant {tenant['name']!r}   holds {tenant['held']} of {tenant['limit']} adapters")
+    return "\n".join(lines)
+
+
+def status_main(args: argparse.Namespace) -> int:
+    """``twinkle serve --status``: ask a running server for its capacity and print it."""
+    import json
+    import os
+    import urllib.error
+    import urllib.request
+
+    key = args.api_key or os.environ.get("TWINKLE_API_KEY")
+    if not key:
+        print("error: --status needs an API key: --api-key KEY or TWINKLE_API_KEY (twinkle serve --add-tenant NAME)")
+        return 1
+    host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    url = f"http://{host}:{args.port}/api/v1/capacity"
+    request = urllib.request.Request(url, headers={"X-API-Key": key})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            cap = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        print(f"error: {url} answered {exc.code}: {exc.read().decode(errors='replace')}")
+        return 1
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"error: no twinkle server at {url}: {exc}")
+        return 1
+    print(format_capacity(cap))
+    return 0
+
+
 def serve_main(args: argparse.Namespace) -> int:
     """Entry point of ``twinkle serve``."""
+    if getattr(args, "status", False):
+        return status_main(args)
     config = _config(args)
     if args.add_tenant:
         from twinkle_server.store import Store

@@ -21,7 +21,14 @@ class ServerConfig:
         state_dir: SQLite database and checkpoints live here (survives restarts).
         model_dir: local Hugging Face model directory of the base model (default: bundled tiny model).
         model_name: the base-model name clients use (``base_model=`` in the tinker SDK).
-        max_adapters: LoRA slots in the pool (training runs plus loaded sampler adapters).
+        max_adapters: live LoRA adapters at most (training runs, loaded sampler adapters, snapshots
+            and twinkle objects' adapters), on the device or paged to host memory.
+        device_slots: adapters resident on the device at once (default: ``min(max_adapters, 8)``);
+            the others are paged to (pinned) host memory and back on use
+            (:class:`twinkle.model.paging.AdapterPool`).
+        adapter_host_bytes: host memory all live adapters may take together (each reserves room for
+            its weights, gradients and AdamW state when created); default: a quarter of the
+            machine's memory. A create that does not fit is a 503 with ``Retry-After``.
         max_rank: largest LoRA rank accepted.
         seed: seed of the base weights when ``model_dir`` has no weight files.
         device: where the Tinker engine keeps the base model and the adapters: ``"auto"``
@@ -42,8 +49,10 @@ class ServerConfig:
         seq_window: a training request may be at most this many ``seq_id``s ahead of its run's
             next one (400 above): out-of-order requests hold their bodies until their turn.
         seq_wait_s: a request waiting for an earlier ``seq_id`` fails after this many seconds.
-        run_idle_s: a training run no request touched for this long is unloaded (its slot freed,
-            its checkpoints kept and loadable); 0 keeps runs loaded until unloaded.
+        run_idle_s: a training run (or twinkle object) no request touched for this long is
+            unloaded: its adapter and optimizer state are written to ``state_dir/parked`` and
+            leave device and host memory, it stops counting against the tenant's quota, and its
+            next request reloads it transparently (exactly); 0 keeps runs loaded until unloaded.
         future_ttl_s: finished futures (and their results) are deleted this long after creation.
         max_result_bytes: a result larger than this is not stored; its future fails with a
             message (save a checkpoint instead of fetching large state).
@@ -60,13 +69,15 @@ class ServerConfig:
 
     Example::
 
-        ServerConfig(state_dir="/var/lib/twinkle", max_adapters=16, max_rank=32, device="cuda")
+        ServerConfig(state_dir="/var/lib/twinkle", max_adapters=256, device_slots=16, max_rank=32, device="cuda")
     """
 
     state_dir: Path
     model_dir: Path = field(default_factory=tiny_model_dir)
     model_name: str = "twinkle/tiny-qwen2"
-    max_adapters: int = 8
+    max_adapters: int = 64
+    device_slots: int | None = None
+    adapter_host_bytes: int | None = None
     max_rank: int = 64
     seed: int = 0
     device: str = "auto"
@@ -92,6 +103,29 @@ class ServerConfig:
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir)
         self.model_dir = Path(self.model_dir)
+
+    @property
+    def resident_slots(self) -> int:
+        """Adapters on the device at once (``device_slots``, default ``min(max_adapters, 8)``)."""
+        return max(1, self.device_slots if self.device_slots is not None else min(self.max_adapters, 8))
+
+    @property
+    def host_budget_bytes(self) -> int:
+        """The host-memory budget of live adapters (``adapter_host_bytes``, default a quarter of RAM)."""
+        if self.adapter_host_bytes is not None:
+            return int(self.adapter_host_bytes)
+        import os
+
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            total = 16 << 30
+        return int(total // 4)
+
+    @property
+    def parked_dir(self) -> Path:
+        """Where idle adapters' tensors are written while unloaded (emptied at start)."""
+        return self.state_dir / "parked"
 
     @property
     def database(self) -> Path:

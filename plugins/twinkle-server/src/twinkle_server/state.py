@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import shutil
 import threading
 import time
 from collections import OrderedDict
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from twinkle_server import checkpoints as ckpt
+from twinkle_server.adapter_pool import AdapterPoolFull, pool_of
 from twinkle_server.config import ServerConfig
 from twinkle_server.engine import ALL_TARGETS, TARGET_GROUPS, LoRAEngine
 from twinkle_server.scheduler import Job, Payload, Scheduler, UserError
@@ -132,16 +134,29 @@ class ServerState:
         self.config = config
         config.state_dir.mkdir(parents=True, exist_ok=True)
         ckpt.recover(config.checkpoint_root)
+        # parked adapters live only as long as the process that parked them (runs restart unloaded)
+        shutil.rmtree(config.parked_dir, ignore_errors=True)
         self.store = Store(config.database)
         self.store.fail_pending_futures(RESTART_MESSAGE)
         self.store.unload_all_runs()
-        self.engine = engine or LoRAEngine(
-            config.model_dir,
-            max_adapters=config.max_adapters,
-            max_rank=config.max_rank,
-            seed=config.seed,
-            device=config.device,
-        )
+        if engine is None:
+            import inspect
+
+            paging = {
+                "device_slots": config.resident_slots,
+                "host_bytes": config.host_budget_bytes,
+                "spill_dir": config.parked_dir,
+            }
+            accepted = inspect.signature(LoRAEngine).parameters  # an engine with an adapter pool takes these
+            engine = LoRAEngine(
+                config.model_dir,
+                max_adapters=config.max_adapters,
+                max_rank=config.max_rank,
+                seed=config.seed,
+                device=config.device,
+                **{k: v for k, v in paging.items() if k in accepted},
+            )
+        self.engine = engine
         self.waiters = FutureWaiters()
         self.rate = RateLimiter()
         self.scheduler = Scheduler(
@@ -201,7 +216,12 @@ class ServerState:
         now = time.time() if now is None else now
         unloaded = 0
         if self.config.run_idle_s > 0:
-            for run_id, _ in self.store.idle_runs(now - self.config.run_idle_s):
+            before = now - self.config.run_idle_s
+            for run_id, _ in self.store.idle_runs(before):
+                if self.engine_parks:  # parked on the worker, reloaded on use
+                    self.scheduler.call_soon(lambda run_id=run_id: self._park_run(run_id, before))
+                    unloaded += 1
+                    continue
                 self.scheduler.call_soon(lambda run_id=run_id: self._free_run(run_id))
                 for job in self.scheduler.forget_model(run_id):
                     self._on_done(job.future_id, None, f"training run {run_id} was unloaded (idle)", "user")
@@ -336,13 +356,27 @@ class ServerState:
         return run
 
     def loaded_slot(self, tenant: Tenant, run_id: str) -> int:
-        """The engine slot of a loaded run of this tenant.
+        """(Worker) the engine slot of a loaded run of this tenant; a run parked for idleness counts
+        against the tenant's quota again (its adapter reloads when the engine next uses it).
 
         Raises:
             NotFound: no such run for this tenant.
-            UserError: the run exists but is not in memory (server restart or unloaded).
+            UserError: the run exists but is not in memory (server restart or unloaded), or
+                reloading a parked run would exceed the tenant's quota.
         """
         run = self.run_for(tenant, run_id)
+        if run.state == "idle" and run_id in self.run_slots:
+            with self.quota_lock:
+                try:
+                    self.check_adapter_quota(tenant)
+                except QuotaExceeded as exc:
+                    raise UserError(
+                        f"training run {run_id} was unloaded after {self.config.run_idle_s:.0f} s idle and reloading "
+                        f"it would exceed the tenant's limit: {exc}"
+                    ) from None
+                self.store.set_run_state(run_id, "active")
+            self.store.touch_run(run_id)
+            return self.run_slots[run_id]
         slot = self.run_slots.get(run_id)
         if slot is None or self.run_tenants.get(run_id) != tenant.id:
             if run.state == "unloaded":
@@ -375,22 +409,77 @@ class ServerState:
                     "(unload_model), delete a remote model, or save and delete"
                 )
 
-    def reserve_slot(self) -> None:
+    def reserve_slot(self, rank: int | None = None, targets: Any = None) -> None:
         """Count one training run being created against the pool; 503 (with a retry hint) when it is full.
 
-        Call with :attr:`quota_lock` held; :meth:`slot_created` when the creation finished (or failed).
-        Sampler and snapshot slots count as free: they are evicted for training runs.
+        Full: ``max_adapters`` live adapters, or (given ``rank`` and ``targets``) no room for the
+        adapter in the host-memory budget of paged adapters. Call with :attr:`quota_lock` held;
+        :meth:`slot_created` when the creation finished (or failed). Sampler and snapshot slots
+        count as free: they are evicted for training runs.
         """
         with self.quota_lock:
+            retry = self._retry_after()
             free = self.engine.free_slots + len(self.sampler_slots) + len(self.snapshot_slots) - self.creating
             if free <= 0:
                 raise QuotaExceeded(
-                    f"all {self.engine.max_adapters} LoRA slots of this server are in use; retry later "
-                    f"(runs idle for {self.config.run_idle_s:.0f} s are unloaded)",
+                    f"all {self.engine.max_adapters} adapter slots of this server are in use (--max-adapters); "
+                    f"retry later (runs idle for {self.config.run_idle_s:.0f} s are unloaded)",
                     503,
-                    retry_after=30.0,
+                    retry_after=retry,
                 )
+            evictable = self.sampler_slots or self.snapshot_slots  # they make room for training runs
+            if rank is not None and not evictable:
+                try:
+                    self.pool.check_admit(rank, targets, pending=self.creating)
+                except AdapterPoolFull as exc:
+                    raise QuotaExceeded(str(exc), 503, retry_after=retry) from None
             self.creating += 1
+
+    def _retry_after(self) -> float:
+        """Seconds a 503 for a full pool suggests waiting: until the next idle run is unloaded (at most
+        ``run_idle_s``), else 30."""
+        idle = self.config.run_idle_s
+        if idle <= 0:
+            return 30.0
+        oldest = self.store.oldest_active_request()
+        wait = idle if oldest is None else oldest + idle - time.time()
+        return float(min(max(wait, 1.0), max(idle, 1.0)))
+
+    @property
+    def pool(self) -> Any:
+        """The engine's adapter pool interface (:func:`twinkle_server.adapter_pool.pool_of`)."""
+        return pool_of(self.engine)
+
+    @property
+    def engine_parks(self) -> bool:
+        """Whether the engine can park idle adapters (unload them, reloading on use)."""
+        return bool(self.pool.can_park)
+
+    def _park_run(self, run_id: str, before: float) -> None:
+        """(Worker) unload an idle run's adapter (reloaded on its next use) unless a request touched it
+        since the sweep: it then stops counting against the tenant's quota."""
+        with self._lock:
+            tenant_id = self.run_tenants.get(run_id)
+            slot = self.run_slots.get(run_id)
+            run = self.store.run(tenant_id, run_id) if tenant_id is not None else None
+            if run is None or slot is None or run.state != "active" or run.last_request >= before:
+                return
+            if self.pool.park(slot):
+                self.store.set_run_state(run_id, "idle")
+
+    def capacity(self, tenant: Tenant | None = None) -> dict[str, Any]:
+        """The adapter pool's figures (``GET /api/v1/capacity``): device slots, resident, paged,
+        unloaded (idle) and free, host memory used and budget, live adapters and their limit, the
+        idle-unload time, and the asking tenant's holding and limit."""
+        cap = dict(self.pool.capacity())
+        cap["live"] = cap["resident"] + cap["paged"]
+        cap["max_adapters"] = self.engine.max_adapters
+        cap["creating"] = self.creating
+        cap["idle_unload_s"] = self.config.run_idle_s
+        if tenant is not None:
+            limit = self.limits(tenant).max_adapters
+            cap["tenant"] = {"name": tenant.name, "held": self.held(tenant.id), "limit": limit}
+        return cap
 
     def slot_created(self) -> None:
         """A creation counted by :meth:`reserve_slot` finished."""
@@ -413,13 +502,17 @@ class ServerState:
         """Free a slot when the pool is full: a cached checkpoint sampler first (reloadable from disk),
         then the snapshot least worth keeping (see :meth:`_snapshot_victim`)."""
         while self.engine.free_slots <= 0 and (self.sampler_slots or self.snapshot_slots):
-            if self.sampler_slots:
-                _, slot = self.sampler_slots.popitem(last=False)
-            else:
-                sampler_id = self._snapshot_victim()
-                slot = self.snapshot_slots.pop(sampler_id)
-                self._snapshot_refs.pop(sampler_id, None)
-            self.engine.free_slot(slot)
+            self._evict_one()
+
+    def _evict_one(self) -> None:
+        """Free one cached sampler slot (reloadable from disk), else the snapshot least worth keeping."""
+        if self.sampler_slots:
+            _, slot = self.sampler_slots.popitem(last=False)
+        else:
+            sampler_id = self._snapshot_victim()
+            slot = self.snapshot_slots.pop(sampler_id)
+            self._snapshot_refs.pop(sampler_id, None)
+        self.engine.free_slot(slot)
 
     def _snapshot_victim(self) -> str:
         """The snapshot to evict: unreferenced ones first (their session finished or stopped heartbeating
@@ -447,15 +540,28 @@ class ServerState:
             if ref is not None:
                 self._snapshot_refs[sampler_id] = (ref[0], ref[1], time.monotonic())
 
+    def _with_room(self, create: Callable[[], int]) -> int:
+        """(Worker) ``create()`` a slot, evicting cached samplers and snapshots while the pool is full
+        (by count, or by host memory: :class:`~twinkle_server.engine.AdapterPoolFull`)."""
+        self._make_room()
+        while True:
+            try:
+                return create()
+            except AdapterPoolFull:
+                if not (self.sampler_slots or self.snapshot_slots):
+                    raise
+                self._evict_one()
+
     def create_run_slot(self, tenant: Tenant, run_id: str, lora: dict[str, Any]) -> Payload:
         """(Worker) allocate the run's adapter."""
         with self._lock:
-            self._make_room()
             targets = lora_targets(
                 lora.get("train_attn", True), lora.get("train_mlp", True), lora.get("train_unembed", True)
             )
-            slot = self.engine.create_slot(
-                int(lora["rank"]), alpha=lora.get("alpha"), targets=targets, seed=lora.get("seed")
+            slot = self._with_room(
+                lambda: self.engine.create_slot(
+                    int(lora["rank"]), alpha=lora.get("alpha"), targets=targets, seed=lora.get("seed")
+                )
             )
             self.run_slots[run_id] = slot
             self.run_tenants[run_id] = tenant.id
@@ -573,8 +679,8 @@ class ServerState:
         if optimizer and not row.has_optimizer:
             raise UserError(f"{path} has no optimizer state (sampler checkpoints never do); load it without optimizer")
         with self._lock:
-            self._make_room()
-            slot = self.engine.load_slot(self.checkpoint_files(tenant, parsed), optimizer=optimizer)
+            files = self.checkpoint_files(tenant, parsed)
+            slot = self._with_room(lambda: self.engine.load_slot(files, optimizer=optimizer))
             old = self.run_slots.get(run_id)
             self.run_slots[run_id] = slot
             self.run_tenants[run_id] = tenant.id
@@ -594,8 +700,8 @@ class ServerState:
             if key in self.sampler_slots:
                 self.sampler_slots.move_to_end(key)
                 return self.sampler_slots[key]
-            self._make_room()
-            slot = self.engine.load_slot(self.checkpoint_files(tenant, parsed), optimizer=False)
+            files = self.checkpoint_files(tenant, parsed)
+            slot = self._with_room(lambda: self.engine.load_slot(files, optimizer=False))
             self.sampler_slots[key] = slot
             return slot
 
@@ -611,10 +717,10 @@ class ServerState:
 
         slot = self.engine.slot(self.loaded_slot(tenant, run_id))
         with self._lock:
-            self._make_room()
-            new_id = self.engine.create_slot(slot.rank, alpha=slot.alpha, targets=slot.targets)
+            new_id = self._with_room(lambda: self.engine.create_slot(slot.rank, alpha=slot.alpha, targets=slot.targets))
             new = self.engine.slot(new_id)
-            with torch.no_grad():
+            names = [getattr(s, "adapter", None) for s in (slot, new)]
+            with self.pool.using([n for n in names if n]), torch.no_grad():  # both on the device
                 for name, (a, b) in slot.params.items():
                     new.params[name][0].copy_(a)
                     new.params[name][1].copy_(b)

@@ -355,7 +355,8 @@ class Store:
         return self._rows("SELECT COUNT(*) FROM runs WHERE tenant_id = ? AND state = ?", (tenant_id, state))[0][0]
 
     def set_run_state(self, run_id: str, state: str) -> None:
-        """Set a run's state (``active``, ``unloaded``, ``deleted``)."""
+        """Set a run's state (``active``; ``idle``: parked for idleness, reloaded on use; ``unloaded``;
+        ``deleted``)."""
         self._exec("UPDATE runs SET state = ? WHERE id = ?", (state, run_id))
 
     def touch_run(self, run_id: str) -> None:
@@ -363,8 +364,12 @@ class Store:
         self._exec("UPDATE runs SET last_request = ? WHERE id = ?", (time.time(), run_id))
 
     def unload_all_runs(self) -> int:
-        """After a restart no adapter is in memory: mark every active run ``unloaded``."""
-        return self._exec("UPDATE runs SET state = 'unloaded' WHERE state = 'active'").rowcount
+        """After a restart no adapter is in memory: mark every active (or idle-parked) run ``unloaded``."""
+        return self._exec("UPDATE runs SET state = 'unloaded' WHERE state IN ('active', 'idle')").rowcount
+
+    def oldest_active_request(self) -> float | None:
+        """The earliest ``last_request`` of the active runs (``None``: no active run)."""
+        return self._rows("SELECT MIN(last_request) FROM runs WHERE state = 'active'")[0][0]
 
     # -- checkpoints -----------------------------------------------------------------
     def put_checkpoint(self, row: CheckpointRow) -> None:

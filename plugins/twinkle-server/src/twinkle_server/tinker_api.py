@@ -30,7 +30,7 @@ from twinkle_server.losses import check_loss
 from twinkle_server.policy import finite_json
 from twinkle_server.scheduler import UserError
 from twinkle_server.session_futures import wait_any
-from twinkle_server.state import JSON, ServerState
+from twinkle_server.state import JSON, ServerState, lora_targets
 from twinkle_server.store import CheckpointRow, Run, Tenant
 from twinkle_server.wire import (
     PROTO_CONTENT_TYPE,
@@ -264,7 +264,7 @@ def _run_or_404(state: ServerState, tenant: Tenant, run_id: str) -> Run:
     run = state.store.run(tenant.id, run_id)
     if run is None:
         raise HTTPException(404, f"training run {run_id!r} not found")
-    if run.state == "active":
+    if run.state in ("active", "idle"):
         state.store.touch_run(run.id)  # a run in use is not idle (ServerConfig.run_idle_s)
     return run
 
@@ -280,6 +280,14 @@ def _check_name(name: str | None) -> str:
     if name is None:
         raise _bad("a checkpoint name (path) is required")
     return ckpt.check_name(name)
+
+
+def _lora_targets(lora: dict[str, Any]) -> tuple[str, ...]:
+    """The module names of a run's LoRA switches (``train_attn``/``train_mlp``/``train_unembed``)."""
+    try:
+        return lora_targets(lora.get("train_attn", True), lora.get("train_mlp", True), lora.get("train_unembed", True))
+    except UserError as exc:
+        raise _bad(str(exc)) from None
 
 
 def _checkpoint_lora(state: ServerState, tenant: Tenant, path: str) -> dict[str, Any]:
@@ -303,6 +311,14 @@ def _checkpoint_lora(state: ServerState, tenant: Tenant, path: str) -> dict[str,
 def healthz() -> dict[str, str]:
     """Liveness probe (no authentication)."""
     return {"status": "ok"}
+
+
+@router.get("/capacity")
+def capacity(state: ServerState = Depends(current_state), tenant: Tenant = Depends(current_tenant)) -> Any:
+    """The adapter pool: device slots (resident, free), adapters paged to host memory, adapters
+    unloaded for idleness, host memory used and budget, and the asking tenant's holding and limit
+    (a twinkle extension; ``twinkle serve --status`` prints it)."""
+    return state.capacity(tenant)
 
 
 @router.get("/get_server_capabilities")
@@ -429,7 +445,7 @@ def create_model(
         if state.store.run(tenant.id, run_id) is not None:
             raise _bad(f"training run {run_id} already exists; use a new model_seq_id")
         state.check_adapter_quota(tenant)
-        state.reserve_slot()
+        state.reserve_slot(lora["rank"], _lora_targets(lora))  # a full pool is a 503 here, not a failed future
         state.store.create_run(run_id, tenant.id, body.session_id, state.config.model_name, lora, body.user_metadata)
     state.scheduler.register_model(run_id)
 
@@ -700,7 +716,7 @@ def load_weights(
             if state.store.run(tenant.id, run_id) is not None:
                 raise _bad(f"training run {run_id} already exists; use a new model_seq_id")
             state.check_adapter_quota(tenant)
-            state.reserve_slot()
+            state.reserve_slot(lora["rank"], _lora_targets(lora))
             state.store.create_run(
                 run_id, tenant.id, body.session_id, state.config.model_name, lora, body.user_metadata
             )

@@ -21,6 +21,7 @@ Checkpoint directories are names inside the tenant's own folder on the server.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
 import logging
@@ -37,6 +38,7 @@ from fastapi import APIRouter, Depends, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
 from twinkle_server import checkpoints as ckpt
+from twinkle_server.adapter_pool import AdapterPoolFull
 from twinkle_server.auth import current_state, current_tenant
 from twinkle_server.policy import check_adapter_options, check_finite_tree, finite_json, served_model_ids
 from twinkle_server.scheduler import UserError
@@ -103,16 +105,19 @@ class HostedObject:
     instance: Any = None
     options: dict[str, Any] = field(default_factory=dict)
     tenant: Tenant | None = None
-    #: ``time.time()`` of the object's last request (idle objects are released like idle runs)
+    #: ``time.time()`` of the object's last request (idle objects are unloaded like idle runs)
     last_used: float = field(default_factory=time.time)
+    #: unloaded for idleness: its adapters hold no memory and it holds no quota until its next call
+    parked: bool = False
 
 
 class _AdapterView:
     """A shared-model object as a checkpoint engine sees it: only its own adapters, under the user's names."""
 
-    def __init__(self, model: Any, obj: HostedObject) -> None:
+    def __init__(self, model: Any, obj: HostedObject, engine: Any = None) -> None:
         self._model = model
         self._obj = obj
+        self._engine = engine
         peft = getattr(model, "_peft", None)
         configs = getattr(peft, "peft_config", {}) or {}
         self.model = SimpleNamespace(peft_config={name: configs.get(s) for name, s in obj.adapters.items()})
@@ -127,7 +132,9 @@ class _AdapterView:
             raise UserError("sync(model, sampler): this model trains on the shared base; pass adapter_name=...")
         if adapter_name not in self._obj.adapters:
             raise UserError(f"no adapter named {adapter_name!r}; added: {', '.join(self._obj.adapters) or '(none)'}")
-        return self._model.get_state_dict(adapter_name=self._obj.adapters[adapter_name])
+        scoped = self._obj.adapters[adapter_name]
+        with self._engine.using([scoped]) if self._engine is not None else contextlib.nullcontext():
+            return self._model.get_state_dict(adapter_name=scoped)
 
 
 class TwinkleHost:
@@ -216,7 +223,7 @@ class TwinkleHost:
             raise UserError(f"object {value.object_id!r} not found (objects are private to their tenant)")
         if obj.instance is not None:
             return obj.instance
-        return _AdapterView(self.model, obj)
+        return _AdapterView(self.model, obj, self.state.pool)
 
     def folder(self, tenant_id: str) -> Path:
         """The tenant's checkpoint folder for http-mode saves."""
@@ -291,6 +298,12 @@ class TwinkleHost:
                     f"this adapter config would train the shared base model's weights ({trained[0]}, ...); "
                     "use bias='none' and no base-weight options, or train full parameters on a model without adapters"
                 )
+            try:  # into the adapter pool: a full pool is a 503, and the adapter goes again
+                self.state.pool.adopt(scoped)
+            except AdapterPoolFull as exc:
+                model.remove_adapter(scoped)
+                self.state.hold(self._tenant(obj), obj.id, max(1, len(obj.adapters)))
+                raise QuotaExceeded(str(exc), 503, retry_after=exc.retry_after) from None
             obj.adapters[name] = scoped
             obj.current = name
             return None
@@ -300,7 +313,9 @@ class TwinkleHost:
             user_name = args[0] if args else kwargs.get("adapter_name")
             if user_name not in obj.adapters:
                 raise UserError(f"no adapter named {user_name!r}; added: {', '.join(obj.adapters) or '(none)'}")
-            model.remove_adapter(obj.adapters[user_name])
+            with self.state.pool.using([]):  # the pool's lock: nothing pages while the adapter goes
+                self.state.pool.disown(obj.adapters[user_name])
+                model.remove_adapter(obj.adapters[user_name])
             del obj.adapters[user_name]
             if obj.current == user_name:
                 obj.current = next(iter(obj.adapters), None)
@@ -335,7 +350,12 @@ class TwinkleHost:
                     raise UserError(f"no adapter named {user_name!r}; added: {', '.join(obj.adapters) or '(none)'}")
             kwargs["adapter_name"] = obj.adapters[user_name]
         _bind(fn, method, args, kwargs)
-        result = fn(*args, **kwargs)
+        pool = self.state.pool
+        with pool.using([kwargs["adapter_name"]] if "adapter_name" in kwargs else []):  # paged in, held
+            result = fn(*args, **kwargs)
+        for scoped in obj.adapters.values():  # load / resume_from_checkpoint may have added one
+            if scoped in getattr(model, "adapter_names", ()) and not pool.owns(scoped):
+                pool.adopt(scoped)
         if method == "save":
             return Path(str(result)).name
         return result
@@ -416,11 +436,41 @@ class TwinkleHost:
             return
         remover = getattr(model, "remove_adapter", None)
         for scoped in obj.adapters.values():
+            self.state.pool.disown(scoped)
             if remover is not None:
                 try:
                     remover(scoped)
                 except (KeyError, ValueError):
                     continue
+
+    def park(self, obj: HostedObject, before: float) -> bool:
+        """(Worker) unload an idle object's adapters (they come back on its next call) and free its
+        quota units, unless a request touched it since ``before``; returns whether it was parked."""
+        if obj.parked or obj.last_used >= before or self.objects.get(obj.id) is not obj:
+            return False
+        pool = self.state.pool
+        for scoped in obj.adapters.values():
+            pool.park_adapter(scoped)
+        obj.parked = True
+        self.state.release(obj.tenant_id, obj.id)
+        return True
+
+    def unpark(self, obj: HostedObject, tenant: Tenant) -> None:
+        """Count a parked object against its tenant's quota again (its adapters reload on use).
+
+        Raises:
+            QuotaExceeded: 403 when the tenant's limit has no room for it now.
+        """
+        if not obj.parked:
+            return
+        try:
+            self.state.hold(tenant, obj.id, max(1, len(obj.adapters)))
+        except QuotaExceeded as exc:
+            raise QuotaExceeded(
+                f"object {obj.id} was unloaded after {self.state.config.run_idle_s:.0f} s idle and reloading it "
+                f"would exceed the tenant's limit: {exc}"
+            ) from None
+        obj.parked = False
 
 
 def _inherit_settings(model: Any, scoped: str, own: Any) -> None:
@@ -450,13 +500,17 @@ def _bind(fn: Any, method: str, args: list[Any], kwargs: dict[str, Any]) -> None
 
 
 def expire_idle_objects(state: ServerState, before: float) -> int:
-    """Release the objects whose last request was before ``before`` (their adapters leave the model,
-    their units leave the tenant's quota); returns how many."""
+    """Unload the objects whose last request was before ``before``: their units leave the tenant's
+    quota. A model on the shared base is parked (its adapters unloaded, reloaded on its next call);
+    a private instance (sampler, full-parameter model, checkpoint engine) is released. Returns how many."""
     hosted = getattr(state, "twinkle_host", None)
     if hosted is None:
         return 0
-    idle = [obj for obj in list(hosted.objects.values()) if obj.last_used < before]
+    idle = [obj for obj in list(hosted.objects.values()) if obj.last_used < before and not obj.parked]
     for obj in idle:
+        if obj.instance is None and obj.kind == "model" and state.engine_parks:
+            state.scheduler.call_soon(lambda obj=obj: hosted.park(obj, before))
+            continue
         hosted.objects.pop(obj.id, None)
         state.scheduler.call_soon(lambda obj=obj: hosted.release(obj))
         state.release(obj.tenant_id, obj.id)
@@ -490,7 +544,7 @@ async def _run(state: ServerState, tenant: Tenant, kind: str, fn: Any) -> Any:
         except KeyError as exc:  # a missing adapter/name: the request's problem, not the server's
             raise UserError(str(exc.args[0]) if exc.args else "not found") from None
         except QuotaExceeded as exc:  # answered with its own status (403), not as a failed job
-            return JSON, json.dumps({"quota": str(exc), "status": exc.status}).encode()
+            return JSON, json.dumps({"quota": str(exc), "status": exc.status, "retry_after": exc.retry_after}).encode()
         return JSON, json.dumps(finite_json({"result": encode(result)}), allow_nan=False).encode()
 
     future_id = state.submit(tenant, f"twinkle.{kind}", run=run)
@@ -510,8 +564,14 @@ async def _run(state: ServerState, tenant: Tenant, kind: str, fn: Any) -> Any:
         raise HTTPException(400 if row.category == "user" else 500, row.error)
     data = json.loads(row.result or b"null")
     if isinstance(data, dict) and "quota" in data:
-        raise QuotaExceeded(data["quota"], data["status"])
+        raise QuotaExceeded(data["quota"], data["status"], retry_after=float(data.get("retry_after") or 1.0))
     return data
+
+
+@router.get("/capacity")
+def capacity(state: StateDep, tenant: TenantDep) -> dict[str, Any]:
+    """The adapter pool's capacity (the same answer as ``GET /api/v1/capacity``)."""
+    return state.capacity(tenant)
 
 
 @router.get("/whoami")
@@ -572,6 +632,7 @@ async def call_object(object_id: str, body: CallBody, state: StateDep, tenant: T
     obj = _object(state, tenant, object_id)
     obj.last_used = time.time()
     hosted = host(state)
+    hosted.unpark(obj, tenant)  # an object unloaded for idleness counts against the quota again
     if body.method not in hosted.methods(obj.kind):
         raise HTTPException(400, f"{body.method!r} is not a remote method of this {obj.kind}")
     try:
