@@ -22,6 +22,13 @@ through one code path: core's.
   the peft layout; sampling runs the same model with the adapter active
   (:mod:`twinkle_server.sampling`).
 
+* adapters are paged (:class:`twinkle.model.paging.AdapterPool`): at most ``device_slots`` sit on
+  the device; a pass makes its adapters resident, paging the least recently used idle ones out
+  to (pinned) host memory, exactly. ``max_adapters`` live adapters and ``host_bytes`` of host
+  memory bound them all (a create that does not fit is :class:`AdapterPoolFull`); with a
+  ``spill_dir``, an idle adapter can be parked (:meth:`LoRAEngine.park`): written to a file,
+  holding no memory, and read back exactly when it is next used.
+
 Not thread-safe: the server drives the engine from its one worker thread.
 
 Example::
@@ -44,6 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from twinkle_server.adapter_pool import AdapterPoolFull
 from twinkle_server.tinker_rows import (
     BatchJob,
     Datum,
@@ -54,7 +62,17 @@ from twinkle_server.tinker_rows import (
     job_rows,
 )
 
-__all__ = ["BatchJob", "Datum", "EngineError", "JobResult", "LoRAEngine", "Slot", "check_adam_params", "resolve_device"]
+__all__ = [
+    "AdapterPoolFull",
+    "BatchJob",
+    "Datum",
+    "EngineError",
+    "JobResult",
+    "LoRAEngine",
+    "Slot",
+    "check_adam_params",
+    "resolve_device",
+]
 
 #: Short module names per Tinker LoRA switch.
 TARGET_GROUPS: dict[str, tuple[str, ...]] = {
@@ -181,7 +199,16 @@ class LoRAEngine:
     """
 
     def __init__(
-        self, model_dir: str | Path, *, max_adapters: int = 8, max_rank: int = 64, seed: int = 0, device: Any = "auto"
+        self,
+        model_dir: str | Path,
+        *,
+        max_adapters: int = 8,
+        max_rank: int = 64,
+        seed: int = 0,
+        device: Any = "auto",
+        device_slots: int | None = None,
+        host_bytes: int | None = None,
+        spill_dir: str | Path | None = None,
     ) -> None:
         from peft import LoraConfig
         from transformers import AutoTokenizer
@@ -222,6 +249,19 @@ class LoRAEngine:
         #: held by every engine operation, and by the twinkle API's calls on :attr:`core`.
         self.lock = threading.RLock()
         self._names = itertools.count()
+        from twinkle.model.paging import AdapterPool
+
+        #: every tenant adapter (Tinker runs, samplers, snapshots, twinkle objects' adapters): at most
+        #: ``device_slots`` on the device, the others paged to (pinned) host memory, idle ones parked
+        #: to ``spill_dir``; ``max_adapters`` live ones and ``host_bytes`` of host memory at most.
+        self.pool = AdapterPool(
+            self.core,
+            slots=min(device_slots or max_adapters, max_adapters),
+            host_bytes_budget=host_bytes if host_bytes is not None else 1 << 62,
+            max_live=max_adapters,
+            spill_dir=spill_dir,
+        )
+        self._param_bytes = self.core.state_of(IDLE_ADAPTER).params[0].element_size()
 
     @property
     def device(self) -> Any:
@@ -252,8 +292,96 @@ class LoRAEngine:
     # -- slots ---------------------------------------------------------------------
     @property
     def free_slots(self) -> int:
-        """How many more Tinker adapters fit in the pool."""
-        return self.max_adapters - len(self.slots)
+        """How many more adapters fit in the pool (parked ones hold no place)."""
+        cap = self.pool.capacity()
+        return self.max_adapters - cap["resident"] - cap["paged"]
+
+    # -- the adapter pool ------------------------------------------------------------------
+    @property
+    def can_park(self) -> bool:
+        """Whether idle adapters can be parked (a spill directory is set)."""
+        return self.pool.can_unload
+
+    def adapter_bytes(self, rank: int, targets: Sequence[str]) -> int:
+        """Host bytes an adapter of ``rank`` on ``targets`` reserves (weights, gradients, AdamW moments)."""
+        from twinkle.model.paging import estimate_lora_bytes
+
+        return estimate_lora_bytes(self.core, rank, list(targets), dtype_bytes=self._param_bytes)
+
+    def check_admit(self, rank: int, targets: Sequence[str] | None, *, pending: int = 0) -> None:
+        """Raise :class:`AdapterPoolFull` unless one more adapter fits (``pending`` creations in flight counted).
+
+        Raises:
+            AdapterPoolFull: ``max_adapters`` live adapters, or no room in the host-memory budget.
+        """
+        from twinkle.model.paging import PoolFull
+
+        targets = list(targets) if targets else list(ALL_TARGETS)
+        nbytes = self.adapter_bytes(rank, targets)
+        try:
+            self.pool.check_admit(nbytes=nbytes, pending=pending, pending_bytes=pending * nbytes)
+        except PoolFull as exc:
+            raise AdapterPoolFull.of(exc) from None
+
+    def capacity(self) -> dict[str, int]:
+        """The pool's figures (:meth:`twinkle.model.paging.AdapterPool.capacity`)."""
+        return self.pool.capacity()
+
+    def adopt(self, name: str) -> None:
+        """Put an adapter just added to :attr:`core` (a twinkle object's) under the pool.
+
+        Raises:
+            AdapterPoolFull: no room for it (the caller removes it again).
+        """
+        from twinkle.model.paging import PoolFull
+
+        with self.lock:
+            try:
+                self.pool.add(name)
+            except PoolFull as exc:
+                raise AdapterPoolFull.of(exc) from None
+
+    def owns(self, name: str) -> bool:
+        """Whether the pool manages this adapter."""
+        return name in self.pool
+
+    def disown(self, name: str) -> None:
+        """Take an adapter out of the pool (before it leaves :attr:`core`)."""
+        with self.lock:
+            self.pool.remove(name)
+
+    @contextlib.contextmanager
+    def using(self, names: Sequence[str]) -> Iterator[None]:
+        """Hold the engine's lock with these adapters on the device (paged in or reloaded as needed).
+
+        Raises:
+            EngineError: more adapters than device slots, or no room to reload a parked one.
+        """
+        from twinkle.model.paging import PoolError, PoolFull
+
+        with self.lock:
+            wanted = [n for n in names if n in self.pool]
+            try:
+                context = self.pool.use(wanted)
+                context.__enter__()
+            except PoolFull as exc:
+                raise AdapterPoolFull.of(exc) from None
+            except PoolError as exc:
+                raise EngineError(str(exc)) from None
+            try:
+                yield
+            finally:
+                context.__exit__(None, None, None)
+
+    def park(self, slot_id: int) -> bool:
+        """Unload an idle slot's adapter to the spill directory (exactly restored on its next use)."""
+        slot = self.slots.get(slot_id)
+        return slot is not None and self.park_adapter(slot.adapter)
+
+    def park_adapter(self, name: str) -> bool:
+        """Unload an idle adapter to the spill directory; False when it is in use or not pooled."""
+        with self.lock:
+            return self.can_park and self.pool.unload(name)
 
     @_locked
     def create_slot(
@@ -288,11 +416,7 @@ class LoRAEngine:
             raise EngineError(
                 f"unknown LoRA target modules {unknown or list(targets)}; choose from {list(ALL_TARGETS)}"
             )
-        if self.free_slots <= 0:
-            raise EngineError(
-                f"all {self.max_adapters} LoRA slots of this server are in use; "
-                "unload a training run or try again later"
-            )
+        self.check_admit(rank, list(targets))
         slot_id = next(i for i in range(self.max_adapters + len(self.slots) + 1) if i not in self.slots)
         name = f"tinker{next(self._names)}"
         fields = {
@@ -304,6 +428,11 @@ class LoRAEngine:
         }
         check_adapter_options(fields, {}, max_rank=self.max_rank)  # the same allow-list as twinkle-API tenants
         self.core.add_adapter_to_model(name, LoraConfig(**fields))
+        try:
+            self.pool.add(name)  # reserves its host block; pages the least recently used one out if needed
+        except Exception:
+            self.core.remove_adapter(name)
+            raise
         state = self.core.state_of(name)
         # a Tinker run trains with nothing inherited from the adapter added before it
         state.template = None
@@ -342,6 +471,7 @@ class LoRAEngine:
         """Remove a slot's adapter from the shared model (no error when already free)."""
         slot = self.slots.pop(slot_id, None)
         if slot is not None:
+            self.pool.remove(slot.adapter)
             self.core.remove_adapter(slot.adapter)
 
     def slot(self, slot_id: int) -> Slot:
@@ -360,18 +490,20 @@ class LoRAEngine:
         import torch
 
         core = self.core
-        was_training = core.model.training
-        core.model.eval()
-        try:
-            with torch.no_grad():
-                if slot_id is None:
-                    with core.adapters_disabled():
+        names = [self.slot(slot_id).adapter] if slot_id is not None else []
+        with self.using(names):  # the adapter on the device while it samples
+            was_training = core.model.training
+            core.model.eval()
+            try:
+                with torch.no_grad():
+                    if slot_id is None:
+                        with core.adapters_disabled():
+                            yield core.model
+                    else:
+                        core._activate(core.state_of(names[0]))
                         yield core.model
-                else:
-                    core._activate(core.state_of(self.slot(slot_id).adapter))
-                    yield core.model
-        finally:
-            core.model.train(was_training)
+            finally:
+                core.model.train(was_training)
 
     # -- training --------------------------------------------------------------------
     @_locked
@@ -398,10 +530,11 @@ class LoRAEngine:
             prepared.append((j, rows, lengths))
         for forward_only in (False, True):
             pending = [p for p in prepared if jobs[p[0]].forward_only == forward_only]
-            while pending:  # one pass holds each slot once
+            while pending:  # one pass holds each slot once, and at most as many slots as fit on the device
                 taken: dict[int, tuple[int, list[dict[str, Any]], list[int]]] = {}
                 for item in pending:
-                    taken.setdefault(jobs[item[0]].slot, item)
+                    if len(taken) < self.pool.slots or jobs[item[0]].slot in taken:
+                        taken.setdefault(jobs[item[0]].slot, item)
                 pending = [p for p in pending if p not in taken.values()]
                 self._pass(jobs, list(taken.values()), results, forward_only)
         return results
@@ -413,7 +546,23 @@ class LoRAEngine:
         results: list[JobResult],
         forward_only: bool,
     ) -> None:
-        """One packed pass over ``prepared`` (distinct slots); fills their results."""
+        """One packed pass over ``prepared`` (distinct slots, at most the device slots); fills their results."""
+        try:
+            context = self.using([self.slot(jobs[j].slot).adapter for j, _, _ in prepared])
+            with context:
+                self._resident_pass(jobs, prepared, results, forward_only)
+        except AdapterPoolFull as exc:  # a parked adapter without room to come back: those jobs fail
+            for j, _, _ in prepared:
+                results[j].error = exc
+
+    def _resident_pass(
+        self,
+        jobs: Sequence[BatchJob],
+        prepared: list[tuple[int, list[dict[str, Any]], list[int]]],
+        results: list[JobResult],
+        forward_only: bool,
+    ) -> None:
+        """:meth:`_pass` with the adapters on the device."""
         import torch
         from twinkle.loss.tinker import TinkerLoss
         from twinkle.model.multi_adapter import forward_backward_multi, forward_loss_multi
@@ -484,6 +633,22 @@ class LoRAEngine:
             Per request, in order: the metrics (``grad_norm`` before clipping, ``step``), or the
             :class:`EngineError` that request failed with (the others still step).
         """
+        results: list[dict[str, float] | Exception] = [{} for _ in requests]
+        size = self.pool.slots
+        for start in range(0, len(requests), size):  # as many slots at a time as fit on the device
+            part = list(requests[start : start + size])
+            names = [self.slots[sid].adapter for sid, _ in part if sid in self.slots]
+            try:
+                with self.using(names):
+                    results[start : start + size] = self._resident_optim_steps(part)
+            except EngineError as exc:
+                results[start : start + size] = [exc] * len(part)
+        return results
+
+    def _resident_optim_steps(
+        self, requests: Sequence[tuple[int, dict[str, float]]]
+    ) -> list[dict[str, float] | Exception]:
+        """:meth:`optim_steps` of slots on the device."""
         import math
 
         import torch
@@ -538,9 +703,10 @@ class LoRAEngine:
         slot = self.slot(slot_id)
         directory = Path(directory)
         self.core.adapter_config(slot.adapter).base_model_name_or_path = base_model
-        self.core.save(
-            directory, adapter_name=slot.adapter, save_optimizer=optimizer, save_tokenizer=False, overwrite=True
-        )
+        with self.using([slot.adapter]):
+            self.core.save(
+                directory, adapter_name=slot.adapter, save_optimizer=optimizer, save_tokenizer=False, overwrite=True
+            )
         # peft adds the base LM head to an adapter that targets it ("embedding layers"): a tenant's
         # checkpoint holds its adapter only (and a load can never write the shared base)
         weights_path = directory / ADAPTER_WEIGHTS
@@ -578,34 +744,35 @@ class LoRAEngine:
             raise EngineError(f"the checkpoint's adapter files are unreadable: {exc}") from None
         slot_id = self.create_slot(rank, alpha=alpha, targets=targets)
         slot = self.slots[slot_id]
-        try:
-            expected = {
-                f"base_model.model.{name}.lora_{kind}.weight": t
-                for name, pair in slot.params.items()
-                for kind, t in zip("AB", pair)
-            }
-            missing = sorted(set(expected) - set(tensors))
-            if missing:
-                raise EngineError(f"checkpoint is missing tensor {missing[0]!r}")
-            if any(tensors[k].shape != t.shape for k, t in expected.items()):
-                raise EngineError("checkpoint tensor shapes do not fit this base model")
-            self.core.load_adapter_weights(slot.adapter, {k: tensors[k] for k in expected}, directory)
-            trainer_state = directory / "trainer_state.json"
-            steps = int(config.get("twinkle_steps", 0))
-            if trainer_state.is_file():
-                steps = int(json.loads(trainer_state.read_text()).get("global_step", steps))
-            slot.state.global_step = steps
-            if optimizer:
-                opt_path = directory / OPTIMIZER_STATE
-                if not opt_path.is_file():
-                    raise EngineError("this checkpoint has no optimizer state; load it without the optimizer")
-                # read on the CPU: load_state_dict moves the moments to the adapter's device
-                self.core.load_optimizer_state_dict(
-                    slot.state, torch.load(opt_path, weights_only=True, map_location="cpu")
-                )
-        except Exception:
-            self.free_slot(slot_id)
-            raise
+        with self.using([slot.adapter]):  # on the device while its tensors are written
+            try:
+                expected = {
+                    f"base_model.model.{name}.lora_{kind}.weight": t
+                    for name, pair in slot.params.items()
+                    for kind, t in zip("AB", pair)
+                }
+                missing = sorted(set(expected) - set(tensors))
+                if missing:
+                    raise EngineError(f"checkpoint is missing tensor {missing[0]!r}")
+                if any(tensors[k].shape != t.shape for k, t in expected.items()):
+                    raise EngineError("checkpoint tensor shapes do not fit this base model")
+                self.core.load_adapter_weights(slot.adapter, {k: tensors[k] for k in expected}, directory)
+                trainer_state = directory / "trainer_state.json"
+                steps = int(config.get("twinkle_steps", 0))
+                if trainer_state.is_file():
+                    steps = int(json.loads(trainer_state.read_text()).get("global_step", steps))
+                slot.state.global_step = steps
+                if optimizer:
+                    opt_path = directory / OPTIMIZER_STATE
+                    if not opt_path.is_file():
+                        raise EngineError("this checkpoint has no optimizer state; load it without the optimizer")
+                    # read on the CPU: load_state_dict moves the moments to the adapter's device
+                    self.core.load_optimizer_state_dict(
+                        slot.state, torch.load(opt_path, weights_only=True, map_location="cpu")
+                    )
+            except Exception:
+                self.free_slot(slot_id)
+                raise
         return slot_id
 
     # -- sampling ------------------------------------------------------------------------
