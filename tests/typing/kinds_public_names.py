@@ -22,6 +22,7 @@ from twinkle.convert import (
     ChatGLMConverter,
     CheckpointConverter,
     ConversionError,
+    DeepseekVLHybridConverter,
     InternLM2Converter,
     find_converter,
     load_converted,
@@ -188,6 +189,7 @@ def kinds_resolve() -> list[object]:
     localcheckpointengine: type[CheckpointEngine] = LocalCheckpointEngine
     internlm2converter: type[CheckpointConverter] = InternLM2Converter
     chatglmconverter: type[CheckpointConverter] = ChatGLMConverter
+    deepseekvlhybridconverter: type[CheckpointConverter] = DeepseekVLHybridConverter
     crossentropyloss: type[Loss] = CrossEntropyLoss
     grpoloss: type[Loss] = GRPOLoss
     ppoloss: type[Loss] = PPOLoss
@@ -243,6 +245,7 @@ def kinds_resolve() -> list[object]:
         localcheckpointengine,
         internlm2converter,
         chatglmconverter,
+        deepseekvlhybridconverter,
         crossentropyloss,
         grpoloss,
         ppoloss,
@@ -305,6 +308,7 @@ PUBLIC_NAMES: list[object] = [
     ChatGLMConverter,
     CheckpointConverter,
     ConversionError,
+    DeepseekVLHybridConverter,
     InternLM2Converter,
     find_converter,
     load_converted,

@@ -14,6 +14,7 @@ _BUILTIN: dict[str, dict[str, str]] = {
     "converter": {
         "InternLM2Converter": "twinkle.convert.internlm2:InternLM2Converter",
         "ChatGLMConverter": "twinkle.convert.chatglm:ChatGLMConverter",
+        "DeepseekVLHybridConverter": "twinkle.convert.deepseek_vl:DeepseekVLHybridConverter",
     },
 }
 
@@ -33,6 +34,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names reso
     from twinkle.convert.base import read_state_dict as read_state_dict
     from twinkle.convert.base import save_original as save_original
     from twinkle.convert.chatglm import ChatGLMConverter as ChatGLMConverter
+    from twinkle.convert.deepseek_vl import DeepseekVLHybridConverter as DeepseekVLHybridConverter
     from twinkle.convert.internlm2 import InternLM2Converter as InternLM2Converter
 else:
     from twinkle._kinds import kind_module

@@ -87,6 +87,11 @@ class CheckpointConverter:
         """The target model's state dict -> tensors in the original layout (exact inverse of :meth:`to_target`)."""
         raise NotImplementedError
 
+    def directory_fields(self, model_dir: str | Path) -> dict[str, Any]:
+        """Target config fields read from the checkpoint directory's other files (a tokenizer's
+        special-token ids); they override :meth:`target_config`'s. Default: none."""
+        return {}
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(self.source_model_types)} -> {self.target_model_type})"
 
@@ -164,11 +169,16 @@ def read_state_dict(model_dir: str | Path) -> dict[str, Any]:
 # -- loading -------------------------------------------------------------------------------------
 
 
-def target_config(converter: CheckpointConverter, config: Mapping[str, Any]) -> Any:
+def target_config(
+    converter: CheckpointConverter, config: Mapping[str, Any], model_dir: str | Path | None = None
+) -> Any:
     """The transformers config object a checkpoint with this original config becomes."""
     from transformers import AutoConfig
 
-    return AutoConfig.for_model(converter.target_model_type, **converter.target_config(config))
+    kwargs = converter.target_config(config)
+    if model_dir is not None:
+        kwargs.update(converter.directory_fields(model_dir))
+    return AutoConfig.for_model(converter.target_model_type, **kwargs)
 
 
 def split_passthrough(converter: CheckpointConverter, state_dict: Mapping[str, Any]) -> tuple[dict, dict]:
@@ -207,13 +217,15 @@ def load_converted(
             left over after the conversion (the message lists them).
     """
     import torch
-    from transformers import AutoModelForCausalLM
+
+    from twinkle.model.hf import auto_model_class
 
     original_config = read_config(model_dir)
     converter = converter or find_converter(original_config)
     if converter is None:
         return None
-    config = target_config(converter, original_config)
+    config = target_config(converter, original_config, model_dir)
+    auto_class = auto_model_class(None, config)  # vision-language targets: AutoModelForImageTextToText
     raw = read_state_dict(model_dir)
     if dtype in (None, "auto"):
         floats = [t.dtype for t in raw.values() if t.is_floating_point()]
@@ -228,7 +240,7 @@ def load_converted(
             except ImportError:  # pragma: no cover - older transformers
                 from transformers.modeling_utils import no_init_weights
             with no_init_weights():
-                model = AutoModelForCausalLM.from_config(config, **kwargs)
+                model = auto_class.from_config(config, **kwargs)
         else:
             logger.warning(
                 "%s has a config.json but no weight files; initializing %s (%s) randomly with seed %d",
@@ -237,7 +249,7 @@ def load_converted(
                 converter.name,
                 seed,
             )
-            model = AutoModelForCausalLM.from_config(config, **kwargs)
+            model = auto_class.from_config(config, **kwargs)
     passthrough: dict[str, Any] = {}
     if raw:
         tensors, passthrough = split_passthrough(converter, raw)
@@ -291,7 +303,10 @@ def original_state_dict(model: Any, state_dict: Mapping[str, Any] | None = None)
         state_dict = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
     target = dict(state_dict)
     if getattr(model.config, "tie_word_embeddings", False):
-        target.setdefault("lm_head.weight", target["model.embed_tokens.weight"])
+        embed = next(
+            k for k in ("model.embed_tokens.weight", "model.language_model.embed_tokens.weight") if k in target
+        )
+        target.setdefault("lm_head.weight", target[embed])
     original = conversion.converter.to_original(target, conversion.original_config)
     original.update(conversion.passthrough)
     return {k: v.contiguous() for k, v in original.items()}
