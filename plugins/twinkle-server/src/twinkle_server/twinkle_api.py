@@ -51,7 +51,14 @@ StateDep = Annotated[ServerState, Depends(current_state)]
 TenantDep = Annotated[Tenant, Depends(current_tenant)]
 _ADAPTER = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 #: methods whose first argument is a checkpoint directory (mapped into the tenant's folder).
-_PATH_METHODS = {"save": "output_dir", "load": "checkpoint_dir", "resume_from_checkpoint": "checkpoint_dir"}
+_PATH_METHODS = {
+    "save": "output_dir",
+    "export": "output_dir",
+    "load": "checkpoint_dir",
+    "resume_from_checkpoint": "checkpoint_dir",
+}
+#: path methods that write (the others read an existing checkpoint).
+_WRITES = {"save", "export"}
 #: methods that need no adapter.
 _NO_ADAPTER = {"add_adapter_to_model", "load", "resume_from_checkpoint"}
 #: methods whose arguments are settings (never data): non-finite numbers are refused.
@@ -255,7 +262,7 @@ class TwinkleHost:
             fn = getattr(obj.instance, method)
             _bind(fn, method, args, kwargs)
             result = fn(*args, **kwargs)
-            return Path(str(result)).name if method == "save" else result
+            return Path(str(result)).name if method in _WRITES else result
         model = self.model
         fn = getattr(model, method)
         params = inspect.signature(fn).parameters
@@ -275,37 +282,8 @@ class TwinkleHost:
             if len(args) > 1:
                 options["gradient_accumulation_steps"] = args[1]
             check_adapter_options(config, options, max_rank=self.state.config.max_rank)
-            scoped = f"{obj.id}_{name}"
-            _bind(model.add_adapter_to_model, method, [scoped, *args], kwargs)
-            # the object's first adapter is covered by the object itself; each further one is one more unit
-            self.state.hold(self._tenant(obj), obj.id, max(1, len(obj.adapters) + 1))
-            own = model.state_of(obj.adapters[obj.current]) if obj.current in obj.adapters else None
-            try:
-                model.add_adapter_to_model(scoped, *args, **kwargs)
-            except BaseException:
-                self.state.hold(self._tenant(obj), obj.id, max(1, len(obj.adapters)))
-                raise
-            _inherit_settings(model, scoped, own)
-            trained = self.state.engine.trainable_base_weights()
-            if trained:  # any other option that unfroze base weights: undo it and refuse
-                for param in self.state.engine.base_parameters.values():
-                    param.requires_grad_(False)
-                try:
-                    model.remove_adapter(scoped)
-                except ValueError:  # the model's only adapter stays, unused and frozen
-                    pass
-                raise UserError(
-                    f"this adapter config would train the shared base model's weights ({trained[0]}, ...); "
-                    "use bias='none' and no base-weight options, or train full parameters on a model without adapters"
-                )
-            try:  # into the adapter pool: a full pool is a 503, and the adapter goes again
-                self.state.pool.adopt(scoped)
-            except AdapterPoolFull as exc:
-                model.remove_adapter(scoped)
-                self.state.hold(self._tenant(obj), obj.id, max(1, len(obj.adapters)))
-                raise QuotaExceeded(str(exc), 503, retry_after=exc.retry_after) from None
-            obj.adapters[name] = scoped
-            obj.current = name
+            _bind(model.add_adapter_to_model, method, [f"{obj.id}_{name}", *args], kwargs)
+            self._admit(obj, model, name, args, kwargs)
             return None
         if method == "remove_adapter":
             if len(args) > 1 or set(kwargs) - {"adapter_name"}:
@@ -324,13 +302,15 @@ class TwinkleHost:
         if method in _PATH_METHODS:
             args, kwargs = self._map_path(obj, method, args, kwargs)
             directory = Path(kwargs[_PATH_METHODS[method]])
-            if method != "save" and not (directory / "adapter_config.json").is_file():
+            if method not in _WRITES and not (directory / "adapter_config.json").is_file():
                 if not obj.adapters and self._private_left(obj):
                     return getattr(self._private_model(obj), method)(*args, **kwargs)
                 raise UserError(
                     f"{directory.name!r} holds full weights, which cannot load into the shared base model; "
                     "load LoRA adapter checkpoints here, or load full weights into a model that trains full parameters"
                 )
+            if method not in _WRITES:
+                _check_adapter_weights(directory)
         if "adapter_name" in params:
             user_name = kwargs.pop("adapter_name", None) or obj.current
             if user_name is None:
@@ -341,11 +321,11 @@ class TwinkleHost:
                         f"{self.state.config.max_private_models_per_tenant} full-parameter model(s) are in use"
                     )
                 user_name = "default"
-                obj.adapters.setdefault(user_name, f"{obj.id}_{user_name}")
-                obj.current = user_name
             if user_name not in obj.adapters:
                 if method in ("load", "resume_from_checkpoint"):
-                    obj.adapters[user_name] = f"{obj.id}_{user_name}"
+                    if not isinstance(user_name, str) or not _ADAPTER.fullmatch(user_name):
+                        raise UserError(f"adapter name {user_name!r}: use 1-64 letters, digits, '_' or '-'")
+                    self._admit_checkpoint(obj, model, user_name, Path(kwargs[_PATH_METHODS[method]]))
                 else:
                     raise UserError(f"no adapter named {user_name!r}; added: {', '.join(obj.adapters) or '(none)'}")
             kwargs["adapter_name"] = obj.adapters[user_name]
@@ -356,9 +336,63 @@ class TwinkleHost:
         for scoped in obj.adapters.values():  # load / resume_from_checkpoint may have added one
             if scoped in getattr(model, "adapter_names", ()) and not pool.owns(scoped):
                 pool.adopt(scoped)
-        if method == "save":
+        if method in _WRITES:
             return Path(str(result)).name
         return result
+
+    def _admit(self, obj: HostedObject, model: Any, name: str, args: list[Any], kwargs: dict[str, Any]) -> None:
+        """(Worker) add the object's adapter ``name`` to the shared model: quota held, base weights kept frozen."""
+        scoped = f"{obj.id}_{name}"
+        # the object's first adapter is covered by the object itself; each further one is one more unit
+        self.state.hold(self._tenant(obj), obj.id, max(1, len(obj.adapters) + 1))
+        own = model.state_of(obj.adapters[obj.current]) if obj.current in obj.adapters else None
+        try:
+            model.add_adapter_to_model(scoped, *args, **kwargs)
+        except BaseException:
+            self.state.hold(self._tenant(obj), obj.id, max(1, len(obj.adapters)))
+            raise
+        _inherit_settings(model, scoped, own)
+        trained = self.state.engine.trainable_base_weights()
+        if trained:  # any other option that unfroze base weights: undo it and refuse
+            for param in self.state.engine.base_parameters.values():
+                param.requires_grad_(False)
+            try:
+                model.remove_adapter(scoped)
+            except ValueError:  # the model's only adapter stays, unused and frozen
+                pass
+            self.state.hold(self._tenant(obj), obj.id, max(1, len(obj.adapters)))
+            raise UserError(
+                f"this adapter config would train the shared base model's weights ({trained[0]}, ...); "
+                "use bias='none' and no base-weight options, or train full parameters on a model without adapters"
+            )
+        try:  # into the adapter pool: a full pool is a 503, and the adapter goes again
+            self.state.pool.adopt(scoped)
+        except AdapterPoolFull as exc:
+            model.remove_adapter(scoped)
+            self.state.hold(self._tenant(obj), obj.id, max(1, len(obj.adapters)))
+            raise QuotaExceeded(str(exc), 503, retry_after=exc.retry_after) from None
+        obj.adapters[name] = scoped
+        obj.current = name
+
+    def _admit_checkpoint(self, obj: HostedObject, model: Any, name: str, directory: Path) -> None:
+        """(Worker) a checkpoint loading into a new adapter passes the same checks as ``add_adapter_to_model``.
+
+        Its ``adapter_config.json`` may come from a private full-parameter model (where any
+        option is allowed): an option that would write the shared base, a rank over the limit
+        or one adapter too many is refused before peft sees it.
+        """
+        from peft import PeftConfig
+
+        try:
+            config = PeftConfig.from_pretrained(str(directory))
+        except (OSError, ValueError, TypeError) as exc:
+            raise UserError(f"{directory.name!r}: unreadable adapter_config.json ({exc})") from None
+        # metadata peft writes on save, not options
+        for key, value in (("base_model_name_or_path", None), ("revision", None), ("inference_mode", False)):
+            if hasattr(config, key):
+                setattr(config, key, value)
+        check_adapter_options(config, {}, max_rank=self.state.config.max_rank)
+        self._admit(obj, model, name, [config], {})
 
     def _tenant(self, obj: HostedObject) -> Tenant:
         return obj.tenant or Tenant(obj.tenant_id, obj.tenant_id)
@@ -418,7 +452,7 @@ class TwinkleHost:
         args = list(args[1:])
         name = ckpt.check_name(str(raw), "checkpoint directory")
         kwargs[key] = str(self.folder(obj.tenant_id) / name)
-        if method != "save" and not Path(kwargs[key]).exists():
+        if method not in _WRITES and not Path(kwargs[key]).exists():
             raise UserError(f"no checkpoint named {name!r} (names are private to your tenant)")
         return args, kwargs
 
@@ -471,6 +505,30 @@ class TwinkleHost:
                 f"would exceed the tenant's limit: {exc}"
             ) from None
         obj.parked = False
+
+
+def _check_adapter_weights(directory: Path) -> None:
+    """Refuse an adapter checkpoint holding any tensor that is not a LoRA matrix.
+
+    peft loads a key without ``lora_`` (a ``modules_to_save`` copy saved by a private model,
+    or a crafted base-weight name) straight into the model: on the shared model, into the
+    base every tenant uses.
+    """
+    from safetensors import safe_open
+
+    files = sorted(directory.glob("*.safetensors"))
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                keys = list(handle.keys())
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is the client's checkpoint problem
+            raise UserError(f"{directory.name!r}: unreadable weights {file.name!r} ({exc})") from None
+        foreign = [k for k in keys if ".lora_" not in k]
+        if foreign:
+            raise UserError(
+                f"{directory.name!r} holds {len(foreign)} tensor(s) that are not LoRA weights ({foreign[0]}, ...); "
+                "only LoRA adapter weights load into the shared base model"
+            )
 
 
 def _inherit_settings(model: Any, scoped: str, own: Any) -> None:
@@ -538,11 +596,17 @@ async def _run(state: ServerState, tenant: Tenant, kind: str, fn: Any) -> Any:
 
     def run() -> tuple[str, bytes]:
         from twinkle.client.codec import encode
+        from twinkle.registry import ComponentNotFoundError
 
         try:
             result = fn()
         except KeyError as exc:  # a missing adapter/name: the request's problem, not the server's
             raise UserError(str(exc.args[0]) if exc.args else "not found") from None
+        except ComponentNotFoundError as exc:  # an optimizer/loss/... name that is not registered
+            raise UserError(str(exc)) from None
+        except TypeError as exc:  # arguments the method's **kwargs passed on and the callee refused
+            logger.info("twinkle.%s: refused arguments: %s", kind, exc)
+            raise UserError(f"{kind}: {exc}") from None
         except QuotaExceeded as exc:  # answered with its own status (403), not as a failed job
             return JSON, json.dumps({"quota": str(exc), "status": exc.status, "retry_after": exc.retry_after}).encode()
         return JSON, json.dumps(finite_json({"result": encode(result)}), allow_nan=False).encode()
