@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import pytest
 pytest.importorskip("tinker")
 pytest.importorskip("peft")
 
-from tests.server.test_hardening import _call, _create_object, _http, _key, base_digest, same_base  # noqa: E402
+from tests.server.test_hardening import BASE, _call, _create_object, _http, _key, base_digest, same_base  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +121,21 @@ def test_calls_outside_the_tenants_own_adapters_are_refused(server, eve, method,
     assert same_base(before, base_digest(server))
     assert set(others) <= set(server.state.engine.core.adapter_names), "another adapter disappeared"
     assert server.state.engine.trainable_base_weights() == []
+
+
+@pytest.mark.parametrize(
+    "stop",
+    [pytest.param([f"s{i}" for i in range(100_000)], id="100k-stop-strings"), pytest.param(["x" * 100_000], id="long")],
+)
+def test_a_huge_stop_list_is_refused_before_it_reaches_the_sampler(server, stop) -> None:
+    """Every stop string is checked after every sampled token: 10^5 of them made one request hold the worker."""
+    import tinker
+    from tinker import types
+
+    service = tinker.ServiceClient(base_url=server.url, api_key=_key(server, "eve-stop"))
+    client = service.create_sampling_client(base_model=BASE)
+    started = time.monotonic()
+    with pytest.raises(tinker.BadRequestError, match="stop"):
+        client.sample(types.ModelInput.from_ints([5, 6, 7]), 4, types.SamplingParams(max_tokens=64, stop=stop)).result()
+    assert time.monotonic() - started < 30
+    service.close(status="success")

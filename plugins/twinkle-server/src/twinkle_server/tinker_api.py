@@ -797,6 +797,9 @@ _UNSUPPORTED_SAMPLE = {
 
 #: The largest top-k of prompt logprobs served.
 MAX_TOPK = 64
+#: stop sequences per sample request, and characters per stop string (each is checked after every token)
+MAX_STOPS = 64
+MAX_STOP_CHARS = 1024
 
 
 @router.post("/asample")
@@ -817,6 +820,10 @@ def asample(
     stop_ids: list[int] | None = None
     stop_strings: list[str] = []
     stop = [params.stop] if isinstance(params.stop, str) else params.stop
+    if stop is not None and (
+        len(stop) > MAX_STOPS or any(isinstance(x, str) and len(x) > MAX_STOP_CHARS for x in stop)
+    ):
+        raise _bad(f"stop: at most {MAX_STOPS} stop sequences of at most {MAX_STOP_CHARS} characters each")
     if stop is not None:
         stop_ids = [s for s in stop if isinstance(s, int)]
         stop_strings = [s for s in stop if isinstance(s, str)]
