@@ -22,6 +22,7 @@ from twinkle.convert import (
     ChatGLMConverter,
     CheckpointConverter,
     ConversionError,
+    DeepseekVLConverter,
     DeepseekVLHybridConverter,
     InternLM2Converter,
     find_converter,
@@ -190,6 +191,7 @@ def kinds_resolve() -> list[object]:
     internlm2converter: type[CheckpointConverter] = InternLM2Converter
     chatglmconverter: type[CheckpointConverter] = ChatGLMConverter
     deepseekvlhybridconverter: type[CheckpointConverter] = DeepseekVLHybridConverter
+    deepseekvlconverter: type[CheckpointConverter] = DeepseekVLConverter
     crossentropyloss: type[Loss] = CrossEntropyLoss
     grpoloss: type[Loss] = GRPOLoss
     ppoloss: type[Loss] = PPOLoss
@@ -246,6 +248,7 @@ def kinds_resolve() -> list[object]:
         internlm2converter,
         chatglmconverter,
         deepseekvlhybridconverter,
+        deepseekvlconverter,
         crossentropyloss,
         grpoloss,
         ppoloss,
@@ -308,6 +311,7 @@ PUBLIC_NAMES: list[object] = [
     ChatGLMConverter,
     CheckpointConverter,
     ConversionError,
+    DeepseekVLConverter,
     DeepseekVLHybridConverter,
     InternLM2Converter,
     find_converter,

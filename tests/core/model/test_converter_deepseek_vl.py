@@ -1,6 +1,6 @@
-"""DeepSeek-VL 7b's original layout (``model_type: multi_modality``, remote code) loads natively as
+"""DeepSeek-VL's original layout (``model_type: multi_modality``, remote code) loads natively: 7b as
 transformers' ``deepseek_vl_hybrid`` through ``DeepseekVLHybridConverter`` (issue 35, the spec's
-``deepseek-vl-7b-chat`` row).
+``deepseek-vl-7b-chat`` row), 1.3b as ``deepseek_vl`` through ``DeepseekVLConverter``.
 
 A tiny transformers ``DeepseekVLHybridForConditionalGeneration`` with random weights is written in
 the ORIGINAL layout (the ``config.json`` fields and tensor names of ``deepseek_vl/models``: a
@@ -109,11 +109,32 @@ def original_config() -> dict:
     }
 
 
-def reference_model(image_token_id: int):
-    """The transformers model, configured here by hand (not through the converter), random weights."""
-    from transformers import DeepseekVLHybridConfig, DeepseekVLHybridForConditionalGeneration
+def plain_original_config() -> dict:
+    """config.json as deepseek-vl-1.3b-chat writes it, with tiny sizes."""
+    config = original_config()
+    config["vision_config"] = {
+        "cls": "CLIPVisionTower",
+        "model_type": "vision",
+        "params": {"image_size": LOW_IMAGE, "model_name": "tiny_siglip", "select_feature": "same", "select_layer": -1},
+    }
+    config["aligner_config"] = {
+        "cls": "MlpProjector",
+        "model_type": "aligner",
+        "params": {"depth": 2, "input_dim": 32, "n_embed": HIDDEN, "projector_type": "mlp_gelu"},
+    }
+    return config
 
-    config = DeepseekVLHybridConfig(
+
+def reference_model(image_token_id: int, hybrid: bool = True):
+    """The transformers model, configured here by hand (not through the converter), random weights."""
+    from transformers import (
+        DeepseekVLConfig,
+        DeepseekVLForConditionalGeneration,
+        DeepseekVLHybridConfig,
+        DeepseekVLHybridForConditionalGeneration,
+    )
+
+    config = dict(
         text_config=dict(
             model_type="llama",
             vocab_size=VOCAB,
@@ -153,7 +174,11 @@ def reference_model(image_token_id: int):
         tie_word_embeddings=False,
     )
     torch.manual_seed(0)
-    model = DeepseekVLHybridForConditionalGeneration(config).eval()
+    if hybrid:
+        model = DeepseekVLHybridForConditionalGeneration(DeepseekVLHybridConfig(**config)).eval()
+    else:
+        config.pop("high_res_vision_config")
+        model = DeepseekVLForConditionalGeneration(DeepseekVLConfig(**config)).eval()
     with torch.no_grad():  # no zero-initialized tensor may hide a wrong mapping (SAM's alpha, biases)
         for tensor in model.state_dict().values():
             tensor.add_(0.05 * torch.randn_like(tensor))
@@ -197,11 +222,17 @@ _INVERSE = [
 _SUFFIXES = [(".layer_norm1.", ".norm1."), (".layer_norm2.", ".norm2."), (".self_attn.out_proj.", ".attn.proj.")]
 
 
-def to_original_layout(state: dict, qkv_order: str = "qkv") -> dict:
+def to_original_layout(state: dict, qkv_order: str = "qkv", hybrid: bool = True) -> dict:
+    low = "vision_model.vision_tower_low.vision_tower." if hybrid else "vision_model.vision_tower."
+    inverse = [
+        ("model.aligner.linear1.", "aligner.layers.0."),
+        ("model.aligner.linear2.", "aligner.layers.2."),
+        *((new, old.replace("vision_model.vision_tower_low.vision_tower.", low)) for new, old in _INVERSE),
+    ]
     out = {}
     for name, tensor in state.items():
         if name == "model.vision_model.embeddings.position_embedding.weight":
-            out["vision_model.vision_tower_low.vision_tower.pos_embed"] = tensor[None].clone()
+            out[low + "pos_embed"] = tensor[None].clone()
             continue
         siglip = name.startswith("model.vision_model.")
         if siglip and ".self_attn.q_proj." in name:
@@ -210,7 +241,7 @@ def to_original_layout(state: dict, qkv_order: str = "qkv") -> dict:
             tensor = torch.cat(fused)
         elif siglip and (".self_attn.k_proj." in name or ".self_attn.v_proj." in name):
             continue
-        for new, old in _INVERSE:
+        for new, old in inverse:
             if name.startswith(new):
                 name = old + name[len(new) :]
                 break
@@ -218,51 +249,58 @@ def to_original_layout(state: dict, qkv_order: str = "qkv") -> dict:
             raise AssertionError(f"no original name for {name}")
         if "vision_tower_high" in name:
             name = name.replace(".layer_norm1.", ".norm1.").replace(".layer_norm2.", ".norm2.")
-        elif "vision_tower_low" in name:
+        elif name.startswith(low):
             for new, old in _SUFFIXES:
                 name = name.replace(new, old)
         out[name] = tensor.clone().contiguous()
     return out
 
 
-def write_original(directory, tmp_path, qkv_order: str = "qkv") -> tuple[str, dict, object]:
+def write_original(directory, tmp_path, qkv_order: str = "qkv", hybrid: bool = True) -> tuple[str, dict, object]:
     """An original-layout directory (config, 2 safetensors shards, tokenizer); returns (dir, tensors, reference)."""
     from twinkle.template.tiny_vlm import write_tiny_vlm
 
     write_tiny_vlm("deepseek_vl_hybrid", directory)  # the tokenizer with <image_placeholder>
     token_id = json.loads((directory / "config.json").read_text())["image_token_id"]
     (directory / "preprocessor_config.json").unlink()
-    (directory / "config.json").write_text(json.dumps(original_config()))
+    (directory / "config.json").write_text(json.dumps(original_config() if hybrid else plain_original_config()))
     (directory / "modeling_vlm.py").write_text("# the original modeling code\n")
-    reference = reference_model(token_id)
-    tensors = to_original_layout(reference.state_dict(), qkv_order)
+    reference = reference_model(token_id, hybrid)
+    tensors = to_original_layout(reference.state_dict(), qkv_order, hybrid)
     names = sorted(tensors)
     for k in range(2):
         save_file({n: tensors[n] for n in names[k::2]}, str(directory / f"model-0000{k + 1}-of-00002.safetensors"))
     return str(directory), tensors, reference
 
 
-def inputs(token_id: int) -> dict:
+def inputs(token_id: int, hybrid: bool = True) -> dict:
     gen = torch.Generator().manual_seed(3)
     ids = torch.randint(3, 2000, (2, 24), generator=gen)
     ids[:, 2 : 2 + IMAGE_TOKENS] = token_id
-    return {
+    batch = {
         "input_ids": ids,
         "attention_mask": torch.ones_like(ids),
         "pixel_values": torch.rand(2, 3, LOW_IMAGE, LOW_IMAGE, generator=gen) * 2 - 1,
-        "high_res_pixel_values": torch.rand(2, 3, HIGH_IMAGE, HIGH_IMAGE, generator=gen) * 2 - 1,
     }
+    if hybrid:
+        batch["high_res_pixel_values"] = torch.rand(2, 3, HIGH_IMAGE, HIGH_IMAGE, generator=gen) * 2 - 1
+    return batch
 
 
-def test_original_layout_loads_with_equal_logits_and_round_trips(tmp_path):
-    source, tensors, reference = write_original(tmp_path / "deepseek-vl-7b-chat", tmp_path)
-    assert type(find_converter(original_config())).__name__ == "DeepseekVLHybridConverter"
+@pytest.mark.parametrize("hybrid", [True, False], ids=["deepseek-vl-7b-hybrid", "deepseek-vl-1.3b-plain"])
+def test_original_layout_loads_with_equal_logits_and_round_trips(hybrid, tmp_path):
+    source, tensors, reference = write_original(tmp_path / "deepseek-vl-chat", tmp_path, hybrid=hybrid)
+    config = original_config() if hybrid else plain_original_config()
+    want_converter, want_type = (
+        ("DeepseekVLHybridConverter", "deepseek_vl_hybrid") if hybrid else ("DeepseekVLConverter", "deepseek_vl")
+    )
+    assert type(find_converter(config)).__name__ == want_converter
     model = TransformersModel(model_id=source, seed=1)
     hf = model._hf_model().eval()
-    assert hf.config.model_type == "deepseek_vl_hybrid"
+    assert hf.config.model_type == want_type
     token_id = reference.config.image_token_id
     assert hf.config.image_token_id == token_id  # read from the directory's tokenizer
-    batch = inputs(token_id)
+    batch = inputs(token_id, hybrid)
     with torch.no_grad():
         want = reference(**batch).logits
         got = hf(**{k: v.to(hf.device) for k, v in batch.items()}).logits.cpu()
@@ -271,13 +309,14 @@ def test_original_layout_loads_with_equal_logits_and_round_trips(tmp_path):
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
     # the towers are frozen by default (the language model trains)
     frozen = [n for n, p in hf.named_parameters() if not p.requires_grad]
-    assert any("high_res_vision_model" in n for n in frozen) and any("vision_model.encoder" in n for n in frozen)
+    assert any("vision_model.encoder" in n for n in frozen)
+    assert not hybrid or any("high_res_vision_model" in n for n in frozen)
     saved = model.save(tmp_path / "saved", save_optimizer=False, original_layout=True)
     back = read_state_dict(saved)
     assert sorted(back) == sorted(tensors)
     for name, tensor in tensors.items():
         assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor), name
-    assert json.loads((tmp_path / "saved" / "config.json").read_text()) == original_config()
+    assert json.loads((tmp_path / "saved" / "config.json").read_text()) == config
     assert (tmp_path / "saved" / "modeling_vlm.py").is_file()
 
 
@@ -299,6 +338,7 @@ def test_a_wrong_qkv_order_is_caught(tmp_path):
             "unknown vision towers",
         ),
         (lambda c: c["aligner_config"]["params"].update(depth=3), "projector"),
+        (lambda c: c["vision_config"]["params"].update(concat_type="sequence"), "concat_type"),
     ],
 )
 def test_an_unsupported_variant_is_refused(change, message):
@@ -309,8 +349,9 @@ def test_an_unsupported_variant_is_refused(change, message):
         converter.target_config(config)
 
 
-def test_the_plain_and_transformers_layouts_are_left_alone():
+def test_the_transformers_layouts_and_other_towers_are_left_alone():
     config = original_config()
-    config["vision_config"] = {"cls": "CLIPVisionTower", "params": {"model_name": "siglip_so400m_patch14_384"}}
-    assert find_converter(config) is None  # deepseek-vl-1.3b: not converted (yet)
+    config["vision_config"] = {"cls": "SomeOtherTower", "params": {}}
+    assert find_converter(config) is None
     assert find_converter({"model_type": "deepseek_vl_hybrid"}) is None
+    assert find_converter({"model_type": "deepseek_vl"}) is None

@@ -15,6 +15,7 @@ _BUILTIN: dict[str, dict[str, str]] = {
         "InternLM2Converter": "twinkle.convert.internlm2:InternLM2Converter",
         "ChatGLMConverter": "twinkle.convert.chatglm:ChatGLMConverter",
         "DeepseekVLHybridConverter": "twinkle.convert.deepseek_vl:DeepseekVLHybridConverter",
+        "DeepseekVLConverter": "twinkle.convert.deepseek_vl:DeepseekVLConverter",
     },
 }
 
@@ -34,6 +35,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names reso
     from twinkle.convert.base import read_state_dict as read_state_dict
     from twinkle.convert.base import save_original as save_original
     from twinkle.convert.chatglm import ChatGLMConverter as ChatGLMConverter
+    from twinkle.convert.deepseek_vl import DeepseekVLConverter as DeepseekVLConverter
     from twinkle.convert.deepseek_vl import DeepseekVLHybridConverter as DeepseekVLHybridConverter
     from twinkle.convert.internlm2 import InternLM2Converter as InternLM2Converter
 else:

@@ -1,5 +1,5 @@
 """DeepSeek-VL checkpoints in their original layout (``model_type: multi_modality``, remote code) as
-transformers' ``deepseek_vl_hybrid`` (deepseek-vl-7b: SigLIP + SAM towers).
+transformers' ``deepseek_vl_hybrid`` (deepseek-vl-7b: SigLIP + SAM towers) and ``deepseek_vl`` (1.3b).
 
 The original repository (``deepseek_vl/models``) builds its towers from a model name and a table
 of sizes (``SigLIP_MODEL_CONFIG``, ``SAM_MODEL_CONFIG``); ``config.json`` holds only the names:
@@ -16,9 +16,9 @@ of sizes (``SigLIP_MODEL_CONFIG``, ``SAM_MODEL_CONFIG``); ``config.json`` holds 
 * ``aligner_config: {"params": {"projector_type": "low_high_hybrid_split_mlp_gelu", "depth": 2}}``:
   ``high_up_proj`` / ``low_up_proj`` to half the text width each, then GELU and ``layers.1``.
 
-The plain DeepSeek-VL (1.3b: ``CLIPVisionTower``, ``mlp_gelu`` aligner, transformers
-``deepseek_vl``) is not converted yet: :meth:`DeepseekVLHybridConverter.matches` leaves it to
-transformers, whose error names the remote-code layout.
+The plain DeepSeek-VL (1.3b: ``CLIPVisionTower``, one SigLIP tower under
+``vision_model.vision_tower.*``, the ``mlp_gelu`` aligner ``layers.0`` / ``layers.2``) becomes
+transformers' ``deepseek_vl`` (:class:`DeepseekVLConverter`).
 """
 
 from __future__ import annotations
@@ -53,45 +53,57 @@ _SAM_WINDOW = 14
 IMAGE_TOKEN = "<image_placeholder>"
 _IMAGE_TOKEN_ID = 100015
 
-_LOW = "vision_model.vision_tower_low.vision_tower."
 _HIGH = "vision_model.vision_tower_high.vision_tower."
 _SIGLIP = "model.vision_model."
 _SAM = "model.high_res_vision_model.vision_encoder."
 
-#: (original regex, target template): one tensor each, no reshaping; ``{0}``... the groups.
-_SIMPLE: tuple[tuple[str, str], ...] = (
+_LANGUAGE: tuple[tuple[str, str], ...] = (
     (r"language_model\.model\.(.+)", "model.language_model.{0}"),
     (r"language_model\.lm_head\.weight", "lm_head.weight"),
+)
+
+
+def _siglip_rules(low: str) -> tuple[tuple[str, str], ...]:
+    """The SigLIP tower under the original prefix ``low`` (its pos_embed and fused qkv are reshaped apart)."""
+    low = low.replace(".", r"\.")
+    return (
+        (low + r"patch_embed\.proj\.(weight|bias)", _SIGLIP + "embeddings.patch_embedding.{0}"),
+        (low + r"blocks\.(\d+)\.attn\.proj\.(weight|bias)", _SIGLIP + "encoder.layers.{0}.self_attn.out_proj.{1}"),
+        (low + r"blocks\.(\d+)\.norm([12])\.(weight|bias)", _SIGLIP + "encoder.layers.{0}.layer_norm{1}.{2}"),
+        (low + r"blocks\.(\d+)\.mlp\.fc([12])\.(weight|bias)", _SIGLIP + "encoder.layers.{0}.mlp.fc{1}.{2}"),
+        (low + r"norm\.(weight|bias)", _SIGLIP + "post_layernorm.{0}"),
+    )
+
+
+_H = _HIGH.replace(".", r"\.")
+#: (original regex, target template) of the hybrid's aligner and SAM tower; ``{0}``... the groups.
+_HYBRID: tuple[tuple[str, str], ...] = (
     (r"aligner\.low_up_proj\.(weight|bias)", "model.aligner.vision_proj.{0}"),
     (r"aligner\.high_up_proj\.(weight|bias)", "model.aligner.high_res_vision_proj.{0}"),
     (r"aligner\.layers\.1\.(weight|bias)", "model.aligner.proj.{0}"),
-    # SigLIP (low resolution); its pos_embed and fused qkv are reshaped below
-    (_LOW + r"patch_embed\.proj\.(weight|bias)", _SIGLIP + "embeddings.patch_embedding.{0}"),
-    (_LOW + r"blocks\.(\d+)\.attn\.proj\.(weight|bias)", _SIGLIP + "encoder.layers.{0}.self_attn.out_proj.{1}"),
-    (_LOW + r"blocks\.(\d+)\.norm([12])\.(weight|bias)", _SIGLIP + "encoder.layers.{0}.layer_norm{1}.{2}"),
-    (_LOW + r"blocks\.(\d+)\.mlp\.fc([12])\.(weight|bias)", _SIGLIP + "encoder.layers.{0}.mlp.fc{1}.{2}"),
-    (_LOW + r"norm\.(weight|bias)", _SIGLIP + "post_layernorm.{0}"),
-    # SAM (high resolution)
-    (_HIGH + r"pos_embed", _SAM + "pos_embed"),
-    (_HIGH + r"patch_embed\.proj\.(weight|bias)", _SAM + "patch_embed.projection.{0}"),
-    (_HIGH + r"blocks\.(\d+)\.norm([12])\.(weight|bias)", _SAM + "layers.{0}.layer_norm{1}.{2}"),
-    (_HIGH + r"blocks\.(\d+)\.attn\.rel_pos_([hw])", _SAM + "layers.{0}.attn.rel_pos_{1}"),
-    (_HIGH + r"blocks\.(\d+)\.attn\.(qkv|proj)\.(weight|bias)", _SAM + "layers.{0}.attn.{1}.{2}"),
-    (_HIGH + r"blocks\.(\d+)\.mlp\.lin([12])\.(weight|bias)", _SAM + "layers.{0}.mlp.lin{1}.{2}"),
-    (_HIGH + r"neck\.0\.weight", _SAM + "neck.conv1.weight"),
-    (_HIGH + r"neck\.1\.(weight|bias)", _SAM + "neck.layer_norm1.{0}"),
-    (_HIGH + r"neck\.2\.weight", _SAM + "neck.conv2.weight"),
-    (_HIGH + r"neck\.3\.(weight|bias)", _SAM + "neck.layer_norm2.{0}"),
-    (_HIGH + r"neck_hd\.0\.weight", "model.high_res_vision_neck.conv1.weight"),
-    (_HIGH + r"neck_hd\.1\.(weight|bias)", "model.high_res_vision_neck.layer_norm1.{0}"),
-    (_HIGH + r"neck_hd\.2\.weight", "model.high_res_vision_neck.conv2.weight"),
-    (_HIGH + r"neck_hd\.3\.(weight|bias)", "model.high_res_vision_neck.layer_norm2.{0}"),
-    (_HIGH + r"downsamples\.0\.weight", "model.high_res_vision_proj.conv1.weight"),
-    (_HIGH + r"downsamples\.1\.weight", "model.high_res_vision_proj.conv2.weight"),
-    (_HIGH + r"hd_alpha_downsamples", "model.high_res_vision_alpha"),
+    (_H + r"pos_embed", _SAM + "pos_embed"),
+    (_H + r"patch_embed\.proj\.(weight|bias)", _SAM + "patch_embed.projection.{0}"),
+    (_H + r"blocks\.(\d+)\.norm([12])\.(weight|bias)", _SAM + "layers.{0}.layer_norm{1}.{2}"),
+    (_H + r"blocks\.(\d+)\.attn\.rel_pos_([hw])", _SAM + "layers.{0}.attn.rel_pos_{1}"),
+    (_H + r"blocks\.(\d+)\.attn\.(qkv|proj)\.(weight|bias)", _SAM + "layers.{0}.attn.{1}.{2}"),
+    (_H + r"blocks\.(\d+)\.mlp\.lin([12])\.(weight|bias)", _SAM + "layers.{0}.mlp.lin{1}.{2}"),
+    (_H + r"neck\.0\.weight", _SAM + "neck.conv1.weight"),
+    (_H + r"neck\.1\.(weight|bias)", _SAM + "neck.layer_norm1.{0}"),
+    (_H + r"neck\.2\.weight", _SAM + "neck.conv2.weight"),
+    (_H + r"neck\.3\.(weight|bias)", _SAM + "neck.layer_norm2.{0}"),
+    (_H + r"neck_hd\.0\.weight", "model.high_res_vision_neck.conv1.weight"),
+    (_H + r"neck_hd\.1\.(weight|bias)", "model.high_res_vision_neck.layer_norm1.{0}"),
+    (_H + r"neck_hd\.2\.weight", "model.high_res_vision_neck.conv2.weight"),
+    (_H + r"neck_hd\.3\.(weight|bias)", "model.high_res_vision_neck.layer_norm2.{0}"),
+    (_H + r"downsamples\.0\.weight", "model.high_res_vision_proj.conv1.weight"),
+    (_H + r"downsamples\.1\.weight", "model.high_res_vision_proj.conv2.weight"),
+    (_H + r"hd_alpha_downsamples", "model.high_res_vision_alpha"),
 )
-_LOW_POS = _LOW + "pos_embed"
-_LOW_QKV = _LOW + r"blocks\.(\d+)\.attn\.qkv\.(weight|bias)"
+#: The plain (1.3b) aligner: ``Linear, GELU, Linear``.
+_PLAIN: tuple[tuple[str, str], ...] = (
+    (r"aligner\.layers\.0\.(weight|bias)", "model.aligner.linear1.{0}"),
+    (r"aligner\.layers\.2\.(weight|bias)", "model.aligner.linear2.{0}"),
+)
 _TARGET_POS = _SIGLIP + "embeddings.position_embedding.weight"
 _TARGET_QKV = _SIGLIP + r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)"
 
@@ -113,7 +125,36 @@ def _compile(rules: tuple[tuple[str, str], ...]) -> list[tuple[Any, str, Any, st
     return out
 
 
-_RULES = _compile(_SIMPLE)
+def _text_config(config: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
+    """``(text_config, tie_word_embeddings)`` from ``language_config`` (a Llama config dict)."""
+    text = {
+        k: v
+        for k, v in require(config, "language_config", "DeepSeek-VL").items()
+        if k not in ("torch_dtype", "dtype", "architectures", "_name_or_path", "transformers_version")
+    }
+    if text.get("model_type", "llama") != "llama":
+        raise ConversionError(f"DeepSeek-VL: language_config model_type={text['model_type']!r}; expected 'llama'")
+    text["model_type"] = "llama"
+    tie = bool(text.get("tie_word_embeddings", False))
+    text["tie_word_embeddings"] = tie
+    return text, tie
+
+
+def _siglip_config(cfg: Mapping[str, Any], siglip: Mapping[str, Any]) -> dict[str, Any]:
+    """The SigLIP tower the original builds: ``select_layer`` <= 0 drops layers from the end, > 0 keeps that many."""
+    total, select = siglip["layers"], int(cfg.get("select_layer", -1))
+    return {
+        "model_type": "siglip_vision_model",
+        "hidden_size": siglip["width"],
+        "intermediate_size": int(siglip["width"] * siglip["mlp_ratio"]),
+        "num_hidden_layers": min(total, total + select + 1) if select <= 0 else min(total, select),
+        "num_attention_heads": siglip["heads"],
+        "patch_size": siglip["patch_size"],
+        "image_size": int(cfg.get("image_size", 384)),
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-6,
+        "vision_use_head": False,  # the original drops the attention-pooling head (ignore_head)
+    }
 
 
 class DeepseekVLHybridConverter(CheckpointConverter):
@@ -122,10 +163,15 @@ class DeepseekVLHybridConverter(CheckpointConverter):
     name = "DeepSeek-VL"
     source_model_types = ("multi_modality",)
     target_model_type = "deepseek_vl_hybrid"
+    #: ``vision_config.cls`` of the original checkpoints this converter reads.
+    vision_cls = "HybridVisionTower"
+    #: The original SigLIP tower's tensor prefix.
+    low_prefix = "vision_model.vision_tower_low.vision_tower."
+    rules = _compile(_LANGUAGE + _siglip_rules(low_prefix) + _HYBRID)
 
     def matches(self, config: Mapping[str, Any]) -> bool:
         vision = config.get("vision_config") or {}
-        return super().matches(config) and vision.get("cls") == "HybridVisionTower"
+        return super().matches(config) and vision.get("cls") == self.vision_cls
 
     # -- config --------------------------------------------------------------------------------
     @staticmethod
@@ -148,12 +194,6 @@ class DeepseekVLHybridConverter(CheckpointConverter):
             )
         return low, siglip, high, sam
 
-    @staticmethod
-    def _siglip_layers(low: Mapping[str, Any], siglip: Mapping[str, Any]) -> int:
-        """The layers the original builds: ``select_layer`` <= 0 drops from the end, > 0 keeps that many."""
-        total, select = siglip["layers"], int(low.get("select_layer", -1))
-        return min(total, total + select + 1) if select <= 0 else min(total, select)
-
     def target_config(self, config: Mapping[str, Any]) -> dict[str, Any]:
         low, siglip, high, sam = self._towers(config)
         aligner = (require(config, "aligner_config", "DeepSeek-VL").get("params")) or {}
@@ -163,16 +203,7 @@ class DeepseekVLHybridConverter(CheckpointConverter):
                 f"depth={aligner.get('depth')!r}; "
                 "transformers' deepseek_vl_hybrid has the 'low_high_hybrid_split_mlp_gelu' projector of depth 2"
             )
-        text = {
-            k: v
-            for k, v in require(config, "language_config", "DeepSeek-VL").items()
-            if k not in ("torch_dtype", "dtype", "architectures", "_name_or_path", "transformers_version")
-        }
-        if text.get("model_type", "llama") != "llama":
-            raise ConversionError(f"DeepSeek-VL: language_config model_type={text['model_type']!r}; expected 'llama'")
-        text["model_type"] = "llama"
-        tie = bool(text.get("tie_word_embeddings", False))
-        text["tie_word_embeddings"] = tie
+        text, tie = _text_config(config)
         out_channels = sam.get("prompt_embed_dim", 256)
         if list(sam.get("downsample_channels", ())) != [2 * out_channels, 4 * out_channels]:
             raise ConversionError(
@@ -183,18 +214,7 @@ class DeepseekVLHybridConverter(CheckpointConverter):
         width = sam["width"]
         return {
             "text_config": text,
-            "vision_config": {
-                "model_type": "siglip_vision_model",
-                "hidden_size": siglip["width"],
-                "intermediate_size": int(siglip["width"] * siglip["mlp_ratio"]),
-                "num_hidden_layers": self._siglip_layers(low, siglip),
-                "num_attention_heads": siglip["heads"],
-                "patch_size": siglip["patch_size"],
-                "image_size": int(low.get("image_size", 384)),
-                "hidden_act": "gelu",
-                "layer_norm_eps": 1e-6,
-                "vision_use_head": False,
-            },
+            "vision_config": _siglip_config(low, siglip),
             "high_res_vision_config": {
                 "model_type": "sam_vision_model",
                 "hidden_size": width,
@@ -238,10 +258,10 @@ class DeepseekVLHybridConverter(CheckpointConverter):
 
         out: dict[str, Any] = {}
         for name, tensor in state_dict.items():
-            if name == _LOW_POS:
+            if name == self.low_prefix + "pos_embed":
                 out[_TARGET_POS] = tensor.squeeze(0)
                 continue
-            fused = re.fullmatch(_LOW_QKV, name)
+            fused = re.fullmatch(re.escape(self.low_prefix) + r"blocks\.(\d+)\.attn\.qkv\.(weight|bias)", name)
             if fused is not None:
                 layer, suffix = fused.groups()
                 if tensor.shape[0] % 3:
@@ -249,7 +269,7 @@ class DeepseekVLHybridConverter(CheckpointConverter):
                 for proj, part in zip("qkv", tensor.chunk(3, dim=0)):
                     out[f"{_SIGLIP}encoder.layers.{layer}.self_attn.{proj}_proj.{suffix}"] = part.clone()
                 continue
-            for pattern, template, _, _ in _RULES:
+            for pattern, template, _, _ in self.rules:
                 match = pattern.fullmatch(name)
                 if match:
                     out[template.format(*match.groups())] = tensor
@@ -267,14 +287,14 @@ class DeepseekVLHybridConverter(CheckpointConverter):
         qkv: dict[tuple[str, str], dict[str, Any]] = {}
         for name, tensor in state_dict.items():
             if name == _TARGET_POS:
-                out[_LOW_POS] = tensor.unsqueeze(0)
+                out[self.low_prefix + "pos_embed"] = tensor.unsqueeze(0)
                 continue
             split = re.fullmatch(_TARGET_QKV, name)
             if split is not None:
                 layer, proj, suffix = split.groups()
                 qkv.setdefault((layer, suffix), {})[proj] = tensor
                 continue
-            for _, _, pattern, template in _RULES:
+            for _, _, pattern, template in self.rules:
                 match = pattern.fullmatch(name)
                 if match:
                     out[template.format(*match.groups())] = tensor
@@ -284,5 +304,40 @@ class DeepseekVLHybridConverter(CheckpointConverter):
         for (layer, suffix), parts in qkv.items():
             if set(parts) != set("qkv"):
                 raise ConversionError(f"DeepSeek-VL: SigLIP layer {layer} lacks one of q/k/v_proj.{suffix}")
-            out[f"{_LOW}blocks.{layer}.attn.qkv.{suffix}"] = torch.cat([parts[p] for p in "qkv"], dim=0)
+            out[f"{self.low_prefix}blocks.{layer}.attn.qkv.{suffix}"] = torch.cat([parts[p] for p in "qkv"], dim=0)
         return out
+
+
+class DeepseekVLConverter(DeepseekVLHybridConverter):
+    """DeepSeek-VL 1.3b (``multi_modality``, ``CLIPVisionTower``) <-> transformers ``deepseek_vl``.
+
+    One SigLIP tower (``vision_model.vision_tower.*``, sizes by ``params.model_name``) and the
+    ``mlp_gelu`` aligner of depth 2 (``layers.0``, GELU, ``layers.2``).
+    """
+
+    target_model_type = "deepseek_vl"
+    vision_cls = "CLIPVisionTower"
+    low_prefix = "vision_model.vision_tower."
+    rules = _compile(_LANGUAGE + _siglip_rules(low_prefix) + _PLAIN)
+
+    def target_config(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        params = require(config, "vision_config", "DeepSeek-VL").get("params") or {}
+        siglip = SIGLIP_TOWERS.get(params.get("model_name"))
+        if siglip is None:
+            raise ConversionError(
+                f"DeepSeek-VL: unknown vision towers params.model_name={params.get('model_name')!r} "
+                f"(known: {', '.join(SIGLIP_TOWERS)}); add the sizes to twinkle.convert.deepseek_vl.SIGLIP_TOWERS"
+            )
+        aligner = (require(config, "aligner_config", "DeepSeek-VL").get("params")) or {}
+        if aligner.get("projector_type") != "mlp_gelu" or aligner.get("depth", 2) != 2:
+            raise ConversionError(
+                f"DeepSeek-VL: aligner projector_type={aligner.get('projector_type')!r}, "
+                f"depth={aligner.get('depth')!r}; transformers' deepseek_vl has the 'mlp_gelu' projector of depth 2"
+            )
+        text, tie = _text_config(config)
+        return {
+            "text_config": text,
+            "vision_config": _siglip_config(params, siglip),
+            "image_token_id": config.get("image_token_id", _IMAGE_TOKEN_ID),
+            "tie_word_embeddings": tie,
+        }
