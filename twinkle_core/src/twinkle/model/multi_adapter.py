@@ -116,14 +116,10 @@ def _slice_batch(batch: Mapping[str, Any], start: int, end: int, first_row: int)
 
 def _slice_outputs(outputs: Any, start: int, end: int) -> Any:
     """The model outputs of tokens ``[start, end)`` (hidden states for the chunked head, or logits)."""
-    from twinkle.patch.fastpath import HiddenStatesOutput, uses_fused_head
+    from twinkle.patch.fastpath import uses_fused_head
 
     if uses_fused_head(outputs):
-        return HiddenStatesOutput(
-            hidden_states=dict.__getitem__(outputs, "hidden_states")[:, start:end],
-            lm_head_weight=dict.__getitem__(outputs, "lm_head_weight"),
-            lm_head_bias=dict.get(outputs, "lm_head_bias"),
-        )
+        return outputs.token_slice(start, end)  # with each adapter's own LoRA head term, if any
     return ModelOutput(logits=outputs["logits"][:, start:end])
 
 

@@ -42,12 +42,13 @@ import os
 from typing import Any, Iterable, Mapping
 
 from twinkle.data_format.output import ModelOutput
-from twinkle.patch.fused_linear_ce import linear_cross_entropy, linear_token_logps
+from twinkle.patch.fused_linear_ce import head_ranges, linear_cross_entropy, linear_token_logps
 from twinkle.patch.model_walk import (
     PLAIN_HEAD_MODEL_TYPES,
     decoder_layers,
     decoder_of,
     get_flag,
+    lm_head_lora_of,
     lm_head_of,
     model_device,
     set_flag,
@@ -70,6 +71,7 @@ __all__ = [
     "disabled_from_env",
     "enabled_from_env",
     "get_flag",
+    "lm_head_lora_of",
     "lm_head_of",
     "model_device",
     "optimizer_kwargs",
@@ -186,6 +188,10 @@ class HiddenStatesOutput(ModelOutput):
     ``logits`` gets them computed on first access (and cached), so every other loss and metric
     keeps working. ``predictions`` (argmax ids) are filled by the fused cross-entropy for accuracy
     metrics.
+
+    ``lm_head_lora`` (optional): LoRA on the LM head as ``(start, end, A, B, scaling)`` terms over
+    the flattened tokens (:func:`twinkle.patch.multi_lora.lora_head_terms`); every path above adds
+    each range's own low-rank term, the chunked ones chunk by chunk.
     """
 
     def _logits(self) -> Any:
@@ -196,9 +202,22 @@ class HiddenStatesOutput(ModelOutput):
             hidden = dict.__getitem__(self, "hidden_states")
             weight = dict.__getitem__(self, "lm_head_weight")
             bias = dict.get(self, "lm_head_bias")
+            terms = dict.get(self, "lm_head_lora") or ()
+            needs_grad = hidden.requires_grad or any(t[2].requires_grad or t[3].requires_grad for t in terms)
             # outside a training forward (e.g. forward_only's return_logits) build no graph
-            with torch.set_grad_enabled(torch.is_grad_enabled() and hidden.requires_grad):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and needs_grad):
                 logits = torch.nn.functional.linear(hidden, weight, bias)
+                if terms:  # each range's own adapter (out of place: autograd sees one sum)
+                    flat = hidden.reshape(-1, hidden.shape[-1])
+                    pieces = []
+                    for start, end, term in head_ranges(flat.shape[0], terms):
+                        if term is None:
+                            pieces.append(flat.new_zeros(end - start, logits.shape[-1], dtype=logits.dtype))
+                            continue
+                        weight_a, weight_b, scaling = term
+                        low = flat[start:end].to(weight_a.dtype) @ weight_a.t()
+                        pieces.append((scaling * (low @ weight_b.t())).to(logits.dtype))
+                    logits = logits + torch.cat(pieces).reshape(logits.shape)
             dict.__setitem__(self, "logits", logits)
         return logits
 
@@ -230,6 +249,7 @@ class HiddenStatesOutput(ModelOutput):
             dict.__getitem__(self, "lm_head_weight"),
             labels,
             bias=dict.get(self, "lm_head_bias"),
+            lora_segments=dict.get(self, "lm_head_lora"),
         )
 
     def label_cross_entropy_sum(self, labels: Any, label_smoothing: float = 0.0, num_labels: Any = None) -> Any:
@@ -246,9 +266,33 @@ class HiddenStatesOutput(ModelOutput):
             label_smoothing=label_smoothing,
             return_predictions=True,
             num_labels=num_labels,
+            lora_segments=dict.get(self, "lm_head_lora"),
         )
         dict.__setitem__(self, "predictions", preds)
         return loss
+
+    def token_slice(self, start: int, end: int) -> HiddenStatesOutput:
+        """The outputs of tokens ``[start, end)`` of a packed ``[1, T]`` pass (LoRA head terms clipped to them)."""
+        hidden = dict.__getitem__(self, "hidden_states")
+        out = HiddenStatesOutput(
+            hidden_states=hidden[:, start:end],
+            lm_head_weight=dict.__getitem__(self, "lm_head_weight"),
+            lm_head_bias=dict.get(self, "lm_head_bias"),
+        )
+        terms = dict.get(self, "lm_head_lora")
+        if terms:
+            if hidden.shape[0] != 1:
+                raise ValueError("HiddenStatesOutput.token_slice: a LoRA head's terms slice a packed [1, T] pass only")
+            dict.__setitem__(
+                out,
+                "lm_head_lora",
+                tuple(
+                    (max(s, start) - start, min(e, end) - start, a, b, scaling)
+                    for s, e, a, b, scaling in terms
+                    if min(e, end) > max(s, start)
+                ),
+            )
+        return out
 
 
 def uses_fused_head(outputs: Any) -> bool:
@@ -272,8 +316,21 @@ def run_model(model: Any, model_inputs: Mapping[str, Any]) -> ModelOutput:
     decoder = decoder_of(model)
     if head is None or decoder is None:
         return ModelOutput(logits=model(**model_inputs).logits)
+    lora_head = lm_head_lora_of(model)
+    terms = None
+    if lora_head is not None:  # LoRA on the head: its adapters' low-rank terms join the chunked head
+        from twinkle.patch.multi_lora import lora_head_terms
+
+        ids = model_inputs.get("input_ids")
+        tokens = ids.numel() if ids is not None else model_inputs["inputs_embeds"].shape[:-1].numel()
+        terms = lora_head_terms(lora_head, tokens)
+        if terms is None:
+            return ModelOutput(logits=model(**model_inputs).logits)
     hidden = decoder(**model_inputs).last_hidden_state
-    return HiddenStatesOutput(hidden_states=hidden, lm_head_weight=head.weight, lm_head_bias=head.bias)
+    out = HiddenStatesOutput(hidden_states=hidden, lm_head_weight=head.weight, lm_head_bias=head.bias)
+    if terms:
+        dict.__setitem__(out, "lm_head_lora", terms)
+    return out
 
 
 def cross_entropy_sum(inputs: Mapping[str, Any], outputs: Any, label_smoothing: float = 0.0) -> Any:

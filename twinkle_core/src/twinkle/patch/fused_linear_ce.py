@@ -12,6 +12,13 @@ the same dtype, so the result is exact up to the order of float32 sums.
 :func:`linear_token_logps` is the same idea for per-token log-probabilities (RL losses): it
 keeps only the log-sum-exp and recomputes the chunk's logits in backward.
 
+**LoRA on the LM head.** Both take an optional low-rank term ``lora=(A, B, scaling)`` (``A``
+``[r, H]``, ``B`` ``[V, r]``): each chunk's logits are ``h W^T (+ bias) + scaling (h A^T) B^T``
+and ``A``, ``B`` get their gradients (``W`` stays what it is: frozen when it needs none). The
+rank-``r`` products are ``[rows, r]``, so the peak stays one chunk of logits. Several adapters'
+heads over one packed pass are several calls, one per token range
+(:func:`head_ranges`), so a token only meets its own adapter's ``A`` and ``B``.
+
 :class:`FusedLinearCrossEntropy` is the patch that switches a model's cross-entropy onto this
 path (see :mod:`twinkle.patch.fastpath`).
 """
@@ -146,11 +153,40 @@ def _accumulate_weight_grad(grad_w: Any, a: Any, b: Any) -> None:
     grad_w.add_(a @ b)
 
 
-def _linear(hidden: Any, weight: Any, bias: Any) -> Any:
+def _linear(hidden: Any, weight: Any, bias: Any, lora: Any = None) -> Any:
+    """``hidden @ weight.T (+ bias)``, plus ``scaling (hidden A^T) B^T`` when ``lora = (A, B, scaling)``."""
     import torch
 
     out = hidden @ weight.t()
-    return out if bias is None else torch.add(out, bias)
+    out = out if bias is None else torch.add(out, bias)
+    return out if lora is None else _add_low_rank(out, hidden, lora)
+
+
+def _add_low_rank(logits: Any, hidden: Any, lora: Any) -> Any:
+    """``logits += scaling (hidden A^T) B^T`` in place, in ``logits``' dtype; returns ``logits``."""
+    weight_a, weight_b, scaling = lora
+    low = hidden.to(logits.dtype) @ weight_a.to(logits.dtype).t()  # [rows, r]
+    return logits.addmm_(low, weight_b.to(logits.dtype).t(), alpha=scaling)
+
+
+def _low_rank_grads(grad_logits: Any, hidden: Any, lora: Any, grad_a: Any, grad_b: Any) -> Any:
+    """For ``d(loss)/d(logits) = G`` of one chunk: adds ``(G B)^T h`` to ``grad_a`` and ``G^T (h A^T)`` to
+    ``grad_b`` (float32 buffers, or ``None``; the caller scales them by ``s`` once at the end) and
+    returns this chunk's ``dh = s (G B) A``.
+
+    ``logits = ... + s (h A^T) B^T``: ``dB = s G^T (h A^T)``, ``dA = s (G B)^T h``. The products are
+    ``[rows, r]``, ``[r, H]``, ``[V, r]``: no second chunk-sized buffer.
+    """
+    weight_a, weight_b, scaling = lora
+    dtype = grad_logits.dtype
+    h = hidden.to(dtype)
+    a, b = weight_a.to(dtype), weight_b.to(dtype)
+    grad_low = grad_logits @ b  # [rows, r]
+    if grad_b is not None:
+        _accumulate_weight_grad(grad_b, grad_logits.t(), h @ a.t())
+    if grad_a is not None:
+        _accumulate_weight_grad(grad_a, grad_low.t(), h)
+    return (grad_low @ a).mul_(scaling)
 
 
 def _linear_into(hidden: Any, weight: Any, bias: Any, buffer: Any) -> tuple[Any, Any]:
@@ -170,6 +206,39 @@ def _linear_into(hidden: Any, weight: Any, bias: Any, buffer: Any) -> tuple[Any,
     return out, buffer
 
 
+def head_ranges(num_tokens: int, lora_segments: Any) -> list[tuple[int, int, Any]]:
+    """``(start, end, lora)`` ranges covering ``[0, num_tokens)``: each segment's ``(A, B, scaling)``, ``None`` in gaps.
+
+    ``lora_segments``: ``(start, end, A, B, scaling)`` over the flattened tokens, in order, not
+    overlapping (the LoRA heads of a packed multi-adapter pass, one per adapter segment).
+    """
+    ranges: list[tuple[int, int, Any]] = []
+    pos = 0
+    for start, end, weight_a, weight_b, scaling in lora_segments:
+        start, end = max(int(start), pos), min(int(end), num_tokens)
+        if end <= start:
+            continue
+        if start > pos:
+            ranges.append((pos, start, None))
+        ranges.append((start, end, (weight_a, weight_b, float(scaling))))
+        pos = end
+    if pos < num_tokens or not ranges:
+        ranges.append((pos, num_tokens, None))
+    return ranges
+
+
+def _check_lora(lora: Any, lora_segments: Any, hidden: Any, weight: Any, what: str) -> None:
+    if lora is not None and lora_segments is not None:
+        raise ValueError(f"{what}: pass lora= or lora_segments=, not both")
+    for term in [lora] if lora is not None else [seg[2:] for seg in lora_segments or ()]:
+        weight_a, weight_b, _ = term
+        if weight_a.shape[-1] != hidden.shape[-1] or weight_b.shape[0] != weight.shape[0]:
+            raise ValueError(
+                f"{what}: LoRA A {tuple(weight_a.shape)} / B {tuple(weight_b.shape)} do not fit hidden size "
+                f"{hidden.shape[-1]} and vocabulary {weight.shape[0]} (A is [r, H], B is [V, r])"
+            )
+
+
 class _LinearCrossEntropyFunction:
     """``torch.autograd.Function`` built lazily (torch is imported only when used)."""
 
@@ -182,12 +251,17 @@ class _LinearCrossEntropyFunction:
 
             class LinearCrossEntropy(torch.autograd.Function):
                 @staticmethod
-                def forward(ctx, hidden, weight, bias, labels, label_smoothing, chunk_rows):  # type: ignore[override]
+                def forward(ctx, hidden, weight, bias, labels, label_smoothing, chunk_rows, lora_a, lora_b, scaling):  # type: ignore[override]
                     n, _ = hidden.shape
                     want_h = ctx.needs_input_grad[0]
                     want_w = ctx.needs_input_grad[1]
                     rows = _chunk_rows(n, weight.shape[0], chunk_rows, weight_grad=want_w)
                     want_b = bias is not None and ctx.needs_input_grad[2]
+                    lora = None if lora_a is None else (lora_a, lora_b, scaling)
+                    want_la = lora is not None and ctx.needs_input_grad[6]
+                    want_lb = lora is not None and ctx.needs_input_grad[7]
+                    grad_la = torch.zeros(lora_a.shape, dtype=torch.float32, device=lora_a.device) if want_la else None
+                    grad_lb = torch.zeros(lora_b.shape, dtype=torch.float32, device=lora_b.device) if want_lb else None
                     grad_h = torch.empty_like(hidden) if want_h else None
                     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
                     grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_b else None
@@ -204,6 +278,8 @@ class _LinearCrossEntropyFunction:
                         h = hidden[start : start + rows]
                         y = labels[start : start + rows]
                         grad_logits, buffer = _linear_into(h, weight, bias, buffer)
+                        if lora is not None:
+                            grad_logits = _add_low_rank(grad_logits, h, lora)
                         # after these calls grad_logits holds d(loss)/d(logits)
                         if losses is not None:
                             ce_chunk_(
@@ -226,10 +302,22 @@ class _LinearCrossEntropyFunction:
                             _accumulate_weight_grad(grad_w, grad_logits.t(), h.to(grad_logits.dtype))
                         if want_b:
                             grad_b += grad_logits.float().sum(0)
+                        if lora is not None and (want_h or want_la or want_lb):
+                            dh_low = _low_rank_grads(grad_logits, h, lora, grad_la, grad_lb)
+                            if want_h:
+                                grad_h[start : start + rows] += dh_low.to(grad_h.dtype)
                     if losses is not None:
                         total = losses.sum()
-                    ctx.save_for_backward(grad_h, grad_w, grad_b)
-                    ctx.param_dtypes = (weight.dtype, None if bias is None else bias.dtype)
+                    for grad in (grad_la, grad_lb):
+                        if grad is not None:
+                            grad.mul_(scaling)
+                    ctx.save_for_backward(grad_h, grad_w, grad_b, grad_la, grad_lb)
+                    ctx.param_dtypes = (
+                        weight.dtype,
+                        None if bias is None else bias.dtype,
+                        None if lora is None else lora_a.dtype,
+                        None if lora is None else lora_b.dtype,
+                    )
                     ctx.mark_non_differentiable(preds)
                     return total, preds
 
@@ -242,14 +330,16 @@ class _LinearCrossEntropyFunction:
                             "loss again, or switch the fused head off (disabled_patches=['FusedLinearCrossEntropy'])"
                         )
                     ctx.consumed = True
-                    grad_h, grad_w, grad_b = ctx.saved_tensors
-                    w_dtype, b_dtype = ctx.param_dtypes
+                    grad_h, grad_w, grad_b, grad_la, grad_lb = ctx.saved_tensors
+                    w_dtype, b_dtype, la_dtype, lb_dtype = ctx.param_dtypes
                     scale = grad_out.float()
                     # in place: no second [tokens, H] / [V, H] buffer at the start of the backward
                     dh = grad_h.mul_(scale.to(grad_h.dtype)) if grad_h is not None else None
                     dw = grad_w.mul_(scale).to(w_dtype) if grad_w is not None else None
                     db = grad_b.mul_(scale).to(b_dtype) if grad_b is not None else None
-                    return dh, dw, db, None, None, None
+                    dla = grad_la.mul_(scale).to(la_dtype) if grad_la is not None else None
+                    dlb = grad_lb.mul_(scale).to(lb_dtype) if grad_lb is not None else None
+                    return dh, dw, db, None, None, None, dla, dlb, None
 
             cls._fn = LinearCrossEntropy
         return cls._fn
@@ -265,6 +355,8 @@ def linear_cross_entropy(
     chunk_rows: int | None = None,
     return_predictions: bool = False,
     num_labels: int | None = None,
+    lora: Any = None,
+    lora_segments: Any = None,
 ) -> Any:
     """Sum over tokens of ``cross_entropy(hidden @ weight.T + bias, labels)`` without full logits.
 
@@ -281,10 +373,14 @@ def linear_cross_entropy(
             label is ignored), computed in the same pass, for accuracy metrics.
         num_labels: the number of labels that are not ``-100``, when the caller knows it
             (counting them here waits for the GPU to finish the work queued before).
+        lora: ``(A, B, scaling)``: LoRA on the head, ``logits += scaling (h A^T) B^T`` for every token
+            (``A`` ``[r, H]``, ``B`` ``[V, r]``; both get gradients).
+        lora_segments: ``(start, end, A, B, scaling)`` over the flattened tokens instead: each
+            range its own adapter's head (:func:`head_ranges`; tokens outside any get none).
 
     Returns:
-        A float32 scalar tensor: the summed loss, differentiable w.r.t. ``hidden``, ``weight``
-        and ``bias``; with ``return_predictions``, ``(loss, predictions)``.
+        A float32 scalar tensor: the summed loss, differentiable w.r.t. ``hidden``, ``weight``,
+        ``bias`` and the LoRA ``A`` / ``B``; with ``return_predictions``, ``(loss, predictions)``.
 
     Raises:
         ValueError: shapes that do not fit together.
@@ -305,16 +401,41 @@ def linear_cross_entropy(
         )
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"linear_cross_entropy: label_smoothing must be in [0, 1), got {label_smoothing}")
+    _check_lora(lora, lora_segments, hidden, weight, "linear_cross_entropy")
     import torch
 
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1)
+    if lora_segments is not None:
+        ranges = head_ranges(h.shape[0], lora_segments)
+        if len(ranges) > 1:  # one call per adapter's range: a token meets only its own A and B
+            parts = [
+                linear_cross_entropy(
+                    h[s:e],
+                    weight,
+                    y[s:e],
+                    bias=bias,
+                    label_smoothing=label_smoothing,
+                    chunk_rows=chunk_rows,
+                    return_predictions=True,
+                    lora=term,
+                )
+                for s, e, term in ranges
+            ]
+            loss = torch.stack([part[0] for part in parts]).sum()
+            if not return_predictions:
+                return loss
+            return loss, torch.cat([part[1] for part in parts]).reshape(labels.shape)
+        lora = ranges[0][2]
     keep = y != IGNORE_INDEX
     num_kept = int(keep.sum()) if num_labels is None else int(num_labels)
     filtered = num_kept < y.shape[0] * 7 // 8  # many ignored tokens (prompts, padding): skip their logits
     if filtered:
         h, y = h[keep], y[keep]
-    loss, preds = _LinearCrossEntropyFunction.get().apply(h, weight, bias, y, float(label_smoothing), chunk_rows)
+    weight_a, weight_b, scaling = lora if lora is not None else (None, None, 0.0)
+    loss, preds = _LinearCrossEntropyFunction.get().apply(
+        h, weight, bias, y, float(label_smoothing), chunk_rows, weight_a, weight_b, float(scaling)
+    )
     if not return_predictions:
         return loss
     if filtered:
@@ -336,30 +457,37 @@ class _LinearLogpsFunction:
 
             class LinearTokenLogps(torch.autograd.Function):
                 @staticmethod
-                def forward(ctx, hidden, weight, bias, labels, chunk_rows):  # type: ignore[override]
+                def forward(ctx, hidden, weight, bias, labels, chunk_rows, lora_a, lora_b, scaling):  # type: ignore[override]
                     n = hidden.shape[0]
+                    lora = None if lora_a is None else (lora_a, lora_b, scaling)
                     rows = _chunk_rows(n, weight.shape[0], chunk_rows)
                     out = torch.empty(n, dtype=torch.float32, device=hidden.device)
                     lse_all = torch.empty(n, dtype=torch.float32, device=hidden.device)
                     valid = labels != IGNORE_INDEX
                     safe = torch.where(valid, labels, torch.zeros_like(labels))
                     for start in range(0, n, rows):
-                        logits32 = _linear(hidden[start : start + rows], weight, bias).float()
+                        logits32 = _linear(hidden[start : start + rows], weight, bias, lora).float()
                         lse = torch.logsumexp(logits32, dim=-1)
                         target = torch.gather(logits32, 1, safe[start : start + rows].unsqueeze(1)).squeeze(1)
                         out[start : start + rows] = target - lse
                         lse_all[start : start + rows] = lse
                     out = out * valid
-                    ctx.save_for_backward(hidden, weight, bias, safe, valid, lse_all)
+                    ctx.save_for_backward(hidden, weight, bias, safe, valid, lse_all, lora_a, lora_b)
                     ctx.rows = rows
+                    ctx.scaling = scaling
                     return out
 
                 @staticmethod
                 def backward(ctx, grad_out):  # type: ignore[override]
-                    hidden, weight, bias, safe, valid, lse_all = ctx.saved_tensors
+                    hidden, weight, bias, safe, valid, lse_all, lora_a, lora_b = ctx.saved_tensors
                     rows = ctx.rows
                     n = hidden.shape[0]
                     want_h, want_w, want_b = ctx.needs_input_grad[:3]
+                    lora = None if lora_a is None else (lora_a, lora_b, ctx.scaling)
+                    want_la = lora is not None and ctx.needs_input_grad[5]
+                    want_lb = lora is not None and ctx.needs_input_grad[6]
+                    dla = torch.zeros(lora_a.shape, dtype=torch.float32, device=lora_a.device) if want_la else None
+                    dlb = torch.zeros(lora_b.shape, dtype=torch.float32, device=lora_b.device) if want_lb else None
                     dh = torch.empty_like(hidden) if want_h else None
                     dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
                     db = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_b else None
@@ -368,7 +496,7 @@ class _LinearLogpsFunction:
                     for start in range(0, n, rows):
                         sl = slice(start, start + rows)
                         h = hidden[sl]
-                        logits32 = _linear(h, weight, bias).float()
+                        logits32 = _linear(h, weight, bias, lora).float()
                         probs = torch.exp(logits32 - lse_all[sl].unsqueeze(1))
                         onehot = torch.arange(vocab, device=h.device).unsqueeze(0) == safe[sl].unsqueeze(1)
                         # d logp_target / d logits = onehot - probs
@@ -379,11 +507,21 @@ class _LinearLogpsFunction:
                             dw += (grad_logits.t() @ h).float()
                         if want_b:
                             db += grad_logits.float().sum(0)
+                        if lora is not None and (want_h or want_la or want_lb):
+                            dh_low = _low_rank_grads(grad_logits, h, lora, dla, dlb)
+                            if want_h:
+                                dh[sl] += dh_low.to(dh.dtype)
+                    for grad in (dla, dlb):
+                        if grad is not None:
+                            grad.mul_(ctx.scaling)
                     return (
                         dh,
                         None if dw is None else dw.to(weight.dtype),
                         None if db is None else db.to(bias.dtype),
                         None,
+                        None,
+                        None if dla is None else dla.to(lora_a.dtype),
+                        None if dlb is None else dlb.to(lora_b.dtype),
                         None,
                     )
 
@@ -392,7 +530,14 @@ class _LinearLogpsFunction:
 
 
 def linear_token_logps(
-    hidden: Any, weight: Any, labels: Any, *, bias: Any = None, chunk_rows: int | None = None
+    hidden: Any,
+    weight: Any,
+    labels: Any,
+    *,
+    bias: Any = None,
+    chunk_rows: int | None = None,
+    lora: Any = None,
+    lora_segments: Any = None,
 ) -> Any:
     """Per-token ``log_softmax(hidden @ weight.T + bias)[labels]`` without full logits (0 where ignored).
 
@@ -402,6 +547,7 @@ def linear_token_logps(
         labels: ``[...]`` target ids (``-100`` = ignored).
         bias: optional ``[V]`` bias.
         chunk_rows: tokens per chunk (default: from ``kernel_config().lce_chunk_bytes``).
+        lora, lora_segments: LoRA on the head, as in :func:`linear_cross_entropy`.
 
     Returns:
         float32 ``[...]`` log-probabilities, differentiable (backward recomputes each chunk's logits).
@@ -415,9 +561,22 @@ def linear_token_logps(
             f"linear_token_logps: hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree on the "
             "token dimensions"
         )
+    _check_lora(lora, lora_segments, hidden, weight, "linear_token_logps")
+    import torch
+
     shape = labels.shape
     h = hidden.reshape(-1, hidden.shape[-1])
-    out = _LinearLogpsFunction.get().apply(h, weight, bias, labels.reshape(-1), chunk_rows)
+    y = labels.reshape(-1)
+    ranges = [(0, h.shape[0], lora)] if lora_segments is None else head_ranges(h.shape[0], lora_segments)
+    parts = []
+    for start, end, term in ranges:  # one call per adapter's range: a token meets only its own A and B
+        weight_a, weight_b, scaling = term if term is not None else (None, None, 0.0)
+        parts.append(
+            _LinearLogpsFunction.get().apply(
+                h[start:end], weight, bias, y[start:end], chunk_rows, weight_a, weight_b, float(scaling)
+            )
+        )
+    out = parts[0] if len(parts) == 1 else torch.cat(parts)
     return out.reshape(shape)
 
 

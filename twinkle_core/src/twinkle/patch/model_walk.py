@@ -5,8 +5,8 @@ helpers (nothing else in the codebase walks a model to find them):
 
 * :func:`unwrap`: the transformers model under a peft / DDP wrapper;
 * :func:`set_flag` / :func:`get_flag`: the fast-path flags patches leave on the unwrapped model;
-* :func:`decoder_of`, :func:`decoder_layers`, :func:`lm_head_of`: the decoder stack, its
-  repeated layers and the plain LM head;
+* :func:`decoder_of`, :func:`decoder_layers`, :func:`lm_head_of`, :func:`lm_head_lora_of`: the
+  decoder stack, its repeated layers, the plain LM head and the LoRA layer around it;
 * :func:`swiglu_mlps`: the SwiGLU MLP modules (:data:`SWIGLU_MLPS`);
 * :func:`model_device`: where the weights live.
 
@@ -106,7 +106,25 @@ def lm_head_of(model: Any) -> Any:
     if getattr(config, "final_logit_softcapping", None) or getattr(config, "logits_scaling", None):
         return None
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    head = getattr(lm_head_lora_of(model), "base_layer", head)  # LoRA on the head: its frozen base
     if not isinstance(head, torch.nn.Linear) or decoder_of(base) is None:
+        return None
+    return head
+
+
+def lm_head_lora_of(model: Any) -> Any:
+    """The peft LoRA layer wrapping the LM head (LoRA on ``lm_head``, Tinker's ``train_unembed``), else ``None``.
+
+    :func:`lm_head_of` then returns its base ``nn.Linear``; the fast path adds the adapters' low-rank
+    terms to the chunked head (:func:`twinkle.patch.multi_lora.lora_head_terms`).
+    """
+    import torch
+
+    base = unwrap(model)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if head is None or not hasattr(head, "lora_A"):
+        return None
+    if not isinstance(getattr(head, "base_layer", None), torch.nn.Linear):
         return None
     return head
 

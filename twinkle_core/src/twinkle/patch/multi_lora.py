@@ -59,7 +59,8 @@ Two implementations of the op, same arithmetic (float32 accumulation):
 
 Token log-probabilities and losses come from the hidden states in chunks
 (:func:`twinkle.patch.fused_linear_ce.linear_token_logps` / ``linear_cross_entropy`` through
-the model's loss components), never from full-vocabulary logits;
+the model's loss components), never from full-vocabulary logits, LoRA on the LM head included
+(:func:`lora_head_terms`: each segment's own adapter's low-rank term, added chunk by chunk);
 :mod:`twinkle.model.multi_adapter` runs such passes on a ``TransformersModel``.
 
 Example::
@@ -709,3 +710,42 @@ def adapter_segments(
 def active_plan() -> SegmentPlan | None:
     """The plan of the pass running now (inside :func:`adapter_segments`), else ``None``."""
     return _PLAN.get()
+
+
+def lora_head_terms(layer: Any, num_tokens: int) -> tuple[tuple[int, int, Any, Any, float], ...] | None:
+    """The low-rank terms of a peft LoRA LM head for the chunked head, or ``None`` when they cannot be.
+
+    Returns ``(start, end, A, B, scaling)`` over the pass's flattened tokens
+    (:func:`twinkle.patch.fused_linear_ce.head_ranges`): inside :func:`adapter_segments`, one per
+    segment whose adapter targets the head (the same segments as every other layer: a token only
+    meets its own adapter's ``A`` and ``B``); outside, the active adapter over every token; ``()``
+    when no adapter applies (adapters disabled, or merged into the base weight). ``None`` (the
+    caller computes full logits through peft's forward) for what the chunked head does not run:
+    several active adapters, a LoRA variant or bias, dropout while training, a non-``Linear`` base.
+    """
+    import torch
+
+    plan = active_plan()
+    if plan is not None:
+        if plan.num_tokens != num_tokens:
+            return None
+        terms = []
+        for name, start, end in plan.segments:
+            if name in layer.lora_A:
+                weight_a, weight_b, scaling = _adapter_weights(layer, name)
+                terms.append((start, end, weight_a, weight_b, scaling))
+        return tuple(terms)
+    if layer.disable_adapters or layer.merged:
+        return ()
+    active = [name for name in layer.active_adapters if name in layer.lora_A]
+    if not active:
+        return ()
+    if len(active) > 1 or type(layer.get_base_layer()) is not torch.nn.Linear:
+        return None
+    name = active[0]
+    if name in getattr(layer, "lora_variant", {}) or getattr(layer, "lora_bias", {}).get(name, False):
+        return None
+    dropout = layer.lora_dropout[name]
+    if not isinstance(dropout, torch.nn.Identity) and dropout.training and getattr(dropout, "p", 1.0) > 0:
+        return None
+    return ((0, num_tokens, layer.lora_A[name].weight, layer.lora_B[name].weight, float(layer.scaling[name])),)
