@@ -110,9 +110,9 @@ def test_chunked_cross_entropy_with_lora_head_equals_full_logits(chunk_rows):
     want, (h64, a64, b64), mag = _reference(hidden, weight, a, b, scaling, labels)
     kept = int((labels != -100).sum())
     # the sum of `kept` per-token errors, plus its own float32 summation
-    assert abs(float(loss) + float(want.sum())) <= kept * _logp_tolerance(mag, 64, 4) + gamma(kept) * float(
-        want.abs().sum()
-    )
+    assert abs(float(loss.detach()) + float(want.detach().sum())) <= kept * _logp_tolerance(mag, 64, 4) + gamma(
+        kept
+    ) * float(want.abs().sum())
     loss.backward()
     (-want.sum()).backward()
     for g, w in ((hidden.grad, h64.grad), (a.grad, a64.grad), (b.grad, b64.grad)):
