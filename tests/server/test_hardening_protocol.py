@@ -181,6 +181,37 @@ def test_a_seq_id_far_ahead_is_refused_at_once(server) -> None:
         assert ok.status_code == 200 and "metrics" in _wait(http, ok.json()["request_id"])
 
 
+@pytest.mark.parametrize("refused", ["forward_backward", "optim_step", "save_weights", "load_weights"])
+def test_a_refused_request_still_takes_its_turn(server, refused) -> None:
+    """Issue 32 item 4: a request refused with a 4xx keeps its client's sequence moving.
+
+    The next ``seq_id`` runs at once instead of waiting ``seq_wait_s`` (600 s here) for the
+    refused one, whose future (for a client that reads it) fails with the same reason.
+    """
+    with _http(server, _key(server, "turns")) as http:
+        model_id = _run(http)
+        tokens = list(range(5, 25))
+        if refused == "forward_backward":
+            body = _fb_body(model_id, tokens[:-1], {"target_tokens": np.array(tokens[1:])}, loss_fn="no_such_loss")
+            answer = http.post("/api/v1/forward_backward", content=body, headers=PROTO)
+        else:
+            payload = {
+                "optim_step": {"optimizer_params": {"type": "sgd"}},
+                "save_weights": {"path": "ck", "ttl_seconds": 5},
+                "load_weights": {"path": f"tinker://{model_id}/weights/missing"},
+            }[refused]
+            answer = http.post(f"/api/v1/{refused}", json={"model_id": model_id, "seq_id": 1, **payload})
+        assert 400 <= answer.status_code < 500, answer.text
+        ok = http.post(
+            "/api/v1/optim_step", json={"model_id": model_id, "seq_id": 2, "adam_params": {"learning_rate": 1e-3}}
+        )
+        assert ok.status_code == 200, ok.text
+        started = time.monotonic()
+        result = _wait(http, ok.json()["request_id"], tries=15)  # long polls of 2 s: 30 s against 600 s
+        assert "metrics" in result, result
+        assert time.monotonic() - started < 30
+
+
 def test_a_request_waiting_for_a_seq_id_that_never_comes_expires(roomy) -> None:
     with _http(roomy, _key(roomy, "waiter")) as http:
         model_id = _run(http)

@@ -11,6 +11,7 @@ rejected with a 400 that names them, never silently ignored.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import time
@@ -30,7 +31,7 @@ from twinkle_server.losses import check_loss
 from twinkle_server.policy import finite_json
 from twinkle_server.scheduler import UserError
 from twinkle_server.session_futures import wait_any
-from twinkle_server.state import JSON, ServerState, lora_targets
+from twinkle_server.state import JSON, QuotaExceeded, ServerState, lora_targets
 from twinkle_server.store import CheckpointRow, Run, Tenant
 from twinkle_server.wire import (
     PROTO_CONTENT_TYPE,
@@ -213,6 +214,36 @@ def _str_dict(meta: Any) -> dict[str, str] | None:
 
 def _bad(message: str) -> HTTPException:
     return HTTPException(400, message)
+
+
+#: Answers the tinker SDK sends again with the same ``seq_id`` (so the refused request keeps its turn).
+RETRIED_STATUSES = frozenset({408, 409, 429})
+
+
+@contextlib.contextmanager
+def _takes_its_turn(state: ServerState, tenant: Tenant, model_id: str, seq_id: int | None, kind: str) -> Any:
+    """A request refused inside still takes its ``seq_id`` turn, so its client's later requests run.
+
+    The run executes one client's requests in ``seq_id`` order; a refused request never reaches
+    the queue, so without this its successors would wait for it until ``seq_wait_s``. A refusal
+    here (a 4xx the SDK does not retry, a bad value, a quota) queues an empty job in its place
+    whose future fails with the same reason, then answers the refusal as before. Only for the
+    caller's own run (call it after ``_run_or_404``); a ``seq_id`` that cannot be queued (used,
+    too far ahead) is left alone.
+    """
+    try:
+        yield
+    except (HTTPException, ValueError, QuotaExceeded) as exc:
+        status = exc.status_code if isinstance(exc, HTTPException) else getattr(exc, "status", 400)
+        if seq_id is not None and status not in RETRIED_STATUSES:
+            reason = str(exc.detail if isinstance(exc, HTTPException) else exc)
+
+            def refused() -> tuple[str, bytes]:
+                raise UserError(reason)
+
+            with contextlib.suppress(UserError, QuotaExceeded):
+                state.submit(tenant, kind, model_id=model_id, seq_id=seq_id, run=refused)
+        raise
 
 
 def _checkpoint_json(row: CheckpointRow, expires: float | None = None) -> dict[str, Any]:
@@ -520,19 +551,21 @@ async def forward_backward(
     header = await asyncio.to_thread(parse_forward_backward, body)
     del body
     slot_check = _run_or_404(state, tenant, header.model_id)
-    custom = tinker_custom_loss.bind(state, tenant, slot_check, header) if header.loss_fn == "custom" else None
-    config = check_loss(header.loss_fn, header.loss_config)
-    if not header.datums:
-        raise _bad("forward_backward needs at least one datum")
-    state.charge(tenant, header.tokens)
-    datums, spans = await asyncio.to_thread(decode_datums, header)
-    if custom is not None:
-        custom.prepare_datums(datums)
-    message = ForwardBackwardMessage(
-        header.model_id, header.seq_id, header.loss_fn, header.loss_config, datums, header.forward_only, spans
-    )
-    if message.loss_fn == "stable_reinforce":
-        _fill_stability(state, tenant, message)
+    kind = "forward" if header.forward_only else "forward_backward"
+    with _takes_its_turn(state, tenant, slot_check.id, header.seq_id, kind):
+        custom = tinker_custom_loss.bind(state, tenant, slot_check, header) if header.loss_fn == "custom" else None
+        config = check_loss(header.loss_fn, header.loss_config)
+        if not header.datums:
+            raise _bad("forward_backward needs at least one datum")
+        state.charge(tenant, header.tokens)
+        datums, spans = await asyncio.to_thread(decode_datums, header)
+        if custom is not None:
+            custom.prepare_datums(datums)
+        message = ForwardBackwardMessage(
+            header.model_id, header.seq_id, header.loss_fn, header.loss_config, datums, header.forward_only, spans
+        )
+        if message.loss_fn == "stable_reinforce":
+            _fill_stability(state, tenant, message)
     run_id = slot_check.id
 
     def prepare() -> BatchJob:
@@ -545,7 +578,6 @@ async def forward_backward(
             custom.finish(result)
         return PROTO_CONTENT_TYPE, encode_forward_backward_output(result)
 
-    kind = "forward" if message.forward_only else "forward_backward"
     future_id = state.submit(
         tenant, kind, model_id=run_id, seq_id=message.seq_id, prepare=prepare, finish=finish, rows=len(message.datums)
     )
@@ -583,12 +615,13 @@ def optim_step(
 ) -> Any:
     """One AdamW step with the given AdamParams."""
     _run_or_404(state, tenant, body.model_id)
-    other = body.optimizer_params or body.optim_params
-    if body.adam_params is None:
-        kind = (other or {}).get("type", "missing")
-        raise _bad(f"optimizer params of type {kind!r} are not supported; send AdamParams")
-    params = body.adam_params.model_dump(exclude={"type"})
-    state.charge(tenant)
+    with _takes_its_turn(state, tenant, body.model_id, body.seq_id, "optim_step"):
+        other = body.optimizer_params or body.optim_params
+        if body.adam_params is None:
+            kind = (other or {}).get("type", "missing")
+            raise _bad(f"optimizer params of type {kind!r} are not supported; send AdamParams")
+        params = body.adam_params.model_dump(exclude={"type"})
+        state.charge(tenant)
 
     def prepare() -> tuple[int, dict[str, Any]]:
         return state.loaded_slot(tenant, body.model_id), params
@@ -620,12 +653,13 @@ def save_weights(
 ) -> Any:
     """Save adapter + optimizer as ``tinker://<run>/weights/<path>`` (atomically)."""
     _run_or_404(state, tenant, body.model_id)
-    name = _check_name(body.path)
-    _check_ttl(body.ttl_seconds)
-    state.expire_checkpoints()
-    if not body.overwrite and state.store.checkpoint(tenant.id, body.model_id, "training", name) is not None:
-        raise _bad(f"checkpoint weights/{name} exists; pass overwrite=True or choose another name")
-    state.charge(tenant)
+    with _takes_its_turn(state, tenant, body.model_id, body.seq_id, "save_weights"):
+        name = _check_name(body.path)
+        _check_ttl(body.ttl_seconds)
+        state.expire_checkpoints()
+        if not body.overwrite and state.store.checkpoint(tenant.id, body.model_id, "training", name) is not None:
+            raise _bad(f"checkpoint weights/{name} exists; pass overwrite=True or choose another name")
+        state.charge(tenant)
 
     def run() -> tuple[str, bytes]:
         path = state.save_checkpoint(
@@ -644,14 +678,15 @@ def save_weights_for_sampler(
 ) -> Any:
     """Save sampler weights by name, or (no name) snapshot them into a new sampling session."""
     run = _run_or_404(state, tenant, body.model_id)
-    _check_ttl(body.ttl_seconds)
-    if body.kind not in ("snapshot", "inflight"):
-        raise _bad(f"sampling client kind {body.kind!r} is not supported; use 'snapshot' or 'inflight'")
-    if body.kind == "inflight" and body.path is not None:
-        raise _bad("kind='inflight' makes a sampling client, not a named checkpoint; send no path")
-    state.charge(tenant)
-    if body.path is not None:
-        name = _check_name(body.path)
+    with _takes_its_turn(state, tenant, body.model_id, body.seq_id, "save_weights_for_sampler"):
+        _check_ttl(body.ttl_seconds)
+        if body.kind not in ("snapshot", "inflight"):
+            raise _bad(f"sampling client kind {body.kind!r} is not supported; use 'snapshot' or 'inflight'")
+        if body.kind == "inflight" and body.path is not None:
+            raise _bad("kind='inflight' makes a sampling client, not a named checkpoint; send no path")
+        name = _check_name(body.path) if body.path is not None else None
+        state.charge(tenant)
+    if name is not None:
 
         def run_named() -> tuple[str, bytes]:
             path = state.save_checkpoint(
@@ -697,13 +732,23 @@ def load_weights(
     if body.weights_access_token is not None:
         raise _bad("weights_access_token is not supported: checkpoints are private to their tenant")
     _check_base_model(state, body.base_model)
-    try:
-        _, row = state.resolve_checkpoint(tenant, body.path)
-    except LookupError:
-        raise HTTPException(404, f"checkpoint {body.path} not found") from None
-    if body.optimizer and not row.has_optimizer:
-        raise _bad(f"{body.path} has no optimizer state (sampler checkpoints never do); load it without the optimizer")
-    state.charge(tenant)
+    into_run = body.session_id is None and body.model_id is not None
+    if into_run:
+        _run_or_404(state, tenant, body.model_id)
+    with (
+        _takes_its_turn(state, tenant, body.model_id, body.seq_id, "load_weights")
+        if into_run
+        else contextlib.nullcontext()
+    ):
+        try:
+            _, row = state.resolve_checkpoint(tenant, body.path)
+        except LookupError:
+            raise HTTPException(404, f"checkpoint {body.path} not found") from None
+        if body.optimizer and not row.has_optimizer:
+            raise _bad(
+                f"{body.path} has no optimizer state (sampler checkpoints never do); load it without the optimizer"
+            )
+        state.charge(tenant)
     if body.session_id is not None:
         if body.model_seq_id is None:
             raise _bad("load_weights with session_id needs model_seq_id")
@@ -734,7 +779,6 @@ def load_weights(
         return _future(state.submit(tenant, "load_weights", run=run_new), run_id)
     if body.model_id is None:
         raise _bad("load_weights needs model_id, or session_id and model_seq_id")
-    _run_or_404(state, tenant, body.model_id)
     model_id = body.model_id
 
     def run_existing() -> tuple[str, bytes]:
