@@ -139,3 +139,23 @@ def test_a_huge_stop_list_is_refused_before_it_reaches_the_sampler(server, stop)
         client.sample(types.ModelInput.from_ints([5, 6, 7]), 4, types.SamplingParams(max_tokens=64, stop=stop)).result()
     assert time.monotonic() - started < 30
     service.close(status="success")
+
+
+def test_loading_checkpoints_into_new_adapters_counts_against_the_quota(server) -> None:
+    """``load(name, adapter_name=new)`` adds an adapter to the shared model: one more quota unit."""
+    with _http(server, _key(server, "eve-quota", max_adapters=2)) as http:
+        object_id = _create_object(http).json()["object_id"]
+        try:
+            added = _call(http, object_id, "add_adapter_to_model", "a", {"r": 4, "target_modules": "all-linear"})
+            assert added.status_code == 200, added.text
+            assert _call(http, object_id, "save", "ck").status_code == 200
+            assert _call(http, object_id, "load", "ck", adapter_name="b").status_code == 200  # 2 units
+            over = _call(http, object_id, "load", "ck", adapter_name="c")
+            assert over.status_code == 403, over.text
+            scoped = [n for n in server.state.engine.core.adapter_names if n.startswith(object_id)]
+            assert sorted(scoped) == [f"{object_id}_a", f"{object_id}_b"]
+            again = _call(http, object_id, "add_adapter_to_model", "big", {"r": 8, "target_modules": "all-linear"})
+            assert again.status_code == 403, again.text  # still over the quota
+        finally:
+            http.delete(f"/twinkle/v1/objects/{object_id}")
+        assert not [n for n in server.state.engine.core.adapter_names if n.startswith(object_id)]

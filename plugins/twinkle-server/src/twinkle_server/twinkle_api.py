@@ -239,6 +239,8 @@ class TwinkleHost:
     def call(self, obj: HostedObject, method: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
         """(Worker) run one method of ``obj`` (on its own instance, or for its adapters on the shared model)."""
         with self.state.engine.lock:
+            if self.objects.get(obj.id) is not obj:  # deleted (or expired) while this call was queued
+                raise UserError(f"object {obj.id!r} was deleted before this call ran")
             return self._call(obj, method, args, kwargs)
 
     def _call(self, obj: HostedObject, method: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
