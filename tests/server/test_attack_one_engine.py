@@ -13,6 +13,15 @@ pytest.importorskip("peft")
 from tests.server.test_hardening import BASE, _call, _create_object, _http, _key, base_digest, same_base  # noqa: E402
 
 
+@pytest.fixture(scope="module", autouse=True)
+def whole_attack_leaves_the_base(server):
+    """Every base tensor is bit-identical after the module's whole attack sequence (each test checks its own too)."""
+    before = base_digest(server)
+    yield
+    assert same_base(before, base_digest(server)), "the attack sequence changed the shared base"
+    assert server.state.engine.trainable_base_weights() == []
+
+
 @pytest.fixture(scope="module")
 def eve(server):
     """A hostile tenant with one model object holding one adapter (objects released at teardown)."""
