@@ -25,6 +25,9 @@ def ray_cluster():
     ray = pytest.importorskip("ray")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray starts its workers at nice 15: on a busy shared machine the actors then crawl next to
+    # every other process and the tests' timeouts fire; plain priority like the driver's.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     # Actors unpickle the test components by module name, so they need this folder on sys.path.
     paths = [HERE, *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]]
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
