@@ -54,6 +54,7 @@ from twinkle.patch.model_walk import (
     set_flag,
     unwrap,
 )
+from twinkle.patch.multi_lora import lora_head_terms
 from twinkle.patch.varlen import causal_masks
 
 logger = logging.getLogger("twinkle.patch")
@@ -319,8 +320,6 @@ def run_model(model: Any, model_inputs: Mapping[str, Any]) -> ModelOutput:
     lora_head = lm_head_lora_of(model)
     terms = None
     if lora_head is not None:  # LoRA on the head: its adapters' low-rank terms join the chunked head
-        from twinkle.patch.multi_lora import lora_head_terms
-
         ids = model_inputs.get("input_ids")
         tokens = ids.numel() if ids is not None else model_inputs["inputs_embeds"].shape[:-1].numel()
         terms = lora_head_terms(lora_head, tokens)
