@@ -39,7 +39,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 os.environ.setdefault("TINKER_TELEMETRY", "0")
 
@@ -268,7 +268,13 @@ class ServeProcess:
     """``twinkle serve`` in a subprocess on an ephemeral loopback port."""
 
     def __init__(
-        self, state_dir: Path, adapters: int, threads: int, cores: set[int] | None = None, model: Path | None = None
+        self,
+        state_dir: Path,
+        adapters: int,
+        threads: int,
+        cores: set[int] | None = None,
+        model: Path | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.state_dir = state_dir
         self.stats_file = state_dir / "stats.json"
@@ -304,6 +310,7 @@ class ServeProcess:
         ]
         if model is not None:
             cmd += ["--model", str(model), "--model-name", BASE]
+        cmd += list(extra_args)
         pin = (lambda: os.sched_setaffinity(0, cores)) if cores else None
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=pin)
         deadline = time.monotonic() + 300

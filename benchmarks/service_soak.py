@@ -32,14 +32,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+
+from http_service import ServeProcess  # the `twinkle serve` subprocess the benchmarks share
 
 os.environ.setdefault("TINKER_TELEMETRY", "0")
 
@@ -82,57 +82,6 @@ def _counts(state_dir: Path) -> tuple[int, int, int]:
         return futures, runs, ckpts
     except sqlite3.Error:
         return -1, -1, -1
-
-
-class Serve:
-    """``twinkle serve`` in a subprocess on an ephemeral loopback port."""
-
-    def __init__(self, state_dir: Path, args: argparse.Namespace) -> None:
-        port_file = state_dir / "port"
-        self.log = open(state_dir / "server.log", "ab")
-        script = Path(sys.executable).with_name("twinkle")
-        cmd = (
-            [str(script)]
-            if script.exists()
-            else [sys.executable, "-c", "import sys; from twinkle.cli import main; sys.exit(main())"]
-        )
-        cmd += [
-            "serve",
-            "--state-dir",
-            str(state_dir),
-            "--port",
-            "0",
-            "--port-file",
-            str(port_file),
-            "--device",
-            "cpu",
-            "--threads",
-            str(args.threads),
-            "--max-adapters",
-            str(4 * args.clients + 4),
-            "--future-ttl-minutes",
-            str(args.future_ttl_minutes),
-            "--run-idle-minutes",
-            str(args.run_idle_minutes),
-            "--log-level",
-            "warning",
-        ]
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 300
-        while not port_file.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.proc.kill()
-                raise RuntimeError((state_dir / "server.log").read_text()[-3000:])
-            time.sleep(0.2)
-        self.url = f"http://127.0.0.1:{port_file.read_text().strip()}"
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
 
 
 class Client(threading.Thread):
@@ -233,7 +182,19 @@ def main() -> int:
     store = Store(state_dir / "state.sqlite")
     keys = [store.create_tenant(f"soak-{i}")[1] for i in range(args.clients)]
     store.close()
-    server = Serve(state_dir, args)
+    server = ServeProcess(
+        state_dir,
+        4 * args.clients + 4,
+        args.threads,
+        extra_args=[
+            "--device",
+            "cpu",
+            "--future-ttl-minutes",
+            str(args.future_ttl_minutes),
+            "--run-idle-minutes",
+            str(args.run_idle_minutes),
+        ],
+    )
     stop = threading.Event()
     clients = [Client(i, server.url, keys[i], args, stop) for i in range(args.clients)]
     rows: list[tuple[float, float, float, int, int, int, int]] = []
