@@ -256,35 +256,47 @@ def forward_only_multi(
         adapter name -> ``ModelOutput(logps=[per row, aligned with its labels, first 0.0], loss, num_tokens)``,
         as ``model.forward_only`` returns them.
     """
+    from twinkle.loss.base import token_logps
+
+    answers: dict[str, ModelOutput] = {}
+    with _evaluation_pass(model, inputs, extra, kernel) as (batch, spans, outputs):
+        for name, start, end, first_row, end_row in spans:
+            sub_batch = _slice_batch(batch, start, end, first_row)
+            logps = token_logps(sub_batch, _slice_outputs(outputs, start, end))
+            mask = sub_batch["shift_labels"] != -100
+            tokens = sub_batch["num_label_tokens"]
+            loss_sum = float(-(logps * mask).sum())
+            values = logps[0].float().cpu()
+            row_ids = sub_batch["row_ids"][0].cpu()
+            per_row = []
+            for r in range(end_row - first_row):
+                picked = values[row_ids == r]
+                per_row.append([0.0, *picked[:-1].tolist()])
+            answers[name] = ModelOutput(logps=per_row, loss=loss_sum / tokens if tokens else 0.0, num_tokens=tokens)
+    return answers
+
+
+@contextlib.contextmanager
+def _evaluation_pass(
+    model: Any,
+    inputs: Mapping[str, Sequence[Mapping[str, Any]]],
+    extra: Mapping[str, Mapping[str, Sequence[Any]]] | None,
+    kernel: str | None,
+) -> Any:
+    """One packed pass without gradients in eval mode: yields ``(batch, spans, outputs)`` (segments still on)."""
     import torch
 
-    from twinkle.loss.base import token_logps
     from twinkle.patch.multi_lora import SegmentPlan, adapter_segments
 
     batch, spans = pack_rows(model, inputs, extra)
     plan = SegmentPlan([(name, s, e) for name, s, e, _, _ in spans], batch["input_ids"].shape[-1], kernel)
     was_training = model.model.training
     model.model.eval()
-    answers: dict[str, ModelOutput] = {}
     try:
         with torch.no_grad(), adapter_segments(model.model, plan):
-            outputs = _run(model, batch)
-            for name, start, end, first_row, end_row in spans:
-                sub_batch = _slice_batch(batch, start, end, first_row)
-                logps = token_logps(sub_batch, _slice_outputs(outputs, start, end))
-                mask = sub_batch["shift_labels"] != -100
-                tokens = sub_batch["num_label_tokens"]
-                loss_sum = float(-(logps * mask).sum())
-                values = logps[0].float().cpu()
-                row_ids = sub_batch["row_ids"][0].cpu()
-                per_row = []
-                for r in range(end_row - first_row):
-                    picked = values[row_ids == r]
-                    per_row.append([0.0, *picked[:-1].tolist()])
-                answers[name] = ModelOutput(logps=per_row, loss=loss_sum / tokens if tokens else 0.0, num_tokens=tokens)
+            yield batch, spans, _run(model, batch)
     finally:
         model.model.train(was_training)
-    return answers
 
 
 def forward_loss_multi(
@@ -302,27 +314,15 @@ def forward_loss_multi(
     Returns:
         adapter name -> ``ModelOutput(loss=<the loss sum / its normalizer>, num_tokens=<normalizer>)``.
     """
-    import torch
-
-    from twinkle.patch.multi_lora import SegmentPlan, adapter_segments
-
-    batch, spans = pack_rows(model, inputs, extra)
-    plan = SegmentPlan([(name, s, e) for name, s, e, _, _ in spans], batch["input_ids"].shape[-1], kernel)
-    was_training = model.model.training
-    model.model.eval()
     answers: dict[str, ModelOutput] = {}
-    try:
-        with torch.no_grad(), adapter_segments(model.model, plan):
-            outputs = _run(model, batch)
-            for name, start, end, first_row, _ in spans:
-                result = model.state_of(name).loss(
-                    _slice_batch(batch, start, end, first_row), _slice_outputs(outputs, start, end)
-                )
-                tokens = float(result.num_tokens)
-                loss = float(result.loss)
-                answers[name] = ModelOutput(loss=loss / tokens if tokens else 0.0, num_tokens=tokens)
-    finally:
-        model.model.train(was_training)
+    with _evaluation_pass(model, inputs, extra, kernel) as (batch, spans, outputs):
+        for name, start, end, first_row, _ in spans:
+            result = model.state_of(name).loss(
+                _slice_batch(batch, start, end, first_row), _slice_outputs(outputs, start, end)
+            )
+            tokens = float(result.num_tokens)
+            loss = float(result.loss)
+            answers[name] = ModelOutput(loss=loss / tokens if tokens else 0.0, num_tokens=tokens)
     return answers
 
 
