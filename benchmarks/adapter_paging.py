@@ -10,7 +10,7 @@ the shape (Qwen2.5-7B: 28 layers, hidden 3584, intermediate 18944, 28 query / 4 
 CUDA fast path casts LoRA weights to), one AdamW step taken so the optimizer holds its two moments
 (fused AdamW on CUDA, as the fast path builds it: its step counters live on the device too).
 Then :class:`twinkle.model.paging.AdapterPager` pages it out (into its pinned host block,
-reserved beforehand as an ``AdapterPool`` does at admission) and in, each timed to completion
+reserved beforehand as ``twinkle.model.adapter_pool.AdapterPool`` does at admission) and in, each timed to completion
 (``synchronize``), for two cases:
 
 * ``idle``: parameters + AdamW state (between steps: the gradients were dropped at ``zero_grad``);

@@ -1,4 +1,5 @@
-"""Adapter paging (twinkle.model.paging): exact out -> in moves, and the pool's slots, budget and idle unloading."""
+"""Adapter paging (twinkle.model.paging): exact out -> in moves; and the pool
+(twinkle.model.adapter_pool): slots, budget, idle unloading."""
 
 from __future__ import annotations
 
@@ -9,13 +10,8 @@ import pytest
 import torch
 from model_test_utils import make_rows
 from peft import LoraConfig
-from twinkle.model.paging import (
-    AdapterPager,
-    AdapterPool,
-    PoolError,
-    PoolFull,
-    estimate_lora_bytes,
-)
+from twinkle.model.adapter_pool import AdapterPool, PoolFull, estimate_lora_bytes
+from twinkle.model.paging import AdapterPager, PoolError
 from twinkle.model.transformers_model import TransformersModel
 
 LORA = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)

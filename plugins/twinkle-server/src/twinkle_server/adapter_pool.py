@@ -1,4 +1,4 @@
-"""The server's view of the engine's adapter pool (:class:`twinkle.model.paging.AdapterPool`).
+"""The server's view of the engine's adapter pool (:class:`twinkle.model.adapter_pool.AdapterPool`).
 
 The engine pages tenant adapters between the device and host memory and parks idle ones
 (``LoRAEngine.adopt``, ``disown``, ``using``, ``park``, ``check_admit``, ``capacity``...).
@@ -29,7 +29,7 @@ class AdapterPoolFull(ValueError):
 
     @classmethod
     def of(cls, exc: Any) -> AdapterPoolFull:
-        """The server's wording of a :class:`twinkle.model.paging.PoolFull` (its limits as server options)."""
+        """The server's wording of a :class:`twinkle.model.adapter_pool.PoolFull` (its limits as server options)."""
         message = str(exc).replace("adapter pool full", "this server's adapter pool is full", 1)
         message = message.replace("(max_live)", "(--max-adapters)").replace(
             "host-memory budget", "host-memory budget (--adapter-host-gb)"

@@ -25,7 +25,7 @@ class ServerConfig:
             and twinkle objects' adapters), on the device or paged to host memory.
         device_slots: adapters resident on the device at once (default: ``min(max_adapters, 8)``);
             the others are paged to (pinned) host memory and back on use
-            (:class:`twinkle.model.paging.AdapterPool`).
+            (:class:`twinkle.model.adapter_pool.AdapterPool`).
         adapter_host_bytes: host memory all live adapters may take together (each reserves room for
             its weights, gradients and AdamW state when created); default: a quarter of the
             machine's memory. A create that does not fit is a 503 with ``Retry-After``.
