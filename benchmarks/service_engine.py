@@ -5,6 +5,7 @@
     python benchmarks/service_engine.py --configs fastpath,multi_1x8 --steps 5
     python benchmarks/service_engine.py --configs all    # also the diagnostic configurations
     python benchmarks/service_engine.py --profile multi_8x1   # where one step goes (torch.profiler)
+    python benchmarks/service_engine.py --shape 7b --rows 4 --configs fastpath,engine_rr16   # 7B round robin
 
 Random-init Qwen2-shaped model built from ``model_shapes.py`` (no downloads), LoRA r=8 on all
 linear layers, AdamW, one optimizer step per pass. Every configuration runs in its own process
@@ -31,6 +32,14 @@ issue's targets; ``--configs all`` adds the diagnostic ones (marked *):
 * ``mixed_padded``: the same rows on the fast path with the default ``InputProcessor``, in
   micro-batches of ``--rows`` rows each padded to its longest row, as the old service engine laid
   them out (one adapter, one optimizer step per pass; tokens/s counts real tokens).
+* ``engine_rr16`` (run it with ``--shape 7b --rows 4``): the service's engine with 16 tenants'
+  adapters and 8 device slots (``device_slots=8``: 8 resident, 8 paged to pinned host memory),
+  one tenant per pass in round-robin order, each pass followed by that tenant's optimizer step.
+  Cycling 16 adapters through 8 least-recently-used slots makes every pass page one adapter
+  (with its AdamW state) out and the next one in: the issue's 7B target is this against
+  ``fastpath`` on the same shape and rows (>= 0.8x). Warm-up covers a whole cycle (every adapter
+  holds optimizer state) and timing covers whole cycles, reported as the mean step (paging cost
+  included in every one).
 * ``engine_1x8`` / ``engine_8x1``: the service's engine itself (``twinkle_server.engine.LoRAEngine``:
   Tinker datums, ``TinkerLoss``, per-datum logprobs back to the host, ``optim_steps``) with one
   tenant of 8 rows / 8 tenants of one row (LoRA on attention and MLP, as ``all-linear``); needs
@@ -62,12 +71,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from model_shapes import QWEN25_05B, TINY, qwen2_config  # noqa: E402
+from model_shapes import QWEN25_05B, QWEN25_7B, TINY, qwen2_config  # noqa: E402
 
 CONFIGS = ["fastpath", "multi_1x8", "multi_8x1", "mixed_packed", "mixed_padded", "engine_1x8", "engine_8x1"]
 DIAGNOSTIC = ["multi_1x8_segmented", "fastpath_eager", "multi_8x1_torch", "multi_8x1_loopstep"]
 MULTI_TENANT = ("multi_8x1", "multi_8x1_torch", "multi_8x1_loopstep", "mixed_packed", "engine_8x1")
+SHAPES = {"tiny": TINY, "0.5b": QWEN25_05B, "7b": QWEN25_7B}
 TENANTS = 8
+#: ``engine_rr16``: tenants' adapters cycled through the engine, and the device slots they share.
+ROUND_ROBIN_TENANTS, ROUND_ROBIN_SLOTS = 16, 8
 LORA = {"r": 8, "lora_alpha": 16, "target_modules": "all-linear", "lora_dropout": 0.0}
 
 
@@ -103,19 +115,26 @@ def build(config: str, shape: dict, device: str, adapters: int) -> object:
     return model
 
 
-def engine_step(shape: dict, device: str, data: list[dict], tenants: int) -> Any:
-    """The service's engine on a random-init model of ``shape``: (pass, optimizer steps) functions."""
+def engine_dir(shape: dict) -> str:
+    """A model directory of ``shape`` for the service's engine: the bundled tokenizer, no weights (random init)."""
     import tempfile
 
     from twinkle.testing import write_tiny_model_dir
+
+    directory = write_tiny_model_dir(tempfile.mkdtemp(prefix="service-engine-"))
+    (Path(directory) / "config.json").write_text(json.dumps(qwen2_config(shape)))  # this shape over the tiny one
+    return directory
+
+
+ENGINE_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def engine_step(shape: dict, device: str, data: list[dict], tenants: int) -> Any:
+    """The service's engine on a random-init model of ``shape``: (pass, optimizer steps) functions."""
     from twinkle_server.engine import BatchJob, Datum, LoRAEngine
 
-    directory = write_tiny_model_dir(tempfile.mkdtemp(prefix="service-engine-"))  # the bundled tokenizer
-    # this shape's config.json over the tiny one
-    (Path(directory) / "config.json").write_text(json.dumps(qwen2_config(shape)))
-    engine = LoRAEngine(directory, max_adapters=tenants, max_rank=8, device=device)
-    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    slots = [engine.create_slot(8, alpha=16, targets=targets) for _ in range(tenants)]
+    engine = LoRAEngine(engine_dir(shape), max_adapters=tenants, max_rank=8, device=device)
+    slots = [engine.create_slot(8, alpha=16, targets=ENGINE_TARGETS) for _ in range(tenants)]
     datums = [Datum(row["input_ids"][:-1], {"target_tokens": row["input_ids"][1:]}) for row in data]
     jobs = [BatchJob(slot, datums[i :: len(slots)]) for i, slot in enumerate(slots)]
 
@@ -126,6 +145,39 @@ def engine_step(shape: dict, device: str, data: list[dict], tenants: int) -> Any
         engine.optim_steps([(slot, {"learning_rate": 1e-4}) for slot in slots])
 
     return fb, opt
+
+
+def engine_round_robin(shape: dict, device: str, data: list[dict]) -> Any:
+    """``engine_rr16``: 16 tenants, 8 device slots, one tenant's pass and step at a time in turn."""
+    from twinkle_server.engine import BatchJob, Datum, LoRAEngine
+
+    engine = LoRAEngine(
+        engine_dir(shape),
+        max_adapters=ROUND_ROBIN_TENANTS,
+        device_slots=ROUND_ROBIN_SLOTS,
+        max_rank=8,
+        device=device,
+    )
+    slots = [engine.create_slot(8, alpha=16, targets=ENGINE_TARGETS) for _ in range(ROUND_ROBIN_TENANTS)]
+    datums = [Datum(row["input_ids"][:-1], {"target_tokens": row["input_ids"][1:]}) for row in data]
+    turn = {"next": 0, "slot": slots[0]}
+
+    def fb() -> None:
+        slot = turn["slot"] = slots[turn["next"] % len(slots)]
+        turn["next"] += 1
+        [result] = engine.forward_backward([BatchJob(slot, datums)])
+        if result.error is not None:
+            raise RuntimeError(result.error)
+
+    def opt() -> None:
+        [step] = engine.optim_steps([(turn["slot"], {"learning_rate": 1e-4})])
+        if isinstance(step, Exception):
+            raise step
+
+    def paging() -> dict[str, int]:
+        return dict(engine.pool.stats)
+
+    return fb, opt, paging
 
 
 def setup(config: str, shape: dict, device: str, rows: int, seq: int) -> tuple[Any, Any, list[int], int]:
@@ -140,6 +192,10 @@ def setup(config: str, shape: dict, device: str, rows: int, seq: int) -> tuple[A
         lengths = [seq] * rows
     data = rows_of(lengths, vocab, seed=2)
     adapters = TENANTS if config in MULTI_TENANT else 1
+    if config == "engine_rr16":
+        fb, opt, paging = engine_round_robin(shape, device, data)
+        fb.paging = paging  # the worker reports the pages moved per timed pass
+        return fb, opt, lengths, ROUND_ROBIN_TENANTS
     if config.startswith("engine"):
         fb, opt = engine_step(shape, device, data, adapters)
         return fb, opt, lengths, adapters
@@ -184,6 +240,10 @@ def worker(config: str, shape: dict, device: str, rows: int, seq: int, steps: in
 
     cuda = device == "cuda"
     fb, opt, lengths, adapters = setup(config, shape, device, rows, seq)
+    round_robin = config == "engine_rr16"
+    if round_robin:  # whole cycles: every adapter has optimizer state, every timed pass pages one in
+        warmup = max(warmup, ROUND_ROBIN_TENANTS)
+        steps = -(-steps // ROUND_ROBIN_TENANTS) * ROUND_ROBIN_TENANTS
 
     def step() -> None:
         fb()
@@ -194,6 +254,8 @@ def worker(config: str, shape: dict, device: str, rows: int, seq: int, steps: in
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    paging = getattr(fb, "paging", None)
+    paged_before = paging() if paging else None
     times = []
     for _ in range(steps):
         started = time.perf_counter()
@@ -201,8 +263,13 @@ def worker(config: str, shape: dict, device: str, rows: int, seq: int, steps: in
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
-    median = statistics.median(times)
+    median = statistics.mean(times) if round_robin else statistics.median(times)
+    extra = {}
+    if paging:
+        after = paging()
+        extra = {k + "_per_step": (after[k] - paged_before[k]) / steps for k in ("page_ins", "page_outs")}
     return {
+        **extra,
         "config": config,
         "tenants": adapters,
         "rows": len(lengths),
@@ -231,6 +298,10 @@ def profile(config: str, shape: dict, device: str, rows: int, seq: int, steps: i
 
     cuda = device == "cuda"
     fb, opt, lengths, adapters = setup(config, shape, device, rows, seq)
+    round_robin = config == "engine_rr16"
+    if round_robin:  # whole cycles: every adapter has optimizer state, every timed pass pages one in
+        warmup = max(warmup, ROUND_ROBIN_TENANTS)
+        steps = -(-steps // ROUND_ROBIN_TENANTS) * ROUND_ROBIN_TENANTS
 
     def sync() -> None:
         if cuda:
@@ -353,9 +424,20 @@ def format_table(results: list[dict], title: str) -> str:
         ("mixed lengths: mixed_packed / mixed_padded (target >= 1.8)", "mixed_packed", "mixed_padded"),
         ("the service's engine, 1 tenant: engine_1x8 / fastpath (target >= 0.9)", "engine_1x8", "fastpath"),
         ("the service's engine, 8 tenants: engine_8x1 / engine_1x8 (target >= 0.85)", "engine_8x1", "engine_1x8"),
+        (
+            "16 tenants round robin over 8 device slots: engine_rr16 / fastpath (7B target >= 0.8)",
+            "engine_rr16",
+            "fastpath",
+        ),
     ):
         if a in by and b in by:
             lines.append(f"| {label} | {by[a]['tokens_per_s'] / by[b]['tokens_per_s']:.2f} |")
+    for r in by.values():
+        if "page_ins_per_step" in r:
+            lines.append(
+                f"| {r['config']}: adapters paged in / out per pass | "
+                f"{r['page_ins_per_step']:.2f} / {r['page_outs_per_step']:.2f} |"
+            )
     if base and "multi_1x8" in by and base["peak_mem_gib"]:
         ratio = by["multi_1x8"]["peak_mem_gib"] / base["peak_mem_gib"]
         lines.append(f"| peak memory: multi_1x8 / fastpath (target <= 1.2) | {ratio:.2f} |")
@@ -365,6 +447,7 @@ def format_table(results: list[dict], title: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="the TINY shape and 128-token rows (any device)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default=None, help="model shape (default 0.5b)")
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated, or 'all'")
     parser.add_argument("--rows", type=int, default=8)
     parser.add_argument("--seq", type=int, default=None, help="tokens per row (default 2048, 128 with --tiny)")
@@ -382,8 +465,11 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=30, help="rows of the --profile tables")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    shape = TINY if args.tiny else QWEN25_05B
-    seq = args.seq or (128 if args.tiny else 2048)
+    if args.tiny:
+        args.shape = "tiny"
+    args.shape = args.shape or "0.5b"
+    shape = SHAPES[args.shape]
+    seq = args.seq or (128 if args.shape == "tiny" else 2048)
     if args.device is None:
         import torch
 
@@ -393,7 +479,7 @@ def main() -> None:
         print(report)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        name = f"service_engine_profile_{args.profile}_{'tiny' if args.tiny else '05b'}_{args.device}.md"
+        name = f"service_engine_profile_{args.profile}_{args.shape.replace('.', '')}_{args.device}.md"
         (out / name).write_text(report)
         return
     if args.worker:
@@ -404,9 +490,8 @@ def main() -> None:
     configs = CONFIGS + DIAGNOSTIC if args.configs == "all" else args.configs.split(",")
     for config in configs:
         cmd = [sys.executable, __file__, "--worker", config, "--rows", str(args.rows), "--seq", str(seq)]
+        cmd += ["--shape", args.shape]
         cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device]
-        if args.tiny:
-            cmd.append("--tiny")
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.config_timeout)
         except subprocess.TimeoutExpired:
@@ -423,12 +508,13 @@ def main() -> None:
             results.append(json.loads(found[0][len("RESULT ") :]))
         print(json.dumps(results[-1]), flush=True)
     device = next((r["device"] for r in results if "device" in r), args.device)
-    title = f"service engine, {'TINY' if args.tiny else 'Qwen2.5-0.5B'} shape, {args.rows} x {seq} tokens, {device}"
+    label = {"tiny": "TINY", "0.5b": "Qwen2.5-0.5B", "7b": "Qwen2.5-7B"}[args.shape]
+    title = f"service engine, {label} shape, {args.rows} x {seq} tokens, {device}"
     table = format_table(results, title)
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"service_engine_{'tiny' if args.tiny else '05b'}_{args.device}"
+    stem = f"service_engine_{args.shape.replace('.', '')}_{args.device}"
     (out / f"{stem}.md").write_text(table)
     (out / f"{stem}.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
 
