@@ -99,7 +99,7 @@ def create_app(config: ServerConfig, *, engine: LoRAEngine | None = None) -> Fas
     """
     from twinkle import __version__
 
-    from twinkle_server import tinker_api, tinker_custom_loss, tinker_weights, twinkle_api
+    from twinkle_server import tinker_api, tinker_custom_loss, tinker_runs, tinker_weights, twinkle_api
 
     state = ServerState(config, engine=engine)
 
@@ -131,6 +131,7 @@ def create_app(config: ServerConfig, *, engine: LoRAEngine | None = None) -> Fas
 
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
     app.include_router(tinker_api.router)
+    app.include_router(tinker_runs.router)
     app.include_router(tinker_custom_loss.router)
     app.include_router(tinker_weights.router)
     app.include_router(twinkle_api.router)

@@ -14,15 +14,12 @@ import asyncio
 import contextlib
 import json
 import math
-import time
 import uuid
-from datetime import datetime, timezone
 from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 
-from twinkle_server import checkpoints as ckpt
 from twinkle_server import tinker_custom_loss
 from twinkle_server.auth import current_state, current_tenant
 from twinkle_server.engine import BatchJob, JobResult
@@ -31,9 +28,8 @@ from twinkle_server.policy import finite_json
 from twinkle_server.scheduler import UserError
 from twinkle_server.session_futures import wait_any
 from twinkle_server.state import JSON, QuotaExceeded, ServerState, lora_targets
-from twinkle_server.store import CheckpointRow, Run, Tenant
+from twinkle_server.store import Tenant
 from twinkle_server.tinker_bodies import (
-    CheckpointTtlBody,
     CreateModelBody,
     CreateSamplingSessionBody,
     CreateSessionBody,
@@ -48,7 +44,14 @@ from twinkle_server.tinker_bodies import (
     SaveForSamplerBody,
     SaveWeightsBody,
     SessionIdBody,
-    TinkerPathBody,
+)
+from twinkle_server.tinker_common import (
+    bad_request,
+    check_ttl,
+    checkpoint_name,
+    future_json,
+    run_or_404,
+    str_dict,
 )
 from twinkle_server.wire import (
     PROTO_CONTENT_TYPE,
@@ -67,26 +70,8 @@ INFLIGHT_PREFIX = "inflight://"
 
 
 # -- helpers -------------------------------------------------------------------------
-def _future(request_id: str, model_id: str | None = None) -> dict[str, Any]:
-    return {"request_id": request_id, "model_id": model_id}
-
-
 def _json(obj: Any) -> tuple[str, bytes]:
     return JSON, json.dumps(finite_json(obj), allow_nan=False).encode()
-
-
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat()
-
-
-def _str_dict(meta: Any) -> dict[str, str] | None:
-    if not isinstance(meta, dict):
-        return None
-    return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
-
-
-def _bad(message: str) -> HTTPException:
-    return HTTPException(400, message)
 
 
 #: Answers the tinker SDK sends again with the same ``seq_id`` (so the refused request keeps its turn).
@@ -101,7 +86,7 @@ def _takes_its_turn(state: ServerState, tenant: Tenant, model_id: str, seq_id: i
     the queue, so without this its successors would wait for it until ``seq_wait_s``. A refusal
     here (a 4xx the SDK does not retry, a bad value, a quota) queues an empty job in its place
     whose future fails with the same reason, then answers the refusal as before. Only for the
-    caller's own run (call it after ``_run_or_404``); a ``seq_id`` that cannot be queued (used,
+    caller's own run (call it after ``run_or_404``); a ``seq_id`` that cannot be queued (used,
     too far ahead) is left alone.
     """
     try:
@@ -119,58 +104,11 @@ def _takes_its_turn(state: ServerState, tenant: Tenant, model_id: str, seq_id: i
         raise
 
 
-def _checkpoint_json(row: CheckpointRow, expires: float | None = None) -> dict[str, Any]:
-    path = ckpt.TinkerPath(row.run_id, row.kind, row.name)
-    return {
-        "checkpoint_id": path.checkpoint_id,
-        "checkpoint_type": row.kind,
-        "time": _iso(row.created),
-        "tinker_path": str(path),
-        "size_bytes": row.size_bytes,
-        "public": False,
-        "user_metadata": _str_dict(row.user_metadata),
-        "expires_at": _iso(expires) if expires is not None else None,
-    }
-
-
-def _checkpoints_json(state: ServerState, tenant: Tenant, rows: list[CheckpointRow]) -> list[dict[str, Any]]:
-    """Listed checkpoints with their expiry (expired ones were deleted before listing)."""
-    expiries = state.store.checkpoint_expiries(tenant.id)
-    return [_checkpoint_json(r, expiries.get((r.run_id, r.kind, r.name))) for r in rows]
-
-
-def _run_json(state: ServerState, tenant: Tenant, run: Run) -> dict[str, Any]:
-    state.expire_checkpoints()
-    rows = state.store.checkpoints(tenant.id, run.id)
-    listed = _checkpoints_json(state, tenant, rows)
-    training = [c for r, c in zip(rows, listed) if r.kind == "training"]
-    sampler = [c for r, c in zip(rows, listed) if r.kind == "sampler"]
-    return {
-        "training_run_id": run.id,
-        "base_model": run.base_model,
-        "model_owner": tenant.name,
-        "is_lora": True,
-        "corrupted": False,
-        "lora_rank": run.lora["rank"],
-        "last_request_time": _iso(run.last_request),
-        "last_checkpoint": training[-1] if training else None,
-        "last_sampler_checkpoint": sampler[-1] if sampler else None,
-        "user_metadata": _str_dict(run.user_metadata),
-    }
-
-
 def _check_base_model(state: ServerState, base_model: str | None) -> None:
     if base_model is not None and base_model != state.config.model_name:
-        raise _bad(f"base_model {base_model!r} is not served here; this server hosts {state.config.model_name!r}")
-
-
-def _run_or_404(state: ServerState, tenant: Tenant, run_id: str) -> Run:
-    run = state.store.run(tenant.id, run_id)
-    if run is None:
-        raise HTTPException(404, f"training run {run_id!r} not found")
-    if run.state in ("active", "idle"):
-        state.store.touch_run(run.id)  # a run in use is not idle (ServerConfig.run_idle_s)
-    return run
+        raise bad_request(
+            f"base_model {base_model!r} is not served here; this server hosts {state.config.model_name!r}"
+        )
 
 
 def _session_or_404(state: ServerState, tenant: Tenant, session_id: str) -> dict[str, Any]:
@@ -180,18 +118,12 @@ def _session_or_404(state: ServerState, tenant: Tenant, session_id: str) -> dict
     return session
 
 
-def _check_name(name: str | None) -> str:
-    if name is None:
-        raise _bad("a checkpoint name (path) is required")
-    return ckpt.check_name(name)
-
-
 def _lora_targets(lora: dict[str, Any]) -> tuple[str, ...]:
     """The module names of a run's LoRA switches (``train_attn``/``train_mlp``/``train_unembed``)."""
     try:
         return lora_targets(lora.get("train_attn", True), lora.get("train_mlp", True), lora.get("train_unembed", True))
     except UserError as exc:
-        raise _bad(str(exc)) from None
+        raise bad_request(str(exc)) from None
 
 
 def _checkpoint_lora(state: ServerState, tenant: Tenant, path: str) -> dict[str, Any]:
@@ -320,7 +252,7 @@ def get_session(
     return {
         "training_run_ids": [r.id for r in reversed(state.store.runs(tenant.id, session_id=session_id))],
         "sampler_ids": state.store.sampler_ids(tenant.id, session_id),
-        "user_metadata": _str_dict(session["user_metadata"]),
+        "user_metadata": str_dict(session["user_metadata"]),
         "display_name": session["display_name"],
     }
 
@@ -334,20 +266,20 @@ def create_model(
     _session_or_404(state, tenant, body.session_id)
     _check_base_model(state, body.base_model)
     if body.lora_config is None:
-        raise _bad("full fine-tuning is not offered; pass a lora_config (create_lora_training_client)")
+        raise bad_request("full fine-tuning is not offered; pass a lora_config (create_lora_training_client)")
     opt = (body.optimizer_config or {}).get("type", "adamw")
     if opt != "adamw":
-        raise _bad(f"optimizer {opt!r} is not supported; this server trains with AdamW (AdamOptimizerConfig)")
+        raise bad_request(f"optimizer {opt!r} is not supported; this server trains with AdamW (AdamOptimizerConfig)")
     if body.lora_config.rank > state.config.max_rank:
-        raise _bad(f"LoRA rank {body.lora_config.rank} exceeds this server's max rank {state.config.max_rank}")
+        raise bad_request(f"LoRA rank {body.lora_config.rank} exceeds this server's max rank {state.config.max_rank}")
     run_id = f"{body.session_id}:train:{body.model_seq_id}"
     if state.store.run(tenant.id, run_id) is not None:
-        raise _bad(f"training run {run_id} already exists; use a new model_seq_id")
+        raise bad_request(f"training run {run_id} already exists; use a new model_seq_id")
     state.charge(tenant)
     lora = body.lora_config.model_dump()
     with state.quota_lock:  # the check and the creation together: concurrent creations cannot all pass
         if state.store.run(tenant.id, run_id) is not None:
-            raise _bad(f"training run {run_id} already exists; use a new model_seq_id")
+            raise bad_request(f"training run {run_id} already exists; use a new model_seq_id")
         state.check_adapter_quota(tenant)
         state.reserve_slot(lora["rank"], _lora_targets(lora))  # a full pool is a 503 here, not a failed future
         state.store.create_run(run_id, tenant.id, body.session_id, state.config.model_name, lora, body.user_metadata)
@@ -362,7 +294,7 @@ def create_model(
         finally:
             state.slot_created()
 
-    return _future(state.submit(tenant, "create_model", run=run), run_id)
+    return future_json(state.submit(tenant, "create_model", run=run), run_id)
 
 
 @router.post("/get_info")
@@ -370,7 +302,7 @@ def get_info(
     body: ModelIdBody, state: ServerState = Depends(current_state), tenant: Tenant = Depends(current_tenant)
 ) -> Any:
     """A run's base model, tokenizer and LoRA rank."""
-    run = _run_or_404(state, tenant, body.model_id)
+    run = run_or_404(state, tenant, body.model_id)
     return {
         "type": "get_info",
         "model_data": {
@@ -390,13 +322,13 @@ def unload_model(
     body: ModelIdBody, state: ServerState = Depends(current_state), tenant: Tenant = Depends(current_tenant)
 ) -> Any:
     """Free a run's adapter slot (its checkpoints stay)."""
-    _run_or_404(state, tenant, body.model_id)
+    run_or_404(state, tenant, body.model_id)
 
     def run() -> tuple[str, bytes]:
         state.unload_run(tenant, body.model_id)
         return _json({"model_id": body.model_id, "type": "unload_model"})
 
-    return _future(state.submit(tenant, "unload_model", run=run), body.model_id)
+    return future_json(state.submit(tenant, "unload_model", run=run), body.model_id)
 
 
 # -- training ------------------------------------------------------------------------------
@@ -423,13 +355,13 @@ async def forward_backward(
     # or over the tenant's rate, costs no decoding
     header = await asyncio.to_thread(parse_forward_backward, body)
     del body
-    slot_check = _run_or_404(state, tenant, header.model_id)
+    slot_check = run_or_404(state, tenant, header.model_id)
     kind = "forward" if header.forward_only else "forward_backward"
     with _takes_its_turn(state, tenant, slot_check.id, header.seq_id, kind):
         custom = tinker_custom_loss.bind(state, tenant, slot_check, header) if header.loss_fn == "custom" else None
         config = check_loss(header.loss_fn, header.loss_config)
         if not header.datums:
-            raise _bad("forward_backward needs at least one datum")
+            raise bad_request("forward_backward needs at least one datum")
         state.charge(tenant, header.tokens)
         datums, spans = await asyncio.to_thread(decode_datums, header)
         if custom is not None:
@@ -454,7 +386,7 @@ async def forward_backward(
     future_id = state.submit(
         tenant, kind, model_id=run_id, seq_id=message.seq_id, prepare=prepare, finish=finish, rows=len(message.datums)
     )
-    return _future(future_id, run_id)
+    return future_json(future_id, run_id)
 
 
 def _fill_stability(state: ServerState, tenant: Tenant, message: Any) -> None:
@@ -463,13 +395,13 @@ def _fill_stability(state: ServerState, tenant: Tenant, message: Any) -> None:
         spans = message.spans[i] if message.spans else None
         if spans is None:
             if "logprobs" not in datum.inputs:
-                raise _bad(
+                raise bad_request(
                     f"datum {i}: stable_reinforce needs provenance (Datum.with_provenance naming the sampled "
                     "sequence_ids) or loss_fn_inputs['logprobs']"
                 )
             continue
         if "stability_mask" in datum.inputs:
-            raise _bad(f"datum {i}: with provenance spans the server supplies stability_mask; do not send it")
+            raise bad_request(f"datum {i}: with provenance spans the server supplies stability_mask; do not send it")
         # the cookbook also sends the logprobs it saw; the sampler's record (what stable_reinforce is
         # defined against) takes their place
         target = datum.inputs.get("target_tokens")
@@ -477,7 +409,7 @@ def _fill_stability(state: ServerState, tenant: Tenant, message: Any) -> None:
         try:
             q, mask = state.stability.fill(tenant.id, spans, length)
         except ValueError as exc:
-            raise _bad(f"datum {i}: {exc}") from None
+            raise bad_request(f"datum {i}: {exc}") from None
         datum.inputs["logprobs"] = q
         datum.inputs["stability_mask"] = mask
 
@@ -487,12 +419,12 @@ def optim_step(
     body: OptimStepBody, state: ServerState = Depends(current_state), tenant: Tenant = Depends(current_tenant)
 ) -> Any:
     """One AdamW step with the given AdamParams."""
-    _run_or_404(state, tenant, body.model_id)
+    run_or_404(state, tenant, body.model_id)
     with _takes_its_turn(state, tenant, body.model_id, body.seq_id, "optim_step"):
         other = body.optimizer_params or body.optim_params
         if body.adam_params is None:
             kind = (other or {}).get("type", "missing")
-            raise _bad(f"optimizer params of type {kind!r} are not supported; send AdamParams")
+            raise bad_request(f"optimizer params of type {kind!r} are not supported; send AdamParams")
         params = body.adam_params.model_dump(exclude={"type"})
         state.charge(tenant)
 
@@ -502,22 +434,10 @@ def optim_step(
     def finish(metrics: dict[str, float]) -> tuple[str, bytes]:
         return _json({"metrics": metrics})
 
-    return _future(
+    return future_json(
         state.submit(tenant, "optim_step", model_id=body.model_id, seq_id=body.seq_id, prepare=prepare, finish=finish),
         body.model_id,
     )
-
-
-#: Tinker's accepted checkpoint TTLs: one hour to ten years.
-TTL_RANGE_S = (3600, 10 * 365 * 24 * 3600)
-
-
-def _check_ttl(ttl_seconds: int | None) -> None:
-    if ttl_seconds is not None and not TTL_RANGE_S[0] <= ttl_seconds <= TTL_RANGE_S[1]:
-        raise _bad(
-            f"ttl_seconds must be between {TTL_RANGE_S[0]} (1 hour) and {TTL_RANGE_S[1]} (10 years), "
-            f"got {ttl_seconds}; None means no expiry"
-        )
 
 
 @router.post("/save_weights")
@@ -525,13 +445,13 @@ def save_weights(
     body: SaveWeightsBody, state: ServerState = Depends(current_state), tenant: Tenant = Depends(current_tenant)
 ) -> Any:
     """Save adapter + optimizer as ``tinker://<run>/weights/<path>`` (atomically)."""
-    _run_or_404(state, tenant, body.model_id)
+    run_or_404(state, tenant, body.model_id)
     with _takes_its_turn(state, tenant, body.model_id, body.seq_id, "save_weights"):
-        name = _check_name(body.path)
-        _check_ttl(body.ttl_seconds)
+        name = checkpoint_name(body.path)
+        check_ttl(body.ttl_seconds)
         state.expire_checkpoints()
         if not body.overwrite and state.store.checkpoint(tenant.id, body.model_id, "training", name) is not None:
-            raise _bad(f"checkpoint weights/{name} exists; pass overwrite=True or choose another name")
+            raise bad_request(f"checkpoint weights/{name} exists; pass overwrite=True or choose another name")
         state.charge(tenant)
 
     def run() -> tuple[str, bytes]:
@@ -540,7 +460,7 @@ def save_weights(
         )
         return _json({"path": str(path), "type": "save_weights"})
 
-    return _future(
+    return future_json(
         state.submit(tenant, "save_weights", model_id=body.model_id, seq_id=body.seq_id, run=run), body.model_id
     )
 
@@ -550,14 +470,14 @@ def save_weights_for_sampler(
     body: SaveForSamplerBody, state: ServerState = Depends(current_state), tenant: Tenant = Depends(current_tenant)
 ) -> Any:
     """Save sampler weights by name, or (no name) snapshot them into a new sampling session."""
-    run = _run_or_404(state, tenant, body.model_id)
+    run = run_or_404(state, tenant, body.model_id)
     with _takes_its_turn(state, tenant, body.model_id, body.seq_id, "save_weights_for_sampler"):
-        _check_ttl(body.ttl_seconds)
+        check_ttl(body.ttl_seconds)
         if body.kind not in ("snapshot", "inflight"):
-            raise _bad(f"sampling client kind {body.kind!r} is not supported; use 'snapshot' or 'inflight'")
+            raise bad_request(f"sampling client kind {body.kind!r} is not supported; use 'snapshot' or 'inflight'")
         if body.kind == "inflight" and body.path is not None:
-            raise _bad("kind='inflight' makes a sampling client, not a named checkpoint; send no path")
-        name = _check_name(body.path) if body.path is not None else None
+            raise bad_request("kind='inflight' makes a sampling client, not a named checkpoint; send no path")
+        name = checkpoint_name(body.path) if body.path is not None else None
         state.charge(tenant)
     if name is not None:
 
@@ -570,7 +490,7 @@ def save_weights_for_sampler(
         fid = state.submit(
             tenant, "save_weights_for_sampler", model_id=body.model_id, seq_id=body.seq_id, run=run_named
         )
-        return _future(fid, body.model_id)
+        return future_json(fid, body.model_id)
     if body.kind == "inflight":
         # samples read the run's live adapter: the weights of this save or newer (Tinker's contract)
         sampler_id = state.store.create_sampling_session(
@@ -584,7 +504,7 @@ def save_weights_for_sampler(
         fid = state.submit(
             tenant, "save_weights_for_sampler", model_id=body.model_id, seq_id=body.seq_id, run=run_inflight
         )
-        return _future(fid, body.model_id)
+        return future_json(fid, body.model_id)
     sampler_id = state.store.create_sampling_session(
         tenant.id, run.session_id, None, state.config.model_name, snapshot=True
     )
@@ -594,7 +514,7 @@ def save_weights_for_sampler(
         return _json({"path": None, "sampling_session_id": sampler_id, "type": "save_weights_for_sampler"})
 
     fid = state.submit(tenant, "save_weights_for_sampler", model_id=body.model_id, seq_id=body.seq_id, run=run_snapshot)
-    return _future(fid, body.model_id)
+    return future_json(fid, body.model_id)
 
 
 @router.post("/load_weights")
@@ -603,11 +523,11 @@ def load_weights(
 ) -> Any:
     """Load a checkpoint into a run, or create a new run from it (``session_id`` + ``model_seq_id``)."""
     if body.weights_access_token is not None:
-        raise _bad("weights_access_token is not supported: checkpoints are private to their tenant")
+        raise bad_request("weights_access_token is not supported: checkpoints are private to their tenant")
     _check_base_model(state, body.base_model)
     into_run = body.session_id is None and body.model_id is not None
     if into_run:
-        _run_or_404(state, tenant, body.model_id)
+        run_or_404(state, tenant, body.model_id)
     with (
         _takes_its_turn(state, tenant, body.model_id, body.seq_id, "load_weights")
         if into_run
@@ -618,21 +538,21 @@ def load_weights(
         except LookupError:
             raise HTTPException(404, f"checkpoint {body.path} not found") from None
         if body.optimizer and not row.has_optimizer:
-            raise _bad(
+            raise bad_request(
                 f"{body.path} has no optimizer state (sampler checkpoints never do); load it without the optimizer"
             )
         state.charge(tenant)
     if body.session_id is not None:
         if body.model_seq_id is None:
-            raise _bad("load_weights with session_id needs model_seq_id")
+            raise bad_request("load_weights with session_id needs model_seq_id")
         _session_or_404(state, tenant, body.session_id)
         run_id = f"{body.session_id}:train:{body.model_seq_id}"
         if state.store.run(tenant.id, run_id) is not None:
-            raise _bad(f"training run {run_id} already exists; use a new model_seq_id")
+            raise bad_request(f"training run {run_id} already exists; use a new model_seq_id")
         lora = _checkpoint_lora(state, tenant, body.path)
         with state.quota_lock:
             if state.store.run(tenant.id, run_id) is not None:
-                raise _bad(f"training run {run_id} already exists; use a new model_seq_id")
+                raise bad_request(f"training run {run_id} already exists; use a new model_seq_id")
             state.check_adapter_quota(tenant)
             state.reserve_slot(lora["rank"], _lora_targets(lora))
             state.store.create_run(
@@ -649,16 +569,16 @@ def load_weights(
             finally:
                 state.slot_created()
 
-        return _future(state.submit(tenant, "load_weights", run=run_new), run_id)
+        return future_json(state.submit(tenant, "load_weights", run=run_new), run_id)
     if body.model_id is None:
-        raise _bad("load_weights needs model_id, or session_id and model_seq_id")
+        raise bad_request("load_weights needs model_id, or session_id and model_seq_id")
     model_id = body.model_id
 
     def run_existing() -> tuple[str, bytes]:
         state.loaded_slot(tenant, model_id)
         return state.load_into_run(tenant, model_id, body.path, optimizer=body.optimizer)
 
-    return _future(
+    return future_json(
         state.submit(tenant, "load_weights", model_id=model_id, seq_id=body.seq_id, run=run_existing), model_id
     )
 
@@ -726,11 +646,11 @@ def asample(
     """Sample completions; the future resolves to a protobuf SampleResponse."""
     unsupported = [name for name, test in _UNSUPPORTED_SAMPLE.items() if test(body)]
     if unsupported:
-        raise _bad(f"sampling options not supported by this server: {', '.join(unsupported)}")
+        raise bad_request(f"sampling options not supported by this server: {', '.join(unsupported)}")
     if not 0 <= body.topk_prompt_logprobs <= MAX_TOPK:
-        raise _bad(f"topk_prompt_logprobs must be between 0 and {MAX_TOPK}")
+        raise bad_request(f"topk_prompt_logprobs must be between 0 and {MAX_TOPK}")
     if any(c.type != "encoded_text" for c in body.prompt.chunks):
-        raise _bad("only encoded_text prompt chunks are supported (no images or audio)")
+        raise bad_request("only encoded_text prompt chunks are supported (no images or audio)")
     prompt = [t for c in body.prompt.chunks for t in c.tokens]
     params = body.sampling_params
     max_tokens = params.max_tokens if params.max_tokens is not None else 16
@@ -740,14 +660,14 @@ def asample(
     if stop is not None and (
         len(stop) > MAX_STOPS or any(isinstance(x, str) and len(x) > MAX_STOP_CHARS for x in stop)
     ):
-        raise _bad(f"stop: at most {MAX_STOPS} stop sequences of at most {MAX_STOP_CHARS} characters each")
+        raise bad_request(f"stop: at most {MAX_STOPS} stop sequences of at most {MAX_STOP_CHARS} characters each")
     if stop is not None:
         stop_ids = [s for s in stop if isinstance(s, int)]
         stop_strings = [s for s in stop if isinstance(s, str)]
         if not stop_ids and stop_strings:
             stop_ids = None
     if not math.isfinite(params.temperature) or params.temperature < 0:
-        raise _bad("temperature must be a finite number >= 0")
+        raise bad_request("temperature must be a finite number >= 0")
     model_path = body.model_path
     snapshot_of: str | None = None
     inflight_run: str | None = None
@@ -766,7 +686,7 @@ def asample(
         snapshot_of = body.sampling_session_id if is_snapshot else None
     elif model_path is None:
         if body.base_model is None:
-            raise _bad("sample needs sampling_session_id, model_path or base_model")
+            raise bad_request("sample needs sampling_session_id, model_path or base_model")
         _check_base_model(state, body.base_model)
     if model_path is not None:
         try:
@@ -825,7 +745,7 @@ def asample(
     if body.sampling_session_id is not None:
         clone = (body.seq_id or 0) // 1_000_000_000
         state.session_futures.add((tenant.id, body.sampling_session_id, clone), future_id)
-    return {**_future(future_id), "sample_sequence_ids": sequence_ids}
+    return {**future_json(future_id), "sample_sequence_ids": sequence_ids}
 
 
 # -- futures ----------------------------------------------------------------------------------
@@ -872,126 +792,3 @@ async def retrieve_futures(
             await wait_any(events, wait)
             completions, cursor = state.session_futures.collect(state.store, target, body.prev_cursor)
     return {"completions": completions, "cursor": cursor}
-
-
-# -- REST: runs and checkpoints ----------------------------------------------------------------
-@router.get("/training_runs")
-def list_training_runs(
-    limit: int = 20,
-    offset: int = 0,
-    state: ServerState = Depends(current_state),
-    tenant: Tenant = Depends(current_tenant),
-) -> Any:
-    """The tenant's training runs, newest first."""
-    limit, offset = max(0, min(limit, 1000)), max(0, offset)
-    runs = state.store.runs(tenant.id, limit, offset)
-    total = len(state.store.runs(tenant.id, 1_000_000, 0))
-    return {
-        "training_runs": [_run_json(state, tenant, r) for r in runs],
-        "cursor": {"offset": offset, "limit": limit, "total_count": total},
-    }
-
-
-@router.get("/training_runs/{run_id}")
-def get_training_run(
-    run_id: str, state: ServerState = Depends(current_state), tenant: Tenant = Depends(current_tenant)
-) -> Any:
-    """One training run."""
-    return _run_json(state, tenant, _run_or_404(state, tenant, run_id))
-
-
-@router.delete("/training_runs/{run_id}", status_code=204)
-def delete_training_run(
-    run_id: str, state: ServerState = Depends(current_state), tenant: Tenant = Depends(current_tenant)
-) -> Response:
-    """Delete a training run: unload it and delete all its checkpoints (a twinkle extension)."""
-    _run_or_404(state, tenant, run_id)
-    state.unload_run(tenant, run_id, delete=True)
-    return Response(status_code=204)
-
-
-@router.get("/training_runs/{run_id}/checkpoints")
-def list_checkpoints(
-    run_id: str, state: ServerState = Depends(current_state), tenant: Tenant = Depends(current_tenant)
-) -> Any:
-    """A run's checkpoints, oldest first."""
-    _run_or_404(state, tenant, run_id)
-    state.expire_checkpoints()
-    return {"checkpoints": _checkpoints_json(state, tenant, state.store.checkpoints(tenant.id, run_id)), "cursor": None}
-
-
-@router.delete("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}", status_code=204)
-def delete_checkpoint(
-    run_id: str,
-    checkpoint_id: str,
-    state: ServerState = Depends(current_state),
-    tenant: Tenant = Depends(current_tenant),
-) -> Response:
-    """Delete one checkpoint (``weights/<name>`` or ``sampler_weights/<name>``)."""
-    kind, name = ckpt.parse_checkpoint_id(checkpoint_id)
-    _run_or_404(state, tenant, run_id)
-    try:
-        state.delete_checkpoint(tenant, run_id, kind, name)
-    except LookupError:
-        raise HTTPException(404, f"checkpoint {checkpoint_id} of {run_id} not found") from None
-    return Response(status_code=204)
-
-
-@router.put("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/ttl", status_code=204)
-def set_checkpoint_ttl(
-    run_id: str,
-    checkpoint_id: str,
-    body: CheckpointTtlBody,
-    state: ServerState = Depends(current_state),
-    tenant: Tenant = Depends(current_tenant),
-) -> Response:
-    """Set a checkpoint to expire ``ttl_seconds`` from now, or (``None``) never."""
-    kind, name = ckpt.parse_checkpoint_id(checkpoint_id)
-    _run_or_404(state, tenant, run_id)
-    _check_ttl(body.ttl_seconds)
-    state.expire_checkpoints()
-    if state.store.checkpoint(tenant.id, run_id, kind, name) is None:
-        raise HTTPException(404, f"checkpoint {checkpoint_id} of {run_id} not found")
-    expires = None if body.ttl_seconds is None else time.time() + body.ttl_seconds
-    state.store.set_checkpoint_expiry(tenant.id, run_id, kind, name, expires)
-    return Response(status_code=204)
-
-
-@router.get("/checkpoints")
-def list_user_checkpoints(
-    limit: int = 100,
-    offset: int = 0,
-    state: ServerState = Depends(current_state),
-    tenant: Tenant = Depends(current_tenant),
-) -> Any:
-    """All of the tenant's checkpoints."""
-    limit, offset = max(0, min(limit, 1000)), max(0, offset)
-    state.expire_checkpoints()
-    rows = state.store.checkpoints(tenant.id, None, limit, offset)
-    total = len(state.store.checkpoints(tenant.id))
-    return {
-        "checkpoints": _checkpoints_json(state, tenant, rows),
-        "cursor": {"offset": offset, "limit": limit, "total_count": total},
-    }
-
-
-@router.post("/weights_info")
-def weights_info(
-    body: TinkerPathBody, state: ServerState = Depends(current_state), tenant: Tenant = Depends(current_tenant)
-) -> Any:
-    """Base model and LoRA settings of a checkpoint."""
-    try:
-        parsed, _ = state.resolve_checkpoint(tenant, body.tinker_path)
-    except LookupError:
-        raise HTTPException(404, f"checkpoint {body.tinker_path} not found") from None
-    run = state.store.run(tenant.id, parsed.run_id)
-    lora = run.lora if run is not None else {}
-    return {
-        "base_model": state.config.model_name,
-        "optimizer_config": {"type": "adamw"},
-        "is_lora": True,
-        "lora_rank": lora.get("rank"),
-        "train_unembed": lora.get("train_unembed"),
-        "train_mlp": lora.get("train_mlp"),
-        "train_attn": lora.get("train_attn"),
-    }

@@ -148,12 +148,12 @@ def save_weights_external(
     import json
 
     from twinkle_server.scheduler import UserError
-    from twinkle_server.tinker_api import _check_name, _check_ttl, _future, _run_or_404
+    from twinkle_server.tinker_common import check_ttl, checkpoint_name, future_json, run_or_404
 
-    _run_or_404(state, tenant, body.model_id)
+    run_or_404(state, tenant, body.model_id)
     try:
-        name = _check_name(body.path)
-        _check_ttl(body.ttl_seconds)
+        name = checkpoint_name(body.path)
+        check_ttl(body.ttl_seconds)
         recipients = _recipients(body.age_encryption_recipients) if body.age_encryption_recipients else None
     except (HTTPException, ValueError) as exc:
         if body.seq_id is None:
@@ -165,7 +165,7 @@ def save_weights_external(
             raise UserError(message)
 
         fid = state.submit(tenant, "save_weights_external", model_id=body.model_id, seq_id=body.seq_id, run=refuse)
-        return _future(fid, body.model_id)
+        return future_json(fid, body.model_id)
     fmt = getattr(state.config, "external_weights", "adapter")
     if fmt not in FORMATS:
         raise HTTPException(500, f"ServerConfig.external_weights must be one of {FORMATS}")
@@ -189,7 +189,7 @@ def save_weights_external(
         ).encode()
 
     fid = state.submit(tenant, "save_weights_external", model_id=body.model_id, seq_id=body.seq_id, run=run)
-    return _future(fid, body.model_id)
+    return future_json(fid, body.model_id)
 
 
 @router.get("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/external_weights_urls")
