@@ -22,7 +22,7 @@ pytest.importorskip("peft")
 from fastpath_test_utils import gamma  # noqa: E402
 from twinkle.model.multi_adapter import forward_backward_multi  # noqa: E402
 from twinkle.model.transformers_model import TransformersModel  # noqa: E402
-from twinkle.patch import multi_lora  # noqa: E402
+from twinkle.patch import multi_lora, triton_multi_lora  # noqa: E402
 from twinkle.patch.model_walk import decoder_layers  # noqa: E402
 
 KERNELS = [
@@ -256,9 +256,9 @@ def _configs_case(device, dtype):
     segments = [(0, 0, 7), (-1, 7, 20), (3, 20, 21), (1, 21, 250), (2, 250, 300)]
     _, tiles, _, _ = multi_lora._layout_tensors(segments, tokens, slots, x.device)
     outs = []
-    for config in range(len(multi_lora.MATMUL_CONFIGS)):
+    for config in range(len(triton_multi_lora.MATMUL_CONFIGS)):
         out = torch.full((tokens, n), float("nan"), dtype=dtype, device=device)
-        multi_lora._matmul_with(config, x, w, scale, tiles, out)
+        triton_multi_lora.matmul_with(config, x, w, scale, tiles, out)
         outs.append(out)
     return x, w, scale, segments, outs
 

@@ -1,4 +1,5 @@
-"""The Triton kernels of :mod:`twinkle.patch.multi_lora` (imports triton: load it only through that module).
+"""The Triton kernels of :mod:`twinkle.patch.multi_lora` (imports triton: load it only through
+:mod:`twinkle.patch.triton_multi_lora`, which launches and tunes them).
 
 Three kernels in the manner of Punica's SGMV (S-LoRA): every program reads its adapter index
 from a small device table, so one launch serves every segment of a pass, whatever its layout.
@@ -49,8 +50,8 @@ def segment_matmul(
     of the tile table (adapter slot, first and one past last token; a tile of at most ``TILE``
     tokens never crosses a segment) and output columns ``j * BO ...``. The sub-tile size, ``BO``,
     warps and stages only split the work: every output element is the same sum in the same
-    order whatever they are (the tuner of :mod:`twinkle.patch.multi_lora` picks them). A tile of slot
-    ``-1`` (tokens of no adapter of this layer) stores zeros without reading ``X``, so a NaN
+    order whatever they are (the tuner of :mod:`twinkle.patch.triton_multi_lora` picks them). A tile
+    of slot ``-1`` (tokens of no adapter of this layer) stores zeros without reading ``X``, so a NaN
     there reaches no product; padding tiles (``start == end``) store nothing. ``UPCAST``: float32
     dots (Triton's CPU interpreter multiplies bf16 tiles wrongly); ``IEEE``: float32 products
     without TF32 (float32 inputs on a GPU).

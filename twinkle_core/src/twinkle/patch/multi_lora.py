@@ -55,7 +55,8 @@ Two implementations of the op, same arithmetic (float32 accumulation):
   ``BLOCK_T`` tokens lies in one segment and multiplies by one adapter's weight), and for the
   weight gradients float32 partials per chunk (:func:`~twinkle.patch._multi_lora_kernels.segment_outer`)
   summed per slot in chunk order (deterministic, no atomics). It runs on CUDA and, for tests,
-  on CPU under ``TRITON_INTERPRET=1``.
+  on CPU under ``TRITON_INTERPRET=1``. Its launches and their autotuning live in
+  :mod:`twinkle.patch.triton_multi_lora`, the kernels in :mod:`twinkle.patch._multi_lora_kernels`.
 
 Token log-probabilities and losses come from the hidden states in chunks
 (:func:`twinkle.patch.fused_linear_ce.linear_token_logps` / ``linear_cross_entropy`` through
@@ -74,11 +75,11 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-import os
 from typing import Any, Iterator, Sequence
 
 from twinkle.patch.kernel_config import kernel_config
 from twinkle.patch.lora_common import lora_linear_layers
+from twinkle.patch.triton_multi_lora import BLOCK_T, CHUNK_T, launch_matmul, launch_weight_grad, triton_available
 
 #: The marker attribute of a LoRA layer that carries the segment hook.
 _HOOK_ATTR = "_twinkle_multi_lora_hook"
@@ -86,13 +87,6 @@ _HOOK_ATTR = "_twinkle_multi_lora_hook"
 _STATE_ATTR = "_twinkle_multi_lora_state"
 #: The token count of the pass a layer's state was built for (checked eagerly, not read when compiled).
 _TOKENS_ATTR = "_twinkle_multi_lora_tokens"
-#: Tokens per tile of the segment kernel, and output columns / reduction depth per program.
-BLOCK_T = 64
-BLOCK_O = 64
-BLOCK_K = 64
-#: Tokens per chunk of a weight gradient (one float32 partial each), and elements per program of their sum.
-CHUNK_T = 512
-REDUCE_BLOCK = 1024
 #: The smallest buckets of adapters, ranks and segments (see the module docstring).
 MIN_SLOTS = 8
 MIN_RANK = 8
@@ -255,150 +249,7 @@ class SegmentPlan:
         return cached
 
 
-@functools.lru_cache(maxsize=1)
-def triton_available() -> bool:
-    """Whether triton imports (CUDA, or CPU under ``TRITON_INTERPRET=1``)."""
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:  # ImportError, or a triton that does not match the installed torch
-        return False
-    return True
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 # ---------------------------------------------------------------------- the custom ops
-#: Candidate ``(sub-tile tokens, output columns per program, warps, stages)`` of the segment kernel on
-#: CUDA (the first is the untuned default). None changes the arithmetic: each output element is
-#: the same float32 sum over ``K`` in ``BLOCK_K`` steps, so the choice never changes a result.
-MATMUL_CONFIGS = (
-    (64, 64, 4, 3),
-    (32, 64, 4, 3),
-    (16, 64, 4, 3),
-    (32, 64, 4, 4),
-    (64, 128, 8, 3),
-    (16, 64, 2, 4),
-)
-#: Tuned choices: (out columns, K, dtype, weight strides' order, scaled) -> index into MATMUL_CONFIGS.
-_TUNED: dict[tuple[Any, ...], int] = {}
-
-
-def _autotune_enabled() -> bool:
-    """Whether the segment kernel's launch is tuned on CUDA (env ``TWINKLE_MULTI_LORA_AUTOTUNE=0`` turns it off)."""
-    return os.environ.get("TWINKLE_MULTI_LORA_AUTOTUNE", "1") != "0" and not _interpreting()
-
-
-def _launch_matmul(x: Any, weights: Any, scale: Any, tiles: Any, out: Any) -> None:
-    """``out[t] = s_a x[t] @ weights[a]^T`` over ``tiles`` (``weights``: ``[n, N, K]``, any strides).
-
-    On CUDA the first launch of each shape times :data:`MATMUL_CONFIGS` and keeps the fastest
-    (results are the same for all of them); on CPU (Triton's interpreter) the default runs.
-    """
-    n_out = weights.shape[1]
-    if tiles.shape[1] == 0 or n_out == 0:
-        return
-    if not (_autotune_enabled() and x.is_cuda):
-        _matmul_with(0, x, weights, scale, tiles, out)
-        return
-    key = (n_out, weights.shape[2], x.dtype, weights.stride(1) > weights.stride(2), scale is not None, x.device)
-    choice = _TUNED.get(key)
-    if choice is None:
-        from triton.testing import do_bench
-
-        times = []
-        for i in range(len(MATMUL_CONFIGS)):
-            try:
-                times.append(do_bench(lambda i=i: _matmul_with(i, x, weights, scale, tiles, out), warmup=5, rep=20))
-            except Exception:  # a configuration that does not fit this device (shared memory, registers)
-                times.append(float("inf"))
-        choice = _TUNED[key] = min(range(len(times)), key=times.__getitem__)
-    _matmul_with(choice, x, weights, scale, tiles, out)
-
-
-def _matmul_with(config: int, x: Any, weights: Any, scale: Any, tiles: Any, out: Any) -> None:
-    """One launch of the segment kernel with :data:`MATMUL_CONFIGS` ``[config]``."""
-    import torch
-
-    from twinkle.patch._multi_lora_kernels import segment_matmul
-
-    sub, block_o, warps, stages = MATMUL_CONFIGS[config]
-    n_out, k = weights.shape[1], weights.shape[2]
-    block_o = max(16, min(block_o, _next_pow2(n_out)))
-    grid = (tiles.shape[1] * (BLOCK_T // sub), -(-n_out // block_o))
-    segment_matmul[grid](
-        x,
-        x.stride(0),
-        x.stride(1),
-        weights,
-        weights.stride(0),
-        weights.stride(1),
-        weights.stride(2),
-        scale if scale is not None else x,
-        out,
-        out.stride(0),
-        out.stride(1),
-        tiles[0],
-        tiles[1],
-        tiles[2],
-        n_out,
-        k,
-        TILE=BLOCK_T,
-        BT=sub,
-        BO=block_o,
-        BK=max(16, min(BLOCK_K, _next_pow2(k))),
-        HAS_SCALE=scale is not None,
-        UPCAST=_interpreting(),
-        IEEE=x.dtype == torch.float32,
-        num_warps=warps,
-        num_stages=stages,
-    )
-
-
-def _launch_weight_grad(p: Any, q: Any, scale: Any, chunks: Any, ranges: Any, slots: int) -> Any:
-    """``[slots, N, K]`` float32: per slot ``s_a sum p[t]^T q[t]`` over its chunks (two launches)."""
-    import torch
-
-    from twinkle.patch._multi_lora_kernels import reduce_chunks, segment_outer
-
-    n, k = p.shape[1], q.shape[1]
-    part = torch.empty(chunks.shape[1], n, k, dtype=torch.float32, device=p.device)
-    block_n = max(16, min(BLOCK_O, _next_pow2(n)))
-    block_k = max(16, min(BLOCK_K, _next_pow2(k)))
-    segment_outer[(chunks.shape[1], -(-n // block_n), -(-k // block_k))](
-        p,
-        p.stride(0),
-        p.stride(1),
-        q,
-        q.stride(0),
-        q.stride(1),
-        part,
-        chunks[1],
-        chunks[2],
-        n,
-        k,
-        BT=BLOCK_T,
-        BN=block_n,
-        BK=block_k,
-        UPCAST=_interpreting(),
-        IEEE=p.dtype == torch.float32,
-    )
-    out = torch.empty(slots, n, k, dtype=torch.float32, device=p.device)
-    reduce_chunks[(slots, -(-(n * k) // REDUCE_BLOCK))](
-        part,
-        out,
-        scale if scale is not None else part,
-        ranges[0],
-        ranges[1],
-        n * k,
-        BLOCK=REDUCE_BLOCK,
-        HAS_SCALE=scale is not None,
-    )
-    return out
-
-
 def _torch_matmul(x: Any, weights: Any, scale: Any, segs: Any) -> Any:
     out = x.new_zeros(x.shape[0], weights.shape[1])
     for slot, start, end in segs.t().tolist():
@@ -435,7 +286,7 @@ def _ops() -> tuple[Any, Any]:
         w = weights.transpose(1, 2) if transpose else weights
         if kernel == "triton":
             out = torch.empty(x.shape[0], w.shape[1], dtype=x.dtype, device=x.device)
-            _launch_matmul(x, w, scale, tiles, out)
+            launch_matmul(x, w, scale, tiles, out)
             return out
         return _torch_matmul(x, w, scale, segs)
 
@@ -455,7 +306,7 @@ def _ops() -> tuple[Any, Any]:
 
     def weight_grad(p: Any, q: Any, scale: Any, segs: Any, chunks: Any, ranges: Any, slots: int, kernel: str) -> Any:
         if kernel == "triton":
-            return _launch_weight_grad(p, q, scale, chunks, ranges, slots)
+            return launch_weight_grad(p, q, scale, chunks, ranges, slots)
         return _torch_weight_grad(p, q, scale, segs, slots)
 
     grad_op = torch.library.custom_op(
