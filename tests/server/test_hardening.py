@@ -33,7 +33,7 @@ def _http(server, key: str) -> httpx.Client:
 
 def base_digest(server) -> dict[str, str]:
     """SHA-256 of every base tensor the server holds (the engine's, and the twinkle API model's)."""
-    from twinkle_server.twinkle_api import host
+    from twinkle_server.twinkle_host import host
 
     def digest(t) -> str:
         return hashlib.sha256(t.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()

@@ -178,7 +178,7 @@ def test_twinkle_objects_are_adapters_of_the_engines_model(server) -> None:
     import twinkle
     from peft import LoraConfig
     from twinkle.model import TransformersModel
-    from twinkle_server.twinkle_api import host
+    from twinkle_server.twinkle_host import host
 
     engine = server.state.engine
     with twinkle.initialize(mode="http", base_url=server.url, api_key=server.add_tenant(f"one-{uuid.uuid4().hex[:6]}")):

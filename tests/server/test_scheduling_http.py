@@ -167,7 +167,7 @@ def test_a_twinkle_step_with_a_non_finite_loss_is_reported_and_skipped(server) -
     import twinkle
     from peft import LoraConfig
     from twinkle.model import TransformersModel
-    from twinkle_server.twinkle_api import host
+    from twinkle_server.twinkle_host import host
 
     name = f"nan-{uuid.uuid4().hex[:6]}"
     _, key = server.state.store.create_tenant(name)

@@ -24,7 +24,7 @@ def test_tinker_and_twinkle_apis_hold_one_set_of_base_weights(server) -> None:
     from peft import LoraConfig
     from twinkle.client.session import ServerError
     from twinkle.model import TransformersModel
-    from twinkle_server.twinkle_api import host
+    from twinkle_server.twinkle_host import host
 
     engine = server.state.engine
     data = [

@@ -228,7 +228,7 @@ class ServerState:
                 self.store.set_run_state(run_id, "unloaded")
                 unloaded += 1
         if self.config.run_idle_s > 0:
-            from twinkle_server.twinkle_api import expire_idle_objects
+            from twinkle_server.twinkle_host import expire_idle_objects
 
             unloaded += expire_idle_objects(self, now - self.config.run_idle_s)
         pruned = self.store.prune_futures(now - self.config.future_ttl_s) if self.config.future_ttl_s > 0 else 0
