@@ -12,6 +12,8 @@ Install with ``pip install 'twinkle-core[http]'``. Modules (each one job):
 * :mod:`~twinkle_server.sampling`: KV-cache generation and prompt top-k on the shared model.
 * :mod:`~twinkle_server.losses`: the Tinker losses (core's).
 * :mod:`~twinkle_server.scheduler`: per-run ``seq_id`` ordering and cross-tenant batching.
+* :mod:`~twinkle_server.state`: :class:`ServerState`, the operations both APIs share;
+  :mod:`~twinkle_server.quotas`: a tenant's limits, its request rate, :class:`QuotaExceeded`.
 * :mod:`~twinkle_server.checkpoints`: safe names, ``tinker://`` paths, atomic writes.
 * :mod:`~twinkle_server.wire`: the Tinker protobuf wire format.
 * :mod:`~twinkle_server.tinker_api` / :mod:`~twinkle_server.twinkle_api`: the two HTTP APIs.

@@ -26,8 +26,9 @@ from fastapi.responses import JSONResponse
 from twinkle_server.auth import current_tenant
 from twinkle_server.config import ServerConfig
 from twinkle_server.engine import EngineError, LoRAEngine
+from twinkle_server.quotas import QuotaExceeded
 from twinkle_server.scheduler import UserError
-from twinkle_server.state import NotFound, QuotaExceeded, ServerState
+from twinkle_server.state import NotFound, ServerState
 from twinkle_server.store import Tenant
 
 logger = logging.getLogger("twinkle_server")

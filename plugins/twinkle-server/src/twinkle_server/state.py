@@ -15,7 +15,6 @@ import shutil
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,6 +22,7 @@ from twinkle_server import checkpoints as ckpt
 from twinkle_server.adapter_pool import AdapterPoolFull, pool_of
 from twinkle_server.config import ServerConfig
 from twinkle_server.engine import ALL_TARGETS, TARGET_GROUPS, LoRAEngine
+from twinkle_server.quotas import Limits, QuotaExceeded, RateLimiter
 from twinkle_server.scheduler import Job, Payload, Scheduler, UserError
 from twinkle_server.session_futures import SessionFutures
 from twinkle_server.stability import StabilityRecords
@@ -37,49 +37,6 @@ JSON = "application/json"
 
 class NotFound(LookupError):
     """The tenant has no such object (or it belongs to another tenant)."""
-
-
-class QuotaExceeded(PermissionError):
-    """A per-tenant or server limit was reached; ``status`` is the HTTP code to answer with."""
-
-    def __init__(self, message: str, status: int = 403, retry_after: float = 1.0) -> None:
-        super().__init__(message)
-        self.status = status
-        self.retry_after = retry_after
-
-
-@dataclass
-class Limits:
-    """A tenant's effective quotas."""
-
-    max_adapters: int
-    max_tokens_per_request: int
-    requests_per_minute: int
-
-
-class RateLimiter:
-    """A token bucket per tenant (capacity = one minute of requests)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._buckets: dict[str, tuple[float, float]] = {}
-
-    def take(self, tenant_id: str, per_minute: int) -> bool:
-        """Spend one request; False when the tenant is over its rate."""
-        return self.wait(tenant_id, per_minute) == 0.0
-
-    def wait(self, tenant_id: str, per_minute: int) -> float:
-        """Spend one request and return 0, or return the seconds until one is available (nothing spent)."""
-        now = time.monotonic()
-        per_minute = max(1, per_minute)
-        with self._lock:
-            tokens, last = self._buckets.get(tenant_id, (float(per_minute), now))
-            tokens = min(float(per_minute), tokens + (now - last) * per_minute / 60.0)
-            if tokens < 1.0:
-                self._buckets[tenant_id] = (tokens, now)
-                return (1.0 - tokens) * 60.0 / per_minute
-            self._buckets[tenant_id] = (tokens - 1.0, now)
-            return 0.0
 
 
 class FutureWaiters:

@@ -25,9 +25,10 @@ from twinkle_server.auth import current_state, current_tenant
 from twinkle_server.engine import BatchJob, JobResult
 from twinkle_server.losses import check_loss
 from twinkle_server.policy import finite_json
+from twinkle_server.quotas import QuotaExceeded
 from twinkle_server.scheduler import UserError
 from twinkle_server.session_futures import wait_any
-from twinkle_server.state import JSON, QuotaExceeded, ServerState, lora_targets
+from twinkle_server.state import JSON, ServerState, lora_targets
 from twinkle_server.store import Tenant
 from twinkle_server.tinker_bodies import (
     CreateModelBody,

@@ -33,8 +33,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from twinkle_server.auth import current_state, current_tenant
 from twinkle_server.policy import finite_json
+from twinkle_server.quotas import QuotaExceeded
 from twinkle_server.scheduler import UserError
-from twinkle_server.state import JSON, QuotaExceeded, ServerState
+from twinkle_server.state import JSON, ServerState
 from twinkle_server.store import Tenant
 from twinkle_server.twinkle_host import HostedObject, host
 

@@ -30,8 +30,9 @@ from typing import Any
 from twinkle_server import checkpoints as ckpt
 from twinkle_server.adapter_pool import AdapterPoolFull
 from twinkle_server.policy import check_adapter_options, check_finite_tree, served_model_ids
+from twinkle_server.quotas import QuotaExceeded
 from twinkle_server.scheduler import UserError
-from twinkle_server.state import QuotaExceeded, ServerState
+from twinkle_server.state import ServerState
 from twinkle_server.store import Tenant
 
 __all__ = ["HostedObject", "TwinkleHost", "expire_idle_objects", "host"]
