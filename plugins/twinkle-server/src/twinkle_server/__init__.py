@@ -18,6 +18,7 @@ Install with ``pip install 'twinkle-core[http]'``. Modules (each one job):
 * :mod:`~twinkle_server.wire`: the Tinker protobuf wire format.
 * :mod:`~twinkle_server.tinker_api` / :mod:`~twinkle_server.twinkle_api`: the two HTTP APIs.
 * :mod:`~twinkle_server.tinker_runs`: the Tinker API's runs and checkpoints (list, delete, TTL);
+  :mod:`~twinkle_server.tinker_sampling`: its sampling sessions and ``asample``;
   :mod:`~twinkle_server.tinker_common`: helpers every Tinker router shares.
 * :mod:`~twinkle_server.twinkle_host`: the twinkle API's hosted objects (models, samplers,
   checkpoint engines) and how their calls run.

@@ -100,7 +100,7 @@ def create_app(config: ServerConfig, *, engine: LoRAEngine | None = None) -> Fas
     """
     from twinkle import __version__
 
-    from twinkle_server import tinker_api, tinker_custom_loss, tinker_runs, tinker_weights, twinkle_api
+    from twinkle_server import tinker_api, tinker_custom_loss, tinker_runs, tinker_sampling, tinker_weights, twinkle_api
 
     state = ServerState(config, engine=engine)
 
@@ -133,6 +133,7 @@ def create_app(config: ServerConfig, *, engine: LoRAEngine | None = None) -> Fas
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
     app.include_router(tinker_api.router)
     app.include_router(tinker_runs.router)
+    app.include_router(tinker_sampling.router)
     app.include_router(tinker_custom_loss.router)
     app.include_router(tinker_weights.router)
     app.include_router(twinkle_api.router)

@@ -1,4 +1,6 @@
-"""The Tinker REST API (``/api/v1``), as the official ``tinker`` SDK 0.38 speaks it.
+"""The Tinker REST API (``/api/v1``), as the official ``tinker`` SDK 0.38 speaks it: sessions, models,
+training and futures (sampling: :mod:`twinkle_server.tinker_sampling`; runs and checkpoints:
+:mod:`twinkle_server.tinker_runs`).
 
 Training and sampling requests return a future (``{"request_id": ...}``) at once; the
 SDK long-polls ``/api/v1/retrieve_future`` for the result, which is protobuf for
@@ -13,8 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import math
-import uuid
 from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
@@ -32,26 +32,26 @@ from twinkle_server.state import JSON, ServerState, lora_targets
 from twinkle_server.store import Tenant
 from twinkle_server.tinker_bodies import (
     CreateModelBody,
-    CreateSamplingSessionBody,
     CreateSessionBody,
     FinishSessionBody,
-    JoinSamplingSessionBody,
     LoadWeightsBody,
     ModelIdBody,
     OptimStepBody,
     RetrieveFutureBody,
     RetrieveFuturesBody,
-    SampleBody,
     SaveForSamplerBody,
     SaveWeightsBody,
     SessionIdBody,
 )
 from twinkle_server.tinker_common import (
+    INFLIGHT_PREFIX,
     bad_request,
+    check_base_model,
     check_ttl,
     checkpoint_name,
     future_json,
     run_or_404,
+    session_or_404,
     str_dict,
 )
 from twinkle_server.wire import (
@@ -59,15 +59,10 @@ from twinkle_server.wire import (
     ForwardBackwardMessage,
     decode_datums,
     encode_forward_backward_output,
-    encode_sample_response,
     parse_forward_backward,
 )
 
 router = APIRouter(prefix="/api/v1", tags=["tinker"])
-
-
-#: the ``model_path`` recorded for an inflight sampling session (``kind="inflight"``): the run it reads
-INFLIGHT_PREFIX = "inflight://"
 
 
 # -- helpers -------------------------------------------------------------------------
@@ -103,20 +98,6 @@ def _takes_its_turn(state: ServerState, tenant: Tenant, model_id: str, seq_id: i
             with contextlib.suppress(UserError, QuotaExceeded):
                 state.submit(tenant, kind, model_id=model_id, seq_id=seq_id, run=refused)
         raise
-
-
-def _check_base_model(state: ServerState, base_model: str | None) -> None:
-    if base_model is not None and base_model != state.config.model_name:
-        raise bad_request(
-            f"base_model {base_model!r} is not served here; this server hosts {state.config.model_name!r}"
-        )
-
-
-def _session_or_404(state: ServerState, tenant: Tenant, session_id: str) -> dict[str, Any]:
-    session = state.store.session(tenant.id, session_id)
-    if session is None:
-        raise HTTPException(404, f"session {session_id!r} not found")
-    return session
 
 
 def _lora_targets(lora: dict[str, Any]) -> tuple[str, ...]:
@@ -213,7 +194,7 @@ def session_heartbeat(
     body: SessionIdBody, state: ServerState = Depends(current_state), tenant: Tenant = Depends(current_tenant)
 ) -> Any:
     """Keep a session alive; 410 once it was finished."""
-    session = _session_or_404(state, tenant, body.session_id)
+    session = session_or_404(state, tenant, body.session_id)
     if session["finished"]:
         raise HTTPException(410, f"session {body.session_id} has finished")
     state.store.heartbeat(tenant.id, body.session_id)
@@ -228,7 +209,7 @@ def finish_session(
     tenant: Tenant = Depends(current_tenant),
 ) -> Any:
     """Mark a session finished (its runs stay listed; their checkpoints stay)."""
-    _session_or_404(state, tenant, session_id)
+    session_or_404(state, tenant, session_id)
     state.store.finish_session(tenant.id, session_id)
     return {}
 
@@ -249,7 +230,7 @@ def get_session(
     session_id: str, state: ServerState = Depends(current_state), tenant: Tenant = Depends(current_tenant)
 ) -> Any:
     """A session's runs and samplers."""
-    session = _session_or_404(state, tenant, session_id)
+    session = session_or_404(state, tenant, session_id)
     return {
         "training_run_ids": [r.id for r in reversed(state.store.runs(tenant.id, session_id=session_id))],
         "sampler_ids": state.store.sampler_ids(tenant.id, session_id),
@@ -264,8 +245,8 @@ def create_model(
     body: CreateModelBody, state: ServerState = Depends(current_state), tenant: Tenant = Depends(current_tenant)
 ) -> Any:
     """Create a LoRA training run; the future resolves to ``{"model_id": ...}``."""
-    _session_or_404(state, tenant, body.session_id)
-    _check_base_model(state, body.base_model)
+    session_or_404(state, tenant, body.session_id)
+    check_base_model(state, body.base_model)
     if body.lora_config is None:
         raise bad_request("full fine-tuning is not offered; pass a lora_config (create_lora_training_client)")
     opt = (body.optimizer_config or {}).get("type", "adamw")
@@ -525,7 +506,7 @@ def load_weights(
     """Load a checkpoint into a run, or create a new run from it (``session_id`` + ``model_seq_id``)."""
     if body.weights_access_token is not None:
         raise bad_request("weights_access_token is not supported: checkpoints are private to their tenant")
-    _check_base_model(state, body.base_model)
+    check_base_model(state, body.base_model)
     into_run = body.session_id is None and body.model_id is not None
     if into_run:
         run_or_404(state, tenant, body.model_id)
@@ -546,7 +527,7 @@ def load_weights(
     if body.session_id is not None:
         if body.model_seq_id is None:
             raise bad_request("load_weights with session_id needs model_seq_id")
-        _session_or_404(state, tenant, body.session_id)
+        session_or_404(state, tenant, body.session_id)
         run_id = f"{body.session_id}:train:{body.model_seq_id}"
         if state.store.run(tenant.id, run_id) is not None:
             raise bad_request(f"training run {run_id} already exists; use a new model_seq_id")
@@ -582,171 +563,6 @@ def load_weights(
     return future_json(
         state.submit(tenant, "load_weights", model_id=model_id, seq_id=body.seq_id, run=run_existing), model_id
     )
-
-
-# -- sampling ----------------------------------------------------------------------------------
-@router.post("/create_sampling_session")
-def create_sampling_session(
-    body: CreateSamplingSessionBody,
-    state: ServerState = Depends(current_state),
-    tenant: Tenant = Depends(current_tenant),
-) -> Any:
-    """A sampler bound to a checkpoint (``model_path``) or to the base model."""
-    _session_or_404(state, tenant, body.session_id)
-    _check_base_model(state, body.base_model)
-    if body.model_path is not None:
-        try:
-            state.resolve_checkpoint(tenant, body.model_path)
-        except LookupError:
-            raise HTTPException(404, f"checkpoint {body.model_path} not found") from None
-    sid = state.store.create_sampling_session(tenant.id, body.session_id, body.model_path, state.config.model_name)
-    return {"type": "create_sampling_session", "sampling_session_id": sid}
-
-
-@router.post("/join_sampling_session")
-def join_sampling_session(
-    body: JoinSamplingSessionBody, state: ServerState = Depends(current_state), tenant: Tenant = Depends(current_tenant)
-) -> Any:
-    """Allocate a client counter within a sampling session."""
-    counter = state.store.join_sampling_session(tenant.id, body.sampling_session_id)
-    if counter is None:
-        raise HTTPException(404, f"sampling session {body.sampling_session_id!r} not found")
-    return {"client_counter": counter}
-
-
-@router.get("/samplers/{sampler_id}")
-def get_sampler(
-    sampler_id: str, state: ServerState = Depends(current_state), tenant: Tenant = Depends(current_tenant)
-) -> Any:
-    """A sampling session's base model and checkpoint path."""
-    session = state.store.sampling_session(tenant.id, sampler_id)
-    if session is None:
-        raise HTTPException(404, f"sampler {sampler_id!r} not found")
-    return {"sampler_id": sampler_id, "base_model": session["base_model"], "model_path": session["model_path"]}
-
-
-_UNSUPPORTED_SAMPLE = {
-    "topk_sample_logprobs": lambda b: b.topk_sample_logprobs > 0,
-    "target_prompt_logprobs": lambda b: b.target_prompt_logprobs is not None,
-    "prompt_alt_tokens_k": lambda b: b.prompt_alt_tokens_k > 0,
-    "prompt_logprobs_last_n": lambda b: b.prompt_logprobs_last_n is not None,
-}
-
-
-#: The largest top-k of prompt logprobs served.
-MAX_TOPK = 64
-#: stop sequences per sample request, and characters per stop string (each is checked after every token)
-MAX_STOPS = 64
-MAX_STOP_CHARS = 1024
-
-
-@router.post("/asample")
-def asample(
-    body: SampleBody, state: ServerState = Depends(current_state), tenant: Tenant = Depends(current_tenant)
-) -> Any:
-    """Sample completions; the future resolves to a protobuf SampleResponse."""
-    unsupported = [name for name, test in _UNSUPPORTED_SAMPLE.items() if test(body)]
-    if unsupported:
-        raise bad_request(f"sampling options not supported by this server: {', '.join(unsupported)}")
-    if not 0 <= body.topk_prompt_logprobs <= MAX_TOPK:
-        raise bad_request(f"topk_prompt_logprobs must be between 0 and {MAX_TOPK}")
-    if any(c.type != "encoded_text" for c in body.prompt.chunks):
-        raise bad_request("only encoded_text prompt chunks are supported (no images or audio)")
-    prompt = [t for c in body.prompt.chunks for t in c.tokens]
-    params = body.sampling_params
-    max_tokens = params.max_tokens if params.max_tokens is not None else 16
-    stop_ids: list[int] | None = None
-    stop_strings: list[str] = []
-    stop = [params.stop] if isinstance(params.stop, str) else params.stop
-    if stop is not None and (
-        len(stop) > MAX_STOPS or any(isinstance(x, str) and len(x) > MAX_STOP_CHARS for x in stop)
-    ):
-        raise bad_request(f"stop: at most {MAX_STOPS} stop sequences of at most {MAX_STOP_CHARS} characters each")
-    if stop is not None:
-        stop_ids = [s for s in stop if isinstance(s, int)]
-        stop_strings = [s for s in stop if isinstance(s, str)]
-        if not stop_ids and stop_strings:
-            stop_ids = None
-    if not math.isfinite(params.temperature) or params.temperature < 0:
-        raise bad_request("temperature must be a finite number >= 0")
-    model_path = body.model_path
-    snapshot_of: str | None = None
-    inflight_run: str | None = None
-    if body.sampling_session_id is not None:
-        session = state.store.sampling_session(tenant.id, body.sampling_session_id)
-        if session is None:
-            raise HTTPException(404, f"sampling session {body.sampling_session_id!r} not found")
-        model_path = session["model_path"]
-        if model_path is not None and model_path.startswith(INFLIGHT_PREFIX):
-            inflight_run = model_path[len(INFLIGHT_PREFIX) :]
-            model_path = None
-            if state.store.run(tenant.id, inflight_run) is None:
-                raise HTTPException(404, f"the training run {inflight_run!r} of this inflight sampler is gone")
-        # a snapshot's sampler has no checkpoint path; a base-model sampler has none either
-        is_snapshot = model_path is None and body.sampling_session_id.startswith("snapshot")
-        snapshot_of = body.sampling_session_id if is_snapshot else None
-    elif model_path is None:
-        if body.base_model is None:
-            raise bad_request("sample needs sampling_session_id, model_path or base_model")
-        _check_base_model(state, body.base_model)
-    if model_path is not None:
-        try:
-            state.resolve_checkpoint(tenant, model_path)
-        except LookupError:
-            raise HTTPException(404, f"checkpoint {model_path} not found") from None
-    state.charge(tenant, (len(prompt) + max_tokens) * body.num_samples)
-
-    used: list[int | None] = []
-
-    def start() -> Any:
-        # the worker runs the generation in slices (Scheduler.slice_s), other tenants' work between them
-        if inflight_run is not None:
-            slot = state.loaded_slot(tenant, inflight_run)
-        elif snapshot_of is not None:
-            slot = state.snapshot_slots.get(snapshot_of)
-            if slot is None:
-                raise UserError(
-                    "this sampler's weight snapshot is no longer in memory (server restart, its run was "
-                    "unloaded, or the adapter pool needed its slot for newer work); create a new sampling client"
-                )
-            state.touch_snapshot(snapshot_of)
-        elif model_path is not None:
-            slot = state.sampler_slot(tenant, model_path)
-        else:
-            slot = None
-        used.append(slot)
-        return state.engine.start_sample(
-            slot,
-            prompt,
-            num_samples=body.num_samples,
-            max_tokens=max_tokens,
-            temperature=params.temperature,
-            top_k=params.top_k,
-            top_p=params.top_p,
-            seed=params.seed,
-            stop_token_ids=stop_ids,
-            stop_strings=stop_strings,
-            prompt_logprobs=bool(body.prompt_logprobs),
-        )
-
-    def finish(generation: Any) -> tuple[str, bytes]:
-        sequences, prompt_lps = generation.result()
-        if record:
-            for i, (_, logprobs, _) in enumerate(sequences):
-                state.stability.record(tenant.id, sequence_ids[i], logprobs)
-        topk = None
-        if body.topk_prompt_logprobs > 0:
-            topk = state.engine.prompt_topk_logprobs(used[0], prompt, body.topk_prompt_logprobs)
-        return PROTO_CONTENT_TYPE, encode_sample_response(sequences, prompt_lps, topk)
-
-    record = bool(body.record_stability_info)
-    prefix = uuid.uuid4().hex
-    sequence_ids = [f"seq-{prefix}-{i}" for i in range(body.num_samples)]
-    future_id = state.submit(tenant, "sample", start=start, finish=finish)
-    if body.sampling_session_id is not None:
-        clone = (body.seq_id or 0) // 1_000_000_000
-        state.session_futures.add((tenant.id, body.sampling_session_id, clone), future_id)
-    return {**future_json(future_id), "sample_sequence_ids": sequence_ids}
 
 
 # -- futures ----------------------------------------------------------------------------------

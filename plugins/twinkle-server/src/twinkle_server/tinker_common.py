@@ -1,7 +1,8 @@
-"""Helpers every Tinker router shares: futures' JSON, 400s, a run or 404, checkpoint names and TTLs, times.
+"""Helpers every Tinker router shares: futures' JSON, 400s, a run or session or 404, checkpoint names and TTLs.
 
-Used by :mod:`twinkle_server.tinker_api` (training and sampling), :mod:`twinkle_server.tinker_runs`
-(runs and checkpoints) and :mod:`twinkle_server.tinker_weights` (external weights).
+Used by :mod:`twinkle_server.tinker_api` (sessions, models, training, futures),
+:mod:`twinkle_server.tinker_sampling` (sampling), :mod:`twinkle_server.tinker_runs` (runs and
+checkpoints) and :mod:`twinkle_server.tinker_weights` (external weights).
 """
 
 from __future__ import annotations
@@ -17,15 +18,21 @@ from twinkle_server.state import ServerState
 from twinkle_server.store import Run, Tenant
 
 __all__ = [
+    "INFLIGHT_PREFIX",
     "TTL_RANGE_S",
     "bad_request",
+    "check_base_model",
     "check_ttl",
     "checkpoint_name",
     "future_json",
     "iso_time",
     "run_or_404",
+    "session_or_404",
     "str_dict",
 ]
+
+#: the ``model_path`` recorded for an inflight sampling session (``kind="inflight"``): the run it reads
+INFLIGHT_PREFIX = "inflight://"
 
 
 def future_json(request_id: str, model_id: str | None = None) -> dict[str, Any]:
@@ -48,6 +55,22 @@ def str_dict(meta: Any) -> dict[str, str] | None:
 def bad_request(message: str) -> HTTPException:
     """A 400 naming what is wrong (raise it)."""
     return HTTPException(400, message)
+
+
+def check_base_model(state: ServerState, base_model: str | None) -> None:
+    """A 400 unless ``base_model`` is ``None`` or the model this server hosts."""
+    if base_model is not None and base_model != state.config.model_name:
+        raise bad_request(
+            f"base_model {base_model!r} is not served here; this server hosts {state.config.model_name!r}"
+        )
+
+
+def session_or_404(state: ServerState, tenant: Tenant, session_id: str) -> dict[str, Any]:
+    """The tenant's session ``session_id``, or a 404."""
+    session = state.store.session(tenant.id, session_id)
+    if session is None:
+        raise HTTPException(404, f"session {session_id!r} not found")
+    return session
 
 
 def run_or_404(state: ServerState, tenant: Tenant, run_id: str) -> Run:
