@@ -140,6 +140,44 @@ def test_authentication_and_hashed_keys(server, tenant_a) -> None:
     assert hash_key(tenant_a["key"]).encode() in raw
 
 
+#: The only routes that take no API key: the health check, and the external-weights download
+#: (authorized by its HMAC-signed URL instead).
+OPEN_ROUTES = {"/api/v1/healthz", "/api/v1/external_weights/{tenant_id}/{run_id}/{name}/{file}"}
+
+
+def test_every_api_route_requires_an_api_key(server) -> None:
+    """Whichever router module holds a route (tinker_api, tinker_runs, tinker_sampling, ...), it
+    authenticates through current_tenant; the two open routes are named above."""
+    from fastapi.routing import APIRoute
+    from twinkle_server.auth import current_tenant
+
+    def calls(dependant) -> set:
+        found = {dependant.call}
+        for sub in dependant.dependencies:
+            found |= calls(sub)
+        return found
+
+    def api_routes(routes) -> list:
+        found = []
+        for route in routes:
+            if isinstance(route, APIRoute):
+                found.append(route)
+            elif hasattr(route, "original_router"):  # FastAPI >= 0.165 keeps an included router whole
+                found += api_routes(route.original_router.routes)
+        return found
+
+    routes = [r for r in api_routes(server.app.routes) if r.path.startswith(("/api/", "/twinkle/"))]
+    assert {"/api/v1/training_runs", "/api/v1/asample", "/api/v1/forward_backward", "/twinkle/v1/objects"} <= {
+        r.path for r in routes
+    }
+    open_routes = {r.path for r in routes if current_tenant not in calls(r.dependant)}
+    assert open_routes == OPEN_ROUTES
+    with httpx.Client(base_url=server.url) as anon:
+        assert anon.get("/api/v1/checkpoints").status_code == 401
+        assert anon.post("/api/v1/asample", json={}).status_code == 401
+        assert anon.delete("/api/v1/training_runs/x").status_code == 401
+
+
 def test_request_size_limit(server, tenant_a) -> None:
     limit = server.state.config.max_body_bytes
     with _client(server, tenant_a["key"]) as a:
