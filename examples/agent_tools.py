@@ -10,15 +10,25 @@ The loop is the user's, top to bottom:
 
 The final reward reads the environment's *state*, as agent benchmarks do (tau-bench): 1.0 when the
 light ends as the user asked, else 0; a turn with a malformed call costs 0.1 (per-turn reward).
-Stage 1 is a short SFT warm-up of the *formats* only: a third of the conversations just say
-"Done." (the light stays as it was: wrong), two thirds call a random one of the two tools, read
-its result and say "Done.". After it the policy is right about a third of the time. Stage 2 is
-GRPO on a LoRA adapter over the episodes' tokens. Measured with seed 0 (20 steps): the tool-call
-rate rises from 0.85 to 0.95 (first vs last 4 steps: a direct "Done." never pays), while the final
-reward stays at 0.375: choosing the switch the request names needs more steps than CI affords.
 
-    python examples/agent_tools.py            # a few minutes on 2 idle CPU cores (16 on a busy machine)
-    python examples/agent_tools.py --steps 30
+Stage 1 is a short SFT warm-up on imperfect demonstrations (the "cold start" of agent RL): a third
+of the conversations just say "Done." (the light stays as it was: wrong), two thirds call a switch,
+read its result and say "Done."; the switch is the one the request names in half of those
+(``--demo-accuracy 0.5``) and a random one otherwise, so about 3 calls in 4 are right. Stage 2 is
+GRPO on a LoRA adapter over the episodes' tokens: it must learn to call rather than say "Done." and
+to call the right switch. Measured with seed 0 (20 steps, 8 tasks x 8 episodes): the final reward
+rises from 0.41 to 0.74 (first vs last 4 steps), the tool-call rate from 0.69 to 0.96.
+
+Why the demonstrations: with a warm-up whose switches are *all* random, the warm-up teaches the
+model that the switch does not depend on the request, and RL (about one bit per episode) did not
+recover the dependence in 30 steps: the right-switch share stayed near 0.5 and the final reward
+at 0.375 to 0.42 while the tool-call rate rose to 0.96.
+
+The model is tiny (128 wide): one torch thread is as fast as two, and on a shared machine two
+threads waiting on each other were 3 to 6 times slower (``--threads``).
+
+    python examples/agent_tools.py            # about 2 minutes on 2 CPU cores
+    python examples/agent_tools.py --steps 30 --demo-accuracy 0.25
 """
 
 from __future__ import annotations
@@ -84,15 +94,18 @@ def make_env() -> ToolEnvironment:
     )
 
 
-def warmup_rows(template: Template, rng: random.Random, n: int) -> list[dict]:
-    """SFT rows teaching the formats only: "Done." at once, or a random switch, its result, "Done."."""
+def warmup_rows(template: Template, rng: random.Random, n: int, demo_accuracy: float = 0.0) -> list[dict]:
+    """SFT rows: "Done." at once, or a switch, its result, "Done.".
+
+    The switch is the one the request names with probability ``demo_accuracy``, else a random one.
+    """
     trajectories = []
     for task in rng.choices(tasks(), k=n):
         messages = [{"role": "user", "content": request(task)}]
         if rng.random() < 1 / 3:
             messages.append({"role": "assistant", "content": "Done."})
         else:
-            value = rng.choice(("on", "off"))
+            value = task["goal"] if rng.random() < demo_accuracy else rng.choice(("on", "off"))
             messages += [
                 {"role": "assistant", "content": tool_call(f"switch_{value}")},
                 {"role": "tool", "content": f"The light is {value}."},
@@ -109,10 +122,21 @@ def main(
     group_size: int = 8,
     lr: float = 5e-3,
     warmup_steps: int = 80,
+    demo_accuracy: float = 0.5,
+    threads: int | None = 1,
     verbose: bool = True,
 ) -> dict:
-    """Run the example; returns ``{"rewards", "tool_rates", "first", "last", "first_tool_rate", ...}``."""
+    """Run the example; returns the per-step curves and the first/last-window means with standard errors.
+
+    Keys: ``rewards`` and ``tool_rates`` (per step), ``first``/``last`` (mean final reward over the
+    first/last ``steps // 5`` steps), ``first_se``/``last_se`` (their standard errors over the
+    episodes), ``first_tool_rate``/``last_tool_rate``, ``seconds`` (the RL stage).
+    """
+    import torch
     from peft import LoraConfig
+
+    if threads:
+        torch.set_num_threads(threads)
 
     twinkle.initialize(mode="local", seed=seed)
     rng = random.Random(seed)
@@ -123,7 +147,7 @@ def main(
     model = TransformersModel(model_id=model_dir, seed=seed, device="cpu")
     model.set_optimizer("AdamW", lr=3e-3)
     for _ in range(warmup_steps):
-        model.forward_backward(inputs=warmup_rows(template, rng, 16))
+        model.forward_backward(inputs=warmup_rows(template, rng, 16, demo_accuracy))
         model.clip_grad_and_step()
 
     # ---- the sampler gets the warmed-up weights, then both get the LoRA adapter ---------------
@@ -138,6 +162,7 @@ def main(
     advantage_fn = GRPOAdvantage(scale="group")
     rewards_curve: list[float] = []
     tool_rates: list[float] = []
+    finals: list[list[float]] = []  # each step's final rewards, per episode
     started = time.perf_counter()
     for step in range(steps):
         batch = rng.sample(tasks(), k=tasks_per_step)
@@ -150,7 +175,8 @@ def main(
         out = model.forward_backward(inputs=[e.row(advantages=a) for e, a in zip(episodes, advantages)])
         model.clip_grad_and_step(max_grad_norm=1.0)
         engine.sync(model, sampler, adapter_name="default")
-        rewards_curve.append(sum(e.final_reward for e in episodes) / len(episodes))
+        finals.append([e.final_reward for e in episodes])
+        rewards_curve.append(sum(finals[-1]) / len(episodes))
         tool_rates.append(sum(e.num_turns > 1 for e in episodes) / len(episodes))  # called a switch
         twinkle.log_metrics({"reward": rewards_curve[-1], "tool_rate": tool_rates[-1]}, step=step + 1, source="rl")
         if verbose and step == 0:
@@ -164,18 +190,29 @@ def main(
     elapsed = time.perf_counter() - started
     twinkle.shutdown()
     window = max(1, steps // 5)
+
+    def mean_se(values: list[float]) -> tuple[float, float]:
+        mean = sum(values) / len(values)
+        var = sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)
+        return mean, (var / len(values)) ** 0.5
+
+    first, first_se = mean_se([r for step in finals[:window] for r in step])
+    last, last_se = mean_se([r for step in finals[-window:] for r in step])
     summary = {
         "rewards": rewards_curve,
         "tool_rates": tool_rates,
-        "first": sum(rewards_curve[:window]) / window,
-        "last": sum(rewards_curve[-window:]) / window,
+        "first": first,
+        "first_se": first_se,
+        "last": last,
+        "last_se": last_se,
         "first_tool_rate": sum(tool_rates[:window]) / window,
         "last_tool_rate": sum(tool_rates[-window:]) / window,
         "seconds": elapsed,
     }
     if verbose:
         print(
-            f"final reward: first {window} steps {summary['first']:.3f} -> last {window} steps {summary['last']:.3f}; "
+            f"final reward: first {window} steps {first:.3f} +- {first_se:.3f} -> last {window} steps "
+            f"{last:.3f} +- {last_se:.3f}; "
             f"tool-call rate {summary['first_tool_rate']:.2f} -> {summary['last_tool_rate']:.2f} ({elapsed:.0f}s of RL)"
         )
     return summary
@@ -186,5 +223,7 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=5e-3)
+    parser.add_argument("--demo-accuracy", type=float, default=0.5, help="share of warm-up calls with the right switch")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     args = parser.parse_args()
-    main(steps=args.steps, seed=args.seed, lr=args.lr)
+    main(steps=args.steps, seed=args.seed, lr=args.lr, demo_accuracy=args.demo_accuracy, threads=args.threads)

@@ -1,5 +1,5 @@
 """The RL examples learn: GRPO's mean reward rises, DPO's chosen-vs-rejected margin grows, the distilled
-student moves to its teacher, PPO with a critic learns, the agent learns to call its tool (fixed seeds, CPU)."""
+student moves to its teacher, PPO with a critic learns, the agent learns its tool task (fixed seeds, CPU)."""
 
 from __future__ import annotations
 
@@ -58,16 +58,18 @@ def test_ppo_critic_example_learns():
     assert summary["last_value_mse"] < 0.1 * summary["first_value_mse"], summary
 
 
-def test_agent_tools_example_learns_to_call_the_tool():
-    # The slowest test of the file (about 16 min on the shared, loaded 2-core machine). Smaller runs
-    # tried with seed 0 did not learn: 40 warm-up steps (4 tasks x 8, 16 steps) leave malformed calls
-    # that cost 0.1, so the policy stops calling (tool-call rate 0.44 -> 0.00 by step 3); 80 warm-up
-    # steps with 4 tasks x 8 and lr 1e-2 collapse to "Done." as well (rate 0.94 -> 0.00 by step 9).
+def test_agent_tools_example_learns_the_tool_task():
+    # The final reward (the light ends as asked) must rise, not only the tool-call rate: the warm-up
+    # demonstrations call the right switch half the time, RL has to learn the rest. About 2 min on
+    # the shared 2-core machine (one torch thread).
     summary = load("agent_tools").main(seed=0, verbose=False)
     print({k: v for k, v in summary.items() if not isinstance(v, list)})
     print("final reward per step:", " ".join(f"{r:.2f}" for r in summary["rewards"]))
     assert len(summary["rewards"]) == 20
-    # measured with seed 0: tool-call rate 0.85 -> 0.95 (first vs last 4 steps), final reward 0.375 -> 0.375
-    assert summary["last_tool_rate"] >= summary["first_tool_rate"] + 0.05, summary
+    # measured with seed 0: final reward 0.406 -> 0.738 (first vs last 4 steps, 256 episodes each,
+    # standard errors near 0.03), tool-call rate 0.69 -> 0.96
+    rise = summary["last"] - summary["first"]
+    se = (summary["first_se"] ** 2 + summary["last_se"] ** 2) ** 0.5
+    assert 0 < se < 0.05, summary  # 256 episodes per window: a Bernoulli's se is at most 0.031
+    assert rise > 4 * se, summary  # well outside the noise of the two windows
     assert summary["last_tool_rate"] >= 0.9, summary
-    assert summary["last"] >= summary["first"] - 0.05, summary  # calling more did not cost reward
