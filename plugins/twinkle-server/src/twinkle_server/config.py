@@ -63,6 +63,15 @@ class ServerConfig:
             small training step waits behind at most one slice (0: run requests whole).
         external_weights: the format of ``save_weights_external``: ``"adapter"`` (the PEFT adapter,
             what Tinker exports) or ``"merged"`` (a full Hugging Face model, base plus adapter).
+        sampler: what serves Tinker sampling: ``"torch"`` (the engine's own KV-cache generation on
+            the training model, sliced by the scheduler), ``"vllm"`` (twinkle-vllm's ``VLLMSampler``
+            over the same base model directory, holding its own copy of the base; each tenant's
+            adapter is pushed into it after it changes; see :mod:`twinkle_server.vllm_sampling`) or
+            ``"auto"`` (vllm when twinkle-vllm imports, else torch).
+        vllm_max_loras: with the vLLM sampler: adapters in one vLLM batch (vLLM's ``max_loras``).
+        vllm_engine_args: with the vLLM sampler: more ``vllm.LLM`` arguments
+            (``gpu_memory_utilization``, default 0.3 since training shares the device;
+            ``kv_cache_memory_bytes``, ``max_model_len``, ``max_num_seqs`` ...).
         control_requests_per_minute: per-tenant rate of every other authenticated request
             (sessions, lists, ``retrieve_future``...), at least ``requests_per_minute``; 429
             with ``Retry-After`` above.
@@ -99,10 +108,15 @@ class ServerConfig:
     control_requests_per_minute: int = 6000
     sample_slice_s: float = 0.5
     external_weights: str = "adapter"
+    sampler: str = "torch"
+    vllm_max_loras: int = 4
+    vllm_engine_args: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir)
         self.model_dir = Path(self.model_dir)
+        if self.sampler not in ("torch", "vllm", "auto"):
+            raise ValueError(f"sampler must be 'torch', 'vllm' or 'auto', not {self.sampler!r}")
 
     @property
     def resident_slots(self) -> int:

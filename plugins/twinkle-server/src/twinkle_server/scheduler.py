@@ -18,7 +18,9 @@ queues. At most one of a tenant's arrival-order jobs is a candidate at a time.
 Slices. A sampling job (``start``) is a resumable generation: each turn runs one slice of
 about ``slice_s`` seconds of decoding (see :mod:`twinkle_server.sampling`), then the worker
 picks again, so another tenant's small training step waits behind at most one slice (plus
-whatever it waits for in its own turn), never behind a whole long request.
+whatever it waits for in its own turn), never behind a whole long request. A sliced job whose
+work runs elsewhere (``twinkle serve --sampler vllm``: its ``start`` returns an object with a
+``future``) takes one turn to start and leaves the queue; it is answered when the future is done.
 
 Gathering: tenants step in lockstep only if each pass waits for the tenants that are
 between two steps. Before a ``forward_backward`` pass starts, the worker waits for the
@@ -560,6 +562,9 @@ class Scheduler:
             if job.resumable is None:
                 assert job.start is not None
                 job.resumable = job.start()
+                if getattr(job.resumable, "future", None) is not None:  # it runs elsewhere: see _detach
+                    self._detach(job)
+                    return
             done = job.resumable.step(self.slice_s)
             with self._cond:
                 self.slices += 1
@@ -571,6 +576,22 @@ class Scheduler:
             return
         resumable, job.resumable = job.resumable, None
         self._finish_jobs([(job, None, resumable)])
+
+    def _detach(self, job: Job) -> None:
+        """A job whose work runs off the worker (a vLLM request, whose ``future`` ends it) leaves the
+        queue now, so its tenant's next job can run; it is answered when its future is done."""
+        resumable = job.resumable
+        with self._cond:
+            try:
+                self._free.remove(job)
+            except ValueError:
+                pass
+
+        def done(future: Any) -> None:
+            job.resumable = None
+            self._finish_jobs([(job, future.exception(), resumable)])
+
+        resumable.future.add_done_callback(done)
 
     def _run_batch(self, jobs: list[Job]) -> PassRecord | None:
         prepared: list[tuple[Job, BatchJob]] = self._prepare_jobs(jobs)

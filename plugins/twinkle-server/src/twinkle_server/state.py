@@ -87,7 +87,7 @@ class ServerState:
         engine: a prepared engine (tests share one); default: built from ``config``.
     """
 
-    def __init__(self, config: ServerConfig, engine: LoRAEngine | None = None) -> None:
+    def __init__(self, config: ServerConfig, engine: LoRAEngine | None = None, vllm_sampler: Any = None) -> None:
         self.config = config
         config.state_dir.mkdir(parents=True, exist_ok=True)
         ckpt.recover(config.checkpoint_root)
@@ -125,6 +125,8 @@ class ServerState:
             seq_wait_s=config.seq_wait_s,
             slice_s=config.sample_slice_s if config.sample_slice_s > 0 else None,
         )
+        #: what serves Tinker sampling: the engine itself (torch) or :class:`VLLMSampling` (``--sampler vllm``).
+        self.sampling: Any = self._sampling(config, vllm_sampler)
         #: run id -> engine slot of each loaded training run.
         self.run_slots: dict[str, int] = {}
         #: run id -> tenant id (loaded runs).
@@ -149,6 +151,25 @@ class ServerState:
         self.creating = 0
         self._sweeping = threading.Event()
         self._sweeper: threading.Thread | None = None
+
+    def _sampling(self, config: ServerConfig, vllm_sampler: Any) -> Any:
+        """The engine (torch sampling), or a :class:`~twinkle_server.vllm_sampling.VLLMSampling` on it."""
+        from twinkle_server.vllm_sampling import VLLMSampling, vllm_available
+
+        choice = config.sampler
+        if choice == "auto":
+            choice = "vllm" if vllm_sampler is not None or vllm_available() else "torch"
+        if choice == "torch":
+            return self.engine
+        if vllm_sampler is None and not vllm_available():
+            raise ImportError("--sampler vllm needs twinkle-vllm and vLLM: pip install twinkle-vllm (see docs/vllm.md)")
+        return VLLMSampling(
+            self.engine,
+            sampler=vllm_sampler,
+            max_loras=config.vllm_max_loras,
+            seed=config.seed,
+            engine_args=config.vllm_engine_args,
+        )
 
     # -- lifecycle -----------------------------------------------------------------
     def start(self) -> None:
@@ -197,6 +218,8 @@ class ServerState:
         if self._sweeper is not None:
             self._sweeper.join(timeout=30)
         self.scheduler.stop()
+        if self.sampling is not self.engine:
+            self.sampling.close()
         if self.config.stats_file is not None:
             path = Path(self.config.stats_file)
             tmp = path.with_name(path.name + ".tmp")

@@ -2,7 +2,8 @@
 
 A sampling client is a sampling session bound to a checkpoint (``model_path``), to the base
 model, to a weight snapshot (``save_weights_and_get_sampling_client``) or to a training run's
-live adapter (``inflight``). ``asample`` queues a sliced generation on the worker and returns
+live adapter (``inflight``). ``asample`` queues a sliced generation on the worker (or, with
+``twinkle serve --sampler vllm``, a request on vLLM: :mod:`twinkle_server.vllm_sampling`) and returns
 a future whose result is a protobuf ``SampleResponse``; options this server does not implement
 (top-k sample logprobs, target prompt logprobs) are rejected with a 400 naming them. Results
 are fetched through ``retrieve_future`` / ``retrieve_futures`` (:mod:`twinkle_server.tinker_api`).
@@ -163,7 +164,9 @@ def asample(
         else:
             slot = None
         used.append(slot)
-        return state.engine.start_sample(
+        # the engine's own generation, or --sampler vllm (which also answers the top-k prompt logprobs)
+        extra = {} if state.sampling is state.engine else {"topk_prompt_logprobs": body.topk_prompt_logprobs}
+        return state.sampling.start_sample(
             slot,
             prompt,
             num_samples=body.num_samples,
@@ -175,6 +178,7 @@ def asample(
             stop_token_ids=stop_ids,
             stop_strings=stop_strings,
             prompt_logprobs=bool(body.prompt_logprobs),
+            **extra,
         )
 
     def finish(generation: Any) -> tuple[str, bytes]:
@@ -182,8 +186,8 @@ def asample(
         if record:
             for i, (_, logprobs, _) in enumerate(sequences):
                 state.stability.record(tenant.id, sequence_ids[i], logprobs)
-        topk = None
-        if body.topk_prompt_logprobs > 0:
+        topk = getattr(generation, "prompt_topk", None)
+        if topk is None and body.topk_prompt_logprobs > 0:
             topk = state.engine.prompt_topk_logprobs(used[0], prompt, body.topk_prompt_logprobs)
         return PROTO_CONTENT_TYPE, encode_sample_response(sequences, prompt_lps, topk)
 

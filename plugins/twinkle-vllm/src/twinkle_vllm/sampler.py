@@ -174,6 +174,16 @@ class VLLMSampler(Sampler):
         """Names of the adapters this sampler holds."""
         return list(self._adapters)
 
+    def lora_request(self, adapter_name: str) -> Any:
+        """vLLM's ``LoRARequest`` of adapter ``adapter_name`` (None while it has no weights), for callers
+        that drive ``self.llm``'s engine themselves (the server's continuous batching).
+
+        Raises:
+            KeyError: no such adapter.
+        """
+        slot = self._slot(adapter_name)
+        return self._lora_request(slot) if slot.path is not None else None
+
     def _slot(self, adapter_name: str) -> AdapterSlot:
         slot = self._adapters.get(adapter_name)
         if slot is None:
