@@ -162,7 +162,9 @@ def test_samples_come_from_the_trained_adapter_and_follow_its_steps(vllm_server,
     stopped = inflight.sample(
         types.ModelInput.from_ints(PROMPT), 1, types.SamplingParams(max_tokens=8, temperature=0.0, stop=[stop_at])
     ).result()
-    [(want, _, want_reason)], _ = state.engine.sample(slot, PROMPT, max_tokens=8, temperature=0.0, stop_token_ids=[stop_at])
+    [(want, _, want_reason)], _ = state.engine.sample(
+        slot, PROMPT, max_tokens=8, temperature=0.0, stop_token_ids=[stop_at]
+    )
     assert list(stopped.sequences[0].tokens) == want and stopped.sequences[0].stop_reason == want_reason == "stop"
     text = state.engine.tokenizer.decode(tokens[:3], skip_special_tokens=True)
     if text.strip():
