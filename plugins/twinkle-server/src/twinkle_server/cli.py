@@ -109,7 +109,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="with --sampler vllm: a vllm.LLM argument (VALUE read as JSON when it parses), e.g. "
-        "gpu_memory_utilization=0.3 (the default), max_num_seqs=64; repeatable",
+        "gpu_memory_utilization=0.3 (the default on a GPU), kv_cache_memory_bytes=1073741824 (the default on "
+        "the CPU), max_num_seqs=64; repeatable",
     )
     p.add_argument("--threads", type=int, help="torch CPU threads of the server (default: torch's choice)")
     p.add_argument(

@@ -70,8 +70,8 @@ class ServerConfig:
             ``"auto"`` (vllm when twinkle-vllm imports, else torch).
         vllm_max_loras: with the vLLM sampler: adapters in one vLLM batch (vLLM's ``max_loras``).
         vllm_engine_args: with the vLLM sampler: more ``vllm.LLM`` arguments
-            (``gpu_memory_utilization``, default 0.3 since training shares the device;
-            ``kv_cache_memory_bytes``, ``max_model_len``, ``max_num_seqs`` ...).
+            (``gpu_memory_utilization``, default 0.3 of a GPU since training shares the device;
+            ``kv_cache_memory_bytes``, default 1 GiB on the CPU; ``max_model_len``, ``max_num_seqs`` ...).
         control_requests_per_minute: per-tenant rate of every other authenticated request
             (sessions, lists, ``retrieve_future``...), at least ``requests_per_minute``; 429
             with ``Retry-After`` above.

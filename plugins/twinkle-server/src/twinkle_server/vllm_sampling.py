@@ -54,6 +54,8 @@ VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 #: default fraction of the accelerator's memory vLLM takes (weights plus KV cache); the training
 #: engine shares the device. On the CPU backend it is a fraction of the NUMA node's memory.
 DEFAULT_MEMORY_FRACTION = 0.3
+#: default KV cache of vLLM's CPU backend (it reads ``gpu_memory_utilization`` against the whole NUMA node).
+DEFAULT_CPU_KV_BYTES = 1 << 30
 
 
 def vllm_available() -> bool:
@@ -153,8 +155,9 @@ class VLLMSampling:
             (tests share one); default: one is started on ``engine.model_dir``.
         max_loras: adapters in one vLLM batch (vLLM's ``max_loras``).
         seed: seed of the base weights when the model directory has none (the engine's).
-        engine_args: more ``vllm.LLM`` arguments (``gpu_memory_utilization`` defaults to 0.3:
-            the training engine shares the device; ``kv_cache_memory_bytes``, ``max_model_len`` ...).
+        engine_args: more ``vllm.LLM`` arguments. Without ``gpu_memory_utilization`` or
+            ``kv_cache_memory_bytes``: 0.3 of the GPU (the training engine shares it), or a 1 GiB KV
+            cache on the CPU; also ``max_model_len``, ``max_num_seqs`` ...
     """
 
     def __init__(
@@ -171,7 +174,12 @@ class VLLMSampling:
         if sampler is None:
             from twinkle_vllm.sampler import VLLMSampler
 
-            options = {"gpu_memory_utilization": DEFAULT_MEMORY_FRACTION, **dict(engine_args or {})}
+            options = dict(engine_args or {})
+            if "gpu_memory_utilization" not in options and "kv_cache_memory_bytes" not in options:
+                if engine.device.type == "cuda":
+                    options["gpu_memory_utilization"] = DEFAULT_MEMORY_FRACTION
+                else:  # the CPU backend would take the fraction of the whole NUMA node's memory
+                    options["kv_cache_memory_bytes"] = DEFAULT_CPU_KV_BYTES
             sampler = VLLMSampler(
                 str(engine.model_dir),
                 torch_dtype="bfloat16" if engine.device.type == "cuda" else "float32",
