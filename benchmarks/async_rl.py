@@ -1,37 +1,54 @@
 """Synchronous vs asynchronous GRPO: wall time to the same mean reward, sampler and trainer in two processes.
 
-    python benchmarks/async_rl.py                       # ray mode: trainer actor + sampler actor
-    python benchmarks/async_rl.py --steps 60 --runs sync,s1_tis,s2_tis,s2_plain
-    python benchmarks/async_rl.py --mode local          # the sampler in a thread of this process
+    CUDA_VISIBLE_DEVICES= python benchmarks/async_rl.py    # local mode, 5 runs x 3 seeds, 1 thread per process
+    python benchmarks/async_rl.py --threads 2 --seeds 0,1,2,3,4 --runs sync,s1_tis,s2_tis,s2_plain
+    python benchmarks/async_rl.py --mode ray           # trainer actor + sampler actor
+    python benchmarks/async_rl.py --mode thread        # the sampler in a thread of the trainer's process
 
-The task is examples/grpo.py's: the bundled tiny Qwen2, a 30-step format warm-up, then GRPO on a
-LoRA adapter over the nine problems ``a+b=`` (a, b in 0..2; 8 samples each; chance 0.2). Every run
-uses the same loop (``twinkle.rollout``): a :class:`RolloutWorker` thread in the driver drives the
-sampler (a Ray actor on group ``sampler``) into a :class:`RolloutBuffer`; the trainer (a Ray actor
-on group ``trainer``) takes a batch, steps, and syncs the LoRA into the sampler. Only the buffer's
-``max_staleness`` and the loss's rollout correction change:
+The task is examples/grpo.py's: the bundled tiny Qwen2, a 30-step warm-up, then GRPO on a LoRA
+adapter over the problems ``a+b=`` (a, b in 0..``--max-operand``, default 2: nine problems, chance
+0.2; ``--group`` samples each, default 16). The warm-up teaches the answer format (a digit, then
+the end token); the digit is right in ``--demo-accuracy`` of its rows (default 0.5) and random
+otherwise. Random digits alone teach the model that the answer does not depend on the problem,
+and GRPO then climbed only from 0.2 to about 0.3 in 40 to 60 steps (2026-12-07), too little to
+tell the runs apart; the imperfect demonstrations give it a dependence to sharpen.
+Every run uses the same loop (``twinkle.rollout``): a :class:`RolloutWorker` thread in the trainer's
+process drives the sampler (``--mode local``: a TorchSampler in a child process with its own
+``--threads`` torch threads, reached through a pipe; ``ray``: an actor on group ``sampler``) into a
+:class:`RolloutBuffer`; the trainer takes a batch, takes ``--minibatches`` optimizer steps on it
+(PPO minibatches: the clip matters from the second on), and syncs the LoRA into the sampler. Only
+the buffer's ``max_staleness`` and the loss's rollout correction change:
 
 * ``sync``: ``max_staleness=0``, the sampler waits for every update (the synchronous loop);
-* ``s1_tis`` / ``s2_tis``: staleness 1 / 2 with token-level truncated importance sampling
-  (``rollout_correction="token_truncate"``, clip 2);
+* ``s1_tis`` / ``s2_tis``: staleness 1 / 2, decoupled PPO (AReaL): the trainer's log-probs of
+  the batch before its first minibatch step are the ``proximal_logps`` (the PPO anchor, so the
+  clip bounds the update), and token-level truncated importance sampling
+  (``rollout_correction="token_truncate"``, clip 2) weights each token by
+  ``exp(proximal - sampler)``: the staleness;
+* ``s2_mis``: staleness 2, the same with masked importance sampling (``"token_mask"``, IcePop-style:
+  a token whose weight leaves ``[0.5, 2]`` drops out; AReaL caps its behaviour weight the same way);
 * ``s2_plain``: staleness 2, no correction (the PPO ratio is to the stale sampler's log-probs).
 
-Reported per run: wall time to reach the target (the first step where the mean reward over the
-last ``--window`` steps reaches ``--target``), the speed-up over ``sync`` at that point, the final
-reward (mean of the last ``--window`` steps), the mean staleness of consumed samples and the share
-of the sampler's time hidden behind training. The reward curves go side by side in a table. The
-results are written to ``benchmarks/results/async_rl-<date>.md`` (``--out`` to change).
+Each run repeats for every ``--seeds`` seed (the same warmed-up start per seed). Reported per run,
+as mean +- sd over the seeds: wall time to reach the target (the first step where the mean reward
+over the last ``--window`` steps reaches ``--target``), the speed-up over ``sync`` (mean times),
+the final reward (mean of the last ``--window`` steps), seconds per step, the mean staleness of
+consumed samples and the busy seconds of sampler and trainer. The reward curves (mean over seeds)
+go side by side in a table. The results are written to ``benchmarks/results/async_rl-<date>.md``
+(``--out`` to change). Nothing needs a GPU (``CUDA_VISIBLE_DEVICES=`` is fine).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import multiprocessing
 import os
 import random
 import re
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -44,17 +61,86 @@ RUNS = {
     "sync": dict(max_staleness=0, correction=None),
     "s1_tis": dict(max_staleness=1, correction="token_truncate"),
     "s2_tis": dict(max_staleness=2, correction="token_truncate"),
+    "s2_mis": dict(max_staleness=2, correction="token_mask", clip_min=0.5),
     "s2_plain": dict(max_staleness=2, correction=None),
 }
-MAX_OPERAND = 2
-GROUP = 8
 
 
-def problems(tokenizer) -> list[dict]:
+def _sampler_process(conn, model_dir: str, seed: int, threads: int) -> None:
+    """The child process of ``--mode local``: a TorchSampler that runs the calls sent over ``conn``."""
+    import torch
+
+    torch.set_num_threads(threads)
+    import twinkle
+    from twinkle.sampler import TorchSampler
+
+    twinkle.initialize(mode="local", seed=seed)
+    sampler = TorchSampler(model_id=model_dir, seed=seed, device="cpu")
+    conn.send((True, None))
+    while True:
+        message = conn.recv()
+        if message is None:
+            break
+        method, args, kwargs = message
+        try:
+            conn.send((True, getattr(sampler, method)(*args, **kwargs)))
+        except BaseException as exc:  # sent back, raised in the trainer's process
+            conn.send((False, f"{type(exc).__name__}: {exc}"))
+    conn.close()
+
+
+class SamplerProcess:
+    """A TorchSampler in a child process (spawned, ``threads`` torch threads): ``sample`` and ``update_weights``.
+
+    Requests, responses and the weights travel pickled over a pipe; the caller's thread waits on
+    the pipe without holding the GIL, so the trainer's process keeps training meanwhile.
+    """
+
+    def __init__(self, model_dir: str, seed: int, threads: int) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._conn, child = context.Pipe()
+        self._process = context.Process(
+            target=_sampler_process, args=(child, model_dir, seed, threads), name="async-rl-sampler", daemon=True
+        )
+        self._process.start()
+        child.close()
+        self._lock = threading.Lock()
+        self._receive()  # the sampler is loaded
+
+    def _receive(self):
+        ok, value = self._conn.recv()
+        if not ok:
+            raise RuntimeError(f"the sampler process failed: {value}")
+        return value
+
+    def _call(self, method: str, *args, **kwargs):
+        with self._lock:
+            self._conn.send((method, args, kwargs))
+            return self._receive()
+
+    def sample(self, *args, **kwargs):
+        return self._call("sample", *args, **kwargs)
+
+    def update_weights(self, weights, adapter_name=None, peft_config=None):
+        weights = {name: tensor.detach().cpu() for name, tensor in dict(weights).items()}
+        return self._call("update_weights", weights, adapter_name=adapter_name, peft_config=peft_config)
+
+    def close(self) -> None:
+        with self._lock:
+            try:
+                self._conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+        self._process.join(30)
+        if self._process.is_alive():
+            self._process.kill()
+
+
+def problems(tokenizer, max_operand: int) -> list[dict]:
     return [
         {"input_ids": tokenizer.encode(f"{a}+{b}="), "user_data": {"answer": str(a + b)}}
-        for a in range(MAX_OPERAND + 1)
-        for b in range(MAX_OPERAND + 1)
+        for a in range(max_operand + 1)
+        for b in range(max_operand + 1)
     ]
 
 
@@ -64,8 +150,8 @@ def accuracy(text: str, answer: str) -> float:
     return float(bool(numbers) and numbers[-1] == answer)
 
 
-def run(name: str, steps: int, seed: int, lr: float, groups: dict[str, str | None]) -> dict:
-    """One run from the same warmed-up start; returns per-step rewards, times and staleness."""
+def run(name: str, seed: int, args: argparse.Namespace, groups: dict[str, str | None]) -> dict:
+    """One run from the seed's warmed-up start; returns per-step rewards, times and staleness."""
     from peft import LoraConfig
     from transformers import AutoTokenizer
     from twinkle import assets
@@ -78,21 +164,27 @@ def run(name: str, steps: int, seed: int, lr: float, groups: dict[str, str | Non
     from twinkle.sampler import TorchSampler
 
     config = RUNS[name]
+    steps, lr, group_size = args.steps, args.lr, args.group
     rng = random.Random(seed)
     model_dir = str(assets.path("tiny-qwen2"))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    batch = problems(tokenizer)
+    batch = problems(tokenizer, args.max_operand)
 
     model = TransformersModel(model_id=model_dir, seed=seed, device="cpu", remote_group=groups["trainer"])
     model.set_optimizer("AdamW", lr=3e-3)
-    for _ in range(30):  # the answer *format* only: random digits
+    for _ in range(30):  # the answer format; the digit is right with --demo-accuracy, else random
         rows = []
         for problem in rng.choices(batch, k=32):
-            answer = tokenizer.encode(str(rng.randint(0, 2 * MAX_OPERAND))) + [tokenizer.eos_token_id]
+            digit = problem["user_data"]["answer"] if rng.random() < args.demo_accuracy else None
+            digit = digit or str(rng.randint(0, 2 * args.max_operand))
+            answer = tokenizer.encode(digit) + [tokenizer.eos_token_id]
             rows.append(build_input_feature(problem["input_ids"], answer))
         model.forward_backward(inputs=rows)
         model.clip_grad_and_step()
-    sampler = TorchSampler(model_id=model_dir, seed=seed, device="cpu", remote_group=groups["sampler"])
+    if args.mode == "local":
+        sampler = SamplerProcess(model_dir, seed, args.threads)
+    else:
+        sampler = TorchSampler(model_id=model_dir, seed=seed, device="cpu", remote_group=groups["sampler"])
     engine = LocalCheckpointEngine()
     engine.sync(model, sampler)
     model.add_adapter_to_model("default", LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
@@ -100,16 +192,18 @@ def run(name: str, steps: int, seed: int, lr: float, groups: dict[str, str | Non
     loss_options = dict(epsilon=0.2, beta=0.0)
     if config["correction"]:
         loss_options.update(rollout_correction=config["correction"], rollout_clip_max=2.0)
+        if config.get("clip_min"):
+            loss_options["rollout_clip_min"] = config["clip_min"]
     model.set_loss("GRPOLoss", **loss_options)
     engine.sync(model, sampler, adapter_name="default")
 
     advantage_fn = GRPOAdvantage(scale="group")
-    per_step = len(batch) * GROUP
+    per_step = len(batch) * group_size
     sample_seconds: list[float] = []
 
     def postprocess(rollouts) -> None:  # in the worker thread: rewards and group advantages
         rewards = [accuracy(r.sequence.text, r.sequence.user_data["answer"]) for r in rollouts]
-        for r, reward, adv in zip(rollouts, rewards, advantage_fn(rewards, num_generations=GROUP)):
+        for r, reward, adv in zip(rollouts, rewards, advantage_fn(rewards, num_generations=group_size)):
             r.extra.update(reward=reward, advantage=adv)
 
     class TimedSampler:  # the time the sampler spends sampling (to see how much of it training hides)
@@ -123,12 +217,14 @@ def run(name: str, steps: int, seed: int, lr: float, groups: dict[str, str | Non
         def update_weights(self, *args, **kwargs):
             return sampler.update_weights(*args, **kwargs)
 
+    decoupled = bool(config["correction"])  # AReaL: the anchor is the trainer's policy before this batch's steps
+    forward_seconds = 0.0
     buffer = RolloutBuffer(batch_size=per_step, max_staleness=config["max_staleness"])
     worker = RolloutWorker(
         TimedSampler(),
         buffer,
         lambda: batch,
-        SamplingParams(max_tokens=2, temperature=1.0, num_samples=GROUP, seed=seed * 100_000),  # batch k: + k
+        SamplingParams(max_tokens=2, temperature=1.0, num_samples=group_size, seed=seed * 100_000),  # batch k: + k
         adapter_name="default",
         postprocess=postprocess,
     )
@@ -145,8 +241,18 @@ def run(name: str, steps: int, seed: int, lr: float, groups: dict[str, str | Non
             version = buffer.version
             t0 = time.perf_counter()
             rows = [r.row(advantages=r.extra["advantage"]) for r in rollouts]
-            model.forward_backward(inputs=rows)
-            model.clip_grad_and_step(max_grad_norm=1.0)
+            if decoupled and args.minibatches > 1:
+                # the proximal policy: the trainer's log-probs before the first step on this batch. With one
+                # step per batch it equals the loss's default (the current policy, detached): not computed.
+                logps = model.forward_only(inputs=rows)["logps"]
+                for row, row_logps in zip(rows, logps):
+                    row["proximal_logps"] = [float(x) for x in row_logps]
+                forward_seconds += time.perf_counter() - t0
+            size = -(-len(rows) // args.minibatches)
+            size = -(-size // group_size) * group_size  # whole groups per minibatch
+            for lo in range(0, len(rows), size):
+                model.forward_backward(inputs=rows[lo : lo + size])
+                model.clip_grad_and_step(max_grad_norm=1.0)
             train_seconds += time.perf_counter() - t0
             pauses.append(worker.sync_weights(model, adapter_name="default")["sync_pause_seconds"])
             rewards.append(statistics.fmean(r.extra["reward"] for r in rollouts))
@@ -154,6 +260,8 @@ def run(name: str, steps: int, seed: int, lr: float, groups: dict[str, str | Non
             elapsed.append(time.perf_counter() - start)
     finally:
         worker.stop()
+        if isinstance(sampler, SamplerProcess):
+            sampler.close()
     return {
         "name": name,
         "rewards": rewards,
@@ -161,6 +269,7 @@ def run(name: str, steps: int, seed: int, lr: float, groups: dict[str, str | Non
         "staleness": statistics.fmean(staleness),
         "sample_seconds": sum(sample_seconds),
         "train_seconds": train_seconds,
+        "forward_seconds": forward_seconds,
         "dropped": buffer.dropped,
         "sync_pause_ms": 1e3 * statistics.fmean(pauses),
     }
@@ -175,61 +284,99 @@ def time_to(result: dict, target: float, window: int) -> tuple[int | None, float
     return None, None
 
 
-def report(results: list[dict], args: argparse.Namespace, device: str) -> str:
+def mean_sd(values: list[float]) -> str:
+    """``mean +- sd`` over the seeds (just the value for one seed; ``-`` for none)."""
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.{3 if abs(values[0]) < 10 else 1}f}"
+    digits = 3 if abs(statistics.fmean(values)) < 10 else 1
+    return f"{statistics.fmean(values):.{digits}f} +- {statistics.stdev(values):.{digits}f}"
+
+
+def report(results: dict[str, list[dict]], args: argparse.Namespace, device: str) -> str:
+    """The table (mean +- sd over the seeds) and the reward curves (mean over the seeds)."""
     window = args.window
-    sync = next((r for r in results if r["name"] == "sync"), None)
-    sync_time = time_to(sync, args.target, window)[1] if sync else None
+    seeds = len(next(iter(results.values())))
+    sync_times = [time_to(r, args.target, window)[1] for r in results.get("sync", [])]
+    sync_time = statistics.fmean(sync_times) if sync_times and None not in sync_times else None
     lines = [
         f"# async_rl: synchronous vs asynchronous GRPO ({datetime.date.today().isoformat()})",
         "",
-        f"`python benchmarks/async_rl.py {' '.join(sys.argv[1:])}`: {device}; steps {args.steps}, seed {args.seed}, "
-        f"lr {args.lr}, 9 prompts x {GROUP} samples per step; target: the mean reward over {window} steps "
-        f">= {args.target} (chance 0.2).",
+        f"`python benchmarks/async_rl.py {' '.join(sys.argv[1:])}`: {device}; steps {args.steps}, "
+        f"seeds {args.seeds}, lr {args.lr}, {args.minibatches} minibatch step(s) per batch, "
+        f"{(args.max_operand + 1) ** 2} prompts x {args.group} samples per step, warm-up demonstrations right "
+        f"{args.demo_accuracy:.0%}; target: the mean reward over {window} steps >= {args.target} "
+        f"(chance {1 / (2 * args.max_operand + 1):.2f}). Cells are mean +- sd over the {seeds} seed(s); "
+        "`reached` counts the seeds that reached the target, and the time columns average those.",
         "",
-        "| run | staleness | correction | steps to target | s to target | speed-up vs sync | final reward "
-        f"(last {window}) | s per step | mean staleness | sampler busy s | trainer busy s | sync pause ms | dropped |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| run | staleness | correction | reached | steps to target | s to target | speed-up vs sync | "
+        f"final reward (last {window}) | s per step | mean staleness | sampler busy s | trainer busy s | "
+        "sync pause ms | dropped |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in results:
-        config = RUNS[r["name"]]
-        step, seconds = time_to(r, args.target, window)
-        speedup = f"{sync_time / seconds:.2f}x" if sync_time and seconds else "-"
-        final = statistics.fmean(r["rewards"][-window:])
+    for name, runs in results.items():
+        config = RUNS[name]
+        hits = [time_to(r, args.target, window) for r in runs]
+        reached = [(step, seconds) for step, seconds in hits if step is not None]
+        seconds = statistics.fmean(s for _, s in reached) if reached else None
+        speedup = f"{sync_time / seconds:.2f}x" if sync_time and seconds and len(reached) == len(runs) else "-"
+        correction = config["correction"] or "-"
+        if config["correction"] and args.minibatches > 1:
+            correction += " + proximal"
         lines.append(
-            f"| {r['name']} | {config['max_staleness']} | {config['correction'] or '-'} | {step or 'not reached'} | "
-            f"{f'{seconds:.1f}' if seconds else '-'} | {speedup} | {final:.3f} | "
-            f"{r['elapsed'][-1] / len(r['rewards']):.3f} | {r['staleness']:.2f} | {r['sample_seconds']:.1f} | "
-            f"{r['train_seconds']:.1f} | {r['sync_pause_ms']:.1f} | {r['dropped']} |"
+            f"| {name} | {config['max_staleness']} | {correction} | {len(reached)}/{len(runs)} | "
+            f"{mean_sd([float(s) for s, _ in reached])} | {mean_sd([t for _, t in reached])} | {speedup} | "
+            f"{mean_sd([statistics.fmean(r['rewards'][-window:]) for r in runs])} | "
+            f"{mean_sd([r['elapsed'][-1] / len(r['rewards']) for r in runs])} | "
+            f"{statistics.fmean(r['staleness'] for r in runs):.2f} | "
+            f"{mean_sd([r['sample_seconds'] for r in runs])} | {mean_sd([r['train_seconds'] for r in runs])} | "
+            f"{statistics.fmean(r['sync_pause_ms'] for r in runs):.1f} | {sum(r['dropped'] for r in runs)} |"
         )
-    lines += ["", f"Reward curves (mean reward per step, every {args.every} steps; wall seconds in brackets):", ""]
-    lines.append("| step | " + " | ".join(r["name"] for r in results) + " |")
+    lines += [
+        "",
+        f"Reward curves (mean reward per step over {args.every} steps and the seeds; mean wall seconds in brackets):",
+        "",
+    ]
+    lines.append("| step | " + " | ".join(results) + " |")
     lines.append("|---|" + "---|" * len(results))
     for i in range(args.every - 1, args.steps, args.every):
-        cells = [
-            f"{statistics.fmean(r['rewards'][max(0, i - args.every + 1) : i + 1]):.3f} ({r['elapsed'][i]:.0f}s)"
-            for r in results
-        ]
+        cells = []
+        for runs in results.values():
+            reward = statistics.fmean(statistics.fmean(r["rewards"][max(0, i - args.every + 1) : i + 1]) for r in runs)
+            cells.append(f"{reward:.3f} ({statistics.fmean(r['elapsed'][i] for r in runs):.0f}s)")
         lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated; every run repeats per seed")
     parser.add_argument("--lr", type=float, default=5e-3)
+    parser.add_argument("--group", type=int, default=16, help="samples per prompt")
+    parser.add_argument(
+        "--demo-accuracy", type=float, default=0.5, help="share of warm-up answers that are right (else random)"
+    )
+    parser.add_argument("--max-operand", type=int, default=2, help="problems a+b= with a, b in 0..this")
+    parser.add_argument("--minibatches", type=int, default=2, help="optimizer steps per batch (PPO minibatches)")
     parser.add_argument("--runs", default=",".join(RUNS))
     parser.add_argument("--target", type=float, default=0.35)
     parser.add_argument("--window", type=int, default=5)
     parser.add_argument("--every", type=int, default=5)
-    parser.add_argument("--mode", choices=("ray", "local"), default="ray")
+    parser.add_argument("--mode", choices=("local", "thread", "ray"), default="local")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process (local and thread modes)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
     import twinkle
     from twinkle import DeviceGroup
 
-    if args.mode == "ray":  # one local cluster for every run (actors get 1 CPU each: 1 torch thread)
+    if args.mode != "ray":
+        import torch
+
+        torch.set_num_threads(args.threads)  # the trainer's process (the sampler's child sets its own)
+    else:  # one local cluster for every run (actors get 1 CPU each: 1 torch thread)
         import ray
 
         for attempt in range(3):  # Ray gives its raylet a fixed 30 s to come up: a busy machine can miss it
@@ -240,30 +387,37 @@ def main() -> None:
                 ray.shutdown()
                 if attempt == 2:
                     raise
-    results = []
-    for name in args.runs.split(","):
-        if args.mode == "ray":
-            groups = [
-                DeviceGroup(name="trainer", ranks=1, device_type="cpu"),
-                DeviceGroup(name="sampler", ranks=1, device_type="cpu"),
-            ]
-            runtime = twinkle.initialize(mode="ray", groups=groups, seed=args.seed)
-            placement = {"trainer": "trainer", "sampler": "sampler"}
-        else:
-            runtime = twinkle.initialize(mode="local", seed=args.seed)
-            placement = {"trainer": None, "sampler": None}
-        try:
-            result = run(name, args.steps, args.seed, args.lr, placement)
-        finally:
-            runtime.shutdown()
-        print(
-            f"{name}: final {statistics.fmean(result['rewards'][-args.window :]):.3f} in {result['elapsed'][-1]:.1f}s",
-            flush=True,
-        )
-        results.append(result)
-    load = os.getloadavg()[0]
-    device = f"{os.cpu_count()} CPU cores shared with other jobs (1-min load average {load:.1f} at the end)"
-    device += f", mode {args.mode}"
+    started = time.perf_counter()
+    loads = [os.getloadavg()[0]]
+    results: dict[str, list[dict]] = {}
+    for seed in (int(s) for s in args.seeds.split(",")):
+        for name in args.runs.split(","):
+            if args.mode == "ray":
+                groups = [
+                    DeviceGroup(name="trainer", ranks=1, device_type="cpu"),
+                    DeviceGroup(name="sampler", ranks=1, device_type="cpu"),
+                ]
+                runtime = twinkle.initialize(mode="ray", groups=groups, seed=seed)
+                placement = {"trainer": "trainer", "sampler": "sampler"}
+            else:
+                runtime = twinkle.initialize(mode="local", seed=seed)
+                placement = {"trainer": None, "sampler": None}
+            try:
+                result = run(name, seed, args, placement)
+            finally:
+                runtime.shutdown()
+            loads.append(os.getloadavg()[0])
+            print(
+                f"{name} seed {seed}: final {statistics.fmean(result['rewards'][-args.window :]):.3f} in "
+                f"{result['elapsed'][-1]:.1f}s (load {loads[-1]:.1f})",
+                flush=True,
+            )
+            results.setdefault(name, []).append(result)
+    threads = f", {args.threads} torch thread(s) per process" if args.mode != "ray" else ""
+    device = (
+        f"{os.cpu_count()} CPU cores, mode {args.mode}{threads}; 1-min load average {min(loads):.1f} to "
+        f"{max(loads):.1f} (sampled before and after each run); {time.perf_counter() - started:.0f} s in all"
+    )
     text = report(results, args, device)
     print(text)
     out = (
