@@ -132,7 +132,7 @@ def _run(model: Any, batch: Mapping[str, Any]) -> Any:
 
     model_inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
     context = packed_inputs(unwrap(model.model), batch, model_inputs)
-    autocast = getattr(model, "_autocast", None)
+    autocast = getattr(model, "autocast_dtype", None)  # mixed_precision=: the same autocast as run_forward
     with (
         context,
         torch.autocast(model.device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext(),
