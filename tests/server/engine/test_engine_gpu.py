@@ -78,7 +78,8 @@ def trained(model_dir: str) -> dict[str, tuple]:
             for slot in (first, second)
         }
         before = {
-            slot: [p.detach().double().cpu().clone() for p in engine.slot(slot).parameters()] for slot in (first, second)
+            slot: [p.detach().double().cpu().clone() for p in engine.slot(slot).parameters()]
+            for slot in (first, second)
         }
         steps = engine.optim_steps([(first, HYPER), (second, dict(HYPER, grad_clip_norm=0.5))])
         out[device] = (engine, first, second, results, steps, grads, before)
