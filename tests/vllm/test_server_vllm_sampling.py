@@ -137,6 +137,11 @@ def test_samples_come_from_the_trained_adapter_and_follow_its_steps(vllm_server,
     np.testing.assert_allclose(trained.prompt_logprobs[1:], prompt_lps[1:], rtol=0, atol=tol)
     moved = np.abs(np.array(trained.prompt_logprobs[1:]) - np.array(fresh.prompt_logprobs[1:])).max()
     assert moved > 100 * tol
+    # greedy num_samples > 1 (vLLM itself refuses n > 1 without sampling): equal copies, as on the torch path
+    copies = inflight.sample(
+        types.ModelInput.from_ints(PROMPT), 3, types.SamplingParams(max_tokens=8, temperature=0.0)
+    ).result()
+    assert [list(s.tokens) for s in copies.sequences] == [tokens] * 3
 
     # a snapshot and a saved sampler checkpoint are adapters of their own: the same weights
     snapshot = tc.save_weights_and_get_sampling_client().result()
@@ -188,6 +193,36 @@ def test_samples_come_from_the_trained_adapter_and_follow_its_steps(vllm_server,
     forward = tc.forward([_datum(full)], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy()
     # the sampled tokens' logprobs are the model's own (temperature 1, before top-k/top-p), as training computes
     np.testing.assert_allclose(seq.logprobs, forward[-len(seq.tokens) :], rtol=0, atol=tolerance(forward))
+
+
+def test_a_push_while_requests_run_leaves_them_on_their_version(vllm_server, service_a) -> None:
+    """A long request keeps sampling the version it started on while a step's new version is pushed
+    (between two vLLM steps, without draining vLLM); the next request samples the new version."""
+    _, state = vllm_server
+    tc = service_a.create_lora_training_client(base_model=BASE, rank=8, **NO_UNEMBED).result()
+    tc.forward_backward([_datum(PROMPT + TARGET)], "cross_entropy").result()
+    tc.optim_step(types.AdamParams(learning_rate=5e-2)).result()
+    inflight = tc.save_weights_and_get_sampling_client(kind="inflight").result()
+    old = tc.save_weights_and_get_sampling_client().result()  # a snapshot of the version the long request uses
+    _greedy(inflight)  # the version is in vLLM
+    running = state.sampling.pushes_while_running
+    with pytest.raises(Exception, match="exceeds the model's 512 positions"):  # vLLM's max_model_len here
+        inflight.sample(types.ModelInput.from_ints(PROMPT), 1, types.SamplingParams(max_tokens=507)).result()
+    long = inflight.sample(types.ModelInput.from_ints(PROMPT), 4, types.SamplingParams(max_tokens=500, seed=3, stop=[]))
+    tc.forward_backward([_datum(PROMPT + TARGET)], "cross_entropy").result()
+    tc.optim_step(types.AdamParams(learning_rate=5e-2)).result()
+    new = _greedy(inflight)  # pushed while the long request runs
+    assert state.sampling.pushes_while_running > running, "the long request ended before the push"
+    [(tokens, _, _)], _ = state.engine.sample(state.run_slots[tc.model_id], PROMPT, max_tokens=8, temperature=0.0)
+    assert list(new.sequences[0].tokens) == tokens
+    seq = long.result().sequences[0]
+    assert len(seq.tokens) == 500
+    full = types.ModelInput.from_ints(PROMPT + list(seq.tokens))
+    on_old = np.array(old.compute_logprobs(full).result()[-100:])
+    on_new = np.array(inflight.compute_logprobs(full).result()[-100:])
+    tol = tolerance(on_old, on_new)
+    np.testing.assert_allclose(seq.logprobs[-100:], on_old, rtol=0, atol=tol)  # its tail: still the old version
+    assert np.abs(on_new - on_old).max() > 100 * tol
 
 
 def test_a_tenant_cannot_sample_another_tenants_adapters(vllm_server, service_a) -> None:

@@ -16,9 +16,10 @@ copy of the same base model, with each tenant's LoRA adapter pushed into it in m
   it, reads the adapter if it changed and hands it to this module's thread; the worker goes
   on with training at once. The thread drives vLLM's engine itself (``add_request`` /
   ``step``), so requests of every tenant are batched continuously by vLLM's own scheduler.
-  A push needs vLLM idle (it resets vLLM's prefix cache): while one waits, new requests are
-  held until the running ones finish, then every pending push is applied and the held
-  requests start.
+  Each pushed version is a vLLM adapter of its own (``tinker3@5``): a push happens between two
+  engine steps with other requests running (no prefix-cache reset is needed, vLLM keys cached
+  blocks by adapter name and path), requests already running on the older version finish on
+  it, and a superseded version is removed once no request runs on it.
 * **Same semantics as the torch path** (:mod:`twinkle_server.sampling`): the raw
   (temperature 1) log-probabilities of the sampled tokens (vLLM's ``raw_logprobs``), prompt
   log-probabilities with NaN first, ``stop_token_ids=None`` stops at the engine's EOS ids
@@ -95,6 +96,10 @@ class VLLMGeneration:
         self._prompt_logprobs: list[float] | None = None
         #: ``(token ids, logprobs)`` of shape ``(len(prompt), k)`` when ``topk`` was asked (else None).
         self.prompt_topk: tuple[Any, Any] | None = None
+        #: the vLLM adapter (``name@version``) it runs on, while it runs.
+        self.vllm_adapter: str | None = None
+        #: how many times each completion is repeated in the result (greedy ``num_samples``).
+        self.copies = 1
 
     @property
     def done(self) -> bool:
@@ -130,7 +135,8 @@ class VLLMGeneration:
                 raise RuntimeError(f"vLLM ended the request ({completion.finish_reason})")
             tokens = [int(t) for t in completion.token_ids]
             logprobs = [float(step[t].logprob) for step, t in zip(completion.logprobs or [], tokens)]
-            self._sequences.append((tokens, logprobs, "length" if completion.finish_reason == "length" else "stop"))
+            reason = "length" if completion.finish_reason == "length" else "stop"
+            self._sequences.extend((list(tokens), list(logprobs), reason) for _ in range(self.copies))
         steps = output.prompt_logprobs
         if self.want_prompt_logprobs and steps is not None:
             self._prompt_logprobs = [math.nan] + [float(steps[i][t].logprob) for i, t in enumerate(self.prompt) if i]
@@ -192,6 +198,8 @@ class VLLMSampling:
         self.sampler = sampler
         self.max_lora_rank = int(sampler.engine_options.get("max_lora_rank", 16))
         self.eos_token_ids = sorted(engine.eos_token_ids)
+        #: prompt plus completion tokens at most: the engine's positions, or vLLM's ``max_model_len`` if smaller.
+        self.max_length = min(engine.max_length, int(sampler.llm.llm_engine.model_config.max_model_len))
         #: (worker) adapter name -> the version last read for a push.
         self._captured: dict[str, int] = {}
         self._cond = threading.Condition()
@@ -200,10 +208,14 @@ class VLLMSampling:
         self._pending: dict[str, tuple[int, dict[str, Any], dict[str, Any]]] = {}
         #: adapter name -> why its push failed (it samples on the torch path from then on).
         self._broken: dict[str, str] = {}
-        #: (vLLM thread) adapter name -> version vLLM holds.
+        #: (vLLM thread) adapter name -> newest version vLLM holds.
         self._pushed: dict[str, int] = {}
-        #: statistics (tests and benchmarks): pushes applied, requests finished.
+        #: (vLLM thread) vLLM adapter (``name@version``) -> requests running on it.
+        self._loaded: dict[str, int] = {}
+        #: statistics (tests and benchmarks): pushes applied (and of those, applied while requests ran on
+        #: vLLM), requests finished.
         self.pushes = 0
+        self.pushes_while_running = 0
         self.finished = 0
         self._running = True
         self._thread = threading.Thread(target=self._loop, name="twinkle-vllm-sampling", daemon=True)
@@ -263,7 +275,7 @@ class VLLMSampling:
         prompt = check_sample_request(
             prompt,
             vocab_size=engine.vocab_size,
-            max_length=engine.max_length,
+            max_length=self.max_length,
             num_samples=num_samples,
             max_tokens=max_tokens,
             temperature=temperature,
@@ -272,8 +284,10 @@ class VLLMSampling:
         if topk_prompt_logprobs and not 1 <= topk_prompt_logprobs <= engine.vocab_size:
             raise EngineError(f"top-k must be between 1 and {engine.vocab_size}")
         lora = self._capture(slot) if slot is not None else None
+        # vLLM refuses n > 1 with greedy sampling: one completion, copied (the torch path's copies are equal too)
+        greedy_copies = num_samples if temperature == 0 and num_samples > 1 else 1
         params = self._params(
-            num_samples=num_samples,
+            num_samples=num_samples // greedy_copies,
             max_tokens=max_tokens,
             temperature=temperature,
             top_k=top_k,
@@ -284,6 +298,7 @@ class VLLMSampling:
             prompt_logprobs=max(int(topk_prompt_logprobs), 0) if (prompt_logprobs or topk_prompt_logprobs) else None,
         )
         gen = VLLMGeneration(prompt, params, lora, prompt_logprobs=prompt_logprobs, topk=int(topk_prompt_logprobs))
+        gen.copies = greedy_copies
         with self._cond:
             if not self._running:
                 raise EngineError("the vLLM sampler is shutting down")
@@ -335,96 +350,107 @@ class VLLMSampling:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
+        from twinkle_server.engine import EngineError
+
         stops = self.eos_token_ids if stop_token_ids is None else [int(t) for t in stop_token_ids]
-        return SamplingParams(
-            n=num_samples,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_k=top_k if top_k is not None and top_k > 0 else 0,
-            top_p=top_p,
-            seed=seed,
-            ignore_eos=True,  # the stop ids below are the whole set, EOS included unless replaced
-            stop_token_ids=stops or None,
-            stop=list(stop_strings) or None,
-            logprobs=0,
-            prompt_logprobs=prompt_logprobs,
-            skip_special_tokens=True,
-            output_kind=RequestOutputKind.FINAL_ONLY,
-        )
+        try:
+            return SamplingParams(
+                n=num_samples,
+                max_tokens=max_tokens,
+                temperature=temperature,
+                top_k=top_k if top_k is not None and top_k > 0 else 0,
+                top_p=top_p,
+                seed=seed,
+                ignore_eos=True,  # the stop ids below are the whole set, EOS included unless replaced
+                stop_token_ids=stops or None,
+                stop=list(stop_strings) or None,
+                logprobs=0,
+                prompt_logprobs=prompt_logprobs,
+                skip_special_tokens=True,
+                output_kind=RequestOutputKind.FINAL_ONLY,
+            )
+        except Exception as exc:  # noqa: BLE001 - vLLM's own check of the request: the client's error
+            raise EngineError(f"vLLM refused the sampling parameters: {exc}") from None
 
     # -- the vLLM thread -------------------------------------------------------------------
     def _loop(self) -> None:
         llm_engine = self.sampler.llm.llm_engine
         active: dict[str, VLLMGeneration] = {}
-        held: list[VLLMGeneration] = []
         while True:
             with self._cond:
-                idle = self._running and not self._incoming and not active and not held
-                if idle:
+                if self._running and not self._incoming and not active:
                     self._cond.wait(timeout=1.0)
-                    idle = not self._incoming
                 if not self._running:
                     break
-            if idle:
-                self._drop_stale()
-                continue
-            with self._cond:
-                held.extend(self._incoming)
-                self._incoming = []
-                pushes = {n: p for n, p in self._pending.items() if n in {g.lora[0] for g in held if g.lora}}
-            if held and (not pushes or not active):  # a push waits for vLLM to be idle
-                if pushes:
-                    self._push(pushes, held)
-                for gen in held:
-                    if not gen.future.done():
-                        self._add(llm_engine, gen, active)
-                held = []
-            if not active:
-                continue
-            try:
-                outputs = llm_engine.step()
-            except Exception as exc:  # noqa: BLE001 - every running request learns of it
-                logger.exception("vLLM step failed")
-                self._abort(llm_engine, active, exc)
-                continue
-            for output in outputs:
-                gen = active.get(output.request_id) if output.finished else None
-                if gen is None:
-                    continue
-                del active[output.request_id]
+                incoming, self._incoming = self._incoming, []
+                wanted = {g.lora[0] for g in incoming if g.lora}
+                pushes = {n: self._pending.pop(n) for n in list(self._pending) if n in wanted}
+            if pushes:
+                before = self.pushes
+                self._push(pushes, incoming)
+                if active:
+                    self.pushes_while_running += self.pushes - before
+            for gen in incoming:
+                if not gen.future.done():
+                    self._add(llm_engine, gen, active)
+            if active:
                 try:
-                    gen._fill(output)
-                except Exception as exc:  # noqa: BLE001
-                    gen.future.set_exception(exc)
-                    continue
-                self.finished += 1
-                gen.future.set_result(gen)
+                    outputs = llm_engine.step()
+                except Exception as exc:  # noqa: BLE001 - every running request learns of it
+                    logger.exception("vLLM step failed")
+                    outputs = []
+                    self._abort(llm_engine, active, exc)
+                for output in outputs:
+                    gen = active.pop(output.request_id, None) if output.finished else None
+                    if gen is None:
+                        continue
+                    self._release(gen)
+                    try:
+                        gen._fill(output)
+                    except Exception as exc:  # noqa: BLE001
+                        gen.future.set_exception(exc)
+                        continue
+                    self.finished += 1
+                    gen.future.set_result(gen)
+            self._drop_unused()
         self._abort(llm_engine, active, RuntimeError("the server is stopping"))
-        for gen in held:
+        with self._cond:
+            left, self._incoming = self._incoming, []
+        for gen in left:
             if not gen.future.done():
                 gen.future.set_exception(RuntimeError("the server is stopping"))
 
-    def _push(self, pushes: dict[str, tuple[int, dict[str, Any], dict[str, Any]]], held: list[Any]) -> None:
-        """(vLLM thread, vLLM idle) push the adapters the held requests need."""
+    @staticmethod
+    def _vllm_name(name: str, version: int) -> str:
+        """vLLM's adapter name of one version of an engine adapter."""
+        return f"{name}@{version}"
+
+    def _push(self, pushes: dict[str, tuple[int, dict[str, Any], dict[str, Any]]], incoming: list[Any]) -> None:
+        """(vLLM thread) load each adapter's newest version into vLLM under a name of its own.
+
+        A new name (and staging path) per version: vLLM's prefix-cache blocks are keyed by both, so
+        nothing cached for an older version is reused and no cache reset is needed, and requests
+        still running on the older version finish on it (it is removed once none uses it).
+        """
         from twinkle_server.engine import EngineError
 
         for name, (version, tensors, config) in pushes.items():
-            with self._cond:
-                if self._pending.get(name, (None,))[0] == version:
-                    del self._pending[name]
             if self._pushed.get(name, -1) >= version:
                 continue
             try:
-                self.sampler.update_weights(tensors, adapter_name=name, peft_config=config)
+                self.sampler.update_weights(
+                    tensors, adapter_name=self._vllm_name(name, version), peft_config=config, reset_prefix_cache=False
+                )
             except Exception as exc:  # noqa: BLE001 - those requests fail; the adapter samples on torch from now on
                 logger.exception("pushing adapter %s into vLLM failed", name)
                 self._broken[name] = str(exc)
                 error = EngineError(f"this adapter could not be loaded into the vLLM sampler ({exc}); send it again")
-                for gen in held:
+                for gen in incoming:
                     if gen.lora and gen.lora[0] == name and not gen.future.done():
                         gen.future.set_exception(error)
                 continue
             self._pushed[name] = version
+            self._loaded.setdefault(self._vllm_name(name, version), 0)
             self.pushes += 1
 
     def _add(self, llm_engine: Any, gen: VLLMGeneration, active: dict[str, VLLMGeneration]) -> None:
@@ -434,14 +460,23 @@ class VLLMSampling:
                 name, version = gen.lora
                 if self._pushed.get(name, -1) < version:
                     raise RuntimeError(f"adapter {name} version {version} was not pushed to vLLM")
-                lora_request = self.sampler.lora_request(name)
+                gen.vllm_adapter = self._vllm_name(name, self._pushed[name])  # the newest: this version or later
+                lora_request = self.sampler.lora_request(gen.vllm_adapter)
             llm_engine.add_request(
                 gen.request_id, {"prompt_token_ids": gen.prompt}, gen.params, lora_request=lora_request
             )
         except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
+            gen.vllm_adapter = None
             gen.future.set_exception(exc)
             return
+        if gen.vllm_adapter is not None:
+            self._loaded[gen.vllm_adapter] += 1
         active[gen.request_id] = gen
+
+    def _release(self, gen: VLLMGeneration) -> None:
+        if gen.vllm_adapter is not None:
+            self._loaded[gen.vllm_adapter] -= 1
+            gen.vllm_adapter = None
 
     def _abort(self, llm_engine: Any, active: dict[str, VLLMGeneration], error: BaseException) -> None:
         if active:
@@ -450,19 +485,30 @@ class VLLMSampling:
             except Exception:  # noqa: BLE001
                 logger.exception("aborting vLLM requests failed")
         for gen in active.values():
+            self._release(gen)
             if not gen.future.done():
                 gen.future.set_exception(error)
         active.clear()
 
-    def _drop_stale(self) -> None:
-        """(vLLM thread, idle) forget adapters the engine no longer has."""
-        live = {slot.adapter for slot in list(self.engine.slots.values())}
-        for name in [n for n in self._pushed if n not in live and n not in self._pending]:
+    def _drop_unused(self) -> None:
+        """(vLLM thread) remove the vLLM adapters no request runs on that are superseded by a newer
+        version or whose engine adapter is gone."""
+        live = None
+        for vname, users in list(self._loaded.items()):
+            if users:
+                continue
+            name, _, version = vname.rpartition("@")
+            if self._pushed.get(name) == int(version):
+                if live is None:
+                    live = {slot.adapter for slot in list(self.engine.slots.values())}
+                if name in live:
+                    continue
+                self._pushed.pop(name, None)
+            del self._loaded[vname]
             try:
-                self.sampler.remove_adapter(name)
+                self.sampler.remove_adapter(vname, reset_prefix_cache=False)
             except Exception:  # noqa: BLE001 - a leftover adapter costs memory, not correctness
-                logger.exception("removing adapter %s from vLLM failed", name)
-            self._pushed.pop(name, None)
+                logger.exception("removing adapter %s from vLLM failed", vname)
 
     # -- lifecycle -----------------------------------------------------------------------------
     def close(self) -> None:
@@ -471,11 +517,12 @@ class VLLMSampling:
             self._running = False
             self._cond.notify_all()
         self._thread.join(timeout=60)
-        for name in list(self._pushed):
+        for vname in list(self._loaded):
             try:
-                self.sampler.remove_adapter(name)
+                self.sampler.remove_adapter(vname)
             except Exception:  # noqa: BLE001
                 pass
+        self._loaded.clear()
         self._pushed.clear()
         if self._owns_sampler:
             self.sampler.close()

@@ -159,15 +159,20 @@ class VLLMSampler(Sampler):
         self._adapters[adapter_name] = slot
 
     @remote(dispatch="all", collect="first")
-    def remove_adapter(self, adapter_name: str) -> None:
-        """Forget adapter ``adapter_name`` (unloads it from vLLM). Raises KeyError when it does not exist."""
+    def remove_adapter(self, adapter_name: str, *, reset_prefix_cache: bool = True) -> None:
+        """Forget adapter ``adapter_name`` (unloads it from vLLM). Raises KeyError when it does not exist.
+
+        ``reset_prefix_cache=False`` keeps vLLM's prefix cache (and so requests running on other
+        adapters: a reset aborts them); the removed adapter's cached blocks are never matched again.
+        """
         slot = self._slot(adapter_name)
         if slot.path is not None:
             self.llm.llm_engine.remove_lora(slot.lora_id)
         if slot.owned and slot.path is not None:
             shutil.rmtree(slot.path, ignore_errors=True)
         del self._adapters[adapter_name]
-        self._reset_prefix_cache()
+        if reset_prefix_cache:
+            self._reset_prefix_cache()
 
     @remote(dispatch="all", collect="first")
     def adapter_names(self) -> list[str]:
@@ -224,6 +229,8 @@ class VLLMSampler(Sampler):
         weights: Mapping[str, Any] | Iterable[tuple[str, Any]],
         adapter_name: str | None = None,
         peft_config: Any = None,
+        *,
+        reset_prefix_cache: bool = True,
     ) -> int:
         """Load base weights (Hugging Face names) or adapter ``adapter_name``'s LoRA tensors (PEFT saved names).
 
@@ -232,6 +239,10 @@ class VLLMSampler(Sampler):
         gate/up as it does when loading a checkpoint); a subset of the weights may be sent. LoRA
         tensors are staged as a PEFT directory and loaded under the adapter's id. Either way the
         prefix cache is reset, so no cached KV from the old weights is reused.
+        ``reset_prefix_cache=False`` (LoRA tensors only) skips that reset, which vLLM refuses while
+        requests run (they would be aborted): for a caller that loads each version of an adapter
+        under a new ``adapter_name``, whose cached blocks (keyed by adapter name and path) cannot be
+        stale, while it keeps requests running on the engine.
 
         Returns:
             The number of tensors loaded.
@@ -245,7 +256,7 @@ class VLLMSampler(Sampler):
         self._require_awake("update_weights", "weights")
         items = weights.items() if isinstance(weights, Mapping) else weights
         if adapter_name is not None:
-            return self._update_lora(dict(items), adapter_name, peft_config)
+            return self._update_lora(dict(items), adapter_name, peft_config, reset_prefix_cache)
         if isinstance(weights, Mapping):  # everything known up front: refuse a bad update before loading any of it
             for name, tensor in weights.items():
                 self._check_tensor(name, tensor)
@@ -308,7 +319,9 @@ class VLLMSampler(Sampler):
             self._param_shapes = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
         return self._param_shapes
 
-    def _update_lora(self, tensors: dict[str, Any], adapter_name: str, peft_config: Any) -> int:
+    def _update_lora(
+        self, tensors: dict[str, Any], adapter_name: str, peft_config: Any, reset_prefix_cache: bool = True
+    ) -> int:
         self._require_lora_engine()
         check_lora_names(tensors)
         if adapter_name not in self._adapters:
@@ -330,7 +343,8 @@ class VLLMSampler(Sampler):
         self._load_lora(slot)
         if old_owned and old_path is not None and old_path != slot.path:
             shutil.rmtree(old_path, ignore_errors=True)
-        self._reset_prefix_cache()
+        if reset_prefix_cache:
+            self._reset_prefix_cache()
         return len(tensors)
 
     @remote(dispatch="all", collect="first")
