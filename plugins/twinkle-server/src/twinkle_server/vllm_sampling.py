@@ -34,7 +34,8 @@ Example::
 
     sampling = VLLMSampling(engine, max_loras=4, engine_args={"gpu_memory_utilization": 0.3})
     gen = sampling.start_sample(slot_id, [1, 2, 3], max_tokens=16, temperature=0)
-    sequences, prompt_logprobs = gen.future.result() and gen.result()
+    gen.future.result()  # the scheduler answers from a callback instead of waiting
+    sequences, prompt_logprobs = gen.result()
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 #: default fraction of the accelerator's memory vLLM takes (weights plus KV cache); the training
 #: engine shares the device. On the CPU backend it is a fraction of the NUMA node's memory.
 DEFAULT_MEMORY_FRACTION = 0.3
+#: vLLM samples greedily below this temperature (its ``_SAMPLING_EPS``), where it refuses ``n > 1``.
+GREEDY_BELOW = 1e-5
 #: default KV cache of vLLM's CPU backend (it reads ``gpu_memory_utilization`` against the whole NUMA node).
 DEFAULT_CPU_KV_BYTES = 1 << 30
 
@@ -285,7 +288,7 @@ class VLLMSampling:
             raise EngineError(f"top-k must be between 1 and {engine.vocab_size}")
         lora = self._capture(slot) if slot is not None else None
         # vLLM refuses n > 1 with greedy sampling: one completion, copied (the torch path's copies are equal too)
-        greedy_copies = num_samples if temperature == 0 and num_samples > 1 else 1
+        greedy_copies = num_samples if temperature < GREEDY_BELOW and num_samples > 1 else 1
         params = self._params(
             num_samples=num_samples // greedy_copies,
             max_tokens=max_tokens,
