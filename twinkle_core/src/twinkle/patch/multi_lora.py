@@ -50,7 +50,9 @@ reaches another tenant's outputs or gradients (test).
 Two implementations of the op, same arithmetic (float32 accumulation):
 
 * ``torch`` (CPU; ``kernel="torch"``): a matmul per segment, looping over the segment table
-  on the host (on CUDA that reads the table back: a sync per call, a fallback only);
+  on the host (on CUDA that reads the table back: a sync per call, a fallback only); outside
+  ``torch.compile`` the LoRA layers call it through a plain ``autograd.Function`` (the same
+  functions, no custom-op dispatch per call);
 * ``triton``: one launch per product over the tile table (Punica's SGMV shape: each tile of
   ``BLOCK_T`` tokens lies in one segment and multiplies by one adapter's weight), and for the
   weight gradients float32 partials per chunk (:func:`~twinkle.patch._multi_lora_kernels.segment_outer`)
@@ -440,6 +442,41 @@ def _layer_state(layer: Any, plan: SegmentPlan, rank_cap: int, cache: dict[Any, 
     )
 
 
+@functools.lru_cache(maxsize=1)
+def _eager_torch_segment_matmul() -> Any:
+    """``twinkle::segment_matmul`` with the ``torch`` kernel as a plain ``autograd.Function`` (eager mode only).
+
+    The same functions as the op's ``torch`` implementation and its registered backward
+    (:func:`_torch_matmul` forward and for the input gradient, :func:`_torch_weight_grad` for the
+    weight gradient), so the same numbers to the bit (test), without the ``torch.library``
+    dispatch a custom op pays on every eager call, six calls per LoRA layer per pass (two
+    forward, four backward): 4-9% of a CPU pass of the tiny model with eight adapters
+    (``benchmarks/results/http_service-20261208-cpu.md``). Compiled layers keep the op (what
+    ``torch.compile`` traces), and the ``triton`` kernel always runs through it.
+    """
+    import torch
+
+    class SegmentMatmul(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, x: Any, weights: Any, scale: Any, segs: Any) -> Any:  # type: ignore[override]
+            ctx.save_for_backward(x, weights, segs)
+            ctx.scale = scale
+            return _torch_matmul(x, weights, scale, segs)
+
+        @staticmethod
+        def backward(ctx: Any, grad: Any) -> Any:  # type: ignore[override]
+            x, weights, segs = ctx.saved_tensors
+            grad = grad.contiguous()
+            dx = dw = None
+            if ctx.needs_input_grad[0]:  # y = s x W^T -> dx = s grad W
+                dx = _torch_matmul(grad, weights.transpose(1, 2), ctx.scale, segs)
+            if ctx.needs_input_grad[1]:  # dW_a = s_a sum grad^T x over the adapter's tokens
+                dw = _torch_weight_grad(grad, x, ctx.scale, segs, weights.shape[0]).to(weights.dtype)
+            return dx, dw, None, None
+
+    return SegmentMatmul
+
+
 def _segmented_delta(x: Any, state: tuple[Any, ...]) -> Any:
     """``((x A_a^T) s_a) B_a^T`` per token of adapter slot ``a``'s segments, 0 elsewhere (two op calls)."""
     import torch
@@ -448,9 +485,14 @@ def _segmented_delta(x: Any, state: tuple[Any, ...]) -> Any:
     flat = x.reshape(-1, x.shape[-1])
     if flat.dtype != stack_a.dtype:  # peft's float32 adapters on a half model: compute in the adapters' dtype
         flat = flat.to(stack_a.dtype)
-    op = torch.ops.twinkle.segment_matmul
-    low = op(flat, stack_a, scale, segs, tiles, chunks, ranges, False, kernel)
-    delta = op(low, stack_b, None, segs, tiles, chunks, ranges, False, kernel)
+    if kernel == "torch" and not torch.compiler.is_compiling():
+        eager = _eager_torch_segment_matmul()
+        low = eager.apply(flat, stack_a, scale, segs)
+        delta = eager.apply(low, stack_b, None, segs)
+    else:
+        op = torch.ops.twinkle.segment_matmul
+        low = op(flat, stack_a, scale, segs, tiles, chunks, ranges, False, kernel)
+        delta = op(low, stack_b, None, segs, tiles, chunks, ranges, False, kernel)
     return delta.reshape(*x.shape[:-1], delta.shape[-1])
 
 
