@@ -450,7 +450,7 @@ def _eager_torch_segment_matmul() -> Any:
     (:func:`_torch_matmul` forward and for the input gradient, :func:`_torch_weight_grad` for the
     weight gradient), so the same numbers to the bit (test), without the ``torch.library``
     dispatch a custom op pays on every eager call, six calls per LoRA layer per pass (two
-    forward, four backward): 4-9% of a CPU pass of the tiny model with eight adapters
+    forward, four backward): 1-5% of a CPU step of the tiny model with eight adapters
     (``benchmarks/results/http_service-20261208-cpu.md``). Compiled layers keep the op (what
     ``torch.compile`` traces), and the ``triton`` kernel always runs through it.
     """
