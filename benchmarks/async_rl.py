@@ -48,6 +48,7 @@ import random
 import re
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -87,6 +88,10 @@ def _sampler_process(conn, model_dir: str, seed: int, threads: int) -> None:
         except BaseException as exc:  # sent back, raised in the trainer's process
             conn.send((False, f"{type(exc).__name__}: {exc}"))
     conn.close()
+
+
+_WARM: dict[int, str] = {}  # seed -> a checkpoint of its warmed-up base model (local and thread modes)
+_SAMPLERS: list = []  # local mode: one sampler process serves every run (each run syncs all weights first)
 
 
 class SamplerProcess:
@@ -170,9 +175,12 @@ def run(name: str, seed: int, args: argparse.Namespace, groups: dict[str, str | 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     batch = problems(tokenizer, args.max_operand)
 
-    model = TransformersModel(model_id=model_dir, seed=seed, device="cpu", remote_group=groups["trainer"])
+    import torch
+
+    cached = _WARM.get(seed)
+    model = TransformersModel(model_id=cached or model_dir, seed=seed, device="cpu", remote_group=groups["trainer"])
     model.set_optimizer("AdamW", lr=3e-3)
-    for _ in range(30):  # the answer format; the digit is right with --demo-accuracy, else random
+    for _ in range(0 if cached else 30):  # the answer format; the digit is right with --demo-accuracy, else random
         rows = []
         for problem in rng.choices(batch, k=32):
             digit = problem["user_data"]["answer"] if rng.random() < args.demo_accuracy else None
@@ -181,12 +189,17 @@ def run(name: str, seed: int, args: argparse.Namespace, groups: dict[str, str | 
             rows.append(build_input_feature(problem["input_ids"], answer))
         model.forward_backward(inputs=rows)
         model.clip_grad_and_step()
+    if not cached and args.mode != "ray":  # every run of this seed starts from these weights
+        _WARM[seed] = model.save(Path(args.workdir) / f"warm-seed{seed}", save_optimizer=False)
     if args.mode == "local":
-        sampler = SamplerProcess(model_dir, seed, args.threads)
+        if not _SAMPLERS:
+            _SAMPLERS.append(SamplerProcess(model_dir, seed, args.threads))
+        sampler = _SAMPLERS[0]
     else:
         sampler = TorchSampler(model_id=model_dir, seed=seed, device="cpu", remote_group=groups["sampler"])
     engine = LocalCheckpointEngine()
-    engine.sync(model, sampler)
+    engine.sync(model, sampler)  # the full weights: the sampler may hold the previous run's
+    torch.manual_seed(seed)  # the same LoRA initialisation for every run of the seed, warmed up here or loaded
     model.add_adapter_to_model("default", LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
     model.set_optimizer("AdamW", lr=lr)
     loss_options = dict(epsilon=0.2, beta=0.0)
@@ -260,8 +273,6 @@ def run(name: str, seed: int, args: argparse.Namespace, groups: dict[str, str | 
             elapsed.append(time.perf_counter() - start)
     finally:
         worker.stop()
-        if isinstance(sampler, SamplerProcess):
-            sampler.close()
     return {
         "name": name,
         "rewards": rewards,
@@ -389,6 +400,8 @@ def main() -> None:
                     raise
     started = time.perf_counter()
     loads = [os.getloadavg()[0]]
+    workdir = tempfile.TemporaryDirectory(prefix="async-rl-")
+    args.workdir = workdir.name
     results: dict[str, list[dict]] = {}
     for seed in (int(s) for s in args.seeds.split(",")):
         for name in args.runs.split(","):
@@ -413,6 +426,9 @@ def main() -> None:
                 flush=True,
             )
             results.setdefault(name, []).append(result)
+    for sampler in _SAMPLERS:
+        sampler.close()
+    workdir.cleanup()
     threads = f", {args.threads} torch thread(s) per process" if args.mode != "ray" else ""
     device = (
         f"{os.cpu_count()} CPU cores, mode {args.mode}{threads}; 1-min load average {min(loads):.1f} to "
