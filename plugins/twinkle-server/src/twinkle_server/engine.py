@@ -44,14 +44,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
-import json
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from twinkle_server.adapter_pool import AdapterPoolFull
+from twinkle_server.engine_checkpoints import ADAPTER_CONFIG, ADAPTER_WEIGHTS, OPTIMIZER_STATE, SlotCheckpoints
+from twinkle_server.sampling import EngineSampling
 from twinkle_server.tinker_rows import (
     BatchJob,
     Datum,
@@ -63,6 +63,9 @@ from twinkle_server.tinker_rows import (
 )
 
 __all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
+    "OPTIMIZER_STATE",
     "AdapterPoolFull",
     "BatchJob",
     "Datum",
@@ -81,9 +84,6 @@ TARGET_GROUPS: dict[str, tuple[str, ...]] = {
     "unembed": ("lm_head",),
 }
 ALL_TARGETS = tuple(name for group in TARGET_GROUPS.values() for name in group)
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-OPTIMIZER_STATE = "optimizer.pt"
 #: the engine's own rank-1 adapter (B = 0: the base itself). peft cannot drop a model's last adapter,
 #: so this one stays while tenants come and go; it is never trained and never in a pass.
 IDLE_ADAPTER = "engine_idle"
@@ -176,7 +176,7 @@ def _locked(method: Any) -> Any:
     return run
 
 
-class LoRAEngine:
+class LoRAEngine(SlotCheckpoints, EngineSampling):
     """The shared base model (one core ``TransformersModel``) and the Tinker adapters on it.
 
     Args:
@@ -687,196 +687,3 @@ class LoRAEngine:
             if state.global_step == before:
                 results[i]["skipped_non_finite"] = 1.0
         return results
-
-    # -- checkpoints -------------------------------------------------------------------
-    @_locked
-    def save_slot(self, slot_id: int, directory: str | Path, *, optimizer: bool, base_model: str) -> int:
-        """Write an adapter (peft layout) and optionally its optimizer into ``directory`` (core's ``save``).
-
-        The directory must exist and be private to this write (the caller renames it into
-        place afterwards). The files hold CPU tensors whatever the engine's device, so a
-        checkpoint loads on any device. Returns the bytes written.
-        """
-        import torch
-        from safetensors.torch import load_file, save_file
-
-        slot = self.slot(slot_id)
-        directory = Path(directory)
-        self.core.adapter_config(slot.adapter).base_model_name_or_path = base_model
-        with self.using([slot.adapter]):
-            self.core.save(
-                directory, adapter_name=slot.adapter, save_optimizer=optimizer, save_tokenizer=False, overwrite=True
-            )
-        # peft adds the base LM head to an adapter that targets it ("embedding layers"): a tenant's
-        # checkpoint holds its adapter only (and a load can never write the shared base)
-        weights_path = directory / ADAPTER_WEIGHTS
-        tensors = load_file(str(weights_path))
-        if any(".lora_" not in key for key in tensors):
-            save_file({k: v for k, v in tensors.items() if ".lora_" in k}, str(weights_path), metadata={"format": "pt"})
-        optimizer_path = directory / OPTIMIZER_STATE
-        if optimizer_path.is_file():  # CPU tensors, whatever the device: the checkpoint loads anywhere
-            torch.save(torch.load(optimizer_path, map_location="cpu", weights_only=True), optimizer_path)
-        config_path = directory / ADAPTER_CONFIG
-        config = json.loads(config_path.read_text())
-        config["twinkle_steps"] = slot.steps
-        config_path.write_text(json.dumps(config, indent=2))
-        for path in directory.iterdir():
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
-        return sum(p.stat().st_size for p in directory.iterdir())
-
-    @_locked
-    def load_slot(self, directory: str | Path, *, optimizer: bool) -> int:
-        """Load an adapter (and optionally its optimizer state) into a new slot; returns its id.
-
-        Raises:
-            EngineError: the files are missing or do not fit this base model.
-        """
-        import torch
-        from safetensors.torch import load_file
-
-        directory = Path(directory)
-        try:
-            config = json.loads((directory / ADAPTER_CONFIG).read_text())
-            tensors = load_file(str(directory / ADAPTER_WEIGHTS))
-            rank, alpha, targets = int(config["r"]), float(config["lora_alpha"]), config["target_modules"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise EngineError(f"the checkpoint's adapter files are unreadable: {exc}") from None
-        slot_id = self.create_slot(rank, alpha=alpha, targets=targets)
-        slot = self.slots[slot_id]
-        with self.using([slot.adapter]):  # on the device while its tensors are written
-            try:
-                expected = {
-                    f"base_model.model.{name}.lora_{kind}.weight": t
-                    for name, pair in slot.params.items()
-                    for kind, t in zip("AB", pair)
-                }
-                missing = sorted(set(expected) - set(tensors))
-                if missing:
-                    raise EngineError(f"checkpoint is missing tensor {missing[0]!r}")
-                if any(tensors[k].shape != t.shape for k, t in expected.items()):
-                    raise EngineError("checkpoint tensor shapes do not fit this base model")
-                self.core.load_adapter_weights(slot.adapter, {k: tensors[k] for k in expected}, directory)
-                trainer_state = directory / "trainer_state.json"
-                steps = int(config.get("twinkle_steps", 0))
-                if trainer_state.is_file():
-                    steps = int(json.loads(trainer_state.read_text()).get("global_step", steps))
-                slot.state.global_step = steps
-                if optimizer:
-                    opt_path = directory / OPTIMIZER_STATE
-                    if not opt_path.is_file():
-                        raise EngineError("this checkpoint has no optimizer state; load it without the optimizer")
-                    # read on the CPU: load_state_dict moves the moments to the adapter's device
-                    self.core.load_optimizer_state_dict(
-                        slot.state, torch.load(opt_path, weights_only=True, map_location="cpu")
-                    )
-            except Exception:
-                self.free_slot(slot_id)
-                raise
-        return slot_id
-
-    # -- sampling ------------------------------------------------------------------------
-    @_locked
-    def prompt_topk_logprobs(self, slot_id: int | None, prompt: Sequence[int], k: int) -> tuple[Any, Any]:
-        """The ``k`` most likely tokens and their log-probabilities at every prompt position (one prefill).
-
-        See :func:`twinkle_server.sampling.prompt_topk_logprobs`.
-
-        Raises:
-            EngineError: bad prompt or ``k``.
-        """
-        from twinkle_server.sampling import prompt_topk_logprobs
-
-        prompt = [int(t) for t in prompt]
-        if not prompt or min(prompt) < 0 or max(prompt) >= self.vocab_size or len(prompt) > self.max_length:
-            raise EngineError(f"the prompt must be 1 to {self.max_length} token ids in [0, {self.vocab_size})")
-        if not 1 <= k <= self.vocab_size:
-            raise EngineError(f"top-k must be between 1 and {self.vocab_size}")
-        with self.adapter_active(slot_id) as model:
-            return prompt_topk_logprobs(model, prompt, k, device=self.device)
-
-    @_locked
-    def sample(self, slot_id: int | None, prompt: Sequence[int], **params: Any) -> Any:
-        """Sample completions of ``prompt`` with a slot's adapter (or the base), in one go.
-
-        Takes :meth:`start_sample`'s parameters; the scheduler runs long requests through
-        :meth:`start_sample` in slices instead (the same tokens for the same seed).
-
-        Returns:
-            ``([(tokens, logprobs, stop_reason), ...], prompt_logprobs or None)``; the first
-            prompt logprob is NaN (nothing precedes it).
-
-        Raises:
-            EngineError: bad prompt or parameters.
-        """
-        gen = self.start_sample(slot_id, prompt, **params)
-        gen.step(None)
-        return gen.result()
-
-    def start_sample(
-        self,
-        slot_id: int | None,
-        prompt: Sequence[int],
-        *,
-        num_samples: int = 1,
-        max_tokens: int = 16,
-        temperature: float = 1.0,
-        top_k: int = -1,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        stop_token_ids: Sequence[int] | None = None,
-        stop_strings: Sequence[str] = (),
-        prompt_logprobs: bool = False,
-    ) -> Any:
-        """A resumable :class:`~twinkle_server.sampling.Generation` of ``num_samples`` completions of ``prompt``
-        with a slot's adapter (or the base) active on the shared model; ``gen.step(budget_s)`` runs it in slices.
-
-        Logprobs are the model's own (temperature 1) log-probabilities of the sampled tokens,
-        so they match what training computes. ``stop_token_ids=None`` stops at EOS. ``seed``
-        seeds a generator on the engine's device (one seed draws the same tokens again on the
-        same device; the CPU and CUDA draw different streams). A slot freed between two slices
-        fails the next one (``EngineError``).
-
-        Raises:
-            EngineError: bad prompt or parameters.
-        """
-        from twinkle_server.sampling import Generation, check_sample_request
-
-        slot = self.slot(slot_id) if slot_id is not None else None
-        prompt = check_sample_request(
-            prompt,
-            vocab_size=self.vocab_size,
-            max_length=self.max_length,
-            num_samples=num_samples,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-        )
-
-        @contextlib.contextmanager
-        def adapter() -> Iterator[None]:
-            if slot is not None and self.slots.get(slot.id) is not slot:
-                raise EngineError(
-                    "the sampler's adapter was unloaded while this request was sampling (its run was unloaded or "
-                    "the pool needed the slot); send the request again"
-                )
-            with self.lock, self.adapter_active(slot_id):
-                yield
-
-        return Generation(
-            self.core.model,
-            prompt,
-            activate=adapter,
-            eos_token_ids=sorted(self.eos_token_ids),
-            tokenizer=self.tokenizer,
-            device=self.device,
-            num_samples=num_samples,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
-            stop_token_ids=stop_token_ids,
-            stop_strings=stop_strings,
-            prompt_logprobs=prompt_logprobs,
-        )

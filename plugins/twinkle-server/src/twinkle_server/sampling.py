@@ -27,9 +27,12 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import time
 from contextlib import AbstractContextManager
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
+
+from twinkle_server.tinker_rows import EngineError
 
 #: ``([(tokens, logprobs, stop_reason), ...], prompt logprobs or None)``
 SampleResult = tuple[list[tuple[list[int], list[float], str]], "list[float] | None"]
@@ -263,3 +266,117 @@ def check_sample_request(
     if temperature < 0 or not 0 < top_p <= 1:
         raise EngineError("temperature must be >= 0 and top_p in (0, 1]")
     return prompt
+
+
+class EngineSampling:
+    """The engine's sampling entry points (mixed into :class:`twinkle_server.engine.LoRAEngine`).
+
+    They run the engine's shared model with a slot's adapter active (or the base): one prefill
+    for prompt top-k logprobs, a whole :class:`Generation` for ``sample``, or a resumable one
+    for the scheduler (``start_sample``).
+    """
+
+    lock: Any
+    core: Any
+    slots: dict[int, Any]
+
+    def prompt_topk_logprobs(self, slot_id: int | None, prompt: Sequence[int], k: int) -> tuple[Any, Any]:
+        """The ``k`` most likely tokens and their log-probabilities at every prompt position (one prefill).
+
+        See :func:`twinkle_server.sampling.prompt_topk_logprobs`.
+
+        Raises:
+            EngineError: bad prompt or ``k``.
+        """
+        with self.lock:
+            prompt = [int(t) for t in prompt]
+            if not prompt or min(prompt) < 0 or max(prompt) >= self.vocab_size or len(prompt) > self.max_length:
+                raise EngineError(f"the prompt must be 1 to {self.max_length} token ids in [0, {self.vocab_size})")
+            if not 1 <= k <= self.vocab_size:
+                raise EngineError(f"top-k must be between 1 and {self.vocab_size}")
+            with self.adapter_active(slot_id) as model:
+                return prompt_topk_logprobs(model, prompt, k, device=self.device)
+
+    def sample(self, slot_id: int | None, prompt: Sequence[int], **params: Any) -> Any:
+        """Sample completions of ``prompt`` with a slot's adapter (or the base), in one go.
+
+        Takes :meth:`start_sample`'s parameters; the scheduler runs long requests through
+        :meth:`start_sample` in slices instead (the same tokens for the same seed).
+
+        Returns:
+            ``([(tokens, logprobs, stop_reason), ...], prompt_logprobs or None)``; the first
+            prompt logprob is NaN (nothing precedes it).
+
+        Raises:
+            EngineError: bad prompt or parameters.
+        """
+        with self.lock:
+            gen = self.start_sample(slot_id, prompt, **params)
+            gen.step(None)
+            return gen.result()
+
+    def start_sample(
+        self,
+        slot_id: int | None,
+        prompt: Sequence[int],
+        *,
+        num_samples: int = 1,
+        max_tokens: int = 16,
+        temperature: float = 1.0,
+        top_k: int = -1,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+        stop_strings: Sequence[str] = (),
+        prompt_logprobs: bool = False,
+    ) -> Any:
+        """A resumable :class:`~twinkle_server.sampling.Generation` of ``num_samples`` completions of ``prompt``
+        with a slot's adapter (or the base) active on the shared model; ``gen.step(budget_s)`` runs it in slices.
+
+        Logprobs are the model's own (temperature 1) log-probabilities of the sampled tokens,
+        so they match what training computes. ``stop_token_ids=None`` stops at EOS. ``seed``
+        seeds a generator on the engine's device (one seed draws the same tokens again on the
+        same device; the CPU and CUDA draw different streams). A slot freed between two slices
+        fails the next one (``EngineError``).
+
+        Raises:
+            EngineError: bad prompt or parameters.
+        """
+        slot = self.slot(slot_id) if slot_id is not None else None
+        prompt = check_sample_request(
+            prompt,
+            vocab_size=self.vocab_size,
+            max_length=self.max_length,
+            num_samples=num_samples,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+        )
+
+        @contextlib.contextmanager
+        def adapter() -> Iterator[None]:
+            if slot is not None and self.slots.get(slot.id) is not slot:
+                raise EngineError(
+                    "the sampler's adapter was unloaded while this request was sampling (its run was unloaded or "
+                    "the pool needed the slot); send the request again"
+                )
+            with self.lock, self.adapter_active(slot_id):
+                yield
+
+        return Generation(
+            self.core.model,
+            prompt,
+            activate=adapter,
+            eos_token_ids=sorted(self.eos_token_ids),
+            tokenizer=self.tokenizer,
+            device=self.device,
+            num_samples=num_samples,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            stop_token_ids=stop_token_ids,
+            stop_strings=stop_strings,
+            prompt_logprobs=prompt_logprobs,
+        )
