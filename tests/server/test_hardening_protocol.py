@@ -472,3 +472,53 @@ def test_sampling_parameters_out_of_range_are_a_422_at_once(server) -> None:
                 json={"prompt": {"chunks": [{"tokens": [1, 2, 3]}]}, "base_model": BASE, "sampling_params": params},
             )
             assert answer.status_code == 422, (params, answer.text)
+
+
+def test_a_created_adapter_is_never_counted_twice_as_reserved_and_live(tmp_path, server_factory) -> None:
+    """The reservation of a create is handed over in the same quota-lock section as the adapter enters the
+    pool: a create checked at that moment sees one live adapter, not one live plus one reserved (which was a
+    spurious 503 on a two-slot server under load)."""
+    from types import SimpleNamespace
+
+    from twinkle_server.config import ServerConfig, tiny_model_dir
+    from twinkle_server.engine import ALL_TARGETS, LoRAEngine
+    from twinkle_server.quotas import QuotaExceeded
+
+    config = ServerConfig(state_dir=tmp_path / "state", max_adapters=2, max_rank=8)
+    running = server_factory(config, LoRAEngine(tiny_model_dir(), max_adapters=2, max_rank=8))
+    state, engine = running.state, running.state.engine
+    seen: dict[str, Any] = {}
+    real_create = engine.create_slot
+
+    def create_then_check(*args: Any, **kwargs: Any) -> int:
+        slot = real_create(*args, **kwargs)  # the adapter is in the pool now; its reservation not yet released
+
+        def concurrent_create() -> None:
+            try:
+                seen["reservation"] = state.reserve_slot(4, ALL_TARGETS)
+            except QuotaExceeded as exc:
+                seen["error"] = exc
+
+        other = threading.Thread(target=concurrent_create)
+        other.start()
+        other.join(0.3)  # it waits for the handover instead of counting the adapter twice
+        seen["waited"] = other.is_alive()
+        seen["thread"] = other
+        return slot
+
+    try:
+        reservation = state.reserve_slot(4, ALL_TARGETS)
+        engine.create_slot = create_then_check
+        try:
+            state.create_run_slot(SimpleNamespace(id="t1"), "run-1", {"rank": 4}, reservation)
+        finally:
+            engine.create_slot = real_create
+        seen["thread"].join(5)
+        assert seen["waited"], "a concurrent create was checked while the new adapter counted twice"
+        assert "error" not in seen, seen.get("error")
+        assert state.creating == 1  # the concurrent create's own reservation; the first one was handed over
+        seen["reservation"].release()
+        seen["reservation"].release()  # idempotent
+        assert state.creating == 0
+    finally:
+        running.stop()

@@ -79,6 +79,25 @@ def lora_targets(train_attn: bool, train_mlp: bool, train_unembed: bool) -> tupl
 SNAPSHOT_SESSION_IDLE_S = 300.0
 
 
+class SlotReservation:
+    """One training run's place in the adapter pool, counted from its create call until its adapter exists.
+
+    :meth:`ServerState.reserve_slot` returns it; :meth:`release` (idempotent) gives the place back,
+    either when the worker has put the adapter into the pool or when the creation failed.
+    """
+
+    def __init__(self, state: ServerState) -> None:
+        self._state = state
+        self._open = True
+
+    def release(self) -> None:
+        """Stop counting this reservation (once; later calls do nothing)."""
+        with self._state.quota_lock:
+            if self._open:
+                self._open = False
+                self._state.creating = max(0, self._state.creating - 1)
+
+
 class ServerState:
     """Store + engine + scheduler, and the shared operations.
 
@@ -389,12 +408,15 @@ class ServerState:
                     "(unload_model), delete a remote model, or save and delete"
                 )
 
-    def reserve_slot(self, rank: int | None = None, targets: Any = None) -> None:
+    def reserve_slot(self, rank: int | None = None, targets: Any = None) -> SlotReservation:
         """Count one training run being created against the pool; 503 (with a retry hint) when it is full.
 
         Full: ``max_adapters`` live adapters, or (given ``rank`` and ``targets``) no room for the
         adapter in the host-memory budget of paged adapters. Call with :attr:`quota_lock` held;
-        :meth:`slot_created` when the creation finished (or failed). Sampler and snapshot slots
+        the worker hands the returned reservation over when the adapter is in the pool
+        (:meth:`create_run_slot`, :meth:`load_into_run`: in one section under :attr:`quota_lock`, so
+        no check ever counts the adapter twice, as reserved and as live) and releases it when the
+        creation failed. Sampler and snapshot slots
         count as free: they are evicted for training runs.
         """
         with self.quota_lock:
@@ -414,6 +436,7 @@ class ServerState:
                 except AdapterPoolFull as exc:
                     raise QuotaExceeded(str(exc), 503, retry_after=retry) from None
             self.creating += 1
+            return SlotReservation(self)
 
     def _retry_after(self) -> float:
         """Seconds a 503 for a full pool suggests waiting: until the next idle run is unloaded (at most
@@ -461,10 +484,18 @@ class ServerState:
             cap["tenant"] = {"name": tenant.name, "held": self.held(tenant.id), "limit": limit}
         return cap
 
-    def slot_created(self) -> None:
-        """A creation counted by :meth:`reserve_slot` finished."""
+    def _handing_over(self, reservation: SlotReservation | None, create: Callable[[], int]) -> int:
+        """(Worker) ``create()`` a slot and release its reservation in one :attr:`quota_lock` section.
+
+        Between the adapter entering the pool and the reservation's release, a concurrent
+        :meth:`reserve_slot` would count it twice (live and reserved) and answer a spurious 503.
+        """
+        if reservation is None:
+            return create()
         with self.quota_lock:
-            self.creating = max(0, self.creating - 1)
+            slot = create()
+            reservation.release()
+            return slot
 
     def hold(self, tenant: Tenant, key: str, units: int) -> None:
         """Set what ``key`` (a twinkle object) holds, after checking the tenant's limit (race-free)."""
@@ -532,15 +563,20 @@ class ServerState:
                     raise
                 self._evict_one()
 
-    def create_run_slot(self, tenant: Tenant, run_id: str, lora: dict[str, Any]) -> Payload:
-        """(Worker) allocate the run's adapter."""
+    def create_run_slot(
+        self, tenant: Tenant, run_id: str, lora: dict[str, Any], reservation: SlotReservation | None = None
+    ) -> Payload:
+        """(Worker) allocate the run's adapter (taking over ``reservation``, :meth:`reserve_slot`'s)."""
         with self._lock:
             targets = lora_targets(
                 lora.get("train_attn", True), lora.get("train_mlp", True), lora.get("train_unembed", True)
             )
             slot = self._with_room(
-                lambda: self.engine.create_slot(
-                    int(lora["rank"]), alpha=lora.get("alpha"), targets=targets, seed=lora.get("seed")
+                lambda: self._handing_over(
+                    reservation,
+                    lambda: self.engine.create_slot(
+                        int(lora["rank"]), alpha=lora.get("alpha"), targets=targets, seed=lora.get("seed")
+                    ),
                 )
             )
             self.run_slots[run_id] = slot
@@ -653,14 +689,25 @@ class ServerState:
         key = self._sampler_key(tenant.id, run_id, kind, name)
         self.scheduler.call_soon(lambda: self._free_sampler(key))
 
-    def load_into_run(self, tenant: Tenant, run_id: str, path: str, *, optimizer: bool) -> Payload:
-        """(Worker) replace a loaded run's adapter with a checkpoint's (and its optimizer)."""
+    def load_into_run(
+        self,
+        tenant: Tenant,
+        run_id: str,
+        path: str,
+        *,
+        optimizer: bool,
+        reservation: SlotReservation | None = None,
+    ) -> Payload:
+        """(Worker) replace a loaded run's adapter with a checkpoint's (and its optimizer); a new run's
+        ``reservation`` (:meth:`reserve_slot`'s) is taken over with the slot."""
         parsed, row = self.resolve_checkpoint(tenant, path)
         if optimizer and not row.has_optimizer:
             raise UserError(f"{path} has no optimizer state (sampler checkpoints never do); load it without optimizer")
         with self._lock:
             files = self.checkpoint_files(tenant, parsed)
-            slot = self._with_room(lambda: self.engine.load_slot(files, optimizer=optimizer))
+            slot = self._with_room(
+                lambda: self._handing_over(reservation, lambda: self.engine.load_slot(files, optimizer=optimizer))
+            )
             old = self.run_slots.get(run_id)
             self.run_slots[run_id] = slot
             self.run_tenants[run_id] = tenant.id

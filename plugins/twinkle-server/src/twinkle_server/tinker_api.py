@@ -263,18 +263,19 @@ def create_model(
         if state.store.run(tenant.id, run_id) is not None:
             raise bad_request(f"training run {run_id} already exists; use a new model_seq_id")
         state.check_adapter_quota(tenant)
-        state.reserve_slot(lora["rank"], _lora_targets(lora))  # a full pool is a 503 here, not a failed future
+        # a full pool is a 503 here, not a failed future
+        reservation = state.reserve_slot(lora["rank"], _lora_targets(lora))
         state.store.create_run(run_id, tenant.id, body.session_id, state.config.model_name, lora, body.user_metadata)
     state.scheduler.register_model(run_id)
 
     def run() -> tuple[str, bytes]:
         try:
-            return state.create_run_slot(tenant, run_id, lora)
+            return state.create_run_slot(tenant, run_id, lora, reservation)
         except Exception:
             state.store.set_run_state(run_id, "deleted")
             raise
         finally:
-            state.slot_created()
+            reservation.release()
 
     return future_json(state.submit(tenant, "create_model", run=run), run_id)
 
@@ -536,7 +537,7 @@ def load_weights(
             if state.store.run(tenant.id, run_id) is not None:
                 raise bad_request(f"training run {run_id} already exists; use a new model_seq_id")
             state.check_adapter_quota(tenant)
-            state.reserve_slot(lora["rank"], _lora_targets(lora))
+            reservation = state.reserve_slot(lora["rank"], _lora_targets(lora))
             state.store.create_run(
                 run_id, tenant.id, body.session_id, state.config.model_name, lora, body.user_metadata
             )
@@ -544,12 +545,12 @@ def load_weights(
 
         def run_new() -> tuple[str, bytes]:
             try:
-                return state.load_into_run(tenant, run_id, body.path, optimizer=body.optimizer)
+                return state.load_into_run(tenant, run_id, body.path, optimizer=body.optimizer, reservation=reservation)
             except Exception:
                 state.store.set_run_state(run_id, "deleted")
                 raise
             finally:
-                state.slot_created()
+                reservation.release()
 
         return future_json(state.submit(tenant, "load_weights", run=run_new), run_id)
     if body.model_id is None:
