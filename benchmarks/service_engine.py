@@ -235,11 +235,18 @@ def setup(config: str, shape: dict, device: str, rows: int, seq: int) -> tuple[A
     return fb, opt, lengths, adapters
 
 
+def progress(started: float, what: str) -> None:
+    """One line on stderr: the parent shows the last lines of a configuration that ran out of time."""
+    print(f"[{time.perf_counter() - started:7.1f} s] {what}", file=sys.stderr, flush=True)
+
+
 def worker(config: str, shape: dict, device: str, rows: int, seq: int, steps: int, warmup: int) -> dict:
     import torch
 
+    began = time.perf_counter()
     cuda = device == "cuda"
     fb, opt, lengths, adapters = setup(config, shape, device, rows, seq)
+    progress(began, f"{config}: built ({adapters} adapter(s), {len(lengths)} rows)")
     round_robin = config == "engine_rr16"
     if round_robin:  # whole cycles: every adapter has optimizer state, every timed pass pages one in
         warmup = max(warmup, ROUND_ROBIN_TENANTS)
@@ -249,10 +256,12 @@ def worker(config: str, shape: dict, device: str, rows: int, seq: int, steps: in
         fb()
         opt()
 
-    for _ in range(warmup):
+    for i in range(warmup):
         step()
+        if cuda:
+            torch.cuda.synchronize()
+        progress(began, f"warm-up step {i + 1}/{warmup} done")
     if cuda:
-        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     paging = getattr(fb, "paging", None)
     paged_before = paging() if paging else None
@@ -483,6 +492,10 @@ def main() -> None:
         (out / name).write_text(report)
         return
     if args.worker:
+        import faulthandler
+
+        # where a configuration stands when its parent's timeout is near: stacks on stderr
+        faulthandler.dump_traceback_later(max(args.config_timeout - 5.0, 1.0), exit=False)
         result = worker(args.worker, shape, args.device, args.rows, seq, args.steps, args.warmup)
         print("RESULT " + json.dumps(result))
         return
@@ -492,12 +505,19 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--worker", config, "--rows", str(args.rows), "--seq", str(seq)]
         cmd += ["--shape", args.shape]
         cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device]
+        cmd += ["--config-timeout", str(args.config_timeout)]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.config_timeout)
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired as timeout:
             results.append({"config": config, "error": f"over --config-timeout {args.config_timeout:.0f} s"})
             print(json.dumps(results[-1]), flush=True)
+            stderr = timeout.stderr or b""
+            stderr = stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr
+            print(f"{config}: last output before the timeout:\n{stderr[-4000:]}", file=sys.stderr, flush=True)
             continue
+        for line in proc.stderr.splitlines():  # the worker's phase times: build, compile (first steps)
+            if line.startswith("["):
+                print(f"  {line}", file=sys.stderr, flush=True)
         found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode or not found:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
