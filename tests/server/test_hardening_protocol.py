@@ -495,7 +495,7 @@ def test_a_created_adapter_is_never_counted_twice_as_reserved_and_live(tmp_path,
 
         def concurrent_create() -> None:
             try:
-                seen["reservation"] = state.reserve_slot(4, ALL_TARGETS)
+                seen["reservation"] = state.admission.reserve_slot(4, ALL_TARGETS)
             except QuotaExceeded as exc:
                 seen["error"] = exc
 
@@ -507,7 +507,7 @@ def test_a_created_adapter_is_never_counted_twice_as_reserved_and_live(tmp_path,
         return slot
 
     try:
-        reservation = state.reserve_slot(4, ALL_TARGETS)
+        reservation = state.admission.reserve_slot(4, ALL_TARGETS)
         engine.create_slot = create_then_check
         try:
             state.create_run_slot(SimpleNamespace(id="t1"), "run-1", {"rank": 4}, reservation)
@@ -516,9 +516,9 @@ def test_a_created_adapter_is_never_counted_twice_as_reserved_and_live(tmp_path,
         seen["thread"].join(5)
         assert seen["waited"], "a concurrent create was checked while the new adapter counted twice"
         assert "error" not in seen, seen.get("error")
-        assert state.creating == 1  # the concurrent create's own reservation; the first one was handed over
+        assert state.admission.creating == 1  # the concurrent create's own reservation; the first one was handed over
         seen["reservation"].release()
         seen["reservation"].release()  # idempotent
-        assert state.creating == 0
+        assert state.admission.creating == 0
     finally:
         running.stop()

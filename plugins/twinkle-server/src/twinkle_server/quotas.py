@@ -1,9 +1,10 @@
 """A tenant's quotas: their figures, the per-tenant request rate, and the error that answers a breach.
 
 :class:`~twinkle_server.state.ServerState` charges every request against them (``charge``,
-``charge_request``) and keeps the adapter ledger both APIs share (``check_adapter_quota``);
-what a breach looks like on the wire is :class:`QuotaExceeded`'s ``status`` (403 over a limit,
-413 over the tokens of one request, 429 over the rate, 503 for a full server) and ``retry_after``.
+``charge_request``); the adapter ledger both APIs share, checked against ``max_adapters``, is
+:class:`~twinkle_server.admission.AdmissionLedger`. What a breach looks like on the wire is
+:class:`QuotaExceeded`'s ``status`` (403 over a limit, 413 over the tokens of one request, 429 over
+the rate, 503 for a full server) and ``retry_after``.
 """
 
 from __future__ import annotations

@@ -4,6 +4,11 @@
 :class:`~twinkle_server.engine.LoRAEngine` and the :class:`~twinkle_server.scheduler.Scheduler`.
 Everything a tenant names (a run, a checkpoint, a sampler) is looked up with the tenant's
 id, so another tenant's objects are simply "not found".
+
+It owns the engine's slots (training runs, cached checkpoint samplers, sampling snapshots) under
+its engine lock, the tenants' request charges and the housekeeping sweep. Whether a tenant may take
+another adapter, and whether the pool admits a new training run, is its
+:attr:`~ServerState.admission` (:class:`~twinkle_server.admission.AdmissionLedger`).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any, Callable
 
 from twinkle_server import checkpoints as ckpt
 from twinkle_server.adapter_pool import AdapterPoolFull, pool_of
+from twinkle_server.admission import AdmissionLedger, SlotReservation
 from twinkle_server.config import ServerConfig
 from twinkle_server.engine import ALL_TARGETS, TARGET_GROUPS, LoRAEngine
 from twinkle_server.quotas import Limits, QuotaExceeded, RateLimiter
@@ -77,25 +83,6 @@ def lora_targets(train_attn: bool, train_mlp: bool, train_unembed: bool) -> tupl
 
 #: A session that has not heartbeated for this long no longer protects its snapshots from eviction.
 SNAPSHOT_SESSION_IDLE_S = 300.0
-
-
-class SlotReservation:
-    """One training run's place in the adapter pool, counted from its create call until its adapter exists.
-
-    :meth:`ServerState.reserve_slot` returns it; :meth:`release` (idempotent) gives the place back,
-    either when the worker has put the adapter into the pool or when the creation failed.
-    """
-
-    def __init__(self, state: ServerState) -> None:
-        self._state = state
-        self._open = True
-
-    def release(self) -> None:
-        """Stop counting this reservation (once; later calls do nothing)."""
-        with self._state.quota_lock:
-            if self._open:
-                self._open = False
-                self._state.creating = max(0, self._state.creating - 1)
 
 
 class ServerState:
@@ -162,12 +149,14 @@ class ServerState:
         #: sampling futures per (tenant, sampling session, clone), for the batched retrieve_futures.
         self.session_futures = SessionFutures()
         self._lock = threading.RLock()
-        #: the quota ledger's lock: a check and the creation it allows happen under it together.
-        self.quota_lock = threading.RLock()
-        #: tenant id -> key -> units held through the twinkle API (objects and their adapters).
-        self._held: dict[str, dict[str, int]] = {}
-        #: training runs accepted but not yet given a slot (pool-full is answered at creation).
-        self.creating = 0
+        #: the adapter ledger both APIs share, and the pool's admission of new training runs.
+        self.admission = AdmissionLedger(
+            self.store,
+            self.engine,
+            self.limits,
+            lambda: len(self.sampler_slots) + len(self.snapshot_slots),
+            config.run_idle_s,
+        )
         self._sweeping = threading.Event()
         self._sweeper: threading.Thread | None = None
 
@@ -365,9 +354,9 @@ class ServerState:
         """
         run = self.run_for(tenant, run_id)
         if run.state == "idle" and run_id in self.run_slots:
-            with self.quota_lock:
+            with self.admission.lock:
                 try:
-                    self.check_adapter_quota(tenant)
+                    self.admission.check_adapter_quota(tenant)
                 except QuotaExceeded as exc:
                     raise UserError(
                         f"training run {run_id} was unloaded after {self.config.run_idle_s:.0f} s idle and reloading "
@@ -386,68 +375,7 @@ class ServerState:
             raise UserError(f"training run {run_id} is still being created; wait for create_model to finish")
         return slot
 
-    # -- the quota ledger: one count for both APIs ------------------------------------------
-    def held(self, tenant_id: str) -> int:
-        """Adapter units the tenant holds: loaded Tinker runs plus twinkle objects and their adapters."""
-        with self.quota_lock:
-            return self.store.count_runs(tenant_id, "active") + sum(self._held.get(tenant_id, {}).values())
-
-    def check_adapter_quota(self, tenant: Tenant, units: int = 1, *, key: str | None = None) -> None:
-        """Raise :class:`QuotaExceeded` unless the tenant may hold ``units`` more (``key``'s own count replaced).
-
-        Call it with :attr:`quota_lock` held and create what it allows before releasing the lock, so
-        concurrent creations cannot all pass the same check.
-        """
-        limit = self.limits(tenant).max_adapters
-        with self.quota_lock:
-            held = self.held(tenant.id) - (self._held.get(tenant.id, {}).get(key, 0) if key else 0)
-            if held + units > limit:
-                raise QuotaExceeded(
-                    f"tenant {tenant.name!r} holds {held} adapters (training runs, remote models and their adapters, "
-                    f"both APIs together) and asks for {units} more; its limit is {limit}. Unload a run "
-                    "(unload_model), delete a remote model, or save and delete"
-                )
-
-    def reserve_slot(self, rank: int | None = None, targets: Any = None) -> SlotReservation:
-        """Count one training run being created against the pool; 503 (with a retry hint) when it is full.
-
-        Full: ``max_adapters`` live adapters, or (given ``rank`` and ``targets``) no room for the
-        adapter in the host-memory budget of paged adapters. Call with :attr:`quota_lock` held;
-        the worker hands the returned reservation over when the adapter is in the pool
-        (:meth:`create_run_slot`, :meth:`load_into_run`: in one section under :attr:`quota_lock`, so
-        no check ever counts the adapter twice, as reserved and as live) and releases it when the
-        creation failed. Sampler and snapshot slots
-        count as free: they are evicted for training runs.
-        """
-        with self.quota_lock:
-            retry = self._retry_after()
-            free = self.engine.free_slots + len(self.sampler_slots) + len(self.snapshot_slots) - self.creating
-            if free <= 0:
-                raise QuotaExceeded(
-                    f"all {self.engine.max_adapters} adapter slots of this server are in use (--max-adapters); "
-                    f"retry later (runs idle for {self.config.run_idle_s:.0f} s are unloaded)",
-                    503,
-                    retry_after=retry,
-                )
-            evictable = self.sampler_slots or self.snapshot_slots  # they make room for training runs
-            if rank is not None and not evictable:
-                try:
-                    self.pool.check_admit(rank, targets, pending=self.creating)
-                except AdapterPoolFull as exc:
-                    raise QuotaExceeded(str(exc), 503, retry_after=retry) from None
-            self.creating += 1
-            return SlotReservation(self)
-
-    def _retry_after(self) -> float:
-        """Seconds a 503 for a full pool suggests waiting: until the next idle run is unloaded (at most
-        ``run_idle_s``), else 30."""
-        idle = self.config.run_idle_s
-        if idle <= 0:
-            return 30.0
-        oldest = self.store.oldest_active_request()
-        wait = idle if oldest is None else oldest + idle - time.time()
-        return float(min(max(wait, 1.0), max(idle, 1.0)))
-
+    # -- the adapter pool --------------------------------------------------------------
     @property
     def pool(self) -> Any:
         """The engine's adapter pool interface (:func:`twinkle_server.adapter_pool.pool_of`)."""
@@ -477,37 +405,12 @@ class ServerState:
         cap = dict(self.pool.capacity())
         cap["live"] = cap["resident"] + cap["paged"]
         cap["max_adapters"] = self.engine.max_adapters
-        cap["creating"] = self.creating
+        cap["creating"] = self.admission.creating
         cap["idle_unload_s"] = self.config.run_idle_s
         if tenant is not None:
             limit = self.limits(tenant).max_adapters
-            cap["tenant"] = {"name": tenant.name, "held": self.held(tenant.id), "limit": limit}
+            cap["tenant"] = {"name": tenant.name, "held": self.admission.held(tenant.id), "limit": limit}
         return cap
-
-    def _handing_over(self, reservation: SlotReservation | None, create: Callable[[], int]) -> int:
-        """(Worker) ``create()`` a slot and release its reservation in one :attr:`quota_lock` section.
-
-        Between the adapter entering the pool and the reservation's release, a concurrent
-        :meth:`reserve_slot` would count it twice (live and reserved) and answer a spurious 503.
-        """
-        if reservation is None:
-            return create()
-        with self.quota_lock:
-            slot = create()
-            reservation.release()
-            return slot
-
-    def hold(self, tenant: Tenant, key: str, units: int) -> None:
-        """Set what ``key`` (a twinkle object) holds, after checking the tenant's limit (race-free)."""
-        with self.quota_lock:
-            if units > self._held.get(tenant.id, {}).get(key, 0):
-                self.check_adapter_quota(tenant, units, key=key)
-            self._held.setdefault(tenant.id, {})[key] = units
-
-    def release(self, tenant_id: str, key: str) -> None:
-        """Drop what ``key`` held."""
-        with self.quota_lock:
-            self._held.get(tenant_id, {}).pop(key, None)
 
     def _make_room(self) -> None:
         """Free a slot when the pool is full: a cached checkpoint sampler first (reloadable from disk),
@@ -566,13 +469,14 @@ class ServerState:
     def create_run_slot(
         self, tenant: Tenant, run_id: str, lora: dict[str, Any], reservation: SlotReservation | None = None
     ) -> Payload:
-        """(Worker) allocate the run's adapter (taking over ``reservation``, :meth:`reserve_slot`'s)."""
+        """(Worker) allocate the run's adapter, taking over ``reservation``
+        (:meth:`AdmissionLedger.reserve_slot`'s)."""
         with self._lock:
             targets = lora_targets(
                 lora.get("train_attn", True), lora.get("train_mlp", True), lora.get("train_unembed", True)
             )
             slot = self._with_room(
-                lambda: self._handing_over(
+                lambda: self.admission.hand_over(
                     reservation,
                     lambda: self.engine.create_slot(
                         int(lora["rank"]), alpha=lora.get("alpha"), targets=targets, seed=lora.get("seed")
@@ -699,14 +603,14 @@ class ServerState:
         reservation: SlotReservation | None = None,
     ) -> Payload:
         """(Worker) replace a loaded run's adapter with a checkpoint's (and its optimizer); a new run's
-        ``reservation`` (:meth:`reserve_slot`'s) is taken over with the slot."""
+        ``reservation`` (:meth:`AdmissionLedger.reserve_slot`'s) is taken over with the slot."""
         parsed, row = self.resolve_checkpoint(tenant, path)
         if optimizer and not row.has_optimizer:
             raise UserError(f"{path} has no optimizer state (sampler checkpoints never do); load it without optimizer")
         with self._lock:
             files = self.checkpoint_files(tenant, parsed)
             slot = self._with_room(
-                lambda: self._handing_over(reservation, lambda: self.engine.load_slot(files, optimizer=optimizer))
+                lambda: self.admission.hand_over(reservation, lambda: self.engine.load_slot(files, optimizer=optimizer))
             )
             old = self.run_slots.get(run_id)
             self.run_slots[run_id] = slot

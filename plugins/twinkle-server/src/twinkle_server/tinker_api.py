@@ -259,12 +259,12 @@ def create_model(
         raise bad_request(f"training run {run_id} already exists; use a new model_seq_id")
     state.charge(tenant)
     lora = body.lora_config.model_dump()
-    with state.quota_lock:  # the check and the creation together: concurrent creations cannot all pass
+    with state.admission.lock:  # the check and the creation together: concurrent creations cannot all pass
         if state.store.run(tenant.id, run_id) is not None:
             raise bad_request(f"training run {run_id} already exists; use a new model_seq_id")
-        state.check_adapter_quota(tenant)
+        state.admission.check_adapter_quota(tenant)
         # a full pool is a 503 here, not a failed future
-        reservation = state.reserve_slot(lora["rank"], _lora_targets(lora))
+        reservation = state.admission.reserve_slot(lora["rank"], _lora_targets(lora))
         state.store.create_run(run_id, tenant.id, body.session_id, state.config.model_name, lora, body.user_metadata)
     state.scheduler.register_model(run_id)
 
@@ -533,11 +533,11 @@ def load_weights(
         if state.store.run(tenant.id, run_id) is not None:
             raise bad_request(f"training run {run_id} already exists; use a new model_seq_id")
         lora = _checkpoint_lora(state, tenant, body.path)
-        with state.quota_lock:
+        with state.admission.lock:
             if state.store.run(tenant.id, run_id) is not None:
                 raise bad_request(f"training run {run_id} already exists; use a new model_seq_id")
-            state.check_adapter_quota(tenant)
-            reservation = state.reserve_slot(lora["rank"], _lora_targets(lora))
+            state.admission.check_adapter_quota(tenant)
+            reservation = state.admission.reserve_slot(lora["rank"], _lora_targets(lora))
             state.store.create_run(
                 run_id, tenant.id, body.session_id, state.config.model_name, lora, body.user_metadata
             )

@@ -161,11 +161,11 @@ async def create_object(body: CreateObjectBody, state: StateDep, tenant: TenantD
     state.charge(tenant)
     obj = HostedObject(f"m{secrets.token_hex(6)}", tenant.id, kind=body.kind, options=options, tenant=tenant)
     # reserved before the first await: concurrent creations are counted against one ledger (both APIs)
-    state.hold(tenant, obj.id, 0 if body.kind == "checkpoint_engine" else 1)
+    state.admission.hold(tenant, obj.id, 0 if body.kind == "checkpoint_engine" else 1)
     try:
         await _run(state, tenant, "create_object", lambda: hosted.build(obj, body.cls))
     except BaseException:
-        state.release(tenant.id, obj.id)
+        state.admission.release(tenant.id, obj.id)
         raise
     hosted.objects[obj.id] = obj
     return {"object_id": obj.id}
@@ -200,7 +200,7 @@ async def delete_object(object_id: str, state: StateDep, tenant: TenantDep) -> d
     try:
         await _run(state, tenant, "release", lambda: hosted.release(obj))
     finally:
-        state.release(tenant.id, object_id)
+        state.admission.release(tenant.id, object_id)
     return {}
 
 

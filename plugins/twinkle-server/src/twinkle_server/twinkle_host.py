@@ -266,7 +266,7 @@ class TwinkleHost:
             del obj.adapters[user_name]
             if obj.current == user_name:
                 obj.current = next(iter(obj.adapters), None)
-            self.state.hold(self._tenant(obj), obj.id, max(1, len(obj.adapters)))
+            self.state.admission.hold(self._tenant(obj), obj.id, max(1, len(obj.adapters)))
             return None
         if method in _PATH_METHODS:
             args, kwargs = self._map_path(obj, method, args, kwargs)
@@ -313,12 +313,12 @@ class TwinkleHost:
         """(Worker) add the object's adapter ``name`` to the shared model: quota held, base weights kept frozen."""
         scoped = f"{obj.id}_{name}"
         # the object's first adapter is covered by the object itself; each further one is one more unit
-        self.state.hold(self._tenant(obj), obj.id, max(1, len(obj.adapters) + 1))
+        self.state.admission.hold(self._tenant(obj), obj.id, max(1, len(obj.adapters) + 1))
         own = model.state_of(obj.adapters[obj.current]) if obj.current in obj.adapters else None
         try:
             model.add_adapter_to_model(scoped, *args, **kwargs)
         except BaseException:
-            self.state.hold(self._tenant(obj), obj.id, max(1, len(obj.adapters)))
+            self.state.admission.hold(self._tenant(obj), obj.id, max(1, len(obj.adapters)))
             raise
         _inherit_settings(model, scoped, own)
         trained = self.state.engine.trainable_base_weights()
@@ -329,7 +329,7 @@ class TwinkleHost:
                 model.remove_adapter(scoped)
             except ValueError:  # the model's only adapter stays, unused and frozen
                 pass
-            self.state.hold(self._tenant(obj), obj.id, max(1, len(obj.adapters)))
+            self.state.admission.hold(self._tenant(obj), obj.id, max(1, len(obj.adapters)))
             raise UserError(
                 f"this adapter config would train the shared base model's weights ({trained[0]}, ...); "
                 "use bias='none' and no base-weight options, or train full parameters on a model without adapters"
@@ -338,7 +338,7 @@ class TwinkleHost:
             self.state.pool.adopt(scoped)
         except AdapterPoolFull as exc:
             model.remove_adapter(scoped)
-            self.state.hold(self._tenant(obj), obj.id, max(1, len(obj.adapters)))
+            self.state.admission.hold(self._tenant(obj), obj.id, max(1, len(obj.adapters)))
             raise QuotaExceeded(str(exc), 503, retry_after=exc.retry_after) from None
         obj.adapters[name] = scoped
         obj.current = name
@@ -455,7 +455,7 @@ class TwinkleHost:
         for scoped in obj.adapters.values():
             pool.park_adapter(scoped)
         obj.parked = True
-        self.state.release(obj.tenant_id, obj.id)
+        self.state.admission.release(obj.tenant_id, obj.id)
         return True
 
     def unpark(self, obj: HostedObject, tenant: Tenant) -> None:
@@ -467,7 +467,7 @@ class TwinkleHost:
         if not obj.parked:
             return
         try:
-            self.state.hold(tenant, obj.id, max(1, len(obj.adapters)))
+            self.state.admission.hold(tenant, obj.id, max(1, len(obj.adapters)))
         except QuotaExceeded as exc:
             raise QuotaExceeded(
                 f"object {obj.id} was unloaded after {self.state.config.run_idle_s:.0f} s idle and reloading it "
@@ -540,7 +540,7 @@ def expire_idle_objects(state: ServerState, before: float) -> int:
             continue
         hosted.objects.pop(obj.id, None)
         state.scheduler.call_soon(lambda obj=obj: hosted.release(obj))
-        state.release(obj.tenant_id, obj.id)
+        state.admission.release(obj.tenant_id, obj.id)
     return len(idle)
 
 
