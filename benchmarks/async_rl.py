@@ -1,6 +1,6 @@
 """Synchronous vs asynchronous GRPO: wall time to the same mean reward, sampler and trainer in two processes.
 
-    CUDA_VISIBLE_DEVICES= python benchmarks/async_rl.py    # local mode, 5 runs x 3 seeds, 1 thread per process
+    CUDA_VISIBLE_DEVICES= python benchmarks/async_rl.py    # local mode, 6 runs x 5 seeds, 1 thread per process
     python benchmarks/async_rl.py --threads 2 --seeds 0,1,2,3,4 --runs sync,s1_tis,s2_tis,s2_plain
     python benchmarks/async_rl.py --mode ray           # trainer actor + sampler actor
     python benchmarks/async_rl.py --mode thread        # the sampler in a thread of the trainer's process
@@ -27,7 +27,14 @@ the buffer's ``max_staleness`` and the loss's rollout correction change:
   ``exp(proximal - sampler)``: the staleness;
 * ``s2_mis``: staleness 2, the same with masked importance sampling (``"token_mask"``, IcePop-style:
   a token whose weight leaves ``[0.5, 2]`` drops out; AReaL caps its behaviour weight the same way);
-* ``s2_plain``: staleness 2, no correction (the PPO ratio is to the stale sampler's log-probs).
+* ``s0_tis`` (not run by default): staleness 0 with the correction, a check that sampler and
+  trainer agree (its rollout KL must be ~0 and its rewards those of ``sync``);
+* ``s1_plain`` / ``s2_plain``: staleness 1 / 2, no correction (the PPO ratio is to the stale
+  sampler's log-probs).
+
+Besides time and reward, each run reports the loss's view of the staleness, averaged over its
+optimizer steps: the PPO clip fraction (``clip_ratio``), the sampler-trainer KL
+(``rollout_kl``, corrected runs) and the share of tokens whose weight was truncated or masked.
 
 Each run repeats for every ``--seeds`` seed (the same warmed-up start per seed). Reported per run,
 as mean +- sd over the seeds: wall time to reach the target (the first step where the mean reward
@@ -60,9 +67,11 @@ os.environ.setdefault("RAY_worker_niceness", "0")
 
 RUNS = {
     "sync": dict(max_staleness=0, correction=None),
+    "s0_tis": dict(max_staleness=0, correction="token_truncate"),  # a check: sampler and trainer agree
     "s1_tis": dict(max_staleness=1, correction="token_truncate"),
     "s2_tis": dict(max_staleness=2, correction="token_truncate"),
     "s2_mis": dict(max_staleness=2, correction="token_mask", clip_min=0.5),
+    "s1_plain": dict(max_staleness=1, correction=None),
     "s2_plain": dict(max_staleness=2, correction=None),
 }
 
@@ -246,6 +255,7 @@ def run(name: str, seed: int, args: argparse.Namespace, groups: dict[str, str | 
     staleness: list[float] = []
     train_seconds = 0.0
     pauses: list[float] = []
+    losses: dict[str, list[float]] = {}  # the loss's metrics per optimizer step (clip fraction, rollout_*)
     start = time.perf_counter()
     worker.start()
     try:
@@ -264,7 +274,10 @@ def run(name: str, seed: int, args: argparse.Namespace, groups: dict[str, str | 
             size = -(-len(rows) // args.minibatches)
             size = -(-size // group_size) * group_size  # whole groups per minibatch
             for lo in range(0, len(rows), size):
-                model.forward_backward(inputs=rows[lo : lo + size])
+                out = model.forward_backward(inputs=rows[lo : lo + size])
+                for key in ("clip_ratio", "rollout_kl", "rollout_truncated_fraction", "rollout_masked_fraction"):
+                    if key in out:
+                        losses.setdefault(key, []).append(float(out[key]))
                 model.clip_grad_and_step(max_grad_norm=1.0)
             train_seconds += time.perf_counter() - t0
             pauses.append(worker.sync_weights(model, adapter_name="default")["sync_pause_seconds"])
@@ -283,6 +296,7 @@ def run(name: str, seed: int, args: argparse.Namespace, groups: dict[str, str | 
         "forward_seconds": forward_seconds,
         "dropped": buffer.dropped,
         "sync_pause_ms": 1e3 * statistics.fmean(pauses),
+        "loss_metrics": {key: statistics.fmean(values) for key, values in losses.items()},
     }
 
 
@@ -305,6 +319,14 @@ def mean_sd(values: list[float]) -> str:
     return f"{statistics.fmean(values):.{digits}f} +- {statistics.stdev(values):.{digits}f}"
 
 
+def _loss_metric(runs: list[dict], key: str, other: str | int | None = None) -> str:
+    """A loss metric's mean over the runs' optimizer steps (``other``: a second key, or the digits); ``-`` if absent."""
+    digits = other if isinstance(other, int) else 3
+    keys = [key] + ([other] if isinstance(other, str) else [])
+    values = [r["loss_metrics"][k] for r in runs for k in keys if k in r.get("loss_metrics", {})]
+    return f"{statistics.fmean(values):.{digits}f}" if values else "-"
+
+
 def report(results: dict[str, list[dict]], args: argparse.Namespace, device: str) -> str:
     """The table (mean +- sd over the seeds) and the reward curves (mean over the seeds)."""
     window = args.window
@@ -323,8 +345,8 @@ def report(results: dict[str, list[dict]], args: argparse.Namespace, device: str
         "",
         "| run | staleness | correction | reached | steps to target | s to target | speed-up vs sync | "
         f"final reward (last {window}) | s per step | mean staleness | sampler busy s | trainer busy s | "
-        "sync pause ms | dropped |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "sync pause ms | dropped | PPO clip fraction | rollout KL | tokens truncated / masked |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, runs in results.items():
         config = RUNS[name]
@@ -342,7 +364,9 @@ def report(results: dict[str, list[dict]], args: argparse.Namespace, device: str
             f"{mean_sd([r['elapsed'][-1] / len(r['rewards']) for r in runs])} | "
             f"{statistics.fmean(r['staleness'] for r in runs):.2f} | "
             f"{mean_sd([r['sample_seconds'] for r in runs])} | {mean_sd([r['train_seconds'] for r in runs])} | "
-            f"{statistics.fmean(r['sync_pause_ms'] for r in runs):.1f} | {sum(r['dropped'] for r in runs)} |"
+            f"{statistics.fmean(r['sync_pause_ms'] for r in runs):.1f} | {sum(r['dropped'] for r in runs)} | "
+            f"{_loss_metric(runs, 'clip_ratio')} | {_loss_metric(runs, 'rollout_kl', 4)} | "
+            f"{_loss_metric(runs, 'rollout_truncated_fraction', 'rollout_masked_fraction')} |"
         )
     lines += [
         "",
@@ -362,16 +386,16 @@ def report(results: dict[str, list[dict]], args: argparse.Namespace, device: str
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated; every run repeats per seed")
-    parser.add_argument("--lr", type=float, default=5e-3)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated; every run repeats per seed")
+    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--group", type=int, default=16, help="samples per prompt")
     parser.add_argument(
         "--demo-accuracy", type=float, default=0.5, help="share of warm-up answers that are right (else random)"
     )
     parser.add_argument("--max-operand", type=int, default=2, help="problems a+b= with a, b in 0..this")
     parser.add_argument("--minibatches", type=int, default=2, help="optimizer steps per batch (PPO minibatches)")
-    parser.add_argument("--runs", default=",".join(RUNS))
+    parser.add_argument("--runs", default=",".join(name for name in RUNS if name != "s0_tis"))
     parser.add_argument("--target", type=float, default=0.35)
     parser.add_argument("--window", type=int, default=5)
     parser.add_argument("--every", type=int, default=5)
@@ -436,11 +460,10 @@ def main() -> None:
     )
     text = report(results, args, device)
     print(text)
-    out = (
-        Path(args.out)
-        if args.out
-        else (Path(__file__).parent / "results" / f"async_rl-{datetime.date.today().isoformat()}.md")
-    )
+    name = f"async_rl-{datetime.date.today().isoformat()}.md"
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / name
+    if out.is_dir():  # --out DIR: the default file name inside it
+        out = out / name
     out.write_text(text)
     print(f"written to {out}")
 
