@@ -59,6 +59,24 @@ def _jobs(first: int, second: int) -> list[BatchJob]:
     ]
 
 
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The engine tests' tiny model directory with seeded float32 weights written into it.
+
+    Both engines load the same numbers (the CUDA one rounds them to bf16). A config-only directory
+    would be initialized randomly per engine, in each engine's dtype, and a bf16 initialization
+    need not draw the float32 one's numbers: on the GPU image (torch 2.11, transformers 5.17) the
+    two engines' base models differed, so every logprob differed by up to 0.3 whatever patch was
+    switched off (``benchmarks/results/service_engine-20261208-0440-h100.md``).
+    """
+    from twinkle.model.hf import build_causal_lm
+    from twinkle.testing import write_tiny_model_dir
+
+    directory = write_tiny_model_dir(tmp_path_factory.mktemp("engine-gpu-model"))
+    build_causal_lm(directory, None, dtype=torch.float32, seed=0).save_pretrained(directory)
+    return directory
+
+
 def _engine(model_dir: str, device: str) -> tuple[LoRAEngine, int, int]:
     engine = LoRAEngine(model_dir, max_adapters=6, max_rank=8, seed=0, device=device)
     first = engine.create_slot(4, seed=1)
