@@ -315,11 +315,16 @@ def worker(config: str, shape: dict, device: str, rows: int, seq: int, steps: in
     }
 
 
-def profile(config: str, shape: dict, device: str, rows: int, seq: int, steps: int, warmup: int, top: int) -> str:
+def profile(
+    config: str, shape: dict, device: str, rows: int, seq: int, steps: int, warmup: int, top: int, python: int = 0
+) -> str:
     """Where one step of ``config`` goes: forward+backward vs optimizer, top device kernels, top CPU ops.
 
     After ``warmup`` steps, ``steps`` steps are timed with a device synchronization between the pass
-    and the optimizer step(s) (medians), then ``steps`` more run under ``torch.profiler``.
+    and the optimizer step(s) (medians), then ``steps`` more run under ``torch.profiler``. With
+    ``python > 0``, ``steps`` more run under ``cProfile`` and the ``python`` Python functions with the
+    most time of their own are listed: where a host-bound step's Python goes (cProfile slows the
+    step; the shares, not the times, are the finding).
     """
     import torch
     from torch.autograd import DeviceType
@@ -414,7 +419,39 @@ def profile(config: str, shape: dict, device: str, rows: int, seq: int, steps: i
             f"| `{e.key[:110]}` | {e.count / steps:.1f} | {e.self_cpu_time_total / 1e3 / steps:.2f} | "
             f"{e.cpu_time_total / 1e3 / steps:.2f} |"
         )
+    if python > 0:
+        lines += ["", *python_table(step, sync, steps, python)]
     return "\n".join(lines) + "\n"
+
+
+def python_table(step: Any, sync: Any, steps: int, top: int) -> list[str]:
+    """``steps`` steps under ``cProfile``: the ``top`` functions by their own time, as table lines."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        step()
+    sync()
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # (file, line, name) -> (calls, primitive calls, own s, cumulative s, callers)
+    total = sum(own for _, _, own, _, _ in stats.values())
+    rows = sorted(stats.items(), key=lambda item: item[1][2], reverse=True)[:top]
+    lines = [
+        f"### top {top} Python functions by own time over {steps} steps under cProfile "
+        f"(own time of all: {total * 1e3 / steps:.1f} ms per step)",
+        "",
+        "| function | calls/step | own ms/step | share | cumulative ms/step |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for (file, line, name), (calls, _, own, cumulative, _) in rows:
+        where = f"{Path(file).name}:{line} {name}" if line else name
+        lines.append(
+            f"| `{where[:110]}` | {calls / steps:.1f} | {own * 1e3 / steps:.2f} | {own / max(total, 1e-12):.1%} | "
+            f"{cumulative * 1e3 / steps:.2f} |"
+        )
+    return lines
 
 
 def format_table(results: list[dict], title: str) -> str:
@@ -494,6 +531,9 @@ def main() -> None:
         help="run CONFIG in this process under torch.profiler: step split, top kernels and CPU ops",
     )
     parser.add_argument("--top", type=int, default=30, help="rows of the --profile tables")
+    parser.add_argument(
+        "--python", type=int, default=0, metavar="N", help="with --profile: the N Python functions with most own time"
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.tiny:
@@ -506,7 +546,9 @@ def main() -> None:
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.profile:
-        report = profile(args.profile, shape, args.device, args.rows, seq, args.steps, args.warmup, args.top)
+        report = profile(
+            args.profile, shape, args.device, args.rows, seq, args.steps, args.warmup, args.top, args.python
+        )
         print(report)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

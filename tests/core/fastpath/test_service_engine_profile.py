@@ -22,10 +22,15 @@ def bench():
 
 def test_profile_reports_the_split_and_the_top_ops(bench):
     shape = dict(bench.TINY, num_hidden_layers=1)
-    report = bench.profile("multi_8x1", shape, "cpu", rows=8, seq=8, steps=1, warmup=0, top=5)
+    report = bench.profile("multi_8x1", shape, "cpu", rows=8, seq=8, steps=1, warmup=0, top=5, python=4)
     assert "8 adapter(s), 8 rows, 64 tokens" in report
     assert "forward+backward" in report and "optimizer" in report
     assert "(no device kernels: CPU run)" in report
-    cpu_rows = [line for line in report.splitlines() if line.startswith("| `")]
+    ops, python = report.split("### top 4 Python functions")
+    cpu_rows = [line for line in ops.splitlines() if line.startswith("| `")]
     assert len(cpu_rows) == 5
     assert any("aten::" in line for line in cpu_rows)
+    py_rows = [line for line in python.splitlines() if line.startswith("| `")]
+    assert len(py_rows) == 4
+    shares = [float(line.split("|")[4].strip().rstrip("%")) for line in py_rows]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 100.0
