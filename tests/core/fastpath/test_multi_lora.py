@@ -365,3 +365,22 @@ def test_a_pass_of_one_adapter_takes_the_single_adapter_fast_path_or_the_segment
     for (name, p), (_, q) in zip(fast.model.named_parameters(), segmented.model.named_parameters()):
         if ".alice." in name:
             assert _close_norm(q.grad, p.grad), name
+
+
+def test_lora_linear_layers_are_model_modules_lora_layers_in_order(tiny_config):
+    """The walk that skips LoRA layers' children finds exactly ``model.modules()``'s LoRA layers, in order,
+    with adapters of different target sets (one on the LM head: a LoRA layer the others lack)."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    model = _model(
+        tiny_config,
+        [
+            ("a", {"r": 4, "target_modules": ["q_proj", "v_proj", "down_proj", "lm_head"]}),
+            ("b", {"r": 8, "target_modules": "all-linear"}),
+            ("c", {"r": 2, "target_modules": ["o_proj"]}),
+        ],
+    )
+    want = [m for m in model.model.modules() if isinstance(m, LoraLinear)]
+    got = multi_lora.lora_linear_layers(model.model)
+    assert len(want) >= 8 and any(m is model.model.get_output_embeddings() for m in want)
+    assert [id(m) for m in got] == [id(m) for m in want]

@@ -57,12 +57,28 @@ __all__ = [
 
 
 def lora_linear_layers(model: Any) -> list[Any]:
-    """Every ``peft.tuners.lora.Linear`` module in ``model`` (empty without peft)."""
+    """Every ``peft.tuners.lora.Linear`` module in ``model`` (empty without peft), in ``model.modules()`` order.
+
+    The walk does not descend into a LoRA layer: its children are its base layer and its
+    adapters' ``A``/``B``/dropout modules, never another LoRA layer (peft does not nest them). With
+    many adapters those children are most of the model's modules (0.5B with 8 adapters: 5,529
+    modules, 168 LoRA layers), and the multi-adapter pass looks its layers up on every pass.
+    """
     try:
         from peft.tuners.lora.layer import Linear as LoraLinear
     except ImportError:
         return []
-    return [m for m in model.modules() if isinstance(m, LoraLinear)]
+    found, seen, stack = [], set(), [model]
+    while stack:  # pre-order, children in order: the order of model.modules()
+        module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        if isinstance(module, LoraLinear):
+            found.append(module)
+            continue
+        stack.extend(child for child in reversed(module._modules.values()) if child is not None)
+    return found
 
 
 def is_fused_mlp(mlp: Any) -> bool:

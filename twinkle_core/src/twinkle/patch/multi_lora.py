@@ -513,15 +513,16 @@ def _segment_hook(module: Any, args: tuple[Any, ...], output: Any) -> Any:
     return output + _segmented_delta(args[0], state).to(output.dtype)
 
 
-def install(model: Any) -> int:
+def install(model: Any, layers: Sequence[Any] | None = None) -> int:
     """Give every peft LoRA ``Linear`` of ``model`` the segment hook (idempotent); returns the layers hooked now.
 
     The hook does nothing outside :func:`adapter_segments` (its state is ``None``), so
-    single-adapter training keeps its path.
+    single-adapter training keeps its path. ``layers``: ``lora_linear_layers(model)`` when the
+    caller has it already.
     """
     _ops()  # registered here, not on first use inside a compiled layer
     added = 0
-    for layer in lora_linear_layers(model):
+    for layer in lora_linear_layers(model) if layers is None else layers:
         if getattr(layer, _HOOK_ATTR, None) is None:
             setattr(layer, _STATE_ATTR, None)
             setattr(layer, _HOOK_ATTR, layer.register_forward_hook(_segment_hook))
@@ -577,7 +578,7 @@ def adapter_segments(
     missing = [name for name in plan.adapters if name not in known]
     if missing:
         raise ValueError(f"multi-adapter LoRA: the model holds no adapter named {', '.join(map(repr, missing))}")
-    install(model)
+    install(model, layers)
     ranks = [layer.lora_A[name].weight.shape[0] for layer in layers for name in plan.adapters if name in layer.lora_A]
     rank_cap = _bucket(max(ranks, default=1), MIN_RANK)
     cache: dict[Any, Any] = {}
